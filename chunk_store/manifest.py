@@ -1,0 +1,188 @@
+"""The DB directory's manifest.json and the atomic-write helpers every stage shares.
+
+One retrieval database is one directory (see docs/DB_FORMAT.md). Every stage records what it
+did in ``manifest.json`` under ``stages[<name>]`` (params, versions, start/end time, figures),
+and refuses to run on artifacts made with other parameters. Every file is written to a
+temporary name and renamed into place, so a crash never leaves a half-written file under its
+final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STAGES = ("chunk", "embed", "index", "knn")
+
+
+class DBError(Exception):
+    """A problem with the user's input or database, reported as one line (no traceback)."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of python, numpy and any other named packages (those importable)."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in extra:
+        try:
+            mod = __import__(name)
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+        except Exception:  # an optional package that is absent is simply not recorded
+            pass
+    return out
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """np.save to a temporary file, then rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """Open a .npy file memory-mapped, with a one-line DBError naming the file on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise DBError(f"missing file {path}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as e:  # truncated header, wrong magic, short data...
+        raise DBError(f"corrupt array file {path}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def manifest_path(db: str | os.PathLike) -> Path:
+    return Path(db) / MANIFEST_NAME
+
+
+def load_manifest(db: str | os.PathLike) -> dict[str, Any]:
+    path = manifest_path(db)
+    if not Path(db).is_dir():
+        raise DBError(f"no database directory at {db}")
+    if not path.exists():
+        raise DBError(f"missing {path}: not a retro database (run `retro-build-index chunk` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DBError(f"corrupt {path}: {e}") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise DBError(f"corrupt {path}: no format_version")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise DBError(
+            f"{path} has format version {manifest['format_version']}, "
+            f"this code reads up to {FORMAT_VERSION}: upgrade retro"
+        )
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def save_manifest(db: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    atomic_write_json(manifest_path(db), dict(manifest))
+
+
+def stage_done(manifest: Mapping[str, Any], stage: str) -> bool:
+    rec = manifest.get("stages", {}).get(stage)
+    return bool(rec and rec.get("finished"))
+
+
+def require_stage(manifest: Mapping[str, Any], stage: str, needed_by: str) -> None:
+    if not stage_done(manifest, stage):
+        raise DBError(
+            f"{needed_by} needs the '{stage}' stage first: run `retro-build-index {stage} --db DB`"
+        )
+
+
+def check_params(
+    recorded: Mapping[str, Any] | None,
+    requested: Mapping[str, Any],
+    stage: str,
+    keys: Iterable[str] | None = None,
+) -> None:
+    """Refuse to reuse artifacts made with other parameters; name the first value that differs.
+
+    ``keys`` limits the comparison (e.g. parameters that do not change the result, such as a
+    batch size or worker count, are left out by the caller).
+    """
+    if not recorded:
+        return
+    for key in keys if keys is not None else requested.keys():
+        if key not in recorded or key not in requested:
+            continue
+        if recorded[key] != requested[key]:
+            raise DBError(
+                f"{stage}: {key} differs: the database was built with {key}={recorded[key]!r}, "
+                f"this run asks for {key}={requested[key]!r} (use a new --out/--db, or the same value)"
+            )
+
+
+def record_stage(
+    db: str | os.PathLike,
+    stage: str,
+    *,
+    params: Mapping[str, Any],
+    started: str,
+    finished: str | None,
+    stats: Mapping[str, Any] | None = None,
+    versions_: Mapping[str, str] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``stages[stage]`` into the manifest (re-read from disk unless given) and save it."""
+    manifest = manifest if manifest is not None else load_manifest(db)
+    manifest.setdefault("stages", {})[stage] = {
+        "params": dict(params),
+        "versions": dict(versions_ or versions()),
+        "started": started,
+        "finished": finished,
+        "stats": dict(stats or {}),
+    }
+    save_manifest(db, manifest)
+    return manifest

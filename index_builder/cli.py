@@ -1,0 +1,107 @@
+"""retro-build-index: one command, one subcommand a stage (chunk, embed, index, knn), plus all and info.
+
+Each stage module exposes ``add_arguments(parser)`` (its own options; ``--db``/``--out`` are
+added here) and ``run(args) -> dict`` (a summary). A ``DBError`` becomes a one-line message on
+stderr and exit status 2; Ctrl-C exits 130 with everything already written kept (every stage
+resumes on a re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable, Sequence
+
+from chunk_store.manifest import DBError, load_manifest
+
+# stage name -> module that implements it (imported lazily: `info` must not import torch)
+STAGE_MODULES: dict[str, str] = {
+    "chunk": "chunk_store.build",
+    "embed": "index_builder.embed",
+    "index": "index_builder.faiss_index",
+    "knn": "index_builder.knn",
+}
+
+
+def _available_stages() -> dict[str, object]:
+    """The stages whose module exists in this install (later issues add the others)."""
+    out = {}
+    for name, modname in STAGE_MODULES.items():
+        try:
+            out[name] = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:  # the stage exists but one of its imports is missing: say so
+                raise
+    return out
+
+
+def info(args: argparse.Namespace) -> dict:
+    """The manifest and each stage's status, as JSON on stdout."""
+    manifest = load_manifest(args.db)
+    status = {
+        s: ("done" if manifest["stages"].get(s, {}).get("finished") else
+            "partial" if s in manifest["stages"] else "missing")
+        for s in STAGE_MODULES
+    }
+    print(json.dumps({"db": str(args.db), "status": status, "manifest": manifest}, indent=2))
+    return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retro-build-index",
+        description="Build a RETRO retrieval database: chunk -> embed -> index -> knn.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    stages = _available_stages()
+    for name, module in stages.items():
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        if name == "chunk":
+            p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
+        else:
+            p.add_argument("--db", required=True, help="database directory")
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
+    p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(stages) + ")",
+                       conflict_handler="resolve")
+    p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
+    for module in stages.values():
+        module.add_arguments(p)
+    p.set_defaults(func=lambda a: run_all(a, stages))
+
+    p = sub.add_parser("info", help="the manifest and stage status, as JSON")
+    p.add_argument("--db", required=True)
+    p.set_defaults(func=info)
+    return parser
+
+
+def run_all(args: argparse.Namespace, stages: dict[str, object]) -> dict:
+    summary = {}
+    for name, module in stages.items():
+        print(f"== {name}", file=sys.stderr)
+        summary[name] = module.run(args)
+    print(json.dumps({"summary": summary}, indent=2, default=str))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], object] = args.func
+    try:
+        func(args)
+    except DBError as e:
+        print(f"retro-build-index {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"retro-build-index {args.command}: interrupted; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
