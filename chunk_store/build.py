@@ -1,0 +1,590 @@
+"""chunk: text folders -> tokenised chunks, doc ids and training sequences (train/val splits).
+
+How it scales and resumes: the sorted file list is cut into work units (contiguous runs of
+files, about 1-64 MB each) recorded once in ``DB/.chunk_work/plan.json``. Each unit is read,
+decoded, split and tokenised by a worker process, which writes one part file atomically. A
+final merge copies the parts, in unit order, into ``.npy`` memmaps created at their known
+final size. So memory is bounded by a unit, not the corpus; the result does not depend on
+``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9) reuses every
+finished part and redoes only the rest and the merge, ending byte-identical to an
+uninterrupted run.
+
+Sequence rule (``seq_starts``): each split's chunks form one stream (documents in file order,
+each padded to whole chunks); training sequences are consecutive, non-overlapping runs of
+``seq_len / chunk_size`` chunks over that stream, the last partial run dropped. Sequences
+cross document boundaries as in the paper (a document's EOS and padding mark the seam), so
+short documents (most source files) waste no sequence slots, and every token is seen once per
+epoch.
+
+Split rule: a document goes to ``val`` when a stable hash (sha256) of its normalised text falls
+below ``--val-fraction``; adding files never moves an existing document, and identical
+documents always land in the same split (no train/val leakage through duplicates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chunk_store.manifest import (
+    FORMAT_VERSION,
+    DBError,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_params,
+    load_manifest,
+    manifest_path,
+    now_iso,
+    save_manifest,
+    sha256_file,
+    stage_done,
+    versions,
+)
+from chunk_store.text_files import (
+    DEFAULT_MAX_INVALID_FRACTION,
+    InputFile,
+    iter_sample_text,
+    read_documents,
+    walk_inputs,
+)
+from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+
+log = logging.getLogger("chunk_store.build")
+
+SPLITS = ("train", "val")
+WORK_DIR = ".chunk_work"
+TOKENIZER_NAME = "tokenizer.model"
+# env hooks used by the kill-and-resume tests: SIGKILL this process at a deterministic point
+KILL_AFTER_PARTS_ENV = "RETRO_CHUNK_KILL_AFTER_PARTS"
+KILL_IN_MERGE_ENV = "RETRO_CHUNK_KILL_IN_MERGE"
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Everything the chunk stage needs; ``params()`` is what must match on a re-run."""
+
+    inputs: tuple[str, ...]
+    globs: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+    chunk_size: int = 64
+    seq_len: int = 2048
+    val_fraction: float = 0.0
+    vocab_size: int | None = 8192
+    tokenizer_file: str | None = None
+    tokenizer_sample_mb: float = 16.0
+    max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
+    workers: int = 1
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise DBError("chunk: give at least one --input folder")
+        if self.chunk_size < 1:
+            raise DBError(f"chunk: --chunk-size must be positive, got {self.chunk_size}")
+        if self.seq_len < self.chunk_size or self.seq_len % self.chunk_size:
+            raise DBError(f"chunk: --seq-len ({self.seq_len}) must be a positive multiple of "
+                          f"--chunk-size ({self.chunk_size})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DBError(f"chunk: --val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.tokenizer_file is None and (self.vocab_size is None or self.vocab_size < 300):
+            raise DBError(f"chunk: --vocab-size must be >= 300 (256 byte pieces + specials), "
+                          f"got {self.vocab_size}")
+        if self.workers < 1:
+            raise DBError(f"chunk: --workers must be >= 1, got {self.workers}")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise DBError("chunk: --max-invalid-fraction must be in [0, 1]")
+
+    def params(self) -> dict[str, Any]:
+        """Parameters that change the result (the worker count does not)."""
+        p: dict[str, Any] = {
+            "inputs": [str(Path(i).expanduser().resolve()) for i in self.inputs],
+            "globs": list(self.globs),
+            "excludes": list(self.excludes),
+            "chunk_size": self.chunk_size,
+            "seq_len": self.seq_len,
+            "val_fraction": self.val_fraction,
+            "max_invalid_fraction": self.max_invalid_fraction,
+        }
+        if self.tokenizer_file is not None:
+            path = Path(self.tokenizer_file)
+            if not path.is_file():
+                raise DBError(f"chunk: missing tokenizer file {path}")
+            p["tokenizer"] = {"file": str(path.resolve()), "sha256": sha256_file(path)}
+        else:
+            p["tokenizer"] = {"train": True, "vocab_size": self.vocab_size,
+                              "sample_mb": self.tokenizer_sample_mb, "model_type": "bpe"}
+        return p
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """The stable split rule: sha256 of the document's text, as a fraction of 2**64."""
+    if val_fraction <= 0.0:
+        return False
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return h < val_fraction * 2.0**64
+
+
+def pack_documents(token_lists: Sequence[Sequence[int]], chunk_size: int, pad_id: int,
+                   eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' tokens -> (chunks (n, chunk_size), chunks per document (d,)).
+
+    Each document gets EOS appended and is padded to whole chunks, so no chunk crosses a
+    document boundary. Vectorised: one scatter of all tokens into a pad-filled buffer.
+    """
+    lens = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    doc_chunks = -(-lens // chunk_size)
+    total_chunks = int(doc_chunks.sum())
+    flat = np.full(total_chunks * chunk_size, pad_id, dtype=dtype)
+    if len(token_lists):
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain(t, (eos_id,)) for t in token_lists),
+            dtype=np.int64, count=int(lens.sum()))
+        starts = np.concatenate([[0], np.cumsum(doc_chunks)[:-1]]) * chunk_size  # doc's first slot
+        tok_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # doc's first token in `tokens`
+        pos = np.arange(tokens.size, dtype=np.int64) + np.repeat(starts - tok_starts, lens)
+        flat[pos] = tokens
+    return flat.reshape(total_chunks, chunk_size), doc_chunks
+
+
+def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
+    """Non-overlapping sequence starts over the chunk stream; the last partial run dropped."""
+    return np.arange(0, num_chunks - chunks_per_seq + 1, chunks_per_seq, dtype=np.int64)
+
+
+def plan_units(files: Sequence[InputFile]) -> list[tuple[int, int]]:
+    """Contiguous runs of files, each about ``total / 64`` bytes (clamped to 1-64 MB)."""
+    total = sum(f.size for f in files)
+    target = min(max(total // 64, 1 << 20), 64 << 20)
+    units: list[tuple[int, int]] = []
+    start, acc = 0, 0
+    for i, f in enumerate(files):
+        acc += f.size
+        if acc >= target or i - start + 1 >= 4096:
+            units.append((start, i + 1))
+            start, acc = i + 1, 0
+    if start < len(files):
+        units.append((start, len(files)))
+    return units
+
+
+# ----------------------------------------------------------------------------- one work unit
+
+
+@dataclass
+class UnitSpec:
+    index: int
+    files: list[str]
+    part_path: str
+    chunk_size: int
+    val_fraction: float
+    max_invalid_fraction: float
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _init_worker(proto: bytes) -> None:
+    global _WORKER_TOKENIZER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _WORKER_TOKENIZER = Tokenizer(proto, TOKENIZER_NAME)
+
+
+def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]:
+    """Read, decode, split and tokenise one unit's files; write its part file atomically."""
+    tok = tok or _WORKER_TOKENIZER
+    assert tok is not None, "worker not initialised"
+    docs: dict[str, list] = {s: [] for s in SPLITS}
+    texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    inputs, skipped, repaired = [], [], []
+    nbytes = 0
+    for path in spec.files:
+        out = read_documents(path, spec.max_invalid_fraction)
+        nbytes += out.size
+        inputs.append({"path": path, "bytes": out.size, "sha256": out.sha256})
+        skipped.extend(out.skipped)
+        if out.invalid_bytes and out.documents:
+            repaired.append({"path": path, "invalid_bytes": out.invalid_bytes})
+        for d in out.documents:
+            split = "val" if is_val(d.text, spec.val_fraction) else "train"
+            docs[split].append(d.source_json())
+            texts[split].append(d.text)
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"index": spec.index, "bytes": nbytes, "inputs": inputs,
+                            "skipped": skipped, "repaired": repaired, "docs": docs,
+                            "tokens": {}, "chunks": {}}
+    for split in SPLITS:
+        token_lists = tok.encode_batch(texts[split]) if texts[split] else []
+        chunks, doc_chunks = pack_documents(token_lists, spec.chunk_size, tok.pad_id, tok.eos_id,
+                                            tok.token_dtype)
+        arrays[f"{split}_chunks"] = chunks
+        arrays[f"{split}_doc_chunks"] = doc_chunks
+        meta["tokens"][split] = int(sum(len(t) + 1 for t in token_lists))
+        meta["chunks"][split] = int(chunks.shape[0])
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(spec.part_path, buf.getvalue())
+    return {"index": spec.index, "bytes": nbytes}
+
+
+def _read_part_meta(path: Path) -> dict[str, Any] | None:
+    """A finished part's metadata, or None if the part is absent or unreadable (redo it)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(bytes(z["meta"]).decode())
+    except Exception as e:  # a corrupt part (should not happen: parts are renamed into place)
+        log.warning("part %s unreadable (%s): redoing it", path, e)
+        return None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _kill_self_if(env: str, count: int | None = None, pool: ProcessPoolExecutor | None = None) -> None:
+    """Test hook: SIGKILL this process (and its workers) when ``env`` says so."""
+    val = os.environ.get(env)
+    if not val or (count is not None and count < int(val)):
+        return
+    if pool is not None:
+        for p in list(getattr(pool, "_processes", {}).values()):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _clean_stale_tmp(db: Path) -> None:
+    """Remove temporary files a killed run of this stage left behind (never final files)."""
+    for d in [db, db / WORK_DIR, *(db / s for s in SPLITS)]:
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name and p.is_file():
+                base = p.name[1:].split(".tmp-")[0]
+                if base.startswith("part_") or base in {TOKENIZER_NAME, "plan.json", "chunks.npy",
+                                                        "doc_ids.npy", "seq_starts.npy",
+                                                        "documents.jsonl"}:
+                    p.unlink(missing_ok=True)
+
+
+def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
+                       manifest: dict[str, Any]) -> Tokenizer:
+    """Load the DB's tokenizer if this run already made it; else copy or train one."""
+    dest = db / TOKENIZER_NAME
+    rec = manifest.get("tokenizer")
+    if rec and dest.exists() and sha256_file(dest) == rec.get("sha256"):
+        return Tokenizer.from_file(dest)
+    if cfg.tokenizer_file is not None:
+        proto = Path(cfg.tokenizer_file).read_bytes()
+        tok = Tokenizer(proto, cfg.tokenizer_file)
+        source = str(Path(cfg.tokenizer_file).resolve())
+    else:
+        assert cfg.vocab_size is not None
+        budget = int(cfg.tokenizer_sample_mb * (1 << 20))
+        sample = tqdm(iter_sample_text(files, budget, max_invalid_fraction=cfg.max_invalid_fraction),
+                      desc="tokenizer sample", unit="doc", leave=False)
+        t0 = time.time()
+        proto = train_tokenizer(sample, TokenizerTrainConfig(vocab_size=cfg.vocab_size))
+        log.info("trained tokenizer in %.1fs", time.time() - t0)
+        tok = Tokenizer(proto, TOKENIZER_NAME)
+        source = "trained"
+    atomic_write_bytes(dest, proto)
+    manifest["tokenizer"] = {
+        "kind": "sentencepiece",
+        "file": TOKENIZER_NAME,
+        "sha256": hashlib.sha256(proto).hexdigest(),
+        "source": source,
+        "vocab_size": tok.vocab_size,
+        "sp_vocab_size": tok.sp_vocab_size,
+        "pad_id": tok.pad_id,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "unk_id": tok.unk_id,
+        "byte_fallback": tok.byte_fallback,
+        "normalisation": "utf-8, BOM stripped, CRLF/CR -> LF; sentencepiece identity rule",
+    }
+    manifest["token_dtype"] = tok.token_dtype.name
+    save_manifest(db, manifest)
+    return tok
+
+
+def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: list[dict]) -> dict:
+    plan_path = work / "plan.json"
+    listing = [f.to_json() for f in files]
+    if plan_path.exists():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except json.JSONDecodeError:
+            plan = None
+        if plan is not None:
+            old = plan["files"]
+            if old != listing:
+                first = next((a for a, b in itertools.zip_longest(old, listing) if a != b), None) \
+                    or next(b for a, b in itertools.zip_longest(old, listing) if a != b)
+                raise DBError(
+                    f"chunk: input files changed since the interrupted run (first difference: "
+                    f"{first[0]}); restore them, or delete {work} to start over")
+            return plan
+    plan = {"files": listing, "units": plan_units(files), "walk_skipped": walk_skipped}
+    atomic_write_json(plan_path, plan)
+    return plan
+
+
+def _run_units(pending: list[UnitSpec], tok: Tokenizer, workers: int, total_bytes: int,
+               done_bytes: int) -> None:
+    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="chunk",
+               smoothing=0.1)
+    finished = 0
+    try:
+        if workers == 1 or len(pending) <= 1:
+            for spec in pending:
+                bar.update(process_unit(spec, tok)["bytes"])
+                finished += 1
+                _kill_self_if(KILL_AFTER_PARTS_ENV, finished)
+            return
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(tok.model_proto,)) as pool:
+            # keep at most 2*workers units in flight: results are tiny, but this bounds the queue
+            todo = iter(pending)
+            running: set[Future] = set()
+            try:
+                for spec in itertools.islice(todo, 2 * workers):
+                    running.add(pool.submit(process_unit, spec))
+                while running:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        bar.update(fut.result()["bytes"])
+                        finished += 1
+                        _kill_self_if(KILL_AFTER_PARTS_ENV, finished, pool)
+                        nxt = next(todo, None)
+                        if nxt is not None:
+                            running.add(pool.submit(process_unit, nxt))
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def _merge(db: Path, work: Path, plan: dict, tok: Tokenizer, cfg: ChunkConfig) -> dict[str, Any]:
+    """Copy the parts, in order, into the final memmaps (sizes known up front)."""
+    n_units = len(plan["units"])
+    part_paths = [work / f"part_{i:08d}.npz" for i in range(n_units)]
+    metas = []
+    for p in part_paths:
+        m = _read_part_meta(p)
+        if m is None:
+            raise DBError(f"chunk: part {p} is missing after processing: re-run to redo it")
+        metas.append(m)
+    counts: dict[str, dict[str, int]] = {}
+    chunks_per_seq = cfg.seq_len // cfg.chunk_size
+    for split in SPLITS:
+        out_dir = db / split
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n_chunks = sum(m["chunks"][split] for m in metas)
+        n_docs = sum(len(m["docs"][split]) for m in metas)
+        n_tokens = sum(m["tokens"][split] for m in metas)
+        chunks_path = out_dir / "chunks.npy"
+        doc_ids_path = out_dir / "doc_ids.npy"
+        if n_chunks == 0:
+            atomic_save_npy(chunks_path, np.zeros((0, cfg.chunk_size), dtype=tok.token_dtype))
+            atomic_save_npy(doc_ids_path, np.zeros((0,), dtype=np.int64))
+        else:
+            tmp_c = out_dir / f".chunks.npy.tmp-{os.getpid()}"
+            tmp_d = out_dir / f".doc_ids.npy.tmp-{os.getpid()}"
+            mm_c = np.lib.format.open_memmap(tmp_c, mode="w+", dtype=tok.token_dtype,
+                                             shape=(n_chunks, cfg.chunk_size))
+            mm_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.int64, shape=(n_chunks,))
+            row, doc = 0, 0
+            for p in tqdm(part_paths, desc=f"merge {split}", unit="part", leave=False):
+                with np.load(p, allow_pickle=False) as z:
+                    c = z[f"{split}_chunks"]
+                    dc = z[f"{split}_doc_chunks"]
+                mm_c[row:row + len(c)] = c
+                mm_d[row:row + len(c)] = np.repeat(np.arange(doc, doc + len(dc), dtype=np.int64), dc)
+                row += len(c)
+                doc += len(dc)
+            assert row == n_chunks and doc == n_docs
+            for mm, tmp, dest in ((mm_c, tmp_c, chunks_path), (mm_d, tmp_d, doc_ids_path)):
+                mm.flush()
+                del mm
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+            del mm_c, mm_d
+        atomic_save_npy(out_dir / "seq_starts.npy", sequence_starts(n_chunks, chunks_per_seq))
+        lines = "".join(json.dumps(d) + "\n" for m in metas for d in m["docs"][split])
+        atomic_write_bytes(out_dir / "documents.jsonl", lines.encode())
+        counts[split] = {"docs": n_docs, "chunks": n_chunks,
+                         "seqs": len(sequence_starts(n_chunks, chunks_per_seq)), "tokens": n_tokens}
+        _kill_self_if(KILL_IN_MERGE_ENV)
+    inputs = [i for m in metas for i in m["inputs"]]
+    skipped = list(plan["walk_skipped"]) + [s for m in metas for s in m["skipped"]]
+    repaired = [r for m in metas for r in m["repaired"]]
+    return {"counts": counts, "inputs": inputs, "skipped": skipped, "repaired": repaired,
+            "bytes": sum(m["bytes"] for m in metas)}
+
+
+def summary_line(counts: dict, skipped: list[dict], repaired: list[dict]) -> str:
+    docs = sum(c["docs"] for c in counts.values())
+    chunks = sum(c["chunks"] for c in counts.values())
+    tokens = sum(c["tokens"] for c in counts.values())
+    by_reason = Counter(s["reason"] for s in skipped)
+    skip = ", ".join(f"{r}={n}" for r, n in sorted(by_reason.items())) or "none"
+    splits = "; ".join(f"{s}: {c['docs']} docs / {c['chunks']} chunks / {c['seqs']} seqs"
+                       for s, c in counts.items())
+    return (f"chunk: {docs} documents, {chunks} chunks, {tokens} tokens ({splits}); "
+            f"skipped {sum(by_reason.values())} ({skip}); repaired {len(repaired)} files")
+
+
+def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
+    """Run (or resume, or skip if done) the chunk stage into ``db``; return a summary."""
+    cfg.validate()
+    db = Path(db)
+    params = cfg.params()
+    manifest: dict[str, Any] | None = None
+    if manifest_path(db).exists():
+        manifest = load_manifest(db)
+        check_params(manifest["stages"].get("chunk", {}).get("params"), params, "chunk")
+        for key in ("chunk_size", "seq_len"):
+            check_params({key: manifest.get(key)}, {key: params[key]}, "chunk")
+    elif db.exists() and (not db.is_dir() or any(db.iterdir())):
+        raise DBError(f"chunk: {db} exists and is not a retro database (no {manifest_path(db).name})")
+
+    walk = walk_inputs(cfg.inputs, cfg.globs, cfg.excludes)
+    if manifest is not None and stage_done(manifest, "chunk"):
+        recorded = [(i["path"], i["bytes"]) for i in manifest.get("inputs", [])]
+        now = [(f.path, f.size) for f in walk.files]
+        if recorded != now:
+            diff = next((a for a, b in itertools.zip_longest(recorded, now) if a != b), None) or \
+                next(b for a, b in itertools.zip_longest(recorded, now) if a != b)
+            raise DBError(f"chunk: the inputs changed since {db} was built (first difference: "
+                          f"{diff[0]}): use a new --out")
+        shutil.rmtree(db / WORK_DIR, ignore_errors=True)
+        line = summary_line(manifest["counts"], manifest.get("skipped", []), manifest.get("repaired", []))
+        print(f"{line} (already done: nothing to do)", file=sys.stderr)
+        return {"skipped_stage": True, **manifest["stages"]["chunk"]["stats"]}
+    if not walk.files:
+        raise DBError(f"chunk: no input files found under {', '.join(cfg.inputs)} "
+                      f"(globs {list(cfg.globs) or 'none'}, excludes {list(cfg.excludes) or 'none'})")
+
+    started = now_iso()
+    db.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = {"format_version": FORMAT_VERSION, "chunk_size": cfg.chunk_size,
+                    "seq_len": cfg.seq_len, "stages": {}}
+    else:
+        started = manifest["stages"].get("chunk", {}).get("started", started)
+    manifest["stages"]["chunk"] = {"params": params, "versions": versions("sentencepiece"),
+                                   "started": started, "finished": None, "stats": {}}
+    save_manifest(db, manifest)
+    _clean_stale_tmp(db)
+
+    tok = _prepare_tokenizer(db, cfg, walk.files, manifest)
+    work = db / WORK_DIR
+    work.mkdir(exist_ok=True)
+    plan = _load_or_make_plan(work, walk.files, walk.skipped)
+    files = [InputFile.from_json(r) for r in plan["files"]]
+    specs = [UnitSpec(i, [f.path for f in files[a:b]], str(work / f"part_{i:08d}.npz"),
+                      cfg.chunk_size, cfg.val_fraction, cfg.max_invalid_fraction)
+             for i, (a, b) in enumerate(plan["units"])]
+    pending = [s for s in specs if _read_part_meta(Path(s.part_path)) is None]
+    total_bytes = sum(f.size for f in files)
+    done_bytes = sum(files[i].size for s in specs if s not in pending
+                     for i in range(*plan["units"][s.index]))
+    if len(pending) < len(specs):
+        log.warning("chunk: resuming: %d of %d work units already done", len(specs) - len(pending),
+                    len(specs))
+    t0 = time.time()
+    _run_units(pending, tok, cfg.workers, total_bytes, done_bytes)
+    t_tok = time.time() - t0
+    merged = _merge(db, work, plan, tok, cfg)
+
+    manifest["counts"] = merged["counts"]
+    manifest["inputs"] = merged["inputs"]
+    manifest["skipped"] = merged["skipped"]
+    manifest["repaired"] = merged["repaired"]
+    stats = {
+        "bytes": merged["bytes"],
+        "documents": sum(c["docs"] for c in merged["counts"].values()),
+        "chunks": sum(c["chunks"] for c in merged["counts"].values()),
+        "tokens": sum(c["tokens"] for c in merged["counts"].values()),
+        "skipped": dict(Counter(s["reason"] for s in merged["skipped"])),
+        "repaired_files": len(merged["repaired"]),
+        "seconds_tokenising_this_run": round(t_tok, 3),
+        "workers": cfg.workers,
+    }
+    manifest["stages"]["chunk"].update(finished=now_iso(), stats=stats)
+    save_manifest(db, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    print(summary_line(merged["counts"], merged["skipped"], merged["repaired"]), file=sys.stderr)
+    return stats
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", default=[], metavar="DIR",
+                        help="folder of text files, walked recursively (repeatable; a file works too)")
+    parser.add_argument("--glob", action="append", default=[], metavar="GLOB",
+                        help="keep only files whose name or relative path matches (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="drop files/folders whose relative path matches, e.g. 'test/*' (repeatable)")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="FILE", default=None,
+                     help="an existing sentencepiece model (copied into the DB)")
+    tok.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                     help="train a sentencepiece BPE model of N pieces on a corpus sample (default 8192)")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="fraction of documents held out as the val split (stable hash)")
+    parser.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                        help="tokenising processes (the result is identical for any N)")
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=16.0,
+                        help="MB of text sampled (deterministically) to train the tokenizer")
+    parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
+                        help="skip files with more undecodable UTF-8 bytes than this fraction")
+
+
+def config_from_args(args: argparse.Namespace) -> ChunkConfig:
+    vocab = args.vocab_size if args.vocab_size is not None else (None if args.tokenizer else 8192)
+    return ChunkConfig(
+        inputs=tuple(args.input), globs=tuple(args.glob), excludes=tuple(args.exclude),
+        chunk_size=args.chunk_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
+        vocab_size=vocab, tokenizer_file=args.tokenizer,
+        tokenizer_sample_mb=args.tokenizer_sample_mb,
+        max_invalid_fraction=args.max_invalid_fraction, workers=args.workers,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return build(args.db, config_from_args(args))

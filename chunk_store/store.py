@@ -1,0 +1,196 @@
+"""ChunkStore: the read side of a retrieval database split (memmapped, instant to open).
+
+Every later stage reads chunks through this class: the embedder (``text``), the dataset and
+generation (``chunks``, ``seq_starts``, ``neighbour_tokens``), the retriever (``text`` of
+neighbours). Arrays are opened with ``mmap_mode="r"``, so opening costs the same for 1 KB or
+1 TB, and pickling a store (DataLoader workers) re-opens the files instead of copying them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chunk_store.manifest import DBError, load_manifest, open_npy, stage_done
+from chunk_store.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+
+
+class ChunkStore:
+    """One split of a database: ``ChunkStore.open(db, split="train"|"val")``."""
+
+    def __init__(self, db: str | Path, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise DBError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        self.db = Path(db)
+        self.split = split
+        self.manifest: dict[str, Any] = load_manifest(self.db)
+        if not stage_done(self.manifest, "chunk"):
+            raise DBError(f"{self.db} has no finished 'chunk' stage: run `retro-build-index chunk "
+                          f"--out {self.db} ...` (it resumes)")
+        self.chunk_size: int = int(self.manifest["chunk_size"])
+        self.seq_len: int = int(self.manifest["seq_len"])
+        tok_rec = self.manifest.get("tokenizer") or {}
+        tok_path = self.db / tok_rec.get("file", "tokenizer.model")
+        self.tokenizer: Tokenizer = Tokenizer.from_file(tok_path)
+        if tok_rec.get("vocab_size") not in (None, self.tokenizer.vocab_size):
+            raise DBError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
+                          f"says {tok_rec['vocab_size']}")
+        d = self.db / split
+        self.chunks: np.ndarray = open_npy(d / "chunks.npy")
+        self.doc_ids: np.ndarray = open_npy(d / "doc_ids.npy")
+        self.seq_starts: np.ndarray = open_npy(d / "seq_starts.npy")
+        if self.chunks.ndim != 2 or self.chunks.shape[1] != self.chunk_size:
+            raise DBError(f"corrupt {d / 'chunks.npy'}: shape {self.chunks.shape}, expected "
+                          f"(n, {self.chunk_size})")
+        if self.doc_ids.shape != (self.chunks.shape[0],):
+            raise DBError(f"corrupt {d / 'doc_ids.npy'}: shape {self.doc_ids.shape}, expected "
+                          f"({self.chunks.shape[0]},)")
+        counts = self.manifest.get("counts", {}).get(split, {})
+        self.num_chunks: int = int(self.chunks.shape[0])
+        self.num_docs: int = int(counts.get("docs", int(self.doc_ids[-1]) + 1 if self.num_chunks else 0))
+        if counts and counts.get("chunks") != self.num_chunks:
+            raise DBError(f"corrupt {d / 'chunks.npy'}: {self.num_chunks} chunks, the manifest says "
+                          f"{counts.get('chunks')}")
+        self._neighbours: np.ndarray | None = None
+        self._neighbour_distances: np.ndarray | None = None
+        self._train: ChunkStore | None = self if split == "train" else None
+        self._documents: list[dict] | None = None
+
+    @classmethod
+    def open(cls, db: str | Path, split: str = "train") -> "ChunkStore":
+        return cls(db, split)
+
+    # -------------------------------------------------------------- basic accessors
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_starts.shape[0])
+
+    @property
+    def chunks_per_seq(self) -> int:
+        return self.seq_len // self.chunk_size
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def _check_id(self, chunk_id: int) -> int:
+        i = int(chunk_id)
+        if not 0 <= i < self.num_chunks:
+            raise IndexError(f"chunk id {i} out of range for {self.split} split of {self.num_chunks}")
+        return i
+
+    def text(self, chunk_id: int) -> str:
+        """The decoded text of one chunk (pad dropped; EOS decodes to nothing)."""
+        return self.tokenizer.decode(self.chunks[self._check_id(chunk_id)])
+
+    def continuation_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk c -> c + 1 when it is in the same document, else -1 (also for -1 inputs)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        nxt = ids + 1
+        ok = (ids >= 0) & (nxt < self.num_chunks)
+        same = np.zeros(ids.shape, dtype=bool)
+        same[ok] = self.doc_ids[nxt[ok]] == self.doc_ids[ids[ok]]
+        return np.where(same, nxt, -1)
+
+    def doc_chunk_range(self, doc_id: int) -> tuple[int, int]:
+        """[first, end) chunk ids of one document (doc ids are sorted: a doc's chunks are consecutive)."""
+        if not 0 <= doc_id < self.num_docs:
+            raise IndexError(f"doc id {doc_id} out of range for {self.split} split of {self.num_docs}")
+        lo = int(np.searchsorted(self.doc_ids, doc_id, side="left"))
+        hi = int(np.searchsorted(self.doc_ids, doc_id, side="right"))
+        return lo, hi
+
+    def doc_text(self, doc_id: int) -> str:
+        """The whole document, decoded from its chunks (equals the source text after normalisation)."""
+        lo, hi = self.doc_chunk_range(doc_id)
+        return self.tokenizer.decode(self.chunks[lo:hi])
+
+    def doc_source(self, doc_id: int) -> dict:
+        """Where a document came from: {"source": path[, "line": n]} (documents.jsonl)."""
+        if self._documents is None:
+            path = self.db / self.split / "documents.jsonl"
+            if not path.exists():
+                raise DBError(f"missing file {path}")
+            try:
+                self._documents = [json.loads(line) for line in path.read_text().splitlines()]
+            except json.JSONDecodeError as e:
+                raise DBError(f"corrupt {path}: {e}") from None
+        return self._documents[doc_id]
+
+    # -------------------------------------------------------------- neighbours (after knn)
+
+    def _load_neighbours(self) -> None:
+        if self._neighbours is not None or not stage_done(self.manifest, "knn"):
+            return
+        d = self.db / self.split
+        self._neighbours = open_npy(d / "neighbours.npy")
+        dist = d / "neighbour_distances.npy"
+        self._neighbour_distances = open_npy(dist) if dist.exists() else None
+        if self._neighbours.ndim != 2 or self._neighbours.shape[0] != self.num_chunks:
+            raise DBError(f"corrupt {d / 'neighbours.npy'}: shape {self._neighbours.shape}, expected "
+                          f"({self.num_chunks}, k)")
+
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        """(num_chunks, k) train chunk ids, -1 where none; None until the knn stage has run."""
+        self._load_neighbours()
+        return self._neighbours
+
+    @property
+    def neighbour_distances(self) -> np.ndarray | None:
+        self._load_neighbours()
+        return self._neighbour_distances
+
+    @property
+    def train_store(self) -> "ChunkStore":
+        """The train split (neighbour ids always point into it)."""
+        if self._train is None:
+            self._train = ChunkStore(self.db, "train")
+        return self._train
+
+    def neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Train chunk ids (..., k) -> tokens (..., k, 2 * chunk_size): chunk + continuation.
+
+        The continuation is the next chunk of the same document, else all pad; a -1 id gives
+        all pad. Always reads the *train* split. Returned in the store's token dtype (callers
+        convert with ``.astype(np.int64)``).
+        """
+        train = self.train_store
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"neighbour ids must be integers, got {ids.dtype}")
+        flat = ids.reshape(-1).astype(np.int64)
+        if flat.size and (flat.max() >= train.num_chunks or flat.min() < -1):
+            bad = flat[(flat >= train.num_chunks) | (flat < -1)][0]
+            raise IndexError(f"neighbour id {bad} out of range for the train split of {train.num_chunks} chunks")
+        cs = self.chunk_size
+        out = np.full((flat.size, 2, cs), self.tokenizer.pad_id, dtype=train.chunks.dtype)
+        valid = flat >= 0
+        if valid.any():
+            out[valid, 0] = train.chunks[flat[valid]]
+            cont = train.continuation_ids(flat)
+            has = cont >= 0
+            if has.any():
+                out[has, 1] = train.chunks[cont[has]]
+        return out.reshape(*ids.shape, 2 * cs)
+
+    # -------------------------------------------------------------- pickling (DataLoader workers)
+
+    def __getstate__(self) -> dict:
+        return {"db": str(self.db), "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["db"], state["split"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return (f"ChunkStore({str(self.db)!r}, split={self.split!r}, docs={self.num_docs}, "
+                f"chunks={self.num_chunks}, seqs={self.num_seqs}, chunk_size={self.chunk_size})")

@@ -1,0 +1,272 @@
+"""Walking input folders and decoding their files into documents.
+
+Why a module of its own: the walk must be deterministic (sorted, so ``--workers N`` and a
+resumed run see the same file order), must never loop on symlinks, and every file it does not
+turn into a document must be counted with a reason, never silently dropped.
+
+Decoding rules (the documented normalisation every stage sees):
+- UTF-8; a leading BOM is stripped; CRLF and lone CR become LF.
+- A file with NUL bytes is binary; a file whose undecodable bytes exceed ``max_invalid_fraction``
+  of its size is undecodable; both are skipped. Below that fraction each invalid byte becomes
+  U+FFFD and the file is kept (and counted as repaired).
+- An empty (or whitespace-only) file is skipped.
+- ``*.jsonl`` files give one document per line, from the line's ``text`` field.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+# skip reasons (also the keys of the summary's "skipped" counts)
+EMPTY = "empty"
+BINARY = "binary"
+UNDECODABLE = "undecodable"
+UNREADABLE = "unreadable"
+NOT_REGULAR = "not_regular_file"
+BROKEN_LINK = "broken_symlink"
+SYMLINK_LOOP = "symlink_loop"
+JSONL_BAD_LINE = "jsonl_bad_line"
+
+DEFAULT_MAX_INVALID_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One regular file found by the walk: where it is, what to call it, how big it is."""
+
+    path: str  # absolute path as reached by the walk (through symlinked folders, not resolved)
+    size: int
+    mtime_ns: int
+
+    def to_json(self) -> list:
+        return [self.path, self.size, self.mtime_ns]
+
+    @classmethod
+    def from_json(cls, row: Sequence) -> "InputFile":
+        return cls(str(row[0]), int(row[1]), int(row[2]))
+
+
+@dataclass
+class WalkResult:
+    files: list[InputFile] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+
+
+def _matches(patterns: Sequence[str], rel: str, name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def walk_inputs(
+    inputs: Sequence[str | os.PathLike],
+    globs: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+) -> WalkResult:
+    """Every candidate file under ``inputs``, in a deterministic order.
+
+    ``globs`` (if any) keep files whose name or path relative to their input matches one of
+    them; ``excludes`` drop files (and prune folders) whose relative path matches. Hidden files
+    and folders (name starting with ".") are ignored. Symlinked folders are followed once; a
+    folder reached a second time (a loop, or a second link to it) is skipped and recorded.
+    """
+    result = WalkResult()
+    visited_dirs: set[tuple[int, int]] = set()
+    for inp in inputs:
+        root = Path(inp).expanduser().resolve()
+        if root.is_file():
+            st = root.stat()
+            result.files.append(InputFile(str(root), st.st_size, st.st_mtime_ns))
+            continue
+        if not root.is_dir():
+            from chunk_store.manifest import DBError
+
+            raise DBError(f"input {inp} is not a folder or a file")
+        rst = root.stat()
+        visited_dirs.add((rst.st_dev, rst.st_ino))
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel_dir = os.path.relpath(dirpath, root)
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                rel = rel_dir + d
+                if excludes and any(fnmatch.fnmatchcase(rel + "/", p) or fnmatch.fnmatchcase(rel, p)
+                                    for p in excludes):
+                    continue
+                full = os.path.join(dirpath, d)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    result.skipped.append({"path": full, "reason": BROKEN_LINK})
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in visited_dirs:
+                    result.skipped.append({"path": full, "reason": SYMLINK_LOOP})
+                    continue
+                visited_dirs.add(key)
+                keep.append(d)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                rel = rel_dir + name
+                if globs and not _matches(globs, rel, name):
+                    continue
+                if excludes and any(fnmatch.fnmatchcase(rel, p) for p in excludes):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    result.skipped.append({"path": full, "reason": BROKEN_LINK})
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    result.skipped.append({"path": full, "reason": NOT_REGULAR})
+                    continue
+                result.files.append(InputFile(full, st.st_size, st.st_mtime_ns))
+    return result
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class _InvalidCounter:
+    """A codecs error handler that counts undecodable bytes and replaces them with U+FFFD."""
+
+    count = 0
+
+    @classmethod
+    def handler(cls, exc: UnicodeDecodeError) -> tuple[str, int]:
+        cls.count += exc.end - exc.start
+        return "\ufffd" * (exc.end - exc.start), exc.end
+
+
+codecs.register_error("retro_count_invalid", _InvalidCounter.handler)
+
+
+def normalise_text(text: str) -> str:
+    """The document normalisation: strip one leading BOM, CRLF / lone CR -> LF."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
+@dataclass
+class Decoded:
+    text: str | None  # None when skipped
+    reason: str | None = None  # skip reason
+    invalid_bytes: int = 0
+
+
+def decode_bytes(data: bytes, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION) -> Decoded:
+    """Bytes -> normalised text, or a skip reason (see the module docstring)."""
+    if not data.strip():
+        return Decoded(None, EMPTY)
+    if b"\x00" in data:
+        return Decoded(None, BINARY)
+    try:
+        text = data.decode("utf-8")
+        invalid = 0
+    except UnicodeDecodeError:
+        _InvalidCounter.count = 0
+        text = data.decode("utf-8", errors="retro_count_invalid")
+        invalid = _InvalidCounter.count
+        if invalid > max_invalid_fraction * len(data):
+            return Decoded(None, UNDECODABLE, invalid)
+    text = normalise_text(text)
+    if not text.strip():
+        return Decoded(None, EMPTY)
+    return Decoded(text, None, invalid)
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+    line: int | None = None  # 1-based line number for .jsonl documents
+
+    def source_json(self) -> dict:
+        return {"source": self.source} if self.line is None else {"source": self.source, "line": self.line}
+
+
+@dataclass
+class FileOutcome:
+    """What reading one input file gave: its documents, or why it gave none."""
+
+    path: str
+    size: int
+    sha256: str | None
+    documents: list[Document]
+    skipped: list[dict]  # {"path", "reason"[, "line"]}
+    invalid_bytes: int = 0
+
+
+def read_documents(
+    path: str, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
+) -> FileOutcome:
+    """Read one input file into documents (one, or one per line for ``.jsonl``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return FileOutcome(path, 0, None, [], [{"path": path, "reason": UNREADABLE,
+                                                 "detail": f"{type(e).__name__}: {e.strerror}"}])
+    sha = hashlib.sha256(data).hexdigest()
+    dec = decode_bytes(data, max_invalid_fraction)
+    if dec.text is None:
+        return FileOutcome(path, len(data), sha, [], [{"path": path, "reason": dec.reason}],
+                           dec.invalid_bytes)
+    if not path.endswith(".jsonl"):
+        return FileOutcome(path, len(data), sha, [Document(dec.text, path)], [], dec.invalid_bytes)
+    docs: list[Document] = []
+    skipped: list[dict] = []
+    for lineno, line in enumerate(dec.text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            skipped.append({"path": path, "line": lineno, "reason": JSONL_BAD_LINE})
+            continue
+        text = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            skipped.append({"path": path, "line": lineno, "reason": JSONL_BAD_LINE})
+            continue
+        text = normalise_text(text)
+        if not text.strip():
+            skipped.append({"path": path, "line": lineno, "reason": EMPTY})
+            continue
+        docs.append(Document(text, path, lineno))
+    return FileOutcome(path, len(data), sha, docs, skipped, dec.invalid_bytes)
+
+
+def iter_sample_text(files: Sequence[InputFile], budget_bytes: int, per_file_bytes: int = 1 << 20,
+                     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION) -> Iterator[str]:
+    """A deterministic, bounded sample of the corpus's text for tokenizer training.
+
+    Files are visited in the order of a stable hash of their path (so the sample spreads over
+    the whole corpus rather than its first folder) and read until ``budget_bytes`` of text;
+    at most ``per_file_bytes`` of each document is used.
+    """
+    order = sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).digest())
+    used = 0
+    for f in order:
+        if used >= budget_bytes:
+            return
+        out = read_documents(f.path, max_invalid_fraction)
+        for doc in out.documents:
+            text = doc.text[:per_file_bytes]
+            used += len(text.encode("utf-8", errors="replace"))
+            yield text
+            if used >= budget_bytes:
+                return

@@ -1,0 +1,171 @@
+"""The sentencepiece tokenizer behind every token array, and how we train one.
+
+Why these training settings: RETRO's chunks must decode back to the exact text (the retrieval
+embedder re-tokenises the decoded text, and users read neighbours), and code corpora depend on
+whitespace. So the model uses the identity normalisation, keeps every space
+(``remove_extra_whitespaces=False``, no dummy prefix), has "\\n" and "\\t" as user-defined
+pieces (sentencepiece otherwise treats a newline as a sentence break), learns runs of spaces
+(``allow_whitespace_only_pieces``) and falls back to bytes for anything else, so no character
+is ever lost: ``decode(encode(s)) == s`` for every string without U+2581 ("▁", which
+sentencepiece uses to escape a space and so decodes as a space).
+
+Ids: ``<unk>``=0, ``<s>``=1, ``</s>``=2 (EOS, appended to every document), ``<pad>``=3.
+Pad is a control piece, so no ``encode`` ever produces it. A user-supplied model without a pad
+piece gets ``pad_id = sp_vocab_size`` and ``vocab_size = sp_vocab_size + 1``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from chunk_store.manifest import DBError
+from chunk_store.text_files import normalise_text
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# sentencepiece drops training "sentences" longer than this (bytes); we cut blocks below it
+_BLOCK_CHARS = 2000
+
+
+class Tokenizer:
+    """``encode``/``decode``/``vocab_size``/``pad_id``/``eos_id`` over a sentencepiece model.
+
+    ``vocab_size`` is the model-facing vocabulary (pad included): an embedding table needs
+    exactly this many rows. Picklable (the model travels as bytes), so DataLoader workers and
+    process pools can hold one.
+    """
+
+    def __init__(self, model_proto: bytes, source: str = "<bytes>") -> None:
+        self._proto = bytes(model_proto)
+        self.source = source
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self._proto)
+        except Exception as e:
+            raise DBError(f"cannot load sentencepiece model {source}: {e}") from None
+        self.sp_vocab_size: int = int(self._sp.get_piece_size())
+        pad = int(self._sp.pad_id())
+        self.pad_id: int = pad if pad >= 0 else self.sp_vocab_size
+        self.vocab_size: int = self.sp_vocab_size + (0 if pad >= 0 else 1)
+        self.eos_id: int = int(self._sp.eos_id())
+        self.bos_id: int = int(self._sp.bos_id())
+        self.unk_id: int = int(self._sp.unk_id())
+        if self.eos_id < 0:
+            raise DBError(f"sentencepiece model {source} has no EOS piece (train it with eos_id >= 0)")
+        self.byte_fallback: bool = any(self._sp.is_byte(i) for i in range(min(self.sp_vocab_size, 512)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise DBError(f"missing tokenizer file {path}")
+        return cls(path.read_bytes(), str(path))
+
+    # -------------------------------------------------------------- the API every stage uses
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        """uint16 when every id (pad included) fits, else int32."""
+        return np.dtype(np.uint16) if self.vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` after the document normalisation (no EOS appended)."""
+        return self._sp.encode(normalise_text(text))
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        return self._sp.encode([normalise_text(t) for t in texts], num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of ``ids``; pad (and any id outside the sentencepiece model) is ignored."""
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        arr = arr[(arr != self.pad_id) & (arr >= 0) & (arr < self.sp_vocab_size)]
+        return self._sp.decode(arr.tolist())
+
+    def id_to_piece(self, i: int) -> str:
+        return "<pad>" if i == self.pad_id and i >= self.sp_vocab_size else self._sp.id_to_piece(int(i))
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    def __getstate__(self) -> dict:
+        return {"proto": self._proto, "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["proto"], state["source"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    vocab_size: int = 8192
+    model_type: str = "bpe"
+    character_coverage: float = 0.9995
+    num_threads: int = 2  # fixed, not the worker count, so the model never depends on --workers
+
+
+def _blocks(texts: Iterable[str]) -> Iterator[str]:
+    """Cut documents into training 'sentences' of whole lines, each below sentencepiece's limit.
+
+    Blocks keep their newlines (sentencepiece accepts them through ``sentence_iterator``), so
+    the model sees "\\n" and indentation in context.
+    """
+    for text in texts:
+        buf: list[str] = []
+        n = 0
+        for line in text.splitlines(keepends=True):
+            while len(line) > _BLOCK_CHARS:  # one very long line: cut it
+                if buf:
+                    yield "".join(buf)
+                    buf, n = [], 0
+                yield line[:_BLOCK_CHARS]
+                line = line[_BLOCK_CHARS:]
+            if n + len(line) > _BLOCK_CHARS and buf:
+                yield "".join(buf)
+                buf, n = [], 0
+            buf.append(line)
+            n += len(line)
+        if buf:
+            yield "".join(buf)
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
+    """Train a sentencepiece model on ``texts``; return the serialized model."""
+    out = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_blocks(texts),
+            model_writer=out,
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            byte_fallback=True,
+            character_coverage=cfg.character_coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n", "\t"],
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            max_sentence_length=4 * _BLOCK_CHARS + 16,
+            num_threads=cfg.num_threads,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise DBError(f"tokenizer training failed (vocab size {cfg.vocab_size}): {msg}") from None
+    return out.getvalue()
