@@ -1,0 +1,174 @@
+"""RetroConfig: the shape of a RETRO model, read from the ``model:`` section of a config YAML.
+
+Training settings live at the top level of the same YAML (engineer D's trainer reads them); this
+class only reads ``data["model"]`` (or the whole mapping when there is no ``model`` key), so one
+file describes a whole run. Unknown model keys are an error: a typo must not silently fall back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from chunk_store.manifest import DBError
+
+
+@dataclass
+class RetroConfig:
+    """Decoder + neighbour-encoder hyper-parameters (Borgeaud et al. 2022, section 2)."""
+
+    vocab_size: int = 4096
+    pad_id: int = 3  # chunk_store's trained tokenizer: <unk>=0, <s>=1, </s>=2, <pad>=3
+    # decoder
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    mlp_ratio: float = 4.0
+    # 1-based decoder layers followed by chunked cross-attention; None = the paper's rule
+    # (every third layer from the 6th: 6, 9, 12, ...)
+    cca_layers: list[int] | None = None
+    # encoder (bidirectional, over each neighbour's 2 * chunk_size tokens)
+    enc_dim: int = 512
+    enc_depth: int = 2
+    enc_heads: int = 8
+    enc_dim_head: int = 64
+    enc_mlp_ratio: float = 4.0
+    # retrieval
+    chunk_size: int = 64
+    num_neighbours: int = 2
+    # misc
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def resolved_cca_layers(self) -> list[int]:
+        """1-based decoder layer indices that have a CCA block (the paper's rule when None)."""
+        if self.cca_layers is None:
+            return list(range(6, self.depth + 1, 3))
+        return sorted(set(int(i) for i in self.cca_layers))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.dim * self.mlp_ratio))
+
+    @property
+    def enc_mlp_hidden(self) -> int:
+        return int(round(self.enc_dim * self.enc_mlp_ratio))
+
+    def validate(self) -> None:
+        """One-line DBError on an impossible configuration (these come from user YAML)."""
+        positive = ("vocab_size", "dim", "depth", "heads", "dim_head", "enc_dim", "enc_depth",
+                    "enc_heads", "enc_dim_head", "chunk_size", "num_neighbours")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise DBError(f"model.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise DBError(f"model.pad_id={self.pad_id} is outside the vocabulary (vocab_size={self.vocab_size})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise DBError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.dim_head % 2 or self.enc_dim_head % 2:
+            raise DBError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
+        if self.cca_layers is not None:
+            bad = [i for i in self.cca_layers if not 1 <= int(i) <= self.depth]
+            if bad:
+                raise DBError(f"model.cca_layers {bad} outside 1..depth={self.depth} (layers are 1-based)")
+
+    # ------------------------------------------------------------------ (de)serialisation
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RetroConfig":
+        """Build from a mapping; reads ``data["model"]`` when present. Unknown keys are an error."""
+        if "model" in data and isinstance(data["model"], Mapping):
+            data = data["model"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DBError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
+        kwargs = dict(data)
+        if kwargs.get("cca_layers") is not None:
+            kwargs["cca_layers"] = [int(i) for i in kwargs["cca_layers"]]
+        for name in ("mlp_ratio", "enc_mlp_ratio", "dropout", "norm_eps", "rope_base", "init_std"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RetroConfig":
+        path = Path(path)
+        if not path.exists():
+            raise DBError(f"no config file at {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DBError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise DBError(f"{path} must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ cost model
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shape (equals ``sum(p.numel())`` of RETRO(cfg))."""
+        d, inner = self.dim, self.heads * self.dim_head
+        e, e_inner = self.enc_dim, self.enc_heads * self.enc_dim_head
+        dec_layer = 2 * d + 4 * d * inner + 2 * d * self.mlp_hidden
+        cca = d + d * inner + 2 * e * inner + inner * d + 2 * inner
+        enc_layer = (e + 4 * e * e_inner                          # norm + self-attention
+                     + e + d + e * e_inner + 2 * d * e_inner + e_inner * e  # cross-attn to decoder
+                     + e + 2 * e * self.enc_mlp_hidden)                # norm + MLP
+        total = (self.depth * dec_layer + len(self.resolved_cca_layers) * cca
+                 + self.enc_depth * enc_layer + e + d)            # final norms
+        if e != d:
+            total += d * e                                        # shared-embedding -> encoder width
+        if include_embedding:
+            total += self.vocab_size * d
+            if not self.tie_embeddings:
+                total += self.vocab_size * d
+        return total
+
+    def flops_per_token(self, seq_len: int, with_retrieval: bool = True, training: bool = True) -> float:
+        """Matmul FLOPs per decoder token (x3 for a training step: forward + backward).
+
+        Attention scores count the full (non-causal) seq_len x seq_len product, the PaLM MFU
+        convention, so numbers compare with published MFU figures. With retrieval, every chunk of
+        ``chunk_size`` tokens adds the encoder over k x 2 x chunk_size neighbour tokens plus the CCA
+        key/value projections; that per-chunk cost is divided over the chunk's tokens.
+        """
+        d, inner, m, k = self.dim, self.heads * self.dim_head, self.chunk_size, self.num_neighbours
+        e, e_inner = self.enc_dim, self.enc_heads * self.enc_dim_head
+        r = 2 * m  # tokens per neighbour
+        per_layer = 2 * (4 * d * inner) + 2 * 2 * seq_len * inner + 2 * (2 * d * self.mlp_hidden)
+        fwd = self.depth * per_layer + 2 * d * self.vocab_size
+        if with_retrieval and self.resolved_cca_layers:
+            n_cca = len(self.resolved_cca_layers)
+            kv_len = k * r + 1
+            # per token: q/out projections and attention over the chunk's k * 2m neighbour tokens
+            cca_tok = 2 * (2 * d * inner) + 2 * 2 * kv_len * inner
+            # per chunk: key/value projections of the k * 2m encoded neighbour tokens
+            cca_chunk = 2 * (2 * e * inner) * k * r
+            enc_tok = (2 * (4 * e * e_inner) + 2 * 2 * r * e_inner      # self-attention
+                       + 2 * (2 * e * e_inner) + 2 * 2 * m * e_inner       # cross-attn q/out + scores
+                       + 2 * (2 * e * self.enc_mlp_hidden))                # MLP
+            enc_chunk = self.enc_depth * (k * r * enc_tok + m * 2 * (2 * d * e_inner))  # + kv of H_u
+            if e != d:
+                enc_chunk += k * r * 2 * d * e
+            fwd += n_cca * (cca_tok + cca_chunk / m) + enc_chunk / m
+        return float(fwd * (3 if training else 1))
