@@ -1,0 +1,318 @@
+"""Checkpoints: atomic, pickle-free, exactly resumable.
+
+Layout of ``RUN/checkpoints/step_XXXXXXXX/``:
+
+- ``model.safetensors``      the full (unsharded) weights, keyed by parameter name
+- ``optimizer.safetensors``  every optimizer state tensor, keyed ``<param name>::<state key>``
+- ``state.json``             step, optimizer param groups and scalar state, scheduler and data
+                             position, and each rank's RNG states (bytes as base64, never pickle)
+
+A checkpoint is written into a hidden temporary directory and renamed into place, then the
+``checkpoints/latest`` pointer is replaced atomically: a crash leaves the previous checkpoint
+intact and pointed to. Loading reads only safetensors and JSON, so a checkpoint from
+elsewhere cannot run code (the guarantee ``torch.load(weights_only=True)`` aims at).
+
+Optimizer state is keyed by parameter *name* (via ``torch.distributed.checkpoint.state_dict``),
+so the same files load into a plain, DDP, compiled or FSDP2-sharded model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from chunk_store.manifest import DBError, atomic_write_bytes, atomic_write_json, now_iso
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+SEP = "::"
+STATE_VERSION = 1
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------- JSON without pickle
+
+
+def _to_json(obj: Any) -> Any:
+    """Plain JSON for optimizer hyper-parameters; tuples are tagged so they come back as tuples."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(x) for x in obj]}
+    if isinstance(obj, list):
+        return [_to_json(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() != 1:
+            raise TypeError(f"cannot store a tensor of shape {tuple(obj.shape)} in JSON")
+        return obj.item()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint's JSON")
+
+
+def _from_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tuple__"}:
+            return tuple(_from_json(x) for x in obj["__tuple__"])
+        return {k: _from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(x) for x in obj]
+    return obj
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, numpy, torch (and CUDA) RNG states as JSON-safe values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [_unb64(s) for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def _dedup_for_safetensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in sd.items():
+        v = v.detach()
+        if v.device.type != "cpu":
+            v = v.cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen or not v.is_contiguous():
+            v = v.clone().contiguous()
+        elif v.numel():
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def _full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """Unsharded, CPU, name-keyed model and optimizer state (on rank 0; empty on others)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return msd, osd
+
+
+def _split_optimizer(osd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{pname}{SEP}{key}"] = val
+            else:
+                scalars.setdefault(pname, {})[key] = _to_json(val)
+    return tensors, {"param_groups": _to_json(osd["param_groups"]), "scalars": scalars}
+
+
+def _join_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        pname, _, skey = key.rpartition(SEP)
+        state.setdefault(pname, {})[skey] = val
+    for pname, st in meta.get("scalars", {}).items():
+        state.setdefault(pname, {}).update(st)
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any]) -> Path | None:
+    """Write ``checkpoints/step_XXXXXXXX`` atomically and point ``latest`` at it.
+
+    Collective: every rank must call it (sharded state is gathered and every rank's RNG state is
+    recorded); only rank 0 writes. ``state`` holds JSON-able training state (scheduler, data
+    position, config...). Returns the directory on rank 0, None elsewhere.
+    """
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    msd, osd = _full_state_dicts(model, optimizer)
+    rngs = [rng_state()]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rngs[0])  # in-memory between ranks; never on disk
+        rngs = gathered
+    path = None
+    if rank == 0:
+        ckpts = Path(run_dir) / CKPT_DIR
+        final = ckpts / step_dirname(step)
+        tmp = ckpts / f".tmp-{step_dirname(step)}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_dedup_for_safetensors(msd), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        meta: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "step": step,
+            "saved": now_iso(),
+            "world_size": world,
+            "rng": rngs,
+            **{k: _to_json(v) for k, v in state.items()},
+        }
+        if osd is not None:
+            tensors, meta["optimizer"] = _split_optimizer(osd)
+            save_file(_dedup_for_safetensors(tensors), str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", meta)
+        for f in tmp.iterdir():  # make the files durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+            old = ckpts / f".old-{step_dirname(step)}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_bytes(ckpts / LATEST, (final.name + "\n").encode())
+        path = final
+    if world > 1:
+        dist.barrier()
+    return path
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
+    """The directory of checkpoint ``step`` (default: the one ``latest`` points to)."""
+    run_dir = Path(run_dir)
+    ckpts = run_dir / CKPT_DIR
+    if (run_dir / "model.safetensors").is_file():  # already a checkpoint directory
+        return run_dir
+    if step is not None:
+        path = ckpts / step_dirname(step)
+        if not path.is_dir():
+            have = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+            raise DBError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
+        return path
+    pointer = ckpts / LATEST
+    if not pointer.is_file():
+        raise DBError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
+    path = ckpts / pointer.read_text().strip()
+    if not (path / "model.safetensors").is_file():
+        raise DBError(f"{pointer} points to {path.name}, which has no model.safetensors")
+    return path
+
+
+def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DBError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise DBError(f"corrupt {path}: {e}") from None
+
+
+def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise DBError(f"missing {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # truncated or foreign file
+        raise DBError(f"corrupt {path}: {type(e).__name__}: {e}") from None
+
+
+def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load weights (and optimizer state) into a plain/DDP/compiled/FSDP model; restore RNG.
+
+    Every rank calls it and reads the files itself. Returns the JSON state (step, data position...).
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    ckpt = Path(ckpt)
+    meta = read_state(ckpt)
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, load_weights(ckpt), options=opts)
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise DBError(f"{ckpt} has no optimizer state: cannot resume from it")
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        set_optimizer_state_dict(model, optimizer, _join_optimizer(tensors, meta["optimizer"]), options=opts)
+    rank, world = _dist()
+    rngs = meta.get("rng") or []
+    if rank < len(rngs) and len(rngs) == world:
+        set_rng_state(rngs[rank])
+    return meta
+
+
+def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None):
+    """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode."""
+    from retro.config import RetroConfig
+    from retro.model import RETRO
+
+    run_dir = Path(run_dir)
+    ckpt = checkpoint_dir(run_dir, step)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():  # a bare checkpoint directory: config two levels up
+        cfg_path = ckpt.parent.parent / "config.yaml"
+    if not cfg_path.is_file():
+        raise DBError(f"no config.yaml in {run_dir}: not a training run directory")
+    cfg = RetroConfig.from_yaml(cfg_path)
+    model = RETRO(cfg)
+    weights = load_weights(ckpt)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise DBError(f"{ckpt}/model.safetensors does not fit the model in {cfg_path}: "
+                      f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    model.to(device).eval()
+    return model, cfg

@@ -1,0 +1,154 @@
+"""RetroDataset: training sequences with their precomputed neighbours, as vectorised memmap reads.
+
+Sample i is sequence ``seq_starts[i]``: ``seq_len + 1`` tokens (inputs and shifted targets) and,
+for each of its ``seq_len / chunk_size`` chunks u, the chunk's k precomputed neighbours, each
+followed by its continuation: ``(seq_len / chunk_size, k, 2 * chunk_size)``, pad_id where a
+neighbour is missing. Slot u holds chunk u's neighbours: the model's causal chunked
+cross-attention relies on that alignment.
+
+Everything is numpy fancy indexing over the DB's memmaps, a whole batch at once
+(``__getitems__``, which ``torch.utils.data.DataLoader`` calls with a batch's indices), so
+there is no per-token Python. The memmaps are (re)opened lazily in each process, so the dataset
+pickles to DataLoader workers as a path, not as a copy of the arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from chunk_store import ChunkStore
+from chunk_store.manifest import DBError
+
+
+class RetroDataset(torch.utils.data.Dataset):
+    """``RetroDataset(store_or_db, split)[i] -> {"tokens": (seq_len+1,), "neighbours": (l, k, 2m)}``.
+
+    ``store`` is an open ChunkStore (its db and split are used) or a DB path. ``k`` defaults to
+    every precomputed neighbour; ``retrieval=False`` yields tokens only (decoder-only training
+    or evaluation on a DB without neighbours).
+    """
+
+    def __init__(self, store: ChunkStore | str | os.PathLike, split: str | None = None, *,
+                 k: int | None = None, retrieval: bool = True) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            if split is None:
+                raise DBError("RetroDataset(db_path, split): the split is required with a path")
+            store = ChunkStore.open(store, split)
+        elif split is not None and split != store.split:
+            raise DBError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
+        self.db = Path(store.db)
+        self.split = store.split
+        self.retrieval = retrieval
+        self.chunk_size = int(store.chunk_size)
+        self.seq_len = int(store.seq_len)
+        if self.seq_len % self.chunk_size:
+            raise DBError(f"{self.db}: seq_len={self.seq_len} is not a multiple of chunk_size={self.chunk_size}")
+        self.chunks_per_seq = self.seq_len // self.chunk_size
+        self.pad_id = int(store.tokenizer.pad_id)
+        self.num_chunks = int(store.num_chunks)
+        self._len = int(len(store.seq_starts))
+        self.k = 0
+        if retrieval:
+            nbrs = _neighbours_or_error(store)
+            have = int(nbrs.shape[1])
+            self.k = have if k is None else int(k)
+            if not 0 < self.k <= have:
+                raise DBError(f"{self.db}: {self.split} has {have} neighbours per chunk, asked for k={self.k}")
+        self._store: ChunkStore | None = store
+        self._pid = os.getpid()
+
+    # --------------------------------------------------------------- process-local store
+
+    @property
+    def store(self) -> ChunkStore:
+        """The ChunkStore of this process (re-opened after a fork/spawn into a worker)."""
+        if self._store is None or self._pid != os.getpid():
+            self._store = ChunkStore.open(self.db, self.split)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # workers reopen the memmaps instead of receiving copies
+        return state
+
+    # --------------------------------------------------------------- reads
+
+    def __len__(self) -> int:
+        return self._len
+
+    def chunk_ids(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(b, chunks_per_seq + 1) chunk ids of each sequence and the chunk after it (-1 past the end)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < -self._len or idx.max() >= self._len):
+            raise IndexError(f"sequence index out of range for {self._len} sequences")
+        idx = idx % max(self._len, 1)
+        starts = np.asarray(self.store.seq_starts[idx], dtype=np.int64)
+        ids = starts[:, None] + np.arange(self.chunks_per_seq + 1, dtype=np.int64)
+        return np.where(ids < self.num_chunks, ids, -1)
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Vectorised read of many samples: tokens (b, seq_len+1) int64, neighbours (b, l, k, 2m) int64."""
+        store = self.store
+        ids = self.chunk_ids(indices)
+        valid = ids >= 0
+        # (b, l+1, m) chunk tokens; rows past the end of the split are padding
+        toks = np.asarray(store.chunks[np.where(valid, ids, 0)], dtype=np.int64)
+        toks[~valid] = self.pad_id
+        tokens = toks.reshape(len(ids), -1)[:, : self.seq_len + 1]
+        out = {"tokens": np.ascontiguousarray(tokens)}
+        if self.retrieval:
+            own = ids[:, : self.chunks_per_seq]
+            nbr_ids = np.asarray(store.neighbours[np.where(own >= 0, own, 0)][..., : self.k], dtype=np.int64)
+            nbr_ids[own < 0] = -1
+            out["neighbours"] = np.asarray(store.neighbour_tokens(nbr_ids), dtype=np.int64)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.get_batch([index])
+        return {k: torch.from_numpy(v[0]) for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch in one vectorised read (DataLoader calls this when it exists)."""
+        return {k: torch.from_numpy(v) for k, v in self.get_batch(indices).items()}
+
+
+def collate(batch: Any) -> dict[str, torch.Tensor]:
+    """DataLoader collate_fn: ``__getitems__`` already returns the batch; per-item lists are stacked."""
+    if isinstance(batch, dict):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+def _neighbours_or_error(store: ChunkStore) -> np.ndarray:
+    try:
+        nbrs = store.neighbours
+    except DBError:
+        raise
+    except Exception as e:  # a store that raises its own error type until knn ran
+        raise DBError(f"{store.db}: the {store.split} split has no neighbours ({e}): "
+                      f"run `retro-build-index knn --db {store.db}`") from None
+    if nbrs is None:
+        raise DBError(f"{store.db}: the {store.split} split has no neighbours: "
+                      f"run `retro-build-index knn --db {store.db}`")
+    return nbrs
+
+
+def check_compatible(store: ChunkStore, model_cfg: Any, seq_len: int | None = None) -> None:
+    """Refuse, before any compute, a DB whose shape disagrees with the config; name both values."""
+    pairs = [
+        ("chunk_size", int(store.chunk_size), int(model_cfg.chunk_size), "model.chunk_size"),
+        ("tokenizer.vocab_size", int(store.tokenizer.vocab_size), int(model_cfg.vocab_size), "model.vocab_size"),
+        ("tokenizer.pad_id", int(store.tokenizer.pad_id), int(model_cfg.pad_id), "model.pad_id"),
+    ]
+    if seq_len is not None:
+        pairs.append(("seq_len", int(store.seq_len), int(seq_len), "seq_len"))
+    for db_key, db_val, cfg_key_val, cfg_key in pairs:
+        if db_val != cfg_key_val:
+            raise DBError(f"the database {store.db} has {db_key}={db_val} but the config has "
+                          f"{cfg_key}={cfg_key_val}: use a matching config (--set {cfg_key}={db_val}) or database")

@@ -1,0 +1,151 @@
+"""Evaluation with and without retrieval: loss and bits per byte of one model on one split.
+
+``python -m retro.evaluate --run RUN --db DB --split val`` prints JSON. "Without retrieval" is
+the same weights called with ``neighbours=None``: the baseline that says what retrieval buys.
+The same function runs inside training (every rank evaluates its shard; sums are all-reduced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from chunk_store.manifest import DBError
+from retro.metrics import bits_per_byte, lm_loss, target_bytes
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats per target token, with retrieval
+    bits_per_byte: float
+    loss_no_retrieval: float
+    bits_per_byte_no_retrieval: float
+    tokens: int  # non-pad target tokens evaluated
+    bytes: int  # UTF-8 bytes of those tokens decoded
+    sequences: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["retrieval_gain_bits_per_byte"] = self.bits_per_byte_no_retrieval - self.bits_per_byte
+        return d
+
+
+def eval_indices(num_sequences: int, max_sequences: int | None, world_size: int = 1) -> np.ndarray:
+    """Which sequences to evaluate: all, or ``max_sequences`` spread evenly over the split, trimmed
+    to a multiple of the world size so every rank runs the same number of forward passes."""
+    n = num_sequences if not max_sequences else min(num_sequences, max_sequences)
+    n -= n % world_size
+    if n <= 0:
+        raise DBError(f"nothing to evaluate: {num_sequences} sequence(s) for {world_size} rank(s)")
+    if n == num_sequences:
+        return np.arange(n)
+    return np.unique(np.linspace(0, num_sequences - 1, n).round().astype(np.int64))[: n - n % world_size]
+
+
+def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (or where asked for), nothing on CPU fp32."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micro_batch_size: int = 8,
+             max_sequences: int | None = None, rank: int = 0, world_size: int = 1, dtype: str = "auto",
+             retrieval: bool = True, progress: bool = False) -> EvalResult:
+    """Summed masked cross-entropy with and without neighbours over a fixed set of sequences.
+
+    Collective under torch.distributed (every rank calls it; each scores its shard).
+    """
+    from retro.distributed import all_reduce_sum
+
+    pad_id = dataset.pad_id
+    tokenizer = dataset.store.tokenizer
+    idx = eval_indices(len(dataset), max_sequences, world_size)[rank::world_size]
+    was_training = model.training
+    model.eval()
+    sums = np.zeros(5, dtype=np.float64)  # loss_ret, loss_noret, tokens, bytes, sequences
+    batches = range(0, len(idx), micro_batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        batch = dataset.get_batch(idx[start:start + micro_batch_size])
+        tokens = torch.from_numpy(batch["tokens"]).to(device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with autocast_for(device, dtype):
+            logits_plain = model(x, None)
+        sums[1] += lm_loss(logits_plain, y, pad_id, reduction="sum").item()
+        del logits_plain
+        if retrieval and "neighbours" in batch:
+            nbrs = torch.from_numpy(batch["neighbours"]).to(device)
+            with autocast_for(device, dtype):
+                logits = model(x, nbrs)
+            sums[0] += lm_loss(logits, y, pad_id, reduction="sum").item()
+            del logits
+        sums[2] += int((y != pad_id).sum().item())
+        sums[3] += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
+        sums[4] += len(tokens)
+    loss_ret, loss_plain, ntok, nbytes, nseq = all_reduce_sum(sums.tolist(), device)
+    model.train(was_training)
+    ntok_safe = max(ntok, 1.0)
+    has_ret = retrieval and dataset.retrieval
+    return EvalResult(
+        loss=loss_ret / ntok_safe if has_ret else float("nan"),
+        bits_per_byte=bits_per_byte(loss_ret, int(nbytes)) if has_ret else float("nan"),
+        loss_no_retrieval=loss_plain / ntok_safe,
+        bits_per_byte_no_retrieval=bits_per_byte(loss_plain, int(nbytes)),
+        tokens=int(ntok),
+        bytes=int(nbytes),
+        sequences=int(nseq),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m retro.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="training run directory (RUN)")
+    p.add_argument("--db", required=True, help="retrieval database directory")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many (0: all)")
+    p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from chunk_store import ChunkStore
+        from retro.checkpoint import checkpoint_dir, load_model, read_state
+        from retro.dataset import RetroDataset, check_compatible
+        from retro.distributed import resolve_device
+
+        device = resolve_device(args.device)
+        model, cfg = load_model(args.run, device=device, step=args.step)
+        store = ChunkStore.open(args.db, args.split)
+        check_compatible(store, cfg)
+        k = args.k or cfg.num_neighbours
+        dataset = RetroDataset(store, args.split, k=k)
+        res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
+                       max_sequences=args.max_sequences or None, progress=not args.no_progress)
+        step = read_state(checkpoint_dir(args.run, args.step)).get("step")
+    except DBError as e:
+        print(f"retro.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
+           **res.to_dict()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Loss accounting shared by training and evaluation: masked cross-entropy, bits per byte, MFU,
+and the RUN/metrics.jsonl (+ optional TensorBoard) logger.
+
+Bits per byte makes models with different tokenizers comparable: the summed loss in nats over
+the evaluated target tokens, divided by ln 2 and by the UTF-8 byte length of those same tokens
+decoded (pad excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# dense bf16 peak FLOP/s by GPU name fragment (the MFU denominator); RETRO_PEAK_FLOPS overrides
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int,
+            reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in float32 over (b, n, vocab) logits, pad targets ignored."""
+    return F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"),
+                           rearrange(targets, "b n -> (b n)"), ignore_index=pad_id, reduction=reduction)
+
+
+def target_bytes(tokenizer: Any, targets: np.ndarray | torch.Tensor, pad_id: int) -> int:
+    """UTF-8 bytes of each row of target tokens decoded (pad excluded), summed over rows.
+
+    Rows are decoded whole, not token by token, so detokenisation (e.g. SentencePiece's word
+    boundary marker) counts the bytes a user would see.
+    """
+    arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    total = 0
+    for row in arr.reshape(-1, arr.shape[-1]):
+        ids = [int(t) for t in row if t != pad_id]
+        if ids:
+            total += len(tokenizer.decode(ids).encode("utf-8"))
+    return total
+
+
+def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
+    """Summed loss (nats over all evaluated target tokens) -> bits per UTF-8 byte."""
+    if num_bytes <= 0:
+        return float("nan")
+    return loss_sum_nats / (num_bytes * math.log(2))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` for MFU; None where unknown (CPU)."""
+    env = os.environ.get("RETRO_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsLogger:
+    """Append-only RUN/metrics.jsonl (rank 0), one JSON object per event, plus TensorBoard scalars.
+
+    On resume, lines with a step beyond the checkpoint's are dropped first, so the file is the
+    history of the run that actually continued, with no duplicated or orphaned steps.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = False) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= resume_step]
+            from chunk_store.manifest import atomic_write_bytes
+
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from chunk_store.manifest import DBError
+
+                raise DBError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'") from None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 1 << 62  # a torn last line from a crash: drop it
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every well-formed record of RUN/metrics.jsonl (a torn last line is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out

@@ -1,0 +1,174 @@
+"""Training settings: the top-level keys of configs/*.yaml, and `--set key=value` overrides.
+
+A config file holds training keys at the top level and the model's keys under ``model:``
+(read by ``RetroConfig``). Training keys live in one dataclass so that a typo in a YAML file
+or a ``--set`` fails before any compute, naming the key, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from chunk_store.manifest import DBError, atomic_write_bytes
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; the defaults are a sane small CPU run."""
+
+    seq_len: int = 512
+    batch_size: int = 16  # sequences per optimizer step, summed over all ranks
+    micro_batch_size: int = 8  # sequences per forward pass on one rank (grad accumulation fills the rest)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 1000  # the cosine schedule ends here
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    betas: tuple[float, float] = (0.9, 0.95)
+    eval_every: int = 200  # 0: evaluate only at the end
+    eval_batches: int = 8  # micro-batches per rank at each evaluation (0: the whole val split)
+    checkpoint_every: int = 200  # 0: checkpoint only at the end
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = False
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    num_workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
+    freeze_decoder: bool = False  # RETRO-fitting: train only the neighbour encoder and CCA
+    init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
+    fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
+    tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
+    # --- beyond the shared list ---
+    retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still ends at max_steps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
+        self.validate()
+
+    def validate(self) -> None:
+        """One-line errors for values that could only fail later, mid-run."""
+        checks = [
+            (self.seq_len > 0, "seq_len must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.micro_batch_size > 0, "micro_batch_size must be > 0"),
+            (self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
+            (self.min_lr <= self.lr, f"min_lr={self.min_lr} must be <= lr={self.lr}"),
+            (self.max_steps > 0, "max_steps must be > 0"),
+            (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every/checkpoint_every must be >= 0"),
+            (self.eval_batches >= 0, "eval_batches must be >= 0"),
+            (self.log_every > 0, "log_every must be > 0"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}"),
+            (0.0 <= self.retrieval_dropout <= 1.0, "retrieval_dropout must be in [0, 1]"),
+            (self.stop_at is None or self.stop_at > 0, "stop_at must be > 0 or null"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DBError(f"config: {msg}")
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step; refuses a batch that cannot split over the ranks."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise DBError(
+                f"config: batch_size={self.batch_size} cannot split over {world_size} rank(s) x "
+                f"micro_batch_size={self.micro_batch_size}: it must be a multiple of {per_step}"
+            )
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'model.dim=256' -> (['model', 'dim'], 256); values are parsed as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise DBError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise DBError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` applied (nested mappings created)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise DBError(f"--set {item}: {part!r} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DBError(f"no config file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DBError(f"config {path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise DBError(f"config {path}: expected a mapping at the top level")
+    return data
+
+
+def split_config(data: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """A full config mapping -> (TrainConfig, model mapping); unknown top-level keys are errors."""
+    data = dict(data)
+    model = data.pop("model", None) or {}
+    if not isinstance(model, dict):
+        raise DBError("config: 'model' must be a mapping")
+    unknown = sorted(set(data) - TRAIN_KEYS)
+    if unknown:
+        raise DBError(
+            f"config: unknown training key(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(TRAIN_KEYS))}; model keys go under 'model:')"
+        )
+    try:
+        train = TrainConfig(**data)
+    except TypeError as e:
+        raise DBError(f"config: {e}") from None
+    return train, dict(model)
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a YAML file (or start from ``base``), apply ``--set`` overrides, validate."""
+    data = dict(base) if base is not None else load_yaml(path) if path is not None else {}
+    return split_config(apply_overrides(data, overrides))
+
+
+def merged(train: TrainConfig, model: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as one mapping, the layout of configs/*.yaml."""
+    return {**train.to_dict(), "model": dict(model)}
+
+
+def save_resolved(path: str | os.PathLike, train: TrainConfig, model: Mapping[str, Any]) -> None:
+    """Write RUN/config.yaml atomically: what the run actually used, reloadable by load_config."""
+    text = yaml.safe_dump(merged(train, model), sort_keys=False)
+    atomic_write_bytes(path, text.encode())
