@@ -94,6 +94,7 @@ class ChunkConfig:
     tokenizer_sample_mb: float = 16.0
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
     workers: int = 1
+    unit_bytes: int | None = None  # work-unit size; None = auto. Never changes the result.
 
     def validate(self) -> None:
         if not self.inputs:
@@ -173,10 +174,14 @@ def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
     return np.arange(0, num_chunks - chunks_per_seq + 1, chunks_per_seq, dtype=np.int64)
 
 
-def plan_units(files: Sequence[InputFile]) -> list[tuple[int, int]]:
-    """Contiguous runs of files, each about ``total / 64`` bytes (clamped to 1-64 MB)."""
+def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Contiguous runs of files, each about ``unit_bytes`` (default ``total / 64``, clamped to 1-64 MB).
+
+    Small enough that a unit's tokens fit easily in memory and the workers stay balanced,
+    large enough that per-part overhead is negligible.
+    """
     total = sum(f.size for f in files)
-    target = min(max(total // 64, 1 << 20), 64 << 20)
+    target = unit_bytes if unit_bytes else min(max(total // 64, 1 << 20), 64 << 20)
     units: list[tuple[int, int]] = []
     start, acc = 0, 0
     for i, f in enumerate(files):
@@ -333,7 +338,8 @@ def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
     return tok
 
 
-def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: list[dict]) -> dict:
+def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: list[dict],
+                       unit_bytes: int | None) -> dict:
     plan_path = work / "plan.json"
     listing = [f.to_json() for f in files]
     if plan_path.exists():
@@ -350,7 +356,7 @@ def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: lis
                     f"chunk: input files changed since the interrupted run (first difference: "
                     f"{first[0]}); restore them, or delete {work} to start over")
             return plan
-    plan = {"files": listing, "units": plan_units(files), "walk_skipped": walk_skipped}
+    plan = {"files": listing, "units": plan_units(files, unit_bytes), "walk_skipped": walk_skipped}
     atomic_write_json(plan_path, plan)
     return plan
 
@@ -510,14 +516,15 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
     tok = _prepare_tokenizer(db, cfg, walk.files, manifest)
     work = db / WORK_DIR
     work.mkdir(exist_ok=True)
-    plan = _load_or_make_plan(work, walk.files, walk.skipped)
+    plan = _load_or_make_plan(work, walk.files, walk.skipped, cfg.unit_bytes)
     files = [InputFile.from_json(r) for r in plan["files"]]
     specs = [UnitSpec(i, [f.path for f in files[a:b]], str(work / f"part_{i:08d}.npz"),
                       cfg.chunk_size, cfg.val_fraction, cfg.max_invalid_fraction)
              for i, (a, b) in enumerate(plan["units"])]
     pending = [s for s in specs if _read_part_meta(Path(s.part_path)) is None]
+    pending_ids = {s.index for s in pending}
     total_bytes = sum(f.size for f in files)
-    done_bytes = sum(files[i].size for s in specs if s not in pending
+    done_bytes = sum(files[i].size for s in specs if s.index not in pending_ids
                      for i in range(*plan["units"][s.index]))
     if len(pending) < len(specs):
         log.warning("chunk: resuming: %d of %d work units already done", len(specs) - len(pending),
@@ -571,6 +578,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenising processes (the result is identical for any N)")
     parser.add_argument("--tokenizer-sample-mb", type=float, default=16.0,
                         help="MB of text sampled (deterministically) to train the tokenizer")
+    parser.add_argument("--unit-mb", type=float, default=None,
+                        help="work-unit size in MB (default: auto, 1-64 MB); never changes the result")
     parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
                         help="skip files with more undecodable UTF-8 bytes than this fraction")
 
@@ -583,6 +592,7 @@ def config_from_args(args: argparse.Namespace) -> ChunkConfig:
         vocab_size=vocab, tokenizer_file=args.tokenizer,
         tokenizer_sample_mb=args.tokenizer_sample_mb,
         max_invalid_fraction=args.max_invalid_fraction, workers=args.workers,
+        unit_bytes=int(args.unit_mb * (1 << 20)) if args.unit_mb else None,
     )
 
 

@@ -17,6 +17,7 @@ piece gets ``pad_id = sp_vocab_size`` and ``vocab_size = sp_vocab_size + 1``.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -139,33 +140,56 @@ def _blocks(texts: Iterable[str]) -> Iterator[str]:
             yield "".join(buf)
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
-    """Train a sentencepiece model on ``texts``; return the serialized model."""
+def _train_once(texts: Iterable[str], cfg: TokenizerTrainConfig, coverage: float) -> bytes:
     out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_blocks(texts),
+        model_writer=out,
+        vocab_size=cfg.vocab_size,
+        model_type=cfg.model_type,
+        byte_fallback=True,
+        character_coverage=coverage,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n", "\t"],
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        max_sentence_length=4 * _BLOCK_CHARS + 16,
+        num_threads=cfg.num_threads,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def _drop_rare_chars(texts: list[str], max_chars: int) -> list[str]:
+    """Keep only the ``max_chars`` most frequent characters in the training sample.
+
+    sentencepiece insists on a piece for (almost) every character it sees, so a sample with
+    more distinct characters than a small vocabulary holds (CJK, emoji) fails to train. The
+    dropped characters are not lost: at encode time byte fallback spells them exactly.
+    """
+    counts: Counter[str] = Counter()
+    for t in texts:
+        counts.update(t)
+    if len(counts) <= max_chars:
+        return texts
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    drop = {ord(c): None for c, _ in ranked[max_chars:] if c not in "\n\t "}
+    return [t.translate(drop) for t in texts]
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
+    """Train a sentencepiece model on ``texts`` (a bounded sample); return the serialized model."""
+    # room for the 262 meta pieces (4 specials, newline, tab, 256 bytes) and as many merges
+    sample = _drop_rare_chars(list(texts), max((cfg.vocab_size - 262) // 2, 16))
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_blocks(texts),
-            model_writer=out,
-            vocab_size=cfg.vocab_size,
-            model_type=cfg.model_type,
-            byte_fallback=True,
-            character_coverage=cfg.character_coverage,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n", "\t"],
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            max_sentence_length=4 * _BLOCK_CHARS + 16,
-            num_threads=cfg.num_threads,
-            hard_vocab_limit=False,
-            minloglevel=2,
-        )
+        return _train_once(sample, cfg, cfg.character_coverage)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         raise DBError(f"tokenizer training failed (vocab size {cfg.vocab_size}): {msg}") from None
-    return out.getvalue()
