@@ -422,7 +422,7 @@ class RETRO(nn.Module):
         enc = enc_mask = None
         for i, layer in enumerate(self.layers):
             x = layer.attention(x, cos, sin)
-            if layer.has_cca and neighbours is not None:
+            if layer.has_cca and neighbours is not None and num_chunks > 0:  # else: zero residual
                 if enc is None:
                     enc, enc_mask = self._encode(neighbours, x[:, : num_chunks * m])
                 x = layer.chunked_cross_attention(x, enc, enc_mask)

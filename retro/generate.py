@@ -1,0 +1,268 @@
+"""Sampling from a RETRO model, retrieving at every chunk boundary.
+
+Tokens are generated one at a time through the decoder's KV cache. When a chunk of
+``chunk_size`` tokens completes, its neighbours are fetched (a ``Retriever`` over the database,
+or any function passed in) and encoded once; CCA uses them from the chunk's last token on,
+exactly as in training (``RETRO.forward_incremental`` equals ``RETRO.forward``).
+
+CLI: ``python -m retro.generate --run RUN --db DB --prompt "..."``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from chunk_store.manifest import DBError
+from retro.model import RETRO
+
+# chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
+# followed by its continuation, pad_id where missing
+NeighbourFn = Callable[[Sequence[int]], "np.ndarray | Tensor"]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]                  # prompt + generated
+    new_tokens: list[int]              # generated only
+    stop_reason: str                   # "eos" or "length"
+    neighbours: list[np.ndarray] = field(default_factory=list)  # per completed chunk, (k, 2m)
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits (b, vocab), float.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (always at
+    least the most likely token).
+    """
+    logits = logits.clone()
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs          # mass of strictly more likely tokens
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """logits (b, vocab) -> next token ids (b,). temperature 0 = greedy (argmax)."""
+    logits = logits.float()
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _neighbour_tensor(raw: Any, k: int | None, width: int, device: torch.device) -> Tensor:
+    arr = torch.as_tensor(np.asarray(raw).astype(np.int64), device=device)
+    if arr.ndim != 2 or arr.shape[1] != width or (k is not None and arr.shape[0] != k):
+        want = f"({k if k is not None else 'k'}, {width})"
+        raise ValueError(f"neighbour function must return shape {want}, got {tuple(arr.shape)}")
+    return arr
+
+
+@torch.no_grad()
+def generate(
+    model: RETRO,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 128,
+    neighbour_fn: NeighbourFn | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+) -> GenerationResult:
+    """Sample up to ``max_new_tokens`` after ``prompt`` (one sequence).
+
+    ``neighbour_fn`` None generates without retrieval (the same weights as a plain decoder).
+    Stops after ``eos_id`` (included in the result). bf16 autocast on CUDA.
+    """
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    cfg = model.cfg
+    if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    was_training = model.training
+    model.eval()
+    device = model.token_emb.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    m = cfg.chunk_size
+    tokens = list(prompt)
+    cache = model.new_cache(1, len(prompt) + max_new_tokens, device=device)
+    retrieved: list[Tensor] = []
+
+    def neighbours_for(length: int) -> Tensor | None:
+        """Fetch neighbours of every chunk completed within ``length`` tokens; all so far."""
+        if neighbour_fn is None:
+            return None
+        while len(retrieved) < length // m:
+            u = len(retrieved)
+            k = retrieved[0].shape[0] if retrieved else None
+            retrieved.append(_neighbour_tensor(neighbour_fn(tokens[u * m:(u + 1) * m]), k, 2 * m, device))
+        if not retrieved:  # no chunk complete yet: an empty (1, 0, k, 2m) tensor
+            return torch.zeros(1, 0, cfg.num_neighbours, 2 * m, dtype=torch.long, device=device)
+        return torch.stack(retrieved)[None]
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stop_reason = "length"
+    try:
+        with autocast:
+            feed = torch.tensor([prompt], dtype=torch.long, device=device)
+            logits = model.forward_incremental(feed, cache, neighbours_for(len(tokens)))
+            for _ in range(max_new_tokens):
+                nxt = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)[0])
+                tokens.append(nxt)
+                if eos_id is not None and nxt == eos_id:
+                    stop_reason = "eos"
+                    break
+                if len(tokens) == cache.max_len:
+                    break  # the last token is sampled; no need to feed it
+                feed = torch.tensor([[nxt]], dtype=torch.long, device=device)
+                logits = model.forward_incremental(feed, cache, neighbours_for(len(tokens)))
+    finally:
+        model.train(was_training)
+    return GenerationResult(
+        tokens=tokens,
+        new_tokens=tokens[len(prompt):],
+        stop_reason=stop_reason,
+        neighbours=[t.cpu().numpy() for t in retrieved],
+    )
+
+
+class RetrieverNeighbours:
+    """A ``NeighbourFn`` over an ``index_builder.Retriever``: decode the chunk to text, search it
+    (the database's own embedding function), and read each hit's chunk + continuation tokens from
+    the train ChunkStore. ``log`` keeps what was retrieved, for display."""
+
+    def __init__(self, retriever: Any, k: int) -> None:
+        self.retriever = retriever
+        self.store = retriever.store
+        self.k = k
+        self.log: list[dict[str, Any]] = []
+
+    def __call__(self, chunk_tokens: Sequence[int]) -> np.ndarray:
+        text = self.store.tokenizer.decode([int(t) for t in chunk_tokens])
+        ids = np.full(self.k, -1, dtype=np.int64)
+        hits = self.retriever.search_text([text], k=self.k)[0] if text.strip() else []
+        for j, hit in enumerate(hits[: self.k]):
+            ids[j] = hit.chunk_id
+        self.log.append({
+            "query": text,
+            "neighbours": [{"chunk_id": int(h.chunk_id), "doc_id": int(h.doc_id),
+                            "distance": float(h.distance), "text": h.text} for h in hits[: self.k]],
+        })
+        return self.store.neighbour_tokens(ids).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DBError(f"--device {name} asked for, but CUDA is not available")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m retro.generate",
+        description="Generate text with a trained RETRO run, retrieving at every chunk boundary.",
+    )
+    p.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints)")
+    p.add_argument("--db", required=True, help="retrieval database directory")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=0.95, help="1.0 = no nucleus filter")
+    p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours (baseline)")
+    p.add_argument("--json", action="store_true", help="print a JSON record (text, tokens, neighbours)")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from chunk_store import ChunkStore
+    from retro.checkpoint import load_model
+
+    device = _resolve_device(args.device)
+    model, cfg = load_model(args.run, device=device, step=args.step)
+    store = ChunkStore.open(args.db, split="train")
+    tok = store.tokenizer
+    for name, ours, theirs in (("chunk_size", cfg.chunk_size, store.chunk_size),
+                               ("vocab_size", cfg.vocab_size, tok.vocab_size),
+                               ("pad_id", cfg.pad_id, tok.pad_id)):
+        if ours != theirs:
+            raise DBError(f"{name} differs: the model in {args.run} has {name}={ours}, "
+                          f"the database {args.db} has {name}={theirs}")
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise DBError("the prompt encodes to no tokens")
+    fetcher: RetrieverNeighbours | None = None
+    if not args.no_retrieval:
+        from index_builder import Retriever
+
+        retriever = Retriever.open(args.db, device=device)
+        fetcher = RetrieverNeighbours(retriever, args.k or cfg.num_neighbours)
+    result = generate(
+        model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
+        temperature=args.temperature, top_k=args.top_k or None,
+        top_p=args.top_p if args.top_p < 1.0 else None, eos_id=tok.eos_id, seed=args.seed,
+    )
+    completion = tok.decode(result.new_tokens)
+    record = {
+        "prompt": args.prompt,
+        "completion": completion,
+        "tokens": result.tokens,
+        "stop_reason": result.stop_reason,
+        "retrieval": fetcher is not None,
+        "chunks": fetcher.log if fetcher is not None else [],
+    }
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+    else:
+        print(args.prompt + completion)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DBError as e:
+        print(f"retro.generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retro.generate: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
