@@ -63,7 +63,7 @@ class TrainConfig:
             (self.lr > 0 and self.min_lr >= 0, "lr must be > 0 and min_lr >= 0"),
             (self.min_lr <= self.lr, f"min_lr={self.min_lr} must be <= lr={self.lr}"),
             (self.max_steps > 0, "max_steps must be > 0"),
-            (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
+            (0 <= self.warmup_steps <= self.max_steps, f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every/checkpoint_every must be >= 0"),
