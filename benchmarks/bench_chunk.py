@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,41 +69,48 @@ class Result:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Summed VmRSS of ``pid`` and its descendants (Linux /proc); 0 where unavailable."""
-    total, todo = 0, [pid]
+def _tree_rss_bytes(pid: int) -> tuple[int, int]:
+    """(summed, largest) VmRSS of ``pid`` and its descendants (Linux /proc); 0 where unavailable."""
+    total, largest, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+                        rss = int(line.split()[1]) * 1024
+                        total += rss
+                        largest = max(largest, rss)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return total, largest
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, float, str]:
-    """Run ``cmd``; return (seconds, peak tree RSS MB, peak single-process RSS MB, stderr)."""
+    """Run ``cmd``; return (seconds, peak tree RSS MB, peak single-process RSS MB, stderr).
+
+    Both peaks are sampled (``ru_maxrss`` is useless here: it counts the pre-exec copy of this
+    process made by fork).
+    """
     errf = tempfile.TemporaryFile()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
-    peak = 0
+    peak = peak_one = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_one
         while not stop.is_set():
-            peak = max(peak, _tree_rss_bytes(proc.pid))
+            tot, one = _tree_rss_bytes(proc.pid)
+            peak, peak_one = max(peak, tot), max(peak_one, one)
             time.sleep(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    _, status, ru = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     stop.set()
     th.join()
@@ -113,8 +119,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, str]:
     err = errf.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-    # ru_maxrss of wait4 covers the child and the descendants it waited for (KiB on Linux)
-    return seconds, peak / 2**20, ru.ru_maxrss / 1024, err
+    return seconds, peak / 2**20, peak_one / 2**20, err
 
 
 # ----------------------------------------------------------------------------- the naive baseline

@@ -77,6 +77,7 @@ TOKENIZER_NAME = "tokenizer.model"
 # env hooks used by the kill-and-resume tests: SIGKILL this process at a deterministic point
 KILL_AFTER_PARTS_ENV = "RETRO_CHUNK_KILL_AFTER_PARTS"
 KILL_IN_MERGE_ENV = "RETRO_CHUNK_KILL_IN_MERGE"
+UNIT_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -177,13 +178,12 @@ def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
 
 
 def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Contiguous runs of files, each about ``unit_bytes`` (default ``total / 64``, clamped to 1-64 MB).
+    """Contiguous runs of files, each about ``unit_bytes`` (default 2 MB) and at most 4096 files.
 
-    Small enough that a unit's tokens fit easily in memory and the workers stay balanced,
-    large enough that per-part overhead is negligible.
+    A fixed size, not a fraction of the corpus, so a worker's memory does not grow with the
+    corpus; small enough to balance the workers, large enough that per-part overhead is noise.
     """
-    total = sum(f.size for f in files)
-    target = unit_bytes if unit_bytes else min(max(total // 64, 1 << 20), 64 << 20)
+    target = unit_bytes if unit_bytes else UNIT_BYTES
     units: list[tuple[int, int]] = []
     start, acc = 0, 0
     for i, f in enumerate(files):
@@ -402,63 +402,94 @@ def _run_units(pending: list[UnitSpec], tok: Tokenizer, workers: int, total_byte
         bar.close()
 
 
+class NpyWriter:
+    """Write a .npy file of known final shape sequentially, then rename it into place.
+
+    Plain appends instead of a writable memmap: dirty mapped pages would count in this
+    process's RSS and grow with the corpus; sequential writes keep memory flat.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.rows = 0
+        self.f = open(self.tmp, "wb")
+        np.lib.format.write_array_header_1_0(
+            self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                     "shape": shape})
+
+    def append(self, arr: np.ndarray) -> None:
+        if arr.dtype != self.dtype or arr.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path.name}: got {arr.dtype}{arr.shape}, expected {self.dtype}(n, *{self.shape[1:]})")
+        self.f.write(np.ascontiguousarray(arr).tobytes())
+        self.rows += arr.shape[0]
+
+    def close(self) -> None:
+        if self.rows != self.shape[0]:
+            raise AssertionError(f"{self.path.name}: wrote {self.rows} rows, expected {self.shape[0]}")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+
 def _merge(db: Path, work: Path, plan: dict, tok: Tokenizer, cfg: ChunkConfig) -> dict[str, Any]:
-    """Copy the parts, in order, into the final memmaps (sizes known up front)."""
+    """Copy the parts, in order, into the final arrays (sizes known up front), streaming.
+
+    One part is in memory at a time; what is kept across parts is per-file metadata for the
+    manifest (inputs, skips), never tokens or per-document lists.
+    """
     n_units = len(plan["units"])
     part_paths = [work / f"part_{i:08d}.npz" for i in range(n_units)]
-    metas = []
-    for p in part_paths:
+    totals = {s: {"docs": 0, "chunks": 0, "tokens": 0} for s in SPLITS}
+    inputs: list[dict] = []
+    skipped: list[dict] = list(plan["walk_skipped"])
+    repaired: list[dict] = []
+    nbytes = 0
+    for p in part_paths:  # pass 1: sizes and manifest metadata
         m = _read_part_meta(p)
         if m is None:
             raise DBError(f"chunk: part {p} is missing after processing: re-run to redo it")
-        metas.append(m)
+        for s in SPLITS:
+            totals[s]["docs"] += len(m["docs"][s])
+            totals[s]["chunks"] += m["chunks"][s]
+            totals[s]["tokens"] += m["tokens"][s]
+        inputs += m["inputs"]
+        skipped += m["skipped"]
+        repaired += m["repaired"]
+        nbytes += m["bytes"]
     counts: dict[str, dict[str, int]] = {}
     chunks_per_seq = cfg.seq_len // cfg.chunk_size
-    for split in SPLITS:
+    for split in SPLITS:  # pass 2: the arrays, one split at a time
         out_dir = db / split
         out_dir.mkdir(parents=True, exist_ok=True)
-        n_chunks = sum(m["chunks"][split] for m in metas)
-        n_docs = sum(len(m["docs"][split]) for m in metas)
-        n_tokens = sum(m["tokens"][split] for m in metas)
-        chunks_path = out_dir / "chunks.npy"
-        doc_ids_path = out_dir / "doc_ids.npy"
-        if n_chunks == 0:
-            atomic_save_npy(chunks_path, np.zeros((0, cfg.chunk_size), dtype=tok.token_dtype))
-            atomic_save_npy(doc_ids_path, np.zeros((0,), dtype=np.int64))
-        else:
-            tmp_c = out_dir / f".chunks.npy.tmp-{os.getpid()}"
-            tmp_d = out_dir / f".doc_ids.npy.tmp-{os.getpid()}"
-            mm_c = np.lib.format.open_memmap(tmp_c, mode="w+", dtype=tok.token_dtype,
-                                             shape=(n_chunks, cfg.chunk_size))
-            mm_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.int64, shape=(n_chunks,))
-            row, doc = 0, 0
+        n_chunks, n_docs = totals[split]["chunks"], totals[split]["docs"]
+        w_c = NpyWriter(out_dir / "chunks.npy", tok.token_dtype, (n_chunks, cfg.chunk_size))
+        w_d = NpyWriter(out_dir / "doc_ids.npy", np.dtype(np.int64), (n_chunks,))
+        docs_tmp = out_dir / f".documents.jsonl.tmp-{os.getpid()}"
+        doc = 0
+        with open(docs_tmp, "w") as docs_f:
             for p in tqdm(part_paths, desc=f"merge {split}", unit="part", leave=False):
                 with np.load(p, allow_pickle=False) as z:
                     c = z[f"{split}_chunks"]
                     dc = z[f"{split}_doc_chunks"]
-                mm_c[row:row + len(c)] = c
-                mm_d[row:row + len(c)] = np.repeat(np.arange(doc, doc + len(dc), dtype=np.int64), dc)
-                row += len(c)
+                    meta = json.loads(bytes(z["meta"]).decode())
+                w_c.append(c)
+                w_d.append(np.repeat(np.arange(doc, doc + len(dc), dtype=np.int64), dc))
+                docs_f.writelines(json.dumps(d) + "\n" for d in meta["docs"][split])
                 doc += len(dc)
-            assert row == n_chunks and doc == n_docs
-            for mm, tmp, dest in ((mm_c, tmp_c, chunks_path), (mm_d, tmp_d, doc_ids_path)):
-                mm.flush()
-                del mm
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, dest)
-            del mm_c, mm_d
-        atomic_save_npy(out_dir / "seq_starts.npy", sequence_starts(n_chunks, chunks_per_seq))
-        lines = "".join(json.dumps(d) + "\n" for m in metas for d in m["docs"][split])
-        atomic_write_bytes(out_dir / "documents.jsonl", lines.encode())
-        counts[split] = {"docs": n_docs, "chunks": n_chunks,
-                         "seqs": len(sequence_starts(n_chunks, chunks_per_seq)), "tokens": n_tokens}
+            docs_f.flush()
+            os.fsync(docs_f.fileno())
+        assert doc == n_docs
+        w_c.close()
+        w_d.close()
+        os.replace(docs_tmp, out_dir / "documents.jsonl")
+        starts = sequence_starts(n_chunks, chunks_per_seq)
+        atomic_save_npy(out_dir / "seq_starts.npy", starts)
+        counts[split] = {**totals[split], "seqs": int(len(starts))}
         _kill_self_if(KILL_IN_MERGE_ENV)
-    inputs = [i for m in metas for i in m["inputs"]]
-    skipped = list(plan["walk_skipped"]) + [s for m in metas for s in m["skipped"]]
-    repaired = [r for m in metas for r in m["repaired"]]
     return {"counts": counts, "inputs": inputs, "skipped": skipped, "repaired": repaired,
-            "bytes": sum(m["bytes"] for m in metas)}
+            "bytes": nbytes}
 
 
 def summary_line(counts: dict, skipped: list[dict], repaired: list[dict]) -> str:
@@ -585,7 +616,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sentencepiece model type to train (unigram encodes ~9x faster than "
                              "bpe here, at the same compression)")
     parser.add_argument("--unit-mb", type=float, default=None,
-                        help="work-unit size in MB (default: auto, 1-64 MB); never changes the result")
+                        help="work-unit size in MB (default 2); never changes the result")
     parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
                         help="skip files with more undecodable UTF-8 bytes than this fraction")
 

@@ -139,3 +139,13 @@ def test_errors_name_the_file(db: Path, tmp_path: Path) -> None:
     save_manifest(unfinished, m)
     with pytest.raises(DBError, match="no finished 'chunk' stage"):
         ChunkStore.open(unfinished)
+
+
+def test_empty_val_split(tmp_path: Path) -> None:
+    db = build_tiny_db(tmp_path / "db", n_docs=3, val_fraction=0.0)
+    val = ChunkStore.open(db, "val")
+    assert (val.num_docs, val.num_chunks, val.num_seqs) == (0, 0, 0)
+    assert val.chunks.shape == (0, 16)
+    train = ChunkStore.open(db, "train")
+    assert val.neighbour_tokens(np.array([[0, -1]])).shape == (1, 2, 32)
+    assert train.num_docs == 3
