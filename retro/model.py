@@ -61,11 +61,11 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (b, h, n, d); cos/sin broadcastable to it. Rotation in float32, result in x's dtype."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
+    """x (..., n, d); cos/sin (n, d) in float32, cast to x's dtype (as Llama does under bf16:
+    the angles are exact, only the product is rounded; in fp32 nothing changes)."""
+    x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -108,8 +108,9 @@ class SelfAttention(nn.Module):
         cache: LayerCache | None = None,
         start: int = 0,
     ) -> Tensor:
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)  # q and k rotated in one pass
+        v = qkv[2]
         attn_mask, is_causal = None, self.causal
         if key_mask is not None:
             attn_mask = rearrange(key_mask, "b j -> b 1 1 j")
