@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -78,6 +77,7 @@ TOKENIZER_NAME = "tokenizer.model"
 KILL_AFTER_PARTS_ENV = "RETRO_CHUNK_KILL_AFTER_PARTS"
 KILL_IN_MERGE_ENV = "RETRO_CHUNK_KILL_IN_MERGE"
 UNIT_BYTES = 2 << 20
+TASKS_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 def pack_documents(token_lists: Sequence[Sequence[int]], chunk_size: int, pad_id: int,
                    eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Documents' tokens -> (chunks (n, chunk_size), chunks per document (d,)).
+    """Documents' tokens (lists or arrays) -> (chunks (n, chunk_size), chunks per document (d,)).
 
     Each document gets EOS appended and is padded to whole chunks, so no chunk crosses a
     document boundary. Vectorised: one scatter of all tokens into a pad-filled buffer.
@@ -163,8 +163,8 @@ def pack_documents(token_lists: Sequence[Sequence[int]], chunk_size: int, pad_id
     total_chunks = int(doc_chunks.sum())
     flat = np.full(total_chunks * chunk_size, pad_id, dtype=dtype)
     if len(token_lists):
-        eos = np.array([eos_id], dtype=np.int64)
-        tokens = np.concatenate([a for t in token_lists for a in (np.asarray(t, dtype=np.int64), eos)])
+        eos = np.array([eos_id], dtype=dtype)
+        tokens = np.concatenate([a for t in token_lists for a in (np.asarray(t, dtype=dtype), eos)])
         starts = np.concatenate([[0], np.cumsum(doc_chunks)[:-1]]) * chunk_size  # doc's first slot
         tok_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # doc's first token in `tokens`
         pos = np.arange(tokens.size, dtype=np.int64) + np.repeat(starts - tok_starts, lens)
@@ -219,11 +219,15 @@ def _init_worker(proto: bytes) -> None:
 
 
 def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]:
-    """Read, decode, split and tokenise one unit's files; write its part file atomically."""
+    """Read, decode, split and tokenise one unit's files; write its part file atomically.
+
+    Streams file by file: a document's text and its Python token list live only while it is
+    encoded; what accumulates is its compact token array.
+    """
     tok = tok or _WORKER_TOKENIZER
     assert tok is not None, "worker not initialised"
     docs: dict[str, list] = {s: [] for s in SPLITS}
-    texts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     inputs, skipped, repaired = [], [], []
     nbytes = 0
     for path in spec.files:
@@ -236,23 +240,28 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
         for d in out.documents:
             split = "val" if is_val(d.text, spec.val_fraction) else "train"
             docs[split].append(d.source_json())
-            texts[split].append(d.text)
+            tokens[split].append(np.asarray(tok.encode(d.text), dtype=tok.token_dtype))
+        del out
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"index": spec.index, "bytes": nbytes, "inputs": inputs,
                             "skipped": skipped, "repaired": repaired, "docs": docs,
                             "tokens": {}, "chunks": {}}
     for split in SPLITS:
-        token_lists = tok.encode_batch(texts[split]) if texts[split] else []
-        chunks, doc_chunks = pack_documents(token_lists, spec.chunk_size, tok.pad_id, tok.eos_id,
+        chunks, doc_chunks = pack_documents(tokens[split], spec.chunk_size, tok.pad_id, tok.eos_id,
                                             tok.token_dtype)
         arrays[f"{split}_chunks"] = chunks
         arrays[f"{split}_doc_chunks"] = doc_chunks
-        meta["tokens"][split] = int(sum(len(t) + 1 for t in token_lists))
+        meta["tokens"][split] = int(sum(len(t) + 1 for t in tokens[split]))
         meta["chunks"][split] = int(chunks.shape[0])
+        tokens[split] = []
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(spec.part_path, buf.getvalue())
+    part = Path(spec.part_path)
+    tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, part)
     return {"index": spec.index, "bytes": nbytes}
 
 
@@ -376,9 +385,16 @@ def _run_units(pending: list[UnitSpec], tok: Tokenizer, workers: int, total_byte
                 finished += 1
                 _kill_self_if(KILL_AFTER_PARTS_ENV, finished)
             return
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        # forkserver, not fork: a forked worker would inherit (and count in its RSS) the main
+        # process's file list, which grows with the corpus
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(["chunk_store.build"])
+        # a fresh worker every few units: heap fragmentation would otherwise grow a worker's
+        # RSS with the number of units it has processed, i.e. with the corpus
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(tok.model_proto,)) as pool:
+                                 initargs=(tok.model_proto,),
+                                 max_tasks_per_child=TASKS_PER_WORKER) as pool:
             # keep at most 2*workers units in flight: results are tiny, but this bounds the queue
             todo = iter(pending)
             running: set[Future] = set()
@@ -551,6 +567,7 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
     work = db / WORK_DIR
     work.mkdir(exist_ok=True)
     plan = _load_or_make_plan(work, walk.files, walk.skipped, cfg.unit_bytes)
+    del walk  # the plan holds the file list from here on
     files = [InputFile.from_json(r) for r in plan["files"]]
     specs = [UnitSpec(i, [f.path for f in files[a:b]], str(work / f"part_{i:08d}.npz"),
                       cfg.chunk_size, cfg.val_fraction, cfg.max_invalid_fraction)
