@@ -181,6 +181,7 @@ class Embedder:
         model.eval().requires_grad_(False)
         self.dim: int = int(model.config.hidden_size)
         model_max = int(getattr(model.config, "max_position_embeddings", 512))
+        self.model_max = model_max
         self.max_length: int = min(cfg.max_length or model_max, model_max)
         self.pad_id: int = int(self.tokenizer.pad_token_id or 0)
         self.id: str = hashlib.sha256(
@@ -225,12 +226,14 @@ class Embedder:
             return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")  # longest first: a memory error shows at once
-        multiple = 8 if self.device.type == "cuda" else 1  # tensor-core friendly shapes on GPU
+        # widths rounded up to a multiple of 8: tensor-core shapes on GPU, and on CPU few distinct
+        # shapes, so oneDNN reuses its primitives instead of building one per batch
+        multiple = 8
         with torch.inference_mode():
             for start in range(0, n, bs):
                 sel = order[start:start + bs]
                 width = int(lengths[sel[0]])
-                width = -(-width // multiple) * multiple
+                width = min(-(-width // multiple) * multiple, self.model_max)
                 batch = np.full((len(sel), width), self.pad_id, dtype=np.int64)
                 for row, i in enumerate(sel):
                     batch[row, :lengths[i]] = ids[i]
@@ -315,8 +318,23 @@ def read_rows(shards: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray
 _W: dict[str, Any] = {}
 
 
-def _worker_init(db: str, embedder: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (kill -9, OOM) exits instead of lingering as an orphan."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _worker_init(db: str, embedder: str, parent: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if parent is not None:
+        _exit_with_parent(parent)
     from chunk_store import ChunkStore
 
     _W["db"] = db
@@ -438,6 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         manifest = record_stage(db, "embed", params=params, started=started, finished=None,
                                 versions_=versions("torch", "transformers"), manifest=manifest)
 
+    dist.clean_stale_tmp(*(db / s / "embeddings" for s in SPLITS))
     stats = EmbedStats()
     t0 = time.time()
     todo: list[tuple[str, int, int, int]] = []
@@ -457,7 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if workers > 0 and todo:
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                       initializer=_worker_init,
-                                      initargs=(str(db), embedder.name_or_path))
+                                      initargs=(str(db), embedder.name_or_path, os.getpid()))
     else:
         _worker_init(str(db), embedder.name_or_path)
         pool = _InlinePool()
@@ -486,6 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 emb = embedder.embed_ids(ids, batch_size, progress=bar)
                 atomic_save_npy(shard_path(db, split, i), emb.astype(np.float16))
                 stats.shards_done += 1
+                dist.kill_self_if("RETRO_TEST_KILL_EMBED_AFTER", stats.shards_done)
                 stats.chunks += b - a
     finally:
         pool.shutdown(cancel_futures=True)

@@ -40,7 +40,8 @@ INDEX_FILE = "knn.index"
 INFOS_FILE = "index_infos.json"
 METRIC = "l2"
 RECALL_KS = (1, 2, 10)
-RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable")
+RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
+               "max_query_ms")
 
 
 # ----------------------------------------------------------------------------- faiss >= 1.14 shim
@@ -177,6 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="memory autofaiss may use while training the index")
     g.add_argument("--index-key", default=None,
                    help="force a faiss index factory string (e.g. 'IVF4096,PQ64', 'HNSW32', 'Flat')")
+    g.add_argument("--max-query-ms", type=float, default=2.0,
+                   help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
+                        "lower = faster knn and lookups, higher = better recall")
     g.add_argument("--memory-mappable", action="store_true",
                    help="only index types that the Retriever can memory-map (IVF families)")
     g.add_argument("--recall-sample", type=int, default=1000,
@@ -207,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "current_memory": getattr(args, "current_memory", "16G"),
         "metric": METRIC,
         "memory_mappable": bool(getattr(args, "memory_mappable", False)) or distributed == "pyspark",
+        "max_query_ms": float(getattr(args, "max_query_ms", 2.0) or 2.0),
         "distributed": distributed,
         "embed_id": embed_id,
         "dim": embed["params"].get("dim"),
@@ -246,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nb_cores=threads,
         use_gpu=use_gpu,
         should_be_memory_mappable=params["memory_mappable"],
+        max_index_query_time_ms=params["max_query_ms"],
         verbose=logging.WARNING,
     )
     if distributed == "pyspark":

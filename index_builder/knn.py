@@ -307,8 +307,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 reused += 1
             else:
                 todo.append((split, i, a, b))
+    dist.clean_stale_tmp(*(db / s / "knn_shards" for s in SPLITS))
+    dist.clean_stale_tmp(*(db / s for s in SPLITS), prefixes=("neighbours.npy", "neighbour_distances.npy"))
     t0 = time.time()
     short_rows = 0
+    written = 0
     emb_cache: dict[str, list[np.ndarray]] = {"train": train_emb}
     docs_cache: dict[str, np.ndarray] = {"train": train_docs}
     with tqdm(total=sum(b - a for *_, a, b in todo), unit="chunk",
@@ -327,6 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             atomic_save_npy(p_dist, dists)
             atomic_save_npy(p_ids, ids)
             bar.update(b - a)
+            written += 1
+            dist.kill_self_if("RETRO_TEST_KILL_KNN_AFTER", written)
     seconds = time.time() - t0
     dist.barrier()
     summary: dict[str, Any] = {"k": k, "method": params["method"], "seconds": round(seconds, 2),
