@@ -205,6 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     embed = manifest["stages"]["embed"]
     embed_id = f"{embed['params'].get('embedder_id')}@{embed.get('finished')}"
     distributed = getattr(args, "distributed", None)
+    if distributed == "pyspark":
+        _require_pyspark()
     params = {
         "index_key": getattr(args, "index_key", None),
         "max_index_memory": getattr(args, "max_index_memory", "4G"),
@@ -255,7 +257,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         verbose=logging.WARNING,
     )
     if distributed == "pyspark":
-        _require_pyspark()
         kwargs["distributed"] = "pyspark"
         kwargs["temporary_indices_folder"] = (getattr(args, "temporary_indices_folder", None)
                                               or str((db / INDEX_DIR / "tmp").resolve()))

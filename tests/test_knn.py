@@ -1,0 +1,147 @@
+"""knn: exact torch search == faiss flat search; the exclusion keeps no self / same-document
+neighbour; val neighbours point into train; kill -9 and resume gives the same arrays."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunk_store.manifest import load_manifest
+from index_builder.knn import ExactSearchConfig, exact_search, search_with_exclusion, select_neighbours
+from index_builder.testing import build_index_db, run_cli, shared_db, shared_tiny_bert
+
+
+@settings(max_examples=25, deadline=None)
+@given(nq=st.integers(1, 40), sizes=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       d=st.integers(1, 12), k=st.integers(1, 12), tile=st.integers(1, 50),
+       qb=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_exact_search_equals_faiss_flat(nq, sizes, d, k, tile, qb, seed):
+    rng = np.random.default_rng(seed)
+    shards = [rng.standard_normal((n, d)).astype(np.float16) for n in sizes]
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    ids, dist = exact_search(q, shards, k, ExactSearchConfig(tile_rows=tile, query_block=qb))
+    xb = np.concatenate(shards).astype(np.float32)
+    index = faiss.IndexFlatL2(d)
+    index.add(xb)
+    ref_d, ref_i = index.search(q, k)
+    n = xb.shape[0]
+    assert ids.shape == dist.shape == (nq, k)
+    np.testing.assert_allclose(dist[:, :min(k, n)], ref_d[:, :min(k, n)], rtol=1e-4, atol=1e-4)
+    assert (ids[:, n:] == -1).all() and np.isinf(dist[:, n:]).all()
+    # ids agree up to ties: every returned id's true distance equals the reported one
+    got = ids[:, :min(k, n)]
+    true = ((xb[got] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(true, dist[:, :min(k, n)], rtol=1e-4, atol=1e-4)
+    assert all(len(set(r)) == len(r) for r in got.tolist())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 5), extra=st.integers(0, 6),
+       n=st.integers(1, 60), ndocs=st.integers(1, 8))
+def test_exclusion_matches_a_brute_force_reference(seed, k, extra, n, ndocs):
+    rng = np.random.default_rng(seed)
+    docs = np.sort(rng.integers(0, ndocs, n))
+    xb = rng.standard_normal((n, 4)).astype(np.float32)
+    qids = np.arange(n)
+
+    def search(q, c):
+        d = ((q[:, None, :] - xb[None]) ** 2).sum(-1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :c]
+        return order.astype(np.int64), np.take_along_axis(d, order, 1).astype(np.float32)
+
+    ids, dist = search_with_exclusion(search, xb, k, extra, n, query_ids=qids, query_docs=docs,
+                                      db_docs=docs)
+    full_i, _ = search(xb, n)
+    for row in range(n):
+        expect = [j for j in full_i[row] if j != row and docs[j] != docs[row]][:k]
+        assert ids[row].tolist() == expect + [-1] * (k - len(expect))
+        assert np.isinf(dist[row, len(expect):]).all()
+
+
+def test_select_neighbours_pads_and_excludes_doc_sets():
+    cand = np.array([[5, 1, 7, -1], [2, 3, 4, 6]])
+    dist = np.arange(8, dtype=np.float32).reshape(2, 4)
+    db_docs = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    ids, d, short = select_neighbours(cand, dist, 3, exclude_docs=[{3}, {1, 2}], db_docs=db_docs)
+    assert ids.tolist() == [[5, 1, -1], [6, -1, -1]]
+    assert d[0, :2].tolist() == [0, 1] and np.isinf(d[0, 2]) and short.tolist() == [True, True]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    return shared_db(tmp_path_factory)
+
+
+def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
+    train_docs = np.load(db / "train" / "doc_ids.npy")
+    nb = np.load(db / "train" / "neighbours.npy")
+    nd = np.load(db / "train" / "neighbour_distances.npy")
+    n = len(train_docs)
+    assert nb.shape == (n, 2) and nb.dtype == np.int64 and nd.dtype == np.float32
+    valid = nb >= 0
+    assert valid.mean() > 0.99
+    assert not (nb == np.arange(n)[:, None]).any()
+    assert not (train_docs[np.where(valid, nb, 0)] == train_docs[:, None])[valid].any()
+    assert (np.diff(nd, axis=1) >= -1e-5).all()
+    vb = np.load(db / "val" / "neighbours.npy")
+    assert vb.shape[0] == len(np.load(db / "val" / "doc_ids.npy"))
+    assert ((vb >= 0) & (vb < n)).all()
+    m = load_manifest(db)
+    assert m["stages"]["knn"]["finished"] and m["stages"]["knn"]["params"]["k"] == 2
+    assert not (db / "train" / "knn_shards").exists()
+    # the ChunkStore sees them
+    from chunk_store import ChunkStore
+
+    np.testing.assert_array_equal(ChunkStore.open(db, "val").neighbours, vb)
+
+
+def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_factory):
+    """--exact and a Flat faiss index give the same neighbours; a knn run killed after two
+    shards and re-run gives byte-identical arrays."""
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "db", bert, n_docs=16, shard_size=128, index_key="Flat",
+                        stages=("embed", "index"))
+    exact_db = tmp_path / "exact"
+    shutil.copytree(db, exact_db)
+    env = dict(os.environ, RETRO_TEST_KILL_KNN_AFTER="2")
+    cmd = [sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--shard-size", "128",
+           "--device", "cpu", "--k", "3"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert len(list((db / "train" / "knn_shards").glob("ids_*.npy"))) == 2
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 shards reused" in p.stdout
+    assert run_cli(["knn", "--db", exact_db, "--shard-size", 1000, "--device", "cpu", "--k", 3,
+                    "--exact"]) == 0
+    assert load_manifest(exact_db)["stages"]["knn"]["params"]["method"] == "exact"
+    for split in ("train", "val"):
+        a_i = np.load(db / split / "neighbours.npy")
+        b_i = np.load(exact_db / split / "neighbours.npy")
+        a_d = np.load(db / split / "neighbour_distances.npy")
+        b_d = np.load(exact_db / split / "neighbour_distances.npy")
+        np.testing.assert_allclose(a_d, b_d, rtol=1e-4, atol=1e-5)
+        # identical ids except where distances tie
+        differ = a_i != b_i
+        assert np.allclose(a_d[differ], b_d[differ], rtol=1e-4, atol=1e-5)
+        assert differ.mean() < 0.2
+    # resumed run equals an uninterrupted one
+    again = tmp_path / "again"
+    shutil.copytree(exact_db, again, ignore=shutil.ignore_patterns("neighbour*"))
+    m = load_manifest(again)
+    m["stages"].pop("knn")
+    from chunk_store.manifest import save_manifest
+
+    save_manifest(again, m)
+    assert run_cli(["knn", "--db", again, "--shard-size", 128, "--device", "cpu", "--k", 3]) == 0
+    for split in ("train", "val"):
+        for name in ("neighbours.npy", "neighbour_distances.npy"):
+            assert (db / split / name).read_bytes() == (again / split / name).read_bytes()
