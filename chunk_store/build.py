@@ -133,7 +133,7 @@ class ChunkConfig:
             path = Path(self.tokenizer_file)
             if not path.is_file():
                 raise DBError(f"chunk: missing tokenizer file {path}")
-            p["tokenizer"] = {"file": str(path.resolve()), "sha256": sha256_file(path)}
+            p["tokenizer"] = {"sha256": sha256_file(path)}  # the content, wherever the file is
         else:
             p["tokenizer"] = {"train": True, "vocab_size": self.vocab_size,
                               "sample_mb": self.tokenizer_sample_mb, "model_type": self.tokenizer_type}
@@ -351,13 +351,22 @@ def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
 
 
 def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: list[dict],
-                       unit_bytes: int | None) -> dict:
+                       unit_bytes: int | None, tokenizer_sha256: str) -> dict:
+    """The work plan of an interrupted run (checked against the inputs), else a new one.
+
+    Parts made with another tokenizer (the DB's model was replaced) are discarded.
+    """
     plan_path = work / "plan.json"
     listing = [f.to_json() for f in files]
     if plan_path.exists():
         try:
             plan = json.loads(plan_path.read_text())
         except json.JSONDecodeError:
+            plan = None
+        if plan is not None and plan.get("tokenizer_sha256") != tokenizer_sha256:
+            log.warning("chunk: the tokenizer changed since the interrupted run: redoing every unit")
+            for part in work.glob("part_*.npz"):
+                part.unlink()
             plan = None
         if plan is not None:
             old = plan["files"]
@@ -368,7 +377,8 @@ def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: lis
                     f"chunk: input files changed since the interrupted run (first difference: "
                     f"{first[0]}); restore them, or delete {work} to start over")
             return plan
-    plan = {"files": listing, "units": plan_units(files, unit_bytes), "walk_skipped": walk_skipped}
+    plan = {"files": listing, "units": plan_units(files, unit_bytes), "walk_skipped": walk_skipped,
+            "tokenizer_sha256": tokenizer_sha256}
     atomic_write_json(plan_path, plan)
     return plan
 
@@ -566,7 +576,8 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
     tok = _prepare_tokenizer(db, cfg, walk.files, manifest)
     work = db / WORK_DIR
     work.mkdir(exist_ok=True)
-    plan = _load_or_make_plan(work, walk.files, walk.skipped, cfg.unit_bytes)
+    plan = _load_or_make_plan(work, walk.files, walk.skipped, cfg.unit_bytes,
+                              manifest["tokenizer"]["sha256"])
     del walk  # the plan holds the file list from here on
     files = [InputFile.from_json(r) for r in plan["files"]]
     specs = [UnitSpec(i, [f.path for f in files[a:b]], str(work / f"part_{i:08d}.npz"),

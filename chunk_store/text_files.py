@@ -34,6 +34,7 @@ NOT_REGULAR = "not_regular_file"
 BROKEN_LINK = "broken_symlink"
 SYMLINK_LOOP = "symlink_loop"
 JSONL_BAD_LINE = "jsonl_bad_line"
+DUPLICATE_INPUT = "duplicate_input"
 
 DEFAULT_MAX_INVALID_FRACTION = 0.01
 
@@ -89,6 +90,9 @@ def walk_inputs(
 
             raise DBError(f"input {inp} is not a folder or a file")
         rst = root.stat()
+        if (rst.st_dev, rst.st_ino) in visited_dirs:  # the same folder given twice, or nested
+            result.skipped.append({"path": str(root), "reason": DUPLICATE_INPUT})
+            continue
         visited_dirs.add((rst.st_dev, rst.st_ino))
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             rel_dir = os.path.relpath(dirpath, root)

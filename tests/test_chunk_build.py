@@ -117,7 +117,7 @@ def test_hostile_folder(tmp_path: Path, capsys) -> None:
         "nul.txt": b"text\x00with nul\n",
         "empty.txt": b"",
         "blank.txt": b"  \n\n\t\n",
-        "big_line.txt": b" ".join(b"w%d" % (i % 977) for i in range(330_000)),  # ~1.9 MB, one line
+        "big_line.txt": b" ".join(b"w%d" % (i % 977) for i in range(500_000)),  # ~2.9 MB, one line
         "data.jsonl": b'{"text": "doc one"}\n{"text": ""}\nnot json\n{"no_text": 1}\n'
                       b'{"text": "doc two \\u65e5\\u672c\\r\\nend"}\n',
         ".hidden/secret.txt": b"never read\n",
@@ -265,3 +265,11 @@ def test_splits_are_disjoint_and_stable(corpus: Path, reference_db: Path, tmp_pa
     assert old["val"] and old["train"]
     assert not old["train"] & old["val"] and not new["train"] & new["val"]
     assert old["val"] <= new["val"] and old["train"] <= new["train"]
+
+
+def test_duplicate_and_nested_inputs_are_read_once(corpus: Path, reference_db: Path, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    argv = chunk_argv(corpus, db, "--input", str(corpus), "--input", str(corpus / "d000"))
+    assert cli(argv) == 0
+    assert outputs(db) == outputs(reference_db)
+    assert [s["reason"] for s in load_manifest(db)["skipped"]] == ["duplicate_input"] * 2
