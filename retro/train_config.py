@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -95,6 +97,33 @@ class TrainConfig:
 
 
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Numbers written as strings in YAML files ('3e-4') become numbers; wrong types are errors."""
+    kind = _TYPES[key]
+    if value is None or kind is Any:
+        return value
+    if kind is float or float in typing.get_args(kind):
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    if kind is int or int in typing.get_args(kind):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is str or str in typing.get_args(kind):
+        if isinstance(value, str):
+            return value
+    if key == "betas" and isinstance(value, (list, tuple)):
+        return value
+    raise DBError(f"config: {key}={value!r} has the wrong type (expected {kind})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -106,6 +135,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise DBError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads '2e-3' (no dot) as a string
     return key.strip().split("."), value
 
 
@@ -149,6 +180,7 @@ def split_config(data: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
             f"config: unknown training key(s) {', '.join(unknown)} "
             f"(known: {', '.join(sorted(TRAIN_KEYS))}; model keys go under 'model:')"
         )
+    data = {k: _coerce(k, v) for k, v in data.items()}
     try:
         train = TrainConfig(**data)
     except TypeError as e:
