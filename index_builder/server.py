@@ -10,7 +10,8 @@ Invalid requests get a 4xx with a message; an internal error is a 500 and the se
 serving.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI must see the request model classes, which
+# are local to create_app (their limits are per app), not strings it cannot resolve.
 
 import argparse
 import logging

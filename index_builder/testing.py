@@ -78,3 +78,34 @@ def shared_db(tmp_path_factory: object) -> Path:
     if not done.exists():
         build_index_db(db, shared_tiny_bert(tmp_path_factory))
     return db
+
+
+def stdlib_corpus(folder: str | Path, modules: Sequence[str] = ("json", "email/mime", "wsgiref",
+                                                                 "urllib", "http")) -> Path:
+    """Copy a few standard-library packages' .py files: a real corpus, identical everywhere."""
+    import shutil
+    import sysconfig
+
+    folder = Path(folder)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for mod in modules:
+        for src in sorted((stdlib / mod).glob("*.py")):
+            dst = folder / mod / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return folder
+
+
+def shared_minilm_db(tmp_path_factory: object) -> Path:
+    """A real corpus (stdlib packages) embedded with the real default MiniLM; every stage done."""
+    db = shared_path(tmp_path_factory, "minilm-db")
+    if not (db / "train" / "neighbours.npy").exists():
+        from chunk_store.testing import build_tiny_db
+
+        corpus = stdlib_corpus(shared_path(tmp_path_factory, "stdlib-corpus"), ("json",))
+        build_tiny_db(db, corpus=corpus, vocab_size=600, chunk_size=32, seq_len=128,
+                      val_fraction=0.2)
+        from index_builder.embed import default_embedder
+
+        build_index_db(db, default_embedder(), shard_size=4096)
+    return db

@@ -1,0 +1,58 @@
+"""retro-build-index all / info end to end, and one-line errors for stages run out of order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from chunk_store.manifest import load_manifest
+from index_builder.testing import shared_tiny_bert, stdlib_corpus
+
+
+def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys):
+    from index_builder.cli import main
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    corpus = stdlib_corpus(tmp_path / "corpus", ("json",))
+    db = tmp_path / "db"
+    argv = ["all", "--input", str(corpus), "--out", str(db), "--vocab-size", "500",
+            "--chunk-size", "32", "--seq-len", "128", "--val-fraction", "0.2", "--workers", "1",
+            "--embedder", str(bert), "--device", "cpu", "--tokenize-workers", "0", "--k", "3",
+            "--shard-size", "200"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index('{\n  "summary"'):])["summary"]
+    assert set(summary) == {"chunk", "embed", "index", "knn"}
+    assert summary["index"]["recall"]["recall@2"] >= 0.9
+    m = load_manifest(db)
+    assert all(m["stages"][s]["finished"] for s in ("chunk", "embed", "index", "knn"))
+    nb = np.load(db / "train" / "neighbours.npy")
+    assert nb.shape == (m["counts"]["train"]["chunks"], 3)
+
+    assert main(["info", "--db", str(db)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == {"chunk": "done", "embed": "done", "index": "done", "knn": "done"}
+    assert info["manifest"]["stages"]["index"]["stats"]["recall"]["recall@2"] >= 0.9
+
+    mtime = (db / "train" / "neighbours.npy").stat().st_mtime_ns
+    assert main(argv) == 0  # everything already done: resumes to a no-op
+    assert (db / "train" / "neighbours.npy").stat().st_mtime_ns == mtime
+    # another k on the same DB is refused, naming both values
+    p = subprocess.run([sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--k", "2"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "k=3" in p.stderr and "k=2" in p.stderr
+
+
+def test_stage_before_its_inputs_is_one_line(tmp_path):
+    from chunk_store.testing import build_tiny_db
+
+    db = build_tiny_db(tmp_path / "db", n_docs=3)
+    for stage, needs in (("knn", "index"), ("index", "embed")):
+        p = subprocess.run([sys.executable, "-m", "index_builder", stage, "--db", str(db)],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert f"needs the '{needs}' stage first" in p.stderr
