@@ -1,13 +1,16 @@
 """chunk: text folders -> tokenised chunks, doc ids and training sequences (train/val splits).
 
 How it scales and resumes: the sorted file list is cut into work units (contiguous runs of
-files, about 1-64 MB each) recorded once in ``DB/.chunk_work/plan.json``. Each unit is read,
-decoded, split and tokenised by a worker process, which writes one part file atomically. A
-final merge copies the parts, in unit order, into ``.npy`` memmaps created at their known
-final size. So memory is bounded by a unit, not the corpus; the result does not depend on
-``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9) reuses every
-finished part and redoes only the rest and the merge, ending byte-identical to an
-uninterrupted run.
+files, about 2 MB each; a big .jsonl is cut into line-aligned byte ranges) recorded once in
+``DB/.chunk_work/plan.json``. Each unit is read, decoded, split and tokenised by a worker
+process, which writes one part file atomically. A final merge streams the parts, in unit
+order, into ``.npy`` files whose final size is known up front. So memory is bounded by a unit
+(plus ~1 KB of manifest metadata per input file), not by the corpus; the result does not
+depend on ``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9)
+reuses every finished part and redoes only the rest and the merge, ending byte-identical to
+an uninterrupted run. (Called from Python with ``workers > 1``, the calling script needs the
+usual ``if __name__ == "__main__":`` guard: workers start through multiprocessing's
+forkserver.)
 
 Sequence rule (``seq_starts``): each split's chunks form one stream (documents in file order,
 each padded to whole chunks); training sequences are consecutive, non-overlapping runs of
@@ -28,7 +31,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import shutil
@@ -37,7 +39,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,6 +66,7 @@ from chunk_store.text_files import (
     InputFile,
     iter_sample_text,
     read_documents,
+    split_jsonl,
     walk_inputs,
 )
 from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
@@ -177,22 +180,30 @@ def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
     return np.arange(0, num_chunks - chunks_per_seq + 1, chunks_per_seq, dtype=np.int64)
 
 
-def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Contiguous runs of files, each about ``unit_bytes`` (default 2 MB) and at most 4096 files.
+def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None,
+               ranges: dict[int, list[tuple[int, int, int]]] | None = None) -> list[list[list]]:
+    """Group the work into units of about ``unit_bytes`` (default 2 MB), at most 4096 items each.
 
-    A fixed size, not a fraction of the corpus, so a worker's memory does not grow with the
-    corpus; small enough to balance the workers, large enough that per-part overhead is noise.
+    An item is ``[file_index, start, end, first_line]``; ``end`` is None for a whole file, and
+    a big .jsonl contributes one item per line-aligned range (``ranges``). A fixed size, not a
+    fraction of the corpus, so a worker's memory does not grow with the corpus; small enough
+    to balance the workers, large enough that per-part overhead is noise.
     """
     target = unit_bytes if unit_bytes else UNIT_BYTES
-    units: list[tuple[int, int]] = []
-    start, acc = 0, 0
+    ranges = ranges or {}
+    units: list[list[list]] = []
+    cur: list[list] = []
+    acc = 0
     for i, f in enumerate(files):
-        acc += f.size
-        if acc >= target or i - start + 1 >= 4096:
-            units.append((start, i + 1))
-            start, acc = i + 1, 0
-    if start < len(files):
-        units.append((start, len(files)))
+        items = [[i, s, e, line] for s, e, line in ranges[i]] if i in ranges else [[i, 0, None, 1]]
+        for item in items:
+            cur.append(item)
+            acc += f.size if item[2] is None else item[2] - item[1]
+            if acc >= target or len(cur) >= 4096:
+                units.append(cur)
+                cur, acc = [], 0
+    if cur:
+        units.append(cur)
     return units
 
 
@@ -202,7 +213,7 @@ def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None) -> lis
 @dataclass
 class UnitSpec:
     index: int
-    files: list[str]
+    items: list[tuple[str, int, int | None, int, int, str | None]]  # path, start, end, line, size, sha
     part_path: str
     chunk_size: int
     val_fraction: float
@@ -230,10 +241,12 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     inputs, skipped, repaired = [], [], []
     nbytes = 0
-    for path in spec.files:
-        out = read_documents(path, spec.max_invalid_fraction)
+    for path, start, end, first_line, size, sha in spec.items:
+        out = read_documents(path, spec.max_invalid_fraction, start, end, first_line)
         nbytes += out.size
-        inputs.append({"path": path, "bytes": out.size, "sha256": out.sha256})
+        if start == 0:  # a split file is listed once, with the hash the plan computed
+            inputs.append({"path": path, "bytes": size if end is not None else out.size,
+                           "sha256": sha or out.sha256})
         skipped.extend(out.skipped)
         if out.invalid_bytes and out.documents:
             repaired.append({"path": path, "invalid_bytes": out.invalid_bytes})
@@ -377,8 +390,17 @@ def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: lis
                     f"chunk: input files changed since the interrupted run (first difference: "
                     f"{first[0]}); restore them, or delete {work} to start over")
             return plan
-    plan = {"files": listing, "units": plan_units(files, unit_bytes), "walk_skipped": walk_skipped,
-            "tokenizer_sha256": tokenizer_sha256}
+    target = unit_bytes or UNIT_BYTES
+    ranges: dict[int, list[tuple[int, int, int]]] = {}
+    hashes: dict[str, str] = {}
+    for i, f in enumerate(files):  # big .jsonl files: one pass for the hash and the cuts
+        if f.path.endswith(".jsonl") and f.size > target:
+            try:
+                hashes[str(i)], ranges[i] = split_jsonl(f.path, target)
+            except OSError:
+                pass  # unreadable: the worker reports it
+    plan = {"files": listing, "units": plan_units(files, target, ranges), "hashes": hashes,
+            "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
     atomic_write_json(plan_path, plan)
     return plan
 
@@ -580,14 +602,18 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
                               manifest["tokenizer"]["sha256"])
     del walk  # the plan holds the file list from here on
     files = [InputFile.from_json(r) for r in plan["files"]]
-    specs = [UnitSpec(i, [f.path for f in files[a:b]], str(work / f"part_{i:08d}.npz"),
-                      cfg.chunk_size, cfg.val_fraction, cfg.max_invalid_fraction)
-             for i, (a, b) in enumerate(plan["units"])]
+    hashes = plan.get("hashes", {})
+    specs = [UnitSpec(u, [(files[i].path, start, end, line, files[i].size, hashes.get(str(i)))
+                          for i, start, end, line in items],
+                      str(work / f"part_{u:08d}.npz"), cfg.chunk_size, cfg.val_fraction,
+                      cfg.max_invalid_fraction)
+             for u, items in enumerate(plan["units"])]
     pending = [s for s in specs if _read_part_meta(Path(s.part_path)) is None]
     pending_ids = {s.index for s in pending}
     total_bytes = sum(f.size for f in files)
-    done_bytes = sum(files[i].size for s in specs if s.index not in pending_ids
-                     for i in range(*plan["units"][s.index]))
+    done_bytes = sum((size if end is None else end - start)
+                     for s in specs if s.index not in pending_ids
+                     for _, start, end, _, size, _ in s.items)
     if len(pending) < len(specs):
         log.warning("chunk: resuming: %d of %d work units already done", len(specs) - len(pending),
                     len(specs))

@@ -172,8 +172,13 @@ class Decoded:
     invalid_bytes: int = 0
 
 
-def decode_bytes(data: bytes, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION) -> Decoded:
-    """Bytes -> normalised text, or a skip reason (see the module docstring)."""
+def decode_bytes(data: bytes, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
+                 normalise: bool = True) -> Decoded:
+    """Bytes -> normalised text, or a skip reason (see the module docstring).
+
+    ``normalise=False`` only strips the BOM (jsonl: lines are split on raw LF first, so line
+    numbers count the file's LF bytes, and each line's ``text`` is normalised on its own).
+    """
     if not data.strip():
         return Decoded(None, EMPTY)
     if b"\x00" in data:
@@ -187,7 +192,7 @@ def decode_bytes(data: bytes, max_invalid_fraction: float = DEFAULT_MAX_INVALID_
         invalid = _InvalidCounter.count
         if invalid > max_invalid_fraction * len(data):
             return Decoded(None, UNDECODABLE, invalid)
-    text = normalise_text(text)
+    text = normalise_text(text) if normalise else text.removeprefix("\ufeff")
     if not text.strip():
         return Decoded(None, EMPTY)
     return Decoded(text, None, invalid)
@@ -205,36 +210,58 @@ class Document:
 
 @dataclass
 class FileOutcome:
-    """What reading one input file gave: its documents, or why it gave none."""
+    """What reading one input file (or one byte range of a big .jsonl) gave."""
 
     path: str
-    size: int
-    sha256: str | None
+    size: int  # bytes read
+    sha256: str | None  # of the whole file; None when only a range was read
     documents: list[Document]
     skipped: list[dict]  # {"path", "reason"[, "line"]}
     invalid_bytes: int = 0
 
 
+def _clean_surrogates(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800), which no UTF-8 tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def read_documents(
-    path: str, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
+    path: str, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
+    start: int = 0, end: int | None = None, first_line: int = 1,
 ) -> FileOutcome:
-    """Read one input file into documents (one, or one per line for ``.jsonl``)."""
+    """Read one input file into documents (one, or one per line for ``.jsonl``).
+
+    ``start``/``end`` read a byte range only (big .jsonl files are split at line boundaries
+    into several work units; ``first_line`` is the line number at ``start``).
+    """
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            if start:
+                f.seek(start)
+            data = f.read() if end is None else f.read(end - start)
     except OSError as e:
         return FileOutcome(path, 0, None, [], [{"path": path, "reason": UNREADABLE,
                                                  "detail": f"{type(e).__name__}: {e.strerror}"}])
-    sha = hashlib.sha256(data).hexdigest()
-    dec = decode_bytes(data, max_invalid_fraction)
+    whole = start == 0 and end is None
+    sha = hashlib.sha256(data).hexdigest() if whole else None
+    size = len(data)
+    jsonl = path.endswith(".jsonl")
+    dec = decode_bytes(data, max_invalid_fraction, normalise=not jsonl)
+    del data
     if dec.text is None:
-        return FileOutcome(path, len(data), sha, [], [{"path": path, "reason": dec.reason}],
-                           dec.invalid_bytes)
-    if not path.endswith(".jsonl"):
-        return FileOutcome(path, len(data), sha, [Document(dec.text, path)], [], dec.invalid_bytes)
+        skip = {"path": path, "reason": dec.reason}
+        if not whole:
+            skip["line"] = first_line  # the range's first line: the whole range is skipped
+        return FileOutcome(path, size, sha, [], [skip], dec.invalid_bytes)
+    if not jsonl:
+        return FileOutcome(path, size, sha, [Document(dec.text, path)], [], dec.invalid_bytes)
     docs: list[Document] = []
     skipped: list[dict] = []
-    for lineno, line in enumerate(dec.text.split("\n"), start=1):
+    for lineno, line in enumerate(dec.text.split("\n"), start=first_line):
         if not line.strip():
             continue
         try:
@@ -246,12 +273,54 @@ def read_documents(
         if not isinstance(text, str):
             skipped.append({"path": path, "line": lineno, "reason": JSONL_BAD_LINE})
             continue
-        text = normalise_text(text)
+        text = normalise_text(_clean_surrogates(text))
         if not text.strip():
             skipped.append({"path": path, "line": lineno, "reason": EMPTY})
             continue
         docs.append(Document(text, path, lineno))
-    return FileOutcome(path, len(data), sha, docs, skipped, dec.invalid_bytes)
+    return FileOutcome(path, size, sha, docs, skipped, dec.invalid_bytes)
+
+
+def split_jsonl(path: str, unit_bytes: int, block: int = 8 << 20) -> tuple[str, list[tuple[int, int, int]]]:
+    """One streaming pass over a big .jsonl: its sha256 and line-aligned byte ranges.
+
+    Returns ``(sha256, [(start, end, first_line), ...])`` with ranges of about ``unit_bytes``
+    each, cut just after a LF, so that a worker decodes whole lines and knows their numbers.
+    """
+    h = hashlib.sha256()
+    ranges: list[tuple[int, int, int]] = []
+    start, start_line = 0, 1
+    pos, newlines_before = 0, 0  # at the current block's start
+    target = unit_bytes
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+            search = 0
+            while pos + len(data) > target:
+                nl = data.find(b"\n", max(target - pos, search))
+                if nl < 0:
+                    break  # the cut falls in a later block
+                boundary = pos + nl + 1
+                ranges.append((start, boundary, start_line))
+                start = boundary
+                start_line = newlines_before + data.count(b"\n", 0, nl + 1) + 1
+                target = boundary + unit_bytes
+                search = nl + 1
+            newlines_before += data.count(b"\n")
+            pos += len(data)
+    if start < pos or not ranges:
+        ranges.append((start, pos, start_line))
+    return h.hexdigest(), ranges
+
+
+def _sample_end(path: str, size: int, limit: int) -> int | None:
+    """A byte offset just after a LF near ``limit``: read a big file's head, never all of it."""
+    if size <= limit:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    nl = head.rfind(b"\n")
+    return nl + 1 if nl > 0 else limit
 
 
 def iter_sample_text(files: Sequence[InputFile], budget_bytes: int, per_file_bytes: int = 1 << 20,
@@ -260,14 +329,15 @@ def iter_sample_text(files: Sequence[InputFile], budget_bytes: int, per_file_byt
 
     Files are visited in the order of a stable hash of their path (so the sample spreads over
     the whole corpus rather than its first folder) and read until ``budget_bytes`` of text;
-    at most ``per_file_bytes`` of each document is used.
+    at most about ``per_file_bytes`` of each file is read.
     """
     order = sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).digest())
     used = 0
     for f in order:
         if used >= budget_bytes:
             return
-        out = read_documents(f.path, max_invalid_fraction)
+        end = _sample_end(f.path, f.size, per_file_bytes)
+        out = read_documents(f.path, max_invalid_fraction, 0, end)
         for doc in out.documents:
             text = doc.text[:per_file_bytes]
             used += len(text.encode("utf-8", errors="replace"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from chunk_store.build import (
 )
 from chunk_store.manifest import load_manifest
 from chunk_store.testing import random_text, write_corpus
-from chunk_store.text_files import decode_bytes
+from chunk_store.text_files import decode_bytes, split_jsonl
 from index_builder.cli import main as cli
 
 OUTPUT_FILES = [f"{s}/{n}" for s in ("train", "val")
@@ -273,3 +274,57 @@ def test_duplicate_and_nested_inputs_are_read_once(corpus: Path, reference_db: P
     assert cli(argv) == 0
     assert outputs(db) == outputs(reference_db)
     assert [s["reason"] for s in load_manifest(db)["skipped"]] == ["duplicate_input"] * 2
+
+
+def test_big_jsonl_is_split_into_line_aligned_units(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = random.Random(4)
+    lines, expected = [], {}
+    for n in range(1, 301):
+        if n % 37 == 0:
+            lines.append(b"{broken json")
+        elif n % 53 == 0:
+            lines.append(b"")
+        else:
+            text = random_text(rng, rng.randint(1, 6)) + ("\ud800" if n == 100 else "")
+            lines.append(json.dumps({"text": text, "id": n}).encode() + (b"\r" if n % 2 else b""))
+            expected[n] = text.replace("\ud800", "?").replace("\r\n", "\n").replace("\r", "\n")
+    data = b"\n".join(lines) + b"\n"
+    (src / "big.jsonl").write_bytes(data)
+    (src / "small.txt").write_text("a small file\n")
+
+    small_units, big_units = tmp_path / "db1", tmp_path / "db2"
+    assert cli(chunk_argv(src, small_units, "--workers", "2", "--unit-mb", "0.002")) == 0
+    assert cli(chunk_argv(src, big_units, "--workers", "1", "--unit-mb", "64")) == 0
+    assert outputs(small_units) == outputs(big_units)
+
+    m = load_manifest(small_units)
+    assert m == {**m, "inputs": load_manifest(big_units)["inputs"]}
+    big = [i for i in m["inputs"] if i["path"].endswith("big.jsonl")]
+    assert big == [{"path": big[0]["path"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    assert sorted(s["line"] for s in m["skipped"]) == [n for n in range(1, 301) if n % 37 == 0]
+    got = {}
+    for split in ("train", "val"):
+        store = ChunkStore.open(small_units, split)
+        for d in range(store.num_docs):
+            s = store.doc_source(d)
+            if "line" in s:
+                got[s["line"]] = store.doc_text(d)
+    assert got == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=40),
+       st.integers(1, 64), st.integers(1, 50), st.booleans())
+def test_split_jsonl_ranges(tmp_path_factory, lines: list[bytes], unit: int, block: int,
+                            trailing_newline: bool) -> None:
+    path = tmp_path_factory.mktemp("split") / "x.jsonl"
+    data = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    path.write_bytes(data)
+    sha, ranges = split_jsonl(str(path), unit, block=block)
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+    for (s0, e0, _), (s1, _, line1) in zip(ranges, ranges[1:]):
+        assert e0 == s1 and data[e0 - 1:e0] == b"\n" and e0 - s0 >= min(unit, len(data))
+        assert line1 == data[:s1].count(b"\n") + 1
