@@ -504,6 +504,9 @@ def _merge(db: Path, work: Path, plan: dict, tok: Tokenizer, cfg: ChunkConfig) -
             totals[s]["tokens"] += m["tokens"][s]
         inputs += m["inputs"]
         skipped += m["skipped"]
+        for sk in m["skipped"]:
+            log.info("skipped %s%s: %s", sk["path"], f" line {sk['line']}" if "line" in sk else "",
+                     sk["reason"])
         repaired += m["repaired"]
         nbytes += m["bytes"]
     counts: dict[str, dict[str, int]] = {}
