@@ -27,6 +27,7 @@ documents always land in the same split (no train/val leakage through duplicates
 from __future__ import annotations
 
 import argparse
+import array
 import hashlib
 import itertools
 import json
@@ -241,6 +242,7 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     inputs, skipped, repaired = [], [], []
     nbytes = 0
+    code = "H" if tok.token_dtype == np.uint16 else "i"  # array.array: ~25% faster than np.asarray(list)
     for path, start, end, first_line, size, sha in spec.items:
         out = read_documents(path, spec.max_invalid_fraction, start, end, first_line)
         nbytes += out.size
@@ -253,7 +255,7 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
         for d in out.documents:
             split = "val" if is_val(d.text, spec.val_fraction) else "train"
             docs[split].append(d.source_json())
-            tokens[split].append(np.asarray(tok.encode(d.text), dtype=tok.token_dtype))
+            tokens[split].append(np.frombuffer(array.array(code, tok.encode(d.text)), dtype=tok.token_dtype))
         del out
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"index": spec.index, "bytes": nbytes, "inputs": inputs,

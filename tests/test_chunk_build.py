@@ -62,10 +62,11 @@ def reference_db(corpus: Path, tmp_path_factory) -> Path:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.lists(st.integers(4, 999), max_size=40), max_size=12), st.integers(1, 9))
-def test_pack_documents_property(docs: list[list[int]], cs: int) -> None:
-    chunks, doc_chunks = pack_documents(docs, cs, pad_id=3, eos_id=2, dtype=np.dtype(np.uint16))
-    assert chunks.shape == (int(doc_chunks.sum()), cs) and chunks.dtype == np.uint16
+@given(st.lists(st.lists(st.integers(4, 65535), max_size=40), max_size=12), st.integers(1, 9),
+       st.sampled_from([np.uint16, np.int32]))
+def test_pack_documents_property(docs: list[list[int]], cs: int, dtype) -> None:
+    chunks, doc_chunks = pack_documents(docs, cs, pad_id=3, eos_id=2, dtype=np.dtype(dtype))
+    assert chunks.shape == (int(doc_chunks.sum()), cs) and chunks.dtype == dtype
     row = 0
     for doc, n in zip(docs, doc_chunks):
         assert n == -(-(len(doc) + 1) // cs)  # EOS included, whole chunks, never across docs

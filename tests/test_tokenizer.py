@@ -98,3 +98,11 @@ def test_bad_model_is_a_one_line_error(tmp_path) -> None:
         Tokenizer.from_file(bad)
     with pytest.raises(DBError, match="missing tokenizer file"):
         Tokenizer.from_file(tmp_path / "absent.model")
+
+
+def test_token_dtype_widens_past_uint16(tok: Tokenizer) -> None:
+    big = pickle.loads(pickle.dumps(tok))
+    big.vocab_size = 1 << 16  # ids 0..65535 still fit
+    assert big.token_dtype == np.uint16
+    big.vocab_size = (1 << 16) + 1
+    assert big.token_dtype == np.int32
