@@ -80,6 +80,7 @@ TOKENIZER_NAME = "tokenizer.model"
 # env hooks used by the kill-and-resume tests: SIGKILL this process at a deterministic point
 KILL_AFTER_PARTS_ENV = "RETRO_CHUNK_KILL_AFTER_PARTS"
 KILL_IN_MERGE_ENV = "RETRO_CHUNK_KILL_IN_MERGE"
+SIGINT_AFTER_PARTS_ENV = "RETRO_CHUNK_SIGINT_AFTER_PARTS"
 UNIT_BYTES = 2 << 20
 TASKS_PER_WORKER = 8
 
@@ -296,7 +297,14 @@ def _read_part_meta(path: Path) -> dict[str, Any] | None:
 
 
 def _kill_self_if(env: str, count: int | None = None, pool: ProcessPoolExecutor | None = None) -> None:
-    """Test hook: SIGKILL this process (and its workers) when ``env`` says so."""
+    """Test hook: SIGKILL this process (and its workers) when ``env`` says so.
+
+    ``RETRO_CHUNK_SIGINT_AFTER_PARTS`` instead sends SIGINT to the whole process group at
+    that point, exactly what Ctrl-C in a terminal does.
+    """
+    if count is not None and os.environ.get(SIGINT_AFTER_PARTS_ENV) == str(count):
+        os.killpg(os.getpgid(0), signal.SIGINT)
+        return
     val = os.environ.get(env)
     if not val or (count is not None and count < int(val)):
         return

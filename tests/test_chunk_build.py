@@ -19,6 +19,7 @@ from chunk_store import ChunkStore
 from chunk_store.build import (
     KILL_AFTER_PARTS_ENV,
     KILL_IN_MERGE_ENV,
+    SIGINT_AFTER_PARTS_ENV,
     WORK_DIR,
     is_val,
     pack_documents,
@@ -193,8 +194,9 @@ def test_workers_and_units_do_not_change_the_result(reference_db: Path, corpus: 
 
 
 def run_cli(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    # a session of its own: the Ctrl-C hook signals the whole process group, as a terminal does
     return subprocess.run([sys.executable, "-m", "index_builder", *argv], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=120)
+                          text=True, env={**os.environ, **env}, timeout=120, start_new_session=True)
 
 
 @pytest.mark.parametrize("hook", [KILL_AFTER_PARTS_ENV, KILL_IN_MERGE_ENV])
@@ -329,3 +331,15 @@ def test_split_jsonl_ranges(tmp_path_factory, lines: list[bytes], unit: int, blo
     for (s0, e0, _), (s1, _, line1) in zip(ranges, ranges[1:]):
         assert e0 == s1 and data[e0 - 1:e0] == b"\n" and e0 - s0 >= min(unit, len(data))
         assert line1 == data[:s1].count(b"\n") + 1
+
+
+def test_ctrl_c_exits_130_and_resumes(reference_db: Path, corpus: Path, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    argv = chunk_argv(corpus, db, "--workers", "2", "--unit-mb", "0.002")
+    interrupted = run_cli(argv, **{SIGINT_AFTER_PARTS_ENV: "2"})
+    assert interrupted.returncode == 130, interrupted.stderr
+    last = interrupted.stderr.strip().splitlines()[-1]
+    assert last == "retro-build-index chunk: interrupted; re-run the same command to resume"
+    assert "Traceback" not in interrupted.stderr
+    assert run_cli(argv).returncode == 0
+    assert outputs(db) == outputs(reference_db)
