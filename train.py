@@ -278,8 +278,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             tokens = batch["tokens"].to(device, non_blocking=True)
             nbrs = batch["neighbours"].to(device, non_blocking=True) if with_nbrs else None
             last_micro = micro == grad_accum - 1
-            if tcfg.fsdp and info.distributed:
-                wrapped.set_requires_gradient_sync(last_micro)
+            if tcfg.fsdp and info.distributed:  # FSDP2: reduce-scatter only on the last micro-step
+                model.set_requires_gradient_sync(last_micro)
             sync = wrapped.no_sync() if ddp and not last_micro else contextlib.nullcontext()
             with sync:
                 with autocast_for(device, tcfg.dtype):

@@ -86,20 +86,21 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, *, fsdp: bool,
     """DDP across ranks (or FSDP2 ``fully_shard`` per block, then the root); as is in one process.
 
     FSDP2 shards every sub-module listed by ``model.fsdp_units()`` when the model provides it, else
-    every child ModuleList's items (the transformer blocks), then the root module.
+    those of :func:`fsdp_units`, then the root module.
     """
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not info.distributed:
             return model
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if info.device.type == "cuda" else MixedPrecisionPolicy()
-        units = model.fsdp_units() if hasattr(model, "fsdp_units") else [
-            block for m in model.modules() if isinstance(m, torch.nn.ModuleList) for block in m]
+        units = model.fsdp_units() if hasattr(model, "fsdp_units") else fsdp_units(model)
         for unit in units:
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     if not info.distributed:
         return model
@@ -107,6 +108,21 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, *, fsdp: bool,
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of every ModuleList, as FSDP2 units: FSDP2 gathers a unit's weights in a hook on
+    its ``forward``, so a block whose parts are called as methods (RETRO's DecoderBlock runs
+    attention, CCA and MLP separately, the encoder in between) is split into its parameterised
+    children, whose ``forward`` is what actually runs."""
+    units: list[torch.nn.Module] = []
+    for mlist in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for block in mlist:
+            if type(block).forward is not torch.nn.Module.forward:
+                units.append(block)
+            else:
+                units.extend(c for c in block.children() if any(True for _ in c.parameters()))
+    return units
 
 
 class ShardedBatchSampler:

@@ -176,26 +176,38 @@ def test_resume_10_plus_10_equals_20(db, config, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_torchrun_two_ranks_gloo_equals_one_rank_with_accumulation(db, config, tmp_path):
-    """2 ranks x micro-batch 2 see the same 4 sequences per step as 1 rank x 2 micro-steps."""
-    sets = ["max_steps=4", "eval_every=4", "checkpoint_every=2", "num_workers=1"]
+def torchrun(config, db, out, *sets, resume=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(PY).with_name("torchrun")  # the venv's console script; same program as -m
-    launcher = [str(torchrun)] if torchrun.exists() else [PY, "-m", "torch.distributed.run"]
-    cmd = launcher + ["--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config),
-                      "--db", str(db), "--out", str(tmp_path / "ddp")]
+    launcher = Path(PY).with_name("torchrun")  # the venv's console script; same program as -m
+    cmd = [str(launcher)] if launcher.exists() else [PY, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", "--nproc_per_node", "2", "train.py", "--db", str(db), "--out", str(out)]
+    cmd += ["--resume"] if resume else ["--config", str(config)]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_torchrun_two_ranks_gloo_ddp_and_fsdp_equal_one_rank_with_accumulation(db, config, tmp_path):
+    """2 ranks x micro-batch 2 see the same 4 sequences per step as 1 rank x 2 micro-steps; FSDP2
+    (fully_shard on gloo) stopped at step 2 and resumed gives the same losses too."""
+    sets = ["max_steps=4", "eval_every=4", "checkpoint_every=2", "num_workers=1"]
+    torchrun(config, db, tmp_path / "ddp", *sets)
+    torchrun(config, db, tmp_path / "fsdp", *sets, "fsdp=true", "stop_at=2", "num_workers=0")
+    torchrun(config, db, tmp_path / "fsdp", "stop_at=null", resume=True)
     run_inprocess(config, db, tmp_path / "one", *sets)
-    np.testing.assert_allclose(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-5)
+    one = losses(tmp_path / "one")
+    assert len(one) == 4
+    np.testing.assert_allclose(losses(tmp_path / "ddp"), one, rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "fsdp"), one, rtol=1e-5)
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in records if "val_bpb" in r]
     assert ev and ev[-1]["step"] == 4 and ev[-1]["val_bpb"] > 0 and ev[-1]["val_bpb_no_retrieval"] > 0
-    assert (tmp_path / "ddp" / "checkpoints" / "step_00000004" / "model.safetensors").is_file()
-    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.json").read_text())
-    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["data"]["position"] == 4
+    for run in ("ddp", "fsdp"):
+        state = json.loads((tmp_path / run / "checkpoints" / "step_00000004" / "state.json").read_text())
+        assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["data"]["position"] == 4
+    a, b = load_weights(checkpoint_dir(tmp_path / "fsdp")), load_weights(checkpoint_dir(tmp_path / "one"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_retro_fitting_trains_only_encoder_and_cca(db, config, tmp_path):
