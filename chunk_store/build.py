@@ -248,8 +248,8 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
         out = read_documents(path, spec.max_invalid_fraction, start, end, first_line)
         nbytes += out.size
         if start == 0:  # a split file is listed once, with the hash the plan computed
-            inputs.append({"path": path, "bytes": size if end is not None else out.size,
-                           "sha256": sha or out.sha256})
+            # bytes: the walk's size (what a re-run compares); sha256 None if unreadable
+            inputs.append({"path": path, "bytes": size, "sha256": sha or out.sha256})
         skipped.extend(out.skipped)
         if out.invalid_bytes and out.documents:
             repaired.append({"path": path, "invalid_bytes": out.invalid_bytes})

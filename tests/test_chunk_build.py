@@ -27,7 +27,7 @@ from chunk_store.build import (
 )
 from chunk_store.manifest import load_manifest
 from chunk_store.testing import random_text, write_corpus
-from chunk_store.text_files import decode_bytes, split_jsonl
+from chunk_store.text_files import decode_bytes, read_documents, split_jsonl
 from index_builder.cli import main as cli
 
 OUTPUT_FILES = [f"{s}/{n}" for s in ("train", "val")
@@ -343,3 +343,23 @@ def test_ctrl_c_exits_130_and_resumes(reference_db: Path, corpus: Path, tmp_path
     assert "Traceback" not in interrupted.stderr
     assert run_cli(argv).returncode == 0
     assert outputs(db) == outputs(reference_db)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file_is_counted_and_rerun_is_a_noop(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ok.txt").write_text("fine\n")
+    (src / "secret.txt").write_text("no access\n")
+    (src / "secret.txt").chmod(0)
+    db = tmp_path / "db"
+    assert cli(chunk_argv(src, db)) == 0
+    assert [s["reason"] for s in load_manifest(db)["skipped"]] == ["unreadable"]
+    assert cli(chunk_argv(src, db)) == 0
+    assert "already done" in capsys.readouterr().err
+
+
+def test_read_error_is_a_counted_skip(tmp_path: Path) -> None:
+    out = read_documents(str(tmp_path))  # a folder: open() fails like an unreadable file
+    assert out.documents == [] and out.sha256 is None
+    assert [s["reason"] for s in out.skipped] == ["unreadable"]
