@@ -59,7 +59,7 @@ class ChunkStore:
         self._neighbours: np.ndarray | None = None
         self._neighbour_distances: np.ndarray | None = None
         self._train: ChunkStore | None = self if split == "train" else None
-        self._documents: list[dict] | None = None
+        self._doc_offsets: np.ndarray | None = None
 
     @classmethod
     def open(cls, db: str | Path, split: str = "train") -> "ChunkStore":
@@ -115,16 +115,34 @@ class ChunkStore:
         return self.tokenizer.decode(self.chunks[lo:hi])
 
     def doc_source(self, doc_id: int) -> dict:
-        """Where a document came from: {"source": path[, "line": n]} (documents.jsonl)."""
-        if self._documents is None:
-            path = self.db / self.split / "documents.jsonl"
+        """Where a document came from: {"source": path[, "line": n]} (documents.jsonl).
+
+        Reads one line through a line-offset index built on first use (8 bytes a document),
+        so it stays cheap for millions of documents.
+        """
+        if not 0 <= doc_id < self.num_docs:
+            raise IndexError(f"doc id {doc_id} out of range for {self.split} split of {self.num_docs}")
+        path = self.db / self.split / "documents.jsonl"
+        if self._doc_offsets is None:
             if not path.exists():
                 raise DBError(f"missing file {path}")
-            try:
-                self._documents = [json.loads(line) for line in path.read_text().splitlines()]
-            except json.JSONDecodeError as e:
-                raise DBError(f"corrupt {path}: {e}") from None
-        return self._documents[doc_id]
+            parts, pos = [], 0
+            with open(path, "rb") as f:
+                while block := f.read(64 << 20):  # blockwise: memory bounded for any size
+                    parts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1 + pos)
+                    pos += len(block)
+            ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            if len(ends) != self.num_docs:
+                raise DBError(f"corrupt {path}: {len(ends)} lines for {self.num_docs} documents")
+            self._doc_offsets = np.concatenate([[0], ends]).astype(np.int64)
+        lo, hi = int(self._doc_offsets[doc_id]), int(self._doc_offsets[doc_id + 1])
+        with open(path, "rb") as f:
+            f.seek(lo)
+            line = f.read(hi - lo)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DBError(f"corrupt {path} line {doc_id + 1}: {e}") from None
 
     # -------------------------------------------------------------- neighbours (after knn)
 

@@ -149,3 +149,11 @@ def test_empty_val_split(tmp_path: Path) -> None:
     train = ChunkStore.open(db, "train")
     assert val.neighbour_tokens(np.array([[0, -1]])).shape == (1, 2, 32)
     assert train.num_docs == 3
+
+
+def test_doc_source_reads_one_line(stores, db: Path) -> None:
+    train, _ = stores
+    lines = (db / "train" / "documents.jsonl").read_text().splitlines()
+    assert [train.doc_source(i) for i in range(train.num_docs)] == [json.loads(x) for x in lines]
+    with pytest.raises(IndexError):
+        train.doc_source(train.num_docs)
