@@ -671,21 +671,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="an existing sentencepiece model (copied into the DB)")
     tok.add_argument("--vocab-size", type=int, default=None, metavar="N",
                      help="train a sentencepiece model of N pieces on a corpus sample (default 8192)")
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="fraction of documents held out as the val split (stable hash)")
+    parser.add_argument("--chunk-size", type=int, default=64, metavar="M",
+                        help="tokens per chunk (default 64, as in the paper)")
+    parser.add_argument("--seq-len", type=int, default=2048, metavar="N",
+                        help="tokens per training sequence, a multiple of --chunk-size (default 2048)")
+    parser.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                        help="fraction of documents held out as the val split (stable hash; default 0)")
     parser.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
-                        help="tokenising processes (the result is identical for any N)")
-    parser.add_argument("--tokenizer-sample-mb", type=float, default=4.0,
-                        help="MB of text sampled (deterministically) to train the tokenizer")
+                        metavar="N",
+                        help="tokenising processes (default: CPU count, at most 8); the result is "
+                             "identical for any N")
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=4.0, metavar="MB",
+                        help="MB of text sampled (deterministically) to train the tokenizer (default 4)")
     parser.add_argument("--tokenizer-type", choices=("unigram", "bpe"), default="unigram",
                         help="sentencepiece model type to train (unigram encodes ~9x faster than "
                              "bpe here, at the same compression)")
-    parser.add_argument("--unit-mb", type=float, default=None,
+    parser.add_argument("--unit-mb", type=float, default=None, metavar="MB",
                         help="work-unit size in MB (default 2); never changes the result")
     parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
-                        help="skip files with more undecodable UTF-8 bytes than this fraction")
+                        metavar="F", help="skip files with more undecodable UTF-8 bytes than this "
+                                          "fraction (default 0.01); below it they become U+FFFD")
 
 
 def config_from_args(args: argparse.Namespace) -> ChunkConfig:
