@@ -310,3 +310,39 @@ def test_config_errors_are_one_line_dberrors(tmp_path):
 def test_paper_rule_for_cca_layers():
     assert small_cfg(depth=12, cca_layers=None).resolved_cca_layers == [6, 9, 12]
     assert small_cfg(depth=5, cca_layers=None).resolved_cca_layers == []
+
+
+@pytest.mark.slow
+def test_learns_to_copy_the_continuation_from_its_neighbour():
+    """End to end: random tokens are unpredictable, but chunk u's neighbour carries chunk u + 1 as
+    its continuation. A trained model copies it from the last token of chunk u on (loss ~0) and
+    stays at chance before the end of chunk 0 (no leak through the shift)."""
+    import math
+
+    import torch.nn.functional as F
+
+    m, v = 4, 32
+    cfg = RetroConfig(vocab_size=v, pad_id=0, dim=48, depth=2, heads=4, dim_head=12, cca_layers=[1, 2],
+                      enc_dim=48, enc_depth=1, enc_heads=4, enc_dim_head=12, chunk_size=m, num_neighbours=1)
+    torch.manual_seed(0)
+    model = RETRO(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    n = 8 * m
+
+    def batch(b: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = torch.randint(1, v, (b, n + 1))
+        chunks = tok[:, :n].reshape(b, n // m, m)
+        following = F.pad(tok[:, m:], (0, m - 1), value=0).reshape(b, n // m, m)  # true next chunk
+        return tok, torch.cat([chunks, following], dim=-1)[:, :, None]
+
+    for _ in range(200):
+        tok, nbrs = batch()
+        loss = F.cross_entropy(model(tok[:, :-1], nbrs).flatten(0, 1), tok[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tok, nbrs = batch(64)
+    with torch.no_grad():
+        per_pos = F.cross_entropy(model(tok[:, :-1], nbrs).transpose(1, 2), tok[:, 1:], reduction="none").mean(0)
+    assert per_pos[: m - 1].min() > 0.8 * math.log(v - 1)   # before chunk 0 ends: chance
+    assert per_pos[m - 1:].mean() < 1.0                       # copied from the continuation
