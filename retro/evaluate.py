@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many (0: all)")
     p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--require-gain", action="store_true",
+                   help="exit with status 3 unless bits per byte with retrieval is lower than without")
     return p
 
 
@@ -144,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
            **res.to_dict()}
     print(json.dumps(out, indent=2))
+    gain = res.bits_per_byte_no_retrieval - res.bits_per_byte
+    print(f"{args.split} bits per byte: {res.bits_per_byte:.4f} with retrieval, "
+          f"{res.bits_per_byte_no_retrieval:.4f} without (retrieval gain {gain:+.4f}) "
+          f"over {res.tokens:,} tokens of {res.sequences} sequences", file=sys.stderr)
+    if args.require_gain and not gain > 0:
+        print("retro.evaluate: retrieval did not lower bits per byte", file=sys.stderr)
+        return 3
     return 0
 
 

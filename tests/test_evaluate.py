@@ -108,6 +108,9 @@ def test_cli_prints_json_with_and_without_retrieval(db, tmp_path, capsys):
     assert out["bits_per_byte_no_retrieval"] == pytest.approx(res.bits_per_byte_no_retrieval, rel=1e-6)
     assert out["retrieval_gain_bits_per_byte"] == pytest.approx(
         out["bits_per_byte_no_retrieval"] - out["bits_per_byte"])
+    rc = main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--no-progress", "--require-gain"])
+    assert rc == (0 if out["retrieval_gain_bits_per_byte"] > 0 else 3)
+    assert "bits per byte:" in capsys.readouterr().err
     # a model that does not fit the DB is refused with both values named
     save_resolved(tmp_path / "config.yaml", TrainConfig(seq_len=64), model_cfg(vocab_size=600).to_dict())
     save_checkpoint(tmp_path, 5, RETRO(model_cfg(vocab_size=600)), None, {})
