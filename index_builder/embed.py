@@ -187,12 +187,14 @@ class Embedder:
         self.id: str = hashlib.sha256(
             (_hash_state_dict(model) + _hash_tokenizer(self.tokenizer)).encode()
         ).hexdigest()[:32]
-        self.model = model.to(self.device)
         dtype = cfg.dtype or default_dtype(self.device.type)
         if dtype not in ("fp32", "bf16"):
             raise DBError(f"--dtype must be fp32 or bf16, not {dtype!r}")
         self.dtype: str = dtype
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        # bf16: the weights are stored in bf16 too (no per-call casts of fp32 weights), and
+        # autocast keeps the numerically sensitive ops (layer norm, softmax) in fp32
+        self.model = model.to(self.device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         self._forward = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
 
     @property

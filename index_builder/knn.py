@@ -205,6 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="chunks per shard (the unit of resume and of torchrun sharding)")
     g.add_argument("--threads", type=int, default=None,
                    help="faiss / torch CPU threads (default: all cores)")
+    g.add_argument("--exact-pass-rows", type=int, default=None,
+                   help="--exact: queries sharing one pass over the embeddings "
+                        "(default 262144 on CUDA, one shard on CPU)")
 
 
 def _faiss_has_gpu() -> bool:
@@ -275,7 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     faiss.omp_set_num_threads(threads)
     torch.set_num_threads(threads)
-    train_docs = np.asarray(open_npy(db / "train" / "doc_ids.npy"))
+    train_docs = open_npy(db / "train" / "doc_ids.npy")  # memory-mapped: random access via page cache
     ntotal = int(train_docs.shape[0])
     train_emb = open_embeddings(db, "train")
     if sum(a.shape[0] for a in train_emb) != ntotal:
@@ -298,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
             return i.astype(np.int64), d.astype(np.float32)
 
+    pass_rows = getattr(args, "exact_pass_rows", None) or (262144 if device.startswith("cuda") else 0)
     todo, reused = [], 0
     for split in SPLITS:
         for i, (a, b) in enumerate(shard_ranges(_count(db, split), shard_size)):
@@ -317,21 +321,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tqdm(total=sum(b - a for *_, a, b in todo), unit="chunk",
               desc=f"knn[{rank}/{world}]" if world > 1 else "knn", disable=not todo,
               dynamic_ncols=True) as bar:
-        for split, i, a, b in todo:
+        for group in _groups(todo, pass_rows if exact else 0):
+            split = group[0][0]
             if split not in emb_cache:
                 emb_cache[split] = open_embeddings(db, split)
-                docs_cache[split] = np.asarray(open_npy(db / split / "doc_ids.npy"))
-            queries = read_rows(emb_cache[split], a, b)
-            is_train = split == "train"
-            ids, dists = _search_block(search, queries, k, extra, ntotal, a, b, is_train,
-                                       docs_cache[split], train_docs)
-            short_rows += int((ids < 0).any(axis=1).sum())
-            p_ids, p_dist = knn_shard_paths(db, split, i)
-            atomic_save_npy(p_dist, dists)
-            atomic_save_npy(p_ids, ids)
-            bar.update(b - a)
-            written += 1
-            dist.kill_self_if("RETRO_TEST_KILL_KNN_AFTER", written)
+                docs_cache[split] = open_npy(db / split / "doc_ids.npy")
+            blocks = [read_rows(emb_cache[split], a, b) for _, _, a, b in group]
+            first = _first_pass(search, blocks, min(k + extra, ntotal)) if len(group) > 1 else None
+            for j, ((_, i, a, b), queries) in enumerate(zip(group, blocks)):
+                fn = search if first is None else _replay(search, first[j], min(k + extra, ntotal))
+                ids, dists = _search_block(fn, queries, k, extra, ntotal, a, b, split == "train",
+                                           docs_cache[split], train_docs)
+                short_rows += int((ids < 0).any(axis=1).sum())
+                p_ids, p_dist = knn_shard_paths(db, split, i)
+                atomic_save_npy(p_dist, dists)
+                atomic_save_npy(p_ids, ids)
+                bar.update(b - a)
+                written += 1
+                dist.kill_self_if("RETRO_TEST_KILL_KNN_AFTER", written)
     seconds = time.time() - t0
     dist.barrier()
     summary: dict[str, Any] = {"k": k, "method": params["method"], "seconds": round(seconds, 2),
@@ -349,6 +356,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"knn: {params['method']} search, k={k}, done in {seconds:.1f}s "
           f"({reused} shards reused, {short_rows} rows with fewer than k neighbours)")
     return summary
+
+
+def _groups(todo: list[tuple[str, int, int, int]], max_rows: int) -> list[list[tuple[str, int, int, int]]]:
+    """Consecutive shards of one split, up to max_rows queries a group (0: one shard a group).
+
+    The exact search reads the whole database once per group, so on a GPU many shards of
+    queries share one pass over the embeddings; results are still written shard by shard.
+    """
+    groups: list[list[tuple[str, int, int, int]]] = []
+    rows = 0
+    for job in todo:
+        n = job[3] - job[2]
+        if groups and groups[-1][0][0] == job[0] and rows + n <= max_rows:
+            groups[-1].append(job)
+            rows += n
+        else:
+            groups.append([job])
+            rows = n
+    return groups
+
+
+def _first_pass(search: SearchFn, blocks: list[np.ndarray], c: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One search for all blocks' queries, split back per block."""
+    ids, d = search(np.concatenate(blocks), c)
+    out, start = [], 0
+    for blk in blocks:
+        out.append((ids[start:start + len(blk)], d[start:start + len(blk)]))
+        start += len(blk)
+    return out
+
+
+def _replay(search: SearchFn, first: tuple[np.ndarray, np.ndarray], c: int) -> SearchFn:
+    """A search that answers its first call from precomputed candidates, then searches."""
+    used = [False]
+
+    def fn(q: np.ndarray, cc: int) -> tuple[np.ndarray, np.ndarray]:
+        if not used[0] and cc == c and len(q) == len(first[0]):
+            used[0] = True
+            return first
+        return search(q, cc)
+
+    return fn
 
 
 def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,

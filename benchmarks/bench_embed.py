@@ -1,0 +1,239 @@
+"""Chunk embedding throughput: our Embedder vs a plain Hugging Face loop, side by side.
+
+    .venv/bin/python benchmarks/bench_embed.py                  # CPU: real MiniLM on stdlib chunks
+    python benchmarks/bench_embed.py --device cuda              # GPU: random BERT-base / MiniLM-L6 shapes
+
+CPU: the offline all-MiniLM-L6-v2 on ~64-token chunks of the Python standard library (texts of
+realistic, varying length). The peer is the plain loop users write: tokenizer(padding=True) on
+batches in corpus order, fp32, torch.no_grad, masked mean; it runs at each batch size in
+--peer-batch-sizes and its best is the baseline. Ours = Embedder.embed (bucketing by length,
+inference_mode, SDPA, bf16 where the CPU has it), tokenisation included in both.
+
+GPU: randomly initialised BertModels of the BERT-base and MiniLM-L6 shapes, 64-token chunks,
+ours at batch 1024 vs the plain HF bf16 loop (model.to(bfloat16)) at its best batch size.
+
+Appends/replaces the `bench_embed_cpu` / `bench_embed_gpu` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from index_builder.embed import Embedder, EmbedderConfig, _quiet_transformers, default_embedder  # noqa: E402
+
+SECTION = "bench_embed"
+
+
+@dataclass
+class Row:
+    setting: str
+    impl: str
+    batch: int
+    n: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+
+def stdlib_chunks(n: int, chars: int = 230, seed: int = 0) -> list[str]:
+    """~64 sentencepiece tokens of Python source each (about 230 characters), cut on line ends."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py"))
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for f in rng.permutation(len(files)):
+        text = files[f].read_text(errors="replace")
+        buf = ""
+        for line in text.splitlines(keepends=True):
+            buf += line
+            if len(buf) >= chars:
+                out.append(buf[: chars + 40])
+                buf = ""
+        if buf.strip():
+            out.append(buf)  # a document's short last chunk, as in a real store
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def plain_hf_loop(model: torch.nn.Module, tokenizer, texts: Sequence[str], batch: int,
+                  device: str, dtype: torch.dtype) -> np.ndarray:
+    """What a user writes: padded batches in order, no_grad, masked mean."""
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tokenizer(list(texts[i:i + batch]), padding=True, truncation=True,
+                            return_tensors="pt").to(device)
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outs.append(((h * m).sum(1) / m.sum(1)).float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def plain_hf_ids(model: torch.nn.Module, ids: torch.Tensor, batch: int, device: str) -> None:
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch):
+            x = ids[i:i + batch].to(device, non_blocking=True)
+            h = model(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+            h.mean(1).float().cpu()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_cpu(args: argparse.Namespace) -> tuple[list[Row], str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = default_embedder()
+    texts = stdlib_chunks(args.n)
+    tok = AutoTokenizer.from_pretrained(path)
+    lens = [len(x) for x in tok(texts)["input_ids"]]
+    with _quiet_transformers():
+        peer = AutoModel.from_pretrained(path).eval()
+    rows: list[Row] = []
+    plain_hf_loop(peer, tok, texts[:64], 32, "cpu", torch.float32)  # warm-up
+    for b in args.peer_batch_sizes:
+        s = timed(lambda: plain_hf_loop(peer, tok, texts, b, "cpu", torch.float32), "cpu")
+        rows.append(Row("MiniLM-L6, stdlib chunks", "plain HF fp32 loop", b, len(texts), s))
+    for dtype in ("fp32", "bf16"):
+        ours = Embedder(EmbedderConfig(device="cpu", dtype=dtype, batch_size=args.batch_size))
+        ours.embed(texts[:64])  # warm-up
+        s = timed(lambda: ours.embed(texts), "cpu")
+        rows.append(Row("MiniLM-L6, stdlib chunks", f"ours ({dtype})", args.batch_size, len(texts), s))
+    note = (f"{len(texts)} chunks of stdlib Python (~230 characters; BERT length mean "
+            f"{np.mean(lens):.0f}, p10 {np.percentile(lens, 10):.0f}, p90 {np.percentile(lens, 90):.0f} "
+            f"word pieces); {torch.get_num_threads()} torch threads. The plain loop's pooling "
+            "includes [CLS]/[SEP] (it is the users' loop, not ours); speed is unaffected.")
+    return rows, note
+
+
+SHAPES = {
+    "BERT-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "MiniLM-L6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+}
+
+
+def bench_gpu(args: argparse.Namespace) -> tuple[list[Row], str]:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    device = args.device
+    rows: list[Row] = []
+    n = args.n
+    tok = AutoTokenizer.from_pretrained(default_embedder())
+    g = torch.Generator().manual_seed(0)
+    body = torch.randint(1000, tok.vocab_size, (n, args.seq - 2), generator=g)
+    ids = torch.cat([torch.full((n, 1), tok.cls_token_id), body, torch.full((n, 1), tok.sep_token_id)], 1)
+    id_lists = ids.tolist()
+    for name, shape in SHAPES.items():
+        cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
+        with tempfile.TemporaryDirectory() as tmp, _quiet_transformers():
+            torch.manual_seed(0)
+            BertModel(cfg).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            peer = BertModel.from_pretrained(tmp, attn_implementation="sdpa").to(device, torch.bfloat16).eval()
+            best = None
+            for b in args.peer_batch_sizes:
+                plain_hf_ids(peer, ids[:b], b, device)  # warm-up at this shape
+                s = timed(lambda: plain_hf_ids(peer, ids, b, device), device)
+                rows.append(Row(f"{name}, {args.seq}-token chunks", "plain HF bf16 loop", b, n, s))
+                best = s if best is None else min(best, s)
+            del peer
+            for compile_ in (False, True):
+                ours = Embedder(EmbedderConfig(name_or_path=tmp, device=device, dtype="bf16",
+                                               batch_size=args.batch_size, compile=compile_))
+                ours.embed_ids(id_lists[: 2 * args.batch_size])  # warm-up (and compile)
+                s = timed(lambda: ours.embed_ids(id_lists), device)
+                rows.append(Row(f"{name}, {args.seq}-token chunks",
+                                "ours (bf16" + (", compiled)" if compile_ else ")"), args.batch_size, n, s))
+                del ours
+            torch.cuda.empty_cache()
+    note = f"{n} chunks of {args.seq} random word pieces per shape; {torch.cuda.get_device_name()}."
+    return rows, note
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| setting | implementation | batch | chunks | seconds | chunks/s | vs best plain |",
+             "|---|---|---|---|---|---|---|"]
+    best: dict[str, float] = {}
+    for r in rows:
+        if r.impl.startswith("plain"):
+            best[r.setting] = max(best.get(r.setting, 0.0), r.rate)
+    for r in rows:
+        ratio = r.rate / best[r.setting] if best.get(r.setting) else float("nan")
+        lines.append(f"| {r.setting} | {r.impl} | {r.batch} | {r.n} | {r.seconds:.2f} | "
+                     f"{r.rate:.1f} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def machine(device: str) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return (f"{platform.machine()} {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}, "
+            f"load average {load:.1f} at the end (the machine is shared: absolute numbers are noisy)")
+
+
+def write_section(text: str, section: str, path: Path = ROOT / "docs" / "BENCHMARKS.md") -> None:
+    """Replace our own marked section (others' sections are left as they are)."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--n", type=int, default=None, help="chunks (default 768 on CPU, 32768 on CUDA)")
+    ap.add_argument("--batch-size", type=int, default=None, help="ours (default 128 CPU, 1024 CUDA)")
+    ap.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--seq", type=int, default=64, help="GPU: word pieces per chunk incl. [CLS]/[SEP]")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.n = args.n or (32768 if gpu else 768)
+    args.batch_size = args.batch_size or (1024 if gpu else 128)
+    args.peer_batch_sizes = args.peer_batch_sizes or ([256, 512, 1024, 2048] if gpu else [32, 128])
+    rows, note = bench_gpu(args) if gpu else bench_cpu(args)
+    tab = table(rows)
+    print(tab)
+    cmd = "python benchmarks/bench_embed.py" + (" --device cuda" if gpu else "")
+    text = (f"## Chunk embedding: `Embedder` vs a plain Hugging Face loop ({'GPU' if gpu else 'CPU'})\n\n"
+            f"Command: `{cmd}`  \nMachine: {machine(args.device)}  \n"
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{note}\n\n{tab}\n")
+    if not args.no_write:
+        write_section(text, f"{SECTION}_{'gpu' if gpu else 'cpu'}")
+
+
+if __name__ == "__main__":
+    main()

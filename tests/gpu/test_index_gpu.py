@@ -1,0 +1,55 @@
+"""GPU paths of the index builder: same code as CPU, bf16 autocast for BERT, fp32 exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_exact_search_cuda_equals_cpu():
+    from index_builder.knn import ExactSearchConfig, exact_search
+
+    rng = np.random.default_rng(0)
+    shards = [rng.standard_normal((n, 48)).astype(np.float16) for n in (5000, 3000)]
+    q = rng.standard_normal((700, 48)).astype(np.float32)
+    cfg_cpu = ExactSearchConfig(device="cpu", tile_rows=1024, query_block=256)
+    cfg_gpu = ExactSearchConfig(device="cuda", tile_rows=1024, query_block=256)
+    i_c, d_c = exact_search(q, shards, 12, cfg_cpu)
+    i_g, d_g = exact_search(q, shards, 12, cfg_gpu)
+    np.testing.assert_allclose(d_g, d_c, rtol=1e-4, atol=1e-3)
+    assert (i_g == i_c).mean() > 0.99
+
+
+def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
+    from index_builder.embed import Embedder, EmbedderConfig
+
+    texts = ["def f(x):\n    return x + 1", "The quick brown fox.", "", "import os, sys"] * 40
+    cpu = Embedder(EmbedderConfig(device="cpu", dtype="fp32")).embed(texts)
+    gpu_e = Embedder(EmbedderConfig(device="cuda"))
+    assert gpu_e.dtype == "bf16" and gpu_e.device.type == "cuda"
+    gpu = gpu_e.embed(texts)
+    nz = np.linalg.norm(cpu, axis=1) > 0
+    cos = (cpu[nz] * gpu[nz]).sum(1) / np.linalg.norm(cpu[nz], axis=1) / np.linalg.norm(gpu[nz], axis=1)
+    assert (cos > 0.99).all() and not gpu[~nz].any()
+
+
+def test_pipeline_on_cuda_uses_exact_knn_without_faiss_gpu(tmp_path, tmp_path_factory):
+    from chunk_store.manifest import load_manifest
+    from index_builder import Retriever
+    from index_builder.knn import _faiss_has_gpu
+    from index_builder.testing import build_index_db, run_cli, shared_tiny_bert
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "db", bert, n_docs=20, stages=("embed", "index"))
+    assert run_cli(["embed", "--db", db, "--embedder", bert, "--device", "cuda"]) == 0  # no-op: done
+    assert run_cli(["knn", "--db", db, "--device", "cuda"]) == 0
+    m = load_manifest(db)
+    assert m["stages"]["knn"]["params"]["method"] == ("index" if _faiss_has_gpu() else "exact")
+    docs = np.load(db / "train" / "doc_ids.npy")
+    nb = np.load(db / "train" / "neighbours.npy")
+    ok = nb >= 0
+    assert not (docs[np.where(ok, nb, 0)] == docs[:, None])[ok].any()
+    r = Retriever.open(db, device="cuda")
+    assert len(r.search_text(["def f(x): return x"], k=2)[0]) == 2
