@@ -146,3 +146,30 @@ def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_f
     for split in ("train", "val"):
         for name in ("neighbours.npy", "neighbour_distances.npy"):
             assert (db / split / name).read_bytes() == (again / split / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path, tmp_path_factory):
+    """embed and knn under `torchrun --nproc_per_node 2` write the same bytes as one process."""
+    from chunk_store.testing import build_tiny_db
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    one = build_tiny_db(tmp_path / "one", n_docs=20)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "-m", "index_builder"]
+    common = ["--shard-size", "150", "--device", "cpu"]
+    for stage, extra in (("embed", ["--embedder", str(bert), "--tokenize-workers", "0"]),
+                         ("index", ["--index-key", "Flat"]), ("knn", [])):
+        sub = common if stage != "index" else []
+        assert run_cli([stage, "--db", one, *sub, *extra]) == 0
+        cmd = (torchrun if stage != "index" else [sys.executable, "-m", "index_builder"])
+        p = subprocess.run([*cmd, stage, "--db", str(two), *sub, *extra], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert load_manifest(two)["stages"]["knn"]["stats"]["world_size"] == 2
+    for split in ("train", "val"):
+        for f in sorted((one / split / "embeddings").glob("*.npy")):
+            assert f.read_bytes() == (two / split / "embeddings" / f.name).read_bytes()
+        for name in ("neighbours.npy", "neighbour_distances.npy"):
+            assert (one / split / name).read_bytes() == (two / split / name).read_bytes()
