@@ -344,11 +344,17 @@ def ratios(results: list[Result]) -> list[str]:
     return out
 
 
+def display_path(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared machine)" if hasattr(os, "getloadavg") else ""
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{load}")
 
 
 def write_docs(section: str, body: str) -> None:
@@ -437,13 +443,13 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{cmd.strip()}`",
             f"- machine: {machine(device)}",
             f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- shape: {args.config} ({cfg.num_params() / 1e6:.1f}M params), batch {batch} x {seq_len} tokens, "
+            f"- shape: {display_path(args.config)} ({cfg.num_params() / 1e6:.1f}M params), batch {batch} x {seq_len} tokens, "
             f"k={cfg.num_neighbours}, chunk {cfg.chunk_size}; AdamW; bf16 = autocast with fp32 weights",
             f"- MFU: model FLOPs {f_ret / 1e9:.3f} GFLOP/token with retrieval, {f_base / 1e9:.3f} without "
             f"(training step, full attention scores); peak = "
             f"{'datasheet dense TFLOP/s (fp32 = TF32)' if cuda else 'measured 2048^3 matmul on this CPU'}",
             "- memory: " + ("CUDA max_memory_allocated above the model-free baseline" if cuda else
-                            "peak resident set size above the baseline (sampled every 2 ms; approximate)"),
+                            "live malloc'ed bytes (glibc mallinfo2) above the baseline, sampled every 1 ms"),
             "",
             table(results),
             "",

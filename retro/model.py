@@ -108,9 +108,8 @@ class SelfAttention(nn.Module):
         cache: LayerCache | None = None,
         start: int = 0,
     ) -> Tensor:
-        qkv = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)  # q and k rotated in one pass
-        v = qkv[2]
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn_mask, is_causal = None, self.causal
         if key_mask is not None:
             attn_mask = rearrange(key_mask, "b j -> b 1 1 j")

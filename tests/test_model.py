@@ -18,7 +18,7 @@ from retro import RETRO, RetroConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 M, K, V, PAD = 4, 2, 37, 3
-HYP = settings(max_examples=12, deadline=None, derandomize=True)
+HYP = settings(max_examples=8, deadline=None, derandomize=True)
 
 
 def small_cfg(**over) -> RetroConfig:
