@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         verbose=logging.WARNING,
     )
     if distributed == "pyspark":
+        # executors must run a Python that has autofaiss & co.: this one, unless the user (or
+        # the cluster's config) says otherwise; only affects a session created from here on
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         kwargs["distributed"] = "pyspark"
         kwargs["temporary_indices_folder"] = (getattr(args, "temporary_indices_folder", None)
                                               or str((db / INDEX_DIR / "tmp").resolve()))

@@ -123,12 +123,17 @@ def test_distributed_without_pyspark_says_how_to_install(tmp_path, tmp_path_fact
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_distributed_pyspark_local_mode(tmp_path, tmp_path_factory):
+def test_distributed_pyspark_local_mode(tmp_path, tmp_path_factory, monkeypatch):
     """autofaiss's Spark mode with a local[2] session (Java 17); same index contract."""
+    import sys
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)  # executors need this venv
+
     from pyspark.sql import SparkSession
 
     spark = (SparkSession.builder.master("local[2]").appName("retro-index-test")
-             .config("spark.driver.memory", "2g").getOrCreate())
+             .config("spark.driver.memory", "2g").config("spark.pyspark.python", sys.executable)
+             .getOrCreate())
     try:
         db = tmp_path / "db"
         shutil.copytree(shared_db(tmp_path_factory), db, ignore=shutil.ignore_patterns("index", "neighbour*"))
