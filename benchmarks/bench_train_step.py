@@ -158,16 +158,18 @@ class PeakHostMemory:
         return self.peak - self.base
 
 
-def cpu_peak_flops(dtype: torch.dtype, size: int = 2048, reps: int = 3) -> float:
-    """Measured matmul throughput on this CPU (the denominator of CPU MFU)."""
+def cpu_peak_flops(dtype: torch.dtype, clock: str, size: int = 2048, reps: int = 3) -> float:
+    """Measured matmul throughput on this CPU (the denominator of CPU MFU), on the same clock as
+    the steps."""
     a = torch.randn(size, size, dtype=dtype)
     b = torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        sec = (time.process_time() - c) / torch.get_num_threads() if clock == "cpu" else time.perf_counter() - t
+        best = min(best, sec)
     return 2 * size**3 / best
 
 
@@ -245,12 +247,17 @@ def prepare(variant: Variant, tokens: torch.Tensor, nbrs: torch.Tensor, bf16: bo
     return Prepared(variant, step, mem, [], loss)
 
 
-def timed_step(p: Prepared, device: torch.device) -> None:
+def timed_step(p: Prepared, device: torch.device, clock: str) -> None:
+    """Wall time, or (clock="cpu") this process's CPU seconds / torch threads: on a shared CPU
+    the wall clock mostly measures the other processes; CPU time measures our work."""
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     p.loss = p.step()
     sync(device)
-    p.times.append(time.perf_counter() - t)
+    if clock == "cpu":
+        p.times.append((time.process_time() - c) / torch.get_num_threads())
+    else:
+        p.times.append(time.perf_counter() - t)
 
 
 def result_of(p: Prepared, batch: int, seq_len: int, bf16: bool, peak: float | None) -> Result:
@@ -262,7 +269,7 @@ def result_of(p: Prepared, batch: int, seq_len: int, bf16: bool, peak: float | N
 
 
 def run_dtype(variants: list[Variant], cfg: RetroConfig, batch: int, seq_len: int, bf16: bool,
-              device: torch.device, warmup: int, steps: int, peak: float | None) -> list[Result]:
+              device: torch.device, warmup: int, steps: int, peak: float | None, clock: str) -> list[Result]:
     """On CUDA one variant after the other (memory is per device, timings are stable). On a
     shared CPU the variants' timed steps are interleaved round-robin, so load from other
     processes hits every variant alike and the ratios hold."""
@@ -273,7 +280,7 @@ def run_dtype(variants: list[Variant], cfg: RetroConfig, batch: int, seq_len: in
             try:
                 p = prepare(v, tokens, nbrs, bf16, device, warmup)
                 for _ in range(steps):
-                    timed_step(p, device)
+                    timed_step(p, device, clock)
             except torch.OutOfMemoryError:
                 print(f"  {v.name:22s}: out of memory")
                 continue
@@ -286,7 +293,7 @@ def run_dtype(variants: list[Variant], cfg: RetroConfig, batch: int, seq_len: in
     prepared = [prepare(v, tokens, nbrs, bf16, device, warmup) for v in variants]
     for _ in range(steps):
         for p in prepared:
-            timed_step(p, device)
+            timed_step(p, device, clock)
     for p in prepared:
         results.append(result_of(p, batch, seq_len, bf16, peak))
         report(results[-1])
@@ -382,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip retro-pytorch")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on a CPU device: 1, so CPU time is not inflated by "
+                        "OpenMP threads spinning while the shared machine deschedules their peers)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="step time: wall clock, or process CPU seconds / threads (auto: cpu on a CPU device)")
     args = p.parse_args(argv)
 
     import yaml
@@ -399,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps if args.steps is not None else (20 if cuda else 5)
     use_compile = args.compile == "on" or (args.compile == "auto" and cuda)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    clock = args.clock if args.clock != "auto" else ("wall" if cuda else "cpu")
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
 
     f_ret = cfg.flops_per_token(seq_len, with_retrieval=True)
     f_base = cfg.flops_per_token(seq_len, with_retrieval=False)
@@ -413,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cuda:
             peak = gpu_peak_flops(device, bf16)
         else:
-            peak = cpu_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+            peak = cpu_peak_flops(torch.bfloat16 if bf16 else torch.float32, clock)
         print(f"{dtype}: peak {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s "
               f"({'override' if args.peak_tflops else 'datasheet' if cuda else 'measured matmul'})")
         variants = [
@@ -428,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         if not args.no_peer:
             variants.append(Variant("retro-pytorch", lambda: build_peer(cfg, seq_len), peer_loss, f_ret))
-        results += run_dtype(variants, cfg, batch, seq_len, bf16, device, warmup, steps, peak)
+        results += run_dtype(variants, cfg, batch, seq_len, bf16, device, warmup, steps, peak, clock)
 
     summary = ratios(results)
     print()
@@ -444,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             f"- machine: {machine(device)}",
             f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
             f"- shape: {display_path(args.config)} ({cfg.num_params() / 1e6:.1f}M params), batch {batch} x {seq_len} tokens, "
-            f"k={cfg.num_neighbours}, chunk {cfg.chunk_size}; AdamW; bf16 = autocast with fp32 weights",
+            f"k={cfg.num_neighbours}, chunk {cfg.chunk_size}; AdamW; bf16 = autocast with fp32 weights; "
+            f"median of {steps} steps after {warmup} warm-up, "
+            + ("wall clock" if clock == "wall" else
+               "step time = process CPU seconds / torch threads (the shared machine's wall clock mostly "
+               "measures the other users), variants interleaved step by step"),
             f"- MFU: model FLOPs {f_ret / 1e9:.3f} GFLOP/token with retrieval, {f_base / 1e9:.3f} without "
             f"(training step, full attention scores); peak = "
             f"{'datasheet dense TFLOP/s (fp32 = TF32)' if cuda else 'measured 2048^3 matmul on this CPU'}",
