@@ -108,7 +108,16 @@ def retro_pytorch_lookup(retriever, k: int) -> Callable[[str], object]:
     """RETRO-pytorch's query path with its model/tokenizer globals set to the local MiniLM."""
     import retro_pytorch.retrieval as rp
 
-    rp.TOKENIZER = retriever.embedder.tokenizer
+    class _Tokenizer:
+        """transformers 5 dropped batch_encode_plus, which RETRO-pytorch calls: same call, new name."""
+
+        def __init__(self, tok):
+            self.tok = tok
+
+        def batch_encode_plus(self, texts, **kwargs):
+            return self.tok(list(texts), **kwargs)
+
+    rp.TOKENIZER = _Tokenizer(retriever.embedder.tokenizer)
     from transformers import AutoModel
 
     from index_builder.embed import _quiet_transformers

@@ -401,7 +401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="BERT tokenisation worker processes overlapped with the model (0 = inline)")
     g.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
                    help="BERT compute dtype (default bf16 autocast on CUDA and bf16-capable CPUs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the BERT encoder")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the BERT encoder (default: on with CUDA, off on CPU)")
 
 
 def _arg(args: argparse.Namespace, name: str, default: Any) -> Any:
@@ -427,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     embedder = Embedder(EmbedderConfig(
         name_or_path=_arg(args, "embedder", ""), device=device, dtype=_arg(args, "dtype", None),
         max_length=_arg(args, "max_length", None), batch_size=batch_size,
-        compile=bool(_arg(args, "compile", False))))
+        compile=bool(_arg(args, "compile", device.startswith("cuda")))))
     params = {
         "embedder": embedder.name,
         "embedder_path": str(embedder.name_or_path),

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where BERT runs")
     p.add_argument("--embedder", default=None, help="the DB's embedder, if its recorded folder moved")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/faiss CPU threads (1 is steadier on a busy machine; default all cores)")
     p.add_argument("--max-texts", type=int, default=ServerLimits.max_texts)
     p.add_argument("--max-chars", type=int, default=ServerLimits.max_chars)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -130,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        retriever = Retriever.open(args.db, device=args.device, embedder=args.embedder)
+        retriever = Retriever.open(args.db, device=args.device, embedder=args.embedder,
+                                   threads=args.threads)
     except DBError as e:
         print(f"retro-serve: error: {e}", file=sys.stderr)
         return 2
