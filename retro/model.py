@@ -359,8 +359,9 @@ class RETRO(nn.Module):
     # ------------------------------------------------------------------ init
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by
-        1/sqrt(2 x residual blocks) (GPT-2), so the residual stream's variance stays ~1 at depth."""
+        """Normal(0, init_std) everywhere; every residual branch's output projection scaled by
+        1/sqrt(number of residual branches) (GPT-2's rule, CCA branches counted), so the residual
+        stream's variance does not grow with depth."""
         std = self.cfg.init_std
         n_resid = 2 * self.cfg.depth + len(self.cca_layers)
         for name, module in self.named_modules():
