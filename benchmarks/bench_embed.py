@@ -114,19 +114,31 @@ def bench_cpu(args: argparse.Namespace) -> tuple[list[Row], str]:
     lens = [len(x) for x in tok(texts)["input_ids"]]
     with _quiet_transformers():
         peer = AutoModel.from_pretrained(path).eval()
-    rows: list[Row] = []
-    plain_hf_loop(peer, tok, texts[:64], 32, "cpu", torch.float32)  # warm-up
+    impls: dict[tuple[str, int], Callable[[Sequence[str]], object]] = {}
     for b in args.peer_batch_sizes:
-        s = timed(lambda: plain_hf_loop(peer, tok, texts, b, "cpu", torch.float32), "cpu")
-        rows.append(Row("MiniLM-L6, stdlib chunks", "plain HF fp32 loop", b, len(texts), s))
+        impls[("plain HF fp32 loop", b)] = (
+            lambda t, b=b: plain_hf_loop(peer, tok, t, b, "cpu", torch.float32))
     for dtype in ("fp32", "bf16"):
         ours = Embedder(EmbedderConfig(device="cpu", dtype=dtype, batch_size=args.batch_size))
-        ours.embed(texts[:64])  # warm-up
-        s = timed(lambda: ours.embed(texts), "cpu")
-        rows.append(Row("MiniLM-L6, stdlib chunks", f"ours ({dtype})", args.batch_size, len(texts), s))
+        impls[(f"ours ({dtype})", args.batch_size)] = ours.embed
+    for fn in impls.values():
+        fn(texts[:64])  # warm-up
+    # interleaved rounds, rotating the order: the machine's load drifts over minutes, so each
+    # implementation sees the same slices under the same conditions
+    seconds = dict.fromkeys(impls, 0.0)
+    keys = list(impls)
+    rounds = max(1, args.rounds)
+    step = -(-len(texts) // rounds)
+    for r in range(rounds):
+        part = texts[r * step:(r + 1) * step]
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            seconds[key] += timed(lambda: impls[key](part), "cpu")
+    rows = [Row("MiniLM-L6, stdlib chunks", name, b, len(texts), seconds[(name, b)])
+            for name, b in keys]
     note = (f"{len(texts)} chunks of stdlib Python (~230 characters; BERT length mean "
             f"{np.mean(lens):.0f}, p10 {np.percentile(lens, 10):.0f}, p90 {np.percentile(lens, 90):.0f} "
-            f"word pieces); {torch.get_num_threads()} torch threads. The plain loop's pooling "
+            f"word pieces); {torch.get_num_threads()} torch threads; {args.rounds} interleaved rounds "
+            "(each implementation embeds the same slices, order rotated). The plain loop's pooling "
             "includes [CLS]/[SEP] (it is the users' loop, not ours); speed is unaffected.")
     return rows, note
 
@@ -215,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=None, help="chunks (default 768 on CPU, 32768 on CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="ours (default 128 CPU, 1024 CUDA)")
     ap.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--rounds", type=int, default=6, help="CPU: interleaved rounds")
     ap.add_argument("--seq", type=int, default=64, help="GPU: word pieces per chunk incl. [CLS]/[SEP]")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = ap.parse_args(argv)
