@@ -403,12 +403,15 @@ def _load_or_make_plan(work: Path, files: Sequence[InputFile], walk_skipped: lis
     target = unit_bytes or UNIT_BYTES
     ranges: dict[int, list[tuple[int, int, int]]] = {}
     hashes: dict[str, str] = {}
-    for i, f in enumerate(files):  # big .jsonl files: one pass for the hash and the cuts
-        if f.path.endswith(".jsonl") and f.size > target:
+    big = [i for i, f in enumerate(files) if f.path.endswith(".jsonl") and f.size > target]
+    with tqdm(total=sum(files[i].size for i in big), unit="B", unit_scale=True, leave=False,
+              desc="split .jsonl", disable=not big) as bar:
+        for i in big:  # big .jsonl files: one streaming pass for the hash and the cuts
             try:
-                hashes[str(i)], ranges[i] = split_jsonl(f.path, target)
+                hashes[str(i)], ranges[i] = split_jsonl(files[i].path, target)
             except OSError:
                 pass  # unreadable: the worker reports it
+            bar.update(files[i].size)
     plan = {"files": listing, "units": plan_units(files, target, ranges), "hashes": hashes,
             "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
     atomic_write_json(plan_path, plan)
@@ -579,7 +582,7 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
     elif db.exists() and (not db.is_dir() or any(db.iterdir())):
         raise DBError(f"chunk: {db} exists and is not a retro database (no {manifest_path(db).name})")
 
-    walk = walk_inputs(cfg.inputs, cfg.globs, cfg.excludes)
+    walk = walk_inputs(cfg.inputs, cfg.globs, cfg.excludes, progress=True)
     if manifest is not None and stage_done(manifest, "chunk"):
         recorded = [(i["path"], i["bytes"]) for i in manifest.get("inputs", [])]
         now = [(f.path, f.size) for f in walk.files]

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from tqdm.auto import tqdm
+
 # skip reasons (also the keys of the summary's "skipped" counts)
 EMPTY = "empty"
 BINARY = "binary"
@@ -69,6 +71,7 @@ def walk_inputs(
     inputs: Sequence[str | os.PathLike],
     globs: Sequence[str] = (),
     excludes: Sequence[str] = (),
+    progress: bool = False,
 ) -> WalkResult:
     """Every candidate file under ``inputs``, in a deterministic order.
 
@@ -78,6 +81,7 @@ def walk_inputs(
     folder reached a second time (a loop, or a second link to it) is skipped and recorded.
     """
     result = WalkResult()
+    bar = tqdm(desc="walk", unit=" files", disable=not progress, leave=False)
     visited_dirs: set[tuple[int, int]] = set()
     for inp in inputs:
         root = Path(inp).expanduser().resolve()
@@ -136,6 +140,8 @@ def walk_inputs(
                     result.skipped.append({"path": full, "reason": NOT_REGULAR})
                     continue
                 result.files.append(InputFile(full, st.st_size, st.st_mtime_ns))
+                bar.update()
+    bar.close()
     return result
 
 
