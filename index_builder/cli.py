@@ -75,7 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="the manifest and stage status, as JSON")
     p.add_argument("--db", required=True)
     p.set_defaults(func=info)
+
+    p = sub.add_parser("search", help="nearest train chunks of query texts, as JSON (the Retriever)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--k", type=int, default=2, help="neighbours per query")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (where BERT runs)")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="query texts")
+    p.set_defaults(func=search)
     return parser
+
+
+def search(args: argparse.Namespace) -> dict:
+    """Print each query's neighbours (chunk id, doc id, distance, text, continuation) as JSON."""
+    from index_builder.retriever import Retriever
+
+    if args.k < 1:
+        raise DBError(f"--k must be at least 1, got {args.k}")
+    results = Retriever.open(args.db, device=args.device).search_text(args.texts, k=args.k)
+    out = [{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.texts, results)]
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return {"queries": len(out)}
 
 
 def run_all(args: argparse.Namespace, stages: dict[str, object]) -> dict:

@@ -37,6 +37,17 @@ def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys)
     assert info["status"] == {"chunk": "done", "embed": "done", "index": "done", "knn": "done"}
     assert info["manifest"]["stages"]["index"]["stats"]["recall"]["recall@2"] >= 0.9
 
+    # search: the Retriever from the command line; a chunk's own text finds that chunk first
+    from chunk_store import ChunkStore
+
+    store = ChunkStore.open(db, "train")
+    query = store.text(5)
+    assert main(["search", "--db", str(db), "--k", "2", query]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in found] == [query]
+    assert found[0]["neighbours"][0]["chunk_id"] == 5 and len(found[0]["neighbours"]) == 2
+    assert main(["search", "--db", str(db), "--k", "0", query]) == 2
+
     mtime = (db / "train" / "neighbours.npy").stat().st_mtime_ns
     assert main(argv) == 0  # everything already done: resumes to a no-op
     assert (db / "train" / "neighbours.npy").stat().st_mtime_ns == mtime
