@@ -45,6 +45,13 @@ def info(args: argparse.Namespace) -> dict:
             "partial" if s in manifest["stages"] else "missing")
         for s in STAGE_MODULES
     }
+    if getattr(args, "brief", False):  # the figures a person reads, without the per-file lists
+        manifest = {
+            "counts": manifest.get("counts"),
+            "chunk_size": manifest.get("chunk_size"),
+            "seq_len": manifest.get("seq_len"),
+            "stages": {s: rec.get("stats", {}) for s, rec in manifest["stages"].items()},
+        }
     print(json.dumps({"db": str(args.db), "status": status, "manifest": manifest}, indent=2))
     return {}
 
@@ -74,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="the manifest and stage status, as JSON")
     p.add_argument("--db", required=True)
+    p.add_argument("--brief", action="store_true",
+                   help="counts and each stage's figures only (no per-file lists)")
     p.set_defaults(func=info)
 
     p = sub.add_parser("search", help="nearest train chunks of query texts, as JSON (the Retriever)")

@@ -36,6 +36,10 @@ def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys)
     info = json.loads(capsys.readouterr().out)
     assert info["status"] == {"chunk": "done", "embed": "done", "index": "done", "knn": "done"}
     assert info["manifest"]["stages"]["index"]["stats"]["recall"]["recall@2"] >= 0.9
+    assert main(["info", "--db", str(db), "--brief"]) == 0
+    brief = json.loads(capsys.readouterr().out)
+    assert brief["status"] == info["status"] and "inputs" not in brief["manifest"]
+    assert brief["manifest"]["stages"]["index"]["recall"] == info["manifest"]["stages"]["index"]["stats"]["recall"]
 
     # search: the Retriever from the command line; a chunk's own text finds that chunk first
     from chunk_store import ChunkStore
