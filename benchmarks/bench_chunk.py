@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from chunk_store.text_files import iter_sample_text, walk_inputs  # noqa: E402
 from chunk_store.tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: E402
+from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_chunk"
 LINUX_DOC_DEB = "linux-doc-6.1"
@@ -283,30 +283,8 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:
-        gpu = "no GPU"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
-            f"load average {load:.1f} at start (the machine is shared: absolute numbers are noisy)")
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    if begin in doc and end in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end) + 1:]
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -361,7 +339,7 @@ def main() -> None:
             f"run on N hard-linked copies of the corpus: ours stays flat, the naive loop's grows "
             f"with its memmap.\n\n{tab}\n")
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ from chunk_store import ChunkStore  # noqa: E402
 from retro.config import RetroConfig  # noqa: E402
 from retro.dataset import RetroDataset, collate  # noqa: E402
 from retro.distributed import resolve_device  # noqa: E402
+from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_dataset"
 H100_BF16 = 989e12
@@ -90,25 +89,8 @@ def needed_samples_per_s(seq_len: int = 2048, mfu: float = 0.4) -> float:
     return H100_BF16 * mfu / (cfg.flops_per_token(seq_len) * seq_len)
 
 
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, load average {load:.1f} at start (shared machine: absolute numbers are noisy)")
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    if begin in doc and end in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end) + 1:]
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(doc)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -166,7 +148,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

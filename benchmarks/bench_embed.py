@@ -18,8 +18,6 @@ Appends/replaces the `bench_embed_cpu` / `bench_embed_gpu` section of docs/BENCH
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import sysconfig
 import tempfile
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from index_builder.embed import Embedder, EmbedderConfig, _quiet_transformers, default_embedder  # noqa: E402
+from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_embed"
 
@@ -201,24 +200,8 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(device: str) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"{platform.machine()} {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}, "
-            f"load average {load:.1f} at the end (the machine is shared: absolute numbers are noisy)")
 
 
-def write_section(text: str, section: str, path: Path = ROOT / "docs" / "BENCHMARKS.md") -> None:
-    """Replace our own marked section (others' sections are left as they are)."""
-    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in doc and end in doc:
-        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -245,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Command: `{cmd}`  \nMachine: {machine(args.device)}  \n"
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{note}\n\n{tab}\n")
     if not args.no_write:
-        write_section(text, f"{SECTION}_{'gpu' if gpu else 'cpu'}")
+        write_section(f"{SECTION}_{'gpu' if gpu else 'cpu'}", text)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from chunk_store import ChunkStore  # noqa: E402
 from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage, versions  # noqa: E402
 from index_builder.embed import (POOLING, Embedder, EmbedderConfig, shard_path,  # noqa: E402
                                  shard_ranges)
+from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_retriever"
 SHARD = 16384
@@ -137,22 +137,8 @@ def retro_pytorch_lookup(retriever, k: int) -> Callable[[str], object]:
     return lookup
 
 
-def machine(device: str) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ", no GPU"
-    return (f"{platform.machine()} {os.cpu_count()} CPU cores{gpu}, torch {torch.__version__}, "
-            f"load average {load:.1f} at the end (the machine is shared: absolute numbers are noisy)")
 
 
-def write_section(text: str, path: Path = ROOT / "docs" / "BENCHMARKS.md") -> None:
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in doc and end in doc:
-        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -213,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"fetch. {len(queries)} single-text queries (val chunks), k={args.k}, after 5 warm-up "
             f"queries. BERT on {device}.\n\n{tab}\n")
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,6 @@ import functools
 import gc
 import importlib
 import importlib.util
-import os
-import platform
-import re
 import sys
 import threading
 import time
@@ -46,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retro import RETRO, RetroConfig  # noqa: E402
+from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 DOCS = REPO / "docs" / "BENCHMARKS.md"
 
@@ -356,23 +354,8 @@ def display_path(path: str) -> str:
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    load = f", load average {os.getloadavg()[0]:.1f} at the end (shared machine)" if hasattr(os, "getloadavg") else ""
-    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}{load}")
 
 
-def write_docs(section: str, body: str) -> None:
-    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    tmp = DOCS.with_name(f".{DOCS.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, DOCS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *summary,
         ])
-        write_docs(f"bench_train_step {cfg_name} {device.type}", body)
+        write_section(f"bench_train_step {cfg_name} {device.type}", body)
         print(f"\nwrote section to {DOCS}")
     return 0
 

@@ -412,7 +412,7 @@ class RETRO(nn.Module):
         attends only to the learned null key/value. neighbours=None skips every CCA block and the
         encoder: the same weights as a plain decoder, the baseline of every retrieval comparison.
         """
-        b, n = tokens.shape[0], tokens.shape[-1]
+        n = tokens.shape[-1]
         self._check_inputs(tokens, neighbours, n)
         m = self.cfg.chunk_size
         num_chunks = n // m

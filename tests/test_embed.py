@@ -3,12 +3,10 @@ shards resume after a real kill -9 to the same bytes, and mismatched embedders a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from hypothesis import strategies as st
 
 from chunk_store.manifest import DBError, load_manifest
 from index_builder.embed import Embedder, EmbedderConfig, read_rows, shard_ranges
-from index_builder.testing import build_index_db, run_cli, shared_db, shared_tiny_bert
+from index_builder.testing import run_cli, shared_db, shared_tiny_bert
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from chunk_store.manifest import DBError, load_manifest
-from index_builder import faiss_index
 from index_builder.faiss_index import (_FaissWithOPQKeywords, load_index, measure_recall,
                                        patch_autofaiss_for_faiss_114)
-from index_builder.testing import build_index_db, run_cli, shared_db, shared_tiny_bert
+from index_builder.testing import run_cli, shared_db
 
 
 def test_default_index_recall_is_recorded_and_high(tmp_path_factory):
