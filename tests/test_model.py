@@ -275,7 +275,7 @@ def test_flops_per_token_matches_flop_counter():
 
 def test_configs_load_and_match_their_documented_shapes():
     tiny = RetroConfig.from_yaml(CONFIGS / "tiny.yaml")
-    assert (tiny.chunk_size, tiny.vocab_size) == (64, 4096)
+    assert (tiny.chunk_size, tiny.vocab_size) == (64, 1024)
     small = RetroConfig.from_yaml(CONFIGS / "small.yaml")
     assert (small.dim, small.depth, small.heads, small.dim_head) == (768, 12, 12, 64)
     assert small.resolved_cca_layers == [3, 6, 9, 12] and small.enc_depth == 2
