@@ -18,6 +18,20 @@ import yaml
 from chunk_store.manifest import DBError
 
 
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping, or a one-line DBError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DBError(f"no config file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DBError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise DBError(f"{path} must hold a mapping, got {type(data).__name__}")
+    return dict(data)
+
 @dataclass
 class RetroConfig:
     """Decoder + neighbour-encoder hyper-parameters (Borgeaud et al. 2022, section 2)."""
@@ -109,16 +123,7 @@ class RetroConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RetroConfig":
-        path = Path(path)
-        if not path.exists():
-            raise DBError(f"no config file at {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DBError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise DBError(f"{path} must hold a mapping, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,12 +13,12 @@ import os
 import re
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
 from chunk_store.manifest import DBError, atomic_write_bytes
+from retro.config import load_yaml
 
 
 @dataclass
@@ -153,19 +153,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = nxt
         node[path[-1]] = value
     return out
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise DBError(f"no config file at {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DBError(f"config {path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise DBError(f"config {path}: expected a mapping at the top level")
-    return data
 
 
 def split_config(data: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
