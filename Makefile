@@ -35,7 +35,7 @@ demo: install
 	if [ -e $(DEMO_RUN)/checkpoints/latest ]; then resume=--resume; fi; \
 		$(PY) train.py --config configs/tiny.yaml --db $(DEMO_DB) --out $(DEMO_RUN) $$resume
 	$(PY) -m retro.plot $(DEMO_RUN)
-	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --require-gain
+	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --control --require-gain
 
 test: install
 	$(PY) -m pytest -q tests

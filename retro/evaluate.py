@@ -2,6 +2,9 @@
 
 ``python -m retro.evaluate --run RUN --db DB --split val`` prints JSON. "Without retrieval" is
 the same weights called with ``neighbours=None``: the baseline that says what retrieval buys.
+``--control`` adds a third score, with the neighbours of *other* sequences: a model that merely
+leans on its CCA layers scores the same with them as with its own, so the gain over this control
+is what the retrieved text itself buys.
 The same function runs inside training (every rank evaluates its shard; sums are all-reduced).
 """
 
@@ -31,10 +34,15 @@ class EvalResult:
     tokens: int  # non-pad target tokens evaluated
     bytes: int  # UTF-8 bytes of those tokens decoded
     sequences: int
+    loss_other_neighbours: float | None = None  # the control: neighbours of other sequences
+    bits_per_byte_other_neighbours: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
         d["retrieval_gain_bits_per_byte"] = self.bits_per_byte_no_retrieval - self.bits_per_byte
+        if self.bits_per_byte_other_neighbours is not None:
+            d["gain_over_other_neighbours_bits_per_byte"] = (
+                self.bits_per_byte_other_neighbours - self.bits_per_byte)
         return d
 
 
@@ -61,9 +69,11 @@ def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.Abstra
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micro_batch_size: int = 8,
              max_sequences: int | None = None, rank: int = 0, world_size: int = 1, dtype: str = "auto",
-             retrieval: bool = True, progress: bool = False) -> EvalResult:
+             retrieval: bool = True, progress: bool = False, control: bool = False) -> EvalResult:
     """Summed masked cross-entropy with and without neighbours over a fixed set of sequences.
 
+    ``control`` also scores every sequence i with the neighbours of sequence
+    (i + len // 2) mod len (deterministic; another sequence whenever there are two or more).
     Collective under torch.distributed (every rank calls it; each scores its shard).
     """
     from retro.distributed import all_reduce_sum
@@ -73,7 +83,8 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micr
     idx = eval_indices(len(dataset), max_sequences, world_size)[rank::world_size]
     was_training = model.training
     model.eval()
-    sums = np.zeros(5, dtype=np.float64)  # loss_ret, loss_noret, tokens, bytes, sequences
+    sums = np.zeros(6, dtype=np.float64)  # loss_ret, loss_noret, tokens, bytes, sequences, loss_other
+    control = control and retrieval and dataset.retrieval
     batches = range(0, len(idx), micro_batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         batch = dataset.get_batch(idx[start:start + micro_batch_size])
@@ -89,10 +100,17 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micr
                 logits = model(x, nbrs)
             sums[0] += lm_loss(logits, y, pad_id, reduction="sum").item()
             del logits
+        if control:
+            other = (idx[start:start + micro_batch_size] + len(dataset) // 2) % len(dataset)
+            nbrs = torch.from_numpy(dataset.get_batch(other)["neighbours"]).to(device)
+            with autocast_for(device, dtype):
+                logits = model(x, nbrs)
+            sums[5] += lm_loss(logits, y, pad_id, reduction="sum").item()
+            del logits
         sums[2] += int((y != pad_id).sum().item())
         sums[3] += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
         sums[4] += len(tokens)
-    loss_ret, loss_plain, ntok, nbytes, nseq = all_reduce_sum(sums.tolist(), device)
+    loss_ret, loss_plain, ntok, nbytes, nseq, loss_other = all_reduce_sum(sums.tolist(), device)
     model.train(was_training)
     ntok_safe = max(ntok, 1.0)
     has_ret = retrieval and dataset.retrieval
@@ -104,6 +122,8 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micr
         tokens=int(ntok),
         bytes=int(nbytes),
         sequences=int(nseq),
+        loss_other_neighbours=loss_other / ntok_safe if control else None,
+        bits_per_byte_other_neighbours=bits_per_byte(loss_other, int(nbytes)) if control else None,
     )
 
 
@@ -118,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many (0: all)")
     p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--control", action="store_true",
+                   help="also score with the neighbours of other sequences: what the retrieved text "
+                        "itself buys, beyond having CCA layers at all")
     p.add_argument("--require-gain", action="store_true",
-                   help="exit with status 3 unless bits per byte with retrieval is lower than without")
+                   help="exit with status 3 unless bits per byte with retrieval is lower than without "
+                        "(and, with --control, lower than with other sequences' neighbours)")
     return p
 
 
@@ -138,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = args.k or cfg.num_neighbours
         dataset = RetroDataset(store, args.split, k=k)
         res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
-                       max_sequences=args.max_sequences or None, progress=not args.no_progress)
+                       max_sequences=args.max_sequences or None, progress=not args.no_progress,
+                       control=args.control)
         step = read_state(checkpoint_dir(args.run, args.step)).get("step")
     except DBError as e:
         print(f"retro.evaluate: error: {e}", file=sys.stderr)
@@ -150,8 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.split} bits per byte: {res.bits_per_byte:.4f} with retrieval, "
           f"{res.bits_per_byte_no_retrieval:.4f} without (retrieval gain {gain:+.4f}) "
           f"over {res.tokens:,} tokens of {res.sequences} sequences", file=sys.stderr)
+    if res.bits_per_byte_other_neighbours is not None:
+        print(f"{args.split} bits per byte with other sequences' neighbours (control): "
+              f"{res.bits_per_byte_other_neighbours:.4f} (the retrieved text buys "
+              f"{res.bits_per_byte_other_neighbours - res.bits_per_byte:+.4f})", file=sys.stderr)
     if args.require_gain and not gain > 0:
         print("retro.evaluate: retrieval did not lower bits per byte", file=sys.stderr)
+        return 3
+    if args.require_gain and args.control and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
+        print("retro.evaluate: the retrieved neighbours did no better than other sequences' neighbours",
+              file=sys.stderr)
         return 3
     return 0
 

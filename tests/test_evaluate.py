@@ -66,6 +66,30 @@ def test_evaluate_matches_naive_reference(db):
     assert res.loss != res.loss_no_retrieval  # the neighbours do reach the model
 
 
+@torch.no_grad()
+def test_control_scores_with_other_sequences_neighbours(db):
+    torch.manual_seed(0)
+    model = RETRO(model_cfg()).eval()
+    ds = RetroDataset(db, "val", k=K)
+    n = len(ds)
+    res = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=2, control=True)
+    plain = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=5)
+    assert res.loss == pytest.approx(plain.loss, rel=1e-6) and res.loss_other_neighbours is not None
+    nll = ntok = 0.0
+    for i in range(n):  # reference: sequence i scored with sequence (i + n // 2) % n's neighbours
+        x, y = ds[i]["tokens"][:-1][None], ds[i]["tokens"][1:]
+        keep = y != ds.pad_id
+        logp = torch.log_softmax(model(x, ds[(i + n // 2) % n]["neighbours"][None])[0].double(), -1)
+        nll += -logp[torch.arange(len(y)), y][keep].sum().item()
+        ntok += int(keep.sum())
+    assert res.loss_other_neighbours == pytest.approx(nll / ntok, rel=1e-5)
+    assert res.loss_other_neighbours != res.loss  # other neighbours do change the score
+    d = res.to_dict()
+    assert d["gain_over_other_neighbours_bits_per_byte"] == pytest.approx(
+        res.bits_per_byte_other_neighbours - res.bits_per_byte)
+    assert "loss_other_neighbours" not in plain.to_dict()
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 300), m=st.integers(1, 300), world=st.integers(1, 8))
 def test_eval_indices_spread_and_split_evenly(n, m, world):
@@ -111,6 +135,11 @@ def test_cli_prints_json_with_and_without_retrieval(db, tmp_path, capsys):
     rc = main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--no-progress", "--require-gain"])
     assert rc == (0 if out["retrieval_gain_bits_per_byte"] > 0 else 3)
     assert "bits per byte:" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--no-progress", "--control"]) == 0
+    captured = capsys.readouterr()
+    control = json.loads(captured.out)
+    assert control["bits_per_byte"] == pytest.approx(out["bits_per_byte"], rel=1e-6)
+    assert "gain_over_other_neighbours_bits_per_byte" in control and "(control)" in captured.err
     # a model that does not fit the DB is refused with both values named
     save_resolved(tmp_path / "config.yaml", TrainConfig(seq_len=64), model_cfg(vocab_size=600).to_dict())
     save_checkpoint(tmp_path, 5, RETRO(model_cfg(vocab_size=600)), None, {})
