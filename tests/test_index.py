@@ -16,6 +16,19 @@ from index_builder.faiss_index import (_FaissWithOPQKeywords, load_index, measur
 from index_builder.testing import run_cli, shared_db
 
 
+
+def embedded_db_copy(tmp_path, tmp_path_factory):
+    """A copy of the shared DB with embeddings but no index or neighbours (stages popped)."""
+    from chunk_store.manifest import save_manifest
+
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db, ignore=shutil.ignore_patterns("index", "neighbour*"))
+    m = load_manifest(db)
+    m["stages"].pop("index")
+    m["stages"].pop("knn")
+    save_manifest(db, m)
+    return db
+
 def test_default_index_recall_is_recorded_and_high(tmp_path_factory):
     db = shared_db(tmp_path_factory)
     rec = load_manifest(db)["stages"]["index"]
@@ -72,14 +85,7 @@ def test_opq_shim_builds_opq_indexes_when_faiss_rejects_keywords(monkeypatch):
 
 
 def test_memory_mappable_ivf_index_and_forced_key(tmp_path, tmp_path_factory):
-    db = tmp_path / "db"
-    shutil.copytree(shared_db(tmp_path_factory), db, ignore=shutil.ignore_patterns("index", "neighbour*"))
-    m = load_manifest(db)
-    m["stages"].pop("index")
-    m["stages"].pop("knn")
-    from chunk_store.manifest import save_manifest
-
-    save_manifest(db, m)
+    db = embedded_db_copy(tmp_path, tmp_path_factory)
     assert run_cli(["index", "--db", db, "--index-key", "IVF8,Flat", "--recall-sample", 200]) == 0
     stats = load_manifest(db)["stages"]["index"]["stats"]
     assert stats["index_key"] == "IVF8,Flat" and stats["recall"]["recall@2"] >= 0.5
@@ -134,14 +140,7 @@ def test_distributed_pyspark_local_mode(tmp_path, tmp_path_factory, monkeypatch)
              .config("spark.driver.memory", "2g").config("spark.pyspark.python", sys.executable)
              .getOrCreate())
     try:
-        db = tmp_path / "db"
-        shutil.copytree(shared_db(tmp_path_factory), db, ignore=shutil.ignore_patterns("index", "neighbour*"))
-        m = load_manifest(db)
-        m["stages"].pop("index")
-        m["stages"].pop("knn")
-        from chunk_store.manifest import save_manifest
-
-        save_manifest(db, m)
+        db = embedded_db_copy(tmp_path, tmp_path_factory)
         assert run_cli(["index", "--db", db, "--distributed", "pyspark", "--recall-sample", 200]) == 0
         stats = load_manifest(db)["stages"]["index"]["stats"]
         assert stats["ntotal"] == load_manifest(db)["counts"]["train"]["chunks"]
