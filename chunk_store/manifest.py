@@ -19,13 +19,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from chunk_store.errors import DBError, UserError  # noqa: F401 (re-exported: older imports)
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STAGES = ("chunk", "embed", "index", "knn")
-
-
-class DBError(Exception):
-    """A problem with the user's input or database, reported as one line (no traceback)."""
 
 
 def now_iso() -> str:
