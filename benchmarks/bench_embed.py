@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from index_builder.embed import Embedder, EmbedderConfig, _quiet_transformers, default_embedder  # noqa: E402
+from index_builder.embedder import Embedder, EmbedderConfig, default_embedder, quiet_transformers  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_embed"
@@ -111,7 +111,7 @@ def bench_cpu(args: argparse.Namespace) -> tuple[list[Row], str]:
     texts = stdlib_chunks(args.n)
     tok = AutoTokenizer.from_pretrained(path)
     lens = [len(x) for x in tok(texts)["input_ids"]]
-    with _quiet_transformers():
+    with quiet_transformers():
         peer = AutoModel.from_pretrained(path).eval()
     impls: dict[tuple[str, int], Callable[[Sequence[str]], object]] = {}
     for b in args.peer_batch_sizes:
@@ -161,7 +161,7 @@ def bench_gpu(args: argparse.Namespace) -> tuple[list[Row], str]:
     id_lists = ids.tolist()
     for name, shape in SHAPES.items():
         cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
-        with tempfile.TemporaryDirectory() as tmp, _quiet_transformers():
+        with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
             torch.manual_seed(0)
             BertModel(cfg).save_pretrained(tmp)
             tok.save_pretrained(tmp)

@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from chunk_store import ChunkStore  # noqa: E402
 from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage, versions  # noqa: E402
-from index_builder.embed import (POOLING, Embedder, EmbedderConfig, shard_path,  # noqa: E402
-                                 shard_ranges)
+from chunk_store.layout import DBLayout  # noqa: E402
+from index_builder.embed import shard_ranges  # noqa: E402
+from index_builder.embedder import POOLING, Embedder, EmbedderConfig  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_retriever"
@@ -80,7 +81,7 @@ def build_db(db: Path, device: str, sample: int, noise: float) -> None:
                 vec = base + rng.standard_normal(base.shape).astype(np.float32) * scale
                 inside = (ids >= a) & (ids < b)  # the sampled chunks keep their real embedding
                 vec[ids[inside] - a] = real[inside]
-                atomic_save_npy(shard_path(db, split, s), vec.astype(np.float16))
+                atomic_save_npy(DBLayout(db).embedding_shard(split, s), vec.astype(np.float16))
         record_stage(db, "embed", params=params, started=started, finished=now_iso(),
                      stats={"chunks": sum(m["counts"][s]["chunks"] for s in ("train", "val")),
                             "synthesised": True}, versions_=versions("torch", "transformers"))
@@ -120,9 +121,9 @@ def retro_pytorch_lookup(retriever, k: int) -> Callable[[str], object]:
     rp.TOKENIZER = _Tokenizer(retriever.embedder.tokenizer)
     from transformers import AutoModel
 
-    from index_builder.embed import _quiet_transformers
+    from index_builder.embedder import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         rp.MODEL = AutoModel.from_pretrained(retriever.embedder.name_or_path).eval()
     if torch.cuda.is_available():
         rp.MODEL = rp.MODEL.cuda()

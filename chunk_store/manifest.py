@@ -19,10 +19,10 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from chunk_store.errors import DBError, UserError  # noqa: F401 (re-exported: older imports)
+from chunk_store.errors import DBError, UserError  # noqa: F401 (DBError re-exported: older imports)
+from chunk_store.layout import MANIFEST, temp_path
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 STAGES = ("chunk", "embed", "index", "knn")
 
 
@@ -53,14 +53,10 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -76,7 +72,7 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """np.save to a temporary file, then rename: readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
         f.flush()
@@ -85,37 +81,37 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def open_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Open a .npy file memory-mapped, with a one-line DBError naming the file on any problem."""
+    """Open a .npy file memory-mapped, with a one-line UserError naming the file on any problem."""
     path = Path(path)
     if not path.exists():
-        raise DBError(f"missing file {path}")
+        raise UserError(f"missing file {path}")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as e:  # truncated header, wrong magic, short data...
-        raise DBError(f"corrupt array file {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"corrupt array file {path}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the manifest
 
 
 def manifest_path(db: str | os.PathLike) -> Path:
-    return Path(db) / MANIFEST_NAME
+    return Path(db) / MANIFEST
 
 
 def load_manifest(db: str | os.PathLike) -> dict[str, Any]:
     path = manifest_path(db)
     if not Path(db).is_dir():
-        raise DBError(f"no database directory at {db}")
+        raise UserError(f"no database directory at {db}")
     if not path.exists():
-        raise DBError(f"missing {path}: not a retro database (run `retro-build-index chunk` first)")
+        raise UserError(f"missing {path}: not a retro database (run `retro-build-index chunk` first)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DBError(f"corrupt {path}: {e}") from None
+        raise UserError(f"corrupt {path}: {e}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise DBError(f"corrupt {path}: no format_version")
+        raise UserError(f"corrupt {path}: no format_version")
     if manifest["format_version"] > FORMAT_VERSION:
-        raise DBError(
+        raise UserError(
             f"{path} has format version {manifest['format_version']}, "
             f"this code reads up to {FORMAT_VERSION}: upgrade retro"
         )
@@ -134,7 +130,7 @@ def stage_done(manifest: Mapping[str, Any], stage: str) -> bool:
 
 def require_stage(manifest: Mapping[str, Any], stage: str, needed_by: str) -> None:
     if not stage_done(manifest, stage):
-        raise DBError(
+        raise UserError(
             f"{needed_by} needs the '{stage}' stage first: run `retro-build-index {stage} --db DB`"
         )
 
@@ -156,7 +152,7 @@ def check_params(
         if key not in recorded or key not in requested:
             continue
         if recorded[key] != requested[key]:
-            raise DBError(
+            raise UserError(
                 f"{stage}: {key} differs: the database was built with {key}={recorded[key]!r}, "
                 f"this run asks for {key}={requested[key]!r} (use a new --out/--db, or the same value)"
             )

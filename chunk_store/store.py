@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from chunk_store.manifest import DBError, load_manifest, open_npy, stage_done
+from chunk_store.errors import UserError
+from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
+from chunk_store.manifest import load_manifest, open_npy, stage_done
 from chunk_store.tokenizer import Tokenizer
-
-SPLITS = ("train", "val")
 
 
 class ChunkStore:
@@ -25,36 +25,36 @@ class ChunkStore:
 
     def __init__(self, db: str | Path, split: str = "train") -> None:
         if split not in SPLITS:
-            raise DBError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+            raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         self.db = Path(db)
         self.split = split
         self.manifest: dict[str, Any] = load_manifest(self.db)
         if not stage_done(self.manifest, "chunk"):
-            raise DBError(f"{self.db} has no finished 'chunk' stage: run `retro-build-index chunk "
+            raise UserError(f"{self.db} has no finished 'chunk' stage: run `retro-build-index chunk "
                           f"--out {self.db} ...` (it resumes)")
         self.chunk_size: int = int(self.manifest["chunk_size"])
         self.seq_len: int = int(self.manifest["seq_len"])
         tok_rec = self.manifest.get("tokenizer") or {}
-        tok_path = self.db / tok_rec.get("file", "tokenizer.model")
+        tok_path = self.db / tok_rec.get("file", TOKENIZER)
         self.tokenizer: Tokenizer = Tokenizer.from_file(tok_path)
         if tok_rec.get("vocab_size") not in (None, self.tokenizer.vocab_size):
-            raise DBError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
+            raise UserError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
                           f"says {tok_rec['vocab_size']}")
-        d = self.db / split
-        self.chunks: np.ndarray = open_npy(d / "chunks.npy")
-        self.doc_ids: np.ndarray = open_npy(d / "doc_ids.npy")
-        self.seq_starts: np.ndarray = open_npy(d / "seq_starts.npy")
+        self.paths = paths = DBLayout(self.db)
+        self.chunks: np.ndarray = open_npy(paths.chunks(split))
+        self.doc_ids: np.ndarray = open_npy(paths.doc_ids(split))
+        self.seq_starts: np.ndarray = open_npy(paths.seq_starts(split))
         if self.chunks.ndim != 2 or self.chunks.shape[1] != self.chunk_size:
-            raise DBError(f"corrupt {d / 'chunks.npy'}: shape {self.chunks.shape}, expected "
+            raise UserError(f"corrupt {paths.chunks(split)}: shape {self.chunks.shape}, expected "
                           f"(n, {self.chunk_size})")
         if self.doc_ids.shape != (self.chunks.shape[0],):
-            raise DBError(f"corrupt {d / 'doc_ids.npy'}: shape {self.doc_ids.shape}, expected "
+            raise UserError(f"corrupt {paths.doc_ids(split)}: shape {self.doc_ids.shape}, expected "
                           f"({self.chunks.shape[0]},)")
         counts = self.manifest.get("counts", {}).get(split, {})
         self.num_chunks: int = int(self.chunks.shape[0])
         self.num_docs: int = int(counts.get("docs", int(self.doc_ids[-1]) + 1 if self.num_chunks else 0))
         if counts and counts.get("chunks") != self.num_chunks:
-            raise DBError(f"corrupt {d / 'chunks.npy'}: {self.num_chunks} chunks, the manifest says "
+            raise UserError(f"corrupt {paths.chunks(split)}: {self.num_chunks} chunks, the manifest says "
                           f"{counts.get('chunks')}")
         self._neighbours: np.ndarray | None = None
         self._neighbour_distances: np.ndarray | None = None
@@ -122,10 +122,10 @@ class ChunkStore:
         """
         if not 0 <= doc_id < self.num_docs:
             raise IndexError(f"doc id {doc_id} out of range for {self.split} split of {self.num_docs}")
-        path = self.db / self.split / "documents.jsonl"
+        path = self.paths.documents(self.split)
         if self._doc_offsets is None:
             if not path.exists():
-                raise DBError(f"missing file {path}")
+                raise UserError(f"missing file {path}")
             parts, pos = [], 0
             with open(path, "rb") as f:
                 while block := f.read(64 << 20):  # blockwise: memory bounded for any size
@@ -133,7 +133,7 @@ class ChunkStore:
                     pos += len(block)
             ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             if len(ends) != self.num_docs:
-                raise DBError(f"corrupt {path}: {len(ends)} lines for {self.num_docs} documents")
+                raise UserError(f"corrupt {path}: {len(ends)} lines for {self.num_docs} documents")
             self._doc_offsets = np.concatenate([[0], ends]).astype(np.int64)
         lo, hi = int(self._doc_offsets[doc_id]), int(self._doc_offsets[doc_id + 1])
         with open(path, "rb") as f:
@@ -142,19 +142,19 @@ class ChunkStore:
         try:
             return json.loads(line)
         except json.JSONDecodeError as e:
-            raise DBError(f"corrupt {path} line {doc_id + 1}: {e}") from None
+            raise UserError(f"corrupt {path} line {doc_id + 1}: {e}") from None
 
     # -------------------------------------------------------------- neighbours (after knn)
 
     def _load_neighbours(self) -> None:
         if self._neighbours is not None or not stage_done(self.manifest, "knn"):
             return
-        d = self.db / self.split
-        self._neighbours = open_npy(d / "neighbours.npy")
-        dist = d / "neighbour_distances.npy"
+        path = self.paths.neighbours(self.split)
+        self._neighbours = open_npy(path)
+        dist = self.paths.neighbour_distances(self.split)
         self._neighbour_distances = open_npy(dist) if dist.exists() else None
         if self._neighbours.ndim != 2 or self._neighbours.shape[0] != self.num_chunks:
-            raise DBError(f"corrupt {d / 'neighbours.npy'}: shape {self._neighbours.shape}, expected "
+            raise UserError(f"corrupt {path}: shape {self._neighbours.shape}, expected "
                           f"({self.num_chunks}, k)")
 
     @property

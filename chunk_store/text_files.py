@@ -90,9 +90,9 @@ def walk_inputs(
             result.files.append(InputFile(str(root), st.st_size, st.st_mtime_ns))
             continue
         if not root.is_dir():
-            from chunk_store.manifest import DBError
+            from chunk_store.errors import UserError
 
-            raise DBError(f"input {inp} is not a folder or a file")
+            raise UserError(f"input {inp} is not a folder or a file")
         rst = root.stat()
         if (rst.st_dev, rst.st_ino) in visited_dirs:  # the same folder given twice, or nested
             result.skipped.append({"path": str(root), "reason": DUPLICATE_INPUT})

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 from chunk_store.text_files import normalise_text
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -48,7 +48,7 @@ class Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(self._proto)
         except Exception as e:
-            raise DBError(f"cannot load sentencepiece model {source}: {e}") from None
+            raise UserError(f"cannot load sentencepiece model {source}: {e}") from None
         self.sp_vocab_size: int = int(self._sp.get_piece_size())
         pad = int(self._sp.pad_id())
         self.pad_id: int = pad if pad >= 0 else self.sp_vocab_size
@@ -57,14 +57,14 @@ class Tokenizer:
         self.bos_id: int = int(self._sp.bos_id())
         self.unk_id: int = int(self._sp.unk_id())
         if self.eos_id < 0:
-            raise DBError(f"sentencepiece model {source} has no EOS piece (train it with eos_id >= 0)")
+            raise UserError(f"sentencepiece model {source} has no EOS piece (train it with eos_id >= 0)")
         self.byte_fallback: bool = any(self._sp.is_byte(i) for i in range(min(self.sp_vocab_size, 512)))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
-            raise DBError(f"missing tokenizer file {path}")
+            raise UserError(f"missing tokenizer file {path}")
         return cls(path.read_bytes(), str(path))
 
     # -------------------------------------------------------------- the API every stage uses
@@ -192,4 +192,4 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerTrainConfig) -> bytes:
         return _train_once(sample, cfg, cfg.character_coverage)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        raise DBError(f"tokenizer training failed (vocab size {cfg.vocab_size}): {msg}") from None
+        raise UserError(f"tokenizer training failed (vocab size {cfg.vocab_size}): {msg}") from None

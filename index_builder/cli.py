@@ -1,9 +1,11 @@
 """retro-build-index: one command, one subcommand a stage (chunk, embed, index, knn), plus all and info.
 
 Each stage module exposes ``add_arguments(parser)`` (its own options; ``--db``/``--out`` are
-added here) and ``run(args) -> dict`` (a summary). A ``DBError`` becomes a one-line message on
-stderr and exit status 2; Ctrl-C exits 130 with everything already written kept (every stage
-resumes on a re-run).
+added here) and ``run(args) -> dict`` (a summary). Options that several stages read
+(``--device``, ``--shard-size``, ``--threads``) are declared once per parser, from each module's
+``SHARED_OPTIONS``. A ``UserError`` becomes a one-line message on stderr and exit status 2, Ctrl-C
+exits 130 with everything already written kept (chunk_store.errors.run_main); every stage resumes
+on a re-run.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from chunk_store.manifest import DBError, load_manifest
+from chunk_store.errors import UserError, run_main
+from chunk_store.manifest import load_manifest
 
 # stage name -> module that implements it (imported lazily: `info` must not import torch)
 STAGE_MODULES: dict[str, str] = {
@@ -25,16 +28,9 @@ STAGE_MODULES: dict[str, str] = {
 }
 
 
-def _available_stages() -> dict[str, object]:
-    """The stages whose module exists in this install (later issues add the others)."""
-    out = {}
-    for name, modname in STAGE_MODULES.items():
-        try:
-            out[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:  # the stage exists but one of its imports is missing: say so
-                raise
-    return out
+def _stages() -> dict[str, Any]:
+    """The stage modules, in order (each imports torch, faiss or transformers only when it runs)."""
+    return {name: importlib.import_module(modname) for name, modname in STAGE_MODULES.items()}
 
 
 def info(args: argparse.Namespace) -> dict:
@@ -45,7 +41,7 @@ def info(args: argparse.Namespace) -> dict:
             "partial" if s in manifest["stages"] else "missing")
         for s in STAGE_MODULES
     }
-    if getattr(args, "brief", False):  # the figures a person reads, without the per-file lists
+    if args.brief:  # the figures a person reads, without the per-file lists
         manifest = {
             "counts": manifest.get("counts"),
             "chunk_size": manifest.get("chunk_size"),
@@ -56,13 +52,31 @@ def info(args: argparse.Namespace) -> dict:
     return {}
 
 
+def add_shared_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Options that several stages read, declared once per parser (``all`` holds every stage)."""
+    from index_builder.embed import DEFAULT_SHARD_SIZE
+
+    g = parser.add_argument_group("shared by several stages")
+    if "device" in names:
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where BERT (embed) and exact search (knn --exact, the index's recall) "
+                            "run; auto = cuda if available")
+    if "shard_size" in names:
+        g.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                       help="chunks per shard of embeddings and of neighbours (the unit of resume "
+                            "and of torchrun sharding)")
+    if "threads" in names:
+        g.add_argument("--threads", type=int, default=None,
+                       help="faiss / torch CPU threads (default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retro-build-index",
         description="Build a RETRO retrieval database: chunk -> embed -> index -> knn.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    stages = _available_stages()
+    stages = _stages()
     for name, module in stages.items():
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         if name == "chunk":
@@ -70,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--db", required=True, help="database directory")
         module.add_arguments(p)
+        add_shared_options(p, module.SHARED_OPTIONS)
         p.set_defaults(func=module.run)
 
-    p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(stages) + ")",
-                       conflict_handler="resolve")
+    p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(stages) + ")")
     p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
     for module in stages.values():
         module.add_arguments(p)
+    add_shared_options(p, sorted({n for m in stages.values() for n in m.SHARED_OPTIONS}))
     p.set_defaults(func=lambda a: run_all(a, stages))
 
     p = sub.add_parser("info", help="the manifest and stage status, as JSON")
@@ -99,7 +114,7 @@ def search(args: argparse.Namespace) -> dict:
     from index_builder.retriever import Retriever
 
     if args.k < 1:
-        raise DBError(f"--k must be at least 1, got {args.k}")
+        raise UserError(f"--k must be at least 1, got {args.k}")
     results = Retriever.open(args.db, device=args.device).search_text(args.texts, k=args.k)
     out = [{"query": q, "neighbours": [n.to_dict() for n in ns]} for q, ns in zip(args.texts, results)]
     print(json.dumps(out, indent=2, ensure_ascii=False))
@@ -119,16 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], object] = args.func
-    try:
-        func(args)
-    except DBError as e:
-        print(f"retro-build-index {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"retro-build-index {args.command}: interrupted; re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_main(f"retro-build-index {args.command}", lambda: func(args),
+                    interrupted="interrupted; re-run the same command to resume")
 
 
 if __name__ == "__main__":

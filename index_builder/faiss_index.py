@@ -19,26 +19,21 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from chunk_store.manifest import (
-    DBError,
-    check_params,
-    load_manifest,
-    now_iso,
-    record_stage,
-    require_stage,
-    versions,
-)
+from chunk_store.errors import UserError
+from chunk_store.layout import DBLayout
+from chunk_store.runtime import resolve_device
+from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
+from index_builder.embed import open_embeddings, read_rows
+from index_builder.exact_search import ExactSearchConfig, exact_search
 
 log = logging.getLogger(__name__)
 
-INDEX_DIR = "index"
-INDEX_FILE = "knn.index"
-INFOS_FILE = "index_infos.json"
 METRIC = "l2"
 RECALL_KS = (1, 2, 10)
 RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
@@ -86,13 +81,7 @@ def patch_autofaiss_for_faiss_114() -> bool:
     af_factory.faiss = _FaissWithOPQKeywords(faiss)
     return True
 
-
 # ----------------------------------------------------------------------------- loading
-
-
-def index_paths(db: str | os.PathLike) -> tuple[Path, Path]:
-    folder = Path(db) / INDEX_DIR
-    return folder / INDEX_FILE, folder / INFOS_FILE
 
 
 def index_identity(manifest: dict[str, Any]) -> str:
@@ -105,9 +94,9 @@ def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
     """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params."""
     import faiss
 
-    path, infos_path = index_paths(db)
+    path, infos_path = DBLayout(db).index, DBLayout(db).index_infos
     if not path.exists():
-        raise DBError(f"missing index {path}: run `retro-build-index index --db {db}` first")
+        raise UserError(f"missing index {path}: run `retro-build-index index --db {db}` first")
     index = None
     if mmap:
         try:
@@ -118,7 +107,7 @@ def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
-            raise DBError(f"corrupt index {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"corrupt index {path}: {str(e).splitlines()[0]}") from None
     param = None
     if infos_path.exists():
         try:
@@ -132,7 +121,6 @@ def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
             log.warning("could not apply index parameters %r: %s", param, e)
     return index
 
-
 # ----------------------------------------------------------------------------- recall
 
 
@@ -143,9 +131,6 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     A returned id counts as a hit when its true distance is within the exact k-th distance
     (ties between duplicate chunks are common in real corpora and are not misses).
     """
-    from index_builder.embed import open_embeddings, read_rows
-    from index_builder.knn import ExactSearchConfig, exact_search
-
     shards = open_embeddings(db, "train")
     n = sum(s.shape[0] for s in shards)
     rng = np.random.default_rng(seed)
@@ -167,147 +152,11 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
         out[f"recall@{k}"] = round(float(hits.mean() / k), 4)
     return out
 
-
 # ----------------------------------------------------------------------------- the stage
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("index")
-    g.add_argument("--max-index-memory", default="4G",
-                   help="the largest index autofaiss may build (e.g. 4G; smaller -> compressed index)")
-    g.add_argument("--current-memory", default="16G",
-                   help="memory autofaiss may use while training the index")
-    g.add_argument("--index-key", default=None,
-                   help="force a faiss index factory string (e.g. 'IVF4096,PQ64', 'HNSW32', 'Flat')")
-    g.add_argument("--max-query-ms", type=float, default=2.0,
-                   help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
-                        "lower = faster knn and lookups, higher = better recall")
-    g.add_argument("--memory-mappable", action="store_true",
-                   help="only index types that the Retriever can memory-map (IVF families)")
-    g.add_argument("--recall-sample", type=int, default=1000,
-                   help="train chunks used to measure the index's recall against exact search")
-    g.add_argument("--distributed", default=None, choices=["pyspark"],
-                   help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
-    g.add_argument("--temporary-indices-folder", default=None,
-                   help="shared folder for Spark's partial indices (default: DB/index/tmp)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="faiss / torch CPU threads (default: all cores)")
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import faiss
-    import torch
-
-    from index_builder.embed import resolve_device
-
-    db = Path(args.db)
-    manifest = load_manifest(db)
-    require_stage(manifest, "embed", "index")
-    embed = manifest["stages"]["embed"]
-    embed_id = f"{embed['params'].get('embedder_id')}@{embed.get('finished')}"
-    distributed = getattr(args, "distributed", None)
-    if distributed == "pyspark":
-        _require_pyspark()
-    params = {
-        "index_key": getattr(args, "index_key", None),
-        "max_index_memory": getattr(args, "max_index_memory", "4G"),
-        "current_memory": getattr(args, "current_memory", "16G"),
-        "metric": METRIC,
-        "memory_mappable": bool(getattr(args, "memory_mappable", False)) or distributed == "pyspark",
-        "max_query_ms": float(getattr(args, "max_query_ms", 2.0) or 2.0),
-        "distributed": distributed,
-        "embed_id": embed_id,
-        "dim": embed["params"].get("dim"),
-    }
-    index_path, infos_path = index_paths(db)
-    recorded = manifest["stages"].get("index")
-    if recorded and recorded.get("finished") and index_path.exists():
-        if recorded["params"].get("embed_id") != embed_id:
-            raise DBError("index: the embeddings changed since the index was built "
-                          f"(built from {recorded['params'].get('embed_id')}, now {embed_id}); "
-                          "delete DB/index and re-run index")
-        check_params(recorded.get("params"), params, "index", keys=RESULT_KEYS)
-        print(f"index: already done ({recorded['stats'].get('index_key')}, "
-              f"{recorded['stats'].get('recall')})")
-        return {"skipped": True, **recorded.get("stats", {})}
-    # a partial build leaves nothing reusable: autofaiss starts over (files appear atomically)
-    threads = getattr(args, "threads", None) or os.cpu_count() or 1
-    started = now_iso()
-    manifest = record_stage(db, "index", params=params, started=started, finished=None,
-                            versions_=versions("faiss", "autofaiss"), manifest=manifest)
-    shim = patch_autofaiss_for_faiss_114()
-    use_gpu = _faiss_gpu_usable(getattr(args, "device", "auto"))
-    tmp_dir = db / INDEX_DIR / f".build-{os.getpid()}"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    from autofaiss import build_index
-
-    kwargs: dict[str, Any] = dict(
-        embeddings=str(db / "train" / "embeddings"),
-        index_path=str(tmp_dir / INDEX_FILE),
-        index_infos_path=str(tmp_dir / INFOS_FILE),
-        file_format="npy",
-        metric_type=METRIC,
-        max_index_memory_usage=params["max_index_memory"],
-        current_memory_available=params["current_memory"],
-        index_key=params["index_key"],
-        nb_cores=threads,
-        use_gpu=use_gpu,
-        should_be_memory_mappable=params["memory_mappable"],
-        max_index_query_time_ms=params["max_query_ms"],
-        verbose=logging.WARNING,
-    )
-    if distributed == "pyspark":
-        # executors must run a Python that has autofaiss & co.: this one, unless the user (or
-        # the cluster's config) says otherwise; only affects a session created from here on
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        kwargs["distributed"] = "pyspark"
-        kwargs["temporary_indices_folder"] = (getattr(args, "temporary_indices_folder", None)
-                                              or str((db / INDEX_DIR / "tmp").resolve()))
-    try:
-        index, infos = build_index(**kwargs)
-    except (ValueError, RuntimeError, AssertionError) as e:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise DBError(f"index: autofaiss failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not (tmp_dir / INDEX_FILE).exists():
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise DBError(
-            "index: autofaiss built no index (not enough memory for the chosen index type? "
-            f"--current-memory is {params['current_memory']}, --max-index-memory "
-            f"{params['max_index_memory']}; see its log above)")
-    build_seconds = time.time() - t0
-    os.replace(tmp_dir / INFOS_FILE, infos_path)
-    os.replace(tmp_dir / INDEX_FILE, index_path)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    infos_json = json.loads(infos_path.read_text())
-
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    loaded = load_index(db)
-    device = resolve_device(getattr(args, "device", "auto"))
-    recall = measure_recall(db, loaded, sample=int(getattr(args, "recall_sample", 1000) or 1000),
-                            device=device)
-    stats = {
-        "index_key": infos_json.get("index_key"),
-        "index_param": infos_json.get("index_param"),
-        "ntotal": int(loaded.ntotal),
-        "size_bytes": index_path.stat().st_size,
-        "build_seconds": round(build_seconds, 2),
-        "recall": recall,
-        "recall_sample": min(int(getattr(args, "recall_sample", 1000) or 1000), int(loaded.ntotal)),
-        "use_gpu": use_gpu,
-        "opq_shim": shim,
-    }
-    record_stage(db, "index", params=params, started=started, finished=now_iso(), stats=stats,
-                 versions_=versions("faiss", "autofaiss"))
-    print(f"index: {stats['index_key']} over {stats['ntotal']} chunks in {build_seconds:.1f}s; "
-          + ", ".join(f"{k}={v:.3f}" for k, v in recall.items()) + " (vs exact search)")
-    return stats
-
-
-def _faiss_gpu_usable(device: str | None) -> bool:
-    if device == "cpu":
-        return False
+def faiss_gpu_available() -> bool:
+    """faiss was built with GPU support and sees a GPU (faiss-gpu; faiss-cpu never does)."""
     try:
         import faiss
 
@@ -316,9 +165,189 @@ def _faiss_gpu_usable(device: str | None) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class IndexConfig:
+    """The index stage's options (the CLI's defaults come from here)."""
+
+    max_index_memory: str = "4G"  # the largest index autofaiss may build
+    current_memory: str = "16G"  # memory autofaiss may use while training
+    index_key: str | None = None  # force a faiss factory string
+    max_query_ms: float = 2.0  # autofaiss tunes nprobe/efSearch to this time per query
+    memory_mappable: bool = False
+    recall_sample: int = 1000
+    distributed: str | None = None  # "pyspark": autofaiss's Spark mode
+    temporary_indices_folder: str | None = None
+    threads: int | None = None
+    device: str = "auto"
+
+
+class IndexStage(Stage[IndexConfig]):
+    """Train embeddings -> one faiss index (one unit: autofaiss builds it whole), then its recall."""
+
+    name = "index"
+    requires = "embed"
+    packages = ("faiss", "autofaiss")
+    result_keys = RESULT_KEYS
+    progress_unit = "index"
+
+    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        embed = manifest["stages"]["embed"]
+        if cfg.distributed == "pyspark":
+            _require_pyspark()
+        self.params_ = {
+            "index_key": cfg.index_key,
+            "max_index_memory": cfg.max_index_memory,
+            "current_memory": cfg.current_memory,
+            "metric": METRIC,
+            "memory_mappable": bool(cfg.memory_mappable) or cfg.distributed == "pyspark",
+            "max_query_ms": float(cfg.max_query_ms or 2.0),
+            "distributed": cfg.distributed,
+            "embed_id": f"{embed['params'].get('embedder_id')}@{embed.get('finished')}",
+            "dim": embed["params"].get("dim"),
+        }
+        return self.params_
+
+    def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Only a finished index binds a re-run: a partial build leaves nothing to reuse."""
+        if not (recorded.get("finished") and self.paths.index.exists()):
+            return
+        if recorded["params"].get("embed_id") != params["embed_id"]:
+            raise UserError("index: the embeddings changed since the index was built "
+                            f"(built from {recorded['params'].get('embed_id')}, now {params['embed_id']}); "
+                            "delete DB/index and re-run index")
+        super().check(recorded, params, manifest)
+
+    def complete(self, manifest: dict[str, Any]) -> bool:
+        return self.paths.index.exists()
+
+    def skip_message(self, stats: dict[str, Any]) -> str:
+        return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
+
+    def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
+        return [(self.paths.index_dir, ("",))]
+
+    def units(self, manifest: dict[str, Any]) -> list[Unit]:
+        return [Unit(0, 1)]
+
+    def unit_done(self, unit: Unit) -> bool:
+        return False  # autofaiss starts over: a partial build leaves nothing reusable
+
+    def setup(self) -> None:
+        self.threads = self.cfg.threads or os.cpu_count() or 1
+        self.shim = patch_autofaiss_for_faiss_114()
+        self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available()
+
+    def compute(self, unit: Unit) -> None:
+        """autofaiss into a temporary folder, then both files renamed into place."""
+        from autofaiss import build_index
+
+        cfg, params = self.cfg, self.params_
+
+        tmp_dir = self.paths.index_build_dir()
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        kwargs: dict[str, Any] = dict(
+            embeddings=str(self.paths.embeddings_dir("train")),
+            index_path=str(tmp_dir / self.paths.index.name),
+            index_infos_path=str(tmp_dir / self.paths.index_infos.name),
+            file_format="npy",
+            metric_type=METRIC,
+            max_index_memory_usage=params["max_index_memory"],
+            current_memory_available=params["current_memory"],
+            index_key=params["index_key"],
+            nb_cores=self.threads,
+            use_gpu=self.use_gpu,
+            should_be_memory_mappable=params["memory_mappable"],
+            max_index_query_time_ms=params["max_query_ms"],
+            verbose=logging.WARNING,
+        )
+        if cfg.distributed == "pyspark":
+            # executors must run a Python that has autofaiss & co.: this one, unless the user (or
+            # the cluster's config) says otherwise; only affects a session created from here on
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            kwargs["distributed"] = "pyspark"
+            kwargs["temporary_indices_folder"] = (cfg.temporary_indices_folder
+                                                  or str((self.paths.index_dir / "tmp").resolve()))
+        try:
+            build_index(**kwargs)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(f"index: autofaiss failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if not (tmp_dir / self.paths.index.name).exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(
+                "index: autofaiss built no index (not enough memory for the chosen index type? "
+                f"--current-memory is {params['current_memory']}, --max-index-memory "
+                f"{params['max_index_memory']}; see its log above)")
+        self.build_seconds = time.time() - t0
+        os.replace(tmp_dir / self.paths.index_infos.name, self.paths.index_infos)
+        os.replace(tmp_dir / self.paths.index.name, self.paths.index)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        """Load the new index and measure its recall against exact search."""
+        import faiss
+        import torch
+
+        infos = json.loads(self.paths.index_infos.read_text())
+        torch.set_num_threads(self.threads)
+        faiss.omp_set_num_threads(self.threads)
+        loaded = load_index(self.db)
+        sample = int(self.cfg.recall_sample or 1000)
+        recall = measure_recall(self.db, loaded, sample=sample, device=str(resolve_device(self.cfg.device)))
+        return {
+            "index_key": infos.get("index_key"),
+            "index_param": infos.get("index_param"),
+            "ntotal": int(loaded.ntotal),
+            "size_bytes": self.paths.index.stat().st_size,
+            "build_seconds": round(self.build_seconds, 2),
+            "recall": recall,
+            "recall_sample": min(sample, int(loaded.ntotal)),
+            "use_gpu": self.use_gpu,
+            "opq_shim": self.shim,
+        }
+
+    def report(self, stats: dict[str, Any], run: RunInfo) -> str:
+        return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
+                f"{stats['build_seconds']:.1f}s; "
+                + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """index's own options (--device and --threads are shared: index_builder.cli)."""
+    d = IndexConfig
+    g = parser.add_argument_group("index")
+    g.add_argument("--max-index-memory", default=d.max_index_memory,
+                   help="the largest index autofaiss may build (e.g. 4G; smaller -> compressed index)")
+    g.add_argument("--current-memory", default=d.current_memory,
+                   help="memory autofaiss may use while training the index")
+    g.add_argument("--index-key", default=d.index_key,
+                   help="force a faiss index factory string (e.g. 'IVF4096,PQ64', 'HNSW32', 'Flat')")
+    g.add_argument("--max-query-ms", type=float, default=d.max_query_ms,
+                   help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
+                        "lower = faster knn and lookups, higher = better recall")
+    g.add_argument("--memory-mappable", action="store_true", default=d.memory_mappable,
+                   help="only index types that the Retriever can memory-map (IVF families)")
+    g.add_argument("--recall-sample", type=int, default=d.recall_sample,
+                   help="train chunks used to measure the index's recall against exact search")
+    g.add_argument("--distributed", default=d.distributed, choices=["pyspark"],
+                   help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
+    g.add_argument("--temporary-indices-folder", default=d.temporary_indices_folder,
+                   help="shared folder for Spark's partial indices (default: DB/index/tmp)")
+
+
+SHARED_OPTIONS = ("device", "threads")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI entry: ``retro-build-index index``."""
+    return run_stage(IndexStage(args.db, config_from_args(IndexConfig, args)))
+
+
 def _require_pyspark() -> None:
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        raise DBError("--distributed pyspark needs pyspark: pip install 'retro[spark]' "
-                      "(and a Spark session or cluster, see the README)") from None
+        raise UserError("--distributed pyspark needs pyspark: pip install 'retro[spark]' "
+                        "(and a Spark session or cluster, see the README)") from None

@@ -19,95 +19,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from chunk_store.manifest import (
-    DBError,
-    atomic_save_npy,
-    check_params,
-    load_manifest,
-    now_iso,
-    open_npy,
-    record_stage,
-    require_stage,
-    versions,
-)
-from index_builder import dist
-from index_builder.embed import DEFAULT_SHARD_SIZE, SPLITS, open_embeddings, read_rows, shard_ranges
+from chunk_store.errors import UserError
+from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout, temp_path
+from chunk_store.manifest import atomic_save_npy, open_npy
+from chunk_store.runtime import resolve_device
+from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
+from index_builder.embed import DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows, shard_ranges
+from index_builder.exact_search import ExactSearchConfig, exact_search
+from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
 RESULT_KEYS = ("k", "extra", "method", "index_id")
-
-
-# ----------------------------------------------------------------------------- exact search
-
-
-@dataclass(frozen=True)
-class ExactSearchConfig:
-    """Tile sizes bound memory: a (query_block x tile_rows) fp32 distance block at a time."""
-
-    device: str = "cpu"
-    tile_rows: int = 65536
-    query_block: int = 4096
-
-
-def exact_search(
-    queries: np.ndarray,
-    database: Sequence[np.ndarray] | np.ndarray,
-    k: int,
-    cfg: ExactSearchConfig = ExactSearchConfig(),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared-L2 k-NN of ``queries`` (q, d) in ``database`` (a list of (n_i, d) shards).
-
-    Loops over tiles of the database (each read once, e.g. from float16 memmaps, and moved to
-    ``cfg.device``) and, inside, over blocks of queries, keeping a running top-k per query.
-    Returns (ids int64 (q, k), distances float32 (q, k)); -1 / inf where the database is smaller
-    than k. Same code on CPU and CUDA; fp32 arithmetic (TF32 off) for exactness.
-    """
-    import torch
-
-    shards = [database] if isinstance(database, np.ndarray) else list(database)
-    device = torch.device(cfg.device)
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    nq = q.shape[0]
-    best_d = torch.full((nq, k), float("inf"), device=device)
-    best_i = torch.full((nq, k), -1, dtype=torch.long, device=device)
-    if nq == 0 or k == 0:
-        return best_i.cpu().numpy(), best_d.cpu().numpy()
-    qt = torch.from_numpy(q).to(device)
-    q_norm = (qt * qt).sum(dim=1)
-    offset = 0
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            for shard in shards:
-                for t0 in range(0, shard.shape[0], cfg.tile_rows):
-                    # a private copy (memmaps are read-only), moved in its stored dtype, then fp32
-                    tile_np = np.array(shard[t0:t0 + cfg.tile_rows], copy=True)
-                    tile = torch.from_numpy(tile_np).to(device).float()
-                    t_norm = (tile * tile).sum(dim=1)
-                    kk = min(k, tile.shape[0])
-                    for b0 in range(0, nq, cfg.query_block):
-                        b1 = min(b0 + cfg.query_block, nq)
-                        d = (q_norm[b0:b1, None] + t_norm[None, :]
-                             - 2.0 * (qt[b0:b1] @ tile.T)).clamp_(min=0.0)
-                        td, ti = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-                        cat_d = torch.cat([best_d[b0:b1], td], dim=1)
-                        cat_i = torch.cat([best_i[b0:b1], ti + offset + t0], dim=1)
-                        # stable merge: ties keep the lower chunk id (earlier shard/tile first)
-                        order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
-                        best_d[b0:b1] = torch.gather(cat_d, 1, order)
-                        best_i[b0:b1] = torch.gather(cat_i, 1, order)
-                offset += shard.shape[0]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    return best_i.cpu().numpy(), best_d.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- exclusion
@@ -188,192 +116,180 @@ def search_with_exclusion(
         short[rows] = r_short
     return ids, dists
 
-
 # ----------------------------------------------------------------------------- the stage
 
 
+@dataclass(frozen=True)
+class KnnConfig:
+    """The knn stage's options (the CLI's defaults come from here)."""
+
+    k: int = 2
+    extra: int = 10  # extra candidates searched to survive the self/same-document exclusion
+    exact: bool | None = None  # exact torch search; None = on with CUDA and no faiss-gpu
+    device: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    threads: int | None = None  # faiss / torch CPU threads; None = all cores
+    exact_pass_rows: int | None = None  # --exact: queries sharing one pass; None = auto
+
+
+class KnnStage(Stage[KnnConfig]):
+    """Embeddings + index -> neighbours; one unit a shard of ``shard_size`` query chunks."""
+
+    name = "knn"
+    requires = "index"
+    packages = ("torch", "faiss")
+    result_keys = RESULT_KEYS + ("shard_size",)
+    progress_unit = "chunk"
+
+    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.k < 1:
+            raise UserError(f"--k must be at least 1, not {cfg.k}")
+        if cfg.extra < 0:
+            raise UserError(f"--extra must be >= 0, not {cfg.extra}")
+        positive(cfg.shard_size, "--shard-size")
+        self.device = str(resolve_device(cfg.device))
+        self.exact = cfg.exact if cfg.exact is not None else (
+            self.device.startswith("cuda") and not faiss_gpu_available())
+        return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
+                "index_id": index_identity(manifest), "shard_size": cfg.shard_size}
+
+    def complete(self, manifest: dict[str, Any]) -> bool:
+        return all(self.paths.neighbours(s).exists() for s in SPLITS if num_chunks(self.db, manifest, s))
+
+    def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
+        return [*((self.paths.knn_shards_dir(s), ("",)) for s in SPLITS),
+                *((self.paths.split(s), (NEIGHBOURS, NEIGHBOUR_DISTANCES)) for s in SPLITS)]
+
+    def units(self, manifest: dict[str, Any]) -> list[Unit]:
+        out: list[Unit] = []
+        for split in SPLITS:
+            for i, (a, b) in enumerate(shard_ranges(num_chunks(self.db, manifest, split), self.cfg.shard_size)):
+                out.append(Unit(len(out), b - a, (split, i, a, b)))
+        return out
+
+    def unit_done(self, unit: Unit) -> bool:
+        split, i, a, b = unit.payload
+        return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in self.paths.knn_shard(split, i))
+
+    def setup(self) -> None:
+        """The search (the index, or exact search over the embeddings) and the doc ids."""
+        import faiss
+        import torch
+
+        threads = self.cfg.threads or os.cpu_count() or 1
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+        # memory-mapped: random access via page cache
+        self.train_docs = open_npy(self.paths.doc_ids("train"))
+        self.ntotal = ntotal = int(self.train_docs.shape[0])
+        train_emb = open_embeddings(self.db, "train")
+        if sum(a.shape[0] for a in train_emb) != ntotal:
+            raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
+                            f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
+        self.emb = {"train": train_emb}
+        self.docs = {"train": self.train_docs}
+        self.short_rows = 0
+        if self.exact:
+            cfg = ExactSearchConfig(device=self.device)
+
+            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+                return exact_search(q, train_emb, c, cfg)
+        else:
+            index = load_index(self.db)
+            if index.ntotal != ntotal:
+                raise UserError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
+                                "chunks: re-run index")
+
+            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+                d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
+                return i.astype(np.int64), d.astype(np.float32)
+        self.search: SearchFn = search
+
+    def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        if split not in self.emb:
+            self.emb[split] = open_embeddings(self.db, split)
+            self.docs[split] = open_npy(self.paths.doc_ids(split))
+        return self.emb[split], self.docs[split]
+
+    def compute(self, unit: Unit, search: SearchFn | None = None, queries: np.ndarray | None = None) -> None:
+        split, i, a, b = unit.payload
+        emb, docs = self._split_arrays(split)
+        if queries is None:
+            queries = read_rows(emb, a, b)
+        ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
+                                   self.ntotal, a, b, split == "train", docs, self.train_docs)
+        self.short_rows += int((ids < 0).any(axis=1).sum())
+        p_ids, p_dist = self.paths.knn_shard(split, i)
+        atomic_save_npy(p_dist, dists)
+        atomic_save_npy(p_ids, ids)
+
+    def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
+        """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
+        pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
+        c = min(self.cfg.k + self.cfg.extra, self.ntotal)
+        for group in _groups(todo, pass_rows if self.exact else 0):
+            blocks = [read_rows(self._split_arrays(u.payload[0])[0], u.payload[2], u.payload[3])
+                      for u in group]
+            first = _first_pass(self.search, blocks, c) if len(group) > 1 else None
+            for j, (unit, queries) in enumerate(zip(group, blocks)):
+                fn = self.search if first is None else _replay(self.search, first[j], c)
+                self.compute(unit, fn, queries)
+                done(unit)
+
+    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
+                                   "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
+                                   "world_size": run.world_size}
+        for split in SPLITS:
+            n = num_chunks(self.db, manifest, split)
+            if n:
+                summary[split] = _assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size)
+        return summary
+
+    def report(self, stats: dict[str, Any], run: RunInfo) -> str:
+        return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}, done in "
+                f"{run.seconds:.1f}s ({run.units_reused} shards reused, "
+                f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """knn's own options (--device, --shard-size and --threads are shared: index_builder.cli)."""
+    d = KnnConfig
     g = parser.add_argument_group("knn")
-    g.add_argument("--k", type=int, default=2, help="neighbours per chunk")
-    g.add_argument("--extra", type=int, default=10,
+    g.add_argument("--k", type=int, default=d.k, help="neighbours per chunk")
+    g.add_argument("--extra", type=int, default=d.extra,
                    help="extra candidates searched to survive the self/same-document exclusion")
-    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=d.exact,
                    help="exact torch search instead of the index (default: on with CUDA and no faiss-gpu)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where BERT (embed) and exact search (knn --exact) run; auto = cuda if available")
-    g.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                   help="chunks per shard (the unit of resume and of torchrun sharding)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="faiss / torch CPU threads (default: all cores)")
-    g.add_argument("--exact-pass-rows", type=int, default=None,
+    g.add_argument("--exact-pass-rows", type=int, default=d.exact_pass_rows,
                    help="--exact: queries sharing one pass over the embeddings "
                         "(default 262144 on CUDA, one shard on CPU)")
 
 
-def _faiss_has_gpu() -> bool:
-    try:
-        import faiss
-
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    except Exception:
-        return False
-
-
-def knn_shard_paths(db: Path, split: str, i: int) -> tuple[Path, Path]:
-    folder = db / split / "knn_shards"
-    return folder / f"ids_{i:06d}.npy", folder / f"dist_{i:06d}.npy"
-
-
-def _shard_ok(paths: tuple[Path, Path], rows: int, k: int) -> bool:
-    for p in paths:
-        if not p.exists():
-            return False
-        try:
-            a = np.load(p, mmap_mode="r", allow_pickle=False)
-        except Exception:
-            return False
-        if a.shape != (rows, k):
-            return False
-    return True
+SHARED_OPTIONS = ("device", "shard_size", "threads")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    from tqdm import tqdm
-
-    from index_builder.embed import resolve_device
-    from index_builder.faiss_index import index_identity, load_index
-
-    db = Path(args.db)
-    manifest = load_manifest(db)
-    require_stage(manifest, "index", "knn")
-    k = int(getattr(args, "k", 2))
-    extra = int(getattr(args, "extra", 10))
-    if k < 1:
-        raise DBError(f"--k must be at least 1, not {k}")
-    if extra < 0:
-        raise DBError(f"--extra must be >= 0, not {extra}")
-    shard_size = int(getattr(args, "shard_size", None) or DEFAULT_SHARD_SIZE)
-    threads = getattr(args, "threads", None) or os.cpu_count() or 1
-    device = resolve_device(getattr(args, "device", "auto"))
-    exact = getattr(args, "exact", None)
-    if exact is None:
-        exact = device.startswith("cuda") and not _faiss_has_gpu()
-    params = {"k": k, "extra": extra, "method": "exact" if exact else "index",
-              "index_id": index_identity(manifest), "shard_size": shard_size}
-    recorded = manifest["stages"].get("knn")
-    if recorded:
-        check_params(recorded.get("params"), params, "knn", keys=RESULT_KEYS + ("shard_size",))
-        if recorded.get("finished") and all(
-                (db / s / "neighbours.npy").exists() for s in SPLITS if _count(db, s)):
-            print("knn: already done")
-            return {"skipped": True, **recorded.get("stats", {})}
-
-    rank, world = dist.rank(), dist.world_size()
-    started = (recorded or {}).get("started") or now_iso()
-    if rank == 0:
-        manifest = record_stage(db, "knn", params=params, started=started, finished=None,
-                                versions_=versions("torch", "faiss"), manifest=manifest)
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    torch.set_num_threads(threads)
-    train_docs = open_npy(db / "train" / "doc_ids.npy")  # memory-mapped: random access via page cache
-    ntotal = int(train_docs.shape[0])
-    train_emb = open_embeddings(db, "train")
-    if sum(a.shape[0] for a in train_emb) != ntotal:
-        raise DBError(f"knn: train has {ntotal} chunks but its embeddings have "
-                      f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
-
-    search: SearchFn
-    if exact:
-        cfg = ExactSearchConfig(device=device)
-
-        def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-            return exact_search(q, train_emb, c, cfg)
-    else:
-        index = load_index(db)
-        if index.ntotal != ntotal:
-            raise DBError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
-                          "chunks: re-run index")
-
-        def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-            d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
-            return i.astype(np.int64), d.astype(np.float32)
-
-    pass_rows = getattr(args, "exact_pass_rows", None) or (262144 if device.startswith("cuda") else 0)
-    todo, reused = [], 0
-    for split in SPLITS:
-        for i, (a, b) in enumerate(shard_ranges(_count(db, split), shard_size)):
-            if i % world != rank:
-                continue
-            if _shard_ok(knn_shard_paths(db, split, i), b - a, k):
-                reused += 1
-            else:
-                todo.append((split, i, a, b))
-    dist.clean_stale_tmp(*(db / s / "knn_shards" for s in SPLITS))
-    dist.clean_stale_tmp(*(db / s for s in SPLITS), prefixes=("neighbours.npy", "neighbour_distances.npy"))
-    t0 = time.time()
-    short_rows = 0
-    written = 0
-    emb_cache: dict[str, list[np.ndarray]] = {"train": train_emb}
-    docs_cache: dict[str, np.ndarray] = {"train": train_docs}
-    with tqdm(total=sum(b - a for *_, a, b in todo), unit="chunk",
-              desc=f"knn[{rank}/{world}]" if world > 1 else "knn", disable=not todo,
-              dynamic_ncols=True) as bar:
-        for group in _groups(todo, pass_rows if exact else 0):
-            split = group[0][0]
-            if split not in emb_cache:
-                emb_cache[split] = open_embeddings(db, split)
-                docs_cache[split] = open_npy(db / split / "doc_ids.npy")
-            blocks = [read_rows(emb_cache[split], a, b) for _, _, a, b in group]
-            first = _first_pass(search, blocks, min(k + extra, ntotal)) if len(group) > 1 else None
-            for j, ((_, i, a, b), queries) in enumerate(zip(group, blocks)):
-                fn = search if first is None else _replay(search, first[j], min(k + extra, ntotal))
-                ids, dists = _search_block(fn, queries, k, extra, ntotal, a, b, split == "train",
-                                           docs_cache[split], train_docs)
-                short_rows += int((ids < 0).any(axis=1).sum())
-                p_ids, p_dist = knn_shard_paths(db, split, i)
-                atomic_save_npy(p_dist, dists)
-                atomic_save_npy(p_ids, ids)
-                bar.update(b - a)
-                written += 1
-                dist.kill_self_if("RETRO_TEST_KILL_KNN_AFTER", written)
-    seconds = time.time() - t0
-    dist.barrier()
-    summary: dict[str, Any] = {"k": k, "method": params["method"], "seconds": round(seconds, 2),
-                               "shards_reused": reused, "world_size": world}
-    if rank == 0:
-        for split in SPLITS:
-            n = _count(db, split)
-            if n == 0:
-                continue
-            stats = _assemble(db, split, n, k, shard_size, train_docs)
-            summary[split] = stats
-        manifest = load_manifest(db)
-        record_stage(db, "knn", params=params, started=started, finished=now_iso(), stats=summary,
-                     versions_=versions("torch", "faiss"), manifest=manifest)
-    print(f"knn: {params['method']} search, k={k}, done in {seconds:.1f}s "
-          f"({reused} shards reused, {short_rows} rows with fewer than k neighbours)")
-    return summary
+    """The CLI entry: ``retro-build-index knn``."""
+    return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
 
 
-def _groups(todo: list[tuple[str, int, int, int]], max_rows: int) -> list[list[tuple[str, int, int, int]]]:
+def _groups(todo: list[Unit], max_rows: int) -> list[list[Unit]]:
     """Consecutive shards of one split, up to max_rows queries a group (0: one shard a group).
 
     The exact search reads the whole database once per group, so on a GPU many shards of
     queries share one pass over the embeddings; results are still written shard by shard.
     """
-    groups: list[list[tuple[str, int, int, int]]] = []
+    groups: list[list[Unit]] = []
     rows = 0
-    for job in todo:
-        n = job[3] - job[2]
-        if groups and groups[-1][0][0] == job[0] and rows + n <= max_rows:
-            groups[-1].append(job)
-            rows += n
+    for unit in todo:
+        if groups and groups[-1][0].payload[0] == unit.payload[0] and rows + unit.size <= max_rows:
+            groups[-1].append(unit)
+            rows += unit.size
         else:
-            groups.append([job])
-            rows = n
+            groups.append([unit])
+            rows = unit.size
     return groups
 
 
@@ -410,33 +326,27 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
     return search_with_exclusion(search, queries, k, extra, ntotal)
 
 
-def _count(db: Path, split: str) -> int:
-    path = db / split / "doc_ids.npy"
-    return int(np.load(path, mmap_mode="r").shape[0]) if path.exists() else 0
 
-
-def _assemble(db: Path, split: str, n: int, k: int, shard_size: int,
-              train_docs: np.ndarray) -> dict[str, Any]:
+def _assemble(db: Path, split: str, n: int, k: int, shard_size: int) -> dict[str, Any]:
     """Concatenate the shards into neighbours.npy / neighbour_distances.npy (atomic), then
-    delete the shards. Also checks the exclusion invariant on the result."""
-    folder = db / split
-    tmp_ids = folder / f".neighbours.npy.tmp-{os.getpid()}"
-    tmp_d = folder / f".neighbour_distances.npy.tmp-{os.getpid()}"
+    delete the shards."""
+    paths = DBLayout(db)
+    tmp_ids, tmp_d = temp_path(paths.neighbours(split)), temp_path(paths.neighbour_distances(split))
     out_i = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(n, k))
     out_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.float32, shape=(n, k))
     missing = 0
     for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
-        paths = knn_shard_paths(db, split, i)
-        if not _shard_ok(paths, b - a, k):
-            raise DBError(f"knn: shard {paths[0]} is missing after every rank finished; re-run knn")
-        ids = np.load(paths[0])
+        p_ids, p_dist = paths.knn_shard(split, i)
+        if not (npy_header_ok(p_ids, (b - a, k)) and npy_header_ok(p_dist, (b - a, k))):
+            raise UserError(f"knn: shard {p_ids} is missing after every rank finished; re-run knn")
+        ids = np.load(p_ids)
         out_i[a:b] = ids
-        out_d[a:b] = np.load(paths[1])
+        out_d[a:b] = np.load(p_dist)
         missing += int((ids < 0).sum())
     out_i.flush()
     out_d.flush()
     del out_i, out_d
-    os.replace(tmp_d, folder / "neighbour_distances.npy")
-    os.replace(tmp_ids, folder / "neighbours.npy")
-    shutil.rmtree(folder / "knn_shards", ignore_errors=True)
+    os.replace(tmp_d, paths.neighbour_distances(split))
+    os.replace(tmp_ids, paths.neighbours(split))
+    shutil.rmtree(paths.knn_shards_dir(split), ignore_errors=True)
     return {"chunks": n, "missing_neighbours": missing}

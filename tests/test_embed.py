@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunk_store.manifest import DBError, load_manifest
-from index_builder.embed import Embedder, EmbedderConfig, read_rows, shard_ranges
-from index_builder.testing import run_cli, shared_db, shared_tiny_bert
+from chunk_store.stage import CRASH_ENV
+from index_builder.embed import read_rows, shard_ranges
+from index_builder.embedder import Embedder, EmbedderConfig
+from fixtures import run_cli, shared_db, shared_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def test_real_minilm_matches_sentence_transformers_pooling():
 
 
 def _chunk_db(tmp_path, name="db"):
-    from chunk_store.testing import build_tiny_db
+    from fixtures import build_tiny_db
 
     return build_tiny_db(tmp_path / name, n_docs=30, chunk_size=16, seq_len=64, val_fraction=0.2)
 
@@ -118,7 +120,7 @@ def test_embed_kill9_and_resume_is_identical(tmp_path, tiny_bert):
     shutil.copytree(src, ref)
     assert run_cli(["embed", "--db", ref, "--embedder", tiny_bert, "--shard-size", 300,
                     "--tokenize-workers", 0, "--device", "cpu"]) == 0
-    env = dict(os.environ, RETRO_TEST_KILL_EMBED_AFTER="2")
+    env = dict(os.environ, **{CRASH_ENV: "embed:2"})
     p = subprocess.run(_embed_cmd(src, tiny_bert), env=env, capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]
     assert len(list((src / "train" / "embeddings").glob("*.npy"))) == 2
@@ -136,7 +138,7 @@ def test_embed_kill9_and_resume_is_identical(tmp_path, tiny_bert):
 
 
 def test_embed_refuses_other_embedder_and_missing_chunk_stage(tmp_path, tmp_path_factory, tiny_bert):
-    from index_builder.testing import make_tiny_bert
+    from fixtures import make_tiny_bert
 
     db = tmp_path / "db"
     shutil.copytree(shared_db(tmp_path_factory), db)

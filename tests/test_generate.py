@@ -154,7 +154,7 @@ def test_samples_stay_inside_the_filtered_set():
 
 @pytest.fixture(scope="module")
 def tiny_db(tmp_path_factory):
-    from index_builder.testing import shared_db
+    from fixtures import shared_db
 
     return shared_db(tmp_path_factory)
 

@@ -13,7 +13,7 @@ import pytest
 from chunk_store.manifest import DBError, load_manifest
 from index_builder.faiss_index import (_FaissWithOPQKeywords, load_index, measure_recall,
                                        patch_autofaiss_for_faiss_114)
-from index_builder.testing import run_cli, shared_db
+from fixtures import run_cli, shared_db
 
 
 
@@ -100,7 +100,7 @@ def test_memory_mappable_ivf_index_and_forced_key(tmp_path, tmp_path_factory):
 
 
 def test_index_before_embed_is_a_one_line_error(tmp_path):
-    from chunk_store.testing import build_tiny_db
+    from fixtures import build_tiny_db
 
     db = build_tiny_db(tmp_path / "db", n_docs=4)
     with pytest.raises(DBError, match="needs the 'embed' stage first"):

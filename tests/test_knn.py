@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunk_store.manifest import load_manifest
-from index_builder.knn import ExactSearchConfig, exact_search, search_with_exclusion, select_neighbours
-from index_builder.testing import build_index_db, run_cli, shared_db, shared_tiny_bert
+from chunk_store.stage import CRASH_ENV
+from index_builder.exact_search import ExactSearchConfig, exact_search
+from index_builder.knn import search_with_exclusion, select_neighbours
+from fixtures import build_index_db, run_cli, shared_db, shared_tiny_bert
 
 
 @settings(max_examples=25, deadline=None)
@@ -111,7 +113,7 @@ def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_f
                         stages=("embed", "index"))
     exact_db = tmp_path / "exact"
     shutil.copytree(db, exact_db)
-    env = dict(os.environ, RETRO_TEST_KILL_KNN_AFTER="2")
+    env = dict(os.environ, **{CRASH_ENV: "knn:2"})
     cmd = [sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--shard-size", "128",
            "--device", "cpu", "--k", "3"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -151,7 +153,7 @@ def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_f
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path, tmp_path_factory):
     """embed and knn under `torchrun --nproc_per_node 2` write the same bytes as one process."""
-    from chunk_store.testing import build_tiny_db
+    from fixtures import build_tiny_db
 
     bert = shared_tiny_bert(tmp_path_factory)
     one = build_tiny_db(tmp_path / "one", n_docs=20)

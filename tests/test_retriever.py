@@ -9,7 +9,7 @@ import pytest
 from chunk_store.manifest import DBError
 from index_builder import Neighbour, Retriever
 from index_builder.embed import open_embeddings, read_rows
-from index_builder.testing import make_tiny_bert, shared_db, shared_minilm_db
+from fixtures import make_tiny_bert, shared_db, shared_minilm_db
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from index_builder import Retriever
 from index_builder.server import ServerLimits, build_parser, create_app
-from index_builder.testing import shared_db
+from fixtures import shared_db
 
 
 @pytest.fixture(scope="module")

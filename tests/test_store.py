@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from chunk_store import ChunkStore, DBError
 from chunk_store.manifest import atomic_save_npy, load_manifest, record_stage, save_manifest
-from chunk_store.testing import build_tiny_db
+from fixtures import build_tiny_db
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunk_store.manifest import DBError
-from chunk_store.testing import random_text
+from fixtures import random_text
 from chunk_store.text_files import normalise_text
 from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
@@ -76,7 +76,7 @@ def test_training_is_deterministic() -> None:
 
 
 def test_user_model_without_pad_gets_an_extra_id() -> None:
-    from chunk_store.testing import WORDS
+    from fixtures import WORDS
 
     rng = random.Random(3)
     out = io.BytesIO()

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_exact_search_cuda_equals_cpu():
-    from index_builder.knn import ExactSearchConfig, exact_search
+    from index_builder.exact_search import ExactSearchConfig, exact_search
 
     rng = np.random.default_rng(0)
     shards = [rng.standard_normal((n, 48)).astype(np.float16) for n in (5000, 3000)]
@@ -23,7 +23,7 @@ def test_exact_search_cuda_equals_cpu():
 
 
 def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
-    from index_builder.embed import Embedder, EmbedderConfig
+    from index_builder.embedder import Embedder, EmbedderConfig
 
     texts = ["def f(x):\n    return x + 1", "The quick brown fox.", "", "import os, sys"] * 40
     cpu = Embedder(EmbedderConfig(device="cpu", dtype="fp32")).embed(texts)
@@ -38,15 +38,15 @@ def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
 def test_pipeline_on_cuda_uses_exact_knn_without_faiss_gpu(tmp_path, tmp_path_factory):
     from chunk_store.manifest import load_manifest
     from index_builder import Retriever
-    from index_builder.knn import _faiss_has_gpu
-    from index_builder.testing import build_index_db, run_cli, shared_tiny_bert
+    from index_builder.faiss_index import faiss_gpu_available
+    from fixtures import build_index_db, run_cli, shared_tiny_bert
 
     bert = shared_tiny_bert(tmp_path_factory)
     db = build_index_db(tmp_path / "db", bert, n_docs=20, stages=("embed", "index"))
     assert run_cli(["embed", "--db", db, "--embedder", bert, "--device", "cuda"]) == 0  # no-op: done
     assert run_cli(["knn", "--db", db, "--device", "cuda"]) == 0
     m = load_manifest(db)
-    assert m["stages"]["knn"]["params"]["method"] == ("index" if _faiss_has_gpu() else "exact")
+    assert m["stages"]["knn"]["params"]["method"] == ("index" if faiss_gpu_available() else "exact")
     docs = np.load(db / "train" / "doc_ids.npy")
     nb = np.load(db / "train" / "neighbours.npy")
     ok = nb >= 0

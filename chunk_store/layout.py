@@ -1,0 +1,138 @@
+"""Every path of a retrieval database, named once (see docs/DB_FORMAT.md).
+
+    DB/manifest.json               what was built, with which parameters (chunk_store.manifest)
+    DB/tokenizer.model             the sentencepiece model the chunks were made with
+    DB/<split>/chunks.npy          (num_chunks, chunk_size) token ids     split: train | val
+    DB/<split>/doc_ids.npy         (num_chunks,) document of each chunk
+    DB/<split>/seq_starts.npy      (num_seqs,) first chunk of each training sequence
+    DB/<split>/documents.jsonl     one line per document: where it came from
+    DB/<split>/embeddings/NNNNNN.npy       float16 embedding shards (embed)
+    DB/<split>/knn_shards/ids_NNNNNN.npy   neighbour shards before assembly (knn's work folder)
+    DB/<split>/neighbours.npy      (num_chunks, k) train chunk ids, -1 where none (knn)
+    DB/<split>/neighbour_distances.npy
+    DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
+    DB/.chunk_work/plan.json, part_NNNNNNNN.npz     the chunk stage's work folder
+
+Why one module: stages, readers and tests all agree on these names; a file name written as a
+bare string anywhere else is a second source of truth that drifts. Temporary files are
+``.NAME.tmp-PID`` beside their final name (:func:`temp_path`), renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+CHUNKS = "chunks.npy"
+DOC_IDS = "doc_ids.npy"
+SEQ_STARTS = "seq_starts.npy"
+DOCUMENTS = "documents.jsonl"
+NEIGHBOURS = "neighbours.npy"
+NEIGHBOUR_DISTANCES = "neighbour_distances.npy"
+EMBEDDINGS_DIR = "embeddings"
+KNN_SHARDS_DIR = "knn_shards"
+INDEX_DIR = "index"
+INDEX_FILE = "knn.index"
+INDEX_INFOS = "index_infos.json"
+CHUNK_WORK_DIR = ".chunk_work"
+CHUNK_PLAN = "plan.json"
+CHUNK_PART_PREFIX = "part_"
+TEMP_MARK = ".tmp-"
+
+
+def temp_path(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """``.NAME.tmp-PID`` beside ``path``: a writer's private name until it renames the file in."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid() if pid is None else pid}")
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """(final name, writer pid) of a temporary name made by :func:`temp_path`, else None."""
+    if not name.startswith(".") or TEMP_MARK not in name:
+        return None
+    base, pid = name[1:].rsplit(TEMP_MARK, 1)
+    return (base, int(pid)) if pid.isdigit() else None
+
+
+@dataclass(frozen=True)
+class DBLayout:
+    """The paths of one database directory."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER
+
+    def split(self, split: str) -> Path:
+        return self.root / split
+
+    def chunks(self, split: str) -> Path:
+        return self.root / split / CHUNKS
+
+    def doc_ids(self, split: str) -> Path:
+        return self.root / split / DOC_IDS
+
+    def seq_starts(self, split: str) -> Path:
+        return self.root / split / SEQ_STARTS
+
+    def documents(self, split: str) -> Path:
+        return self.root / split / DOCUMENTS
+
+    def neighbours(self, split: str) -> Path:
+        return self.root / split / NEIGHBOURS
+
+    def neighbour_distances(self, split: str) -> Path:
+        return self.root / split / NEIGHBOUR_DISTANCES
+
+    def embeddings_dir(self, split: str) -> Path:
+        return self.root / split / EMBEDDINGS_DIR
+
+    def embedding_shard(self, split: str, index: int) -> Path:
+        return self.embeddings_dir(split) / f"{index:06d}.npy"
+
+    def knn_shards_dir(self, split: str) -> Path:
+        return self.root / split / KNN_SHARDS_DIR
+
+    def knn_shard(self, split: str, index: int) -> tuple[Path, Path]:
+        """(neighbour ids, distances) of one shard of queries."""
+        folder = self.knn_shards_dir(split)
+        return folder / f"ids_{index:06d}.npy", folder / f"dist_{index:06d}.npy"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / INDEX_DIR
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX_DIR / INDEX_FILE
+
+    @property
+    def index_infos(self) -> Path:
+        return self.root / INDEX_DIR / INDEX_INFOS
+
+    def index_build_dir(self, pid: int | None = None) -> Path:
+        """Where autofaiss writes before the files are renamed in (a temporary folder)."""
+        return temp_path(self.index_dir / "build", pid)
+
+    @property
+    def chunk_work(self) -> Path:
+        return self.root / CHUNK_WORK_DIR
+
+    @property
+    def chunk_plan(self) -> Path:
+        return self.root / CHUNK_WORK_DIR / CHUNK_PLAN
+
+    def chunk_part(self, unit: int) -> Path:
+        return self.root / CHUNK_WORK_DIR / f"{CHUNK_PART_PREFIX}{unit:08d}.npz"

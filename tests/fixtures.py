@@ -1,0 +1,174 @@
+"""Small, deterministic corpora and real databases for the tests (never shipped in a package).
+
+Every stage's tests need a real database, and building one the same way everywhere (tiny
+vocabulary, short chunks, a val split) keeps the suite fast and the fixtures honest: they run
+the real stages, not a hand-made imitation. Why a tiny random BERT: the pipeline's logic
+(bucketing, pooling, shards, exclusion, resume) does not depend on the weights, and a 2-layer
+32-wide BertModel with MiniLM's real word-piece tokenizer embeds thousands of chunks a second on
+two cores. The real MiniLM is used by the few tests that need meaningful similarity.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+from chunk_store.layout import DBLayout
+
+WORDS = ("the of and retrieval chunk model token neighbour database encoder decoder attention "
+         "train sequence python function return value index search embedding layer").split()
+CODE_LINES = (
+    "def f(x):", "    return x + 1", "\tif x:", "        y = [i for i in range(10)]",
+    "class A(object):", "    pass", "# a comment", "import os, sys", "print('hello', 42)",
+    "    for i in range(3):  # loop", "x = {'a': 1, \"b\": 2.5e-3}",
+)
+WHITESPACE = (" ", "  ", "    ", "\t", "\n", "\n\n", " \t ", "\u00a0", "\u3000", "\x0c")
+
+
+def random_text(rng: random.Random, n_parts: int = 40) -> str:
+    """A document mixing English, code with indentation, CJK, emoji and odd whitespace."""
+    parts: list[str] = []
+    for _ in range(n_parts):
+        kind = rng.random()
+        if kind < 0.35:
+            parts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))
+        elif kind < 0.6:
+            parts.append("\n".join(rng.choice(CODE_LINES) for _ in range(rng.randint(1, 6))))
+        elif kind < 0.72:
+            parts.append("".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 8))))
+        elif kind < 0.82:
+            parts.append("".join(chr(rng.randint(0x1F600, 0x1F64F)) for _ in range(rng.randint(1, 4))))
+        elif kind < 0.9:
+            parts.append(str(rng.randint(0, 10**9)))
+        else:
+            parts.append("".join(rng.choice("éüßçøå€£¥—…«»") for _ in range(rng.randint(1, 5))))
+        parts.append(rng.choice(WHITESPACE))
+    return "".join(parts) + "\n"
+
+
+def write_corpus(folder: str | Path, texts: Sequence[str], per_folder: int = 7) -> list[Path]:
+    """Write ``texts`` as UTF-8 files into nested subfolders; return the paths in walk order."""
+    folder = Path(folder)
+    paths = []
+    for i, text in enumerate(texts):
+        sub = folder / f"d{i // per_folder:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        p = sub / f"doc_{i:04d}.txt"
+        p.write_bytes(text.encode("utf-8"))
+        paths.append(p)
+    return paths
+
+
+def build_tiny_db(db: str | Path, corpus: str | Path | None = None, *, n_docs: int = 40,
+                  seed: int = 0, vocab_size: int = 400, chunk_size: int = 16, seq_len: int = 64,
+                  val_fraction: float = 0.2, workers: int = 1,
+                  tokenizer_file: str | None = None) -> Path:
+    """Write a random corpus (unless ``corpus`` is given) and run the real chunk stage on it."""
+    from chunk_store.build import ChunkConfig, build
+
+    db = Path(db)
+    if corpus is None:
+        corpus = db.parent / f"{db.name}-corpus"
+        rng = random.Random(seed)
+        write_corpus(corpus, [random_text(rng) for _ in range(n_docs)])
+    cfg = ChunkConfig(inputs=(str(corpus),), chunk_size=chunk_size, seq_len=seq_len,
+                      val_fraction=val_fraction, vocab_size=None if tokenizer_file else vocab_size,
+                      tokenizer_file=tokenizer_file, workers=workers)
+    build(db, cfg)
+    return db
+
+
+def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BertModel with the default embedder's tokenizer, saved to ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from index_builder.embedder import default_embedder, quiet_transformers
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    tok = AutoTokenizer.from_pretrained(default_embedder())
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    with quiet_transformers():
+        BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    from index_builder.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def build_index_db(db: str | Path, embedder: str | Path, *, n_docs: int = 30, seed: int = 0,
+                   chunk_size: int = 16, shard_size: int = 256, index_key: str | None = None,
+                   stages: Sequence[str] = ("embed", "index", "knn"), k: int = 2,
+                   corpus: str | Path | None = None) -> Path:
+    """Chunk a random corpus (chunk_store.testing) and run the requested stages on it."""
+    db = Path(db)
+    if not DBLayout(db).manifest.exists():
+        build_tiny_db(db, corpus=corpus, n_docs=n_docs, seed=seed, chunk_size=chunk_size,
+                      seq_len=4 * chunk_size, val_fraction=0.2)
+    common = ["--db", db]
+    if "embed" in stages:
+        assert run_cli(["embed", *common, "--embedder", embedder, "--shard-size", shard_size,
+                        "--tokenize-workers", 0, "--device", "cpu"]) == 0
+    if "index" in stages:
+        extra = ["--index-key", index_key] if index_key else []
+        assert run_cli(["index", *common, "--recall-sample", 300, *extra]) == 0
+    if "knn" in stages:
+        assert run_cli(["knn", *common, "--k", k, "--shard-size", shard_size, "--device", "cpu"]) == 0
+    return db
+
+
+def shared_path(tmp_path_factory: object, name: str) -> Path:
+    """A folder shared by every test module of one pytest session (built once, then reused)."""
+    base = Path(tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    return base / f"index-builder-shared-{name}"
+
+
+def shared_tiny_bert(tmp_path_factory: object) -> Path:
+    return make_tiny_bert(shared_path(tmp_path_factory, "tiny-bert"))
+
+
+def shared_db(tmp_path_factory: object) -> Path:
+    """The tiny random-BERT database with every stage done (HNSW index, k=2), built once."""
+    db = shared_path(tmp_path_factory, "db")
+    done = DBLayout(db).neighbours("train")
+    if not done.exists():
+        build_index_db(db, shared_tiny_bert(tmp_path_factory))
+    return db
+
+
+def stdlib_corpus(folder: str | Path, modules: Sequence[str] = ("json", "email/mime", "wsgiref",
+                                                                 "urllib", "http")) -> Path:
+    """Copy a few standard-library packages' .py files: a real corpus, identical everywhere."""
+    import shutil
+    import sysconfig
+
+    folder = Path(folder)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for mod in modules:
+        for src in sorted((stdlib / mod).glob("*.py")):
+            dst = folder / mod / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return folder
+
+
+def shared_minilm_db(tmp_path_factory: object) -> Path:
+    """A real corpus (stdlib packages) embedded with the real default MiniLM; every stage done."""
+    db = shared_path(tmp_path_factory, "minilm-db")
+    if not DBLayout(db).neighbours("train").exists():
+        corpus = stdlib_corpus(shared_path(tmp_path_factory, "stdlib-corpus"), ("json",))
+        build_tiny_db(db, corpus=corpus, vocab_size=600, chunk_size=32, seq_len=128,
+                      val_fraction=0.2)
+        from index_builder.embedder import default_embedder
+
+        build_index_db(db, default_embedder(), shard_size=4096)
+    return db
