@@ -48,13 +48,13 @@ from tqdm.auto import tqdm
 from chunk_store.errors import UserError
 from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DBLayout, DOC_IDS, DOCUMENTS, SEQ_STARTS,
                                 SPLITS, TOKENIZER, temp_path)
-from chunk_store.manifest import (FORMAT_VERSION, atomic_save_npy, atomic_write_bytes, atomic_write_json,
-                                  check_params, load_manifest, save_manifest, sha256_file)
-from chunk_store.packing import (UNIT_BYTES, NpyWriter, UnitSpec, init_worker, plan_units, process_unit,
+from chunk_store.manifest import (FORMAT_VERSION, atomic_save_npy, atomic_write_bytes, check_params,
+                                  load_manifest, save_manifest, sha256_file)
+from chunk_store.packing import (NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit,
                                  read_part_meta, sequence_starts)
 from chunk_store.stage import RunInfo, Stage, Unit, crash_point, run_stage
 from chunk_store.text_files import (DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, iter_sample_text,
-                                    split_jsonl, walk_inputs)
+                                    walk_inputs)
 from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
 log = logging.getLogger("chunk_store.build")
@@ -199,7 +199,7 @@ class ChunkStage(Stage[ChunkConfig]):
     def begin(self, manifest: dict[str, Any]) -> None:
         self.tok = _prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
         self.paths.chunk_work.mkdir(exist_ok=True)
-        self.plan = _load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
+        self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
                                        self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
         self._walk = None  # the plan holds the file list from here on
 
@@ -301,49 +301,6 @@ def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
     manifest["token_dtype"] = tok.token_dtype.name
     save_manifest(db, manifest)
     return tok
-
-def _load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped: list[dict],
-                       unit_bytes: int | None, tokenizer_sha256: str) -> dict:
-    """The work plan of an interrupted run (checked against the inputs), else a new one.
-
-    Parts made with another tokenizer (the DB's model was replaced) are discarded.
-    """
-    listing = [f.to_json() for f in files]
-    if plan_path.exists():
-        try:
-            plan = json.loads(plan_path.read_text())
-        except json.JSONDecodeError:
-            plan = None
-        if plan is not None and plan.get("tokenizer_sha256") != tokenizer_sha256:
-            log.warning("chunk: the tokenizer changed since the interrupted run: redoing every unit")
-            for part in plan_path.parent.glob(f"{CHUNK_PART_PREFIX}*.npz"):
-                part.unlink()
-            plan = None
-        if plan is not None:
-            old = plan["files"]
-            if old != listing:
-                first = next((a for a, b in itertools.zip_longest(old, listing) if a != b), None) \
-                    or next(b for a, b in itertools.zip_longest(old, listing) if a != b)
-                raise UserError(
-                    f"chunk: input files changed since the interrupted run (first difference: "
-                    f"{first[0]}); restore them, or delete {plan_path.parent} to start over")
-            return plan
-    target = unit_bytes or UNIT_BYTES
-    ranges: dict[int, list[tuple[int, int, int]]] = {}
-    hashes: dict[str, str] = {}
-    big = [i for i, f in enumerate(files) if f.path.endswith(".jsonl") and f.size > target]
-    with tqdm(total=sum(files[i].size for i in big), unit="B", unit_scale=True, leave=False,
-              desc="split .jsonl", disable=not big) as bar:
-        for i in big:  # big .jsonl files: one streaming pass for the hash and the cuts
-            try:
-                hashes[str(i)], ranges[i] = split_jsonl(files[i].path, target)
-            except OSError:
-                pass  # unreadable: the worker reports it
-            bar.update(files[i].size)
-    plan = {"files": listing, "units": plan_units(files, target, ranges), "hashes": hashes,
-            "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
-    atomic_write_json(plan_path, plan)
-    return plan
 
 def _run_in_pool(todo: list[Unit], tok: Tokenizer, workers: int, done: Callable[[Unit], None]) -> None:
     """Process units in ``workers`` processes, at most 2 x workers in flight, ``done`` in order of

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,9 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from chunk_store.layout import SPLITS, TOKENIZER, temp_path
-from chunk_store.text_files import InputFile, read_documents
+from chunk_store.errors import UserError
+from chunk_store.layout import CHUNK_PART_PREFIX, SPLITS, TOKENIZER, temp_path
+from chunk_store.manifest import atomic_write_json
+from chunk_store.text_files import InputFile, read_documents, split_jsonl
 from chunk_store.tokenizer import Tokenizer
 
 log = logging.getLogger("chunk_store.packing")
@@ -93,6 +97,49 @@ def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None,
         units.append(cur)
     return units
 
+
+def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped: list[dict],
+                       unit_bytes: int | None, tokenizer_sha256: str) -> dict:
+    """The work plan of an interrupted run (checked against the inputs), else a new one.
+
+    Parts made with another tokenizer (the DB's model was replaced) are discarded.
+    """
+    listing = [f.to_json() for f in files]
+    if plan_path.exists():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except json.JSONDecodeError:
+            plan = None
+        if plan is not None and plan.get("tokenizer_sha256") != tokenizer_sha256:
+            log.warning("chunk: the tokenizer changed since the interrupted run: redoing every unit")
+            for part in plan_path.parent.glob(f"{CHUNK_PART_PREFIX}*.npz"):
+                part.unlink()
+            plan = None
+        if plan is not None:
+            old = plan["files"]
+            if old != listing:
+                first = next((a for a, b in itertools.zip_longest(old, listing) if a != b), None) \
+                    or next(b for a, b in itertools.zip_longest(old, listing) if a != b)
+                raise UserError(
+                    f"chunk: input files changed since the interrupted run (first difference: "
+                    f"{first[0]}); restore them, or delete {plan_path.parent} to start over")
+            return plan
+    target = unit_bytes or UNIT_BYTES
+    ranges: dict[int, list[tuple[int, int, int]]] = {}
+    hashes: dict[str, str] = {}
+    big = [i for i, f in enumerate(files) if f.path.endswith(".jsonl") and f.size > target]
+    with tqdm(total=sum(files[i].size for i in big), unit="B", unit_scale=True, leave=False,
+              desc="split .jsonl", disable=not big) as bar:
+        for i in big:  # big .jsonl files: one streaming pass for the hash and the cuts
+            try:
+                hashes[str(i)], ranges[i] = split_jsonl(files[i].path, target)
+            except OSError:
+                pass  # unreadable: the worker reports it
+            bar.update(files[i].size)
+    plan = {"files": listing, "units": plan_units(files, target, ranges), "hashes": hashes,
+            "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
+    atomic_write_json(plan_path, plan)
+    return plan
 
 # ----------------------------------------------------------------------------- one work unit
 

@@ -71,3 +71,27 @@ def test_stage_before_its_inputs_is_one_line(tmp_path):
                            capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
         assert f"needs the '{needs}' stage first" in p.stderr
+
+
+def test_cli_defaults_are_the_stage_configs_defaults():
+    """Defaults live in one place: a stage's config dataclass; the parser only repeats them."""
+    import pytest
+
+    from chunk_store.stage import config_from_args
+    from index_builder.cli import build_parser
+    from index_builder.embed import EmbedConfig
+    from index_builder.faiss_index import IndexConfig
+    from index_builder.knn import KnnConfig
+
+    parser = build_parser()
+    configs = {"embed": EmbedConfig, "index": IndexConfig, "knn": KnnConfig}
+    for command, cls in configs.items():
+        args = parser.parse_args([command, "--db", "x"])
+        assert config_from_args(cls, args) == cls(), command
+    every = parser.parse_args(["all", "--out", "x", "--input", "y"])  # one parser, every stage's options
+    for cls in configs.values():
+        assert config_from_args(cls, every) == cls()
+    # --device is the index stage's too (it runs the recall measurement's exact search)
+    assert config_from_args(IndexConfig, parser.parse_args(["index", "--db", "x", "--device", "cpu"])).device == "cpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chunk", "--out", "x", "--device", "cpu"])  # chunk has no device

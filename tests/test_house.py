@@ -1,0 +1,107 @@
+"""The house rules of the packages, checked on their source: no import cycle (function-level
+imports included), no module past 500 lines, no test code shipped, and every database file name
+spelt only in chunk_store/layout.py."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from chunk_store import layout
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("chunk_store", "index_builder", "retro")
+MAX_LINES = 500
+
+
+def package_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of our packages (a package is its __init__)."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imported_modules(path: Path, modules: dict[str, Path]) -> set[str]:
+    """Our modules that ``path`` imports anywhere in its body (inside functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from pkg import mod` imports the module pkg.mod when there is one
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in modules)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a list of nodes (first == last), or None (iterative DFS)."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        stack: list[tuple[str, list[str]]] = [(root, sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            node, todo = stack[-1]
+            if not todo:
+                state[node] = 2
+                stack.pop()
+                continue
+            nxt = todo.pop()
+            if state.get(nxt) == 1:
+                path = [n for n, _ in stack]
+                return path[path.index(nxt):] + [nxt]
+            if not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    cycle = find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert cycle is not None and cycle[0] == cycle[-1] and set(cycle) == {"a", "b", "c"}
+
+
+def test_no_import_cycle_anywhere() -> None:
+    modules = package_modules()
+    graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    assert sum(map(len, graph.values())) > 40, "the import walk found too few imports to be trusted"
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+@pytest.mark.parametrize("name", sorted(package_modules()))
+def test_module_size(name: str) -> None:
+    lines = len(package_modules()[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name} has {lines} lines (keep modules under {MAX_LINES})"
+
+
+def test_no_test_code_in_the_packages() -> None:
+    for name, path in package_modules().items():
+        assert not name.rsplit(".", 1)[-1].startswith(("test", "testing")), name
+        assert not re.search(r"^\s*(import pytest|from pytest|import hypothesis)", path.read_text(), re.M), name
+
+
+def test_database_file_names_only_in_layout() -> None:
+    names = [v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)
+             and re.fullmatch(r"[.\w]+\.(npy|json|jsonl|model|index|npz)", v)]
+    assert len(names) >= 10
+    for name, path in package_modules().items():
+        if name == "chunk_store.layout":
+            continue
+        text = path.read_text()
+        for file_name in names:
+            # a quoted file name, alone or at the end of a path: "chunks.npy", f"{x}/chunks.npy"
+            assert not re.search(rf"[\"'/]{re.escape(file_name)}[\"']", text), f"{name} spells {file_name}"
