@@ -20,7 +20,7 @@ import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -77,9 +77,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` after the document normalisation (no EOS appended)."""
         return self._sp.encode(normalise_text(text))
-
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return self._sp.encode([normalise_text(t) for t in texts], num_threads=num_threads)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of ``ids``; pad (and any id outside the sentencepiece model) is ignored."""
