@@ -8,9 +8,9 @@ order, into ``.npy`` files whose final size is known up front. So memory is boun
 (plus ~1 KB of manifest metadata per input file), not by the corpus; the result does not
 depend on ``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9)
 reuses every finished part and redoes only the rest and the merge, ending byte-identical to
-an uninterrupted run (the stage routine, chunk_store.stage, owns the resume). (Called from Python with ``workers > 1``, the calling script needs the
-usual ``if __name__ == "__main__":`` guard: workers start through multiprocessing's
-forkserver.)
+an uninterrupted run (the stage routine, chunk_store.stage, owns the resume). (Called from
+Python with ``workers > 1``, the calling script needs the usual ``if __name__ == "__main__":``
+guard: workers start through multiprocessing's forkserver.)
 
 Sequence rule (``seq_starts``): each split's chunks form one stream (documents in file order,
 each padded to whole chunks); training sequences are consecutive, non-overlapping runs of
@@ -46,8 +46,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chunk_store.errors import UserError
-from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DBLayout, DOC_IDS, DOCUMENTS, SEQ_STARTS,
-                                SPLITS, TOKENIZER, temp_path)
+from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, SEQ_STARTS, SPLITS,
+                                TOKENIZER, DBLayout, temp_path)
 from chunk_store.manifest import (FORMAT_VERSION, atomic_save_npy, atomic_write_bytes, check_params,
                                   load_manifest, save_manifest, sha256_file)
 from chunk_store.packing import (NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit,

@@ -273,7 +273,8 @@ class IndexStage(Stage[IndexConfig]):
             build_index(**kwargs)
         except (ValueError, RuntimeError, AssertionError) as e:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise UserError(f"index: autofaiss failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"index: autofaiss failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}") from None
         if not (tmp_dir / self.paths.index.name).exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise UserError(

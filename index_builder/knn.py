@@ -30,7 +30,8 @@ from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout
 from chunk_store.manifest import atomic_save_npy, open_npy
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
-from index_builder.embed import DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows, shard_ranges
+from index_builder.embed import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
+                                 shard_ranges)
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 
@@ -164,7 +165,8 @@ class KnnStage(Stage[KnnConfig]):
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         out: list[Unit] = []
         for split in SPLITS:
-            for i, (a, b) in enumerate(shard_ranges(num_chunks(self.db, manifest, split), self.cfg.shard_size)):
+            rows = num_chunks(self.db, manifest, split)
+            for i, (a, b) in enumerate(shard_ranges(rows, self.cfg.shard_size)):
                 out.append(Unit(len(out), b - a, (split, i, a, b)))
         return out
 
