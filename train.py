@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from chunk_store import ChunkStore
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)
@@ -96,13 +96,13 @@ def init_from(model: torch.nn.Module, path: str) -> dict[str, int]:
     own = model.state_dict()
     unexpected = sorted(set(weights) - set(own))
     if unexpected:
-        raise DBError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
+        raise UserError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
     bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights if weights[k].shape != own[k].shape]
     if bad:
-        raise DBError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
+        raise UserError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
     missing = sorted(k for k in set(own) - set(weights) if not is_retrieval_param(k))
     if missing:
-        raise DBError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
+        raise UserError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
     model.load_state_dict(weights, strict=False)
     return {"loaded": len(weights), "new": len(set(own) - set(weights))}
 
@@ -114,7 +114,7 @@ def freeze_decoder(model: torch.nn.Module) -> int:
         p.requires_grad_(is_retrieval_param(name))
         trainable += p.numel() if p.requires_grad else 0
     if trainable == 0:
-        raise DBError("freeze_decoder=true but the model has no encoder/CCA parameters to train")
+        raise UserError("freeze_decoder=true but the model has no encoder/CCA parameters to train")
     return trainable
 
 
@@ -133,22 +133,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     saved = run / "config.yaml"
     if args.resume:
         if not saved.is_file() or not (run / CKPT_DIR / LATEST).is_file():
-            raise DBError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
+            raise UserError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
         base = load_yaml(saved)
         if args.config:
             requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
             if requested != base.get("model"):
                 diff = sorted(k for k in requested if requested[k] != base["model"].get(k))
-                raise DBError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
+                raise UserError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
         tcfg, mdict = load_config(None, args.set, base=base)
         mcfg = RetroConfig.from_dict(mdict)
         if mcfg.to_dict() != base.get("model"):
-            raise DBError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
+            raise UserError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
     else:
         if not args.config:
-            raise DBError("--config is required (except with --resume)")
+            raise UserError("--config is required (except with --resume)")
         if (run / CKPT_DIR / LATEST).is_file():
-            raise DBError(f"{run} already holds a run with checkpoints: pass --resume to continue it, or a new --out")
+            raise UserError(f"{run} already holds a run with checkpoints: pass --resume to continue it, or a new --out")
         tcfg, mdict = load_config(args.config, args.set)
         mcfg = RetroConfig.from_dict(mdict)
     return tcfg, mcfg, mcfg.to_dict()
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = train(args)
-    except DBError as e:
+    except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

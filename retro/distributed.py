@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from chunk_store.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,9 +42,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            from chunk_store.manifest import DBError
-
-            raise DBError(f"device {name!r} asked for, but CUDA is not available")
+            raise UserError(f"device {name!r} asked for, but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
@@ -140,9 +140,7 @@ class ShardedBatchSampler:
     def __init__(self, num_samples: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, start: int = 0) -> None:
         if num_samples < micro_batch_size * world_size:
-            from chunk_store.manifest import DBError
-
-            raise DBError(f"only {num_samples} training sequences: fewer than one micro-batch "
+            raise UserError(f"only {num_samples} training sequences: fewer than one micro-batch "
                           f"({micro_batch_size}) for each of {world_size} rank(s)")
         self.num_samples = num_samples
         self.micro_batch_size = micro_batch_size

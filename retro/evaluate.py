@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
 
 
@@ -52,7 +52,7 @@ def eval_indices(num_sequences: int, max_sequences: int | None, world_size: int 
     n = num_sequences if not max_sequences else min(num_sequences, max_sequences)
     n -= n % world_size
     if n <= 0:
-        raise DBError(f"nothing to evaluate: {num_sequences} sequence(s) for {world_size} rank(s)")
+        raise UserError(f"nothing to evaluate: {num_sequences} sequence(s) for {world_size} rank(s)")
     if n == num_sequences:
         return np.arange(n)
     return np.unique(np.linspace(0, num_sequences - 1, n).round().astype(np.int64))[: n - n % world_size]
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        max_sequences=args.max_sequences or None, progress=not args.no_progress,
                        control=args.control)
         step = read_state(checkpoint_dir(args.run, args.step)).get("step")
-    except DBError as e:
+    except UserError as e:
         print(f"retro.evaluate: error: {e}", file=sys.stderr)
         return 2
     out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -182,7 +182,7 @@ def _resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DBError(f"--device {name} asked for, but CUDA is not available")
+        raise UserError(f"--device {name} asked for, but CUDA is not available")
     return name
 
 
@@ -219,11 +219,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                ("vocab_size", cfg.vocab_size, tok.vocab_size),
                                ("pad_id", cfg.pad_id, tok.pad_id)):
         if ours != theirs:
-            raise DBError(f"{name} differs: the model in {args.run} has {name}={ours}, "
+            raise UserError(f"{name} differs: the model in {args.run} has {name}={ours}, "
                           f"the database {args.db} has {name}={theirs}")
     prompt = tok.encode(args.prompt)
     if not prompt:
-        raise DBError("the prompt encodes to no tokens")
+        raise UserError("the prompt encodes to no tokens")
     fetcher: RetrieverNeighbours | None = None
     if not args.no_retrieval:
         from index_builder import Retriever
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except DBError as e:
+    except UserError as e:
         print(f"retro.generate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
 from retro.metrics import read_metrics
 
 
@@ -29,7 +29,7 @@ def plot(run: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run)
     records = read_metrics(run)
     if not records:
-        raise DBError(f"no metrics in {run / 'metrics.jsonl'}: train first (python train.py ... --out {run})")
+        raise UserError(f"no metrics in {run / 'metrics.jsonl'}: train first (python train.py ... --out {run})")
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label, style in [("train_loss", "train", "-"), ("val_loss", "val, with retrieval", "o-"),
                               ("val_loss_no_retrieval", "val, without retrieval", "s--")]:
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(plot(args.run, args.out))
-    except DBError as e:
+    except UserError as e:
         print(f"retro.plot: error: {e}", file=sys.stderr)
         return 2
     return 0
