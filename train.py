@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from chunk_store import ChunkStore
+from chunk_store import ChunkStore, runtime
 from chunk_store.errors import UserError
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
@@ -157,7 +156,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     run = Path(args.out)
     tcfg, mcfg, mdict = resolve_config(args)
-    grad_accum = tcfg.grad_accum_steps(int(os.environ.get("WORLD_SIZE", "1")))
+    grad_accum = tcfg.grad_accum_steps(runtime.world_size())
 
     # --- the database, checked before any compute
     train_store = ChunkStore.open(args.db, "train")

@@ -151,9 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from chunk_store import ChunkStore
+        from chunk_store.runtime import resolve_device
         from retro.checkpoint import checkpoint_dir, load_model, read_state
         from retro.dataset import RetroDataset, check_compatible
-        from retro.distributed import resolve_device
 
         device = resolve_device(args.device)
         model, cfg = load_model(args.run, device=device, step=args.step)

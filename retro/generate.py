@@ -178,14 +178,6 @@ class RetrieverNeighbours:
 # --------------------------------------------------------------------------- CLI
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available")
-    return name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m retro.generate",
@@ -209,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from chunk_store import ChunkStore
+    from chunk_store.runtime import resolve_device
     from retro.checkpoint import load_model
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model, cfg = load_model(args.run, device=device, step=args.step)
     store = ChunkStore.open(args.db, split="train")
     tok = store.tokenizer
@@ -228,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_retrieval:
         from index_builder import Retriever
 
-        retriever = Retriever.open(args.db, device=device)
+        retriever = Retriever.open(args.db, device=str(device))
         fetcher = RetrieverNeighbours(retriever, args.k or cfg.num_neighbours)
     result = generate(
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
