@@ -314,6 +314,6 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", s
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt}/model.safetensors does not fit the model in {cfg_path}: "
-                      f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+                        f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     model.to(device).eval()
     return model, cfg

@@ -23,6 +23,7 @@ import torch
 
 from chunk_store import ChunkStore
 from chunk_store.errors import UserError
+from retro.config import RetroConfig
 
 
 class RetroDataset(torch.utils.data.Dataset):
@@ -132,15 +133,17 @@ def _neighbours_or_error(store: ChunkStore) -> np.ndarray:
         raise
     except Exception as e:  # a store that raises its own error type until knn ran
         raise UserError(f"{store.db}: the {store.split} split has no neighbours ({e}): "
-                      f"run `retro-build-index knn --db {store.db}`") from None
+                        f"run `retro-build-index knn --db {store.db}`") from None
     if nbrs is None:
         raise UserError(f"{store.db}: the {store.split} split has no neighbours: "
-                      f"run `retro-build-index knn --db {store.db}`")
+                        f"run `retro-build-index knn --db {store.db}`")
     return nbrs
 
 
-def check_compatible(store: ChunkStore, model_cfg: Any, seq_len: int | None = None) -> None:
-    """Refuse, before any compute, a DB whose shape disagrees with the config; name both values."""
+def check_compatible(store: ChunkStore, model_cfg: RetroConfig, seq_len: int | None = None) -> None:
+    """The one model-vs-database check (train.py, retro.evaluate, retro.generate): refuse, before
+    any compute, a DB whose chunk size, vocabulary or pad id (and, for training, sequence length)
+    disagrees with the model config, naming both values and the setting to change."""
     pairs = [
         ("chunk_size", int(store.chunk_size), int(model_cfg.chunk_size), "model.chunk_size"),
         ("tokenizer.vocab_size", int(store.tokenizer.vocab_size), int(model_cfg.vocab_size), "model.vocab_size"),
@@ -148,7 +151,7 @@ def check_compatible(store: ChunkStore, model_cfg: Any, seq_len: int | None = No
     ]
     if seq_len is not None:
         pairs.append(("seq_len", int(store.seq_len), int(seq_len), "seq_len"))
-    for db_key, db_val, cfg_key_val, cfg_key in pairs:
-        if db_val != cfg_key_val:
+    for db_key, db_val, cfg_val, cfg_key in pairs:
+        if db_val != cfg_val:
             raise UserError(f"the database {store.db} has {db_key}={db_val} but the config has "
-                          f"{cfg_key}={cfg_key_val}: use a matching config (--set {cfg_key}={db_val}) or database")
+                            f"{cfg_key}={cfg_val}: use a matching config (--set {cfg_key}={db_val}) or database")

@@ -121,7 +121,7 @@ class ShardedBatchSampler:
                  seed: int = 0, shuffle: bool = True, start: int = 0) -> None:
         if num_samples < micro_batch_size * world_size:
             raise UserError(f"only {num_samples} training sequences: fewer than one micro-batch "
-                          f"({micro_batch_size}) for each of {world_size} rank(s)")
+                            f"({micro_batch_size}) for each of {world_size} rank(s)")
         self.num_samples = num_samples
         self.micro_batch_size = micro_batch_size
         self.rank = rank

@@ -203,17 +203,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from chunk_store import ChunkStore
     from chunk_store.runtime import resolve_device
     from retro.checkpoint import load_model
+    from retro.dataset import check_compatible
 
     device = resolve_device(args.device)
     model, cfg = load_model(args.run, device=device, step=args.step)
     store = ChunkStore.open(args.db, split="train")
+    check_compatible(store, cfg)
     tok = store.tokenizer
-    for name, ours, theirs in (("chunk_size", cfg.chunk_size, store.chunk_size),
-                               ("vocab_size", cfg.vocab_size, tok.vocab_size),
-                               ("pad_id", cfg.pad_id, tok.pad_id)):
-        if ours != theirs:
-            raise UserError(f"{name} differs: the model in {args.run} has {name}={ours}, "
-                          f"the database {args.db} has {name}={theirs}")
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise UserError("the prompt encodes to no tokens")
