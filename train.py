@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from chunk_store import ChunkStore, runtime
-from chunk_store.errors import UserError
+from chunk_store.errors import UserError, run_main
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)
@@ -329,23 +330,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return {"step": step, **last_record} if info.is_main else {}
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+    """The last record as one JSON line on stdout (rank 0 only: other ranks return {})."""
+    if summary:
+        print(json.dumps(summary, default=str))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = train(args)
-    except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
-    finally:
-        teardown()
-    if summary:
-        import json
-
-        print(json.dumps({k: v for k, v in summary.items()}, default=str))
-    return 0
+    return run_main("train.py", lambda: print_summary(train(args)), cleanup=teardown,
+                    interrupted="interrupted; re-run with --resume to continue from the last checkpoint")
 
 
 if __name__ == "__main__":

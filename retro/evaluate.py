@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chunk_store.errors import UserError
+from chunk_store.errors import UserError, run_main
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
+
+EXIT_NO_GAIN = 3  # --require-gain: retrieval did not lower bits per byte (2 is a user error)
 
 
 @dataclass
@@ -147,27 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from chunk_store import ChunkStore
-        from chunk_store.runtime import resolve_device
-        from retro.checkpoint import checkpoint_dir, load_model, read_state
-        from retro.dataset import RetroDataset, check_compatible
+def run(args: argparse.Namespace) -> int:
+    """Load RUN's checkpoint, check it against the DB, evaluate, print JSON (stdout) and a summary
+    line (stderr). Returns the exit status: 3 when ``--require-gain`` is not met, else 0."""
+    from chunk_store import ChunkStore
+    from chunk_store.runtime import resolve_device
+    from retro.checkpoint import checkpoint_dir, load_model, read_state
+    from retro.dataset import RetroDataset, check_compatible
 
-        device = resolve_device(args.device)
-        model, cfg = load_model(args.run, device=device, step=args.step)
-        store = ChunkStore.open(args.db, args.split)
-        check_compatible(store, cfg)
-        k = args.k or cfg.num_neighbours
-        dataset = RetroDataset(store, args.split, k=k)
-        res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
-                       max_sequences=args.max_sequences or None, progress=not args.no_progress,
-                       control=args.control)
-        step = read_state(checkpoint_dir(args.run, args.step)).get("step")
-    except UserError as e:
-        print(f"retro.evaluate: error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.run, device=device, step=args.step)
+    store = ChunkStore.open(args.db, args.split)
+    check_compatible(store, cfg)
+    k = args.k or cfg.num_neighbours
+    dataset = RetroDataset(store, args.split, k=k)
+    res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
+                   max_sequences=args.max_sequences or None, progress=not args.no_progress,
+                   control=args.control)
+    step = read_state(checkpoint_dir(args.run, args.step)).get("step")
     out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
            **res.to_dict()}
     print(json.dumps(out, indent=2))
@@ -181,12 +180,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{res.bits_per_byte_other_neighbours - res.bits_per_byte:+.4f})", file=sys.stderr)
     if args.require_gain and not gain > 0:
         print("retro.evaluate: retrieval did not lower bits per byte", file=sys.stderr)
-        return 3
+        return EXIT_NO_GAIN
     if args.require_gain and args.control and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
         print("retro.evaluate: the retrieved neighbours did no better than other sequences' neighbours",
               file=sys.stderr)
-        return 3
+        return EXIT_NO_GAIN
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status = 0
+
+    def cli() -> None:
+        nonlocal status  # run_main reports errors; the --require-gain verdict is run()'s
+        status = run(args)
+
+    return run_main("retro.evaluate", cli) or status
 
 
 if __name__ == "__main__":

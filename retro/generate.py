@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chunk_store.errors import UserError
+from chunk_store.errors import UserError, run_main
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -242,15 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"retro.generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("retro.generate: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_main("retro.generate", lambda: run(args))
 
 
 if __name__ == "__main__":

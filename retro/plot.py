@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from chunk_store.errors import UserError
+from chunk_store.errors import UserError, run_main
 from retro.metrics import read_metrics
 
 
@@ -60,12 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="training run directory")
     p.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
     args = p.parse_args(argv)
-    try:
-        print(plot(args.run, args.out))
-    except UserError as e:
-        print(f"retro.plot: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("retro.plot", lambda: print(plot(args.run, args.out)))
 
 
 if __name__ == "__main__":
