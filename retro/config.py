@@ -1,9 +1,9 @@
 """RetroConfig: the shape of a RETRO model, read from the ``model:`` section of a config YAML.
 
-Training settings live at the top level of the same YAML (engineer D's trainer reads them); this
-class only reads ``data["model"]`` (or the whole mapping when there is no ``model`` key), so one
-file describes a whole run. Unknown model keys are an error: a typo must not silently fall back
-to a default.
+Training settings live at the top level of the same YAML (``retro.train_config.TrainConfig``
+reads them); this class only reads ``data["model"]`` (or the whole mapping when there is no
+``model`` key), so one file describes a whole run. Unknown model keys are an error: a typo must
+not silently fall back to a default. ``load_yaml`` is the one config-file reader of both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import yaml
 from chunk_store.errors import UserError
 
 
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A config file's top-level mapping, or a one-line UserError naming the file."""
     path = Path(path)
@@ -31,6 +30,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise UserError(f"{path} must hold a mapping, got {type(data).__name__}")
     return dict(data)
+
 
 @dataclass
 class RetroConfig:

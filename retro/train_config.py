@@ -48,7 +48,6 @@ class TrainConfig:
     init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
     tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
-    # --- beyond the shared list ---
     retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still ends at max_steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)
