@@ -404,6 +404,7 @@ def evaluate_val(t: Trainer) -> dict[str, Any]:
 
 
 def log_eval(t: Trainer, state: TrainState, metrics: MetricsLogger) -> None:
+    """Evaluate, record the numbers (also in the run's summary) and say them on stderr."""
     ev = evaluate_val(t)
     if ev:
         metrics.log({"step": state.step, **ev})

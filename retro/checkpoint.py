@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from chunk_store.errors import UserError
 from chunk_store.manifest import atomic_write_bytes, atomic_write_json, now_iso
+
+if TYPE_CHECKING:
+    from retro.config import RetroConfig
+    from retro.model import RETRO
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -132,7 +136,8 @@ def _dedup_for_safetensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def _full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+def _full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Unsharded, CPU, name-keyed model and optimizer state (on rank 0; empty on others)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -296,7 +301,8 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     return meta
 
 
-def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None):
+def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               step: int | None = None) -> tuple[RETRO, RetroConfig]:
     """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode."""
     from retro.config import RetroConfig
     from retro.model import RETRO

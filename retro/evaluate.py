@@ -15,7 +15,7 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from tqdm import tqdm
 from chunk_store.errors import UserError, run_main
 from retro.distributed import all_reduce_sum
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
+
+if TYPE_CHECKING:
+    from retro.dataset import RetroDataset
 
 EXIT_NO_GAIN = 3  # --require-gain: retrieval did not lower bits per byte (2 is a user error)
 
@@ -118,7 +121,7 @@ def summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighb
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micro_batch_size: int = 8,
+def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.device, micro_batch_size: int = 8,
              max_sequences: int | None = None, rank: int = 0, world_size: int = 1, dtype: str = "auto",
              retrieval: bool = True, progress: bool = False, control: bool = False) -> EvalResult:
     """Summed masked cross-entropy with and without neighbours over a fixed set of sequences.
