@@ -137,6 +137,8 @@ def every(interval: int, step: int) -> bool:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, dict[str, Any]]:
+    """(training config, model config, model mapping) from --config and --set; with --resume from
+    RUN/config.yaml, whose model settings a resume may not change."""
     run = Path(args.out)
     saved = run / "config.yaml"
     if args.resume:
