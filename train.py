@@ -5,28 +5,32 @@
     torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
         --nproc_per_node 8 train.py ...
 
-Read top to bottom (as nanoGPT): config -> process group -> database checks -> model ->
-optimizer -> resume -> data -> loop (grad accumulation, clipping, warmup + cosine) -> logging,
-evaluation with and without retrieval, checkpoints. Every clear error (config/DB mismatch, a DB
-without neighbours, a batch that cannot split over the ranks) comes before any compute.
+Read top to bottom: the pieces, then the loop that calls them in nanoGPT's order. Setup
+(``setup_trainer`` -> ``Trainer``): config, database checks, process group, model, optimizer;
+every clear error (config/DB mismatch, a DB without neighbours, a batch that cannot split over
+the ranks) comes before any compute. Resume (``start_state`` -> ``TrainState``) and data. Then
+one iteration: ``train_step`` (warmup + cosine lr, grad accumulation, clipping), ``log_train``,
+``log_eval`` (with and without retrieval), ``save`` (a checkpoint); ``train()`` is the loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from chunk_store import ChunkStore
-from chunk_store.manifest import DBError
+from chunk_store import ChunkStore, runtime
+from chunk_store.errors import UserError, run_main
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)
@@ -34,7 +38,7 @@ from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, evaluate
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
-from retro.train_config import TrainConfig, load_config, load_yaml, save_resolved
+from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
 
 # parameter-name components that belong to retrieval (trained when RETRO-fitting)
 RETRIEVAL_PARTS = frozenset({"encoder", "enc_in", "cca", "cca_norm"})
@@ -96,13 +100,13 @@ def init_from(model: torch.nn.Module, path: str) -> dict[str, int]:
     own = model.state_dict()
     unexpected = sorted(set(weights) - set(own))
     if unexpected:
-        raise DBError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
+        raise UserError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
     bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights if weights[k].shape != own[k].shape]
     if bad:
-        raise DBError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
+        raise UserError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
     missing = sorted(k for k in set(own) - set(weights) if not is_retrieval_param(k))
     if missing:
-        raise DBError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
+        raise UserError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
     model.load_state_dict(weights, strict=False)
     return {"loaded": len(weights), "new": len(set(own) - set(weights))}
 
@@ -114,83 +118,88 @@ def freeze_decoder(model: torch.nn.Module) -> int:
         p.requires_grad_(is_retrieval_param(name))
         trainable += p.numel() if p.requires_grad else 0
     if trainable == 0:
-        raise DBError("freeze_decoder=true but the model has no encoder/CCA parameters to train")
+        raise UserError("freeze_decoder=true but the model has no encoder/CCA parameters to train")
     return trainable
 
 
 def log(info: DistInfo, msg: str) -> None:
+    """A line on stderr from rank 0 only, above the progress bar."""
     if info.is_main:
-        from tqdm import tqdm
-
         tqdm.write(f"[train] {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------- main
+def every(interval: int, step: int) -> bool:
+    """Whether ``step`` falls on an interval of ``interval`` steps; 0 means never."""
+    return bool(interval) and step % interval == 0
+
+
+# ----------------------------------------------------------------------------- setup
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, dict[str, Any]]:
+    """(training config, model config, model mapping) from --config and --set; with --resume from
+    RUN/config.yaml, whose model settings a resume may not change."""
     run = Path(args.out)
     saved = run / "config.yaml"
     if args.resume:
         if not saved.is_file() or not (run / CKPT_DIR / LATEST).is_file():
-            raise DBError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
+            raise UserError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
         base = load_yaml(saved)
         if args.config:
             requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
             if requested != base.get("model"):
                 diff = sorted(k for k in requested if requested[k] != base["model"].get(k))
-                raise DBError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
+                raise UserError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
         tcfg, mdict = load_config(None, args.set, base=base)
         mcfg = RetroConfig.from_dict(mdict)
         if mcfg.to_dict() != base.get("model"):
-            raise DBError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
+            raise UserError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
     else:
         if not args.config:
-            raise DBError("--config is required (except with --resume)")
+            raise UserError("--config is required (except with --resume)")
         if (run / CKPT_DIR / LATEST).is_file():
-            raise DBError(f"{run} already holds a run with checkpoints: pass --resume to continue it, or a new --out")
+            raise UserError(f"{run} already holds a run with checkpoints: pass --resume to continue it, or a new --out")
         tcfg, mdict = load_config(args.config, args.set)
         mcfg = RetroConfig.from_dict(mdict)
     return tcfg, mcfg, mcfg.to_dict()
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    run = Path(args.out)
-    tcfg, mcfg, mdict = resolve_config(args)
-    grad_accum = tcfg.grad_accum_steps(int(os.environ.get("WORLD_SIZE", "1")))
+def open_datasets(db: str, tcfg: TrainConfig, mcfg: RetroConfig) -> tuple[RetroDataset, RetroDataset | None, bool]:
+    """The train and val splits, checked against the config before any compute.
 
-    # --- the database, checked before any compute
-    train_store = ChunkStore.open(args.db, "train")
-    val_store = ChunkStore.open(args.db, "val")
+    Returns (train, val or None when the val split has no sequences, whether to retrieve): a
+    decoder-only run (retrieval_dropout=1, or no CCA layers) needs no neighbours in the DB.
+    """
+    train_store = ChunkStore.open(db, "train")
+    val_store = ChunkStore.open(db, "val")
     for store in (train_store, val_store):
         check_compatible(store, mcfg, tcfg.seq_len)
     use_retrieval = tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers)
     k = mcfg.num_neighbours
     train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval)
     val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval) if len(val_store.seq_starts) else None
-    info = setup(tcfg.device)  # the process group (torchrun) and this rank's device
-    device = info.device
-    if val_ds is None:
-        log(info, "the val split has no sequences: evaluation is skipped")
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_resolved(run / "config.yaml", tcfg, mdict)
+    return train_ds, val_ds, use_retrieval
 
-    # --- model and optimizer
+
+def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_retrieval: bool,
+                fresh: bool) -> tuple[RETRO, torch.nn.Module, torch.optim.Optimizer]:
+    """(model, wrapped, optimizer): RETRO with the same initial weights on every rank (or
+    init_from's, when ``fresh``), its decoder frozen when RETRO-fitting, wrapped for DDP / FSDP2 /
+    torch.compile; AdamW over the parameters that train."""
+    device = info.device
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = RETRO(mcfg)
-    if tcfg.init_from and not args.resume:
+    if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
     if tcfg.freeze_decoder:
         n = freeze_decoder(model)
         log(info, f"freeze_decoder: training {n:,} encoder/CCA parameters only")
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    wrapped = model
+    wrapped: torch.nn.Module = model
     if tcfg.compile and not tcfg.fsdp:
         wrapped = torch.compile(model)
     # a step without neighbours leaves encoder/CCA unused: DDP must be told
@@ -198,155 +207,275 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                          find_unused_parameters=use_retrieval and tcfg.retrieval_dropout > 0)
     if tcfg.compile and tcfg.fsdp:
         wrapped = torch.compile(wrapped)
-    optimizer = build_optimizer(model, tcfg, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, wrapped, build_optimizer(model, tcfg, device)
 
-    # --- resume: weights, optimizer, RNG, step, data position
-    step, position = 0, 0
-    torch.manual_seed(tcfg.seed + info.rank)  # per-rank streams (dropout)
-    np.random.seed((tcfg.seed + info.rank) % 2**32)
-    if args.resume:
-        ckpt = checkpoint_dir(run)
-        meta = load_checkpoint(ckpt, model, optimizer)
-        step = int(meta["step"])
-        data = meta.get("data", {})
-        position = int(data.get("position", 0))
-        old = (data.get("world_size"), data.get("micro_batch_size"))
-        if old != (info.world_size, tcfg.micro_batch_size):
-            seqs = position * (old[0] or 1) * (old[1] or tcfg.micro_batch_size)
-            position = seqs // (info.world_size * tcfg.micro_batch_size)
-            log(info, f"resuming with {info.world_size} rank(s) x {tcfg.micro_batch_size} instead of "
-                      f"{old[0]} x {old[1]}: data order continues approximately, not exactly")
-        log(info, f"resumed from {ckpt} at step {step}")
-    metrics = MetricsLogger(run, enabled=info.is_main, resume_step=step if args.resume else None,
-                            tensorboard=tcfg.tensorboard)
 
-    # --- data: each rank its shard, reshuffled each epoch from the seed, resumable
-    sampler = ShardedBatchSampler(len(train_ds), tcfg.micro_batch_size, info.rank, info.world_size,
+@dataclass
+class Trainer:
+    """What setup builds once and the loop only reads."""
+
+    run: Path
+    tcfg: TrainConfig
+    mcfg: RetroConfig
+    info: DistInfo  # this rank, the world size, the device
+    grad_accum: int  # micro-steps per optimizer step on each rank
+    train_ds: RetroDataset
+    val_ds: RetroDataset | None  # None: the val split has no sequences, evaluation is skipped
+    use_retrieval: bool
+    model: RETRO  # the plain module: state dicts, optimizer groups, evaluation
+    wrapped: torch.nn.Module  # what a training step calls (DDP, FSDP2 or compiled; else model)
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]  # what gradient clipping sees
+    peak_flops: float | None  # MFU's denominator per rank; None where unknown (CPU)
+    flops_per_token: dict[bool, float]  # a training step's, with (True) and without retrieval
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def last_step(self) -> int:
+        """Where this invocation stops: max_steps, or stop_at if earlier (the schedule still
+        ends at max_steps)."""
+        return self.tcfg.max_steps if self.tcfg.stop_at is None else min(self.tcfg.max_steps, self.tcfg.stop_at)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tcfg.batch_size * self.tcfg.seq_len
+
+
+def setup_trainer(args: argparse.Namespace) -> Trainer:
+    """Config, database, process group, model and optimizer. Every clear error (config/DB
+    mismatch, a DB without neighbours, a batch that cannot split over the ranks) comes before the
+    process group starts or any weight is built."""
+    run = Path(args.out)
+    tcfg, mcfg, mdict = resolve_config(args)
+    grad_accum = tcfg.grad_accum_steps(runtime.world_size())
+    train_ds, val_ds, use_retrieval = open_datasets(args.db, tcfg, mcfg)
+    info = setup(tcfg.device)  # the process group (torchrun) and this rank's device
+    if val_ds is None:
+        log(info, "the val split has no sequences: evaluation is skipped")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_resolved(run / "config.yaml", tcfg, mdict)
+    model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
+    return Trainer(
+        run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,
+        use_retrieval=use_retrieval, model=model, wrapped=wrapped, optimizer=optimizer,
+        trainable=[p for p in model.parameters() if p.requires_grad], peak_flops=peak_flops(info.device),
+        flops_per_token={r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r) for r in (True, False)},
+    )
+
+
+@dataclass
+class TrainState:
+    """What the loop advances: the step, the data position, and the current logging window."""
+
+    step: int = 0  # optimizer steps taken
+    position: int = 0  # micro-batches this rank has consumed: where a resumed sampler starts
+    # the logging window: the steps since the last train_loss record
+    window_steps: int = 0
+    window_retrieval_steps: int = 0  # of which with neighbours (their FLOPs differ, for MFU)
+    window_loss: torch.Tensor | float = 0.0  # summed on the device: no sync between log steps
+    window_start: float = field(default_factory=time.perf_counter)
+    last_record: dict[str, Any] = field(default_factory=dict)  # the latest metrics (the summary)
+
+    def count_step(self, loss: torch.Tensor, with_neighbours: bool) -> None:
+        self.step += 1
+        self.window_steps += 1
+        self.window_retrieval_steps += int(with_neighbours)
+        self.window_loss += loss
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time is not training throughput."""
+        self.window_start = time.perf_counter()
+
+    def new_window(self) -> None:
+        self.window_steps, self.window_retrieval_steps, self.window_loss = 0, 0, 0.0
+        self.restart_clock()
+
+
+def resumed_position(data: dict[str, Any], info: DistInfo, micro_batch_size: int) -> int:
+    """The checkpoint's data position, rescaled to sequences when the world size or micro-batch
+    size changed (then the data order continues approximately, not exactly)."""
+    position = int(data.get("position", 0))
+    old = (data.get("world_size"), data.get("micro_batch_size"))
+    if old != (info.world_size, micro_batch_size):
+        seqs = position * (old[0] or 1) * (old[1] or micro_batch_size)
+        position = seqs // (info.world_size * micro_batch_size)
+        log(info, f"resuming with {info.world_size} rank(s) x {micro_batch_size} instead of "
+                  f"{old[0]} x {old[1]}: data order continues approximately, not exactly")
+    return position
+
+
+def start_state(t: Trainer, resume: bool) -> TrainState:
+    """Seed this rank's RNG streams (dropout); with ``resume``, load weights, optimizer, RNG
+    states, step and data position from RUN's latest checkpoint."""
+    torch.manual_seed(t.tcfg.seed + t.info.rank)  # per-rank streams (dropout)
+    np.random.seed((t.tcfg.seed + t.info.rank) % 2**32)
+    if not resume:
+        return TrainState()
+    ckpt = checkpoint_dir(t.run)
+    meta = load_checkpoint(ckpt, t.model, t.optimizer)
+    state = TrainState(step=int(meta["step"]),
+                       position=resumed_position(meta.get("data", {}), t.info, t.tcfg.micro_batch_size))
+    log(t.info, f"resumed from {ckpt} at step {state.step}")
+    return state
+
+
+def data_stream(t: Trainer, position: int) -> tuple[ShardedBatchSampler, Iterator[dict[str, torch.Tensor]]]:
+    """This rank's shard of the train split, reshuffled each epoch from the seed, from micro-batch
+    ``position`` on (exact resume)."""
+    tcfg = t.tcfg
+    sampler = ShardedBatchSampler(len(t.train_ds), tcfg.micro_batch_size, t.info.rank, t.info.world_size,
                                   seed=tcfg.seed, start=position)
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=sampler, num_workers=tcfg.num_workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if tcfg.num_workers else None,
+        t.train_ds, batch_sampler=sampler, num_workers=tcfg.num_workers, collate_fn=collate,
+        pin_memory=t.device.type == "cuda", prefetch_factor=4 if tcfg.num_workers else None,
         generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
-    batches = iter(loader)
+    return sampler, iter(loader)
 
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    peak = peak_flops(device)
-    fpt = {r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r) for r in (True, False)}
-    log(info, f"{n_params:,} parameters, {info.world_size} rank(s) on {device}, grad_accum={grad_accum}, "
-              f"{len(train_ds)} train / {len(val_ds) if val_ds else 0} val sequences, retrieval={use_retrieval}")
 
-    def run_eval() -> dict[str, Any]:
-        if val_ds is None:
-            return {}
-        max_seq = tcfg.eval_batches * tcfg.micro_batch_size * info.world_size or None
-        res = evaluate(model, val_ds, device=device, micro_batch_size=tcfg.micro_batch_size,
-                       max_sequences=max_seq, rank=info.rank, world_size=info.world_size, dtype=tcfg.dtype,
-                       retrieval=use_retrieval)
-        return {"val_loss": res.loss, "val_bpb": res.bits_per_byte,
-                "val_loss_no_retrieval": res.loss_no_retrieval, "val_bpb_no_retrieval": res.bits_per_byte_no_retrieval,
-                "val_tokens": res.tokens}
+# ----------------------------------------------------------------------------- step, log, eval, checkpoint
 
-    def checkpoint() -> None:
-        state = {"data": {"position": position, "epoch": sampler.epoch_of(position),
-                          "world_size": info.world_size, "micro_batch_size": tcfg.micro_batch_size},
-                 "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(step, tcfg)},
-                 "config": {**tcfg.to_dict(), "model": mdict}}
-        path = save_checkpoint(run, step, model, optimizer, state)
-        if path is not None:
-            log(info, f"checkpoint {path}")
 
-    last_step = tcfg.max_steps if tcfg.stop_at is None else min(tcfg.max_steps, tcfg.stop_at)
-    pbar = None
-    if info.is_main:
-        from tqdm import tqdm
+def forward_backward(t: Trainer, batch: dict[str, torch.Tensor], with_neighbours: bool, sync: bool) -> torch.Tensor:
+    """One micro-batch: forward under autocast, loss / grad_accum, backward. Gradients are
+    reduced across ranks only when ``sync`` (the last micro-step). Returns the scaled loss."""
+    tokens = batch["tokens"].to(t.device, non_blocking=True)
+    nbrs = batch["neighbours"].to(t.device, non_blocking=True) if with_neighbours else None
+    if t.tcfg.fsdp and t.info.distributed:  # FSDP2: reduce-scatter only on the last micro-step
+        t.model.set_requires_gradient_sync(sync)
+    ddp = t.info.distributed and not t.tcfg.fsdp
+    with t.wrapped.no_sync() if ddp and not sync else contextlib.nullcontext():
+        with autocast_for(t.device, t.tcfg.dtype):
+            logits = t.wrapped(tokens[:, :-1], nbrs)
+        loss = lm_loss(logits, tokens[:, 1:], t.mcfg.pad_id) / t.grad_accum
+        loss.backward()
+    return loss.detach()
 
-        pbar = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    ddp = info.distributed and not tcfg.fsdp
-    model.train()
-    t_last, steps_since, loss_since, ret_steps = time.perf_counter(), 0, 0.0, 0
-    last_record: dict[str, Any] = {}
-    while step < last_step:
-        lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with_nbrs = use_retrieval and not drops_retrieval(step, tcfg)
-        step_loss = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            batch = next(batches)
-            position += 1
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            nbrs = batch["neighbours"].to(device, non_blocking=True) if with_nbrs else None
-            last_micro = micro == grad_accum - 1
-            if tcfg.fsdp and info.distributed:  # FSDP2: reduce-scatter only on the last micro-step
-                model.set_requires_gradient_sync(last_micro)
-            sync = wrapped.no_sync() if ddp and not last_micro else contextlib.nullcontext()
-            with sync:
-                with autocast_for(device, tcfg.dtype):
-                    logits = wrapped(tokens[:, :-1], nbrs)
-                loss = lm_loss(logits, tokens[:, 1:], mcfg.pad_id) / grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_since += 1
-        ret_steps += int(with_nbrs)
-        loss_since += step_loss  # stays on device: no sync between log steps
 
-        final = step == last_step
-        if step % tcfg.log_every == 0 or final:
-            mean_loss = all_reduce_sum([float(loss_since) / steps_since], device)[0] / info.world_size
-            dt = time.perf_counter() - t_last
-            tok_s = tokens_per_step * steps_since / dt
-            flops = (ret_steps * fpt[True] + (steps_since - ret_steps) * fpt[False]) / steps_since
-            mfu = flops * tok_s / (peak * info.world_size) if peak else None
-            last_record = {"step": step, "train_loss": mean_loss, "lr": lr, "tokens_per_s": tok_s,
-                           "mfu": mfu, "tokens": step * tokens_per_step}
-            metrics.log(last_record)
-            if pbar is not None:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}",
-                                 mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a", refresh=False)
-            t_last, steps_since, loss_since, ret_steps = time.perf_counter(), 0, 0.0, 0
+def train_step(t: Trainer, state: TrainState, batches: Iterator[dict[str, torch.Tensor]]) -> float:
+    """One optimizer step: the scheduled lr, grad_accum micro-batches (all with neighbours or,
+    under retrieval dropout, all without), clipping, AdamW. Returns the step's lr."""
+    lr = lr_at(state.step, t.tcfg)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    with_nbrs = t.use_retrieval and not drops_retrieval(state.step, t.tcfg)
+    step_loss = torch.zeros((), device=t.device)
+    for micro in range(t.grad_accum):
+        batch = next(batches)
+        state.position += 1
+        step_loss += forward_backward(t, batch, with_nbrs, sync=micro == t.grad_accum - 1)
+    if t.tcfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.trainable, t.tcfg.grad_clip)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    state.count_step(step_loss, with_nbrs)
+    return lr
+
+
+def log_train(t: Trainer, state: TrainState, lr: float, metrics: MetricsLogger, pbar: tqdm | None) -> None:
+    """Close the logging window: its mean train loss over every rank, tokens/s and MFU."""
+    steps, ret_steps = state.window_steps, state.window_retrieval_steps
+    mean_loss = all_reduce_sum([float(state.window_loss) / steps], t.device)[0] / t.info.world_size
+    tok_s = t.tokens_per_step * steps / (time.perf_counter() - state.window_start)
+    flops = (ret_steps * t.flops_per_token[True] + (steps - ret_steps) * t.flops_per_token[False]) / steps
+    mfu = flops * tok_s / (t.peak_flops * t.info.world_size) if t.peak_flops else None
+    state.last_record = {"step": state.step, "train_loss": mean_loss, "lr": lr, "tokens_per_s": tok_s,
+                         "mfu": mfu, "tokens": state.step * t.tokens_per_step}
+    metrics.log(state.last_record)
+    if pbar is not None:
+        pbar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                         mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a", refresh=False)
+    state.new_window()
+
+
+def evaluate_val(t: Trainer) -> dict[str, Any]:
+    """Val loss and bits per byte with and without retrieval, every rank its shard ({} without a
+    val split); eval_batches micro-batches per rank, 0 for the whole split."""
+    if t.val_ds is None:
+        return {}
+    mb, world = t.tcfg.micro_batch_size, t.info.world_size
+    res = evaluate(t.model, t.val_ds, device=t.device, micro_batch_size=mb,
+                   max_sequences=t.tcfg.eval_batches * mb * world or None, rank=t.info.rank, world_size=world,
+                   dtype=t.tcfg.dtype, retrieval=t.use_retrieval)
+    return {"val_loss": res.loss, "val_bpb": res.bits_per_byte,
+            "val_loss_no_retrieval": res.loss_no_retrieval, "val_bpb_no_retrieval": res.bits_per_byte_no_retrieval,
+            "val_tokens": res.tokens}
+
+
+def log_eval(t: Trainer, state: TrainState, metrics: MetricsLogger) -> None:
+    """Evaluate, record the numbers (also in the run's summary) and say them on stderr."""
+    ev = evaluate_val(t)
+    if ev:
+        metrics.log({"step": state.step, **ev})
+        state.last_record.update(ev)
+        log(t.info, f"step {state.step}: val bpb {ev['val_bpb']:.4f} with retrieval, "
+                    f"{ev['val_bpb_no_retrieval']:.4f} without")
+    state.restart_clock()
+
+
+def save(t: Trainer, state: TrainState, sampler: ShardedBatchSampler) -> None:
+    """A checkpoint with all an exact resume needs: weights, optimizer, every rank's RNG (in
+    save_checkpoint), the schedule, the data position and the resolved config."""
+    extra = {"data": {"position": state.position, "epoch": sampler.epoch_of(state.position),
+                      "world_size": t.info.world_size, "micro_batch_size": t.tcfg.micro_batch_size},
+             "scheduler": {"kind": "warmup_cosine", "step": state.step, "lr": lr_at(state.step, t.tcfg)},
+             "config": merged(t.tcfg, t.mcfg.to_dict())}
+    path = save_checkpoint(t.run, state.step, t.model, t.optimizer, extra)
+    if path is not None:
+        log(t.info, f"checkpoint {path}")
+    state.restart_clock()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one run; returns the last metrics record on rank 0, {} elsewhere."""
+    t = setup_trainer(args)
+    tcfg, info = t.tcfg, t.info
+    state = start_state(t, resume=args.resume)
+    metrics = MetricsLogger(t.run, enabled=info.is_main, resume_step=state.step if args.resume else None,
+                            tensorboard=tcfg.tensorboard)
+    sampler, batches = data_stream(t, state.position)
+    log(info, f"{t.model.num_params():,} parameters, {info.world_size} rank(s) on {t.device}, "
+              f"grad_accum={t.grad_accum}, {len(t.train_ds)} train / {len(t.val_ds) if t.val_ds else 0} val "
+              f"sequences, retrieval={t.use_retrieval}")
+    last_step = t.last_step
+    pbar = tqdm(total=last_step, initial=state.step, desc="train", dynamic_ncols=True,
+                file=sys.stderr) if info.is_main else None
+    t.model.train()
+    state.restart_clock()
+    while state.step < last_step:
+        lr = train_step(t, state, batches)
+        final = state.step == last_step
+        if every(tcfg.log_every, state.step) or final:
+            log_train(t, state, lr, metrics, pbar)
         if pbar is not None:
             pbar.update(1)
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == tcfg.max_steps:
-            ev = run_eval()
-            if ev:
-                metrics.log({"step": step, **ev})
-                last_record.update(ev)
-                log(info, f"step {step}: val bpb {ev['val_bpb']:.4f} with retrieval, "
-                          f"{ev['val_bpb_no_retrieval']:.4f} without")
-            t_last = time.perf_counter()  # evaluation time is not training throughput
-        if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or final:
-            checkpoint()
-            t_last = time.perf_counter()
+        if every(tcfg.eval_every, state.step) or state.step == tcfg.max_steps:
+            log_eval(t, state, metrics)
+        if every(tcfg.checkpoint_every, state.step) or final:
+            save(t, state, sampler)
     if pbar is not None:
         pbar.close()
-    del batches
+    del batches  # stops the DataLoader's workers
     metrics.close()
-    return {"step": step, **last_record} if info.is_main else {}
+    return {"step": state.step, **state.last_record} if info.is_main else {}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The last record as one JSON line on stdout (rank 0 only: other ranks return {})."""
+    if summary:
+        print(json.dumps(summary, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = train(args)
-    except DBError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; re-run with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 130
-    finally:
-        teardown()
-    if summary:
-        import json
-
-        print(json.dumps({k: v for k, v in summary.items()}, default=str))
-    return 0
+    return run_main("train.py", lambda: print_summary(train(args)), cleanup=teardown,
+                    interrupted="interrupted; re-run with --resume to continue from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,18 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from chunk_store.manifest import DBError, atomic_write_bytes, atomic_write_json, now_iso
+from chunk_store.errors import UserError
+from chunk_store.manifest import atomic_write_bytes, atomic_write_json, now_iso
+
+if TYPE_CHECKING:
+    from retro.config import RetroConfig
+    from retro.model import RETRO
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -131,7 +136,8 @@ def _dedup_for_safetensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def _full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+def _full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Unsharded, CPU, name-keyed model and optimizer state (on rank 0; empty on others)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -239,14 +245,14 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
         path = ckpts / step_dirname(step)
         if not path.is_dir():
             have = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
-            raise DBError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
+            raise UserError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
         return path
     pointer = ckpts / LATEST
     if not pointer.is_file():
-        raise DBError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
+        raise UserError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
     path = ckpts / pointer.read_text().strip()
     if not (path / "model.safetensors").is_file():
-        raise DBError(f"{pointer} points to {path.name}, which has no model.safetensors")
+        raise UserError(f"{pointer} points to {path.name}, which has no model.safetensors")
     return path
 
 
@@ -255,19 +261,19 @@ def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DBError(f"missing {path}") from None
+        raise UserError(f"missing {path}") from None
     except json.JSONDecodeError as e:
-        raise DBError(f"corrupt {path}: {e}") from None
+        raise UserError(f"corrupt {path}: {e}") from None
 
 
 def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(ckpt) / "model.safetensors"
     if not path.is_file():
-        raise DBError(f"missing {path}")
+        raise UserError(f"missing {path}")
     try:
         return load_file(str(path))
     except Exception as e:  # truncated or foreign file
-        raise DBError(f"corrupt {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"corrupt {path}: {type(e).__name__}: {e}") from None
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
@@ -285,7 +291,7 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     set_model_state_dict(model, load_weights(ckpt), options=opts)
     if optimizer is not None:
         if "optimizer" not in meta:
-            raise DBError(f"{ckpt} has no optimizer state: cannot resume from it")
+            raise UserError(f"{ckpt} has no optimizer state: cannot resume from it")
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
         set_optimizer_state_dict(model, optimizer, _join_optimizer(tensors, meta["optimizer"]), options=opts)
     rank, world = _dist()
@@ -295,7 +301,8 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     return meta
 
 
-def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", step: int | None = None):
+def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               step: int | None = None) -> tuple[RETRO, RetroConfig]:
     """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode."""
     from retro.config import RetroConfig
     from retro.model import RETRO
@@ -306,13 +313,13 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu", s
     if not cfg_path.is_file():  # a bare checkpoint directory: config two levels up
         cfg_path = ckpt.parent.parent / "config.yaml"
     if not cfg_path.is_file():
-        raise DBError(f"no config.yaml in {run_dir}: not a training run directory")
+        raise UserError(f"no config.yaml in {run_dir}: not a training run directory")
     cfg = RetroConfig.from_yaml(cfg_path)
     model = RETRO(cfg)
     weights = load_weights(ckpt)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise DBError(f"{ckpt}/model.safetensors does not fit the model in {cfg_path}: "
-                      f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {cfg_path}: "
+                        f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     model.to(device).eval()
     return model, cfg

@@ -1,9 +1,9 @@
 """RetroConfig: the shape of a RETRO model, read from the ``model:`` section of a config YAML.
 
-Training settings live at the top level of the same YAML (engineer D's trainer reads them); this
-class only reads ``data["model"]`` (or the whole mapping when there is no ``model`` key), so one
-file describes a whole run. Unknown model keys are an error: a typo must not silently fall back
-to a default.
+Training settings live at the top level of the same YAML (``retro.train_config.TrainConfig``
+reads them); this class only reads ``data["model"]`` (or the whole mapping when there is no
+``model`` key), so one file describes a whole run. Unknown model keys are an error: a typo must
+not silently fall back to a default. ``load_yaml`` is the one config-file reader of both.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ from typing import Any, Mapping
 
 import yaml
 
-from chunk_store.manifest import DBError
-
+from chunk_store.errors import UserError
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's top-level mapping, or a one-line DBError naming the file."""
+    """A config file's top-level mapping, or a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise DBError(f"no config file at {path}")
+        raise UserError(f"no config file at {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DBError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, Mapping):
-        raise DBError(f"{path} must hold a mapping, got {type(data).__name__}")
+        raise UserError(f"{path} must hold a mapping, got {type(data).__name__}")
     return dict(data)
+
 
 @dataclass
 class RetroConfig:
@@ -84,23 +84,23 @@ class RetroConfig:
         return int(round(self.enc_dim * self.enc_mlp_ratio))
 
     def validate(self) -> None:
-        """One-line DBError on an impossible configuration (these come from user YAML)."""
+        """One-line UserError on an impossible configuration (these come from user YAML)."""
         positive = ("vocab_size", "dim", "depth", "heads", "dim_head", "enc_dim", "enc_depth",
                     "enc_heads", "enc_dim_head", "chunk_size", "num_neighbours")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise DBError(f"model.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise DBError(f"model.pad_id={self.pad_id} is outside the vocabulary (vocab_size={self.vocab_size})")
+            raise UserError(f"model.pad_id={self.pad_id} is outside the vocabulary (vocab_size={self.vocab_size})")
         if not 0.0 <= self.dropout < 1.0:
-            raise DBError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dim_head % 2 or self.enc_dim_head % 2:
-            raise DBError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
+            raise UserError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
         if self.cca_layers is not None:
             bad = [i for i in self.cca_layers if not 1 <= int(i) <= self.depth]
             if bad:
-                raise DBError(f"model.cca_layers {bad} outside 1..depth={self.depth} (layers are 1-based)")
+                raise UserError(f"model.cca_layers {bad} outside 1..depth={self.depth} (layers are 1-based)")
 
     # ------------------------------------------------------------------ (de)serialisation
 
@@ -112,7 +112,7 @@ class RetroConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise DBError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
+            raise UserError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
         kwargs = dict(data)
         if kwargs.get("cca_layers") is not None:
             kwargs["cca_layers"] = [int(i) for i in kwargs["cca_layers"]]

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from chunk_store import ChunkStore
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError
+from retro.config import RetroConfig
 
 
 class RetroDataset(torch.utils.data.Dataset):
@@ -37,17 +38,17 @@ class RetroDataset(torch.utils.data.Dataset):
                  k: int | None = None, retrieval: bool = True) -> None:
         if isinstance(store, (str, os.PathLike)):
             if split is None:
-                raise DBError("RetroDataset(db_path, split): the split is required with a path")
+                raise UserError("RetroDataset(db_path, split): the split is required with a path")
             store = ChunkStore.open(store, split)
         elif split is not None and split != store.split:
-            raise DBError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
+            raise UserError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
         self.db = Path(store.db)
         self.split = store.split
         self.retrieval = retrieval
         self.chunk_size = int(store.chunk_size)
         self.seq_len = int(store.seq_len)
         if self.seq_len % self.chunk_size:
-            raise DBError(f"{self.db}: seq_len={self.seq_len} is not a multiple of chunk_size={self.chunk_size}")
+            raise UserError(f"{self.db}: seq_len={self.seq_len} is not a multiple of chunk_size={self.chunk_size}")
         self.chunks_per_seq = self.seq_len // self.chunk_size
         self.pad_id = int(store.tokenizer.pad_id)
         self.num_chunks = int(store.num_chunks)
@@ -58,7 +59,7 @@ class RetroDataset(torch.utils.data.Dataset):
             have = int(nbrs.shape[1])
             self.k = have if k is None else int(k)
             if not 0 < self.k <= have:
-                raise DBError(f"{self.db}: {self.split} has {have} neighbours per chunk, asked for k={self.k}")
+                raise UserError(f"{self.db}: {self.split} has {have} neighbours per chunk, asked for k={self.k}")
         self._store: ChunkStore | None = store
         self._pid = os.getpid()
 
@@ -128,19 +129,21 @@ def collate(batch: Any) -> dict[str, torch.Tensor]:
 def _neighbours_or_error(store: ChunkStore) -> np.ndarray:
     try:
         nbrs = store.neighbours
-    except DBError:
+    except UserError:
         raise
     except Exception as e:  # a store that raises its own error type until knn ran
-        raise DBError(f"{store.db}: the {store.split} split has no neighbours ({e}): "
-                      f"run `retro-build-index knn --db {store.db}`") from None
+        raise UserError(f"{store.db}: the {store.split} split has no neighbours ({e}): "
+                        f"run `retro-build-index knn --db {store.db}`") from None
     if nbrs is None:
-        raise DBError(f"{store.db}: the {store.split} split has no neighbours: "
-                      f"run `retro-build-index knn --db {store.db}`")
+        raise UserError(f"{store.db}: the {store.split} split has no neighbours: "
+                        f"run `retro-build-index knn --db {store.db}`")
     return nbrs
 
 
-def check_compatible(store: ChunkStore, model_cfg: Any, seq_len: int | None = None) -> None:
-    """Refuse, before any compute, a DB whose shape disagrees with the config; name both values."""
+def check_compatible(store: ChunkStore, model_cfg: RetroConfig, seq_len: int | None = None) -> None:
+    """The one model-vs-database check (train.py, retro.evaluate, retro.generate): refuse, before
+    any compute, a DB whose chunk size, vocabulary or pad id (and, for training, sequence length)
+    disagrees with the model config, naming both values and the setting to change."""
     pairs = [
         ("chunk_size", int(store.chunk_size), int(model_cfg.chunk_size), "model.chunk_size"),
         ("tokenizer.vocab_size", int(store.tokenizer.vocab_size), int(model_cfg.vocab_size), "model.vocab_size"),
@@ -148,7 +151,7 @@ def check_compatible(store: ChunkStore, model_cfg: Any, seq_len: int | None = No
     ]
     if seq_len is not None:
         pairs.append(("seq_len", int(store.seq_len), int(seq_len), "seq_len"))
-    for db_key, db_val, cfg_key_val, cfg_key in pairs:
-        if db_val != cfg_key_val:
-            raise DBError(f"the database {store.db} has {db_key}={db_val} but the config has "
-                          f"{cfg_key}={cfg_key_val}: use a matching config (--set {cfg_key}={db_val}) or database")
+    for db_key, db_val, cfg_val, cfg_key in pairs:
+        if db_val != cfg_val:
+            raise UserError(f"the database {store.db} has {db_key}={db_val} but the config has "
+                            f"{cfg_key}={cfg_val}: use a matching config (--set {cfg_key}={db_val}) or database")

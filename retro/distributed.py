@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from chunk_store import runtime
+from chunk_store.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -33,27 +35,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:LOCAL_RANK if CUDA is present else cpu; a bare 'cuda' also gets LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            from chunk_store.manifest import DBError
-
-            raise DBError(f"device {name!r} asked for, but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
-
-
 def setup(device: str = "auto") -> DistInfo:
     """Read torchrun's env vars, pick the device, start the process group when world size > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    world, rank, local_rank = runtime.world_size(), runtime.rank(), runtime.local_rank()
+    dev = runtime.resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -66,11 +51,6 @@ def setup(device: str = "auto") -> DistInfo:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -140,10 +120,8 @@ class ShardedBatchSampler:
     def __init__(self, num_samples: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, start: int = 0) -> None:
         if num_samples < micro_batch_size * world_size:
-            from chunk_store.manifest import DBError
-
-            raise DBError(f"only {num_samples} training sequences: fewer than one micro-batch "
-                          f"({micro_batch_size}) for each of {world_size} rank(s)")
+            raise UserError(f"only {num_samples} training sequences: fewer than one micro-batch "
+                            f"({micro_batch_size}) for each of {world_size} rank(s)")
         self.num_samples = num_samples
         self.micro_batch_size = micro_batch_size
         self.rank = rank

@@ -15,18 +15,27 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError, run_main
+from retro.distributed import all_reduce_sum
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
+
+if TYPE_CHECKING:
+    from retro.dataset import RetroDataset
+
+EXIT_NO_GAIN = 3  # --require-gain: retrieval did not lower bits per byte (2 is a user error)
 
 
 @dataclass
 class EvalResult:
+    """One model on one split: per-token loss and bits per byte with its own neighbours, without
+    retrieval and (``control``) with other sequences' neighbours; NaN where not measured."""
+
     loss: float  # nats per target token, with retrieval
     bits_per_byte: float
     loss_no_retrieval: float
@@ -46,13 +55,49 @@ class EvalResult:
         return d
 
 
+@dataclass
+class EvalSums:
+    """What evaluation adds up, batch by batch and then over ranks, before it divides: summed
+    losses in nats (so that shards of any size combine exactly) and the counts behind them."""
+
+    loss: float = 0.0  # with each sequence's own neighbours
+    loss_no_retrieval: float = 0.0
+    loss_other_neighbours: float = 0.0  # the control
+    tokens: int = 0  # non-pad target tokens
+    bytes: int = 0  # UTF-8 bytes of those tokens decoded
+    sequences: int = 0
+
+    def all_reduced(self, device: torch.device) -> EvalSums:
+        """The sums over every rank (one float64 all-reduce; the identity in one process)."""
+        loss, plain, other, tokens, nbytes, seqs = all_reduce_sum(
+            [self.loss, self.loss_no_retrieval, self.loss_other_neighbours, self.tokens, self.bytes,
+             self.sequences], device)
+        return EvalSums(loss, plain, other, int(tokens), int(nbytes), int(seqs))
+
+    def result(self, *, retrieval: bool, control: bool) -> EvalResult:
+        """Per-token losses and bits per byte; NaN / None for what was not scored."""
+        per_token = max(self.tokens, 1)
+        nan = float("nan")
+        return EvalResult(
+            loss=self.loss / per_token if retrieval else nan,
+            bits_per_byte=bits_per_byte(self.loss, self.bytes) if retrieval else nan,
+            loss_no_retrieval=self.loss_no_retrieval / per_token,
+            bits_per_byte_no_retrieval=bits_per_byte(self.loss_no_retrieval, self.bytes),
+            tokens=self.tokens,
+            bytes=self.bytes,
+            sequences=self.sequences,
+            loss_other_neighbours=self.loss_other_neighbours / per_token if control else None,
+            bits_per_byte_other_neighbours=bits_per_byte(self.loss_other_neighbours, self.bytes) if control else None,
+        )
+
+
 def eval_indices(num_sequences: int, max_sequences: int | None, world_size: int = 1) -> np.ndarray:
     """Which sequences to evaluate: all, or ``max_sequences`` spread evenly over the split, trimmed
     to a multiple of the world size so every rank runs the same number of forward passes."""
     n = num_sequences if not max_sequences else min(num_sequences, max_sequences)
     n -= n % world_size
     if n <= 0:
-        raise DBError(f"nothing to evaluate: {num_sequences} sequence(s) for {world_size} rank(s)")
+        raise UserError(f"nothing to evaluate: {num_sequences} sequence(s) for {world_size} rank(s)")
     if n == num_sequences:
         return np.arange(n)
     return np.unique(np.linspace(0, num_sequences - 1, n).round().astype(np.int64))[: n - n % world_size]
@@ -66,8 +111,17 @@ def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.Abstra
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighbours: torch.Tensor | None,
+                pad_id: int, dtype: str = "auto") -> float:
+    """Cross-entropy of one batch summed (not averaged) over its non-pad targets, in nats: sums
+    add up over batches and ranks exactly, a mean would need re-weighting."""
+    with autocast_for(x.device, dtype):
+        logits = model(x, neighbours)
+    return lm_loss(logits, y, pad_id, reduction="sum").item()
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micro_batch_size: int = 8,
+def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.device, micro_batch_size: int = 8,
              max_sequences: int | None = None, rank: int = 0, world_size: int = 1, dtype: str = "auto",
              retrieval: bool = True, progress: bool = False, control: bool = False) -> EvalResult:
     """Summed masked cross-entropy with and without neighbours over a fixed set of sequences.
@@ -76,55 +130,32 @@ def evaluate(model: torch.nn.Module, dataset: Any, *, device: torch.device, micr
     (i + len // 2) mod len (deterministic; another sequence whenever there are two or more).
     Collective under torch.distributed (every rank calls it; each scores its shard).
     """
-    from retro.distributed import all_reduce_sum
-
     pad_id = dataset.pad_id
     tokenizer = dataset.store.tokenizer
+    retrieval = retrieval and dataset.retrieval
+    control = control and retrieval
     idx = eval_indices(len(dataset), max_sequences, world_size)[rank::world_size]
     was_training = model.training
     model.eval()
-    sums = np.zeros(6, dtype=np.float64)  # loss_ret, loss_noret, tokens, bytes, sequences, loss_other
-    control = control and retrieval and dataset.retrieval
-    batches = range(0, len(idx), micro_batch_size)
-    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
-        batch = dataset.get_batch(idx[start:start + micro_batch_size])
+    sums = EvalSums()
+    for start in tqdm(range(0, len(idx), micro_batch_size), desc="eval", disable=not progress, leave=False):
+        rows = idx[start:start + micro_batch_size]
+        batch = dataset.get_batch(rows)
         tokens = torch.from_numpy(batch["tokens"]).to(device)
         x, y = tokens[:, :-1], tokens[:, 1:]
-        with autocast_for(device, dtype):
-            logits_plain = model(x, None)
-        sums[1] += lm_loss(logits_plain, y, pad_id, reduction="sum").item()
-        del logits_plain
-        if retrieval and "neighbours" in batch:
+        sums.loss_no_retrieval += summed_loss(model, x, y, None, pad_id, dtype)
+        if retrieval:
             nbrs = torch.from_numpy(batch["neighbours"]).to(device)
-            with autocast_for(device, dtype):
-                logits = model(x, nbrs)
-            sums[0] += lm_loss(logits, y, pad_id, reduction="sum").item()
-            del logits
+            sums.loss += summed_loss(model, x, y, nbrs, pad_id, dtype)
         if control:
-            other = (idx[start:start + micro_batch_size] + len(dataset) // 2) % len(dataset)
+            other = (rows + len(dataset) // 2) % len(dataset)
             nbrs = torch.from_numpy(dataset.get_batch(other)["neighbours"]).to(device)
-            with autocast_for(device, dtype):
-                logits = model(x, nbrs)
-            sums[5] += lm_loss(logits, y, pad_id, reduction="sum").item()
-            del logits
-        sums[2] += int((y != pad_id).sum().item())
-        sums[3] += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
-        sums[4] += len(tokens)
-    loss_ret, loss_plain, ntok, nbytes, nseq, loss_other = all_reduce_sum(sums.tolist(), device)
+            sums.loss_other_neighbours += summed_loss(model, x, y, nbrs, pad_id, dtype)
+        sums.tokens += int((y != pad_id).sum().item())
+        sums.bytes += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
+        sums.sequences += len(tokens)
     model.train(was_training)
-    ntok_safe = max(ntok, 1.0)
-    has_ret = retrieval and dataset.retrieval
-    return EvalResult(
-        loss=loss_ret / ntok_safe if has_ret else float("nan"),
-        bits_per_byte=bits_per_byte(loss_ret, int(nbytes)) if has_ret else float("nan"),
-        loss_no_retrieval=loss_plain / ntok_safe,
-        bits_per_byte_no_retrieval=bits_per_byte(loss_plain, int(nbytes)),
-        tokens=int(ntok),
-        bytes=int(nbytes),
-        sequences=int(nseq),
-        loss_other_neighbours=loss_other / ntok_safe if control else None,
-        bits_per_byte_other_neighbours=bits_per_byte(loss_other, int(nbytes)) if control else None,
-    )
+    return sums.all_reduced(device).result(retrieval=retrieval, control=control)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,27 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from chunk_store import ChunkStore
-        from retro.checkpoint import checkpoint_dir, load_model, read_state
-        from retro.dataset import RetroDataset, check_compatible
-        from retro.distributed import resolve_device
+def run(args: argparse.Namespace) -> int:
+    """Load RUN's checkpoint, check it against the DB, evaluate, print JSON (stdout) and a summary
+    line (stderr). Returns the exit status: 3 when ``--require-gain`` is not met, else 0."""
+    from chunk_store import ChunkStore
+    from chunk_store.runtime import resolve_device
+    from retro.checkpoint import checkpoint_dir, load_model, read_state
+    from retro.dataset import RetroDataset, check_compatible
 
-        device = resolve_device(args.device)
-        model, cfg = load_model(args.run, device=device, step=args.step)
-        store = ChunkStore.open(args.db, args.split)
-        check_compatible(store, cfg)
-        k = args.k or cfg.num_neighbours
-        dataset = RetroDataset(store, args.split, k=k)
-        res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
-                       max_sequences=args.max_sequences or None, progress=not args.no_progress,
-                       control=args.control)
-        step = read_state(checkpoint_dir(args.run, args.step)).get("step")
-    except DBError as e:
-        print(f"retro.evaluate: error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.run, device=device, step=args.step)
+    store = ChunkStore.open(args.db, args.split)
+    check_compatible(store, cfg)
+    k = args.k or cfg.num_neighbours
+    dataset = RetroDataset(store, args.split, k=k)
+    res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
+                   max_sequences=args.max_sequences or None, progress=not args.no_progress,
+                   control=args.control)
+    step = read_state(checkpoint_dir(args.run, args.step)).get("step")
     out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
            **res.to_dict()}
     print(json.dumps(out, indent=2))
@@ -181,12 +209,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{res.bits_per_byte_other_neighbours - res.bits_per_byte:+.4f})", file=sys.stderr)
     if args.require_gain and not gain > 0:
         print("retro.evaluate: retrieval did not lower bits per byte", file=sys.stderr)
-        return 3
+        return EXIT_NO_GAIN
     if args.require_gain and args.control and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
         print("retro.evaluate: the retrieved neighbours did no better than other sequences' neighbours",
               file=sys.stderr)
-        return 3
+        return EXIT_NO_GAIN
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    status = 0
+
+    def cli() -> None:
+        nonlocal status  # run_main reports errors; the --require-gain verdict is run()'s
+        status = run(args)
+
+    return run_main("retro.evaluate", cli) or status
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError, run_main
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -178,14 +178,6 @@ class RetrieverNeighbours:
 # --------------------------------------------------------------------------- CLI
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DBError(f"--device {name} asked for, but CUDA is not available")
-    return name
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m retro.generate",
@@ -209,26 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from chunk_store import ChunkStore
+    from chunk_store.runtime import resolve_device
     from retro.checkpoint import load_model
+    from retro.dataset import check_compatible
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model, cfg = load_model(args.run, device=device, step=args.step)
     store = ChunkStore.open(args.db, split="train")
+    check_compatible(store, cfg)
     tok = store.tokenizer
-    for name, ours, theirs in (("chunk_size", cfg.chunk_size, store.chunk_size),
-                               ("vocab_size", cfg.vocab_size, tok.vocab_size),
-                               ("pad_id", cfg.pad_id, tok.pad_id)):
-        if ours != theirs:
-            raise DBError(f"{name} differs: the model in {args.run} has {name}={ours}, "
-                          f"the database {args.db} has {name}={theirs}")
     prompt = tok.encode(args.prompt)
     if not prompt:
-        raise DBError("the prompt encodes to no tokens")
+        raise UserError("the prompt encodes to no tokens")
     fetcher: RetrieverNeighbours | None = None
     if not args.no_retrieval:
         from index_builder import Retriever
 
-        retriever = Retriever.open(args.db, device=device)
+        retriever = Retriever.open(args.db, device=str(device))
         fetcher = RetrieverNeighbours(retriever, args.k or cfg.num_neighbours)
     result = generate(
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
@@ -253,15 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except DBError as e:
-        print(f"retro.generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("retro.generate: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_main("retro.generate", lambda: run(args))
 
 
 if __name__ == "__main__":

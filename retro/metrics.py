@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from chunk_store.errors import UserError
+from chunk_store.manifest import atomic_write_bytes
+
 # dense bf16 peak FLOP/s by GPU name fragment (the MFU denominator); RETRO_PEAK_FLOPS overrides
 PEAK_BF16_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
@@ -87,8 +90,6 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= resume_step]
-            from chunk_store.manifest import atomic_write_bytes
-
             atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -96,9 +97,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from chunk_store.manifest import DBError
-
-                raise DBError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'") from None
+                raise UserError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'") from None
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
 
     def log(self, record: Mapping[str, Any]) -> None:

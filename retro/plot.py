@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from chunk_store.manifest import DBError
+from chunk_store.errors import UserError, run_main
 from retro.metrics import read_metrics
 
 
@@ -29,7 +29,7 @@ def plot(run: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run)
     records = read_metrics(run)
     if not records:
-        raise DBError(f"no metrics in {run / 'metrics.jsonl'}: train first (python train.py ... --out {run})")
+        raise UserError(f"no metrics in {run / 'metrics.jsonl'}: train first (python train.py ... --out {run})")
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label, style in [("train_loss", "train", "-"), ("val_loss", "val, with retrieval", "o-"),
                               ("val_loss_no_retrieval", "val, without retrieval", "s--")]:
@@ -60,12 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="training run directory")
     p.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
     args = p.parse_args(argv)
-    try:
-        print(plot(args.run, args.out))
-    except DBError as e:
-        print(f"retro.plot: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("retro.plot", lambda: print(plot(args.run, args.out)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from chunk_store.manifest import DBError, atomic_write_bytes
+from chunk_store.errors import UserError
+from chunk_store.manifest import atomic_write_bytes
 from retro.config import load_yaml
 
 
@@ -47,7 +48,6 @@ class TrainConfig:
     init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
     tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
-    # --- beyond the shared list ---
     retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still ends at max_steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)
@@ -78,13 +78,13 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise DBError(f"config: {msg}")
+                raise UserError(f"config: {msg}")
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step; refuses a batch that cannot split over the ranks."""
         per_step = self.micro_batch_size * world_size
         if self.batch_size % per_step:
-            raise DBError(
+            raise UserError(
                 f"config: batch_size={self.batch_size} cannot split over {world_size} rank(s) x "
                 f"micro_batch_size={self.micro_batch_size}: it must be a multiple of {per_step}"
             )
@@ -123,18 +123,18 @@ def _coerce(key: str, value: Any) -> Any:
             return value
     if key == "betas" and isinstance(value, (list, tuple)):
         return value
-    raise DBError(f"config: {key}={value!r} has the wrong type (expected {kind})")
+    raise UserError(f"config: {key}={value!r} has the wrong type (expected {kind})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'model.dim=256' -> (['model', 'dim'], 256); values are parsed as YAML scalars/lists."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise DBError(f"--set expects key=value, got {item!r}")
+        raise UserError(f"--set expects key=value, got {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise DBError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        raise UserError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads '2e-3' (no dot) as a string
     return key.strip().split("."), value
@@ -149,7 +149,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise DBError(f"--set {item}: {part!r} is not a mapping")
+                raise UserError(f"--set {item}: {part!r} is not a mapping")
             node = nxt
         node[path[-1]] = value
     return out
@@ -160,10 +160,10 @@ def split_config(data: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     data = dict(data)
     model = data.pop("model", None) or {}
     if not isinstance(model, dict):
-        raise DBError("config: 'model' must be a mapping")
+        raise UserError("config: 'model' must be a mapping")
     unknown = sorted(set(data) - TRAIN_KEYS)
     if unknown:
-        raise DBError(
+        raise UserError(
             f"config: unknown training key(s) {', '.join(unknown)} "
             f"(known: {', '.join(sorted(TRAIN_KEYS))}; model keys go under 'model:')"
         )
@@ -171,7 +171,7 @@ def split_config(data: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     try:
         train = TrainConfig(**data)
     except TypeError as e:
-        raise DBError(f"config: {e}") from None
+        raise UserError(f"config: {e}") from None
     return train, dict(model)
 
 

@@ -206,4 +206,5 @@ def test_cli_generates_with_retrieval_from_a_saved_run(tiny_db, tmp_path, capsys
     bad = cfg.to_dict() | {"chunk_size": store.chunk_size * 2}
     (run / "config.yaml").write_text(yaml.safe_dump({"model": bad}))
     assert main(["--run", str(run), "--db", str(tiny_db), "--prompt", "x", "--device", "cpu"]) == 2
-    assert "chunk_size differs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"chunk_size={store.chunk_size} but the config has model.chunk_size={store.chunk_size * 2}" in err
