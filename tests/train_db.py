@@ -1,6 +1,6 @@
 """A tiny retrieval database for the dataset / training / evaluation tests, built once per process.
 
-The chunk stage is engineer A's real ``retro-build-index chunk`` over a few standard-library
+The chunk stage is the real ``retro-build-index chunk`` over a few standard-library
 folders; the neighbours are written here (ids of chunks from *other* documents, some -1) so
 these tests need neither BERT nor faiss.
 """
