@@ -11,6 +11,8 @@ inference_mode, SDPA, bf16 where the CPU has it), tokenisation included in both.
 
 GPU: randomly initialised BertModels of the BERT-base and MiniLM-L6 shapes, 64-token chunks,
 ours at batch 1024 vs the plain HF bf16 loop (model.to(bfloat16)) at its best batch size.
+`--random-bert` runs that path on any device (the gpu-check smoke test: `--shapes tiny`);
+`--tokenizer DIR` takes MiniLM's tokenizer files where the MiniLM package is absent.
 
 Appends/replaces the `bench_embed_cpu` / `bench_embed_gpu` section of docs/BENCHMARKS.md.
 """
@@ -18,11 +20,12 @@ Appends/replaces the `bench_embed_cpu` / `bench_embed_gpu` section of docs/BENCH
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -145,6 +148,7 @@ def bench_cpu(args: argparse.Namespace) -> tuple[list[Row], str]:
 SHAPES = {
     "BERT-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "MiniLM-L6": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
 }
 
 
@@ -154,12 +158,13 @@ def bench_gpu(args: argparse.Namespace) -> tuple[list[Row], str]:
     device = args.device
     rows: list[Row] = []
     n = args.n
-    tok = AutoTokenizer.from_pretrained(default_embedder())
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or default_embedder())
     g = torch.Generator().manual_seed(0)
     body = torch.randint(1000, tok.vocab_size, (n, args.seq - 2), generator=g)
     ids = torch.cat([torch.full((n, 1), tok.cls_token_id), body, torch.full((n, 1), tok.sep_token_id)], 1)
     id_lists = ids.tolist()
-    for name, shape in SHAPES.items():
+    for name in args.shapes:
+        shape = SHAPES[name]
         cfg = BertConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, **shape)
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
             torch.manual_seed(0)
@@ -173,7 +178,7 @@ def bench_gpu(args: argparse.Namespace) -> tuple[list[Row], str]:
                 rows.append(Row(f"{name}, {args.seq}-token chunks", "plain HF bf16 loop", b, n, s))
                 best = s if best is None else min(best, s)
             del peer
-            for compile_ in (False, True):
+            for compile_ in (False, True) if args.compile else (False,):
                 ours = Embedder(EmbedderConfig(name_or_path=tmp, device=device, dtype="bf16",
                                                batch_size=args.batch_size, compile=compile_))
                 ours.embed_ids(id_lists[: 2 * args.batch_size])  # warm-up (and compile)
@@ -181,8 +186,10 @@ def bench_gpu(args: argparse.Namespace) -> tuple[list[Row], str]:
                 rows.append(Row(f"{name}, {args.seq}-token chunks",
                                 "ours (bf16" + (", compiled)" if compile_ else ")"), args.batch_size, n, s))
                 del ours
-            torch.cuda.empty_cache()
-    note = f"{n} chunks of {args.seq} random word pieces per shape; {torch.cuda.get_device_name()}."
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    note = f"{n} chunks of {args.seq} random word pieces per shape; {where}."
     return rows, note
 
 
@@ -213,22 +220,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=6, help="CPU: interleaved rounds")
     ap.add_argument("--seq", type=int, default=64, help="GPU: word pieces per chunk incl. [CLS]/[SEP]")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    ap.add_argument("--random-bert", action="store_true", help="the GPU path (random BERTs) on any device")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["BERT-base", "MiniLM-L6"])
+    ap.add_argument("--tokenizer", default=None, help="word-piece tokenizer folder (default: MiniLM's)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="random BERTs: eager only")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = args.device == "cuda"
+    gpu = args.device == "cuda" or args.random_bert
     args.n = args.n or (32768 if gpu else 768)
     args.batch_size = args.batch_size or (1024 if gpu else 128)
     args.peer_batch_sizes = args.peer_batch_sizes or ([256, 512, 1024, 2048] if gpu else [32, 128])
     rows, note = bench_gpu(args) if gpu else bench_cpu(args)
     tab = table(rows)
     print(tab)
-    cmd = "python benchmarks/bench_embed.py" + (" --device cuda" if gpu else "")
-    text = (f"## Chunk embedding: `Embedder` vs a plain Hugging Face loop ({'GPU' if gpu else 'CPU'})\n\n"
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "rate": r.rate} for r in rows]))
+    cmd = ("python benchmarks/bench_embed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    text = (f"## Chunk embedding: `Embedder` vs a plain Hugging Face loop ({'GPU' if args.device == 'cuda' else 'CPU, random BERTs' if gpu else 'CPU'})\n\n"
             f"Command: `{cmd}`  \nMachine: {machine(args.device)}  \n"
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{note}\n\n{tab}\n")
     if not args.no_write:
-        write_section(f"{SECTION}_{'gpu' if gpu else 'cpu'}", text)
+        write_section(f"{SECTION}_{'gpu' if args.device == 'cuda' else 'cpu-random' if gpu else 'cpu'}", text)
 
 
 if __name__ == "__main__":

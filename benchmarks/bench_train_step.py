@@ -23,11 +23,13 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import datetime as dt
 import functools
 import gc
 import importlib
 import importlib.util
+import json
 import sys
 import threading
 import time
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip retro-pytorch")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the MFU denominator")
     p.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    p.add_argument("--json", type=Path, default=None, help="also write the results and ratios here")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on a CPU device: 1, so CPU time is not inflated by "
                         "OpenMP threads spinning while the shared machine deschedules their peers)")
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print("\n".join(summary))
+    if args.json:
+        args.json.write_text(json.dumps({"results": [dataclasses.asdict(r) for r in results], "summary": summary}))
     if not args.no_docs:
         cfg_name = Path(args.config).stem
         cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)

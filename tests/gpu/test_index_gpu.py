@@ -24,10 +24,12 @@ def test_exact_search_cuda_equals_cpu():
 
 def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
     from index_builder.embedder import Embedder, EmbedderConfig
+    from fixtures import minilm_or_random
 
+    model = minilm_or_random(tmp_path_factory)  # random weights of MiniLM's shape on a bare GPU machine
     texts = ["def f(x):\n    return x + 1", "The quick brown fox.", "", "import os, sys"] * 40
-    cpu = Embedder(EmbedderConfig(device="cpu", dtype="fp32")).embed(texts)
-    gpu_e = Embedder(EmbedderConfig(device="cuda"))
+    cpu = Embedder(EmbedderConfig(name_or_path=model, device="cpu", dtype="fp32")).embed(texts)
+    gpu_e = Embedder(EmbedderConfig(name_or_path=model, device="cuda"))
     assert gpu_e.dtype == "bf16" and gpu_e.device.type == "cuda"
     gpu = gpu_e.embed(texts)
     nz = np.linalg.norm(cpu, axis=1) > 0
