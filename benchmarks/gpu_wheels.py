@@ -2,9 +2,9 @@
 
     python benchmarks/gpu_wheels.py            # = make gpu-wheels; needs pip access (not a GPU)
 
-The GPU image (Python 3.12, x86-64, CUDA torch, transformers, einops, sentencepiece, tqdm, numpy,
+The GPU image (Python 3.12, x86-64, CUDA torch, transformers, einops, sentencepiece, tqdm, numpy 2,
 pandas, pyarrow) has no faiss, autofaiss, embedding-reader, RETRO-pytorch or MiniLM weights, and
-no network. This downloads the wheels for cp312 manylinux with the device README's exact pip
+no network; its numpy 2 is too new for autofaiss, so numpy 1.26.4 (our lock) travels too. This downloads the wheels for cp312 manylinux with the device README's exact pip
 command (--no-deps: their other needs are in the image) and copies MiniLM's tokenizer files
 (not its 87 MiB of weights) to .whl/minilm-tokenizer; `make gpu-check` installs the wheels with
 `pip install --no-index --no-deps --target` and benchmarks random BERTs with that tokenizer.
@@ -23,8 +23,12 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / ".whl"
 BUDGET = 64 * 2**20  # bytes that may travel with the working tree
-# fire 0.6.0 (requirements.lock) has no wheel; 0.7.1 is autofaiss's CLI dependency, unused here
-PACKAGES = ("faiss-cpu==1.13.2", "autofaiss==2.18.0", "embedding-reader==1.8.1", "retro-pytorch==0.3.9",
+# numpy: the image's numpy 2 breaks autofaiss 2.18 (numpy<2 in its and our pins: its index infos
+# hold numpy float32 scalars that json cannot write); the locked 1.26.4 shadows it for every step.
+# pandas (embedding-reader's) travels at our lock's 2.3.3, with pytz and tzdata, the image lacks
+# those two: the image's pandas may need a numpy 2. fire 0.6.0 (requirements.lock) has no wheel;
+# 0.7.1 is autofaiss's CLI dependency, unused here.
+PACKAGES = ("numpy==1.26.4", "pandas==2.3.3", "pytz==2026.6", "tzdata==2026.6", "faiss-cpu==1.13.2", "autofaiss==2.18.0", "embedding-reader==1.8.1", "retro-pytorch==0.3.9",
             "fire==0.7.1", "termcolor==3.3.0")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
