@@ -301,8 +301,10 @@ def run_check(cfg: CheckConfig) -> list[StepResult]:
     env = step_env(cfg, site, tokenizer)
     # what this process starts itself (the DDP step's chunk stage) sees the carried packages too
     os.environ.update({k: env[k] for k in ("PYTHONPATH", "RETRO_TOKENIZER_DIR") if k in env})
+    numpy = subprocess.run([sys.executable, "-c", "import numpy; print(numpy.__version__)"], env=env,
+                           capture_output=True, text=True).stdout.strip() or "MISSING"
     print("gpu-check: " + ", ".join(f"{k} {'ok' if v else 'MISSING'}" for k, v in probe.items())
-          + (f"; MiniLM tokenizer from {tokenizer}" if tokenizer else ""), flush=True)
+          + f", numpy {numpy}" + (f"; MiniLM tokenizer from {tokenizer}" if tokenizer else ""), flush=True)
     peer = probe["retro_pytorch"]
 
     results: list[StepResult] = []
