@@ -191,7 +191,13 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = RETRO(mcfg)
+    if mcfg.hf_decoder:  # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
+        from retro.hf_decoder import load_pretrained
+
+        frozen_bf16 = device.type == "cuda" and tcfg.freeze_decoder
+        model = load_pretrained(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
+    else:
+        model = RETRO(mcfg)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
@@ -250,6 +256,11 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     process group starts or any weight is built."""
     run = Path(args.out)
     tcfg, mcfg, mdict = resolve_config(args)
+    if mcfg.hf_decoder:  # shape and vocabulary from the decoder and the DB's tokenizer (checked)
+        from retro.hf_decoder import retrofit_config
+
+        mcfg = retrofit_config(mcfg, ChunkStore.open(args.db, "train").tokenizer)
+        mdict = mcfg.to_dict()
     grad_accum = tcfg.grad_accum_steps(runtime.world_size())
     train_ds, val_ds, use_retrieval = open_datasets(args.db, tcfg, mcfg)
     info = setup(tcfg.device)  # the process group (torchrun) and this rank's device
@@ -258,6 +269,10 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_resolved(run / "config.yaml", tcfg, mdict)
+        if mcfg.hf_decoder:
+            from retro.hf_decoder import DECODER_DIR, save_decoder_files
+
+            save_decoder_files(mcfg, run / DECODER_DIR)
     model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
     return Trainer(
         run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,
