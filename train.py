@@ -31,12 +31,14 @@ from tqdm import tqdm
 
 from chunk_store import ChunkStore, runtime
 from chunk_store.errors import UserError, run_main
+from chunk_store.manifest import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, evaluate
+from retro.export import DB_RECORD
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
 
@@ -269,6 +271,8 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_resolved(run / "config.yaml", tcfg, mdict)
+        # which database trained this run (retro.export's model card and tokenizer)
+        atomic_write_json(run / DB_RECORD, {"db": str(Path(args.db).resolve())})
         if mcfg.hf_decoder:
             from retro.hf_decoder import DECODER_DIR, save_decoder_files
 

@@ -240,3 +240,31 @@ def make_tiny_hf_decoder(folder: str | Path, tokenizer: str | Path, family: str 
     for f in Path(tokenizer).iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+def assert_round_trip(run: Path, out: Path, x: "torch.Tensor", nbrs: "torch.Tensor") -> "torch.nn.Module":
+    """The exported model's logits equal the checkpoint's, with and without neighbours; it loads
+    through the Auto classes; greedy generation without a retriever equals retro.generate's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import retro.hf_model  # noqa: F401  (registers model_type "retro")
+    from retro.checkpoint import load_model
+    from retro.export import main as export_main
+    from retro.generate import generate
+    from retro.hf_model import RetroForCausalLM
+
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (out / name).is_file(), name
+    model, _ = load_model(run)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(hf, RetroForCausalLM)
+    with torch.no_grad():
+        for n in (nbrs, None):
+            assert torch.equal(hf(x, neighbours=n).logits, model(x, n))
+        assert hf(x, labels=x).loss.isfinite()
+    ids = hf.generate(x[:1, :5], max_new_tokens=8)
+    ref = generate(model, x[0, :5].tolist(), max_new_tokens=8, temperature=0.0, eos_id=hf.config.eos_token_id)
+    assert ids[0, :len(ref.tokens)].tolist() == ref.tokens
+    return hf

@@ -14,7 +14,7 @@ import torch
 
 from chunk_store.errors import UserError
 from chunk_store.hf_tokenizer import load_hf_tokenizer
-from fixtures import (HF_FAMILIES, build_index_db, build_tiny_db, make_hf_tokenizer, make_tiny_hf_decoder,
+from fixtures import (HF_FAMILIES, assert_round_trip, build_index_db, build_tiny_db, make_hf_tokenizer, make_tiny_hf_decoder,
                       random_text, shared_tiny_bert, write_corpus)
 from retro.checkpoint import checkpoint_dir, load_model, load_weights
 from retro.config import RetroConfig
@@ -145,6 +145,23 @@ def test_retrofit_trains_only_retrieval(setup: dict, family: str, tmp_path: Path
     assert generate_main(common) == 0
     with_ret = json.loads(capsys.readouterr().out)
     assert with_ret["retrieval"] and len(with_ret["chunks"]) >= 1
+
+    # export: the folder loads as a transformers model scoring exactly as the checkpoint, with the
+    # decoder's tokenizer, and generates as the CLI does, with a retriever and without
+    from transformers import AutoTokenizer
+
+    from index_builder import Retriever
+
+    batch = ds.get_batch(eval_indices(len(ds), 2))
+    out = tmp_path / "hf"
+    hf = assert_round_trip(run, out, torch.from_numpy(batch["tokens"]).long(),
+                           torch.from_numpy(batch["neighbours"]).long())
+    assert AutoTokenizer.from_pretrained(out)("def f(x):\n    return")["input_ids"] == prompt
+    assert "RETRO-fitted" in (out / "README.md").read_text()
+    ids = torch.tensor([prompt])
+    assert hf.generate(ids, max_new_tokens=40)[0].tolist() == plain_gen["tokens"]
+    got = hf.generate(ids, max_new_tokens=40, retriever=Retriever.open(setup[family]["db"]))[0].tolist()
+    assert got == with_ret["tokens"]
 
 
 def test_db_with_another_tokenizer_is_refused(setup: dict, tmp_path: Path) -> None:
