@@ -212,7 +212,7 @@ def make_hf_tokenizer(folder: str | Path, texts: Sequence[str], vocab_size: int 
 
 def make_tiny_hf_decoder(folder: str | Path, tokenizer: str | Path, family: str = "gpt2",
                          hidden: int = 64, layers: int = 4, seed: int = 0) -> Path:
-    """A random tiny GPT-2 or Llama causal LM with ``tokenizer``'s files, saved to ``folder``."""
+    """A random tiny causal LM (gpt2, llama, mistral, qwen2) with ``tokenizer``'s files, saved to ``folder``."""
     import shutil
 
     import torch
@@ -229,6 +229,14 @@ def make_tiny_hf_decoder(folder: str | Path, tokenizer: str | Path, family: str 
         model = GPT2LMHeadModel(GPT2Config(vocab_size=tok.base_vocab_size, n_embd=hidden, n_layer=layers,
                                            n_head=4, n_positions=512, eos_token_id=tok.eos_id,
                                            bos_token_id=tok.eos_id))
+    elif family in ("mistral", "qwen2"):  # Llama's layout under other names (come for free)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(family, vocab_size=tok.base_vocab_size, hidden_size=hidden,
+                                   intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_id,
+                                   tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(cfg)
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.base_vocab_size, hidden_size=hidden,
                                              intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -53,14 +53,24 @@ def _model(decoder: Path) -> torch.nn.Module:
     return load_pretrained(cfg).eval()
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
-def test_step0_logits_are_the_base_models(setup: dict, family: str) -> None:
+@pytest.fixture(scope="module")
+def decoders(setup: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """GPT-2 and Llama (with their DBs), plus Mistral and Qwen2 (Llama's tokenizer), no DB."""
+    root = tmp_path_factory.mktemp("more-decoders")
+    out = {family: setup[family]["decoder"] for family in HF_FAMILIES}
+    for family in ("mistral", "qwen2"):
+        out[family] = make_tiny_hf_decoder(root / family, setup["llama"]["decoder"], family=family)
+    return out
+
+
+@pytest.mark.parametrize("family", [*HF_FAMILIES, "mistral", "qwen2"])
+def test_step0_logits_are_the_base_models(decoders: dict, family: str) -> None:
     """Zero-initialised CCA outputs: with neighbours, the untrained retrofit IS the base model; and
     once CCA is non-zero, incremental decoding (the decoder's KV cache, chunk-end encoding) equals
     the full forward, as in the native model."""
     from transformers import AutoModelForCausalLM
 
-    decoder = setup[family]["decoder"]
+    decoder = decoders[family]
     model = _model(decoder)
     base = AutoModelForCausalLM.from_pretrained(decoder).eval()
     g = torch.Generator().manual_seed(0)
@@ -81,13 +91,14 @@ def test_step0_logits_are_the_base_models(setup: dict, family: str) -> None:
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def _train(setup: dict, family: str, out: Path, db: Path | None = None, steps: int = 3) -> dict:
+def _train(setup: dict, family: str, out: Path, db: Path | None = None, steps: int = 3,
+           extra: tuple[str, ...] | list[str] = ()) -> dict:
     sets = [f"model.hf_decoder={setup[family]['decoder']}", "model.cca_layers=[2,4]",
             f"model.chunk_size={CHUNK}", "model.num_neighbours=2", "model.enc_dim=32", "model.enc_depth=1",
             "model.enc_heads=2", "model.enc_dim_head=16", f"seq_len={SEQ}", "batch_size=4",
             "micro_batch_size=4", "lr=1e-2", "min_lr=1e-3", "warmup_steps=1", f"max_steps={steps}",
             "eval_every=0", "eval_batches=2", "checkpoint_every=0", "num_workers=0", "dtype=float32",
-            "device=cpu"]
+            "device=cpu", *extra]
     args = train.parse_args(["--config", str(REPO / "configs" / "retrofit.yaml"), "--db",
                              str(db or setup[family]["db"]), "--out", str(out),
                              *[a for s in sets for a in ("--set", s)]])
@@ -105,7 +116,9 @@ def test_retrofit_trains_only_retrieval(setup: dict, family: str, tmp_path: Path
     from retro.generate import main as generate_main
 
     run = tmp_path / "run"
-    summary = _train(setup, family, run)
+    _train(setup, family, run, extra=["stop_at=2"])
+    summary = train.train(train.parse_args(["--db", str(setup[family]["db"]), "--out", str(run), "--resume",
+                                                "--set", "stop_at=null"]))
     assert summary["step"] == 3 and summary["val_bpb"] == summary["val_bpb"]
     weights = load_weights(checkpoint_dir(run))
     base = AutoModelForCausalLM.from_pretrained(setup[family]["decoder"]).eval()
@@ -171,3 +184,52 @@ def test_db_with_another_tokenizer_is_refused(setup: dict, tmp_path: Path) -> No
     sp_db = build_tiny_db(tmp_path / "sp-db", chunk_size=CHUNK, seq_len=SEQ, n_docs=8)
     with pytest.raises(UserError, match="sentencepiece"):
         _train(setup, "gpt2", tmp_path / "run2", db=sp_db)
+
+
+@pytest.mark.slow
+def test_retrofit_of_a_trained_decoder_pays(tmp_path: Path) -> None:
+    """The demo corpus (stdlib encodings/): a tiny GPT-2 is first trained as a plain LM (train.py
+    with model.hf_decoder, freeze_decoder=false, retrieval_dropout=1), saved as a Hugging Face
+    folder, then RETRO-fitted frozen; retrieval must lower val bits per byte, also against the
+    control (other sequences' neighbours)."""
+    import shutil
+    import sysconfig
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from index_builder.embedder import default_embedder
+    from retro.evaluate import main as evaluate_main
+
+    encodings = Path(sysconfig.get_paths()["stdlib"]) / "encodings"
+    texts = [p.read_text() for p in sorted(encodings.glob("*.py"))]
+    tok = make_hf_tokenizer(tmp_path / "tok", texts, vocab_size=1024)
+    scratch = make_tiny_hf_decoder(tmp_path / "scratch", tok, "gpt2", hidden=128, layers=4)
+    db = build_tiny_db(tmp_path / "db", encodings, tokenizer_file=f"hf:{scratch}", chunk_size=64, seq_len=512,
+                       val_fraction=0.1)
+    build_index_db(db, default_embedder(), chunk_size=64, shard_size=4096)
+    common = ["seq_len=512", "batch_size=4", "micro_batch_size=4", "eval_every=0", "eval_batches=8",
+              "checkpoint_every=0", "num_workers=0", "dtype=float32", "device=cpu", "model.chunk_size=64",
+              "model.cca_layers=[2,4]", "model.enc_dim=64", "model.enc_depth=2", "model.enc_heads=2",
+              "model.enc_dim_head=32"]
+
+    def run_train(out: Path, decoder: Path, extra: list[str]) -> None:
+        sets = [f"model.hf_decoder={decoder}", *common, *extra]
+        train.train(train.parse_args(["--config", str(REPO / "configs" / "retrofit.yaml"), "--db", str(db),
+                                      "--out", str(out), *[a for s in sets for a in ("--set", s)]]))
+
+    # 1. the "pretrained" decoder: a plain LM on the corpus, then saved as a Hugging Face folder
+    run_train(tmp_path / "pretrain", scratch, ["freeze_decoder=false", "retrieval_dropout=1.0", "lr=3e-3",
+                                               "min_lr=3e-4", "warmup_steps=30", "max_steps=300"])
+    weights = load_file(str(checkpoint_dir(tmp_path / "pretrain") / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(scratch)
+    base.load_state_dict({k[len("decoder."):]: v for k, v in weights.items() if k.startswith("decoder.")})
+    pretrained = tmp_path / "pretrained"
+    base.save_pretrained(pretrained)
+    for f in tok.iterdir():
+        shutil.copy(f, pretrained / f.name)
+    # 2. RETRO-fit it, frozen
+    run = tmp_path / "retrofit"
+    run_train(run, pretrained, ["lr=3e-3", "min_lr=3e-4", "warmup_steps=30", "max_steps=300"])
+    assert evaluate_main(["--run", str(run), "--db", str(db), "--control", "--require-gain", "--device", "cpu",
+                          "--no-progress"]) == 0
