@@ -91,14 +91,18 @@ def test_step0_logits_are_the_base_models(decoders: dict, family: str) -> None:
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def _train(setup: dict, family: str, out: Path, db: Path | None = None, steps: int = 3,
-           extra: tuple[str, ...] | list[str] = ()) -> dict:
-    sets = [f"model.hf_decoder={setup[family]['decoder']}", "model.cca_layers=[2,4]",
+def _sets(setup: dict, family: str, steps: int = 3, extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    return [f"model.hf_decoder={setup[family]['decoder']}", "model.cca_layers=[2,4]",
             f"model.chunk_size={CHUNK}", "model.num_neighbours=2", "model.enc_dim=32", "model.enc_depth=1",
             "model.enc_heads=2", "model.enc_dim_head=16", f"seq_len={SEQ}", "batch_size=4",
             "micro_batch_size=4", "lr=1e-2", "min_lr=1e-3", "warmup_steps=1", f"max_steps={steps}",
-            "eval_every=0", "eval_batches=2", "checkpoint_every=0", "num_workers=0", "dtype=float32",
+            "eval_every=0", "eval_batches=2", "checkpoint_every=0", "num_workers=0", "dtype=float32", "log_every=1",
             "device=cpu", *extra]
+
+
+def _train(setup: dict, family: str, out: Path, db: Path | None = None, steps: int = 3,
+           extra: tuple[str, ...] | list[str] = ()) -> dict:
+    sets = _sets(setup, family, steps, extra)
     args = train.parse_args(["--config", str(REPO / "configs" / "retrofit.yaml"), "--db",
                              str(db or setup[family]["db"]), "--out", str(out),
                              *[a for s in sets for a in ("--set", s)]])
@@ -233,3 +237,30 @@ def test_retrofit_of_a_trained_decoder_pays(tmp_path: Path) -> None:
     run_train(run, pretrained, ["lr=3e-3", "min_lr=3e-4", "warmup_steps=30", "max_steps=300"])
     assert evaluate_main(["--run", str(run), "--db", str(db), "--control", "--require-gain", "--device", "cpu",
                           "--no-progress"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_retrofit_two_ranks_equal_one(setup: dict, tmp_path: Path, fsdp: bool) -> None:
+    """torchrun, 2 gloo ranks x micro-batch 2 (DDP, or FSDP2 fully_shard): the losses of one rank x
+    2 micro-batches of 2 (gradient accumulation), the frozen Llama decoder bit-identical."""
+    import os
+    import subprocess
+
+    from retro.metrics import read_metrics
+
+    sets = [s for s in _sets(setup, "llama", steps=2) if not s.startswith("micro_batch_size")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--config", str(REPO / "configs" / "retrofit.yaml"), "--db", str(setup["llama"]["db"]),
+           "--out", str(tmp_path / "two"), *[a for s in [*sets, "micro_batch_size=2", f"fsdp={str(fsdp).lower()}"]
+                                             for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train(setup, "llama", tmp_path / "one", steps=2, extra=["micro_batch_size=2"])  # 2 micro-steps
+    two, one = ([r["train_loss"] for r in read_metrics(tmp_path / run) if "train_loss" in r] for run in ("two", "one"))
+    # the same 4 sequences a step, grouped otherwise into micro-batches (rank r takes every 2nd
+    # index): each micro-batch's mean over its non-pad tokens weighs the sequences a little differently
+    assert len(one) == 2 and two == pytest.approx(one, rel=1e-3)
+    a, b = load_weights(checkpoint_dir(tmp_path / "two")), load_weights(checkpoint_dir(tmp_path / "one"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
