@@ -149,12 +149,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
         base = load_yaml(saved)
         if args.config:
             requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
-            if requested != base.get("model"):
-                diff = sorted(k for k in requested if requested[k] != base["model"].get(k))
+            saved_model = RetroConfig.from_dict(base.get("model") or {}).to_dict()  # new keys at defaults
+            if requested != saved_model:
+                diff = sorted(k for k in requested if requested[k] != saved_model[k])
                 raise UserError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
         tcfg, mdict = load_config(None, args.set, base=base)
         mcfg = RetroConfig.from_dict(mdict)
-        if mcfg.to_dict() != base.get("model"):
+        if mcfg.to_dict() != RetroConfig.from_dict(base.get("model") or {}).to_dict():
             raise UserError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
     else:
         if not args.config:
