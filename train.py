@@ -31,12 +31,14 @@ from tqdm import tqdm
 
 from chunk_store import ChunkStore, runtime
 from chunk_store.errors import UserError, run_main
+from chunk_store.manifest import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, evaluate
+from retro.export import DB_RECORD
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
 
@@ -147,12 +149,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
         base = load_yaml(saved)
         if args.config:
             requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
-            if requested != base.get("model"):
-                diff = sorted(k for k in requested if requested[k] != base["model"].get(k))
+            saved_model = RetroConfig.from_dict(base.get("model") or {}).to_dict()  # new keys at defaults
+            if requested != saved_model:
+                diff = sorted(k for k in requested if requested[k] != saved_model[k])
                 raise UserError(f"--resume: {args.config} has other model settings than {saved} ({diff})")
         tcfg, mdict = load_config(None, args.set, base=base)
         mcfg = RetroConfig.from_dict(mdict)
-        if mcfg.to_dict() != base.get("model"):
+        if mcfg.to_dict() != RetroConfig.from_dict(base.get("model") or {}).to_dict():
             raise UserError("--resume cannot change model.* settings: start a new --out (or --set init_from=RUN)")
     else:
         if not args.config:
@@ -191,7 +194,13 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = RETRO(mcfg)
+    if mcfg.hf_decoder:  # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
+        from retro.hf_decoder import load_pretrained
+
+        frozen_bf16 = device.type == "cuda" and tcfg.freeze_decoder
+        model = load_pretrained(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
+    else:
+        model = RETRO(mcfg)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
@@ -250,6 +259,11 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     process group starts or any weight is built."""
     run = Path(args.out)
     tcfg, mcfg, mdict = resolve_config(args)
+    if mcfg.hf_decoder:  # shape and vocabulary from the decoder and the DB's tokenizer (checked)
+        from retro.hf_decoder import retrofit_config
+
+        mcfg = retrofit_config(mcfg, ChunkStore.open(args.db, "train").tokenizer)
+        mdict = mcfg.to_dict()
     grad_accum = tcfg.grad_accum_steps(runtime.world_size())
     train_ds, val_ds, use_retrieval = open_datasets(args.db, tcfg, mcfg)
     info = setup(tcfg.device)  # the process group (torchrun) and this rank's device
@@ -258,6 +272,12 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_resolved(run / "config.yaml", tcfg, mdict)
+        # which database trained this run (retro.export's model card and tokenizer)
+        atomic_write_json(run / DB_RECORD, {"db": str(Path(args.db).resolve())})
+        if mcfg.hf_decoder:
+            from retro.hf_decoder import DECODER_DIR, save_decoder_files
+
+            save_decoder_files(mcfg, run / DECODER_DIR)
     model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
     return Trainer(
         run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,

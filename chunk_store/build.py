@@ -46,8 +46,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chunk_store.errors import UserError
-from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, SEQ_STARTS, SPLITS,
-                                TOKENIZER, DBLayout, temp_path)
+from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
+from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, HF_TOKENIZER_FILES,
+                                SEQ_STARTS, SPLITS, TOKENIZER, DBLayout, temp_path)
 from chunk_store.manifest import (FORMAT_VERSION, atomic_save_npy, atomic_write_bytes, check_params,
                                   load_manifest, save_manifest, sha256_file)
 from chunk_store.packing import (NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit,
@@ -111,7 +112,10 @@ class ChunkConfig:
             "val_fraction": self.val_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
         }
-        if self.tokenizer_file is not None:
+        if self.tokenizer_file is not None and self.tokenizer_file.startswith(HF_PREFIX):
+            hf = load_hf_tokenizer(self.tokenizer_file)  # the content decides, not the name
+            p["tokenizer"] = {"hf": self.tokenizer_file[len(HF_PREFIX):], "sha256": hf.sha256}
+        elif self.tokenizer_file is not None:
             path = Path(self.tokenizer_file)
             if not path.is_file():
                 raise UserError(f"chunk: missing tokenizer file {path}")
@@ -136,7 +140,7 @@ class ChunkStage(Stage[ChunkConfig]):
     def __init__(self, db: str | os.PathLike, cfg: ChunkConfig) -> None:
         super().__init__(db, cfg)
         self._walk: WalkResult | None = None
-        self.tok: Tokenizer | None = None
+        self.tok: Tokenizer | HFTokenizer | None = None
         self.plan: dict[str, Any] = {}
 
     def walk(self) -> WalkResult:
@@ -190,7 +194,8 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         finals = (CHUNKS, DOC_IDS, SEQ_STARTS, DOCUMENTS)
-        return [(self.db, (TOKENIZER,)), (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN)),
+        return [(self.db, (TOKENIZER,)), (self.paths.hf_tokenizer, HF_TOKENIZER_FILES),
+                (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN)),
                 *((self.paths.split(s), finals) for s in SPLITS)]
 
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -262,10 +267,12 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
 
 
 def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
-                       manifest: dict[str, Any]) -> Tokenizer:
+                       manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
     """Load the DB's tokenizer if this run already made it; else copy or train one."""
     dest = db / TOKENIZER
     rec = manifest.get("tokenizer")
+    if cfg.tokenizer_file is not None and cfg.tokenizer_file.startswith(HF_PREFIX):
+        return _prepare_hf_tokenizer(db, cfg.tokenizer_file, manifest)
     if rec and dest.exists() and sha256_file(dest) == rec.get("sha256"):
         return Tokenizer.from_file(dest)
     if cfg.tokenizer_file is not None:
@@ -302,7 +309,24 @@ def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
     save_manifest(db, manifest)
     return tok
 
-def _run_in_pool(todo: list[Unit], tok: Tokenizer, workers: int, done: Callable[[Unit], None]) -> None:
+
+def _prepare_hf_tokenizer(db: Path, name: str, manifest: dict[str, Any]) -> HFTokenizer:
+    """Copy a Hugging Face tokenizer's files into DB/hf_tokenizer/ and record it (once)."""
+    rec = manifest.get("tokenizer")
+    if rec and rec.get("kind") == "hf":
+        try:
+            return open_db_tokenizer(db, rec)  # type: ignore[return-value]
+        except UserError:
+            pass  # a crash between copy and manifest: copy again
+    tok = load_hf_tokenizer(name)
+    tok.save(DBLayout(db).hf_tokenizer)
+    manifest["tokenizer"] = tok.manifest_record()
+    manifest["token_dtype"] = tok.token_dtype.name
+    save_manifest(db, manifest)
+    return tok
+
+
+def _run_in_pool(todo: list[Unit], tok: Tokenizer | HFTokenizer, workers: int, done: Callable[[Unit], None]) -> None:
     """Process units in ``workers`` processes, at most 2 x workers in flight, ``done`` in order of
     completion (the parts are independent; the merge reads them in unit order)."""
     # forkserver, not fork: a forked worker would inherit (and count in its RSS) the main
@@ -313,7 +337,7 @@ def _run_in_pool(todo: list[Unit], tok: Tokenizer, workers: int, done: Callable[
     # a fresh worker every few units: heap fragmentation would otherwise grow a worker's
     # RSS with the number of units it has processed, i.e. with the corpus
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                             initargs=(tok.model_proto,),
+                             initargs=(tok.model_proto if isinstance(tok, Tokenizer) else tok,),
                              max_tasks_per_child=TASKS_PER_WORKER) as pool:
         queue = iter(todo)
         running: dict[Future, Unit] = {}
@@ -334,7 +358,7 @@ def _run_in_pool(todo: list[Unit], tok: Tokenizer, workers: int, done: Callable[
             raise
 
 
-def _merge(db: Path, plan: dict, tok: Tokenizer, cfg: ChunkConfig) -> dict[str, Any]:
+def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig) -> dict[str, Any]:
     """Copy the parts, in order, into the final arrays (sizes known up front), streaming.
 
     One part is in memory at a time; what is kept across parts is per-file metadata for the
@@ -418,7 +442,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop files/folders whose relative path matches, e.g. 'test/*' (repeatable)")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="FILE", default=None,
-                     help="an existing sentencepiece model (copied into the DB)")
+                     help="an existing sentencepiece model (copied into the DB), or hf:NAME_OR_PATH: "
+                          "a Hugging Face tokenizer (a folder with tokenizer.json, or a hub name), "
+                          "e.g. the decoder's you will RETRO-fit")
     tok.add_argument("--vocab-size", type=int, default=None, metavar="N",
                      help="train a sentencepiece model of N pieces on a corpus sample (default 8192)")
     parser.add_argument("--chunk-size", type=int, default=64, metavar="M",

@@ -2,6 +2,8 @@
 
     DB/manifest.json               what was built, with which parameters (chunk_store.manifest)
     DB/tokenizer.model             the sentencepiece model the chunks were made with
+    DB/hf_tokenizer/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) instead,
+                                   when chunked with --tokenizer hf:NAME (chunk_store.hf_tokenizer)
     DB/<split>/chunks.npy          (num_chunks, chunk_size) token ids     split: train | val
     DB/<split>/doc_ids.npy         (num_chunks,) document of each chunk
     DB/<split>/seq_starts.npy      (num_seqs,) first chunk of each training sequence
@@ -27,6 +29,9 @@ from pathlib import Path
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"
+HF_TOKENIZER_JSON = "tokenizer.json"  # hashed: the tokenizer's identity
+HF_TOKENIZER_FILES = (HF_TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
 CHUNKS = "chunks.npy"
 DOC_IDS = "doc_ids.npy"
 SEQ_STARTS = "seq_starts.npy"
@@ -74,6 +79,11 @@ class DBLayout:
     @property
     def tokenizer(self) -> Path:
         return self.root / TOKENIZER
+
+    @property
+    def hf_tokenizer(self) -> Path:
+        """The folder of a Hugging Face tokenizer's files (HF_TOKENIZER_FILES)."""
+        return self.root / HF_TOKENIZER_DIR
 
     def split(self, split: str) -> Path:
         return self.root / split

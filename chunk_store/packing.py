@@ -157,10 +157,11 @@ class UnitSpec:
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
-def init_worker(proto: bytes) -> None:
+def init_worker(proto: Any) -> None:
+    """``proto``: a sentencepiece model's bytes, or any picklable tokenizer (an HFTokenizer)."""
     global _WORKER_TOKENIZER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _WORKER_TOKENIZER = Tokenizer(proto, TOKENIZER)
+    _WORKER_TOKENIZER = Tokenizer(proto, TOKENIZER) if isinstance(proto, bytes) else proto
 
 
 def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]:
@@ -185,10 +186,13 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
         skipped.extend(out.skipped)
         if out.invalid_bytes and out.documents:
             repaired.append({"path": path, "invalid_bytes": out.invalid_bytes})
-        for d in out.documents:
+        # a file's documents in one call where the tokenizer batches (HF: parallel in Rust)
+        batch = tok.encode_batch([d.text for d in out.documents]) if hasattr(tok, "encode_batch") else None
+        for j, d in enumerate(out.documents):
             split = "val" if is_val(d.text, spec.val_fraction) else "train"
             docs[split].append(d.source_json())
-            tokens[split].append(np.frombuffer(array.array(code, tok.encode(d.text)), dtype=tok.token_dtype))
+            ids = batch[j] if batch is not None else tok.encode(d.text)
+            tokens[split].append(np.frombuffer(array.array(code, ids), dtype=tok.token_dtype))
         del out
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"index": spec.index, "bytes": nbytes, "inputs": inputs,

@@ -17,6 +17,7 @@ import numpy as np
 from chunk_store.errors import UserError
 from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
 from chunk_store.manifest import load_manifest, open_npy, stage_done
+from chunk_store.hf_tokenizer import HFTokenizer, open_db_tokenizer
 from chunk_store.tokenizer import Tokenizer
 
 
@@ -36,7 +37,7 @@ class ChunkStore:
         self.seq_len: int = int(self.manifest["seq_len"])
         tok_rec = self.manifest.get("tokenizer") or {}
         tok_path = self.db / tok_rec.get("file", TOKENIZER)
-        self.tokenizer: Tokenizer = Tokenizer.from_file(tok_path)
+        self.tokenizer: Tokenizer | HFTokenizer = open_db_tokenizer(self.db, tok_rec)
         if tok_rec.get("vocab_size") not in (None, self.tokenizer.vocab_size):
             raise UserError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
                           f"says {tok_rec['vocab_size']}")

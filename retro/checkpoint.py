@@ -315,7 +315,12 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     if not cfg_path.is_file():
         raise UserError(f"no config.yaml in {run_dir}: not a training run directory")
     cfg = RetroConfig.from_yaml(cfg_path)
-    model = RETRO(cfg)
+    if cfg.hf_decoder:  # a RETRO-fitted Hugging Face decoder: rebuilt from RUN/hf_decoder/
+        from retro.hf_decoder import load_run_decoder
+
+        model: torch.nn.Module = load_run_decoder(cfg, cfg_path.parent)
+    else:
+        model = RETRO(cfg)
     weights = load_weights(ckpt)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

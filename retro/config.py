@@ -62,6 +62,10 @@ class RetroConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     init_std: float = 0.02
+    # RETRO-fitting (retro.hf_decoder): a pretrained Hugging Face causal LM (hub name or folder)
+    # whose layers replace the decoder above; dim, depth, heads, vocab_size and pad_id then come
+    # from it and the database's tokenizer
+    hf_decoder: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -202,3 +202,107 @@ def shared_minilm_db(tmp_path_factory: object) -> Path:
 
         build_index_db(db, default_embedder(), shard_size=4096)
     return db
+
+
+# ----------------------------------------------------------------------------- Hugging Face decoders
+# Hub access does not exist in the tests: a byte-level BPE tokenizer is trained on the fly with the
+# `tokenizers` library and tiny random GPT-2 / Llama models are built from their configs.
+
+HF_FAMILIES = ("gpt2", "llama")
+
+
+def make_hf_tokenizer(folder: str | Path, texts: Sequence[str], vocab_size: int = 400,
+                      family: str = "gpt2") -> Path:
+    """A fast byte-level BPE tokenizer saved as tokenizer.json + tokenizer_config.json.
+
+    gpt2: <|endoftext|> only (no pad token: the chunk stage appends one); llama: <s>, </s>,
+    <unk> and a <pad> token."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        return folder
+    specials = ["<|endoftext|>"] if family == "gpt2" else ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = ({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"} if family == "gpt2" else
+              {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def make_tiny_hf_decoder(folder: str | Path, tokenizer: str | Path, family: str = "gpt2",
+                         hidden: int = 64, layers: int = 4, seed: int = 0) -> Path:
+    """A random tiny causal LM (gpt2, llama, mistral, qwen2) with ``tokenizer``'s files, saved to ``folder``."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from chunk_store.hf_tokenizer import load_hf_tokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    tok = load_hf_tokenizer(str(tokenizer))
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=tok.base_vocab_size, n_embd=hidden, n_layer=layers,
+                                           n_head=4, n_positions=512, eos_token_id=tok.eos_id,
+                                           bos_token_id=tok.eos_id))
+    elif family in ("mistral", "qwen2"):  # Llama's layout under other names (come for free)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(family, vocab_size=tok.base_vocab_size, hidden_size=hidden,
+                                   intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_id,
+                                   tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.base_vocab_size, hidden_size=hidden,
+                                             intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=512, eos_token_id=tok.eos_id,
+                                             bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+                                             tie_word_embeddings=False))
+    model.save_pretrained(folder)
+    for f in Path(tokenizer).iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def assert_round_trip(run: Path, out: Path, x: "torch.Tensor", nbrs: "torch.Tensor") -> "torch.nn.Module":
+    """The exported model's logits equal the checkpoint's, with and without neighbours; it loads
+    through the Auto classes; greedy generation without a retriever equals retro.generate's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import retro.hf_model  # noqa: F401  (registers model_type "retro")
+    from retro.checkpoint import load_model
+    from retro.export import main as export_main
+    from retro.generate import generate
+    from retro.hf_model import RetroForCausalLM
+
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (out / name).is_file(), name
+    model, _ = load_model(run)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(hf, RetroForCausalLM)
+    with torch.no_grad():
+        for n in (nbrs, None):
+            assert torch.equal(hf(x, neighbours=n).logits, model(x, n))
+        assert hf(x, labels=x).loss.isfinite()
+    ids = hf.generate(x[:1, :5], max_new_tokens=8)
+    ref = generate(model, x[0, :5].tolist(), max_new_tokens=8, temperature=0.0, eos_id=hf.config.eos_token_id)
+    assert ids[0, :len(ref.tokens)].tolist() == ref.tokens
+    return hf

@@ -1,0 +1,151 @@
+"""``python -m retro.export --run RUN --out DIR``: a training run -> a Hugging Face model folder.
+
+DIR gets ``config.json`` (``RetroHFConfig``: the RETRO shape, and for a RETRO-fit the base
+decoder's config), ``model.safetensors`` (the checkpoint's weights under ``retro.``), the
+tokenizer the database was built with (a Hugging Face tokenizer's files, or the sentencepiece
+``tokenizer.model``) and a README model card (training data, steps, evaluation numbers), so
+``RetroForCausalLM.from_pretrained(DIR)`` loads it anywhere ``transformers`` runs and scores
+exactly as the checkpoint does (tests/test_export.py checks the logits).
+
+Why write the weights ourselves: safetensors refuses tensors that share memory (the native
+model's tied embedding), and the checkpoint's names are already the module's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from chunk_store.errors import UserError, run_main
+from chunk_store.layout import TOKENIZER
+from chunk_store.manifest import atomic_write_bytes
+
+DB_RECORD = "db.json"  # RUN/db.json: the database a run trained on (written by train.py)
+
+
+def _db_of(run: Path, db: str | None) -> Path | None:
+    if db:
+        return Path(db)
+    record = run / DB_RECORD
+    if record.is_file():
+        path = Path(json.loads(record.read_text()).get("db", ""))
+        return path if path.is_dir() else None
+    return None
+
+
+def _last_eval(run: Path) -> dict[str, Any]:
+    from retro.metrics import read_metrics
+
+    evals = [r for r in read_metrics(run) if "val_bpb" in r or "val_loss" in r]
+    return evals[-1] if evals else {}
+
+
+def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest: dict[str, Any] | None,
+               evaluation: dict[str, Any]) -> str:
+    """The README: what was trained, on what, for how long, and how well."""
+    kind = f"RETRO-fitted `{base}` (frozen decoder; trained: neighbour encoder + CCA)" if base else "RETRO (native)"
+    lines = [
+        "---", "library_name: transformers", "tags: [retro, retrieval-augmented, causal-lm]", "---", "",
+        f"# RETRO model: {kind}", "",
+        "Exported with `python -m retro.export` from a training run of the retro project "
+        "(Borgeaud et al. 2022). Load it with:", "",
+        "```python", "import retro.hf_model  # registers RetroForCausalLM with the Auto classes",
+        "from transformers import AutoModelForCausalLM", "from index_builder import Retriever",
+        "model = AutoModelForCausalLM.from_pretrained(DIR)",
+        "ids = model.generate(prompt_ids, max_new_tokens=64, retriever=Retriever.open(DB))",
+        "```", "",
+        "## Model", "",
+        f"- chunk size {cfg.chunk_size}, {cfg.num_neighbours} neighbours per chunk, CCA after decoder layers "
+        f"{cfg.resolved_cca_layers}",
+        f"- decoder: dim {cfg.dim}, {cfg.depth} layers; encoder: dim {cfg.enc_dim}, {cfg.enc_depth} layers",
+        f"- vocabulary {cfg.vocab_size}, pad id {cfg.pad_id}", "",
+        "## Training", "",
+        f"- optimizer steps: {step}",
+    ]
+    if db is not None:
+        lines.append(f"- retrieval database: `{db}`")
+    if manifest:
+        for split, c in (manifest.get("counts") or {}).items():
+            lines.append(f"- {split}: {c.get('docs')} documents, {c.get('chunks')} chunks, {c.get('tokens')} tokens")
+        tok = manifest.get("tokenizer") or {}
+        lines.append(f"- tokenizer: {tok.get('kind', 'sentencepiece')} (sha256 {str(tok.get('sha256'))[:16]}...)")
+    lines += ["", "## Evaluation (val split, the run's last evaluation)", ""]
+    if evaluation:
+        lines.append("| metric | value |")
+        lines.append("|---|---|")
+        for key in ("step", "val_loss", "val_bpb", "val_loss_no_retrieval", "val_bpb_no_retrieval"):
+            if key in evaluation:
+                value = evaluation[key]
+                lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    else:
+        lines.append("No evaluation was recorded.")
+    return "\n".join(lines) + "\n"
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None) -> Path:
+    """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``)."""
+    from safetensors.torch import save_file
+
+    from chunk_store.hf_tokenizer import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
+    from chunk_store.manifest import load_manifest
+    from retro.checkpoint import _dedup_for_safetensors, checkpoint_dir, load_model, read_state
+    from retro.hf_decoder import DECODER_DIR
+    from retro.hf_model import RetroHFConfig
+
+    run, out = Path(run), Path(out)
+    model, cfg = load_model(run, step=step)
+    ckpt_step = int(read_state(checkpoint_dir(run, step)).get("step", 0))
+    db_path = _db_of(run, db)
+    manifest = load_manifest(db_path) if db_path is not None else None
+    if cfg.hf_decoder:
+        tok: Any = load_hf_tokenizer(str(run / DECODER_DIR))
+        decoder = model.decoder.config.to_dict()  # type: ignore[union-attr]
+    else:
+        if manifest is None:
+            raise UserError(f"{run} does not say which database it trained on: pass --db DB (its tokenizer is exported)")
+        tok = open_db_tokenizer(db_path, manifest.get("tokenizer"))  # type: ignore[arg-type]
+        decoder = None
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = RetroHFConfig(retro=cfg.to_dict(), decoder=decoder, vocab_size=cfg.vocab_size,
+                              pad_token_id=cfg.pad_id, eos_token_id=tok.eos_id,
+                              architectures=["RetroForCausalLM"])
+    hf_config.save_pretrained(out)
+    weights = {f"retro.{k}": v for k, v in model.state_dict().items()}
+    tmp = out / ".model.safetensors.tmp"
+    save_file(_dedup_for_safetensors(weights), str(tmp), metadata={"format": "pt", "step": str(ckpt_step)})
+    os.replace(tmp, out / "model.safetensors")
+    if isinstance(tok, HFTokenizer):
+        tok.save(out)
+    else:
+        shutil.copyfile(Path(tok.source), out / TOKENIZER)  # the sentencepiece model, under its DB name
+    card = model_card(cfg, ckpt_step, cfg.hf_decoder, db_path, manifest, _last_eval(run))
+    atomic_write_bytes(out / "README.md", card.encode())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m retro.export", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="training run directory (RUN)")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--db", default=None, help="the run's database (default: the one RUN/db.json names)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def cli() -> None:
+        path = export(args.run, args.out, db=args.db, step=args.step)
+        print(f"retro.export: wrote {path} (config.json, model.safetensors, tokenizer, README.md)", file=sys.stderr)
+
+    return run_main("retro.export", cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
