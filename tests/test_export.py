@@ -52,3 +52,18 @@ def test_native_run_without_db_record_needs_db(tmp_path: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
     save_checkpoint(run, 1, RETRO(cfg), None, {"step": 1})
     assert export_main(["--run", str(run), "--out", str(tmp_path / "hf")]) == 2
+
+
+def test_retro_exposes_the_hf_classes_and_registers_them() -> None:
+    """`from retro import RetroForCausalLM` is the documented door; it registers the Auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retro import RetroForCausalLM, RetroHFConfig
+
+    cfg = AutoConfig.for_model("retro")
+    assert isinstance(cfg, RetroHFConfig)
+    assert AutoModelForCausalLM._model_mapping[RetroHFConfig] is RetroForCausalLM
+    with pytest.raises(AttributeError):
+        import retro
+
+        retro.NoSuchThing  # noqa: B018
