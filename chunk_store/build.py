@@ -179,6 +179,10 @@ class ChunkStage(Stage[ChunkConfig]):
         shutil.rmtree(self.paths.chunk_work, ignore_errors=True)
         return True
 
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        p = self.paths
+        return [p.tokenizer, *(f(s) for s in SPLITS for f in (p.chunks, p.doc_ids, p.seq_starts, p.documents))]
+
     def skip_message(self, stats: dict[str, Any]) -> str:
         manifest = load_manifest(self.db)
         line = summary_line(manifest["counts"], manifest.get("skipped", []), manifest.get("repaired", []))
@@ -186,6 +190,10 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def say(self, line: str) -> None:
         print(line, file=sys.stderr)
+
+    def space_needed(self) -> int | None:
+        """Parts and merged arrays: about 2 x 4 bytes a token at ~4 bytes of text a token."""
+        return 2 * sum(f.size for f in self.walk().files)
 
     def preflight(self, manifest: dict[str, Any]) -> None:
         if not self.walk().files:

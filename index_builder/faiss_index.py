@@ -221,6 +221,9 @@ class IndexStage(Stage[IndexConfig]):
     def complete(self, manifest: dict[str, Any]) -> bool:
         return self.paths.index.exists()
 
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.paths.index, self.paths.index_infos]
+
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
 

@@ -158,6 +158,10 @@ class KnnStage(Stage[KnnConfig]):
     def complete(self, manifest: dict[str, Any]) -> bool:
         return all(self.paths.neighbours(s).exists() for s in SPLITS if num_chunks(self.db, manifest, s))
 
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [f(s) for s in SPLITS if num_chunks(self.db, manifest, s)
+                for f in (self.paths.neighbours, self.paths.neighbour_distances)]
+
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         return [*((self.paths.knn_shards_dir(s), ("",)) for s in SPLITS),
                 *((self.paths.split(s), (NEIGHBOURS, NEIGHBOUR_DISTANCES)) for s in SPLITS)]
