@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -164,6 +165,13 @@ class _InvalidCounter:
 
 
 codecs.register_error("retro_count_invalid", _InvalidCounter.handler)
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character that is not whitespace, a control or a format character
+    (U+200B, ZWJ, BOM, NUL...): text of only those embeds like empty text."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Cn", "Co")
+               for ch in text)
 
 
 def normalise_text(text: str) -> str:

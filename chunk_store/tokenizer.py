@@ -26,7 +26,7 @@ import numpy as np
 import sentencepiece as spm
 
 from chunk_store.errors import UserError
-from chunk_store.text_files import normalise_text
+from chunk_store.text_files import normalise_text, visible
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # sentencepiece drops training "sentences" longer than this (bytes); we cut blocks below it
@@ -83,6 +83,22 @@ class Tokenizer:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         arr = arr[(arr != self.pad_id) & (arr >= 0) & (arr < self.sp_vocab_size)]
         return self._sp.decode(arr.tolist())
+
+    def blank_ids(self) -> np.ndarray:
+        """(vocab_size,) bool: the token's text has nothing visible (EOS, BOS, pad, whitespace and
+        invisible pieces, ASCII whitespace bytes). Unknown and partial-UTF-8 byte pieces count as
+        visible: a chunk is called blank only when that is certain."""
+        out = np.zeros(self.vocab_size, dtype=bool)
+        out[self.pad_id] = True
+        for i in range(self.sp_vocab_size):
+            if self._sp.is_control(i):
+                out[i] = True
+            elif self._sp.is_byte(i):
+                b = int(self._sp.id_to_piece(i)[3:5], 16)
+                out[i] = b < 0x80 and not visible(chr(b))
+            elif not self._sp.is_unknown(i):
+                out[i] = not visible(self._sp.id_to_piece(i).replace("\u2581", " "))
+        return out
 
     def id_to_piece(self, i: int) -> str:
         return "<pad>" if i == self.pad_id and i >= self.sp_vocab_size else self._sp.id_to_piece(int(i))
