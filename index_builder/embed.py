@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,9 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_init(db: str, embedder: str, parent: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if parent is not None:
+        # Ctrl-C reaches the whole process group: the parent reports it in one line and shuts the
+        # pool down; a worker that also raised KeyboardInterrupt would print its own traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _exit_with_parent(parent)
     from chunk_store import ChunkStore
 

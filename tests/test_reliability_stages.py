@@ -102,3 +102,34 @@ def reference_db(corpus, tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("enospc-ref") / "db"
     assert cli(chunk_argv(corpus, db, "--workers", "1")) == 0
     return db
+
+
+def test_ctrl_c_during_embed_is_one_line_and_resumes(tmp_path, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    from chunk_store.stage import CRASH_ENV
+    from fixtures import build_tiny_db
+
+    db = build_tiny_db(tmp_path / "db", n_docs=30, chunk_size=16, seq_len=64, val_fraction=0.2)
+    cmd = [sys.executable, "-m", "index_builder", "embed", "--db", str(db), "--embedder",
+           str(shared_tiny_bert(tmp_path_factory)), "--shard-size", "300", "--device", "cpu",
+           "--tokenize-workers", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True,
+                       env={**os.environ, CRASH_ENV: "embed:1:sigint"})
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr[-3000:]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+
+
+def test_a_killed_index_build_leaves_no_folder_behind(tmp_path, tmp_path_factory):
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db)
+    stale = DBLayout(db).index_build_dir(pid=2**22 + 12345)  # a writer that is gone (kill -9)
+    stale.mkdir(parents=True)
+    (stale / "knn.index").write_bytes(b"half")
+    (db / "index" / "knn.index").unlink()
+    assert run_cli(["index", "--db", db, "--recall-sample", 100, "--device", "cpu"]) == 0
+    assert not stale.exists() and (db / "index" / "knn.index").exists()
+    assert [p.name for p in (db / "index").iterdir() if p.name.startswith(".")] == []
