@@ -77,3 +77,18 @@ def test_a_file_unreadable_during_the_build_and_readable_later_is_a_change(small
     capsys.readouterr()
     assert cli(chunk_argv(small_corpus, db)) == 2
     assert "was unreadable and is readable now" in capsys.readouterr().err
+
+
+def test_a_long_document_is_encoded_in_pieces_that_decode_to_the_same_text(tmp_path: Path) -> None:
+    from chunk_store import ChunkStore
+    from fixtures import build_tiny_db
+
+    tok = ChunkStore.open(build_tiny_db(tmp_path / "db", n_docs=10), "train").tokenizer
+    rng = random.Random(5)
+    text = "".join(random_text(rng, 20) for _ in range(20))
+    assert tok.encode_array(text).tolist() == tok.encode(text)  # short: exactly encode()
+    pieces = tok.encode_array(text, piece_chars=300)
+    assert pieces.dtype == tok.token_dtype
+    assert tok.decode(pieces) == tok.decode(tok.encode(text))
+    one_line = "word " * 400  # no newline: cut after a space
+    assert tok.decode(tok.encode_array(one_line, piece_chars=128)) == tok.decode(tok.encode(one_line))
