@@ -222,11 +222,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         retriever = Retriever.open(args.db, device=str(device))
         k = args.k or cfg.num_neighbours
-        if k > retriever.num_chunks:
-            raise UserError(f"--k {k}: the database has only {retriever.num_chunks} train chunks")
         if args.k and args.k > cfg.num_neighbours:
             raise UserError(f"--k {args.k}: the model was trained with {cfg.num_neighbours} neighbours "
                             f"per chunk; ask for at most that many")
+        if k > retriever.num_chunks:
+            raise UserError(f"--k {k}: the database has only {retriever.num_chunks} train chunks")
         fetcher = RetrieverNeighbours(retriever, k)
     result = generate(
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,

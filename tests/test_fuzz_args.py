@@ -122,3 +122,28 @@ def test_out_naming_a_file_is_one_line(tmp_path):
     args = train.parse_args(["--config", "c.yaml", "--db", "d", "--out", str(out)])
     with pytest.raises(DBError, match="is a file, not a run directory"):
         train.resolve_config(args)
+
+
+def test_generate_refuses_more_neighbours_than_the_model_was_trained_with(tmp_path, tmp_path_factory, capsys):
+    import torch
+    import yaml
+
+    from chunk_store import ChunkStore
+    from fixtures import shared_db
+    from retro import RETRO, generate
+    from retro.checkpoint import save_checkpoint
+
+    db = shared_db(tmp_path_factory)
+    store = ChunkStore.open(db, "train")
+    cfg = RetroConfig(vocab_size=store.tokenizer.vocab_size, pad_id=store.tokenizer.pad_id, dim=32, depth=2,
+                      heads=2, dim_head=16, cca_layers=[2], enc_dim=32, enc_depth=1, enc_heads=2,
+                      enc_dim_head=16, chunk_size=store.chunk_size, num_neighbours=2)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seq_len": store.seq_len, "model": cfg.to_dict()}))
+    save_checkpoint(run, 1, RETRO(cfg), None, {})
+    argv = ["--run", str(run), "--db", str(db), "--prompt", "x", "--device", "cpu", "--max-new-tokens", "1"]
+    assert generate.main(argv + ["--k", "1000"]) == 2
+    assert "trained with 2 neighbours" in capsys.readouterr().err
+    assert generate.main(argv + ["--max-new-tokens", "0"]) == 0
