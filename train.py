@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -143,6 +144,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     RUN/config.yaml, whose model settings a resume may not change."""
     run = Path(args.out)
     saved = run / "config.yaml"
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a run directory")
     if args.resume:
         if not saved.is_file() or not (run / CKPT_DIR / LATEST).is_file():
             raise UserError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
@@ -269,7 +272,10 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     info = setup(tcfg.device)  # the process group (torchrun) and this rank's device
     if val_ds is None:
         log(info, "the val split has no sequences: evaluation is skipped")
-    if info.is_main:
+    if tcfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'")
+    model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
+    if info.is_main:  # after every refusal (init_from, tensorboard): a failed start leaves no RUN behind
         run.mkdir(parents=True, exist_ok=True)
         save_resolved(run / "config.yaml", tcfg, mdict)
         # which database trained this run (retro.export's model card and tokenizer)
@@ -278,7 +284,6 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
             from retro.hf_decoder import DECODER_DIR, save_decoder_files
 
             save_decoder_files(mcfg, run / DECODER_DIR)
-    model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
     return Trainer(
         run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,
         use_retrieval=use_retrieval, model=model, wrapped=wrapped, optimizer=optimizer,

@@ -145,7 +145,8 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def walk(self) -> WalkResult:
         if self._walk is None:
-            self._walk = walk_inputs(self.cfg.inputs, self.cfg.globs, self.cfg.excludes, progress=True)
+            self._walk = walk_inputs(self.cfg.inputs, self.cfg.globs, self.cfg.excludes, progress=True,
+                                     never=[self.db])  # the database is never its own input
         return self._walk
 
     def open_manifest(self) -> dict[str, Any]:
@@ -175,8 +176,16 @@ class ChunkStage(Stage[ChunkConfig]):
                 next(b for a, b in itertools.zip_longest(recorded, now) if a != b)
             raise UserError(f"chunk: the inputs changed since {self.db} was built (first difference: "
                             f"{diff[0]}): use a new --out")
+        for rec in manifest.get("inputs", []):  # unreadable then (no sha256), readable now: changed too
+            if rec.get("sha256") is None and _readable(rec["path"]):
+                raise UserError(f"chunk: the inputs changed since {self.db} was built ({rec['path']} was "
+                                f"unreadable and is readable now): use a new --out")
         shutil.rmtree(self.paths.chunk_work, ignore_errors=True)
         return True
+
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        p = self.paths
+        return [p.tokenizer, *(f(s) for s in SPLITS for f in (p.chunks, p.doc_ids, p.seq_starts, p.documents))]
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         manifest = load_manifest(self.db)
@@ -186,11 +195,21 @@ class ChunkStage(Stage[ChunkConfig]):
     def say(self, line: str) -> None:
         print(line, file=sys.stderr)
 
+    def space_needed(self) -> int | None:
+        """Parts and merged arrays: about 2 x 4 bytes a token at ~4 bytes of text a token."""
+        return 2 * sum(f.size for f in self.walk().files)
+
     def preflight(self, manifest: dict[str, Any]) -> None:
         if not self.walk().files:
             raise UserError(f"chunk: no input files found under {', '.join(self.cfg.inputs)} "
                             f"(globs {list(self.cfg.globs) or 'none'}, "
                             f"excludes {list(self.cfg.excludes) or 'none'})")
+        skipped: list[dict] = []  # reads files only until the first text: a corpus costs one file
+        if next(iter_sample_text(self.walk().files, 1, max_invalid_fraction=self.cfg.max_invalid_fraction,
+                                 skipped=skipped), None) is None:
+            reasons = Counter(s["reason"] for s in skipped + self.walk().skipped)
+            why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"
+            raise UserError(f"chunk: no text found in the inputs ({sum(reasons.values())} files skipped: {why})")
 
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         finals = (CHUNKS, DOC_IDS, SEQ_STARTS, DOCUMENTS)
@@ -256,6 +275,15 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         return summary_line(self.merged["counts"], self.merged["skipped"], self.merged["repaired"])
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
 
 
 def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:

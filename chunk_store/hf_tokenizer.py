@@ -24,7 +24,7 @@ import numpy as np
 
 from chunk_store.errors import UserError
 from chunk_store.layout import HF_TOKENIZER_FILES, HF_TOKENIZER_JSON, DBLayout
-from chunk_store.text_files import normalise_text
+from chunk_store.text_files import normalise_text, visible
 from chunk_store.tokenizer import Tokenizer
 
 HF_PREFIX = "hf:"
@@ -102,6 +102,22 @@ class HFTokenizer:
         """``encode`` of many texts at once (the Rust side runs them in parallel)."""
         encs = self._tok.encode_batch([normalise_text(t) for t in texts], add_special_tokens=False)
         return [e.ids for e in encs]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` as a compact array (``token_dtype``), like the sentencepiece kind."""
+        return np.asarray(self.encode(text), dtype=self.token_dtype)
+
+    def blank_ids(self) -> np.ndarray:
+        """(vocab_size,) bool: the token shows nothing (pad, special tokens, whitespace and
+        invisible text). A token that decodes to a partial UTF-8 sequence (U+FFFD) counts as
+        visible: a chunk is called blank only when that is certain (as Tokenizer.blank_ids)."""
+        out = np.zeros(self.vocab_size, dtype=bool)
+        out[self.pad_id] = True
+        special = {i for i in (self.eos_id, self.bos_id) if i >= 0}
+        for i in range(self.base_vocab_size):
+            text = self._tok.decode([i], skip_special_tokens=True)
+            out[i] = i in special or not visible(text)
+        return out
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of ``ids``; pad, special tokens and ids outside the tokenizer are dropped."""

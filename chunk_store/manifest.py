@@ -108,15 +108,58 @@ def load_manifest(db: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"corrupt {path}: {e}") from None
-    if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise UserError(f"corrupt {path}: no format_version")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise UserError(
-            f"{path} has format version {manifest['format_version']}, "
-            f"this code reads up to {FORMAT_VERSION}: upgrade retro"
-        )
-    manifest.setdefault("stages", {})
+    validate_manifest(manifest, path)
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_manifest(manifest: Any, path: str | os.PathLike) -> None:
+    """Check the shape every reader relies on, so that a manifest that is valid JSON of the wrong
+    shape is one line naming the field, never a TypeError/KeyError later (fills ``stages: {}``)."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"corrupt {path}: {what}")
+
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise bad("no format_version")
+    version = manifest["format_version"]
+    if not _is_int(version) or version < 1:
+        raise bad(f"format_version is {version!r}, not a version number")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {version}, this code reads up to {FORMAT_VERSION}: "
+                        f"upgrade retro")
+    for key in ("chunk_size", "seq_len"):
+        if not _is_int(manifest.get(key)) or manifest[key] <= 0:
+            raise bad(f"{key} is {manifest.get(key)!r}, not a positive integer")
+    stages = manifest.setdefault("stages", {})
+    if not isinstance(stages, dict):
+        raise bad(f"stages is a {type(stages).__name__}, not an object")
+    for name, rec in stages.items():
+        if not isinstance(rec, dict):
+            raise bad(f"stages.{name} is a {type(rec).__name__}, not an object")
+        for key, kind in (("params", dict), ("stats", dict), ("versions", dict)):
+            if key in rec and not isinstance(rec[key], kind):
+                raise bad(f"stages.{name}.{key} is a {type(rec[key]).__name__}, not an object")
+        for key in ("started", "finished"):
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                raise bad(f"stages.{name}.{key} is {rec[key]!r}, not a time")
+    for key, kind in (("tokenizer", dict), ("counts", dict), ("token_dtype", str), ("inputs", list),
+                      ("skipped", list), ("repaired", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise bad(f"{key} is a {type(manifest[key]).__name__}, the chunk stage writes a {kind.__name__}")
+    if stage_done(manifest, "chunk") and "tokenizer" in manifest:
+        tok = manifest["tokenizer"]
+        for key in ("vocab_size", "pad_id", "eos_id"):
+            if not _is_int(tok.get(key)):
+                raise bad(f"tokenizer.{key} is {tok.get(key)!r}, not an integer")
+        if not isinstance(tok.get("file", ""), str):
+            raise bad(f"tokenizer.file is {tok['file']!r}, not a file name")
+    for split, counts in manifest.get("counts", {}).items():
+        if not isinstance(counts, dict) or not all(_is_int(v) for v in counts.values()):
+            raise bad(f"counts.{split} is {counts!r}, not an object of counts")
 
 
 def save_manifest(db: str | os.PathLike, manifest: Mapping[str, Any]) -> None:

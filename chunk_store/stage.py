@@ -17,6 +17,7 @@ else is owned here, once:
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -31,7 +32,8 @@ from typing import Any, Callable, ClassVar, Generic, Iterable, Sequence, TypeVar
 from chunk_store import runtime
 from chunk_store.errors import UserError
 from chunk_store.layout import DBLayout, temp_owner
-from chunk_store.manifest import check_params, load_manifest, now_iso, record_stage, require_stage, versions
+from chunk_store.manifest import (check_params, load_manifest, now_iso, record_stage, require_stage, save_manifest,
+                                  versions)
 
 log = logging.getLogger("chunk_store.stage")
 
@@ -161,6 +163,11 @@ class Stage(ABC, Generic[C]):
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"{self.name}: already done"
 
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        """The files this stage leaves: their sizes are recorded when it finishes and verified
+        (with .npy headers) before a re-run says "already done" (a damaged one is rebuilt)."""
+        return []
+
     def preflight(self, manifest: dict[str, Any]) -> None:
         """Refuse a run that cannot succeed before anything is written (e.g. no inputs)."""
 
@@ -207,12 +214,53 @@ class Stage(ABC, Generic[C]):
     def say(self, line: str) -> None:
         print(line)
 
+    def space_needed(self) -> int | None:
+        """About how many bytes the stage writes in all (named when the disk fills), if known."""
+        return None
+
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
         return [u for u in units if u.index % world == rank]
 
 
 def run_stage(stage: Stage[Any]) -> dict[str, Any]:
-    """Run (or resume, or skip when done) one stage; its stats (``skipped`` when it was done)."""
+    """Run (or resume, or skip when done) one stage; its stats (``skipped`` when it was done).
+
+    A full disk (ENOSPC, EDQUOT) anywhere in the stage is one line naming the path and the space,
+    not an OSError traceback; what was written stays, so the same command resumes once space is
+    freed."""
+    try:
+        return _run_stage(stage)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(no_space_message(stage, e)) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def no_space_message(stage: Stage[Any], e: OSError) -> str:
+    """'STAGE: no space left on the device writing PATH (F free, about N needed): ...'."""
+    path = Path(os.fsdecode(e.filename)) if e.filename else stage.db
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    try:
+        needed = stage.space_needed()
+    except Exception:  # an estimate only: never hide the real message behind a second error
+        needed = None
+    need = f", about {_human(needed)} needed in all" if needed else ""
+    return (f"{stage.name}: no space left on the device writing {path} ({_human(free)} free{need}): "
+            f"free some space and re-run the same command (it resumes)")
+
+
+def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     manifest = stage.open_manifest()
@@ -220,7 +268,11 @@ def run_stage(stage: Stage[Any]) -> dict[str, Any]:
     recorded = manifest.get("stages", {}).get(stage.name)
     if recorded:
         stage.check(recorded, params, manifest)
-        if recorded.get("finished") and stage.complete(manifest):
+        damaged = damaged_outputs(stage.db, recorded.get("files")) if recorded.get("finished") else []
+        for path, why in damaged:  # removed: the stage's resume rebuilds what is missing
+            log.warning("%s: %s is damaged (%s): rebuilding it", stage.name, path, why)
+            path.unlink(missing_ok=True)
+        if recorded.get("finished") and not damaged and stage.complete(manifest):
             stats = dict(recorded.get("stats", {}))
             stage.say(stage.skip_message(stats))
             return {"skipped": True, **stats}
@@ -266,12 +318,48 @@ def run_stage(stage: Stage[Any]) -> dict[str, Any]:
         if rank == 0:
             manifest = load_manifest(stage.db)
             stats = stage.finalize(manifest, run)
-            record_stage(stage.db, stage.name, params=params, started=started, finished=now_iso(),
-                         stats=stats, versions_=versions(*stage.packages), manifest=manifest)
+            manifest = record_stage(stage.db, stage.name, params=params, started=started, finished=now_iso(),
+                                    stats=stats, versions_=versions(*stage.packages), manifest=manifest)
+            manifest["stages"][stage.name]["files"] = {
+                p.relative_to(stage.db).as_posix(): p.stat().st_size for p in stage.outputs(manifest)}
+            save_manifest(stage.db, manifest)
         stage.say(stage.report(stats, run))
         return stats
     finally:
         stage.close()
+
+
+def damaged_outputs(db: Path, files: Any) -> list[tuple[Path, str]]:
+    """(path, why) of each recorded output that is missing, of another size, or (.npy) whose
+    header does not parse or disagrees with the size: cheap, no data is read."""
+    import numpy as np
+
+    out: list[tuple[Path, str]] = []
+    if not isinstance(files, dict):
+        return out  # a database from before outputs were recorded: trust complete()
+    for rel, size in files.items():
+        path = db / rel
+        if not path.is_file():
+            out.append((path, "missing"))
+            continue
+        have = path.stat().st_size
+        if have != size:
+            out.append((path, f"{have} bytes, {size} when written"))
+            continue
+        if path.suffix == ".npy":
+            try:
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                    expect = f.tell() + int(np.prod(shape)) * dtype.itemsize
+            except Exception as e:
+                out.append((path, f"bad header: {type(e).__name__}"))
+                continue
+            if expect != have:
+                out.append((path, f"header says {expect} bytes, the file has {have}"))
+    return out
 
 
 def config_from_args(cls: type[C], args: Any) -> C:

@@ -89,6 +89,22 @@ class ChunkStore:
             raise IndexError(f"chunk id {i} out of range for {self.split} split of {self.num_chunks}")
         return i
 
+    def content_mask(self, block: int = 1 << 18) -> np.ndarray:
+        """(num_chunks,) bool: the chunk holds a token with visible text.
+
+        Why: a document whose length is a multiple of the chunk size ends in a chunk of only EOS
+        and padding, and a run of blank lines makes a chunk of whitespace; both embed like empty
+        text and must never be anyone's neighbour (knn and the Retriever filter candidates with
+        this mask). A per-token table, read in blocks: memory stays flat."""
+        if getattr(self, "_content", None) is None:
+            blank = self.tokenizer.blank_ids()
+            out = np.empty(self.num_chunks, dtype=bool)
+            for a in range(0, self.num_chunks, block):
+                rows = np.asarray(self.chunks[a:a + block]).astype(np.int64)
+                out[a:a + block] = ~blank[np.clip(rows, 0, len(blank) - 1)].all(axis=1)
+            self._content = out
+        return self._content
+
     def text(self, chunk_id: int) -> str:
         """The decoded text of one chunk (pad dropped; EOS decodes to nothing)."""
         return self.tokenizer.decode(self.chunks[self._check_id(chunk_id)])

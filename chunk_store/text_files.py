@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -72,15 +73,17 @@ def walk_inputs(
     globs: Sequence[str] = (),
     excludes: Sequence[str] = (),
     progress: bool = False,
+    never: Sequence[str | os.PathLike] = (),
 ) -> WalkResult:
     """Every candidate file under ``inputs``, in a deterministic order.
 
     ``globs`` (if any) keep files whose name or path relative to their input matches one of
     them; ``excludes`` drop files (and prune folders) whose relative path matches. Hidden files
-    and folders (name starting with ".") are ignored. Symlinked folders are followed once; a
+    and folders (name starting with ".") are ignored, and so are the folders in ``never``. Symlinked folders are followed once; a
     folder reached a second time (a loop, or a second link to it) is skipped and recorded.
     """
     result = WalkResult()
+    pruned = {os.path.realpath(p) for p in never}  # e.g. the database being built (--out inside --input)
     bar = tqdm(desc="walk", unit=" files", disable=not progress, leave=False)
     visited_dirs: set[tuple[int, int]] = set()
     for inp in inputs:
@@ -110,6 +113,8 @@ def walk_inputs(
                                     for p in excludes):
                     continue
                 full = os.path.join(dirpath, d)
+                if pruned and os.path.realpath(full) in pruned:
+                    continue
                 try:
                     st = os.stat(full)
                 except OSError:
@@ -160,6 +165,13 @@ class _InvalidCounter:
 
 
 codecs.register_error("retro_count_invalid", _InvalidCounter.handler)
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character that is not whitespace, a control or a format character
+    (U+200B, ZWJ, BOM, NUL...): text of only those embeds like empty text."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Cn", "Co")
+               for ch in text)
 
 
 def normalise_text(text: str) -> str:
@@ -323,27 +335,33 @@ def _sample_end(path: str, size: int, limit: int) -> int | None:
     """A byte offset just after a LF near ``limit``: read a big file's head, never all of it."""
     if size <= limit:
         return None
-    with open(path, "rb") as f:
-        head = f.read(limit)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+    except OSError:  # unreadable or gone: read_documents skips it, counted, reading at most limit
+        return limit
     nl = head.rfind(b"\n")
     return nl + 1 if nl > 0 else limit
 
 
 def iter_sample_text(files: Sequence[InputFile], budget_bytes: int, per_file_bytes: int = 1 << 20,
-                     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION) -> Iterator[str]:
+                     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
+                     skipped: list[dict] | None = None) -> Iterator[str]:
     """A deterministic, bounded sample of the corpus's text for tokenizer training.
 
     Files are visited in the order of a stable hash of their path (so the sample spreads over
     the whole corpus rather than its first folder) and read until ``budget_bytes`` of text;
     at most about ``per_file_bytes`` of each file is read.
     """
-    order = sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).digest())
+    order = sorted(files, key=lambda f: hashlib.sha256(os.fsencode(f.path)).digest())  # any OS path
     used = 0
     for f in order:
         if used >= budget_bytes:
             return
         end = _sample_end(f.path, f.size, per_file_bytes)
         out = read_documents(f.path, max_invalid_fraction, 0, end)
+        if skipped is not None and not out.documents:
+            skipped.extend(out.skipped[:1])
         for doc in out.documents:
             text = doc.text[:per_file_bytes]
             used += len(text.encode("utf-8", errors="replace"))

@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 16384
 # the parameters that change the embeddings; a resumed or later stage must agree on all of them
-RESULT_KEYS = ("embedder_id", "dim", "max_length", "pooling", "shard_size")
+# (compute dtype, batch size, device type and compilation change the float16 bytes too: a resume
+# that mixed them would give shards of mixed precision, so they are refused like the rest)
+RESULT_KEYS = ("embedder_id", "dim", "max_length", "pooling", "shard_size", "compute_dtype", "batch_size",
+               "device_type", "compile")
 
 
 # ----------------------------------------------------------------------------- shards
@@ -107,6 +111,9 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_init(db: str, embedder: str, parent: int | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if parent is not None:
+        # Ctrl-C reaches the whole process group: the parent reports it in one line and shuts the
+        # pool down; a worker that also raised KeyboardInterrupt would print its own traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _exit_with_parent(parent)
     from chunk_store import ChunkStore
 
@@ -197,7 +204,8 @@ class EmbedStage(Stage[EmbedConfig]):
         return {"embedder": e.name, "embedder_path": str(e.name_or_path), "embedder_id": e.id,
                 "dim": e.dim, "max_length": e.max_length, "pooling": POOLING,
                 "shard_size": cfg.shard_size, "storage_dtype": "float16",
-                "chunk_size": manifest.get("chunk_size")}
+                "compute_dtype": e.dtype, "batch_size": self.batch_size, "device_type": e.device.type,
+                "compile": e.cfg.compile, "chunk_size": manifest.get("chunk_size")}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         rp = recorded.get("params", {})
@@ -210,6 +218,9 @@ class EmbedStage(Stage[EmbedConfig]):
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         return all(self.unit_done(u) for u in self.units(manifest))
+
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.paths.embedding_shard(split, i) for split, i, _, _ in (u.payload for u in self.units(manifest))]
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"embed: already done ({stats.get('chunks', '?')} chunks)"

@@ -29,6 +29,7 @@ from chunk_store.errors import UserError
 from chunk_store.layout import DBLayout
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
+from index_builder.determinism import make_deterministic, stable_infos
 from index_builder.embed import open_embeddings, read_rows
 from index_builder.exact_search import ExactSearchConfig, exact_search
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 METRIC = "l2"
 RECALL_KS = (1, 2, 10)
 RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
-               "max_query_ms")
+               "max_query_ms", "deterministic")
 
 
 # ----------------------------------------------------------------------------- faiss >= 1.14 shim
@@ -179,6 +180,7 @@ class IndexConfig:
     temporary_indices_folder: str | None = None
     threads: int | None = None
     device: str = "auto"
+    deterministic: bool = False  # one thread, fixed search parameters: the same bytes every build
 
 
 class IndexStage(Stage[IndexConfig]):
@@ -195,6 +197,8 @@ class IndexStage(Stage[IndexConfig]):
         embed = manifest["stages"]["embed"]
         if cfg.distributed == "pyspark":
             _require_pyspark()
+            if cfg.deterministic:
+                raise UserError("index: --deterministic builds on one machine and thread: drop --distributed")
         self.params_ = {
             "index_key": cfg.index_key,
             "max_index_memory": cfg.max_index_memory,
@@ -205,6 +209,7 @@ class IndexStage(Stage[IndexConfig]):
             "distributed": cfg.distributed,
             "embed_id": f"{embed['params'].get('embedder_id')}@{embed.get('finished')}",
             "dim": embed["params"].get("dim"),
+            "deterministic": bool(cfg.deterministic),
         }
         return self.params_
 
@@ -221,6 +226,9 @@ class IndexStage(Stage[IndexConfig]):
     def complete(self, manifest: dict[str, Any]) -> bool:
         return self.paths.index.exists()
 
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.paths.index, self.paths.index_infos]
+
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
 
@@ -236,7 +244,7 @@ class IndexStage(Stage[IndexConfig]):
     def setup(self) -> None:
         self.threads = self.cfg.threads or os.cpu_count() or 1
         self.shim = patch_autofaiss_for_faiss_114()
-        self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available()
+        self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
 
     def compute(self, unit: Unit) -> None:
         """autofaiss into a temporary folder, then both files renamed into place."""
@@ -256,7 +264,7 @@ class IndexStage(Stage[IndexConfig]):
             max_index_memory_usage=params["max_index_memory"],
             current_memory_available=params["current_memory"],
             index_key=params["index_key"],
-            nb_cores=self.threads,
+            nb_cores=1 if cfg.deterministic else self.threads,
             use_gpu=self.use_gpu,
             should_be_memory_mappable=params["memory_mappable"],
             max_index_query_time_ms=params["max_query_ms"],
@@ -281,6 +289,9 @@ class IndexStage(Stage[IndexConfig]):
                 "index: autofaiss built no index (not enough memory for the chosen index type? "
                 f"--current-memory is {params['current_memory']}, --max-index-memory "
                 f"{params['max_index_memory']}; see its log above)")
+        if cfg.deterministic:
+            make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
+        stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
         self.build_seconds = time.time() - t0
         os.replace(tmp_dir / self.paths.index_infos.name, self.paths.index_infos)
         os.replace(tmp_dir / self.paths.index.name, self.paths.index)
@@ -332,6 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="only index types that the Retriever can memory-map (IVF families)")
     g.add_argument("--recall-sample", type=int, default=d.recall_sample,
                    help="train chunks used to measure the index's recall against exact search")
+    g.add_argument("--deterministic", action="store_true", default=d.deterministic,
+                   help="build on one thread with fixed search parameters (no timing): two builds from "
+                        "the same embeddings give the same bytes (docs/RELIABILITY.md)")
     g.add_argument("--distributed", default=d.distributed, choices=["pyspark"],
                    help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
     g.add_argument("--temporary-indices-folder", default=d.temporary_indices_folder,

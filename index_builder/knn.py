@@ -30,13 +30,14 @@ from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout
 from chunk_store.manifest import atomic_save_npy, open_npy
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
+from chunk_store.store import ChunkStore
 from index_builder.embed import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
                                  shard_ranges)
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
-RESULT_KEYS = ("k", "extra", "method", "index_id")
+RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only")
 
 
 # ----------------------------------------------------------------------------- exclusion
@@ -50,15 +51,19 @@ def select_neighbours(
     query_docs: np.ndarray | None = None,
     db_docs: np.ndarray | None = None,
     exclude_docs: Sequence[set[int]] | None = None,
+    content: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep, per row, the first k candidates that are not the query itself nor from its document.
 
     ``cand_*`` are (q, c) sorted by distance, ids -1 for none. ``query_ids``/``query_docs`` enable
     the self / same-document exclusion (train); ``exclude_docs`` adds per-row doc-id sets
-    (the Retriever's option). Returns (ids (q, k) -1 padded, distances (q, k) inf padded,
+    (the Retriever's option); ``content`` (bool per train chunk, ChunkStore.content_mask) drops
+    chunks of only EOS and padding. Returns (ids (q, k) -1 padded, distances (q, k) inf padded,
     short: bool (q,) rows that found fewer than k).
     """
     valid = cand_ids >= 0
+    if content is not None:
+        valid &= content[np.clip(cand_ids, 0, None)]
     if query_ids is not None:
         valid &= cand_ids != query_ids[:, None]
     if db_docs is not None and (query_docs is not None or exclude_docs is not None):
@@ -97,12 +102,13 @@ def search_with_exclusion(
     db_docs: np.ndarray | None = None,
     exclude_docs: Sequence[set[int]] | None = None,
     max_candidates: int = MAX_CANDIDATES,
+    content: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k + extra candidates, exclusions, then re-search short rows with 4x the candidates."""
     c = min(k + extra, ntotal)
     cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
-                                          exclude_docs)
+                                          exclude_docs, content)
     while short.any() and c < min(ntotal, max_candidates):
         c = min(c * 4, ntotal, max_candidates)
         rows = np.flatnonzero(short)
@@ -112,7 +118,7 @@ def search_with_exclusion(
             None if query_ids is None else query_ids[rows],
             None if query_docs is None else query_docs[rows],
             db_docs,
-            None if exclude_docs is None else [exclude_docs[r] for r in rows])
+            None if exclude_docs is None else [exclude_docs[r] for r in rows], content)
         ids[rows], dists[rows] = r_ids, r_d
         short[rows] = r_short
     return ids, dists
@@ -153,10 +159,15 @@ class KnnStage(Stage[KnnConfig]):
         self.exact = cfg.exact if cfg.exact is not None else (
             self.device.startswith("cuda") and not faiss_gpu_available())
         return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
-                "index_id": index_identity(manifest), "shard_size": cfg.shard_size}
+                "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
+                "content_only": True}  # chunks of only EOS and padding are never neighbours
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         return all(self.paths.neighbours(s).exists() for s in SPLITS if num_chunks(self.db, manifest, s))
+
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [f(s) for s in SPLITS if num_chunks(self.db, manifest, s)
+                for f in (self.paths.neighbours, self.paths.neighbour_distances)]
 
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         return [*((self.paths.knn_shards_dir(s), ("",)) for s in SPLITS),
@@ -189,6 +200,7 @@ class KnnStage(Stage[KnnConfig]):
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
                             f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
+        self.content = ChunkStore.open(self.db, "train").content_mask()  # EOS/padding-only: never a neighbour
         self.emb = {"train": train_emb}
         self.docs = {"train": self.train_docs}
         self.short_rows = 0
@@ -220,7 +232,7 @@ class KnnStage(Stage[KnnConfig]):
         if queries is None:
             queries = read_rows(emb, a, b)
         ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
-                                   self.ntotal, a, b, split == "train", docs, self.train_docs)
+                                   self.ntotal, a, b, split == "train", docs, self.train_docs, self.content)
         self.short_rows += int((ids < 0).any(axis=1).sum())
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
@@ -320,12 +332,12 @@ def _replay(search: SearchFn, first: tuple[np.ndarray, np.ndarray], c: int) -> S
 
 def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,
                   a: int, b: int, is_train: bool, docs: np.ndarray,
-                  train_docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  train_docs: np.ndarray, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     if is_train:
         return search_with_exclusion(search, queries, k, extra, ntotal,
                                      query_ids=np.arange(a, b, dtype=np.int64),
-                                     query_docs=np.asarray(docs[a:b]), db_docs=train_docs)
-    return search_with_exclusion(search, queries, k, extra, ntotal)
+                                     query_docs=np.asarray(docs[a:b]), db_docs=train_docs, content=content)
+    return search_with_exclusion(search, queries, k, extra, ntotal, content=content)
 
 
 

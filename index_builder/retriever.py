@@ -72,6 +72,7 @@ class Retriever:
         if self.index.d != self.dim:
             raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
         self._doc_ids = np.asarray(self.store.doc_ids)  # small (8 bytes a chunk); random access
+        self._content = self.store.content_mask()  # chunks of only EOS and padding: never returned
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,7 +129,7 @@ class Retriever:
                 d, i = self.index.search(q, c)
             return i.astype(np.int64), d.astype(np.float32)
 
-        if excl is None:
+        if excl is None and self._content.all():
             ids, dists = search(emb, min(k, self.num_chunks))
             if ids.shape[1] < k:
                 ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
@@ -136,7 +137,7 @@ class Retriever:
             dists[ids < 0] = np.inf
             return ids, dists
         return search_with_exclusion(search, emb, k, extra, self.num_chunks,
-                                     db_docs=self._doc_ids, exclude_docs=excl)
+                                     db_docs=self._doc_ids, exclude_docs=excl, content=self._content)
 
     def search_text(self, texts: Sequence[str] | str, k: int = 2,
                     exclude_doc_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
@@ -175,8 +176,11 @@ def _per_query_sets(exclude: Any, n: int) -> list[set[int]] | None:
     if not items:
         return None
     if all(isinstance(x, (int, np.integer)) for x in items):
-        s = {int(x) for x in items}
+        s = {int(x) for x in items if _DOC_MIN <= int(x) <= _DOC_MAX}  # others match no document
         return [s] * n
     if len(items) != n:
         raise ValueError(f"exclude_doc_ids has {len(items)} entries for {n} queries")
-    return [{int(x) for x in (row or ())} for row in items]
+    return [{int(x) for x in (row or ()) if _DOC_MIN <= int(x) <= _DOC_MAX} for row in items]
+
+
+_DOC_MIN, _DOC_MAX = -(2**63), 2**63 - 1  # doc ids are int64: a larger number cannot be one

@@ -18,9 +18,10 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 from chunk_store.errors import UserError
+from chunk_store.text_files import visible
 
 log = logging.getLogger("retro.serve")
 
@@ -45,7 +46,7 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits()) -> Any:
         texts: list[str] = Field(..., min_length=1, max_length=limits.max_texts,
                                  description="query texts (non-empty strings)")
         k: int = Field(2, ge=1, le=limits.max_k, description="neighbours per text")
-        exclude_doc_ids: list[int] | None = Field(
+        exclude_doc_ids: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] | None = Field(
             None, max_length=10_000, description="train document ids never to return")
 
         model_config = {"extra": "forbid"}
@@ -54,8 +55,12 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits()) -> Any:
         @classmethod
         def _texts_ok(cls, texts: list[str]) -> list[str]:
             for i, t in enumerate(texts):
-                if not t.strip():
-                    raise ValueError(f"texts[{i}] is empty")
+                if not visible(t):
+                    raise ValueError(f"texts[{i}] is empty (no visible characters)")
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"texts[{i}] is not valid Unicode (a lone surrogate at {e.start})") from None
                 if len(t) > limits.max_chars:
                     raise ValueError(f"texts[{i}] has {len(t)} characters, the limit is {limits.max_chars}")
             return texts
@@ -83,10 +88,15 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits()) -> Any:
             msgs.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         return JSONResponse(status_code=422, content={"error": "; ".join(msgs), "detail": msgs})
 
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(status_code=500, content={"error": f"internal error: {type(exc).__name__}"})
+    @app.middleware("http")
+    async def _internal(request: Request, call_next: Any) -> Any:
+        # caught here, inside Starlette's error middleware: the traceback is logged once (an
+        # exception handler for Exception would log it and let the server log it again)
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("internal error on %s", request.url.path)
+            return JSONResponse(status_code=500, content={"error": f"internal error: {type(exc).__name__}"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

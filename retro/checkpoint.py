@@ -257,13 +257,34 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
 
 
 def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """state.json, checked for the shape every reader relies on (an object with an integer step)."""
     path = Path(ckpt) / "state.json"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"missing {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"corrupt {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"corrupt {path}: not a JSON object")
+    step = state.get("step")
+    if "step" in state and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise UserError(f"corrupt {path}: step is {step!r}, not a count")
+    return state
+
+
+def check_fits(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights of another model shape in one line naming the first tensor that differs
+    (``load_state_dict`` would raise a multi-line "size mismatch" RuntimeError)."""
+    own = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise UserError(f"{what} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, tensor in own.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{what} does not fit the model: {key} has shape {tuple(weights[key].shape)} "
+                            f"in the checkpoint, {tuple(tensor.shape)} in the model (another model config?)")
 
 
 def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -288,12 +309,24 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     ckpt = Path(ckpt)
     meta = read_state(ckpt)
     opts = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, load_weights(ckpt), options=opts)
+    weights = load_weights(ckpt)
+    check_fits(model, weights, f"{ckpt}/model.safetensors")
+    set_model_state_dict(model, weights, options=opts)
     if optimizer is not None:
         if "optimizer" not in meta:
             raise UserError(f"{ckpt} has no optimizer state: cannot resume from it")
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        set_optimizer_state_dict(model, optimizer, _join_optimizer(tensors, meta["optimizer"]), options=opts)
+        path = ckpt / "optimizer.safetensors"
+        try:
+            tensors = load_file(str(path))
+            state = _join_optimizer(tensors, meta["optimizer"])
+        except Exception as e:  # truncated file, or state.json's optimizer record of another shape
+            raise UserError(f"corrupt {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from None
+        try:
+            set_optimizer_state_dict(model, optimizer, state, options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"{path} does not fit this model's optimizer: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     rank, world = _dist()
     rngs = meta.get("rng") or []
     if rank < len(rngs) and len(rngs) == world:
@@ -322,9 +355,7 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     else:
         model = RETRO(cfg)
     weights = load_weights(ckpt)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{ckpt}/model.safetensors does not fit the model in {cfg_path}: "
-                        f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    check_fits(model, weights, f"{ckpt}/model.safetensors (with {cfg_path})")
+    model.load_state_dict(weights, strict=False)  # check_fits: same keys and shapes
     model.to(device).eval()
     return model, cfg

@@ -27,6 +27,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"invalid YAML in {path}: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     if not isinstance(data, Mapping):
         raise UserError(f"{path} must hold a mapping, got {type(data).__name__}")
     return dict(data)
@@ -89,15 +91,26 @@ class RetroConfig:
 
     def validate(self) -> None:
         """One-line UserError on an impossible configuration (these come from user YAML)."""
+        if not isinstance(self.tie_embeddings, bool):
+            raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.cca_layers is not None and (not isinstance(self.cca_layers, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.cca_layers)):
+            raise UserError(f"model.cca_layers must be a list of layer numbers or null, got {self.cca_layers!r}")
         positive = ("vocab_size", "dim", "depth", "heads", "dim_head", "enc_dim", "enc_depth",
                     "enc_heads", "enc_dim_head", "chunk_size", "num_neighbours")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.pad_id, int) or isinstance(self.pad_id, bool):
+            raise UserError(f"model.pad_id must be an integer, got {self.pad_id!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise UserError(f"model.pad_id={self.pad_id} is outside the vocabulary (vocab_size={self.vocab_size})")
-        if not 0.0 <= self.dropout < 1.0:
+        for name in ("mlp_ratio", "enc_mlp_ratio", "norm_eps", "rope_base", "init_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise UserError(f"model.{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.dim_head % 2 or self.enc_dim_head % 2:
             raise UserError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
@@ -118,11 +131,20 @@ class RetroConfig:
         if unknown:
             raise UserError(f"unknown model config key(s) {unknown}; known: {sorted(names)}")
         kwargs = dict(data)
-        if kwargs.get("cca_layers") is not None:
-            kwargs["cca_layers"] = [int(i) for i in kwargs["cca_layers"]]
-        for name in ("mlp_ratio", "enc_mlp_ratio", "dropout", "norm_eps", "rope_base", "init_std"):
-            if name in kwargs:
-                kwargs[name] = float(kwargs[name])
+        name = "cca_layers"
+        try:  # a value of the wrong type is one line naming the key, not a ValueError traceback
+            if kwargs.get("cca_layers") is not None:
+                layers = kwargs["cca_layers"]
+                if not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) for i in layers):
+                    raise TypeError("not a list of layer numbers")
+                kwargs["cca_layers"] = [int(i) for i in layers]
+            for name in ("mlp_ratio", "enc_mlp_ratio", "dropout", "norm_eps", "rope_base", "init_std"):
+                if name in kwargs:
+                    if isinstance(kwargs[name], bool):
+                        raise TypeError("a boolean is not a number")
+                    kwargs[name] = float(kwargs[name])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"model.{name}={data[name]!r} has the wrong type ({e})") from None
         return cls(**kwargs)
 
     @classmethod

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from chunk_store.argtypes import count_int, positive_int
 from chunk_store.errors import UserError, run_main
 from retro.distributed import all_reduce_sum
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
@@ -163,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="training run directory (RUN)")
     p.add_argument("--db", required=True, help="retrieval database directory")
     p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=count_int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many (0: all)")
-    p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    p.add_argument("--max-sequences", type=count_int, default=0, help="evaluate at most this many (0: all)")
+    p.add_argument("--k", type=positive_int, default=None, help="neighbours per chunk (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--control", action="store_true",
                    help="also score with the neighbours of other sequences: what the retrieved text "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from chunk_store.argtypes import count_int, float_in, positive_int, utf8_text
 from chunk_store.errors import UserError, run_main
 from retro.model import RETRO
 
@@ -185,14 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints)")
     p.add_argument("--db", required=True, help="retrieval database directory")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
-    p.add_argument("--top-p", type=float, default=0.95, help="1.0 = no nucleus filter")
-    p.add_argument("--k", type=int, default=None, help="neighbours per chunk (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", required=True, type=utf8_text, help="prompt text")
+    p.add_argument("--max-new-tokens", type=count_int, default=128)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=count_int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=0.95,
+                   help="1.0 = no nucleus filter")
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="neighbours per chunk (default: the model's; at most the database's)")
+    p.add_argument("--seed", type=count_int, default=0)
+    p.add_argument("--step", type=count_int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours (baseline)")
     p.add_argument("--json", action="store_true", help="print a JSON record (text, tokens, neighbours)")
@@ -218,7 +221,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from index_builder import Retriever
 
         retriever = Retriever.open(args.db, device=str(device))
-        fetcher = RetrieverNeighbours(retriever, args.k or cfg.num_neighbours)
+        k = args.k or cfg.num_neighbours
+        if args.k and args.k > cfg.num_neighbours:
+            raise UserError(f"--k {args.k}: the model was trained with {cfg.num_neighbours} neighbours "
+                            f"per chunk; ask for at most that many")
+        if k > retriever.num_chunks:
+            raise UserError(f"--k {k}: the database has only {retriever.num_chunks} train chunks")
+        fetcher = RetrieverNeighbours(retriever, k)
     result = generate(
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
         temperature=args.temperature, top_k=args.top_k or None,

@@ -8,6 +8,7 @@ or a ``--set`` fails before any compute, naming the key, instead of being silent
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import os
 import re
@@ -53,11 +54,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
+        try:  # YAML gives a list
+            self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        except (TypeError, ValueError):
+            raise UserError(f"config: betas must be two numbers in [0, 1), got {self.betas!r}") from None
         self.validate()
 
     def validate(self) -> None:
         """One-line errors for values that could only fail later, mid-run."""
+        floats = ("lr", "min_lr", "weight_decay", "grad_clip", "retrieval_dropout")
+        for name in floats:  # NaN and inf compare False/True in ways the checks below miss
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"config: {name} must be a finite number, not {getattr(self, name)}")
         checks = [
             (self.seq_len > 0, "seq_len must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
@@ -134,7 +142,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        raise UserError(f"--set {key}: cannot parse value {raw!r}: {' '.join(str(e).split())}") from None
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads '2e-3' (no dot) as a string
     return key.strip().split("."), value
