@@ -27,7 +27,6 @@ documents always land in the same split (no train/val leakage through duplicates
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import logging
@@ -35,28 +34,27 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from chunk_store.errors import UserError
-from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
+from chunk_store.db_tokenizer import prepare_tokenizer
+from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer
 from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, HF_TOKENIZER_FILES,
                                 SEQ_STARTS, SPLITS, TOKENIZER, DBLayout, temp_path)
-from chunk_store.manifest import (FORMAT_VERSION, atomic_save_npy, atomic_write_bytes, check_params,
-                                  load_manifest, save_manifest, sha256_file)
+from chunk_store.manifest import FORMAT_VERSION, atomic_save_npy, check_params, load_manifest, sha256_file
 from chunk_store.packing import (NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit,
                                  read_part_meta, sequence_starts)
 from chunk_store.stage import RunInfo, Stage, Unit, crash_point, run_stage
 from chunk_store.text_files import (DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, iter_sample_text,
                                     walk_inputs)
-from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from chunk_store.tokenizer import Tokenizer
 
 log = logging.getLogger("chunk_store.build")
 
@@ -185,7 +183,10 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
         p = self.paths
-        return [p.tokenizer, *(f(s) for s in SPLITS for f in (p.chunks, p.doc_ids, p.seq_starts, p.documents))]
+        tok = manifest.get("tokenizer") or {}
+        tokenizer = ([p.hf_tokenizer / name for name in tok.get("files", [])] if tok.get("kind") == "hf"
+                     else [p.tokenizer])
+        return [*tokenizer, *(f(s) for s in SPLITS for f in (p.chunks, p.doc_ids, p.seq_starts, p.documents))]
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         manifest = load_manifest(self.db)
@@ -221,7 +222,7 @@ class ChunkStage(Stage[ChunkConfig]):
         return units  # one process builds the whole database (many machines: a later change)
 
     def begin(self, manifest: dict[str, Any]) -> None:
-        self.tok = _prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
+        self.tok = prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
         self.paths.chunk_work.mkdir(exist_ok=True)
         self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
                                        self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
@@ -292,66 +293,6 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- its steps
-
-
-def _prepare_tokenizer(db: Path, cfg: ChunkConfig, files: Sequence[InputFile],
-                       manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
-    """Load the DB's tokenizer if this run already made it; else copy or train one."""
-    dest = db / TOKENIZER
-    rec = manifest.get("tokenizer")
-    if cfg.tokenizer_file is not None and cfg.tokenizer_file.startswith(HF_PREFIX):
-        return _prepare_hf_tokenizer(db, cfg.tokenizer_file, manifest)
-    if rec and dest.exists() and sha256_file(dest) == rec.get("sha256"):
-        return Tokenizer.from_file(dest)
-    if cfg.tokenizer_file is not None:
-        proto = Path(cfg.tokenizer_file).read_bytes()
-        tok = Tokenizer(proto, cfg.tokenizer_file)
-        source = str(Path(cfg.tokenizer_file).resolve())
-    else:
-        assert cfg.vocab_size is not None
-        budget = int(cfg.tokenizer_sample_mb * (1 << 20))
-        sample = tqdm(iter_sample_text(files, budget, max_invalid_fraction=cfg.max_invalid_fraction),
-                      desc="tokenizer sample", unit="doc", leave=False)
-        t0 = time.time()
-        proto = train_tokenizer(sample, TokenizerTrainConfig(vocab_size=cfg.vocab_size,
-                                                             model_type=cfg.tokenizer_type))
-        log.info("trained tokenizer in %.1fs", time.time() - t0)
-        tok = Tokenizer(proto, TOKENIZER)
-        source = "trained"
-    atomic_write_bytes(dest, proto)
-    manifest["tokenizer"] = {
-        "kind": "sentencepiece",
-        "file": TOKENIZER,
-        "sha256": hashlib.sha256(proto).hexdigest(),
-        "source": source,
-        "vocab_size": tok.vocab_size,
-        "sp_vocab_size": tok.sp_vocab_size,
-        "pad_id": tok.pad_id,
-        "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id,
-        "unk_id": tok.unk_id,
-        "byte_fallback": tok.byte_fallback,
-        "normalisation": "utf-8, BOM stripped, CRLF/CR -> LF; sentencepiece identity rule",
-    }
-    manifest["token_dtype"] = tok.token_dtype.name
-    save_manifest(db, manifest)
-    return tok
-
-
-def _prepare_hf_tokenizer(db: Path, name: str, manifest: dict[str, Any]) -> HFTokenizer:
-    """Copy a Hugging Face tokenizer's files into DB/hf_tokenizer/ and record it (once)."""
-    rec = manifest.get("tokenizer")
-    if rec and rec.get("kind") == "hf":
-        try:
-            return open_db_tokenizer(db, rec)  # type: ignore[return-value]
-        except UserError:
-            pass  # a crash between copy and manifest: copy again
-    tok = load_hf_tokenizer(name)
-    tok.save(DBLayout(db).hf_tokenizer)
-    manifest["tokenizer"] = tok.manifest_record()
-    manifest["token_dtype"] = tok.token_dtype.name
-    save_manifest(db, manifest)
-    return tok
 
 
 def _run_in_pool(todo: list[Unit], tok: Tokenizer | HFTokenizer, workers: int, done: Callable[[Unit], None]) -> None:
