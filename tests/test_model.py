@@ -252,7 +252,10 @@ def test_bf16_autocast_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(tokens, nbrs)
     assert low.dtype == torch.bfloat16
-    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    # bf16 keeps 8 significant bits (relative rounding 2**-9); a few layers of rounding stay
+    # within ~1% of the largest logit (measured ~0.3%); a wrong path (say, fp32 weights dropped)
+    # is far off
+    assert (low.float() - ref).abs().max() < 0.01 * ref.abs().max()
 
 
 def test_no_graph_breaks_under_dynamo():
