@@ -426,8 +426,8 @@ def log_eval(t: Trainer, state: TrainState, metrics: MetricsLogger) -> None:
     if ev:
         metrics.log({"step": state.step, **ev})
         state.last_record.update(ev)
-        log(t.info, f"step {state.step}: val bpb {ev['val_bpb']:.4f} with retrieval, "
-                    f"{ev['val_bpb_no_retrieval']:.4f} without")
+        with_ = f"{ev['val_bpb']:.4f} with retrieval, " if t.use_retrieval else ""
+        log(t.info, f"step {state.step}: val bpb {with_}{ev['val_bpb_no_retrieval']:.4f} without")
     state.restart_clock()
 
 

@@ -254,3 +254,19 @@ def test_require_gain_verdict():
     assert gain_failure(res(1.0, 1.1, other=1.05, base=1.01)) is None
     assert "trained baseline" in gain_failure(res(1.0, 1.1, base=0.99))
     assert "trained baseline" in gain_failure(res(1.0, 1.1, base=1.0))
+
+
+def test_plot_leakage_draws_a_png_and_refuses_other_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from retro.plot import main as plot_main
+
+    rows = [{"alpha": a, "tokens": 10, "bytes": 30, "bits_per_byte_retrieval": 1.0 + a,
+             "bits_per_byte_no_retrieval": 1.1 + a, "bits_per_byte_baseline": 1.2,
+             "gain_over_no_retrieval": 0.1, "gain_over_baseline": 0.2 - a} for a in (0.125, 0.25, 0.5, 0.75, 1.0)]
+    (tmp_path / "eval.json").write_text(json.dumps({"overlap": rows}))
+    assert plot_main(["--leakage", str(tmp_path / "eval.json")]) == 0
+    png = tmp_path / "leakage.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and capsys.readouterr().out.strip() == str(png)
+    (tmp_path / "plain.json").write_text(json.dumps({"bits_per_byte": 1.0}))
+    assert plot_main(["--leakage", str(tmp_path / "plain.json")]) == 2
+    assert "--overlap" in capsys.readouterr().err

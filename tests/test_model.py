@@ -315,6 +315,19 @@ def test_mfu_peak_follows_the_compute_dtype(monkeypatch):
     assert peak_flops(torch.device("cpu"), "float32") is None
 
 
+@pytest.mark.parametrize("name", ["tiny", "small", "base", "large"])
+def test_baseline_configs_are_their_retro_config_without_retrieval(name):
+    """configs/X-baseline.yaml trains the same decoder on the same schedule, minus CCA and encoder."""
+    from retro.train_config import load_yaml
+
+    retro_cfg, base_cfg = load_yaml(CONFIGS / f"{name}.yaml"), load_yaml(CONFIGS / f"{name}-baseline.yaml")
+    assert base_cfg["model"].pop("cca_layers") == [] and retro_cfg["model"].pop("cca_layers") != []
+    assert base_cfg == retro_cfg
+    model = RETRO(RetroConfig.from_dict({**load_yaml(CONFIGS / f"{name}-baseline.yaml")["model"],
+                                         "dim": 16, "heads": 2, "dim_head": 8, "vocab_size": 64}))
+    assert model.encoder is None and not model.cca_layers
+
+
 def test_configs_load_and_match_their_documented_shapes():
     tiny = RetroConfig.from_yaml(CONFIGS / "tiny.yaml")
     assert (tiny.chunk_size, tiny.vocab_size) == (64, 1024)
