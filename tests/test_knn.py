@@ -223,3 +223,20 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tmp_path_factory):
             assert f.read_bytes() == (two / split / "embeddings" / f.name).read_bytes()
         for name in ("neighbours.npy", "neighbour_distances.npy"):
             assert (one / split / name).read_bytes() == (two / split / name).read_bytes()
+
+
+def test_a_db_built_under_the_own_document_rule_redoes_knn(db, tmp_path):
+    """A knn record without ``exclusion`` (the older own-document rule) is not 'already done':
+    knn runs again and leaves sequence-level neighbours."""
+    from chunk_store.manifest import save_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(db, old)
+    m = load_manifest(old)
+    m["stages"]["knn"]["params"].pop("exclusion")
+    save_manifest(old, m)
+    np.save(old / "train" / "neighbours.npy", np.zeros_like(np.load(old / "train" / "neighbours.npy")))
+    shard = load_manifest(old)["stages"]["knn"]["params"]["shard_size"]
+    assert run_cli(["knn", "--db", old, "--device", "cpu", "--shard-size", shard]) == 0
+    assert load_manifest(old)["stages"]["knn"]["params"]["exclusion"] == "sequence"
+    np.testing.assert_array_equal(np.load(old / "train" / "neighbours.npy"), np.load(db / "train" / "neighbours.npy"))
