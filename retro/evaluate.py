@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from tqdm import tqdm
 
 from chunk_store.errors import UserError, run_main
@@ -135,7 +136,7 @@ def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neigh
     batches, ranks or chunks, so any grouping adds up exactly."""
     with autocast_for(x.device, dtype):
         logits = model(x, neighbours)
-    return lm_loss(logits, y, pad_id, reduction="none").view(y.shape)
+    return rearrange(lm_loss(logits, y, pad_id, reduction="none"), "(b n) -> b n", b=y.shape[0])
 
 
 def summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighbours: torch.Tensor | None,
