@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="RUN_BASE",
                    help="a decoder-only run trained on the same data for the same steps "
                         "(configs/*-baseline.yaml): scored on the same tokens")
+    p.add_argument("--baseline-step", type=int, default=None,
+                   help="the baseline's checkpoint step (default: latest; match RETRO's --step)")
     p.add_argument("--overlap", action="store_true",
                    help="leakage analysis (paper 4.4): bits per byte over the chunks whose overlap with "
                         "their neighbours is <= alpha, alpha in 12.5%%, 25%%, 50%%, 75%%, 100%%")
@@ -246,9 +248,9 @@ def run(args: argparse.Namespace) -> int:
     step = read_state(checkpoint_dir(args.run, args.step)).get("step")
     baseline, base_info = None, {}
     if args.baseline:
-        baseline, base_cfg = load_model(args.baseline, device=device)
+        baseline, base_cfg = load_model(args.baseline, device=device, step=args.baseline_step)
         check_compatible(store, base_cfg)
-        base_step = read_state(checkpoint_dir(args.baseline)).get("step")
+        base_step = read_state(checkpoint_dir(args.baseline, args.baseline_step)).get("step")
         base_info = {"baseline": str(args.baseline), "baseline_step": base_step}
         if base_step != step:
             print(f"retro.evaluate: warning: the baseline is at step {base_step}, RETRO at {step}: "

@@ -236,6 +236,10 @@ def test_cli_baseline_and_overlap(db, tmp_path, capsys):
     assert out["gain_over_baseline_bits_per_byte"] == pytest.approx(out["bits_per_byte_baseline"] - out["bits_per_byte"])
     assert len(out["overlap"]) == 5 and "gain_over_baseline" in out["overlap"][0]
     assert "trained baseline" in captured.err and "overlap <=" in captured.err
+    save_checkpoint(base_run, 2, RETRO(model_cfg(cca_layers=[])), None, {})  # an earlier step
+    assert main(["--run", str(retro_run), "--baseline", str(base_run), "--baseline-step", "2", *args]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["baseline_step"] == 2 and "baseline is at step 2, RETRO at 4" in captured.err
     rc = main(["--run", str(retro_run), "--baseline", str(base_run), "--require-gain", *args])
     out = json.loads(capsys.readouterr().out)
     beats = out["bits_per_byte"] < min(out["bits_per_byte_no_retrieval"], out["bits_per_byte_baseline"])
