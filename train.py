@@ -38,7 +38,7 @@ from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint,
                               save_checkpoint)
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
-from retro.evaluate import autocast_for, evaluate
+from retro.evaluate import autocast_for, compute_dtype, evaluate
 from retro.export import DB_RECORD
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
@@ -214,9 +214,10 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
     wrapped: torch.nn.Module = model
     if tcfg.compile and not tcfg.fsdp:
         wrapped = torch.compile(model)
-    # a step without neighbours leaves encoder/CCA unused: DDP must be told
+    # a step without neighbours leaves encoder/CCA unused (every step when retrieval_dropout=1,
+    # the RETRO-fitting recipe's first stage): DDP must be told, or its second step fails
     wrapped = wrap_model(wrapped, info, fsdp=tcfg.fsdp,
-                         find_unused_parameters=use_retrieval and tcfg.retrieval_dropout > 0)
+                         find_unused_parameters=bool(mcfg.resolved_cca_layers) and tcfg.retrieval_dropout > 0)
     if tcfg.compile and tcfg.fsdp:
         wrapped = torch.compile(wrapped)
     return model, wrapped, build_optimizer(model, tcfg, device)
@@ -287,8 +288,10 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     return Trainer(
         run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,
         use_retrieval=use_retrieval, model=model, wrapped=wrapped, optimizer=optimizer,
-        trainable=[p for p in model.parameters() if p.requires_grad], peak_flops=peak_flops(info.device),
-        flops_per_token={r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r) for r in (True, False)},
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        peak_flops=peak_flops(info.device, compute_dtype(info.device, tcfg.dtype)),
+        flops_per_token={r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r, frozen_decoder=tcfg.freeze_decoder)
+                         for r in (True, False)},
     )
 
 
@@ -364,8 +367,9 @@ def data_stream(t: Trainer, position: int) -> tuple[ShardedBatchSampler, Iterato
 # ----------------------------------------------------------------------------- step, log, eval, checkpoint
 
 
-def forward_backward(t: Trainer, batch: dict[str, torch.Tensor], with_neighbours: bool, sync: bool) -> torch.Tensor:
-    """One micro-batch: forward under autocast, loss / grad_accum, backward. Gradients are
+def forward_backward(t: Trainer, batch: dict[str, torch.Tensor], with_neighbours: bool, sync: bool,
+                     scale: float) -> torch.Tensor:
+    """One micro-batch: forward under autocast, summed loss x ``scale``, backward. Gradients are
     reduced across ranks only when ``sync`` (the last micro-step). Returns the scaled loss."""
     tokens = batch["tokens"].to(t.device, non_blocking=True)
     nbrs = batch["neighbours"].to(t.device, non_blocking=True) if with_neighbours else None
@@ -375,9 +379,19 @@ def forward_backward(t: Trainer, batch: dict[str, torch.Tensor], with_neighbours
     with t.wrapped.no_sync() if ddp and not sync else contextlib.nullcontext():
         with autocast_for(t.device, t.tcfg.dtype):
             logits = t.wrapped(tokens[:, :-1], nbrs)
-        loss = lm_loss(logits, tokens[:, 1:], t.mcfg.pad_id) / t.grad_accum
+        loss = lm_loss(logits, tokens[:, 1:], t.mcfg.pad_id, reduction="sum") * scale
         loss.backward()
     return loss.detach()
+
+
+def loss_scale(t: Trainer, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """world_size / (non-pad target tokens of the whole optimizer step, every micro-batch of every
+    rank): summed losses times this give, after DDP's / FSDP's mean over ranks, the mean over all
+    the step's tokens, so how padded sequences are grouped into micro-batches and ranks does not
+    change the gradient (a mean of per-micro-batch means would). One small all-reduce per step."""
+    local = sum(int((b["tokens"][:, 1:] != t.mcfg.pad_id).sum()) for b in micro_batches)
+    total = all_reduce_sum([float(local)], t.device)[0]
+    return t.info.world_size / max(total, 1.0)
 
 
 def train_step(t: Trainer, state: TrainState, batches: Iterator[dict[str, torch.Tensor]]) -> float:
@@ -388,10 +402,11 @@ def train_step(t: Trainer, state: TrainState, batches: Iterator[dict[str, torch.
         group["lr"] = lr
     with_nbrs = t.use_retrieval and not drops_retrieval(state.step, t.tcfg)
     step_loss = torch.zeros((), device=t.device)
-    for micro in range(t.grad_accum):
-        batch = next(batches)
-        state.position += 1
-        step_loss += forward_backward(t, batch, with_nbrs, sync=micro == t.grad_accum - 1)
+    micro_batches = [next(batches) for _ in range(t.grad_accum)]
+    state.position += t.grad_accum
+    scale = loss_scale(t, micro_batches)
+    for micro, batch in enumerate(micro_batches):
+        step_loss += forward_backward(t, batch, with_nbrs, sync=micro == t.grad_accum - 1, scale=scale)
     if t.tcfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.trainable, t.tcfg.grad_clip)
     t.optimizer.step()
@@ -436,8 +451,8 @@ def log_eval(t: Trainer, state: TrainState, metrics: MetricsLogger) -> None:
     if ev:
         metrics.log({"step": state.step, **ev})
         state.last_record.update(ev)
-        log(t.info, f"step {state.step}: val bpb {ev['val_bpb']:.4f} with retrieval, "
-                    f"{ev['val_bpb_no_retrieval']:.4f} without")
+        with_ = f"{ev['val_bpb']:.4f} with retrieval, " if t.use_retrieval else ""
+        log(t.info, f"step {state.step}: val bpb {with_}{ev['val_bpb_no_retrieval']:.4f} without")
     state.restart_clock()
 
 

@@ -1,9 +1,14 @@
 """knn: precompute every chunk's k nearest train chunks from other documents.
 
 Train chunks search the train index for k + extra candidates, then drop the chunk itself and
-every candidate from its own document (otherwise the model learns to copy its own future) and
-keep the k nearest; rows left short are searched again with more candidates before being padded
-with -1. Val chunks search the same train index (their documents are not in it), no exclusion.
+every candidate from any document that shares a training sequence with it (Megatron's rule:
+sequences cross document boundaries, so excluding only the chunk's own document would let it
+retrieve a later part of its own training sequence, and the model would learn to copy its own
+future) and keep the k nearest; rows left short are searched again with more candidates before
+being padded with -1. Doc ids are consecutive along a split's chunk stream, so a sequence's
+documents are the contiguous range [lo, hi] (:func:`sequence_doc_ranges`); chunks past the last
+full sequence exclude their own document only. Val chunks search the same train index (their
+documents are not in it), no exclusion.
 
 ``--exact`` (the default on CUDA when faiss has no GPU support) replaces the index by an exact
 search: torch matmul + top-k over tiles of the embedding matrix, memory bounded, so a GPU user
@@ -37,7 +42,10 @@ from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
-RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only")
+RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion")
+# what train neighbours avoid: "sequence" = every document sharing the chunk's training sequence.
+# A DB whose knn record lacks it was built with the older own-document rule and is redone.
+EXCLUSION = "sequence"
 
 
 # ----------------------------------------------------------------------------- exclusion
@@ -51,25 +59,30 @@ def select_neighbours(
     query_docs: np.ndarray | None = None,
     db_docs: np.ndarray | None = None,
     exclude_docs: Sequence[set[int]] | None = None,
+    doc_ranges: np.ndarray | None = None,
     content: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep, per row, the first k candidates that are not the query itself nor from its document.
+    """Keep, per row, the first k candidates that are not the query itself nor from an excluded
+    document.
 
     ``cand_*`` are (q, c) sorted by distance, ids -1 for none. ``query_ids``/``query_docs`` enable
-    the self / same-document exclusion (train); ``exclude_docs`` adds per-row doc-id sets
-    (the Retriever's option); ``content`` (bool per train chunk, ChunkStore.content_mask) drops
-    chunks of only EOS and padding. Returns (ids (q, k) -1 padded, distances (q, k) inf padded,
-    short: bool (q,) rows that found fewer than k).
+    the self / same-document exclusion; ``doc_ranges`` (q, 2) excludes every doc id in
+    [lo, hi] per row (train: the documents of the chunk's training sequence); ``exclude_docs``
+    adds per-row doc-id sets (the Retriever's option); ``content`` (bool per train chunk,
+    ChunkStore.content_mask) drops chunks of only EOS and padding. Returns (ids (q, k) -1 padded,
+    distances (q, k) inf padded, short: bool (q,) rows that found fewer than k).
     """
     valid = cand_ids >= 0
     if content is not None:
         valid &= content[np.clip(cand_ids, 0, None)]
     if query_ids is not None:
         valid &= cand_ids != query_ids[:, None]
-    if db_docs is not None and (query_docs is not None or exclude_docs is not None):
+    if db_docs is not None and (query_docs is not None or exclude_docs is not None or doc_ranges is not None):
         cand_docs = np.asarray(db_docs[np.clip(cand_ids, 0, None).ravel()]).reshape(cand_ids.shape)
         if query_docs is not None:
             valid &= cand_docs != query_docs[:, None]
+        if doc_ranges is not None:
+            valid &= ~((cand_docs >= doc_ranges[:, :1]) & (cand_docs <= doc_ranges[:, 1:]))
         if exclude_docs is not None:
             for row, docs in enumerate(exclude_docs):
                 if docs:
@@ -102,13 +115,14 @@ def search_with_exclusion(
     db_docs: np.ndarray | None = None,
     exclude_docs: Sequence[set[int]] | None = None,
     max_candidates: int = MAX_CANDIDATES,
+    doc_ranges: np.ndarray | None = None,
     content: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k + extra candidates, exclusions, then re-search short rows with 4x the candidates."""
     c = min(k + extra, ntotal)
     cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
-                                          exclude_docs, content)
+                                          exclude_docs, doc_ranges=doc_ranges, content=content)
     while short.any() and c < min(ntotal, max_candidates):
         c = min(c * 4, ntotal, max_candidates)
         rows = np.flatnonzero(short)
@@ -118,10 +132,41 @@ def search_with_exclusion(
             None if query_ids is None else query_ids[rows],
             None if query_docs is None else query_docs[rows],
             db_docs,
-            None if exclude_docs is None else [exclude_docs[r] for r in rows], content)
+            None if exclude_docs is None else [exclude_docs[r] for r in rows],
+            doc_ranges=None if doc_ranges is None else doc_ranges[rows], content=content)
         ids[rows], dists[rows] = r_ids, r_d
         short[rows] = r_short
     return ids, dists
+
+
+def sequence_doc_ranges(doc_ids: np.ndarray, seq_starts: np.ndarray, chunks_per_seq: int,
+                        rows: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), 2) int64: per chunk of ``rows`` (default all), the [lo, hi] doc ids its training
+    neighbours must avoid.
+
+    A chunk inside training sequence s (chunks seq_starts[s] .. + chunks_per_seq - 1) gets the
+    min and max doc id of that sequence's chunks; doc ids are consecutive along the stream, so
+    that range is exactly the sequence's documents. A chunk in no sequence (past the last full
+    one) gets its own document only. Vectorised and bounded by len(rows) x chunks_per_seq, so a
+    knn shard reads only its own sequences.
+    """
+    n = len(doc_ids)
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    own = np.asarray(doc_ids[rows], dtype=np.int64)
+    ranges = np.stack([own, own], axis=1)
+    starts = np.asarray(seq_starts, dtype=np.int64)
+    if not len(starts) or not len(rows):
+        return ranges
+    seq = np.searchsorted(starts, rows, side="right") - 1
+    first = starts[np.clip(seq, 0, None)]
+    inside = (seq >= 0) & (rows < first + chunks_per_seq) & (first + chunks_per_seq <= n)
+    if inside.any():
+        members = first[inside][:, None] + np.arange(chunks_per_seq)  # (rows inside, l) chunk ids
+        seq_docs = np.asarray(doc_ids[members.ravel()], dtype=np.int64).reshape(members.shape)
+        ranges[inside, 0] = seq_docs.min(axis=1)
+        ranges[inside, 1] = seq_docs.max(axis=1)
+    return ranges
+
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -158,11 +203,16 @@ class KnnStage(Stage[KnnConfig]):
         self.device = str(resolve_device(cfg.device))
         self.exact = cfg.exact if cfg.exact is not None else (
             self.device.startswith("cuda") and not faiss_gpu_available())
+        self.chunks_per_seq = int(manifest["seq_len"]) // int(manifest["chunk_size"])
         return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
                 "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
-                "content_only": True}  # chunks of only EOS and padding are never neighbours
+                "content_only": True,  # chunks of only EOS and padding are never neighbours
+                "exclusion": EXCLUSION}
 
     def complete(self, manifest: dict[str, Any]) -> bool:
+        recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
+        if recorded.get("exclusion") != EXCLUSION:  # built under the own-document rule: redo
+            return False
         return all(self.paths.neighbours(s).exists() for s in SPLITS if num_chunks(self.db, manifest, s))
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
@@ -196,6 +246,7 @@ class KnnStage(Stage[KnnConfig]):
         # memory-mapped: random access via page cache
         self.train_docs = open_npy(self.paths.doc_ids("train"))
         self.ntotal = ntotal = int(self.train_docs.shape[0])
+        self.train_seq_starts = np.asarray(open_npy(self.paths.seq_starts("train")), dtype=np.int64)
         train_emb = open_embeddings(self.db, "train")
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
@@ -232,7 +283,8 @@ class KnnStage(Stage[KnnConfig]):
         if queries is None:
             queries = read_rows(emb, a, b)
         ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
-                                   self.ntotal, a, b, split == "train", docs, self.train_docs, self.content)
+                                   self.ntotal, a, b, split == "train", docs, self.train_docs,
+                                   self.train_seq_starts, self.chunks_per_seq, self.content)
         self.short_rows += int((ids < 0).any(axis=1).sum())
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
@@ -332,11 +384,16 @@ def _replay(search: SearchFn, first: tuple[np.ndarray, np.ndarray], c: int) -> S
 
 def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,
                   a: int, b: int, is_train: bool, docs: np.ndarray,
-                  train_docs: np.ndarray, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  train_docs: np.ndarray, seq_starts: np.ndarray | None = None,
+                  chunks_per_seq: int = 1, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
+    chunk of only EOS and padding."""
     if is_train:
-        return search_with_exclusion(search, queries, k, extra, ntotal,
-                                     query_ids=np.arange(a, b, dtype=np.int64),
-                                     query_docs=np.asarray(docs[a:b]), db_docs=train_docs, content=content)
+        rows = np.arange(a, b, dtype=np.int64)
+        ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
+                                     chunks_per_seq, rows)
+        return search_with_exclusion(search, queries, k, extra, ntotal, query_ids=rows,
+                                     db_docs=train_docs, doc_ranges=ranges, content=content)
     return search_with_exclusion(search, queries, k, extra, ntotal, content=content)
 
 

@@ -165,18 +165,25 @@ class RetroConfig:
         enc_layer = (e + 4 * e * e_inner                          # norm + self-attention
                      + e + d + e * e_inner + 2 * d * e_inner + e_inner * e  # cross-attn to decoder
                      + e + 2 * e * self.enc_mlp_hidden)                # norm + MLP
-        total = (self.depth * dec_layer + len(self.resolved_cca_layers) * cca
-                 + self.enc_depth * enc_layer + e + d)            # final norms
-        if e != d:
-            total += d * e                                        # shared-embedding -> encoder width
+        total = self.depth * dec_layer + d                        # + the final norm
+        if self.resolved_cca_layers:  # else decoder-only (the baseline): no CCA, no encoder
+            total += len(self.resolved_cca_layers) * cca + self.enc_depth * enc_layer + e
+            if e != d:
+                total += d * e                                    # shared-embedding -> encoder width
         if include_embedding:
             total += self.vocab_size * d
             if not self.tie_embeddings:
                 total += self.vocab_size * d
         return total
 
-    def flops_per_token(self, seq_len: int, with_retrieval: bool = True, training: bool = True) -> float:
+    def flops_per_token(self, seq_len: int, with_retrieval: bool = True, training: bool = True,
+                        frozen_decoder: bool = False) -> float:
         """Matmul FLOPs per decoder token (x3 for a training step: forward + backward).
+
+        A training step's backward is 2x the forward: 1x for activation gradients, 1x for weight
+        gradients. With ``frozen_decoder`` (RETRO-fitting) only the encoder and CCA weights take
+        gradients, so the weight-gradient half counts their FLOPs alone (activation gradients
+        still flow through the whole decoder, counted in full).
 
         Attention scores count the full (non-causal) seq_len x seq_len product, the PaLM MFU
         convention, so numbers compare with published MFU figures. With retrieval, every chunk of
@@ -188,6 +195,7 @@ class RetroConfig:
         r = 2 * m  # tokens per neighbour
         per_layer = 2 * (4 * d * inner) + 2 * 2 * seq_len * inner + 2 * (2 * d * self.mlp_hidden)
         fwd = self.depth * per_layer + 2 * d * self.vocab_size
+        retrieval = 0.0
         if with_retrieval and self.resolved_cca_layers:
             n_cca = len(self.resolved_cca_layers)
             kv_len = k * r + 1
@@ -201,5 +209,8 @@ class RetroConfig:
             enc_chunk = self.enc_depth * (k * r * enc_tok + m * 2 * (2 * d * e_inner))  # + kv of H_u
             if e != d:
                 enc_chunk += k * r * 2 * d * e
-            fwd += n_cca * (cca_tok + cca_chunk / m) + enc_chunk / m
-        return float(fwd * (3 if training else 1))
+            retrieval = n_cca * (cca_tok + cca_chunk / m) + enc_chunk / m
+        fwd += retrieval
+        if not training:
+            return float(fwd)
+        return float(2 * fwd + (retrieval if frozen_decoder else fwd))

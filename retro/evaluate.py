@@ -4,7 +4,11 @@
 the same weights called with ``neighbours=None``: the baseline that says what retrieval buys.
 ``--control`` adds a third score, with the neighbours of *other* sequences: a model that merely
 leans on its CCA layers scores the same with them as with its own, so the gain over this control
-is what the retrieved text itself buys.
+is what the retrieved text itself buys. ``--baseline RUN_BASE`` scores a decoder-only model
+trained on the same data for the same steps (``configs/*-baseline.yaml``): the paper's comparison,
+which a model that never trained without neighbours cannot give by itself. ``--overlap`` adds
+the leakage analysis (retro.leakage, paper section 4.4): bits per byte over the chunks whose
+overlap with their neighbours is at most alpha.
 The same function runs inside training (every rank evaluates its shard; sums are all-reduced).
 """
 
@@ -19,11 +23,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from tqdm import tqdm
 
 from chunk_store.argtypes import count_int, positive_int
 from chunk_store.errors import UserError, run_main
 from retro.distributed import all_reduce_sum
+from retro.leakage import LeakageSums, chunk_bytes, chunk_overlaps, per_chunk
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
 
 if TYPE_CHECKING:
@@ -46,10 +52,15 @@ class EvalResult:
     sequences: int
     loss_other_neighbours: float | None = None  # the control: neighbours of other sequences
     bits_per_byte_other_neighbours: float | None = None
+    loss_baseline: float | None = None  # a trained decoder-only model (--baseline)
+    bits_per_byte_baseline: float | None = None
+    overlap: list[dict[str, Any]] | None = None  # the leakage analysis, one record per alpha
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v is not None}
         d["retrieval_gain_bits_per_byte"] = self.bits_per_byte_no_retrieval - self.bits_per_byte
+        if self.bits_per_byte_baseline is not None:
+            d["gain_over_baseline_bits_per_byte"] = self.bits_per_byte_baseline - self.bits_per_byte
         if self.bits_per_byte_other_neighbours is not None:
             d["gain_over_other_neighbours_bits_per_byte"] = (
                 self.bits_per_byte_other_neighbours - self.bits_per_byte)
@@ -64,18 +75,19 @@ class EvalSums:
     loss: float = 0.0  # with each sequence's own neighbours
     loss_no_retrieval: float = 0.0
     loss_other_neighbours: float = 0.0  # the control
+    loss_baseline: float = 0.0  # the trained decoder-only baseline
     tokens: int = 0  # non-pad target tokens
     bytes: int = 0  # UTF-8 bytes of those tokens decoded
     sequences: int = 0
 
     def all_reduced(self, device: torch.device) -> EvalSums:
         """The sums over every rank (one float64 all-reduce; the identity in one process)."""
-        loss, plain, other, tokens, nbytes, seqs = all_reduce_sum(
-            [self.loss, self.loss_no_retrieval, self.loss_other_neighbours, self.tokens, self.bytes,
-             self.sequences], device)
-        return EvalSums(loss, plain, other, int(tokens), int(nbytes), int(seqs))
+        loss, plain, other, base, tokens, nbytes, seqs = all_reduce_sum(
+            [self.loss, self.loss_no_retrieval, self.loss_other_neighbours, self.loss_baseline,
+             self.tokens, self.bytes, self.sequences], device)
+        return EvalSums(loss, plain, other, base, int(tokens), int(nbytes), int(seqs))
 
-    def result(self, *, retrieval: bool, control: bool) -> EvalResult:
+    def result(self, *, retrieval: bool, control: bool, baseline: bool = False) -> EvalResult:
         """Per-token losses and bits per byte; NaN / None for what was not scored."""
         per_token = max(self.tokens, 1)
         nan = float("nan")
@@ -89,6 +101,8 @@ class EvalSums:
             sequences=self.sequences,
             loss_other_neighbours=self.loss_other_neighbours / per_token if control else None,
             bits_per_byte_other_neighbours=bits_per_byte(self.loss_other_neighbours, self.bytes) if control else None,
+            loss_baseline=self.loss_baseline / per_token if baseline else None,
+            bits_per_byte_baseline=bits_per_byte(self.loss_baseline, self.bytes) if baseline else None,
         )
 
 
@@ -104,31 +118,45 @@ def eval_indices(num_sequences: int, max_sequences: int | None, world_size: int 
     return np.unique(np.linspace(0, num_sequences - 1, n).round().astype(np.int64))[: n - n % world_size]
 
 
+def compute_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """The dtype matmuls actually run in: "bfloat16" under autocast, else "float32"."""
+    return "bfloat16" if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda") else "float32"
+
+
 def autocast_for(device: torch.device, dtype: str = "auto") -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (or where asked for), nothing on CPU fp32."""
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    use_bf16 = compute_dtype(device, dtype) == "bfloat16"
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighbours: torch.Tensor | None,
-                pad_id: int, dtype: str = "auto") -> float:
-    """Cross-entropy of one batch summed (not averaged) over its non-pad targets, in nats: sums
-    add up over batches and ranks exactly, a mean would need re-weighting."""
+def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighbours: torch.Tensor | None,
+                 pad_id: int, dtype: str = "auto") -> torch.Tensor:
+    """(b, n) cross-entropy of each target in nats, 0 at pad: summed (never averaged) over
+    batches, ranks or chunks, so any grouping adds up exactly."""
     with autocast_for(x.device, dtype):
         logits = model(x, neighbours)
-    return lm_loss(logits, y, pad_id, reduction="sum").item()
+    return rearrange(lm_loss(logits, y, pad_id, reduction="none"), "(b n) -> b n", b=y.shape[0])
+
+
+def summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, neighbours: torch.Tensor | None,
+                pad_id: int, dtype: str = "auto") -> float:
+    """Cross-entropy of one batch summed (not averaged) over its non-pad targets, in nats."""
+    return token_losses(model, x, y, neighbours, pad_id, dtype).sum().item()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.device, micro_batch_size: int = 8,
              max_sequences: int | None = None, rank: int = 0, world_size: int = 1, dtype: str = "auto",
-             retrieval: bool = True, progress: bool = False, control: bool = False) -> EvalResult:
+             retrieval: bool = True, progress: bool = False, control: bool = False,
+             baseline: torch.nn.Module | None = None, overlap: bool = False) -> EvalResult:
     """Summed masked cross-entropy with and without neighbours over a fixed set of sequences.
 
     ``control`` also scores every sequence i with the neighbours of sequence
     (i + len // 2) mod len (deterministic; another sequence whenever there are two or more).
+    ``baseline`` (a decoder-only model) is scored on the same tokens; ``overlap`` adds the
+    leakage analysis per alpha (retro.leakage).
     Collective under torch.distributed (every rank calls it; each scores its shard).
     """
     pad_id = dataset.pad_id
@@ -138,16 +166,24 @@ def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.dev
     idx = eval_indices(len(dataset), max_sequences, world_size)[rank::world_size]
     was_training = model.training
     model.eval()
+    if baseline is not None:
+        baseline.eval()
     sums = EvalSums()
+    leak = LeakageSums() if overlap else None
     for start in tqdm(range(0, len(idx), micro_batch_size), desc="eval", disable=not progress, leave=False):
         rows = idx[start:start + micro_batch_size]
         batch = dataset.get_batch(rows)
         tokens = torch.from_numpy(batch["tokens"]).to(device)
         x, y = tokens[:, :-1], tokens[:, 1:]
-        sums.loss_no_retrieval += summed_loss(model, x, y, None, pad_id, dtype)
+        per_token = {"no_retrieval": token_losses(model, x, y, None, pad_id, dtype)}
         if retrieval:
             nbrs = torch.from_numpy(batch["neighbours"]).to(device)
-            sums.loss += summed_loss(model, x, y, nbrs, pad_id, dtype)
+            per_token["retrieval"] = token_losses(model, x, y, nbrs, pad_id, dtype)
+            sums.loss += per_token["retrieval"].sum().item()
+        if baseline is not None:
+            per_token["baseline"] = token_losses(baseline, x, y, None, pad_id, dtype)
+            sums.loss_baseline += per_token["baseline"].sum().item()
+        sums.loss_no_retrieval += per_token["no_retrieval"].sum().item()
         if control:
             other = (rows + len(dataset) // 2) % len(dataset)
             nbrs = torch.from_numpy(dataset.get_batch(other)["neighbours"]).to(device)
@@ -155,8 +191,16 @@ def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.dev
         sums.tokens += int((y != pad_id).sum().item())
         sums.bytes += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
         sums.sequences += len(tokens)
+        if leak is not None:
+            m = dataset.chunk_size
+            leak.add(chunk_overlaps(batch["tokens"], batch.get("neighbours"), m, pad_id),
+                     {k: per_chunk(v, m) for k, v in per_token.items()},
+                     per_chunk(y != pad_id, m), chunk_bytes(tokenizer, batch["tokens"][:, 1:], m, pad_id))
     model.train(was_training)
-    return sums.all_reduced(device).result(retrieval=retrieval, control=control)
+    res = sums.all_reduced(device).result(retrieval=retrieval, control=control, baseline=baseline is not None)
+    if leak is not None:
+        res.overlap = leak.all_reduced(device).report(tuple(per_token))
+    return res
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,9 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", action="store_true",
                    help="also score with the neighbours of other sequences: what the retrieved text "
                         "itself buys, beyond having CCA layers at all")
+    p.add_argument("--baseline", default=None, metavar="RUN_BASE",
+                   help="a decoder-only run trained on the same data for the same steps "
+                        "(configs/*-baseline.yaml): scored on the same tokens")
+    p.add_argument("--baseline-step", type=int, default=None,
+                   help="the baseline's checkpoint step (default: latest; match RETRO's --step)")
+    p.add_argument("--overlap", action="store_true",
+                   help="leakage analysis (paper 4.4): bits per byte over the chunks whose overlap with "
+                        "their neighbours is <= alpha, alpha in 12.5%%, 25%%, 50%%, 75%%, 100%%")
     p.add_argument("--require-gain", action="store_true",
                    help="exit with status 3 unless bits per byte with retrieval is lower than without "
-                        "(and, with --control, lower than with other sequences' neighbours)")
+                        "(and, with --control, lower than with other sequences' neighbours; with "
+                        "--baseline, lower than the baseline's)")
     return p
 
 
@@ -193,12 +246,21 @@ def run(args: argparse.Namespace) -> int:
     check_compatible(store, cfg)
     k = args.k or cfg.num_neighbours
     dataset = RetroDataset(store, args.split, k=k)
+    step = read_state(checkpoint_dir(args.run, args.step)).get("step")
+    baseline, base_info = None, {}
+    if args.baseline:
+        baseline, base_cfg = load_model(args.baseline, device=device, step=args.baseline_step)
+        check_compatible(store, base_cfg)
+        base_step = read_state(checkpoint_dir(args.baseline, args.baseline_step)).get("step")
+        base_info = {"baseline": str(args.baseline), "baseline_step": base_step}
+        if base_step != step:
+            print(f"retro.evaluate: warning: the baseline is at step {base_step}, RETRO at {step}: "
+                  "the paper's comparison trains both for the same steps", file=sys.stderr)
     res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
                    max_sequences=args.max_sequences or None, progress=not args.no_progress,
-                   control=args.control)
-    step = read_state(checkpoint_dir(args.run, args.step)).get("step")
+                   control=args.control, baseline=baseline, overlap=args.overlap)
     out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
-           **res.to_dict()}
+           **base_info, **res.to_dict()}
     print(json.dumps(out, indent=2))
     gain = res.bits_per_byte_no_retrieval - res.bits_per_byte
     print(f"{args.split} bits per byte: {res.bits_per_byte:.4f} with retrieval, "
@@ -208,14 +270,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.split} bits per byte with other sequences' neighbours (control): "
               f"{res.bits_per_byte_other_neighbours:.4f} (the retrieved text buys "
               f"{res.bits_per_byte_other_neighbours - res.bits_per_byte:+.4f})", file=sys.stderr)
-    if args.require_gain and not gain > 0:
-        print("retro.evaluate: retrieval did not lower bits per byte", file=sys.stderr)
-        return EXIT_NO_GAIN
-    if args.require_gain and args.control and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
-        print("retro.evaluate: the retrieved neighbours did no better than other sequences' neighbours",
-              file=sys.stderr)
+    if res.bits_per_byte_baseline is not None:
+        print(f"{args.split} bits per byte of the trained baseline: {res.bits_per_byte_baseline:.4f} "
+              f"(RETRO's gain over it {res.bits_per_byte_baseline - res.bits_per_byte:+.4f})", file=sys.stderr)
+    for row in res.overlap or []:
+        print(f"  overlap <= {row['alpha']:>5.1%}: {row['tokens']:>7,} tokens, bpb "
+              + ", ".join(f"{name} {row[f'bits_per_byte_{name}']:.4f}" for name in ("retrieval", "no_retrieval", "baseline")
+                          if f"bits_per_byte_{name}" in row), file=sys.stderr)
+    failure = gain_failure(res) if args.require_gain else None
+    if failure:
+        print(f"retro.evaluate: {failure}", file=sys.stderr)
         return EXIT_NO_GAIN
     return 0
+
+
+def gain_failure(res: EvalResult) -> str | None:
+    """--require-gain's verdict: why the retrieval gain does not hold up, or None. Retrieval must
+    lower bits per byte; when scored, also below the control and below the trained baseline."""
+    if not res.bits_per_byte_no_retrieval - res.bits_per_byte > 0:
+        return "retrieval did not lower bits per byte"
+    if res.bits_per_byte_other_neighbours is not None and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
+        return "the retrieved neighbours did no better than other sequences' neighbours"
+    if res.bits_per_byte_baseline is not None and not res.bits_per_byte_baseline > res.bits_per_byte:
+        return "RETRO did not beat the trained baseline"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,15 +58,26 @@ def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
     return loss_sum_nats / (num_bytes * math.log(2))
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device`` for MFU; None where unknown (CPU)."""
+# dense fp32 peak FLOP/s: TF32 tensor cores where the GPU has them (train.py turns TF32 on for
+# float32 runs), plain fp32 on V100 / T4
+PEAK_FP32_FLOPS = {
+    "H200": 494e12, "H100": 494e12, "A100": 156e12, "A10G": 31.2e12, "L40S": 90.5e12, "L4": 30e12,
+    "4090": 82.6e12, "3090": 35.6e12, "V100": 15.7e12, "T4": 8.1e12,
+}
+
+
+def peak_flops(device: torch.device, dtype: str = "bfloat16") -> float | None:
+    """Peak dense FLOP/s of ``device`` in the dtype its matmuls run in ("bfloat16" under autocast,
+    else "float32" = TF32), MFU's denominator; None where unknown (CPU). A float32 run divided by
+    the bf16 peak would report half (or less) of its true utilisation."""
     env = os.environ.get("RETRO_PEAK_FLOPS")
     if env:
         return float(env)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS.items():
+    table = PEAK_BF16_FLOPS if dtype == "bfloat16" else PEAK_FP32_FLOPS
+    for key, value in table.items():
         if key in name:
             return value
     return None

@@ -348,8 +348,9 @@ class RETRO(nn.Module):
             DecoderBlock(cfg, self.rotary, has_cca=(i + 1) in self.cca_layers) for i in range(cfg.depth)
         )
         self.first_cca = (self.cca_layers[0] - 1) if self.cca_layers else None  # 0-based
-        self.enc_in = nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if cfg.enc_dim != cfg.dim else nn.Identity()
-        self.encoder = Encoder(cfg)
+        retrieves = bool(self.cca_layers)  # cca_layers: [] is the decoder-only baseline: no encoder
+        self.enc_in = nn.Linear(cfg.dim, cfg.enc_dim, bias=False) if retrieves and cfg.enc_dim != cfg.dim else nn.Identity()
+        self.encoder = Encoder(cfg) if retrieves else None
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

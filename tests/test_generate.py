@@ -198,8 +198,14 @@ def test_cli_generates_with_retrieval_from_a_saved_run(tiny_db, tmp_path, capsys
                str(n_new), "--temperature", "0", "--device", "cpu", "--json"])
     assert rc == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["retrieval"] and record["stop_reason"] in ("length", "eos")
+    assert record["retrieval"]
     n_tokens = len(record["tokens"])
+    new = record["tokens"][len(tok.encode(prompt)):]
+    # the reason matches what was generated: EOS last and nowhere before, or the full length
+    if record["stop_reason"] == "eos":
+        assert new[-1] == tok.eos_id and tok.eos_id not in new[:-1] and len(new) <= n_new
+    else:
+        assert record["stop_reason"] == "length" and len(new) == n_new and tok.eos_id not in new
     assert len(record["chunks"]) == (n_tokens - 1) // store.chunk_size
     assert all(len(c["neighbours"]) <= 2 for c in record["chunks"])
     # a model whose chunk size disagrees with the DB is refused with a one-line error

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from chunk_store.manifest import load_manifest
 from chunk_store.stage import CRASH_ENV
 from index_builder.exact_search import ExactSearchConfig, exact_search
-from index_builder.knn import search_with_exclusion, select_neighbours
+from index_builder.knn import _search_block, search_with_exclusion, select_neighbours, sequence_doc_ranges
 from fixtures import build_index_db, run_cli, shared_db, shared_tiny_bert
 
 
@@ -68,6 +68,47 @@ def test_exclusion_matches_a_brute_force_reference(seed, k, extra, n, ndocs):
         assert np.isinf(dist[row, len(expect):]).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 4), extra=st.integers(0, 6),
+       doc_lens=st.lists(st.integers(1, 5), min_size=1, max_size=30), cps=st.integers(1, 6),
+       offset=st.integers(0, 3))
+def test_sequence_exclusion_matches_a_brute_force_reference(seed, k, extra, doc_lens, cps, offset):
+    """Sequences cross many short documents: a train chunk's neighbours come from no document
+    that has a chunk in its training sequence (per-row Python sets as the reference); chunks in
+    no full sequence (before the first start or past the last) avoid their own document only."""
+    rng = np.random.default_rng(seed)
+    docs = np.repeat(np.arange(len(doc_lens)), doc_lens)
+    n = len(docs)
+    starts = np.arange(offset, n - cps + 1, cps) if n - offset >= cps else np.zeros(0, np.int64)
+    xb = rng.standard_normal((n, 3)).astype(np.float32)
+
+    def search(q, c):
+        d = ((q[:, None, :] - xb[None]) ** 2).sum(-1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :c]
+        return order.astype(np.int64), np.take_along_axis(d, order, 1).astype(np.float32)
+
+    a = int(rng.integers(0, n))
+    b = int(rng.integers(a + 1, n + 1))
+    ids, dist = _search_block(search, xb[a:b], k, extra, n, a, b, True, docs, docs, starts, cps)
+    full_i, _ = search(xb[a:b], n)
+    for row, chunk in enumerate(range(a, b)):
+        banned = {int(docs[chunk])}
+        for s in starts.tolist():
+            if s <= chunk < s + cps:
+                banned = {int(docs[j]) for j in range(s, s + cps)}
+        expect = [j for j in full_i[row] if j != chunk and int(docs[j]) not in banned][:k]
+        assert ids[row].tolist() == expect + [-1] * (k - len(expect))
+        assert np.isinf(dist[row, len(expect):]).all()
+
+
+def test_sequence_doc_ranges_by_hand():
+    docs = np.array([0, 0, 1, 2, 2, 3, 4, 5])
+    # sequences of 3 chunks at 0 and 3; chunks 6, 7 are past the last full sequence
+    got = sequence_doc_ranges(docs, np.array([0, 3]), 3)
+    assert got.tolist() == [[0, 1]] * 3 + [[2, 3]] * 3 + [[4, 4], [5, 5]]
+    assert sequence_doc_ranges(docs, np.array([0, 3]), 3, rows=np.array([7, 1])).tolist() == [[5, 5], [0, 1]]
+
+
 def test_select_neighbours_pads_and_excludes_doc_sets():
     cand = np.array([[5, 1, 7, -1], [2, 3, 4, 6]])
     dist = np.arange(8, dtype=np.float32).reshape(2, 4)
@@ -92,6 +133,13 @@ def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
     assert valid.mean() > 0.99
     assert not (nb == np.arange(n)[:, None]).any()
     assert not (train_docs[np.where(valid, nb, 0)] == train_docs[:, None])[valid].any()
+    # no neighbour from any document of the chunk's training sequence (Megatron's rule)
+    starts = np.load(db / "train" / "seq_starts.npy")
+    cps = load_manifest(db)["seq_len"] // load_manifest(db)["chunk_size"]
+    for s in starts.tolist():
+        seq_docs = set(train_docs[s:s + cps].tolist())
+        got = nb[s:s + cps][valid[s:s + cps]]
+        assert not seq_docs.intersection(train_docs[got].tolist())
     assert (np.diff(nd, axis=1) >= -1e-5).all()
     vb = np.load(db / "val" / "neighbours.npy")
     assert vb.shape[0] == len(np.load(db / "val" / "doc_ids.npy"))
@@ -175,3 +223,20 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tmp_path_factory):
             assert f.read_bytes() == (two / split / "embeddings" / f.name).read_bytes()
         for name in ("neighbours.npy", "neighbour_distances.npy"):
             assert (one / split / name).read_bytes() == (two / split / name).read_bytes()
+
+
+def test_a_db_built_under_the_own_document_rule_redoes_knn(db, tmp_path):
+    """A knn record without ``exclusion`` (the older own-document rule) is not 'already done':
+    knn runs again and leaves sequence-level neighbours."""
+    from chunk_store.manifest import save_manifest
+
+    old = tmp_path / "old"
+    shutil.copytree(db, old)
+    m = load_manifest(old)
+    m["stages"]["knn"]["params"].pop("exclusion")
+    save_manifest(old, m)
+    np.save(old / "train" / "neighbours.npy", np.zeros_like(np.load(old / "train" / "neighbours.npy")))
+    shard = load_manifest(old)["stages"]["knn"]["params"]["shard_size"]
+    assert run_cli(["knn", "--db", old, "--device", "cpu", "--shard-size", shard]) == 0
+    assert load_manifest(old)["stages"]["knn"]["params"]["exclusion"] == "sequence"
+    np.testing.assert_array_equal(np.load(old / "train" / "neighbours.npy"), np.load(db / "train" / "neighbours.npy"))
