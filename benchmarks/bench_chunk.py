@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chunk_store.text_files import iter_sample_text, walk_inputs  # noqa: E402
+from chunk_store.input_formats import iter_sample_text  # noqa: E402
+from chunk_store.text_files import walk_inputs  # noqa: E402
 from chunk_store.tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -49,11 +48,11 @@ from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer
 from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, HF_TOKENIZER_FILES,
                                 SEQ_STARTS, SPLITS, TOKENIZER, DBLayout, temp_path)
 from chunk_store.manifest import FORMAT_VERSION, atomic_save_npy, check_params, load_manifest, sha256_file
-from chunk_store.packing import (NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit,
-                                 read_part_meta, sequence_starts)
+from chunk_store.input_formats import DEFAULT_TEXT_FIELD, iter_sample_text
+from chunk_store.packing import NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit, sequence_starts
+from chunk_store.part_files import part_doc_ids, part_rows, part_sources, read_part_meta
 from chunk_store.stage import RunInfo, Stage, Unit, crash_point, run_stage
-from chunk_store.text_files import (DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, iter_sample_text,
-                                    walk_inputs)
+from chunk_store.text_files import DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, walk_inputs
 from chunk_store.tokenizer import Tokenizer
 
 log = logging.getLogger("chunk_store.build")
@@ -78,6 +77,7 @@ class ChunkConfig:
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
     workers: int = 1
     unit_bytes: int | None = None  # work-unit size; None = auto. Never changes the result.
+    text_field: str = DEFAULT_TEXT_FIELD  # the text of a JSONL record or a Parquet row
 
     def validate(self) -> None:
         if not self.inputs:
@@ -98,6 +98,8 @@ class ChunkConfig:
             raise UserError(f"chunk: --workers must be >= 1, got {self.workers}")
         if not 0.0 <= self.max_invalid_fraction <= 1.0:
             raise UserError("chunk: --max-invalid-fraction must be in [0, 1]")
+        if not self.text_field:
+            raise UserError("chunk: --text-field must not be empty")
 
     def params(self) -> dict[str, Any]:
         """Parameters that change the result (the worker count does not)."""
@@ -109,6 +111,7 @@ class ChunkConfig:
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
+            "text_field": self.text_field,
         }
         if self.tokenizer_file is not None and self.tokenizer_file.startswith(HF_PREFIX):
             hf = load_hf_tokenizer(self.tokenizer_file)  # the content decides, not the name
@@ -207,7 +210,7 @@ class ChunkStage(Stage[ChunkConfig]):
                             f"excludes {list(self.cfg.excludes) or 'none'})")
         skipped: list[dict] = []  # reads files only until the first text: a corpus costs one file
         if next(iter_sample_text(self.walk().files, 1, max_invalid_fraction=self.cfg.max_invalid_fraction,
-                                 skipped=skipped), None) is None:
+                                 skipped=skipped, text_field=self.cfg.text_field), None) is None:
             reasons = Counter(s["reason"] for s in skipped + self.walk().skipped)
             why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"
             raise UserError(f"chunk: no text found in the inputs ({sum(reasons.values())} files skipped: {why})")
@@ -233,12 +236,11 @@ class ChunkStage(Stage[ChunkConfig]):
         hashes = self.plan.get("hashes", {})
         out = []
         for u, items in enumerate(self.plan["units"]):
-            spec = UnitSpec(u, [(files[i].path, start, end, line, files[i].size, hashes.get(str(i)))
-                                for i, start, end, line in items],
+            spec = UnitSpec(u, [(files[i].path, start, end, line, files[i].size, hashes.get(str(i)), nbytes)
+                                for i, start, end, line, nbytes in items],
                             str(self.paths.chunk_part(u)), self.cfg.chunk_size, self.cfg.val_fraction,
-                            self.cfg.max_invalid_fraction)
-            size = sum((sz if end is None else end - start) for _, start, end, _, sz, _ in spec.items)
-            out.append(Unit(u, size, spec))
+                            self.cfg.max_invalid_fraction, self.cfg.text_field)
+            out.append(Unit(u, sum(item[-1] for item in spec.items), spec))
         return out
 
     def unit_done(self, unit: Unit) -> bool:
@@ -330,8 +332,8 @@ def _run_in_pool(todo: list[Unit], tok: Tokenizer | HFTokenizer, workers: int, d
 def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig) -> dict[str, Any]:
     """Copy the parts, in order, into the final arrays (sizes known up front), streaming.
 
-    One part is in memory at a time; what is kept across parts is per-file metadata for the
-    manifest (inputs, skips), never tokens or per-document lists.
+    A block of one part is in memory at a time; what is kept across parts is per-file metadata
+    for the manifest (inputs, skips), never tokens or per-document lists.
     """
     n_units = len(plan["units"])
     paths = DBLayout(db)
@@ -340,15 +342,15 @@ def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig)
     inputs: list[dict] = []
     skipped: list[dict] = list(plan["walk_skipped"])
     repaired: list[dict] = []
+    metas: list[dict] = []
     nbytes = 0
     for p in part_paths:  # pass 1: sizes and manifest metadata
         m = read_part_meta(p)
         if m is None:
             raise UserError(f"chunk: part {p} is missing after processing: re-run to redo it")
         for s in SPLITS:
-            totals[s]["docs"] += len(m["docs"][s])
-            totals[s]["chunks"] += m["chunks"][s]
-            totals[s]["tokens"] += m["tokens"][s]
+            for key in totals[s]:
+                totals[s][key] += m["counts"][s][key]
         inputs += m["inputs"]
         skipped += m["skipped"]
         for sk in m["skipped"]:
@@ -356,6 +358,7 @@ def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig)
                      sk["reason"])
         repaired += m["repaired"]
         nbytes += m["bytes"]
+        metas.append({"counts": m["counts"], "dtype": m["dtype"], "chunk_size": m["chunk_size"]})
     counts: dict[str, dict[str, int]] = {}
     chunks_per_seq = cfg.seq_len // cfg.chunk_size
     for split in SPLITS:  # pass 2: the arrays, one split at a time
@@ -365,16 +368,14 @@ def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig)
         w_d = NpyWriter(paths.doc_ids(split), np.dtype(np.int64), (n_chunks,))
         docs_tmp = temp_path(paths.documents(split))
         doc = 0
-        with open(docs_tmp, "w") as docs_f:
-            for p in tqdm(part_paths, desc=f"merge {split}", unit="part", leave=False):
-                with np.load(p, allow_pickle=False) as z:
-                    c = z[f"{split}_chunks"]
-                    dc = z[f"{split}_doc_chunks"]
-                    meta = json.loads(bytes(z["meta"]).decode())
-                w_c.append(c)
-                w_d.append(np.repeat(np.arange(doc, doc + len(dc), dtype=np.int64), dc))
-                docs_f.writelines(json.dumps(d) + "\n" for d in meta["docs"][split])
-                doc += len(dc)
+        with open(docs_tmp, "w", encoding="utf-8") as docs_f:
+            for p, meta in tqdm(list(zip(part_paths, metas)), desc=f"merge {split}", unit="part", leave=False):
+                for rows in part_rows(p, split, meta):
+                    w_c.append(rows)
+                for ids in part_doc_ids(p, split, meta, doc):
+                    w_d.append(ids)
+                doc += meta["counts"][split]["docs"]
+                docs_f.writelines(part_sources(p, split))
             docs_f.flush()
             os.fsync(docs_f.fileno())
         assert doc == n_docs
@@ -433,6 +434,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bpe here, at the same compression)")
     parser.add_argument("--unit-mb", type=float, default=None, metavar="MB",
                         help="work-unit size in MB (default 2); never changes the result")
+    parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                        help="the field of a JSONL record / column of a Parquet file holding the "
+                             "text (default text)")
     parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
                         metavar="F", help="skip files with more undecodable UTF-8 bytes than this "
                                           "fraction (default 0.01); below it they become U+FFFD")
@@ -450,6 +454,7 @@ def config_from_args(args: argparse.Namespace) -> ChunkConfig:
         tokenizer_sample_mb=args.tokenizer_sample_mb, tokenizer_type=args.tokenizer_type,
         max_invalid_fraction=args.max_invalid_fraction, workers=args.workers,
         unit_bytes=int(args.unit_mb * (1 << 20)) if args.unit_mb else None,
+        text_field=args.text_field,
     )
 
 

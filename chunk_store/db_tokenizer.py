@@ -19,7 +19,8 @@ from chunk_store.errors import UserError
 from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
 from chunk_store.layout import TOKENIZER, DBLayout
 from chunk_store.manifest import atomic_write_bytes, save_manifest, sha256_file
-from chunk_store.text_files import InputFile, iter_sample_text
+from chunk_store.input_formats import iter_sample_text
+from chunk_store.text_files import InputFile
 from chunk_store.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
 log = logging.getLogger("chunk_store.build")
@@ -44,7 +45,8 @@ def prepare_tokenizer(db: Path, cfg: Any, files: Sequence[InputFile],
     else:
         assert cfg.vocab_size is not None
         budget = int(cfg.tokenizer_sample_mb * (1 << 20))
-        sample = tqdm(iter_sample_text(files, budget, max_invalid_fraction=cfg.max_invalid_fraction),
+        sample = tqdm(iter_sample_text(files, budget, max_invalid_fraction=cfg.max_invalid_fraction,
+                                       text_field=cfg.text_field),
                       desc="tokenizer sample", unit="doc", leave=False)
         t0 = time.time()
         proto = train_tokenizer(sample, TokenizerTrainConfig(vocab_size=cfg.vocab_size,

@@ -25,7 +25,7 @@ import numpy as np
 from chunk_store.errors import UserError
 from chunk_store.layout import HF_TOKENIZER_FILES, HF_TOKENIZER_JSON, DBLayout
 from chunk_store.text_files import normalise_text, visible
-from chunk_store.tokenizer import Tokenizer
+from chunk_store.tokenizer import Tokenizer, encode_pieces
 
 HF_PREFIX = "hf:"
 # EOS spellings tried, in order, when tokenizer_config.json does not name one
@@ -104,8 +104,10 @@ class HFTokenizer:
         return [e.ids for e in encs]
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as a compact array (``token_dtype``), like the sentencepiece kind."""
-        return np.asarray(self.encode(text), dtype=self.token_dtype)
+        """Token ids of ``text`` as a compact array (``token_dtype``), encoded in pieces as the
+        sentencepiece kind (chunk_store.tokenizer.iter_pieces): memory flat in a document's size."""
+        parts = list(encode_pieces(self.encode, [text], self.token_dtype))
+        return np.concatenate(parts) if parts else np.zeros(0, self.token_dtype)
 
     def blank_ids(self) -> np.ndarray:
         """(vocab_size,) bool: the token shows nothing (pad, special tokens, whitespace and

@@ -13,7 +13,9 @@
     DB/<split>/neighbours.npy      (num_chunks, k) train chunk ids, -1 where none (knn)
     DB/<split>/neighbour_distances.npy
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
-    DB/.chunk_work/plan.json, part_NNNNNNNN.npz     the chunk stage's work folder
+    DB/.chunk_work/plan.json, part_NNNNNNNN/         the chunk stage's work folder: one part a
+                                   work unit (PartLayout: part.json, <split>.chunks.bin,
+                                   <split>.doc_chunks.bin, <split>.documents.jsonl)
 
 Why one module: stages, readers and tests all agree on these names; a file name written as a
 bare string anywhere else is a second source of truth that drifts. Temporary files are
@@ -46,6 +48,10 @@ INDEX_INFOS = "index_infos.json"
 CHUNK_WORK_DIR = ".chunk_work"
 CHUNK_PLAN = "plan.json"
 CHUNK_PART_PREFIX = "part_"
+PART_META = "part.json"  # written last: a part with it is whole
+PART_CHUNKS = "chunks.bin"  # raw (n, chunk_size) token rows
+PART_DOC_CHUNKS = "doc_chunks.bin"  # raw int64 chunks per document
+PART_PENDING = "pending.bin"  # a streamed document's tokens before its split is known
 TEMP_MARK = ".tmp-"
 
 
@@ -145,4 +151,29 @@ class DBLayout:
         return self.root / CHUNK_WORK_DIR / CHUNK_PLAN
 
     def chunk_part(self, unit: int) -> Path:
-        return self.root / CHUNK_WORK_DIR / f"{CHUNK_PART_PREFIX}{unit:08d}.npz"
+        """The folder of one work unit's part (:class:`PartLayout`), renamed into place when whole."""
+        return self.root / CHUNK_WORK_DIR / f"{CHUNK_PART_PREFIX}{unit:08d}"
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """The files of one chunk-stage part folder (final or temporary)."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / PART_META
+
+    @property
+    def pending(self) -> Path:
+        return self.root / PART_PENDING
+
+    def chunks(self, split: str) -> Path:
+        return self.root / f"{split}.{PART_CHUNKS}"
+
+    def doc_chunks(self, split: str) -> Path:
+        return self.root / f"{split}.{PART_DOC_CHUNKS}"
+
+    def documents(self, split: str) -> Path:
+        return self.root / f"{split}.{DOCUMENTS}"

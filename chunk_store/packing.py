@@ -1,21 +1,21 @@
 """One unit of the chunk stage: read files, split documents, tokenise, pack into chunks.
 
-A unit is a contiguous run of input files (or line-aligned byte ranges of a big .jsonl), about
-2 MB of text; :func:`process_unit` turns it into one part file (``.npz``: each split's chunks and
-chunks per document, plus JSON metadata) written atomically, so a killed run redoes only the
-units whose part is missing. Worker processes run it with their own copy of the tokenizer.
-Pure helpers (the split rule, packing, sequence starts, the unit plan) live here too, so they
-can be tested without a database.
+A unit is a contiguous run of input files, about 2 MB (a big plain .jsonl is cut into line-aligned
+byte ranges, a big Parquet file into runs of row groups; a compressed file is one unit, read as
+a stream); :func:`process_unit` turns it into one part (chunk_store.part_files) renamed into
+place when whole, so a killed run redoes only the units whose part is missing. Worker processes
+run it with their own copy of the tokenizer. Pure helpers (the split rule, sequence starts, the
+unit plan) live here too, so they can be tested without a database.
 """
 
 from __future__ import annotations
 
-import array
 import hashlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +25,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chunk_store.errors import UserError
-from chunk_store.layout import CHUNK_PART_PREFIX, SPLITS, TOKENIZER, temp_path
-from chunk_store.manifest import atomic_write_json
-from chunk_store.text_files import InputFile, read_documents, split_jsonl
-from chunk_store.tokenizer import Tokenizer
+from chunk_store.input_formats import (DEFAULT_TEXT_FIELD, Record, RecordReport, TextStream, input_format,
+                                       iter_records, parquet_row_groups)
+from chunk_store.layout import CHUNK_PART_PREFIX, TOKENIZER, temp_path
+from chunk_store.manifest import atomic_write_json, sha256_file
+from chunk_store.part_files import PartWriter
+from chunk_store.text_files import InputFile, split_jsonl
+from chunk_store.tokenizer import ENCODE_PIECE_CHARS, Tokenizer, encode_pieces
 
 log = logging.getLogger("chunk_store.packing")
 
@@ -37,33 +40,17 @@ UNIT_BYTES = 2 << 20
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def is_val(text: str, val_fraction: float) -> bool:
-    """The stable split rule: sha256 of the document's text, as a fraction of 2**64."""
+def val_digest(digest: bytes, val_fraction: float) -> bool:
+    """The stable split rule on a document's sha256 (of its normalised UTF-8 text): its first
+    8 bytes as a fraction of 2**64 below ``val_fraction`` -> val."""
     if val_fraction <= 0.0:
         return False
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return h < val_fraction * 2.0**64
+    return int.from_bytes(digest[:8], "big") < val_fraction * 2.0**64
 
 
-def pack_documents(token_lists: Sequence[Sequence[int]], chunk_size: int, pad_id: int,
-                   eos_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Documents' tokens (lists or arrays) -> (chunks (n, chunk_size), chunks per document (d,)).
-
-    Each document gets EOS appended and is padded to whole chunks, so no chunk crosses a
-    document boundary. Vectorised: one scatter of all tokens into a pad-filled buffer.
-    """
-    lens = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-    doc_chunks = -(-lens // chunk_size)
-    total_chunks = int(doc_chunks.sum())
-    flat = np.full(total_chunks * chunk_size, pad_id, dtype=dtype)
-    if len(token_lists):
-        eos = np.array([eos_id], dtype=dtype)
-        tokens = np.concatenate([a for t in token_lists for a in (np.asarray(t, dtype=dtype), eos)])
-        starts = np.concatenate([[0], np.cumsum(doc_chunks)[:-1]]) * chunk_size  # doc's first slot
-        tok_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # doc's first token in `tokens`
-        pos = np.arange(tokens.size, dtype=np.int64) + np.repeat(starts - tok_starts, lens)
-        flat[pos] = tokens
-    return flat.reshape(total_chunks, chunk_size), doc_chunks
+def is_val(text: str, val_fraction: float) -> bool:
+    """:func:`val_digest` of a document held whole."""
+    return val_digest(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest(), val_fraction)
 
 
 def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
@@ -71,14 +58,19 @@ def sequence_starts(num_chunks: int, chunks_per_seq: int) -> np.ndarray:
     return np.arange(0, num_chunks - chunks_per_seq + 1, chunks_per_seq, dtype=np.int64)
 
 
+# An item of the plan: [file_index, start, end, first_line, nbytes]. start/end: a byte range of a
+# plain .jsonl, or row groups of a Parquet file; end None: the whole file.
+PLAN_VERSION = 2
+
+
 def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None,
-               ranges: dict[int, list[tuple[int, int, int]]] | None = None) -> list[list[list]]:
+               ranges: dict[int, list[tuple[int, int, int, int]]] | None = None) -> list[list[list]]:
     """Group the work into units of about ``unit_bytes`` (default 2 MB), at most 4096 items each.
 
-    An item is ``[file_index, start, end, first_line]``; ``end`` is None for a whole file, and
-    a big .jsonl contributes one item per line-aligned range (``ranges``). A fixed size, not a
-    fraction of the corpus, so a worker's memory does not grow with the corpus; small enough
-    to balance the workers, large enough that per-part overhead is noise.
+    A big plain .jsonl or Parquet file contributes one item per range (``ranges``: start, end,
+    first line, bytes). A fixed size, not a fraction of the corpus, so a worker's memory does not
+    grow with the corpus; small enough to balance the workers, large enough that per-part
+    overhead is noise.
     """
     target = unit_bytes if unit_bytes else UNIT_BYTES
     ranges = ranges or {}
@@ -86,10 +78,10 @@ def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None,
     cur: list[list] = []
     acc = 0
     for i, f in enumerate(files):
-        items = [[i, s, e, line] for s, e, line in ranges[i]] if i in ranges else [[i, 0, None, 1]]
+        items = [[i, s, e, line, n] for s, e, line, n in ranges[i]] if i in ranges else [[i, 0, None, 1, f.size]]
         for item in items:
             cur.append(item)
-            acc += f.size if item[2] is None else item[2] - item[1]
+            acc += item[4]
             if acc >= target or len(cur) >= 4096:
                 units.append(cur)
                 cur, acc = [], 0
@@ -98,11 +90,26 @@ def plan_units(files: Sequence[InputFile], unit_bytes: int | None = None,
     return units
 
 
+def _row_group_ranges(path: str, target: int) -> list[tuple[int, int, int, int]]:
+    """Runs of a Parquet file's row groups of about ``target`` compressed bytes each."""
+    out: list[tuple[int, int, int, int]] = []
+    start, row, acc, first_row = 0, 1, 0, 1
+    groups = parquet_row_groups(path)
+    for g, (rows, nbytes) in enumerate(groups):
+        acc += nbytes
+        row += rows
+        if acc >= target or g == len(groups) - 1:
+            out.append((start, g + 1, first_row, acc))
+            start, first_row, acc = g + 1, row, 0
+    return out
+
+
 def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped: list[dict],
-                       unit_bytes: int | None, tokenizer_sha256: str) -> dict:
+                      unit_bytes: int | None, tokenizer_sha256: str) -> dict:
     """The work plan of an interrupted run (checked against the inputs), else a new one.
 
-    Parts made with another tokenizer (the DB's model was replaced) are discarded.
+    Parts made with another tokenizer (the DB's model was replaced) or by an older version of
+    this stage are discarded.
     """
     listing = [f.to_json() for f in files]
     if plan_path.exists():
@@ -110,10 +117,12 @@ def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped:
             plan = json.loads(plan_path.read_text())
         except json.JSONDecodeError:
             plan = None
-        if plan is not None and plan.get("tokenizer_sha256") != tokenizer_sha256:
-            log.warning("chunk: the tokenizer changed since the interrupted run: redoing every unit")
-            for part in plan_path.parent.glob(f"{CHUNK_PART_PREFIX}*.npz"):
-                part.unlink()
+        if plan is not None and (plan.get("tokenizer_sha256") != tokenizer_sha256
+                                 or plan.get("version") != PLAN_VERSION):
+            log.warning("chunk: the tokenizer or the part format changed since the interrupted run: "
+                        "redoing every unit")
+            for part in plan_path.parent.glob(f"{CHUNK_PART_PREFIX}*"):
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
             plan = None
         if plan is not None:
             old = plan["files"]
@@ -125,19 +134,27 @@ def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped:
                     f"{first[0]}); restore them, or delete {plan_path.parent} to start over")
             return plan
     target = unit_bytes or UNIT_BYTES
-    ranges: dict[int, list[tuple[int, int, int]]] = {}
+    ranges: dict[int, list[tuple[int, int, int, int]]] = {}
     hashes: dict[str, str] = {}
-    big = [i for i, f in enumerate(files) if f.path.endswith(".jsonl") and f.size > target]
+    big = [i for i, f in enumerate(files) if f.size > target
+           and (input_format(f.path).byte_ranges or input_format(f.path).kind == "parquet")]
     with tqdm(total=sum(files[i].size for i in big), unit="B", unit_scale=True, leave=False,
-              desc="split .jsonl", disable=not big) as bar:
-        for i in big:  # big .jsonl files: one streaming pass for the hash and the cuts
+              desc="plan big files", disable=not big) as bar:
+        for i in big:  # one streaming pass each for the hash and the cuts
+            path = files[i].path
             try:
-                hashes[str(i)], ranges[i] = split_jsonl(files[i].path, target)
-            except OSError:
-                pass  # unreadable: the worker reports it
+                if input_format(path).kind == "parquet":
+                    ranges[i] = _row_group_ranges(path, target)
+                    hashes[str(i)] = sha256_file(Path(path))
+                else:
+                    hashes[str(i)], cuts = split_jsonl(path, target)
+                    ranges[i] = [(s, e, line, e - s) for s, e, line in cuts]
+            except Exception as e:  # unreadable or not Parquet after all: the worker reports it
+                log.info("plan: %s read as one unit (%s)", path, type(e).__name__)
+                ranges.pop(i, None)
             bar.update(files[i].size)
-    plan = {"files": listing, "units": plan_units(files, target, ranges), "hashes": hashes,
-            "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
+    plan = {"version": PLAN_VERSION, "files": listing, "units": plan_units(files, target, ranges),
+            "hashes": hashes, "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}
     atomic_write_json(plan_path, plan)
     return plan
 
@@ -147,14 +164,18 @@ def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped:
 @dataclass
 class UnitSpec:
     index: int
-    items: list[tuple[str, int, int | None, int, int, str | None]]  # path, start, end, line, size, sha
+    # path, start, end, first line, the file's size, its sha256 (from the plan), bytes of this item
+    items: list[tuple[str, int, int | None, int, int, str | None, int]]
     part_path: str
     chunk_size: int
     val_fraction: float
     max_invalid_fraction: float
+    text_field: str = DEFAULT_TEXT_FIELD
 
 
 _WORKER_TOKENIZER: Tokenizer | None = None
+ENCODE_BATCH_DOCS = 1024  # records encoded in one call where the tokenizer batches (HF: Rust threads)
+ENCODE_BATCH_CHARS = 4 << 20
 
 
 def init_worker(proto: Any) -> None:
@@ -165,70 +186,95 @@ def init_worker(proto: Any) -> None:
 
 
 def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]:
-    """Read, decode, split and tokenise one unit's files; write its part file atomically.
+    """Read, decode, split and tokenise one unit's files; write its part (renamed in when whole).
 
-    Streams file by file: a document's text and its Python token list live only while it is
-    encoded; what accumulates is its compact token array.
+    Streams everything: a plain-text document of any size goes through in pieces, records in
+    batches; what a worker holds is one block, one batch and the part's small buffers.
     """
     tok = tok or _WORKER_TOKENIZER
     assert tok is not None, "worker not initialised"
-    docs: dict[str, list] = {s: [] for s in SPLITS}
-    tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    inputs, skipped, repaired = [], [], []
+    writer = PartWriter(Path(spec.part_path), spec.chunk_size, tok.pad_id, tok.eos_id, tok.token_dtype)
+    inputs: list[dict] = []
+    skipped: list[dict] = []
+    repaired: list[dict] = []
     nbytes = 0
-    for path, start, end, first_line, size, sha in spec.items:
-        out = read_documents(path, spec.max_invalid_fraction, start, end, first_line)
-        nbytes += out.size
-        if start == 0:  # a split file is listed once, with the hash the plan computed
-            # bytes: the walk's size (what a re-run compares); sha256 None if unreadable
-            inputs.append({"path": path, "bytes": size, "sha256": sha or out.sha256})
-        skipped.extend(out.skipped)
-        if out.invalid_bytes and out.documents:
-            repaired.append({"path": path, "invalid_bytes": out.invalid_bytes})
-        # a file's documents in one call where the tokenizer batches (HF: parallel in Rust)
-        batch = tok.encode_batch([d.text for d in out.documents]) if hasattr(tok, "encode_batch") else None
-        code = "H" if tok.token_dtype == np.uint16 else "i"  # array.array: ~25% faster than np.asarray(list)
-        for j, d in enumerate(out.documents):
-            split = "val" if is_val(d.text, spec.val_fraction) else "train"
-            docs[split].append(d.source_json())
-            if batch is not None:
-                tokens[split].append(np.frombuffer(array.array(code, batch[j]), dtype=tok.token_dtype))
+    try:
+        for path, start, end, first_line, size, sha, item_bytes in spec.items:
+            if input_format(path).kind == "text":
+                read_sha, invalid, kept = _text_document(writer, tok, path, spec, skipped)
             else:
-                tokens[split].append(tok.encode_array(d.text))  # memory flat in a document's size
-        del out
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"index": spec.index, "bytes": nbytes, "inputs": inputs,
-                            "skipped": skipped, "repaired": repaired, "docs": docs,
-                            "tokens": {}, "chunks": {}}
-    for split in SPLITS:
-        chunks, doc_chunks = pack_documents(tokens[split], spec.chunk_size, tok.pad_id, tok.eos_id,
-                                            tok.token_dtype)
-        arrays[f"{split}_chunks"] = chunks
-        arrays[f"{split}_doc_chunks"] = doc_chunks
-        meta["tokens"][split] = int(sum(len(t) + 1 for t in tokens[split]))
-        meta["chunks"][split] = int(chunks.shape[0])
-        tokens[split] = []
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    part = Path(spec.part_path)
-    tmp = temp_path(part)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, part)
+                read_sha, invalid, kept = _records(writer, tok, path, (start, end, first_line), spec, skipped)
+            if start == 0:  # a split file is listed once, with the hash the plan computed
+                # bytes: the walk's size (what a re-run compares); sha256 None if unreadable
+                inputs.append({"path": path, "bytes": size, "sha256": sha or read_sha})
+            if invalid and kept:
+                repaired.append({"path": path, "invalid_bytes": invalid})
+            nbytes += item_bytes
+        writer.close({"index": spec.index, "bytes": nbytes, "inputs": inputs, "skipped": skipped,
+                      "repaired": repaired})
+    except BaseException:
+        writer.abort()
+        raise
     return {"index": spec.index, "bytes": nbytes}
 
 
-def read_part_meta(path: Path) -> dict[str, Any] | None:
-    """A finished part's metadata, or None if the part is absent or unreadable (redo it)."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(bytes(z["meta"]).decode())
-    except Exception as e:  # a corrupt part (should not happen: parts are renamed into place)
-        log.warning("part %s unreadable (%s): redoing it", path, e)
-        return None
+def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec,
+                   skipped: list[dict]) -> tuple[str | None, int, bool]:
+    """One plain-text file (compressed or not, any size) as one streamed document:
+    (sha256 of the file, invalid bytes repaired, kept)."""
+    stream = TextStream(path, spec.max_invalid_fraction)
+    doc = writer.pending()
+    for ids in encode_pieces(tok.encode, stream, tok.token_dtype):
+        doc.extend(ids)
+    if stream.reason is not None:
+        doc.discard()
+        skip = {"path": path, "reason": stream.reason}
+        if stream.detail:
+            skip["detail"] = stream.detail
+        skipped.append(skip)
+        return stream.sha256, stream.invalid_bytes, False
+    split = "val" if val_digest(stream.text_digest, spec.val_fraction) else "train"
+    writer.commit(doc, split, {"source": path})
+    return stream.sha256, stream.invalid_bytes, True
+
+
+def _records(writer: PartWriter, tok: Tokenizer, path: str, span: tuple[int, int | None, int],
+             spec: UnitSpec, skipped: list[dict]) -> tuple[str | None, int, bool]:
+    """The records of a JSONL or Parquet file (or of one range of it), encoded in batches."""
+    report = RecordReport()
+    key = "row" if input_format(path).kind == "parquet" else "line"
+    batch: list[Record] = []
+    chars, invalid, kept = 0, 0, 0
+    for rec in iter_records(path, report, spec.text_field, *span, max_invalid_fraction=spec.max_invalid_fraction):
+        if rec.text is None:
+            skipped.append({"path": path, "line": rec.line, "reason": rec.reason})
+            continue
+        invalid += rec.invalid_bytes
+        batch.append(rec)
+        chars += len(rec.text)
+        if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+            kept += _encode_records(writer, tok, batch, path, key, spec.val_fraction)
+            batch, chars = [], 0
+    kept += _encode_records(writer, tok, batch, path, key, spec.val_fraction)
+    if report.file_skip is not None:
+        skipped.append(report.file_skip)
+    return report.sha256, invalid, kept > 0
+
+
+def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], path: str, key: str,
+                    val_fraction: float) -> int:
+    short = [r.text for r in batch if len(r.text) <= ENCODE_PIECE_CHARS]  # type: ignore[arg-type]
+    ids_of = iter(tok.encode_batch(short)) if hasattr(tok, "encode_batch") and short else None
+    for rec in batch:
+        text = rec.text
+        assert text is not None
+        if ids_of is not None and len(text) <= ENCODE_PIECE_CHARS:
+            ids = np.asarray(next(ids_of), dtype=tok.token_dtype)
+        else:
+            ids = tok.encode_array(text)  # pieces: memory flat in a record's size
+        split = "val" if is_val(text, val_fraction) else "train"
+        writer.add(split, ids, {"source": path, key: rec.line})
+    return len(batch)
 
 
 class NpyWriter:

@@ -10,7 +10,8 @@ Decoding rules (the documented normalisation every stage sees):
   of its size is undecodable; both are skipped. Below that fraction each invalid byte becomes
   U+FFFD and the file is kept (and counted as repaired).
 - An empty (or whitespace-only) file is skipped.
-- ``*.jsonl`` files give one document per line, from the line's ``text`` field.
+- What a file holds (one document, one per JSONL line, one per Parquet row) and how it is
+  streamed (compressed, any size): chunk_store.input_formats.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import hashlib
-import json
 import os
 import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -216,87 +216,13 @@ def decode_bytes(data: bytes, max_invalid_fraction: float = DEFAULT_MAX_INVALID_
     return Decoded(text, None, invalid)
 
 
-@dataclass
-class Document:
-    text: str
-    source: str
-    line: int | None = None  # 1-based line number for .jsonl documents
-
-    def source_json(self) -> dict:
-        return {"source": self.source} if self.line is None else {"source": self.source, "line": self.line}
-
-
-@dataclass
-class FileOutcome:
-    """What reading one input file (or one byte range of a big .jsonl) gave."""
-
-    path: str
-    size: int  # bytes read
-    sha256: str | None  # of the whole file; None when only a range was read
-    documents: list[Document]
-    skipped: list[dict]  # {"path", "reason"[, "line"]}
-    invalid_bytes: int = 0
-
-
-def _clean_surrogates(text: str) -> str:
+def clean_surrogates(text: str) -> str:
     """JSON can carry lone surrogates (\\ud800), which no UTF-8 tokenizer accepts."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
         return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def read_documents(
-    path: str, max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
-    start: int = 0, end: int | None = None, first_line: int = 1,
-) -> FileOutcome:
-    """Read one input file into documents (one, or one per line for ``.jsonl``).
-
-    ``start``/``end`` read a byte range only (big .jsonl files are split at line boundaries
-    into several work units; ``first_line`` is the line number at ``start``).
-    """
-    try:
-        with open(path, "rb") as f:
-            if start:
-                f.seek(start)
-            data = f.read() if end is None else f.read(end - start)
-    except OSError as e:
-        return FileOutcome(path, 0, None, [], [{"path": path, "reason": UNREADABLE,
-                                                 "detail": f"{type(e).__name__}: {e.strerror}"}])
-    whole = start == 0 and end is None
-    sha = hashlib.sha256(data).hexdigest() if whole else None
-    size = len(data)
-    jsonl = path.endswith(".jsonl")
-    dec = decode_bytes(data, max_invalid_fraction, normalise=not jsonl)
-    del data
-    if dec.text is None:
-        skip = {"path": path, "reason": dec.reason}
-        if not whole:
-            skip["line"] = first_line  # the range's first line: the whole range is skipped
-        return FileOutcome(path, size, sha, [], [skip], dec.invalid_bytes)
-    if not jsonl:
-        return FileOutcome(path, size, sha, [Document(dec.text, path)], [], dec.invalid_bytes)
-    docs: list[Document] = []
-    skipped: list[dict] = []
-    for lineno, line in enumerate(dec.text.split("\n"), start=first_line):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            skipped.append({"path": path, "line": lineno, "reason": JSONL_BAD_LINE})
-            continue
-        text = obj.get("text") if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            skipped.append({"path": path, "line": lineno, "reason": JSONL_BAD_LINE})
-            continue
-        text = normalise_text(_clean_surrogates(text))
-        if not text.strip():
-            skipped.append({"path": path, "line": lineno, "reason": EMPTY})
-            continue
-        docs.append(Document(text, path, lineno))
-    return FileOutcome(path, size, sha, docs, skipped, dec.invalid_bytes)
 
 
 def split_jsonl(path: str, unit_bytes: int, block: int = 8 << 20) -> tuple[str, list[tuple[int, int, int]]]:
@@ -329,42 +255,3 @@ def split_jsonl(path: str, unit_bytes: int, block: int = 8 << 20) -> tuple[str, 
     if start < pos or not ranges:
         ranges.append((start, pos, start_line))
     return h.hexdigest(), ranges
-
-
-def _sample_end(path: str, size: int, limit: int) -> int | None:
-    """A byte offset just after a LF near ``limit``: read a big file's head, never all of it."""
-    if size <= limit:
-        return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(limit)
-    except OSError:  # unreadable or gone: read_documents skips it, counted, reading at most limit
-        return limit
-    nl = head.rfind(b"\n")
-    return nl + 1 if nl > 0 else limit
-
-
-def iter_sample_text(files: Sequence[InputFile], budget_bytes: int, per_file_bytes: int = 1 << 20,
-                     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
-                     skipped: list[dict] | None = None) -> Iterator[str]:
-    """A deterministic, bounded sample of the corpus's text for tokenizer training.
-
-    Files are visited in the order of a stable hash of their path (so the sample spreads over
-    the whole corpus rather than its first folder) and read until ``budget_bytes`` of text;
-    at most about ``per_file_bytes`` of each file is read.
-    """
-    order = sorted(files, key=lambda f: hashlib.sha256(os.fsencode(f.path)).digest())  # any OS path
-    used = 0
-    for f in order:
-        if used >= budget_bytes:
-            return
-        end = _sample_end(f.path, f.size, per_file_bytes)
-        out = read_documents(f.path, max_invalid_fraction, 0, end)
-        if skipped is not None and not out.documents:
-            skipped.extend(out.skipped[:1])
-        for doc in out.documents:
-            text = doc.text[:per_file_bytes]
-            used += len(text.encode("utf-8", errors="replace"))
-            yield text
-            if used >= budget_bytes:
-                return

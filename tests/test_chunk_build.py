@@ -17,11 +17,13 @@ from hypothesis import strategies as st
 
 from chunk_store import ChunkStore
 from chunk_store.layout import CHUNK_WORK_DIR as WORK_DIR
-from chunk_store.packing import is_val, pack_documents, sequence_starts
+from chunk_store.packing import is_val, sequence_starts
+from chunk_store.part_files import pack_documents
 from chunk_store.stage import CRASH_ENV
 from chunk_store.manifest import load_manifest
 from fixtures import random_text, write_corpus
-from chunk_store.text_files import decode_bytes, read_documents, split_jsonl
+from chunk_store.input_formats import TextStream
+from chunk_store.text_files import decode_bytes, split_jsonl
 from index_builder.cli import main as cli
 
 OUTPUT_FILES = [f"{s}/{n}" for s in ("train", "val")
@@ -136,7 +138,7 @@ def test_hostile_folder(tmp_path: Path, capsys) -> None:
     for s in m["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
     assert reasons == {"empty": 3, "binary": 2, "undecodable": 1, "symlink_loop": 1,
-                       "broken_symlink": 1, "jsonl_bad_line": 2}
+                       "broken_symlink": 1, "jsonl_bad_line": 1, "missing_text_field": 1}
     assert m["stages"]["chunk"]["stats"]["skipped"] == reasons
     assert [r["path"].endswith("latin1.txt") for r in m["repaired"]] == [True]
     assert not any("hidden" in i["path"] or "dotfile" in i["path"] for i in m["inputs"])
@@ -202,7 +204,7 @@ def test_kill_9_and_resume_is_byte_identical(hook: str, reference_db: Path, corp
     assert killed.returncode == -9, killed.stderr
     m = load_manifest(db)
     assert m["stages"]["chunk"]["finished"] is None
-    parts = sorted((db / WORK_DIR).glob("part_*.npz"))
+    parts = sorted((db / WORK_DIR).glob("part_*"))
     assert len(parts) >= 3
     resumed = run_cli(argv)
     assert resumed.returncode == 0, resumed.stderr
@@ -354,6 +356,6 @@ def test_unreadable_file_is_counted_and_rerun_is_a_noop(tmp_path: Path, capsys) 
 
 
 def test_read_error_is_a_counted_skip(tmp_path: Path) -> None:
-    out = read_documents(str(tmp_path))  # a folder: open() fails like an unreadable file
-    assert out.documents == [] and out.sha256 is None
-    assert [s["reason"] for s in out.skipped] == ["unreadable"]
+    stream = TextStream(str(tmp_path))  # a folder: open() fails like an unreadable file
+    assert list(stream) == [] and stream.sha256 is None
+    assert stream.reason == "unreadable"

@@ -21,7 +21,7 @@ def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", "/some/where/part.npz")
 
 
-@pytest.mark.parametrize("target", ["chunk_store.packing.np.savez", "chunk_store.packing.NpyWriter.append"])
+@pytest.mark.parametrize("target", ["chunk_store.part_files.PartWriter.close", "chunk_store.packing.NpyWriter.append"])
 def test_a_full_disk_in_the_chunk_stage_is_one_line_and_resumes(target, tmp_path, monkeypatch, capsys,
                                                                   corpus, reference_db):
     db = tmp_path / "db"
