@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -39,18 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-from tqdm.auto import tqdm
 
 from chunk_store.errors import UserError
 from chunk_store.db_tokenizer import prepare_tokenizer
-from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer
+from chunk_store.hf_tokenizer import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
 from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, HF_TOKENIZER_FILES,
-                                SEQ_STARTS, SPLITS, TOKENIZER, DBLayout, temp_path)
-from chunk_store.manifest import FORMAT_VERSION, atomic_save_npy, check_params, load_manifest, sha256_file
+                                SEQ_STARTS, SPLITS, TOKENIZER)
+from chunk_store.manifest import FORMAT_VERSION, check_params, load_manifest, sha256_file, stage_done
 from chunk_store.input_formats import DEFAULT_TEXT_FIELD, iter_sample_text
-from chunk_store.packing import NpyWriter, UnitSpec, init_worker, load_or_make_plan, process_unit, sequence_starts
-from chunk_store.part_files import part_doc_ids, part_rows, part_sources, read_part_meta
+from chunk_store import runtime
+from chunk_store.packing import UnitSpec, init_worker, load_or_make_plan, process_unit
+from chunk_store.part_files import part_doc_info, read_part_meta
+from chunk_store.shards import (DigestSet, db_inputs, frozen_digests, next_shard_index, read_shard_record,
+                                shard_files, shard_paths, shard_records, total_counts, write_shard)
 from chunk_store.stage import RunInfo, Stage, Unit, crash_point, run_stage
 from chunk_store.text_files import DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, walk_inputs
 from chunk_store.tokenizer import Tokenizer
@@ -78,6 +80,7 @@ class ChunkConfig:
     workers: int = 1
     unit_bytes: int | None = None  # work-unit size; None = auto. Never changes the result.
     text_field: str = DEFAULT_TEXT_FIELD  # the text of a JSONL record or a Parquet row
+    keep_duplicates: bool = False  # store documents whose normalised text is already in the DB
 
     def validate(self) -> None:
         if not self.inputs:
@@ -112,6 +115,7 @@ class ChunkConfig:
             "val_fraction": self.val_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
             "text_field": self.text_field,
+            "keep_duplicates": self.keep_duplicates,
         }
         if self.tokenizer_file is not None and self.tokenizer_file.startswith(HF_PREFIX):
             hf = load_hf_tokenizer(self.tokenizer_file)  # the content decides, not the name
@@ -143,6 +147,8 @@ class ChunkStage(Stage[ChunkConfig]):
         self._walk: WalkResult | None = None
         self.tok: Tokenizer | HFTokenizer | None = None
         self.plan: dict[str, Any] = {}
+        self.base = 0  # the index of the first shard this run writes
+        self.new_records: list[dict[str, Any]] = []  # the shards this run wrote (finalize)
 
     def walk(self) -> WalkResult:
         if self._walk is None:
@@ -170,17 +176,20 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         """Done, unless the inputs changed since (then refuse: a finished DB is never rewritten)."""
-        recorded = [(i["path"], i["bytes"]) for i in manifest.get("inputs", [])]
-        now = [(f.path, f.size) for f in self.walk().files]
+        inputs = db_inputs(self.db, manifest, by="chunk")
+        recorded = sorted((i["path"], i["bytes"]) for i in inputs)
+        now = sorted((f.path, f.size) for f in self.walk().files)
         if recorded != now:
             diff = next((a for a, b in itertools.zip_longest(recorded, now) if a != b), None) or \
                 next(b for a, b in itertools.zip_longest(recorded, now) if a != b)
-            raise UserError(f"chunk: the inputs changed since {self.db} was built (first difference: "
-                            f"{diff[0]}): use a new --out")
-        for rec in manifest.get("inputs", []):  # unreadable then (no sha256), readable now: changed too
+            raise InputsChanged(f"chunk: the inputs changed since {self.db} was built (first difference: "
+                                f"{diff[0]}): use a new --out, or `retro-build-index add --db {self.db} "
+                                f"--input ...` to add files")
+        for rec in inputs:  # unreadable then (no sha256), readable now: changed too
             if rec.get("sha256") is None and _readable(rec["path"]):
-                raise UserError(f"chunk: the inputs changed since {self.db} was built ({rec['path']} was "
-                                f"unreadable and is readable now): use a new --out")
+                raise InputsChanged(f"chunk: the inputs changed since {self.db} was built ({rec['path']} "
+                                    f"was unreadable and is readable now): use a new --out, or "
+                                    f"`retro-build-index add` to add it")
         shutil.rmtree(self.paths.chunk_work, ignore_errors=True)
         return True
 
@@ -189,12 +198,10 @@ class ChunkStage(Stage[ChunkConfig]):
         tok = manifest.get("tokenizer") or {}
         tokenizer = ([p.hf_tokenizer / name for name in tok.get("files", [])] if tok.get("kind") == "hf"
                      else [p.tokenizer])
-        return [*tokenizer, *(f(s) for s in SPLITS for f in (p.chunks, p.doc_ids, p.seq_starts, p.documents))]
+        return [*tokenizer, *(f for rec in self.new_records for f in shard_files(shard_paths(self.db, rec)))]
 
     def skip_message(self, stats: dict[str, Any]) -> str:
-        manifest = load_manifest(self.db)
-        line = summary_line(manifest["counts"], manifest.get("skipped", []), manifest.get("repaired", []))
-        return f"{line} (already done: nothing to do)"
+        return f"{summary_line(stats, self.name)} (already done: nothing to do)"
 
     def say(self, line: str) -> None:
         print(line, file=sys.stderr)
@@ -217,19 +224,31 @@ class ChunkStage(Stage[ChunkConfig]):
 
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         finals = (CHUNKS, DOC_IDS, SEQ_STARTS, DOCUMENTS)
+        shards = sorted(self.paths.shards_dir.glob("*")) if self.paths.shards_dir.is_dir() else []
         return [(self.db, (TOKENIZER,)), (self.paths.hf_tokenizer, HF_TOKENIZER_FILES),
                 (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN)),
-                *((self.paths.split(s), finals) for s in SPLITS)]
+                *((d, ("",)) for d in shards), *((d / s, finals) for d in shards for s in SPLITS)]
 
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
-        return units  # one process builds the whole database (many machines: a later change)
+        return [u for u in units if u.index % world == rank]
+
+    def prepare_tokenizer(self, manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
+        return prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
 
     def begin(self, manifest: dict[str, Any]) -> None:
-        self.tok = prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
-        self.paths.chunk_work.mkdir(exist_ok=True)
-        self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
-                                       self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+        """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them."""
+        if runtime.rank() == 0:
+            self.tok = self.prepare_tokenizer(manifest)
+            self.paths.chunk_work.mkdir(exist_ok=True)
+            self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
+                                          self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+        runtime.barrier()
+        if runtime.rank() != 0:
+            manifest = load_manifest(self.db)
+            self.tok = open_db_tokenizer(self.db, manifest["tokenizer"])
+            self.plan = json.loads(self.paths.chunk_plan.read_text())
         self._walk = None  # the plan holds the file list from here on
+        self.base = next_shard_index(manifest)
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         files = [InputFile.from_json(r) for r in self.plan["files"]]
@@ -256,28 +275,69 @@ class ChunkStage(Stage[ChunkConfig]):
         assert self.tok is not None
         _run_in_pool(todo, self.tok, self.cfg.workers, done)
 
-    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+    def finish_rank(self, manifest: dict[str, Any], run: RunInfo) -> None:
+        """Rank r of W merges the r-th contiguous run of parts into shard base + r: the shards,
+        concatenated, hold the same documents in the same order for any number of ranks."""
         assert self.tok is not None
-        merged = _merge(self.db, self.plan, self.tok, self.cfg)
-        manifest["counts"] = merged["counts"]
-        manifest["inputs"] = merged["inputs"]
-        manifest["skipped"] = merged["skipped"]
-        manifest["repaired"] = merged["repaired"]
+        rank, world = runtime.rank(), runtime.world_size()
+        n = len(self.plan["units"])
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        if lo >= hi:
+            return
+        paths = self.paths.shard(self.base + rank)
+        if read_shard_record(paths) is not None:
+            return  # written before a crash of another rank
+        parts = []
+        for u in range(n):
+            meta = read_part_meta(self.paths.chunk_part(u)) if u < hi else None
+            if u < hi and meta is None:
+                raise UserError(f"chunk: part {self.paths.chunk_part(u)} is missing after processing: re-run")
+            if u < hi:
+                parts.append((self.paths.chunk_part(u), meta))
+        seen = None
+        if not self.cfg.keep_duplicates:
+            seen = DigestSet(frozen_digests(self.db, manifest))
+            for p, meta in parts[:lo]:  # what the ranks before this one keep
+                for split in SPLITS:
+                    seen.keep(part_doc_info(p, split, meta)["digest"])
+        write_shard(self.db, self.base + rank, parts[lo:hi], token_dtype=self.tok.token_dtype,
+                    chunk_size=self.cfg.chunk_size, chunks_per_seq=self.cfg.seq_len // self.cfg.chunk_size,
+                    seen=seen, by=self.name, walk_skipped=self.plan["walk_skipped"] if rank == 0 else (),
+                    crash=lambda: crash_point(self.name, "merge"))
+
+    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        """Rank 0: list the new shards in the manifest (their records), the new totals."""
+        new = []
+        for r in range(runtime.world_size()):
+            rec = read_shard_record(self.paths.shard(self.base + r))
+            if rec is not None:
+                new.append(rec)
+        old = manifest.get("shards") or (shard_records(manifest) if stage_done(manifest, "chunk") else [])
+        manifest["shards"] = [*old, *new]
+        manifest["counts"] = total_counts(manifest["shards"])
         shutil.rmtree(self.paths.chunk_work, ignore_errors=True)
-        self.merged = merged
+        self.new_records = new
+        counts = total_counts(new)
         return {
-            "bytes": merged["bytes"],
-            "documents": sum(c["docs"] for c in merged["counts"].values()),
-            "chunks": sum(c["chunks"] for c in merged["counts"].values()),
-            "tokens": sum(c["tokens"] for c in merged["counts"].values()),
-            "skipped": dict(Counter(s["reason"] for s in merged["skipped"])),
-            "repaired_files": len(merged["repaired"]),
+            "bytes": sum(r["bytes"] for r in new),
+            "documents": sum(c["docs"] for c in counts.values()),
+            "chunks": sum(c["chunks"] for c in counts.values()),
+            "tokens": sum(c["tokens"] for c in counts.values()),
+            "counts": counts,
+            "shards": [r["dir"] for r in new],
+            "skipped": dict(sum((Counter(r["skipped"]) for r in new), Counter())),
+            "repaired_files": sum(r["repaired"] for r in new),
+            "duplicates": sum(r["duplicates"] for r in new),
             "seconds_tokenising_this_run": round(run.seconds, 3),
             "workers": self.cfg.workers,
         }
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
-        return summary_line(self.merged["counts"], self.merged["skipped"], self.merged["repaired"])
+        return summary_line(stats, self.name)
+
+
+class InputsChanged(UserError):
+    """A finished chunk stage asked to read other inputs (``all`` then adds them instead)."""
 
 
 def _readable(path: str) -> bool:
@@ -329,76 +389,18 @@ def _run_in_pool(todo: list[Unit], tok: Tokenizer | HFTokenizer, workers: int, d
             raise
 
 
-def _merge(db: Path, plan: dict, tok: Tokenizer | HFTokenizer, cfg: ChunkConfig) -> dict[str, Any]:
-    """Copy the parts, in order, into the final arrays (sizes known up front), streaming.
-
-    A block of one part is in memory at a time; what is kept across parts is per-file metadata
-    for the manifest (inputs, skips), never tokens or per-document lists.
-    """
-    n_units = len(plan["units"])
-    paths = DBLayout(db)
-    part_paths = [paths.chunk_part(i) for i in range(n_units)]
-    totals = {s: {"docs": 0, "chunks": 0, "tokens": 0} for s in SPLITS}
-    inputs: list[dict] = []
-    skipped: list[dict] = list(plan["walk_skipped"])
-    repaired: list[dict] = []
-    metas: list[dict] = []
-    nbytes = 0
-    for p in part_paths:  # pass 1: sizes and manifest metadata
-        m = read_part_meta(p)
-        if m is None:
-            raise UserError(f"chunk: part {p} is missing after processing: re-run to redo it")
-        for s in SPLITS:
-            for key in totals[s]:
-                totals[s][key] += m["counts"][s][key]
-        inputs += m["inputs"]
-        skipped += m["skipped"]
-        for sk in m["skipped"]:
-            log.info("skipped %s%s: %s", sk["path"], f" line {sk['line']}" if "line" in sk else "",
-                     sk["reason"])
-        repaired += m["repaired"]
-        nbytes += m["bytes"]
-        metas.append({"counts": m["counts"], "dtype": m["dtype"], "chunk_size": m["chunk_size"]})
-    counts: dict[str, dict[str, int]] = {}
-    chunks_per_seq = cfg.seq_len // cfg.chunk_size
-    for split in SPLITS:  # pass 2: the arrays, one split at a time
-        paths.split(split).mkdir(parents=True, exist_ok=True)
-        n_chunks, n_docs = totals[split]["chunks"], totals[split]["docs"]
-        w_c = NpyWriter(paths.chunks(split), tok.token_dtype, (n_chunks, cfg.chunk_size))
-        w_d = NpyWriter(paths.doc_ids(split), np.dtype(np.int64), (n_chunks,))
-        docs_tmp = temp_path(paths.documents(split))
-        doc = 0
-        with open(docs_tmp, "w", encoding="utf-8") as docs_f:
-            for p, meta in tqdm(list(zip(part_paths, metas)), desc=f"merge {split}", unit="part", leave=False):
-                for rows in part_rows(p, split, meta):
-                    w_c.append(rows)
-                for ids in part_doc_ids(p, split, meta, doc):
-                    w_d.append(ids)
-                doc += meta["counts"][split]["docs"]
-                docs_f.writelines(part_sources(p, split))
-            docs_f.flush()
-            os.fsync(docs_f.fileno())
-        assert doc == n_docs
-        w_c.close()
-        w_d.close()
-        os.replace(docs_tmp, paths.documents(split))
-        starts = sequence_starts(n_chunks, chunks_per_seq)
-        atomic_save_npy(paths.seq_starts(split), starts)
-        counts[split] = {**totals[split], "seqs": int(len(starts))}
-        crash_point("chunk", "merge")
-    return {"counts": counts, "inputs": inputs, "skipped": skipped, "repaired": repaired,
-            "bytes": nbytes}
-
-def summary_line(counts: dict, skipped: list[dict], repaired: list[dict]) -> str:
-    docs = sum(c["docs"] for c in counts.values())
-    chunks = sum(c["chunks"] for c in counts.values())
-    tokens = sum(c["tokens"] for c in counts.values())
-    by_reason = Counter(s["reason"] for s in skipped)
-    skip = ", ".join(f"{r}={n}" for r, n in sorted(by_reason.items())) or "none"
+def summary_line(stats: dict[str, Any], stage: str = "chunk") -> str:
+    """The stage's one-line summary from its stats (what this run added)."""
+    counts = stats.get("counts", {})
+    skipped = stats.get("skipped", {})
+    skip = ", ".join(f"{r}={n}" for r, n in sorted(skipped.items())) or "none"
     splits = "; ".join(f"{s}: {c['docs']} docs / {c['chunks']} chunks / {c['seqs']} seqs"
                        for s, c in counts.items())
-    return (f"chunk: {docs} documents, {chunks} chunks, {tokens} tokens ({splits}); "
-            f"skipped {sum(by_reason.values())} ({skip}); repaired {len(repaired)} files")
+    dups = f"; {stats['duplicates']} duplicate documents dropped" if stats.get("duplicates") else ""
+    return (f"{stage}: {stats.get('documents', 0)} documents, {stats.get('chunks', 0)} chunks, "
+            f"{stats.get('tokens', 0)} tokens ({splits}); skipped {sum(skipped.values())} ({skip}); "
+            f"repaired {stats.get('repaired_files', 0)} files{dups}")
+
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -437,6 +439,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
                         help="the field of a JSONL record / column of a Parquet file holding the "
                              "text (default text)")
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="store documents whose normalised text is already in the database "
+                             "(default: stored once, the rest counted)")
     parser.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION,
                         metavar="F", help="skip files with more undecodable UTF-8 bytes than this "
                                           "fraction (default 0.01); below it they become U+FFFD")
@@ -454,7 +459,7 @@ def config_from_args(args: argparse.Namespace) -> ChunkConfig:
         tokenizer_sample_mb=args.tokenizer_sample_mb, tokenizer_type=args.tokenizer_type,
         max_invalid_fraction=args.max_invalid_fraction, workers=args.workers,
         unit_bytes=int(args.unit_mb * (1 << 20)) if args.unit_mb else None,
-        text_field=args.text_field,
+        text_field=args.text_field, keep_duplicates=args.keep_duplicates,
     )
 
 

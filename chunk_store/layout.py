@@ -15,7 +15,11 @@
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
     DB/.chunk_work/plan.json, part_NNNNNNNN/         the chunk stage's work folder: one part a
                                    work unit (PartLayout: part.json, <split>.chunks.bin,
-                                   <split>.doc_chunks.bin, <split>.documents.jsonl)
+                                   <split>.doc_info.bin, <split>.documents.jsonl)
+    DB/shards/NNNNNN/<split>/{chunks,doc_ids,seq_starts}.npy, documents.jsonl   one shard's arrays
+    DB/shards/NNNNNN/shard.json, inputs.jsonl, skipped.jsonl, repaired.jsonl, digests.npy
+                                   its record, per-file records and sorted document digests
+                                   (a DB from before shards: one shard, its arrays in DB/<split>/)
 
 Why one module: stages, readers and tests all agree on these names; a file name written as a
 bare string anywhere else is a second source of truth that drifts. Temporary files are
@@ -50,8 +54,14 @@ CHUNK_PLAN = "plan.json"
 CHUNK_PART_PREFIX = "part_"
 PART_META = "part.json"  # written last: a part with it is whole
 PART_CHUNKS = "chunks.bin"  # raw (n, chunk_size) token rows
-PART_DOC_CHUNKS = "doc_chunks.bin"  # raw int64 chunks per document
+PART_DOC_INFO = "doc_info.bin"  # raw DOC_INFO records: chunks, tokens, text digest of each document
 PART_PENDING = "pending.bin"  # a streamed document's tokens before its split is known
+SHARDS_DIR = "shards"
+SHARD_META = "shard.json"
+SHARD_INPUTS = "inputs.jsonl"
+SHARD_SKIPPED = "skipped.jsonl"
+SHARD_REPAIRED = "repaired.jsonl"
+DIGESTS = "digests.npy"
 TEMP_MARK = ".tmp-"
 
 
@@ -142,6 +152,35 @@ class DBLayout:
         """Where autofaiss writes before the files are renamed in (a temporary folder)."""
         return temp_path(self.index_dir / "build", pid)
 
+    # ---- shards: a shard folder has a DB's split layout (chunks(split) etc.) plus these
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / SHARDS_DIR
+
+    def shard(self, index: int) -> "DBLayout":
+        return DBLayout(self.root / SHARDS_DIR / f"{index:06d}")
+
+    @property
+    def shard_meta(self) -> Path:
+        return self.root / SHARD_META
+
+    @property
+    def inputs_log(self) -> Path:
+        return self.root / SHARD_INPUTS
+
+    @property
+    def skipped_log(self) -> Path:
+        return self.root / SHARD_SKIPPED
+
+    @property
+    def repaired_log(self) -> Path:
+        return self.root / SHARD_REPAIRED
+
+    @property
+    def digests(self) -> Path:
+        return self.root / DIGESTS
+
     @property
     def chunk_work(self) -> Path:
         return self.root / CHUNK_WORK_DIR
@@ -172,8 +211,8 @@ class PartLayout:
     def chunks(self, split: str) -> Path:
         return self.root / f"{split}.{PART_CHUNKS}"
 
-    def doc_chunks(self, split: str) -> Path:
-        return self.root / f"{split}.{PART_DOC_CHUNKS}"
+    def doc_info(self, split: str) -> Path:
+        return self.root / f"{split}.{PART_DOC_INFO}"
 
     def documents(self, split: str) -> Path:
         return self.root / f"{split}.{DOCUMENTS}"

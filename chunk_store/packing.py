@@ -234,7 +234,7 @@ def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec
         skipped.append(skip)
         return stream.sha256, stream.invalid_bytes, False
     split = "val" if val_digest(stream.text_digest, spec.val_fraction) else "train"
-    writer.commit(doc, split, {"source": path})
+    writer.commit(doc, split, {"source": path}, stream.text_digest)
     return stream.sha256, stream.invalid_bytes, True
 
 
@@ -272,8 +272,9 @@ def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], pat
             ids = np.asarray(next(ids_of), dtype=tok.token_dtype)
         else:
             ids = tok.encode_array(text)  # pieces: memory flat in a record's size
-        split = "val" if is_val(text, val_fraction) else "train"
-        writer.add(split, ids, {"source": path, key: rec.line})
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        split = "val" if val_digest(digest, val_fraction) else "train"
+        writer.add(split, ids, {"source": path, key: rec.line}, digest)
     return len(batch)
 
 

@@ -3,7 +3,8 @@
 Why streamed both ways: a unit can be one compressed JSONL shard of GBs or one plain-text
 document of any size, so neither the worker that writes a part nor the merge that reads it may
 hold it whole. A part is a folder (chunk_store.layout.PartLayout) of raw files, per split: the
-chunk rows (each document's tokens, EOS, pad to whole chunks), the chunks per document (int64)
+chunk rows (each document's tokens, EOS, pad to whole chunks), a DOC_INFO record per document (its chunks,
+its tokens with EOS, the first 16 bytes of the sha256 of its normalised text: the duplicate key)
 and one JSON line per document (where it came from); ``part.json`` (counts, inputs, skips) is
 written last and the folder renamed into place, so a part is either whole or absent.
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 from chunk_store.layout import SPLITS, PartLayout, temp_path
 
+DOC_INFO = np.dtype([("chunks", "<i8"), ("tokens", "<i8"), ("digest", "S16")])
 FLUSH_TOKENS = 1 << 20  # tokens of whole documents buffered per split before they are packed
 SPILL_TOKENS = 4 << 20  # a streamed document's tokens held in memory before they go to disk
 READ_ROWS = 1 << 16  # chunk rows a reader hands out at a time
@@ -96,17 +98,18 @@ class PartWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.files = PartLayout(self.tmp)
-        self.out = {s: (open(self.files.chunks(s), "wb"), open(self.files.doc_chunks(s), "wb"),
+        self.out = {s: (open(self.files.chunks(s), "wb"), open(self.files.doc_info(s), "wb"),
                         open(self.files.documents(s), "w", encoding="utf-8")) for s in SPLITS}
-        self.buffer: dict[str, tuple[list[np.ndarray], list[dict]]] = {s: ([], []) for s in SPLITS}
+        self.buffer: dict[str, tuple[list[np.ndarray], list[dict], list[bytes]]] = {s: ([], [], []) for s in SPLITS}
         self.buffered = dict.fromkeys(SPLITS, 0)
         self.counts = {s: {"docs": 0, "chunks": 0, "tokens": 0} for s in SPLITS}
 
-    def add(self, split: str, tokens: np.ndarray, source: dict) -> None:
+    def add(self, split: str, tokens: np.ndarray, source: dict, digest: bytes) -> None:
         """One whole document (buffered, packed with its neighbours in one scatter)."""
-        toks, sources = self.buffer[split]
+        toks, sources, digests = self.buffer[split]
         toks.append(tokens)
         sources.append(source)
+        digests.append(digest[:16])
         self.buffered[split] += len(tokens) + 1
         if self.buffered[split] >= FLUSH_TOKENS:
             self._flush(split)
@@ -114,7 +117,7 @@ class PartWriter:
     def pending(self) -> PendingDocument:
         return PendingDocument(self.files.pending, self.dtype)
 
-    def commit(self, doc: PendingDocument, split: str, source: dict) -> None:
+    def commit(self, doc: PendingDocument, split: str, source: dict, digest: bytes) -> None:
         """A streamed document, now that its split is known: its tokens, EOS, pad to a whole chunk."""
         self._flush(split)
         chunks_f, doc_f, docs_f = self.out[split]
@@ -124,22 +127,26 @@ class PartWriter:
         tail[0] = self.eos_id
         chunks_f.write(tail.tobytes())
         rows = -(-(doc.n + 1) // self.chunk_size)
-        doc_f.write(np.array([rows], dtype=np.int64).tobytes())
+        doc_f.write(np.array([(rows, doc.n + 1, digest[:16])], dtype=DOC_INFO).tobytes())
         docs_f.write(json.dumps(source) + "\n")
         self._count(split, 1, rows, doc.n + 1)
         doc.discard()
 
     def _flush(self, split: str) -> None:
-        toks, sources = self.buffer[split]
+        toks, sources, digests = self.buffer[split]
         if not toks:
             return
         chunks, doc_chunks = pack_documents(toks, self.chunk_size, self.pad_id, self.eos_id, self.dtype)
         chunks_f, doc_f, docs_f = self.out[split]
         chunks_f.write(chunks.tobytes())
-        doc_f.write(doc_chunks.astype(np.int64).tobytes())
+        info = np.empty(len(toks), dtype=DOC_INFO)
+        info["chunks"] = doc_chunks
+        info["tokens"] = [len(t) + 1 for t in toks]
+        info["digest"] = digests
+        doc_f.write(info.tobytes())
         docs_f.writelines(json.dumps(s) + "\n" for s in sources)
         self._count(split, len(toks), len(chunks), self.buffered[split])
-        self.buffer[split] = ([], [])
+        self.buffer[split] = ([], [], [])
         self.buffered[split] = 0
 
     def _count(self, split: str, docs: int, chunks: int, tokens: int) -> None:
@@ -184,7 +191,7 @@ def read_part_meta(folder: Path) -> dict[str, Any] | None:
         for split in SPLITS:
             c = meta["counts"][split]
             if (files.chunks(split).stat().st_size != c["chunks"] * row
-                    or files.doc_chunks(split).stat().st_size != c["docs"] * 8
+                    or files.doc_info(split).stat().st_size != c["docs"] * DOC_INFO.itemsize
                     or not files.documents(split).exists()):
                 return None
         return meta
@@ -192,33 +199,48 @@ def read_part_meta(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def part_rows(folder: Path, split: str, meta: dict[str, Any]) -> Iterator[np.ndarray]:
-    """The part's chunk rows of ``split``, READ_ROWS at a time. Plain reads, not a memmap: mapped
-    pages would count in the merge's RSS and grow with the part."""
-    n, width = int(meta["counts"][split]["chunks"]), int(meta["chunk_size"])
-    dtype = np.dtype(meta["dtype"])
-    with open(PartLayout(Path(folder)).chunks(split), "rb") as f:
-        for a in range(0, n, READ_ROWS):
-            rows = min(READ_ROWS, n - a)
-            yield np.fromfile(f, dtype=dtype, count=rows * width).reshape(rows, width)
-
-
-def part_doc_ids(folder: Path, split: str, meta: dict[str, Any], first_doc: int) -> Iterator[np.ndarray]:
-    """The doc id of each of ``split``'s chunk rows (documents numbered from ``first_doc``), at
-    most 4 x READ_ROWS at a time: one document of any length never makes one big array."""
+def part_doc_info(folder: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
+    """The DOC_INFO record of each of ``split``'s documents (32 bytes a document)."""
     n = int(meta["counts"][split]["docs"])
-    doc = first_doc
-    with open(PartLayout(Path(folder)).doc_chunks(split), "rb") as f:
-        for a in range(0, n, READ_ROWS):
-            counts = np.fromfile(f, dtype=np.int64, count=min(READ_ROWS, n - a))
-            ids = np.arange(doc, doc + len(counts), dtype=np.int64)
-            doc += len(counts)
-            if counts.sum() <= 4 * READ_ROWS:
-                yield np.repeat(ids, counts)
+    return np.fromfile(PartLayout(Path(folder)).doc_info(split), dtype=DOC_INFO, count=n)
+
+
+def part_rows(folder: Path, split: str, meta: dict[str, Any], doc_chunks: np.ndarray,
+              keep: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The chunk rows of ``split``'s documents (only those where ``keep``), READ_ROWS at a time.
+    Plain reads, not a memmap: mapped pages would count in the merge's RSS and grow with the part."""
+    width, dtype = int(meta["chunk_size"]), np.dtype(meta["dtype"])
+    row_bytes = width * dtype.itemsize
+    keep = np.ones(len(doc_chunks), dtype=bool) if keep is None else keep
+    if not len(doc_chunks):
+        return
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(keep.astype(np.int8))) + 1, [len(keep)]])
+    with open(PartLayout(Path(folder)).chunks(split), "rb") as f:
+        for d0, d1 in zip(cuts[:-1], cuts[1:]):  # runs of documents kept (or dropped) together
+            n = int(doc_chunks[d0:d1].sum())
+            if not keep[d0]:
+                f.seek(n * row_bytes, os.SEEK_CUR)
                 continue
-            for i, c in zip(ids, counts):  # long documents: row blocks of one id each
-                for b in range(0, int(c), READ_ROWS):
-                    yield np.full(min(READ_ROWS, int(c) - b), i, dtype=np.int64)
+            for a in range(0, n, READ_ROWS):
+                rows = min(READ_ROWS, n - a)
+                yield np.fromfile(f, dtype=dtype, count=rows * width).reshape(rows, width)
+
+
+def doc_id_blocks(doc_chunks: np.ndarray, first_doc: int) -> Iterator[np.ndarray]:
+    """The doc id of each chunk row of documents with ``doc_chunks`` rows each (numbered from
+    ``first_doc``), at most 4 x READ_ROWS at a time: one document of any length never makes one
+    big array."""
+    doc = first_doc
+    for a in range(0, len(doc_chunks), READ_ROWS):
+        counts = np.asarray(doc_chunks[a:a + READ_ROWS], dtype=np.int64)
+        ids = np.arange(doc, doc + len(counts), dtype=np.int64)
+        doc += len(counts)
+        if counts.sum() <= 4 * READ_ROWS:
+            yield np.repeat(ids, counts)
+            continue
+        for i, c in zip(ids, counts):  # long documents: row blocks of one id each
+            for b in range(0, int(c), READ_ROWS):
+                yield np.full(min(READ_ROWS, int(c) - b), i, dtype=np.int64)
 
 
 def part_sources(folder: Path, split: str) -> Iterator[str]:

@@ -200,6 +200,10 @@ class Stage(ABC, Generic[C]):
             self.compute(unit)
             done(unit)
 
+    def finish_rank(self, manifest: dict[str, Any], run: RunInfo) -> None:
+        """Every rank, once all units are done and before rank 0's finalize: work that ranks
+        share after the units (the chunk stage: each rank writes its own shard)."""
+
     @abstractmethod
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
         """Rank 0, after every rank's units: assemble, verify, update ``manifest``; the stats."""
@@ -313,6 +317,8 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
                 stage.run_units(todo, done)
         run = RunInfo(seconds=time.time() - t0, units_done=written, units_reused=len(mine) - len(todo),
                       rank=rank, world_size=world)
+        runtime.barrier()
+        stage.finish_rank(load_manifest(stage.db), run)
         runtime.barrier()
         stats: dict[str, Any] = {}
         if rank == 0:

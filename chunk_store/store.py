@@ -18,6 +18,8 @@ from chunk_store.errors import UserError
 from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
 from chunk_store.manifest import load_manifest, open_npy, stage_done
 from chunk_store.hf_tokenizer import HFTokenizer, open_db_tokenizer
+from chunk_store.sharded_array import concat
+from chunk_store.shards import shard_paths, shard_records
 from chunk_store.tokenizer import Tokenizer
 
 
@@ -41,26 +43,37 @@ class ChunkStore:
         if tok_rec.get("vocab_size") not in (None, self.tokenizer.vocab_size):
             raise UserError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
                           f"says {tok_rec['vocab_size']}")
-        self.paths = paths = DBLayout(self.db)
-        self.chunks: np.ndarray = open_npy(paths.chunks(split))
-        self.doc_ids: np.ndarray = open_npy(paths.doc_ids(split))
-        self.seq_starts: np.ndarray = open_npy(paths.seq_starts(split))
-        if self.chunks.ndim != 2 or self.chunks.shape[1] != self.chunk_size:
-            raise UserError(f"corrupt {paths.chunks(split)}: shape {self.chunks.shape}, expected "
-                          f"(n, {self.chunk_size})")
-        if self.doc_ids.shape != (self.chunks.shape[0],):
-            raise UserError(f"corrupt {paths.doc_ids(split)}: shape {self.doc_ids.shape}, expected "
-                          f"({self.chunks.shape[0]},)")
+        self.paths = DBLayout(self.db)
+        self.shards = [shard_paths(self.db, rec) for rec in shard_records(self.manifest)]
+        chunks, doc_ids, seq_starts = [], [], []
+        for paths in self.shards:
+            c, d = open_npy(paths.chunks(split)), open_npy(paths.doc_ids(split))
+            if c.ndim != 2 or c.shape[1] != self.chunk_size:
+                raise UserError(f"corrupt {paths.chunks(split)}: shape {c.shape}, expected (n, {self.chunk_size})")
+            if d.shape != (c.shape[0],):
+                raise UserError(f"corrupt {paths.doc_ids(split)}: shape {d.shape}, expected ({c.shape[0]},)")
+            chunks.append(c)
+            doc_ids.append(d)
+            seq_starts.append(open_npy(paths.seq_starts(split)))
+        # global ids: a shard's chunks and documents come after those of the shards before it
+        self._chunk_offsets = np.concatenate([[0], np.cumsum([c.shape[0] for c in chunks])]).astype(np.int64)
+        docs = [int(rec.get("counts", {}).get(split, {}).get("docs", int(d[-1]) + 1 if len(d) else 0))
+                for rec, d in zip(shard_records(self.manifest), doc_ids)]
+        self._doc_offsets_by_shard = np.concatenate([[0], np.cumsum(docs)]).astype(np.int64)
+        self.chunks: np.ndarray = concat(chunks)  # type: ignore[assignment]
+        self.doc_ids: np.ndarray = concat(doc_ids, self._doc_offsets_by_shard[:-1])  # type: ignore[assignment]
+        self.seq_starts: np.ndarray = concat(seq_starts, self._chunk_offsets[:-1])  # type: ignore[assignment]
+        self._local_doc_ids = doc_ids
         counts = self.manifest.get("counts", {}).get(split, {})
-        self.num_chunks: int = int(self.chunks.shape[0])
-        self.num_docs: int = int(counts.get("docs", int(self.doc_ids[-1]) + 1 if self.num_chunks else 0))
+        self.num_chunks: int = int(self._chunk_offsets[-1])
+        self.num_docs: int = int(self._doc_offsets_by_shard[-1])
         if counts and counts.get("chunks") != self.num_chunks:
-            raise UserError(f"corrupt {paths.chunks(split)}: {self.num_chunks} chunks, the manifest says "
-                          f"{counts.get('chunks')}")
+            raise UserError(f"corrupt {self.shards[0].chunks(split)}: {self.num_chunks} chunks, the manifest "
+                            f"says {counts.get('chunks')}")
         self._neighbours: np.ndarray | None = None
         self._neighbour_distances: np.ndarray | None = None
         self._train: ChunkStore | None = self if split == "train" else None
-        self._doc_offsets: np.ndarray | None = None
+        self._doc_offsets: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, db: str | Path, split: str = "train") -> "ChunkStore":
@@ -118,13 +131,21 @@ class ChunkStore:
         same[ok] = self.doc_ids[nxt[ok]] == self.doc_ids[ids[ok]]
         return np.where(same, nxt, -1)
 
-    def doc_chunk_range(self, doc_id: int) -> tuple[int, int]:
-        """[first, end) chunk ids of one document (doc ids are sorted: a doc's chunks are consecutive)."""
+    def _shard_of_doc(self, doc_id: int) -> tuple[int, int]:
+        """(shard, local doc id) of a global doc id."""
         if not 0 <= doc_id < self.num_docs:
             raise IndexError(f"doc id {doc_id} out of range for {self.split} split of {self.num_docs}")
-        lo = int(np.searchsorted(self.doc_ids, doc_id, side="left"))
-        hi = int(np.searchsorted(self.doc_ids, doc_id, side="right"))
-        return lo, hi
+        s = int(np.searchsorted(self._doc_offsets_by_shard, doc_id, side="right")) - 1
+        return s, doc_id - int(self._doc_offsets_by_shard[s])
+
+    def doc_chunk_range(self, doc_id: int) -> tuple[int, int]:
+        """[first, end) chunk ids of one document (doc ids are sorted: a doc's chunks are consecutive)."""
+        s, local = self._shard_of_doc(doc_id)
+        ids = self._local_doc_ids[s]
+        lo = int(np.searchsorted(ids, local, side="left"))
+        hi = int(np.searchsorted(ids, local, side="right"))
+        base = int(self._chunk_offsets[s])
+        return base + lo, base + hi
 
     def doc_text(self, doc_id: int) -> str:
         """The whole document, decoded from its chunks (equals the source text after normalisation)."""
@@ -132,15 +153,14 @@ class ChunkStore:
         return self.tokenizer.decode(self.chunks[lo:hi])
 
     def doc_source(self, doc_id: int) -> dict:
-        """Where a document came from: {"source": path[, "line": n]} (documents.jsonl).
+        """Where a document came from: {"source": path[, "line": n | "row": n]} (documents.jsonl).
 
-        Reads one line through a line-offset index built on first use (8 bytes a document),
-        so it stays cheap for millions of documents.
+        Reads one line through a line-offset index of its shard built on first use (8 bytes a
+        document), so it stays cheap for millions of documents.
         """
-        if not 0 <= doc_id < self.num_docs:
-            raise IndexError(f"doc id {doc_id} out of range for {self.split} split of {self.num_docs}")
-        path = self.paths.documents(self.split)
-        if self._doc_offsets is None:
+        s, local = self._shard_of_doc(doc_id)
+        path = self.shards[s].documents(self.split)
+        if s not in self._doc_offsets:
             if not path.exists():
                 raise UserError(f"missing file {path}")
             parts, pos = [], 0
@@ -149,17 +169,19 @@ class ChunkStore:
                     parts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + 1 + pos)
                     pos += len(block)
             ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            if len(ends) != self.num_docs:
-                raise UserError(f"corrupt {path}: {len(ends)} lines for {self.num_docs} documents")
-            self._doc_offsets = np.concatenate([[0], ends]).astype(np.int64)
-        lo, hi = int(self._doc_offsets[doc_id]), int(self._doc_offsets[doc_id + 1])
+            expected = int(self._doc_offsets_by_shard[s + 1] - self._doc_offsets_by_shard[s])
+            if len(ends) != expected:
+                raise UserError(f"corrupt {path}: {len(ends)} lines for {expected} documents")
+            self._doc_offsets[s] = np.concatenate([[0], ends]).astype(np.int64)
+        offsets = self._doc_offsets[s]
+        lo, hi = int(offsets[local]), int(offsets[local + 1])
         with open(path, "rb") as f:
             f.seek(lo)
             line = f.read(hi - lo)
         try:
             return json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"corrupt {path} line {doc_id + 1}: {e}") from None
+            raise UserError(f"corrupt {path} line {local + 1}: {e}") from None
 
     # -------------------------------------------------------------- neighbours (after knn)
 

@@ -22,6 +22,7 @@ from chunk_store.manifest import load_manifest
 # stage name -> module that implements it (imported lazily: `info` must not import torch)
 STAGE_MODULES: dict[str, str] = {
     "chunk": "chunk_store.build",
+    "add": "chunk_store.add",
     "embed": "index_builder.embed",
     "index": "index_builder.faiss_index",
     "knn": "index_builder.knn",
@@ -39,11 +40,12 @@ def info(args: argparse.Namespace) -> dict:
     status = {
         s: ("done" if manifest["stages"].get(s, {}).get("finished") else
             "partial" if s in manifest["stages"] else "missing")
-        for s in STAGE_MODULES
+        for s in STAGE_MODULES if s != "add" or s in manifest["stages"]
     }
     if args.brief:  # the figures a person reads, without the per-file lists
         manifest = {
             "counts": manifest.get("counts"),
+            "shards": len(manifest.get("shards") or [None]),
             "chunk_size": manifest.get("chunk_size"),
             "seq_len": manifest.get("seq_len"),
             "stages": {s: rec.get("stats", {}) for s, rec in manifest["stages"].items()},
@@ -81,17 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         if name == "chunk":
             p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
+        elif name == "add":
+            p.add_argument("--db", "--out", dest="db", required=True, help="the database to grow")
         else:
             p.add_argument("--db", required=True, help="database directory")
         module.add_arguments(p)
         add_shared_options(p, module.SHARED_OPTIONS)
         p.set_defaults(func=module.run)
 
-    p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(stages) + ")")
+    build = {name: m for name, m in stages.items() if name != "add"}
+    p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(build) + "); on a built "
+                                   "database with new inputs, add them and update the rest")
     p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
-    for module in stages.values():
+    for module in build.values():
         module.add_arguments(p)
-    add_shared_options(p, sorted({n for m in stages.values() for n in m.SHARED_OPTIONS}))
+    add_shared_options(p, sorted({n for m in build.values() for n in m.SHARED_OPTIONS}))
     p.set_defaults(func=lambda a: run_all(a, stages))
 
     p = sub.add_parser("info", help="the manifest and stage status, as JSON")
@@ -121,11 +127,23 @@ def search(args: argparse.Namespace) -> dict:
     return {"queries": len(out)}
 
 
-def run_all(args: argparse.Namespace, stages: dict[str, object]) -> dict:
+def run_all(args: argparse.Namespace, stages: dict[str, Any]) -> dict:
+    """Every stage in order; a built database whose inputs gained files gets them added (the
+    add stage) and the later stages update."""
+    from chunk_store.build import InputsChanged
+
     summary = {}
     for name, module in stages.items():
+        if name == "add":
+            continue
         print(f"== {name}", file=sys.stderr)
-        summary[name] = module.run(args)
+        try:
+            summary[name] = module.run(args)
+        except InputsChanged:
+            if name != "chunk":
+                raise
+            print("== add (the database exists: adding what is new)", file=sys.stderr)
+            summary["add"] = stages["add"].run(args)
     print(json.dumps({"summary": summary}, indent=2, default=str))
     return summary
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from chunk_store.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout, temp_path
-from chunk_store.manifest import atomic_save_npy, open_npy
+from chunk_store.manifest import atomic_save_npy
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
 from chunk_store.store import ChunkStore
@@ -244,14 +244,15 @@ class KnnStage(Stage[KnnConfig]):
         faiss.omp_set_num_threads(threads)
         torch.set_num_threads(threads)
         # memory-mapped: random access via page cache
-        self.train_docs = open_npy(self.paths.doc_ids("train"))
+        train_store = ChunkStore.open(self.db, "train")  # every shard, global ids
+        self.train_docs = train_store.doc_ids
         self.ntotal = ntotal = int(self.train_docs.shape[0])
-        self.train_seq_starts = np.asarray(open_npy(self.paths.seq_starts("train")), dtype=np.int64)
+        self.train_seq_starts = np.asarray(train_store.seq_starts, dtype=np.int64)
         train_emb = open_embeddings(self.db, "train")
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
                             f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
-        self.content = ChunkStore.open(self.db, "train").content_mask()  # EOS/padding-only: never a neighbour
+        self.content = train_store.content_mask()  # EOS/padding-only: never a neighbour
         self.emb = {"train": train_emb}
         self.docs = {"train": self.train_docs}
         self.short_rows = 0
@@ -274,7 +275,7 @@ class KnnStage(Stage[KnnConfig]):
     def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         if split not in self.emb:
             self.emb[split] = open_embeddings(self.db, split)
-            self.docs[split] = open_npy(self.paths.doc_ids(split))
+            self.docs[split] = ChunkStore.open(self.db, split).doc_ids
         return self.emb[split], self.docs[split]
 
     def compute(self, unit: Unit, search: SearchFn | None = None, queries: np.ndarray | None = None) -> None:

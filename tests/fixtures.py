@@ -306,3 +306,23 @@ def assert_round_trip(run: Path, out: Path, x: "torch.Tensor", nbrs: "torch.Tens
     ref = generate(model, x[0, :5].tolist(), max_new_tokens=8, temperature=0.0, eos_id=hf.config.eos_token_id)
     assert ids[0, :len(ref.tokens)].tolist() == ref.tokens
     return hf
+
+
+def full_manifest(db: str | Path) -> dict:
+    """The manifest with every shard's per-file records gathered in (inputs, skipped, repaired),
+    as tests read them; a DB's own manifest keeps them in the shards' files."""
+    from chunk_store.manifest import load_manifest
+    from chunk_store.shards import db_inputs, db_repaired, db_skipped
+
+    m = load_manifest(db)
+    return {**m, "inputs": db_inputs(Path(db), m), "skipped": db_skipped(Path(db), m),
+            "repaired": db_repaired(Path(db), m)}
+
+
+def shard_files_of(db: str | Path, index: int = 0) -> list[str]:
+    """The split files of shard ``index`` of a DB, relative to the DB (as OUTPUT_FILES lists them)."""
+    from chunk_store.layout import SPLITS, DBLayout
+
+    paths = DBLayout(db).shard(index)
+    return [f(s).relative_to(Path(db)).as_posix() for s in SPLITS
+            for f in (paths.chunks, paths.doc_ids, paths.seq_starts, paths.documents)]

@@ -21,12 +21,12 @@ from chunk_store.packing import is_val, sequence_starts
 from chunk_store.part_files import pack_documents
 from chunk_store.stage import CRASH_ENV
 from chunk_store.manifest import load_manifest
-from fixtures import random_text, write_corpus
+from fixtures import full_manifest, random_text, write_corpus
 from chunk_store.input_formats import TextStream
 from chunk_store.text_files import decode_bytes, split_jsonl
 from index_builder.cli import main as cli
 
-OUTPUT_FILES = [f"{s}/{n}" for s in ("train", "val")
+OUTPUT_FILES = [f"shards/000000/{s}/{n}" for s in ("train", "val")
                 for n in ("chunks.npy", "doc_ids.npy", "seq_starts.npy", "documents.jsonl")] + [
     "tokenizer.model"]
 
@@ -133,7 +133,7 @@ def test_hostile_folder(tmp_path: Path, capsys) -> None:
     summary = [line for line in err.splitlines() if line.startswith("chunk: ")][-1]
     assert "8 documents" in summary
 
-    m = load_manifest(db)
+    m = full_manifest(db)
     reasons: dict[str, int] = {}
     for s in m["skipped"]:
         reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
@@ -272,7 +272,7 @@ def test_duplicate_and_nested_inputs_are_read_once(corpus: Path, reference_db: P
     argv = chunk_argv(corpus, db, "--input", str(corpus), "--input", str(corpus / "d000"))
     assert cli(argv) == 0
     assert outputs(db) == outputs(reference_db)
-    assert [s["reason"] for s in load_manifest(db)["skipped"]] == ["duplicate_input"] * 2
+    assert [s["reason"] for s in full_manifest(db)["skipped"]] == ["duplicate_input"] * 2
 
 
 def test_big_jsonl_is_split_into_line_aligned_units(tmp_path: Path) -> None:
@@ -298,8 +298,8 @@ def test_big_jsonl_is_split_into_line_aligned_units(tmp_path: Path) -> None:
     assert cli(chunk_argv(src, big_units, "--workers", "1", "--unit-mb", "64")) == 0
     assert outputs(small_units) == outputs(big_units)
 
-    m = load_manifest(small_units)
-    assert m == {**m, "inputs": load_manifest(big_units)["inputs"]}
+    m = full_manifest(small_units)
+    assert m["inputs"] == full_manifest(big_units)["inputs"]
     big = [i for i in m["inputs"] if i["path"].endswith("big.jsonl")]
     assert big == [{"path": big[0]["path"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
     assert sorted(s["line"] for s in m["skipped"]) == [n for n in range(1, 301) if n % 37 == 0]
@@ -350,7 +350,7 @@ def test_unreadable_file_is_counted_and_rerun_is_a_noop(tmp_path: Path, capsys) 
     (src / "secret.txt").chmod(0)
     db = tmp_path / "db"
     assert cli(chunk_argv(src, db)) == 0
-    assert [s["reason"] for s in load_manifest(db)["skipped"]] == ["unreadable"]
+    assert [s["reason"] for s in full_manifest(db)["skipped"]] == ["unreadable"]
     assert cli(chunk_argv(src, db)) == 0
     assert "already done" in capsys.readouterr().err
 

@@ -59,7 +59,7 @@ def test_chunk_stage_with_hf_tokenizer(tmp_path: Path, corpus: tuple[Path, list[
     assert rec["kind"] == "hf" and rec["sha256"] == sha256_file(folder / "tokenizer.json")
     assert sha256_file(paths.hf_tokenizer / "tokenizer.json") == rec["sha256"]
     for split in ("train", "val"):
-        assert np.array_equal(np.load(paths.chunks(split)), np.load(DBLayout(dbs[1]).chunks(split)))
+        assert np.array_equal(np.load(paths.shard(0).chunks(split)), np.load(DBLayout(dbs[1]).shard(0).chunks(split)))
     store = ChunkStore.open(dbs[0], "train")
     tok = store.tokenizer
     assert isinstance(tok, HFTokenizer) and tok.vocab_size == rec["vocab_size"]

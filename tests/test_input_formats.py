@@ -27,7 +27,7 @@ from chunk_store.input_formats import RecordReport, TextStream, input_format, it
 from chunk_store.manifest import load_manifest
 from chunk_store.text_files import decode_bytes
 from chunk_store.tokenizer import iter_pieces
-from fixtures import random_text
+from fixtures import full_manifest, random_text
 from index_builder.cli import main as cli
 from test_chunk_build import chunk_argv
 
@@ -123,7 +123,7 @@ def test_every_input_format_round_trips(tmp_path: Path) -> None:
     _write_formats(tmp_path / "in", texts)
     db = tmp_path / "db"
     assert cli(chunk_argv(tmp_path / "in", db, "--text-field", "body", "--workers", "2")) == 0
-    m = load_manifest(db)
+    m = full_manifest(db)
     assert m["skipped"] == [] and m["stages"]["chunk"]["params"]["text_field"] == "body"
     expected = {("one.txt.gz", None): texts[0], ("two.txt.zst", None): texts[1], ("plain.txt", None): texts[2]}
     for name, lo in (("a.jsonl", 3), ("b.jsonl.gz", 13), ("c.jsonl.zst", 23), ("d.json.gz", 33)):
@@ -140,7 +140,8 @@ def test_every_input_format_round_trips(tmp_path: Path) -> None:
     assert cli(tok_argv(tmp_path / "in", ref, db / "tokenizer.model", "--text-field", "body")) == 0
     for split in ("train", "val"):
         for name in ("chunks.npy", "doc_ids.npy", "documents.jsonl"):
-            assert (small / split / name).read_bytes() == (ref / split / name).read_bytes(), (split, name)
+            rel = f"shards/000000/{split}/{name}"
+            assert (small / rel).read_bytes() == (ref / rel).read_bytes(), rel
 
 
 def test_hostile_archives_are_counted_skips_and_lose_nothing_else(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ def test_hostile_archives_are_counted_skips_and_lose_nothing_else(tmp_path: Path
                                       + json.dumps({"text": texts[21]}).encode() + b"\n")
     db = tmp_path / "db"
     assert cli(chunk_argv(src, db, "--workers", "2")) == 0
-    m = load_manifest(db)
+    m = full_manifest(db)
     by_file = Counter((os.path.basename(s["path"]), s["reason"]) for s in m["skipped"])
     assert by_file == Counter({("truncated.jsonl.gz", "corrupt_archive"): 1, ("garbage.txt.gz", "corrupt_archive"): 1,
                                ("garbage.jsonl.zst", "corrupt_archive"): 1, ("nul.txt.zst", "binary"): 1,
@@ -232,20 +233,15 @@ def test_one_huge_document_streams_in_bounded_memory(tmp_path: Path) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(1, 7), st.integers(0, 5))
-def test_part_doc_ids_match_a_repeat_in_blocks_of_any_size(counts: list[int], rows: int, first: int) -> None:
-    import tempfile
+def test_doc_id_blocks_match_a_repeat_in_blocks_of_bounded_size(counts: list[int], rows: int, first: int) -> None:
     from unittest import mock
 
     import numpy as np
 
     from chunk_store import part_files
-    from chunk_store.layout import PartLayout
 
-    with tempfile.TemporaryDirectory() as d:
-        PartLayout(Path(d)).doc_chunks("train").write_bytes(np.array(counts, dtype=np.int64).tobytes())
-        meta = {"counts": {"train": {"docs": len(counts)}}}
-        with mock.patch.object(part_files, "READ_ROWS", rows):
-            blocks = list(part_files.part_doc_ids(Path(d), "train", meta, first))
+    with mock.patch.object(part_files, "READ_ROWS", rows):
+        blocks = list(part_files.doc_id_blocks(np.array(counts, dtype=np.int64), first))
     assert all(len(b) <= 4 * rows for b in blocks)
     expected = np.repeat(np.arange(first, first + len(counts)), counts)
     assert np.array_equal(np.concatenate(blocks), expected)

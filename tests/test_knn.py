@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chunk_store.layout import DBLayout
 from chunk_store.manifest import load_manifest
 from chunk_store.stage import CRASH_ENV
 from index_builder.exact_search import ExactSearchConfig, exact_search
@@ -124,7 +125,7 @@ def db(tmp_path_factory):
 
 
 def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
-    train_docs = np.load(db / "train" / "doc_ids.npy")
+    train_docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
     nb = np.load(db / "train" / "neighbours.npy")
     nd = np.load(db / "train" / "neighbour_distances.npy")
     n = len(train_docs)
@@ -134,7 +135,7 @@ def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
     assert not (nb == np.arange(n)[:, None]).any()
     assert not (train_docs[np.where(valid, nb, 0)] == train_docs[:, None])[valid].any()
     # no neighbour from any document of the chunk's training sequence (Megatron's rule)
-    starts = np.load(db / "train" / "seq_starts.npy")
+    starts = np.load(DBLayout(db).shard(0).seq_starts("train"))
     cps = load_manifest(db)["seq_len"] // load_manifest(db)["chunk_size"]
     for s in starts.tolist():
         seq_docs = set(train_docs[s:s + cps].tolist())
@@ -142,7 +143,7 @@ def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
         assert not seq_docs.intersection(train_docs[got].tolist())
     assert (np.diff(nd, axis=1) >= -1e-5).all()
     vb = np.load(db / "val" / "neighbours.npy")
-    assert vb.shape[0] == len(np.load(db / "val" / "doc_ids.npy"))
+    assert vb.shape[0] == len(np.load(DBLayout(db).shard(0).doc_ids("val")))
     assert ((vb >= 0) & (vb < n)).all()
     m = load_manifest(db)
     assert m["stages"]["knn"]["finished"] and m["stages"]["knn"]["params"]["k"] == 2

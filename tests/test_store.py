@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chunk_store.layout import DBLayout
 from chunk_store import ChunkStore, DBError
 from chunk_store.manifest import atomic_save_npy, load_manifest, record_stage, save_manifest
 from fixtures import build_tiny_db
@@ -118,10 +119,10 @@ def test_errors_name_the_file(db: Path, tmp_path: Path) -> None:
 
     broken = tmp_path / "broken"
     shutil.copytree(db, broken)
-    (broken / "val" / "doc_ids.npy").unlink()
+    DBLayout(broken).shard(0).doc_ids("val").unlink()
     with pytest.raises(DBError, match=r"missing file .*val/doc_ids\.npy"):
         ChunkStore.open(broken, "val")
-    path = broken / "train" / "chunks.npy"
+    path = DBLayout(broken).shard(0).chunks("train")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(DBError, match=r"corrupt array file .*train/chunks\.npy"):
         ChunkStore.open(broken, "train")
@@ -153,7 +154,7 @@ def test_empty_val_split(tmp_path: Path) -> None:
 
 def test_doc_source_reads_one_line(stores, db: Path) -> None:
     train, _ = stores
-    lines = (db / "train" / "documents.jsonl").read_text().splitlines()
+    lines = DBLayout(db).shard(0).documents("train").read_text().splitlines()
     assert [train.doc_source(i) for i in range(train.num_docs)] == [json.loads(x) for x in lines]
     with pytest.raises(IndexError):
         train.doc_source(train.num_docs)

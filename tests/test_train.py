@@ -16,6 +16,7 @@ import torch
 import yaml
 from hypothesis import given, settings, strategies as st
 
+from chunk_store.layout import DBLayout
 from chunk_store import DBError
 from retro import RETRO, RetroConfig
 from retro.checkpoint import load_weights, checkpoint_dir
@@ -221,13 +222,13 @@ def test_torchrun_retrieval_dropped_and_token_weighted_loss(db, config, tmp_path
     from retro.dataset import RetroDataset
 
     db = tiny_db(tmp_path)  # a private copy, padded unevenly: 0..16 pad tokens ending each sequence
-    chunks = np.load(db / "train" / "chunks.npy")
-    starts = np.load(db / "train" / "seq_starts.npy")
+    chunks = np.load(DBLayout(db).shard(0).chunks("train"))
+    starts = np.load(DBLayout(db).shard(0).seq_starts("train"))
     for i, s in enumerate(starts.tolist()):
         r = (i * 5) % 17
         if r:
             chunks[s + SEQ // CHUNK - 1, CHUNK - r:] = 3
-    np.save(db / "train" / "chunks.npy", chunks)
+    np.save(DBLayout(db).shard(0).chunks("train"), chunks)
     ds = RetroDataset(db, "train", retrieval=False)
     pads = (ds.get_batch(np.arange(len(ds)))["tokens"][:, 1:] == 3).sum(1)
     assert len(set(pads.tolist())) > 5  # the premise: uneven padding across sequences

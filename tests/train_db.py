@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chunk_store.layout import DBLayout
 from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +29,9 @@ def write_fake_neighbours(db: Path, k: int = K, seed: int = 0, missing: float = 
     """Random train chunk ids from another document for every chunk of both splits, and record
     the knn stage (what ``retro-build-index knn`` leaves behind, without the search)."""
     rng = np.random.default_rng(seed)
-    train_docs = np.load(db / "train" / "doc_ids.npy")
+    train_docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
     for split in ("train", "val"):
-        docs = np.load(db / split / "doc_ids.npy")
+        docs = np.load(DBLayout(db).shard(0).doc_ids(split))
         ids = rng.integers(0, len(train_docs), size=(len(docs), k))
         if split == "train":  # never a chunk of the same document (the paper's rule)
             same = train_docs[ids] == docs[:, None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chunk_store.layout import DBLayout
 import numpy as np
 import pytest
 
@@ -49,7 +50,7 @@ def test_pipeline_on_cuda_uses_exact_knn_without_faiss_gpu(tmp_path, tmp_path_fa
     assert run_cli(["knn", "--db", db, "--device", "cuda"]) == 0
     m = load_manifest(db)
     assert m["stages"]["knn"]["params"]["method"] == ("index" if faiss_gpu_available() else "exact")
-    docs = np.load(db / "train" / "doc_ids.npy")
+    docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
     nb = np.load(db / "train" / "neighbours.npy")
     ok = nb >= 0
     assert not (docs[np.where(ok, nb, 0)] == docs[:, None])[ok].any()
