@@ -27,10 +27,12 @@ import numpy as np
 
 from chunk_store.errors import UserError
 from chunk_store.layout import DBLayout
+from chunk_store.manifest import check_params
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
 from index_builder.determinism import make_deterministic, stable_infos
-from index_builder.embed import open_embeddings, read_rows
+from index_builder.embed import num_chunks, open_embeddings, read_rows
+from index_builder.index_update import add_new_vectors, index_rows
 from index_builder.exact_search import ExactSearchConfig, exact_search
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ class IndexConfig:
     threads: int | None = None
     device: str = "auto"
     deterministic: bool = False  # one thread, fixed search parameters: the same bytes every build
+    rebuild: bool = False  # train a new index even where the trained one could take the new vectors
 
 
 class IndexStage(Stage[IndexConfig]):
@@ -214,16 +217,27 @@ class IndexStage(Stage[IndexConfig]):
         return self.params_
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
-        """Only a finished index binds a re-run: a partial build leaves nothing to reuse."""
+        """Only a finished index binds a re-run: a partial build leaves nothing to reuse. After
+        ``add`` (the same embedder, more chunks embedded) the trained index takes the new vectors
+        (index_builder.index_update); ``--rebuild`` trains a new one."""
+        self.update = False
         if not (recorded.get("finished") and self.paths.index.exists()):
             return
-        if recorded["params"].get("embed_id") != params["embed_id"]:
-            raise UserError("index: the embeddings changed since the index was built "
-                            f"(built from {recorded['params'].get('embed_id')}, now {params['embed_id']}); "
-                            "delete DB/index and re-run index")
-        super().check(recorded, params, manifest)
+        if self.cfg.rebuild:
+            recorded.clear()  # a new build: nothing of the old one binds it
+            return
+        before, now = recorded["params"].get("embed_id"), params["embed_id"]
+        if before != now:
+            if str(before).split("@")[0] != str(now).split("@")[0]:
+                raise UserError("index: the embeddings changed since the index was built "
+                                f"(built from {before}, now {now}); delete DB/index and re-run index, "
+                                "or run it with --rebuild")
+            self.update = True  # the database grew: add the new vectors
+        check_params(recorded.get("params"), params, self.name, keys=[k for k in self.result_keys if k != "embed_id"])
 
     def complete(self, manifest: dict[str, Any]) -> bool:
+        if getattr(self, "update", False):
+            return index_rows(self.db) == num_chunks(self.db, manifest, "train")
         return self.paths.index.exists()
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
@@ -247,10 +261,16 @@ class IndexStage(Stage[IndexConfig]):
         self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
 
     def compute(self, unit: Unit) -> None:
-        """autofaiss into a temporary folder, then both files renamed into place."""
+        """autofaiss into a temporary folder, then both files renamed into place (or, after
+        ``add``, the new vectors appended to the trained index)."""
         from autofaiss import build_index
 
         cfg, params = self.cfg, self.params_
+        if getattr(self, "update", False):
+            t0 = time.time()
+            self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
+            self.build_seconds = time.time() - t0
+            return
 
         tmp_dir = self.paths.index_build_dir()
         tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -318,6 +338,7 @@ class IndexStage(Stage[IndexConfig]):
             "recall_sample": min(sample, int(loaded.ntotal)),
             "use_gpu": self.use_gpu,
             "opq_shim": self.shim,
+            "added_without_training": getattr(self, "added", None),
         }
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
@@ -336,6 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="memory autofaiss may use while training the index")
     g.add_argument("--index-key", default=d.index_key,
                    help="force a faiss index factory string (e.g. 'IVF4096,PQ64', 'HNSW32', 'Flat')")
+    g.add_argument("--rebuild", action="store_true", default=d.rebuild,
+                   help="train a new index; default after `add`: add the new chunks' vectors to the "
+                        "trained index")
     g.add_argument("--max-query-ms", type=float, default=d.max_query_ms,
                    help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
                         "lower = faster knn and lookups, higher = better recall")

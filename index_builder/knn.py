@@ -32,7 +32,7 @@ import numpy as np
 
 from chunk_store.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout, temp_path
-from chunk_store.manifest import atomic_save_npy
+from chunk_store.manifest import atomic_save_npy, check_params
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
 from chunk_store.store import ChunkStore
@@ -182,6 +182,7 @@ class KnnConfig:
     shard_size: int = DEFAULT_SHARD_SIZE
     threads: int | None = None  # faiss / torch CPU threads; None = all cores
     exact_pass_rows: int | None = None  # --exact: queries sharing one pass; None = auto
+    refresh: bool = False  # after add: every chunk's neighbours again (default: the new chunks' only)
 
 
 class KnnStage(Stage[KnnConfig]):
@@ -209,11 +210,31 @@ class KnnStage(Stage[KnnConfig]):
                 "content_only": True,  # chunks of only EOS and padding are never neighbours
                 "exclusion": EXCLUSION}
 
+    def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """After ``add`` the index grew (another index_id): the neighbours already found are kept
+        and only the new chunks searched, unless ``--refresh`` (every chunk, the grown DB)."""
+        self.old_rows = dict.fromkeys(SPLITS, 0)
+        if self.cfg.refresh:
+            recorded.clear()
+            return
+        if recorded.get("params", {}).get("exclusion") == EXCLUSION:
+            for s in SPLITS:
+                path = self.paths.neighbours(s)
+                if path.exists():
+                    old = np.load(path, mmap_mode="r")
+                    n = num_chunks(self.db, manifest, s)
+                    if old.ndim == 2 and old.shape[1] == self.cfg.k and old.shape[0] <= n:
+                        self.old_rows[s] = int(old.shape[0])
+        keys = self.result_keys if recorded.get("finished") is None else \
+            [k for k in self.result_keys if k != "index_id"]
+        check_params(recorded.get("params"), params, self.name, keys=keys)
+
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
         if recorded.get("exclusion") != EXCLUSION:  # built under the own-document rule: redo
             return False
-        return all(self.paths.neighbours(s).exists() for s in SPLITS if num_chunks(self.db, manifest, s))
+        return all(npy_header_ok(self.paths.neighbours(s), (n, self.cfg.k)) for s in SPLITS
+                   if (n := num_chunks(self.db, manifest, s)))
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
         return [f(s) for s in SPLITS if num_chunks(self.db, manifest, s)
@@ -224,11 +245,14 @@ class KnnStage(Stage[KnnConfig]):
                 *((self.paths.split(s), (NEIGHBOURS, NEIGHBOUR_DISTANCES)) for s in SPLITS)]
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
+        """Shards of query rows; after ``add``, only rows past those already searched."""
         out: list[Unit] = []
+        old = getattr(self, "old_rows", {})
         for split in SPLITS:
-            rows = num_chunks(self.db, manifest, split)
+            rows, start = num_chunks(self.db, manifest, split), old.get(split, 0)
             for i, (a, b) in enumerate(shard_ranges(rows, self.cfg.shard_size)):
-                out.append(Unit(len(out), b - a, (split, i, a, b)))
+                if b > start:
+                    out.append(Unit(len(out), b - max(a, start), (split, i, max(a, start), b)))
         return out
 
     def unit_done(self, unit: Unit) -> bool:
@@ -311,7 +335,8 @@ class KnnStage(Stage[KnnConfig]):
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:
-                summary[split] = _assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size)
+                summary[split] = _assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
+                                           getattr(self, "old_rows", {}).get(split, 0))
         return summary
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
@@ -332,6 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--exact-pass-rows", type=int, default=d.exact_pass_rows,
                    help="--exact: queries sharing one pass over the embeddings "
                         "(default 262144 on CUDA, one shard on CPU)")
+    g.add_argument("--refresh", action="store_true", default=d.refresh,
+                   help="after `add`: recompute every chunk's neighbours against the grown database "
+                        "(default: search only the new chunks, keep the rest)")
 
 
 SHARED_OPTIONS = ("device", "shard_size", "threads")
@@ -399,15 +427,27 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
 
 
 
-def _assemble(db: Path, split: str, n: int, k: int, shard_size: int) -> dict[str, Any]:
+def _assemble(db: Path, split: str, n: int, k: int, shard_size: int, old_rows: int = 0) -> dict[str, Any]:
     """Concatenate the shards into neighbours.npy / neighbour_distances.npy (atomic), then
-    delete the shards."""
+    delete the shards; the first ``old_rows`` rows come from the files being replaced (after
+    ``add``: the neighbours found before it)."""
     paths = DBLayout(db)
     tmp_ids, tmp_d = temp_path(paths.neighbours(split)), temp_path(paths.neighbour_distances(split))
     out_i = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(n, k))
     out_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.float32, shape=(n, k))
     missing = 0
+    if old_rows:
+        old_i = np.load(paths.neighbours(split), mmap_mode="r")
+        old_d = np.load(paths.neighbour_distances(split), mmap_mode="r")
+        for a in range(0, old_rows, 1 << 20):
+            b = min(a + (1 << 20), old_rows)
+            out_i[a:b], out_d[a:b] = old_i[a:b], old_d[a:b]
+            missing += int((old_i[a:b] < 0).sum())
+        del old_i, old_d
     for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
+        if b <= old_rows:
+            continue
+        a = max(a, old_rows)
         p_ids, p_dist = paths.knn_shard(split, i)
         if not (npy_header_ok(p_ids, (b - a, k)) and npy_header_ok(p_dist, (b - a, k))):
             raise UserError(f"knn: shard {p_ids} is missing after every rank finished; re-run knn")

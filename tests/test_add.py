@@ -205,3 +205,72 @@ def test_one_and_two_torchrun_ranks_give_the_same_documents(corpora, tmp_path: P
         assert np.array_equal(np.asarray(s1.doc_ids), np.asarray(s2.doc_ids))
         assert [s1.doc_source(d) for d in range(s1.num_docs)] == [s2.doc_source(d) for d in range(s2.num_docs)]
     assert json.loads(json.dumps(full_manifest(one)["inputs"])) == full_manifest(two)["inputs"]
+
+
+def _update(db: Path, bert: Path, *knn_extra: str) -> None:
+    common = ["--db", str(db)]
+    assert cli(["embed", *common, "--embedder", str(bert), "--shard-size", "200", "--tokenize-workers", "0",
+                "--device", "cpu"]) == 0
+    assert cli(["index", *common, "--index-key", "Flat", "--recall-sample", "100"]) == 0
+    assert cli(["knn", *common, "--k", "2", "--shard-size", "200", "--device", "cpu", *knn_extra]) == 0
+
+
+def _neighbour_texts(db: Path, split: str) -> dict[str, list[str]]:
+    """Each chunk's text -> its neighbours' texts (ids differ between databases, texts do not)."""
+    store = ChunkStore.open(db, split)
+    train = store.train_store
+    return {store.text(i): [train.text(j) for j in row if j >= 0] for i, row in enumerate(store.neighbours)}
+
+
+def test_add_then_update_every_stage(corpora, tmp_path: Path, tmp_path_factory, capsys) -> None:
+    """embed embeds only the new chunks, index adds their vectors without training, knn searches
+    only the new chunks (--refresh: all); val neighbours (no exclusion) then equal a build of the
+    union's, with an exact index."""
+    from fixtures import shared_tiny_bert
+
+    a, b, tok = corpora
+    bert = shared_tiny_bert(tmp_path_factory)
+    grown, union = tmp_path / "grown", tmp_path / "union"
+    assert cli(["chunk", "--input", str(a), "--out", str(grown), "--tokenizer", str(tok), *ARGS]) == 0
+    _update(grown, bert)
+    old = {s: np.load(DBLayout(grown).neighbours(s)) for s in SPLITS}
+    old_emb = np.load(DBLayout(grown).embedding_shard("train", 0))
+    capsys.readouterr()
+    assert cli(["add", "--db", str(grown), "--input", str(b)]) == 0
+    _update(grown, bert)
+    err = capsys.readouterr()
+    assert "2 shards reused" in err.out  # embed: the full shards embedded before the add were kept
+    m = load_manifest(grown)
+    assert m["stages"]["index"]["stats"]["added_without_training"] == m["counts"]["train"]["chunks"] - len(old["train"])
+    assert np.array_equal(np.load(DBLayout(grown).embedding_shard("train", 0))[: len(old_emb)], old_emb)
+    for s in SPLITS:  # the rows found before the add are kept as they were
+        new = np.load(DBLayout(grown).neighbours(s))
+        assert new.shape == (m["counts"][s]["chunks"], 2) and np.array_equal(new[: len(old[s])], old[s])
+    assert cli(["chunk", "--input", str(a), "--input", str(b), "--out", str(union), "--tokenizer", str(tok),
+                *ARGS]) == 0
+    _update(union, bert)
+    _update(grown, bert, "--refresh")
+    assert _neighbour_texts(grown, "val") == _neighbour_texts(union, "val")
+
+
+def test_all_on_a_built_database_adds_what_is_new(corpora, tmp_path: Path, tmp_path_factory) -> None:
+    from fixtures import shared_tiny_bert
+
+    a, b, tok = corpora
+    src = tmp_path / "src"
+    shutil.copytree(a, src)
+    db = tmp_path / "db"
+    argv = ["all", "--input", str(src), "--out", str(db), "--tokenizer", str(tok), *ARGS,
+            "--embedder", str(shared_tiny_bert(tmp_path_factory)), "--tokenize-workers", "0", "--device", "cpu",
+            "--index-key", "Flat", "--recall-sample", "100", "--shard-size", "200"]
+    assert cli(argv) == 0
+    n0 = load_manifest(db)["counts"]["train"]["chunks"]
+    shutil.copytree(b, src / "more")
+    assert cli(argv) == 0
+    m = load_manifest(db)
+    assert len(m["shards"]) == 2 and m["stages"]["add"]["finished"] and m["shards"][1]["duplicates"] == 10
+    n = m["counts"]["train"]["chunks"]
+    assert n > n0 and m["stages"]["index"]["stats"]["ntotal"] == n
+    assert ChunkStore.open(db, "train").neighbours.shape == (n, 2)
+    assert cli(argv) == 0  # and then nothing is left to do
+    assert load_manifest(db)["stages"]["add"]["finished"] == m["stages"]["add"]["finished"]
