@@ -287,13 +287,10 @@ class ChunkStage(Stage[ChunkConfig]):
         paths = self.paths.shard(self.base + rank)
         if read_shard_record(paths) is not None:
             return  # written before a crash of another rank
-        parts = []
-        for u in range(n):
-            meta = read_part_meta(self.paths.chunk_part(u)) if u < hi else None
-            if u < hi and meta is None:
-                raise UserError(f"chunk: part {self.paths.chunk_part(u)} is missing after processing: re-run")
-            if u < hi:
-                parts.append((self.paths.chunk_part(u), meta))
+        parts = [(self.paths.chunk_part(u), read_part_meta(self.paths.chunk_part(u))) for u in range(hi)]
+        missing = next((p for p, meta in parts if meta is None), None)
+        if missing is not None:
+            raise UserError(f"{self.name}: part {missing} is missing after processing: re-run to redo it")
         seen = None
         if not self.cfg.keep_duplicates:
             seen = DigestSet(frozen_digests(self.db, manifest))

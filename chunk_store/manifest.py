@@ -160,6 +160,17 @@ def validate_manifest(manifest: Any, path: str | os.PathLike) -> None:
     for split, counts in manifest.get("counts", {}).items():
         if not isinstance(counts, dict) or not all(_is_int(v) for v in counts.values()):
             raise bad(f"counts.{split} is {counts!r}, not an object of counts")
+    shards = manifest.get("shards")
+    if shards is not None and not isinstance(shards, list):
+        raise bad(f"shards is a {type(shards).__name__}, not a list")
+    for i, rec in enumerate(shards or []):
+        where = rec.get("dir") if isinstance(rec, dict) else None
+        if not isinstance(where, str) or where.startswith("/") or ".." in where.split("/"):
+            raise bad(f"shards[{i}] is {rec!r}, not a shard record with a folder inside the DB")
+        counts = rec.get("counts", {})
+        if not isinstance(counts, dict) or not all(
+                isinstance(c, dict) and all(_is_int(v) for v in c.values()) for c in counts.values()):
+            raise bad(f"shards[{i}].counts is {counts!r}, not an object of counts")
 
 
 def save_manifest(db: str | os.PathLike, manifest: Mapping[str, Any]) -> None:

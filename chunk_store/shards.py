@@ -19,6 +19,7 @@ digest is the first 16 bytes of the text's sha256 (no collision below ~10^18 doc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,7 @@ from chunk_store.manifest import atomic_save_npy, atomic_write_json
 from chunk_store.packing import NpyWriter, sequence_starts
 from chunk_store.part_files import doc_id_blocks, part_doc_info, part_rows, part_sources
 
+log = logging.getLogger("chunk_store.shards")
 DIGEST = np.dtype("S16")
 LEGACY_DIR = "."  # the one shard of a DB from before shards: its arrays in DB/<split>/
 
@@ -224,6 +226,8 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
     for _, meta in parts:
         for key in logs:
             logs[key] += meta[key]
+    for sk in logs["skipped"]:
+        log.info("skipped %s%s: %s", sk["path"], f" line {sk['line']}" if "line" in sk else "", sk["reason"])
     for key, path in (("inputs", paths.inputs_log), ("skipped", paths.skipped_log),
                       ("repaired", paths.repaired_log)):
         tmp = temp_path(path)

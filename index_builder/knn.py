@@ -213,21 +213,28 @@ class KnnStage(Stage[KnnConfig]):
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """After ``add`` the index grew (another index_id): the neighbours already found are kept
         and only the new chunks searched, unless ``--refresh`` (every chunk, the grown DB)."""
-        self.old_rows = dict.fromkeys(SPLITS, 0)
         if self.cfg.refresh:
             recorded.clear()
             return
-        if recorded.get("params", {}).get("exclusion") == EXCLUSION:
-            for s in SPLITS:
-                path = self.paths.neighbours(s)
-                if path.exists():
-                    old = np.load(path, mmap_mode="r")
-                    n = num_chunks(self.db, manifest, s)
-                    if old.ndim == 2 and old.shape[1] == self.cfg.k and old.shape[0] <= n:
-                        self.old_rows[s] = int(old.shape[0])
         keys = self.result_keys if recorded.get("finished") is None else \
             [k for k in self.result_keys if k != "index_id"]
         check_params(recorded.get("params"), params, self.name, keys=keys)
+
+    def begin(self, manifest: dict[str, Any]) -> None:
+        """The rows of each split already searched (kept), read after damaged files are gone."""
+        self.old_rows = dict.fromkeys(SPLITS, 0)
+        recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
+        if self.cfg.refresh or recorded.get("exclusion") != EXCLUSION:
+            return
+        for s in SPLITS:
+            n = num_chunks(self.db, manifest, s)
+            try:
+                old = np.load(self.paths.neighbours(s), mmap_mode="r")
+                dist = np.load(self.paths.neighbour_distances(s), mmap_mode="r")
+            except (OSError, ValueError):
+                continue
+            if old.ndim == 2 and old.shape[1] == self.cfg.k and old.shape == dist.shape and old.shape[0] <= n:
+                self.old_rows[s] = int(old.shape[0])
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})

@@ -274,3 +274,29 @@ def test_all_on_a_built_database_adds_what_is_new(corpora, tmp_path: Path, tmp_p
     assert ChunkStore.open(db, "train").neighbours.shape == (n, 2)
     assert cli(argv) == 0  # and then nothing is left to do
     assert load_manifest(db)["stages"]["add"]["finished"] == m["stages"]["add"]["finished"]
+
+
+def test_the_dataset_and_the_retriever_read_a_grown_database(corpora, tmp_path: Path, tmp_path_factory) -> None:
+    from fixtures import shared_tiny_bert
+    from index_builder import Retriever
+    from retro.dataset import RetroDataset
+
+    a, b, tok = corpora
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = tmp_path / "db"
+    assert cli(["chunk", "--input", str(a), "--out", str(db), "--tokenizer", str(tok), *ARGS]) == 0
+    assert cli(["add", "--db", str(db), "--input", str(b)]) == 0
+    _update(db, bert)
+    store = ChunkStore.open(db, "train")
+    ds = RetroDataset(store, k=2)
+    last = ds[len(ds) - 1]  # a sequence of the second shard
+    start = int(store.seq_starts[len(ds) - 1])
+    assert start >= len(np.load(DBLayout(db).shard(0).chunks("train")))
+    per = store.chunks_per_seq
+    expect = np.asarray(store.chunks[start:start + per]).reshape(-1)
+    assert np.array_equal(np.asarray(last["tokens"][:-1]), expect.astype(np.int64))
+    nbr_ids = store.neighbours[start:start + per]
+    assert np.array_equal(np.asarray(last["neighbours"]), store.neighbour_tokens(nbr_ids).astype(np.int64))
+    query = store.text(store.num_chunks - 1)
+    hit = Retriever.open(db, embedder=str(bert)).search_text([query], k=1)[0][0]
+    assert hit.chunk_id == store.num_chunks - 1 and hit.text == query  # a chunk of the added shard
