@@ -287,8 +287,10 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
         stage.db.mkdir(parents=True, exist_ok=True)
         manifest = record_stage(stage.db, stage.name, params=params, started=started, finished=None,
                                 versions_=versions(*stage.packages), manifest=manifest)
-    for folder, prefixes in stage.temp_folders():
-        clean_stale_tmp([folder], prefixes)
+    if rank == 0:  # before any rank writes: a writer on another machine has a PID unknown here
+        for folder, prefixes in stage.temp_folders():
+            clean_stale_tmp([folder], prefixes)
+    runtime.barrier()
     try:
         stage.begin(manifest)
         mine = stage.rank_units(stage.units(manifest), rank, world)
