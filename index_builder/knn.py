@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from chunk_store.errors import UserError
-from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS, DBLayout, temp_path
+from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
 from chunk_store.manifest import atomic_save_npy, check_params
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
@@ -40,6 +39,7 @@ from index_builder.embed import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, 
                                  shard_ranges)
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
+from index_builder.neighbour_files import assemble, kept_rows
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
 RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion")
@@ -213,6 +213,8 @@ class KnnStage(Stage[KnnConfig]):
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """After ``add`` the index grew (another index_id): the neighbours already found are kept
         and only the new chunks searched, unless ``--refresh`` (every chunk, the grown DB)."""
+        # rows found before may be kept only if they were found under the same rule (read in begin)
+        self.keep_old = not self.cfg.refresh and recorded.get("params", {}).get("exclusion") == EXCLUSION
         if self.cfg.refresh:
             recorded.clear()
             return
@@ -222,19 +224,9 @@ class KnnStage(Stage[KnnConfig]):
 
     def begin(self, manifest: dict[str, Any]) -> None:
         """The rows of each split already searched (kept), read after damaged files are gone."""
-        self.old_rows = dict.fromkeys(SPLITS, 0)
-        recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
-        if self.cfg.refresh or recorded.get("exclusion") != EXCLUSION:
-            return
-        for s in SPLITS:
-            n = num_chunks(self.db, manifest, s)
-            try:
-                old = np.load(self.paths.neighbours(s), mmap_mode="r")
-                dist = np.load(self.paths.neighbour_distances(s), mmap_mode="r")
-            except (OSError, ValueError):
-                continue
-            if old.ndim == 2 and old.shape[1] == self.cfg.k and old.shape == dist.shape and old.shape[0] <= n:
-                self.old_rows[s] = int(old.shape[0])
+        keep = getattr(self, "keep_old", False)
+        self.old_rows = {s: kept_rows(self.db, s, self.cfg.k, num_chunks(self.db, manifest, s)) if keep else 0
+                         for s in SPLITS}
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
@@ -342,7 +334,7 @@ class KnnStage(Stage[KnnConfig]):
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:
-                summary[split] = _assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
+                summary[split] = assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
                                            getattr(self, "old_rows", {}).get(split, 0))
         return summary
 
@@ -431,41 +423,3 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
         return search_with_exclusion(search, queries, k, extra, ntotal, query_ids=rows,
                                      db_docs=train_docs, doc_ranges=ranges, content=content)
     return search_with_exclusion(search, queries, k, extra, ntotal, content=content)
-
-
-
-def _assemble(db: Path, split: str, n: int, k: int, shard_size: int, old_rows: int = 0) -> dict[str, Any]:
-    """Concatenate the shards into neighbours.npy / neighbour_distances.npy (atomic), then
-    delete the shards; the first ``old_rows`` rows come from the files being replaced (after
-    ``add``: the neighbours found before it)."""
-    paths = DBLayout(db)
-    tmp_ids, tmp_d = temp_path(paths.neighbours(split)), temp_path(paths.neighbour_distances(split))
-    out_i = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(n, k))
-    out_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.float32, shape=(n, k))
-    missing = 0
-    if old_rows:
-        old_i = np.load(paths.neighbours(split), mmap_mode="r")
-        old_d = np.load(paths.neighbour_distances(split), mmap_mode="r")
-        for a in range(0, old_rows, 1 << 20):
-            b = min(a + (1 << 20), old_rows)
-            out_i[a:b], out_d[a:b] = old_i[a:b], old_d[a:b]
-            missing += int((old_i[a:b] < 0).sum())
-        del old_i, old_d
-    for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
-        if b <= old_rows:
-            continue
-        a = max(a, old_rows)
-        p_ids, p_dist = paths.knn_shard(split, i)
-        if not (npy_header_ok(p_ids, (b - a, k)) and npy_header_ok(p_dist, (b - a, k))):
-            raise UserError(f"knn: shard {p_ids} is missing after every rank finished; re-run knn")
-        ids = np.load(p_ids)
-        out_i[a:b] = ids
-        out_d[a:b] = np.load(p_dist)
-        missing += int((ids < 0).sum())
-    out_i.flush()
-    out_d.flush()
-    del out_i, out_d
-    os.replace(tmp_d, paths.neighbour_distances(split))
-    os.replace(tmp_ids, paths.neighbours(split))
-    shutil.rmtree(paths.knn_shards_dir(split), ignore_errors=True)
-    return {"chunks": n, "missing_neighbours": missing}
