@@ -201,6 +201,8 @@ class ChunkStage(Stage[ChunkConfig]):
         return [*tokenizer, *(f for rec in self.new_records for f in shard_files(shard_paths(self.db, rec)))]
 
     def skip_message(self, stats: dict[str, Any]) -> str:
+        if "counts" not in stats:  # recorded by a version before shards
+            stats = {**stats, "counts": load_manifest(self.db).get("counts", {})}
         return f"{summary_line(stats, self.name)} (already done: nothing to do)"
 
     def say(self, line: str) -> None:
