@@ -45,7 +45,7 @@ demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TRAIN_THREADS)} $(PY) train.py --config configs/tiny.yaml \
 		--db $(DEMO_DB) --out $(DEMO_RUN) $$resume || { kill $$base; wait $$base; exit 1; }; \
 	wait $$base || { tail -n 20 $(DEMO_BASE).log; echo "the baseline failed: $(DEMO_BASE).log"; exit 1; }; \
-	grep -a '\[train\]' $(DEMO_BASE).log | tail -n 3
+	tr '\r' '\n' < $(DEMO_BASE).log | grep '^\[train\]' | tail -n 2
 	$(PY) -m retro.plot $(DEMO_RUN)
 	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --control --baseline $(DEMO_BASE) \
 		--overlap --require-gain > $(DEMO_RUN)/eval.json; status=$$?; \
