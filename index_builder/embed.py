@@ -33,11 +33,15 @@ from index_builder.embedder import POOLING, Embedder, EmbedderConfig, load_bert_
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 16384
+# texts per forward pass when --batch-size is not given. CPU: small batches keep a MiniLM layer's
+# activations in cache (batch 32: 1.15x the chunks/s of batch 128 on an AVX2 EPYC; docs/BENCHMARKS.md,
+# "Chunk embedding on a CPU without native bf16"); CUDA: large batches fill the GPU
+DEFAULT_BATCH = {"cpu": 32, "cuda": 1024}
 # the parameters that change the embeddings; a resumed or later stage must agree on all of them
 # (compute dtype, batch size, device type and compilation change the float16 bytes too: a resume
 # that mixed them would give shards of mixed precision, so they are refused like the rest)
 RESULT_KEYS = ("embedder_id", "dim", "max_length", "pooling", "shard_size", "compute_dtype", "batch_size",
-               "device_type", "compile")
+               "device_type", "compile", "batching")
 
 
 # ----------------------------------------------------------------------------- shards
@@ -157,7 +161,7 @@ class EmbedConfig:
     """The embed stage's options (the CLI's defaults come from here)."""
 
     embedder: str = ""  # local HF BERT folder or hub name; "" = the offline all-MiniLM-L6-v2
-    batch_size: int | None = None  # texts per forward pass; None = 128 on CPU, 1024 on CUDA
+    batch_size: int | None = None  # texts per forward pass; None = the DB's (resume), else DEFAULT_BATCH
     device: str = "auto"
     max_length: int | None = None  # BERT tokens per chunk incl. [CLS]/[SEP]; None = model max
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -173,6 +177,15 @@ def num_chunks(db: Path, manifest: dict[str, Any], split: str) -> int:
         return int(counts["chunks"])
     path = DBLayout(db).chunks(split)
     return int(np.load(path, mmap_mode="r").shape[0]) if path.exists() else 0
+
+
+def default_batch_size(manifest: dict[str, Any], device_type: str) -> int:
+    """The batch a resume or re-run without --batch-size uses: the one the DB's embeddings were
+    made with on this device type (a changed default must not refuse an older DB), else the default."""
+    recorded = manifest.get("stages", {}).get("embed", {}).get("params", {})
+    if recorded.get("device_type") == device_type and recorded.get("batch_size"):
+        return int(recorded["batch_size"])
+    return DEFAULT_BATCH.get(device_type, DEFAULT_BATCH["cpu"])
 
 
 class EmbedStage(Stage[EmbedConfig]):
@@ -191,8 +204,8 @@ class EmbedStage(Stage[EmbedConfig]):
         cfg = self.cfg
         positive(cfg.shard_size, "--shard-size")
         device = str(resolve_device(cfg.device))
-        self.batch_size = cfg.batch_size if cfg.batch_size is not None else (
-            1024 if device.startswith("cuda") else 128)
+        self.batch_size = cfg.batch_size if cfg.batch_size is not None else default_batch_size(
+            manifest, device.split(":")[0])
         positive(self.batch_size, "--batch-size")
         torch.manual_seed(0)
         self.embedder = Embedder(EmbedderConfig(
@@ -205,7 +218,7 @@ class EmbedStage(Stage[EmbedConfig]):
                 "dim": e.dim, "max_length": e.max_length, "pooling": POOLING,
                 "shard_size": cfg.shard_size, "storage_dtype": "float16",
                 "compute_dtype": e.dtype, "batch_size": self.batch_size, "device_type": e.device.type,
-                "compile": e.cfg.compile, "chunk_size": manifest.get("chunk_size")}
+                "compile": e.cfg.compile, "batching": e.batching, "chunk_size": manifest.get("chunk_size")}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         rp = recorded.get("params", {})
@@ -320,7 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--embedder", default=d.embedder,
                    help="local Hugging Face BERT folder or hub name (default: offline all-MiniLM-L6-v2)")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="texts per forward pass (default 128 on CPU, 1024 on CUDA)")
+                   help="texts per forward pass (default: the DB's own when resuming, else "
+                        f"{DEFAULT_BATCH['cpu']} on CPU, {DEFAULT_BATCH['cuda']} on CUDA)")
     g.add_argument("--max-length", type=int, default=d.max_length,
                    help="BERT tokens per chunk incl. [CLS]/[SEP] (default: the model maximum)")
     g.add_argument("--tokenize-workers", type=int, default=d.tokenize_workers,

@@ -5,7 +5,8 @@ tokens ([CLS], [SEP] and padding excluded), as in the RETRO paper and Megatron. 
 function (:meth:`Embedder.embed`) embeds database chunks and, at lookup time, query texts:
 RETRO-pytorch embeds the two differently, which silently degrades retrieval.
 
-Speed: texts are sorted by BERT length and batched in buckets (little padding), the model runs
+Speed: texts are sorted by BERT length and batched in buckets (little padding; on CPU one length
+a batch: no padding, no attention mask), the model runs
 under ``torch.inference_mode`` with SDPA attention, bf16 where the hardware runs it natively.
 """
 
@@ -130,6 +131,13 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[lis
 class Embedder:
     """texts -> (n, dim) float32 embeddings: masked mean of a frozen BERT's last hidden states."""
 
+    # How texts are batched (set per device in __init__; benchmarks/bench_embed_levers.py varies
+    # them). CUDA: widths rounded up to a multiple of 8 (tensor-core shapes), full batches of mixed
+    # lengths. CPU: a batch holds texts of one length only, so it needs no padding and no attention
+    # mask (SDPA's unmasked path): 1.4x the chunks/s of mixed batches on the demo's chunks.
+    pad_multiple: int = 8
+    same_length_batches: bool = False
+
     def __init__(self, cfg: EmbedderConfig = EmbedderConfig()) -> None:
         import torch
         from transformers import AutoModel
@@ -162,6 +170,13 @@ class Embedder:
         # autocast keeps the numerically sensitive ops (layer norm, softmax) in fp32
         self.model = model.to(self.device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         self._forward = torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        on_cpu = self.device.type == "cpu"
+        self.pad_multiple, self.same_length_batches = (1, True) if on_cpu else (8, False)
+
+    @property
+    def batching(self) -> str:
+        """How texts are batched (recorded by the embed stage: it changes the float bytes)."""
+        return "same_length" if self.same_length_batches else f"mixed_pad{self.pad_multiple}"
 
     @property
     def name(self) -> str:
@@ -193,13 +208,9 @@ class Embedder:
         if n == 0:
             return out
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")  # longest first: a memory error shows at once
-        # widths rounded up to a multiple of 8: tensor-core shapes on GPU, and on CPU few distinct
-        # shapes, so oneDNN reuses its primitives instead of building one per batch
-        multiple = 8
+        multiple = self.pad_multiple
         with torch.inference_mode():
-            for start in range(0, n, bs):
-                sel = order[start:start + bs]
+            for sel in self.batches(lengths, bs):
                 width = int(lengths[sel[0]])
                 width = min(-(-width // multiple) * multiple, self.model_max)
                 batch = np.full((len(sel), width), self.pad_id, dtype=np.int64)
@@ -209,6 +220,15 @@ class Embedder:
                 if progress is not None:
                     progress.update(len(sel))
         return out
+
+    def batches(self, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        """Row indices of each batch, longest first (a memory error shows at once); with
+        ``same_length_batches`` a batch never mixes lengths (a short last batch per length)."""
+        order = np.argsort(-lengths, kind="stable")
+        groups = [order]
+        if self.same_length_batches:
+            groups = np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1)
+        return [g[s:s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
 
     def _embed_batch(self, input_ids: "torch.Tensor", lengths: "torch.Tensor") -> np.ndarray:
         import torch

@@ -157,3 +157,64 @@ def test_embed_refuses_other_embedder_and_missing_chunk_stage(tmp_path, tmp_path
     p = subprocess.run([sys.executable, "-m", "index_builder", "embed", "--db", str(empty)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not a retro database" in p.stderr
+
+
+def test_default_batch_size_is_the_dbs_own_when_resuming():
+    """A changed default batch must not refuse a DB embedded with the old one (batch_size is a
+    result key: it changes the float16 bytes)."""
+    from index_builder.embed import DEFAULT_BATCH, default_batch_size
+
+    assert default_batch_size({}, "cpu") == DEFAULT_BATCH["cpu"] == 32
+    assert default_batch_size({}, "cuda") == DEFAULT_BATCH["cuda"] == 1024
+    old = {"stages": {"embed": {"params": {"batch_size": 128, "device_type": "cpu"}}}}
+    assert default_batch_size(old, "cpu") == 128
+    assert default_batch_size(old, "cuda") == 1024  # another device type: refused anyway, by device_type
+
+
+def test_embed_rerun_without_batch_size_after_a_default_change(tmp_path, tmp_path_factory, capsys):
+    from chunk_store.manifest import save_manifest
+
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db)
+    m = load_manifest(db)
+    older = m["stages"]["embed"]["params"]["batch_size"] + 96  # as if embedded under another default
+    m["stages"]["embed"]["params"]["batch_size"] = older
+    save_manifest(db, m)
+    argv = ["embed", "--db", db, "--embedder", shared_tiny_bert(tmp_path_factory), "--tokenize-workers", 0,
+            "--device", "cpu", "--shard-size", 256]
+    assert run_cli(argv) == 0, capsys.readouterr().err
+    params = load_manifest(db)["stages"]["embed"]["params"]
+    assert params["batch_size"] == older and params["batching"] == "same_length"
+    assert run_cli(argv + ["--batch-size", older + 1]) == 2
+    assert "batch_size differs" in capsys.readouterr().err
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(2, 12), min_size=0, max_size=60), bs=st.integers(1, 9),
+       same=st.booleans())
+def test_batches_cover_every_text_once_longest_first(lengths, bs, same):
+    """On CPU a batch holds one length only (no padding, no attention mask); on CUDA batches are
+    full and mixed. Either way every text is embedded exactly once."""
+    e = Embedder.__new__(Embedder)  # batches() needs no model
+    e.same_length_batches = same
+    lens = np.asarray(lengths, dtype=np.int64)
+    got = e.batches(lens, bs)
+    flat = np.concatenate(got) if got else np.zeros(0, dtype=np.int64)
+    assert sorted(flat.tolist()) == list(range(len(lens)))
+    assert all(0 < len(b) <= bs for b in got)
+    assert (np.diff(lens[flat]) <= 0).all()  # longest first
+    if same:
+        assert all(len(set(lens[b].tolist())) == 1 for b in got)
+        assert len(got) == sum(-(-c // bs) for c in np.unique(lens, return_counts=True)[1])
+    else:
+        assert all(len(b) == bs for b in got[:-1])
+
+
+def test_cpu_one_length_batches_equal_mixed_padded_batches(tiny_bert):
+    texts = ["a", "a b c d e f g", "x y", "p q r s", "é 中", "def f(x):\n  return x", "", "m n o p q r s t u v w"]
+    e = Embedder(EmbedderConfig(name_or_path=str(tiny_bert), device="cpu", dtype="fp32", batch_size=3))
+    assert e.batching == "same_length"
+    one_length = e.embed(texts)
+    e.pad_multiple, e.same_length_batches = 8, False
+    assert e.batching == "mixed_pad8"
+    np.testing.assert_allclose(e.embed(texts), one_length, atol=2e-5, rtol=1e-4)
