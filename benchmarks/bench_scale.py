@@ -320,8 +320,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         t = k.get("tuning") or {}
         out.append(f"| {n:,} | | knn ({k['queries']:,} queries) | {k['wall']:.0f} | {k['cpu']:.0f} | "
                    f"{k['ours_rate']:,.0f} | {k['peak_mb']:,.0f} | raw faiss {k['raw_rate']:,.0f}/s: "
-                   f"ours {k['ratio']:.2f}x its time; `{t.get('param')}` recall@{t.get('k')} "
-                   f"{t.get('recall')} (target {t.get('target')}); setup+tuning {k['setup_s']:.0f}s; "
+                   f"ours {k['ratio']:.2f}x its time; "
+                   + (f"`{t['param']}` recall@{t['k']} {t['recall']} (target {t['target']}); " if t else
+                      "exact index, nothing to tune; ")
+                   + f"setup+tuning {k['setup_s']:.0f}s; "
                    f"{k['searched_rows'] / k['queries']:.2f} rows searched a query |")
     return "\n".join(out)
 

@@ -306,3 +306,24 @@ def assert_round_trip(run: Path, out: Path, x: "torch.Tensor", nbrs: "torch.Tens
     ref = generate(model, x[0, :5].tolist(), max_new_tokens=8, temperature=0.0, eos_id=hf.config.eos_token_id)
     assert ids[0, :len(ref.tokens)].tolist() == ref.tokens
     return hf
+
+
+# ----------------------------------------------------------------------------- scale benchmark
+
+def bench_scale_module() -> object:
+    """benchmarks/bench_scale.py as a module (its synthetic embeddings and its main)."""
+    import importlib
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    return importlib.import_module("bench_scale")
+
+
+def clustered_db(db: str | Path, n_docs: int = 60, dim: int = 32, seed: int = 0) -> Path:
+    """A chunked random corpus with bench_scale's synthetic embeddings: clustered by topic, and
+    a document's chunks near-duplicates of each other (the knn exclusions bite)."""
+    db = build_tiny_db(db, n_docs=n_docs, seed=seed, chunk_size=16, seq_len=64, val_fraction=0.1)
+    bench_scale_module().write_embeddings(db, dim, seed=seed)  # type: ignore[attr-defined]
+    return db
