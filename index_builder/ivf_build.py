@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 ADD_BATCH = 65536
 KMEANS_ITERS = 10  # faiss's default for IVF training
 OPQ_ITERS = 20
+CODEC_TRAIN_MAX = 32768  # SQ8's ranges and PQ's 256 centroids a sub-space need far fewer
 
 
 def gather_rows(shards: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -122,16 +123,51 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     if isinstance(quantizer, faiss.IndexHNSW):
         quantizer.hnsw.efSearch = 128  # assignment accuracy while adding
     t = time.time()
-    ivf.train(x)  # the quantizer is full: only the codec (SQ8 ranges / PQ codebooks) trains
+    # the quantizer is full: only the codec (SQ8 ranges / PQ codebooks) trains, on a bounded
+    # sample (faiss assigns each training vector to its list first, with the HNSW quantizer)
+    ivf.train(x[:CODEC_TRAIN_MAX])
     index.is_trained = True
     stats["codec_seconds"] = round(time.time() - t, 2)
     del x
     t = time.time()
+    assigner = list_assigner(centroids, faiss_gpu)
     with tqdm(total=n, unit="vec", desc="index add", disable=not progress, leave=False) as bar:
         for arr in shards:
             for b0 in range(0, arr.shape[0], ADD_BATCH):
                 batch = np.asarray(arr[b0:b0 + ADD_BATCH], dtype=np.float32)
-                index.add(batch)
+                add_assigned(index, ivf, batch, assigner)
                 bar.update(len(batch))
     stats["add_seconds"] = round(time.time() - t, 2)
     return index, stats
+
+
+def list_assigner(centroids: np.ndarray, faiss_gpu: bool = False) -> Any:
+    """A flat (brute-force, BLAS) index over the centroids for assigning vectors while adding.
+
+    Why not the HNSW quantizer the index searches with: at a few thousand lists, HNSW's
+    efSearch x M scattered distance computations cost as much as comparing with every centroid,
+    which BLAS does several times faster in batches (docs/BENCHMARKS.md, "Database at scale").
+    The assignment is the exact nearest centroid, where HNSW's is approximate."""
+    import faiss
+
+    flat = faiss.IndexFlatL2(centroids.shape[1])
+    if faiss_gpu:
+        flat = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, flat)
+    flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return flat
+
+
+def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any) -> None:
+    """Add ``x`` (ids continue from ntotal) with lists from ``assigner``; through the index's
+    pre-transform (OPQ) first, where it has one."""
+    import faiss
+
+    pre = faiss.downcast_index(index)
+    if isinstance(pre, faiss.IndexPreTransform):
+        for i in range(pre.chain.size()):
+            x = faiss.downcast_VectorTransform(pre.chain.at(i)).apply(x)
+    _, lists = assigner.search(x, 1)
+    ids = np.arange(ivf.ntotal, ivf.ntotal + len(x), dtype=np.int64)
+    ivf.add_core(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.swig_ptr(ids),
+                 faiss.swig_ptr(np.ascontiguousarray(lists[:, 0])))
+    index.ntotal = ivf.ntotal
