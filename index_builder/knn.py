@@ -121,15 +121,21 @@ def search_with_exclusion(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k + extra candidates, exclusions, then re-search short rows with 4x the candidates.
 
-    ``row_search(queries, row numbers, c)``, where given, replaces ``search`` (the knn stage:
-    a search that skips each row's excluded chunk range, index_builder.range_exclusion)."""
+    ``row_search(queries, row numbers, c)``, where given, searches the rows left short once more
+    before widening (the knn stage: a search that skips each row's excluded chunk range,
+    index_builder.range_exclusion)."""
     c = min(k + extra, ntotal)
-    cand_i, cand_d = (search(queries, c) if row_search is None
-                      else row_search(queries, np.arange(len(queries)), c))
+    cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
                                           exclude_docs, doc_ranges=doc_ranges, content=content)
-    while short.any() and c < min(ntotal, max_candidates):
-        c = min(c * 4, ntotal, max_candidates)
+    ranged = row_search is None
+    while short.any():
+        if not ranged:
+            ranged = True  # same c, the excluded chunks skipped inside the search
+        elif c < min(ntotal, max_candidates):
+            c = min(c * 4, ntotal, max_candidates)
+        else:
+            break
         rows = np.flatnonzero(short)
         cand_i, cand_d = search(queries[rows], c) if row_search is None else row_search(queries[rows], rows, c)
         r_ids, r_d, r_short = select_neighbours(
