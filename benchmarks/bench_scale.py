@@ -54,6 +54,16 @@ from bench_chunk import run_measured  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 TOKENS_1T = 10 ** 12
+ASSUMPTIONS = """Assumptions: CPU seconds (not wall: the machine is shared) at the largest size, grown
+by the measured exponent between the smallest and largest size (knn: CPU a query times N, its
+per-query exponent added), divided by this machine's cores and by M machines: chunk and knn shard
+by documents / query ranges with no communication (the stages already shard over torchrun ranks);
+the index is one IVF over 15.6B vectors, built as M shards whose lists are merged (faiss
+merge_from / OnDiskInvertedLists; issue 9), its k-means on a sample independent of N (a fixed
+2-5M vectors, GPU minutes). Not included: BERT embedding (the GPU's job: 15.6B chunks at the
+50k chunks/s an H100 target of bench_embed = 3.6 GPU-days), storage (fp16 embeddings 12 TB at
+384 dims; SQ8 codes 6 TB, PQ96 1.5 TB) and the bigger nlist (~2^18) that 15.6B vectors want,
+which raises the per-query cost by the growth of nprobe needed for recall 0.95."""
 TOPICS = 1024
 
 
@@ -396,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_section("bench_scale", (
             f"## Database at scale: chunk, index and knn stages by N\n\nCommand: `{cmd.strip()}`  \n"
             f"Machine: {machine('cpu')}; load average {load0:.1f} at the start  \nDate: {started}\n\n"
-            f"{tab}\n{real_line}\n### Projection to 1T tokens (15.6B chunks)\n\n{proj}\n"))
+            f"{tab}\n{real_line}\n### Projection to 1T tokens (15.6B chunks)\n\n{proj}\n\n{ASSUMPTIONS}\n"))
     return 0
 
 

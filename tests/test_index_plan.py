@@ -157,3 +157,15 @@ def test_forced_key_overrides_the_chooser(tmp_path):
     assert run_cli(["index", "--db", db, "--hnsw-max", 0, "--index-key", "Flat", "--recall-sample", 100]) == 0
     stats = load_manifest(db)["stages"]["index"]["stats"]
     assert stats["index_key"] == "Flat" and stats["plan"]["builder"] == "autofaiss"
+
+
+def test_deterministic_ivf_build_is_byte_identical(tmp_path):
+    """--deterministic keeps its promise on the chooser's IVF build: same bytes twice."""
+    db = clustered_db(tmp_path / "a", n_docs=30)
+    other = tmp_path / "b"
+    shutil.copytree(db, other)
+    for d in (db, other):
+        assert run_cli(["index", "--db", d, "--hnsw-max", 0, "--deterministic", "--recall-sample", 100]) == 0
+    assert load_manifest(db)["stages"]["index"]["stats"]["plan"]["builder"] == "ivf"
+    for name in ("knn.index", "index_infos.json"):
+        assert (db / "index" / name).read_bytes() == (other / "index" / name).read_bytes()
