@@ -164,13 +164,15 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
 # ----------------------------------------------------------------------------- knn: ours vs raw faiss
 
 
-def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out: Path) -> None:
+def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out: Path,
+               tune_sample: int = 1000) -> None:
     """(a subprocess) The knn stage's setup (with recall tuning) and search on the first
     ``queries`` train chunks, beside raw faiss on the same index, parameters and queries."""
     from index_builder.embed import read_rows
     from index_builder.knn import KnnConfig, KnnStage
 
-    stage = KnnStage(db, KnnConfig(k=k, threads=threads, target_recall=target, device="cpu", exact=False))
+    stage = KnnStage(db, KnnConfig(k=k, threads=threads, target_recall=target, device="cpu", exact=False,
+                                   tune_sample=tune_sample))
     stage.params(stage.open_manifest())
     t0 = time.time()
     stage.setup()
@@ -229,6 +231,7 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     m = load_manifest(db)
     row["n"] = int(m["counts"]["train"]["chunks"])
     row["text_mb"] = sum(f.stat().st_size for f in base["files"]) * copies / 2 ** 20
+    cache.write_text(json.dumps(row))
     row["embed_synthetic_s"] = write_embeddings(db, args.dim, seed=0)
     if not load_manifest(db)["stages"].get("index", {}).get("finished"):
         cmd = py("-m", "index_builder", "index", "--db", db, "--max-index-memory", args.max_index_memory,
@@ -240,11 +243,12 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     stats = load_manifest(db)["stages"]["index"]["stats"]
     row["index_stats"] = {k: stats.get(k) for k in ("index_key", "plan", "build", "recall", "size_bytes",
                                                     "build_seconds")}
-    if args.knn_queries < 0:
+    if args.knn_queries < 0 or "knn" in row:  # measured already (delete row-N.json to redo)
         return row
     out = args.work / f"knn-{n}.json"
     cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
-             "--threads", args.threads, "--target-recall", args.target_recall, "--out", out)
+             "--threads", args.threads, "--target-recall", args.target_recall, "--out", out,
+             "--tune-sample", args.tune_sample)
     wall, cpu, peak, _, _ = run_measured(cmd)
     row["knn"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
     cache.write_text(json.dumps(row))
@@ -284,25 +288,25 @@ def knn_cpu_per_query(r: dict[str, Any]) -> float:
 
 
 def projection(rows: list[dict[str, Any]], machines: Sequence[int] = (1, 64, 1024)) -> list[str]:
+    """Each stage from the largest size that measured it (exponent 1 where one size did)."""
     n1t = TOKENS_1T // 64
-    last = rows[-1]
-    lines = ["| stage | CPU s at N | exponent | CPU s at 15.6B chunks | " +
+    lines = ["| stage | N measured | CPU s at N | exponent | CPU s at 15.6B chunks | " +
              " | ".join(f"days on {m} machine{'s' if m > 1 else ''}" for m in machines) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(machines)]
+             "|---|---:|---:|---:|---:|" + "---:|" * len(machines)]
     for stage in ("chunk", "index", "knn"):
+        have = [r for r in rows if stage in r]
+        if not have:
+            continue
+        last = have[-1]
         if stage == "knn":
-            if "knn" not in last:
-                continue
             cpu_n = knn_cpu_per_query(last) * last["n"]
-            e = 1.0 + (exponent([{"n": r["n"], "knn": {"cpu": knn_cpu_per_query(r)}} for r in rows], "knn") or 0.0)
+            e = 1.0 + (exponent([{"n": r["n"], "knn": {"cpu": knn_cpu_per_query(r)}} for r in have], "knn") or 0.0)
         else:
-            if stage not in last:
-                continue
             cpu_n = last[stage]["cpu"]
-            e = exponent(rows, stage) or 1.0
+            e = exponent(have, stage) or 1.0
         total = cpu_n * (n1t / last["n"]) ** e
         days = " | ".join(f"{total / os.cpu_count() / m / 86400:,.1f}" for m in machines)
-        lines.append(f"| {stage} | {cpu_n:,.0f} | {e:.2f} | {total:,.3g} | {days} |")
+        lines.append(f"| {stage} | {last['n']:,} | {cpu_n:,.0f} | {e:.2f} | {total:,.3g} | {days} |")
     return lines
 
 
@@ -315,8 +319,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             c = r["chunk"]
             out.append(f"| {n:,} | {r['text_mb']:,.0f} | chunk | {c['wall']:.0f} | {c['cpu']:.0f} | "
                        f"{n / c['wall']:,.0f} | {c['peak_mb']:,.0f} | {r['copies']} copies of the corpus |")
-        s = r["index_stats"]
-        if "index" in r:
+        s = r.get("index_stats") or {}
+        if "index" in r and s:
             c = r["index"]
             build = s.get("build") or {}
             phases = ", ".join(f"{k.removesuffix('_seconds')} {v:.0f}s" for k, v in build.items()
@@ -348,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ks.add_argument("--threads", type=int, default=os.cpu_count())
     ks.add_argument("--target-recall", type=float, default=0.95)
     ks.add_argument("--out", type=Path, required=True)
+    ks.add_argument("--tune-sample", type=int, default=1000)
     ap.add_argument("--sizes", default="1M,4M", help="train chunks, e.g. 1M,4M,16M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/retro-scale"))
     ap.add_argument("--corpus", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
@@ -365,13 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--knn-queries", type=int, default=65536,
                     help="train chunks the knn rate is measured on (0: all, -1: skip knn)")
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--tune-sample", type=int, default=1000, help="knn's recall sample (vs exact search)")
     ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the rows earlier runs cached in --work")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "knn-sample":
-        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out)
+        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample)
         return 0
     if args.tiny:
         args.corpus_mb, args.vocab_size, args.seq_len, args.dim = min(args.corpus_mb, 0.3), 400, 256, 32
@@ -379,9 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
-    base = base_corpus(args)
+    base = {} if args.report_only else base_corpus(args)
     rows = []
     for n in [parse_size(s) for s in args.sizes.split(",")]:
+        cache = args.work / f"row-{n}.json"
+        if args.report_only:  # what earlier runs measured, nothing run
+            if cache.exists():
+                rows.append(json.loads(cache.read_text()))
+            continue
         rows.append(run_size(n, args, base))
         print(json.dumps(rows[-1], default=str), flush=True)
     real = None
@@ -389,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.work / "knn-real.json"
         wall, cpu, peak, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
                                                 "--k", args.k, "--threads", args.threads, "--out", out,
-                                                "--target-recall", args.target_recall))
+                                                "--target-recall", args.target_recall,
+                                                "--tune-sample", args.tune_sample))
         real = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
     tab, proj = table(rows), "\n".join(projection(rows))
     print(tab, proj, sep="\n\n")

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from index_builder.exact_search import read_block
 from index_builder.index_plan import OPQ_TRAIN_MAX, IndexPlan
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,20 @@ OPQ_ITERS = 20
 CODEC_TRAIN_MAX = 32768  # SQ8's ranges and PQ's 256 centroids a sub-space need far fewer
 
 
-def gather_rows(shards: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
-    """Rows ``ids`` (sorted, unique) of the concatenated shards as float32, shard by shard."""
+def gather_rows(shards: Sequence[np.ndarray], ids: np.ndarray, run: int = 4096) -> np.ndarray:
+    """Rows ``ids`` (sorted, unique) of the concatenated shards as float32, shard by shard, read
+    ``run`` rows at a time (:func:`read_block`: the RSS stays the sample, not the shards)."""
     out = np.empty((len(ids), shards[0].shape[1]), dtype=np.float32)
     offset, pos = 0, 0
     for arr in shards:
         n = arr.shape[0]
         hi = int(np.searchsorted(ids, offset + n))
-        if hi > pos:
-            out[pos:hi] = arr[ids[pos:hi] - offset]
-            pos = hi
+        while pos < hi:
+            lo_row = int(ids[pos]) - offset
+            end = min(hi, int(np.searchsorted(ids, offset + lo_row + run)))
+            block = read_block(arr, lo_row, int(ids[end - 1]) - offset + 1)
+            out[pos:end] = block[ids[pos:end] - offset - lo_row]
+            pos = end
         offset += n
     return out
 
@@ -134,7 +139,7 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     with tqdm(total=n, unit="vec", desc="index add", disable=not progress, leave=False) as bar:
         for arr in shards:
             for b0 in range(0, arr.shape[0], ADD_BATCH):
-                batch = np.asarray(arr[b0:b0 + ADD_BATCH], dtype=np.float32)
+                batch = read_block(arr, b0, min(b0 + ADD_BATCH, arr.shape[0]))
                 add_assigned(index, ivf, batch, assigner)
                 bar.update(len(batch))
     stats["add_seconds"] = round(time.time() - t, 2)

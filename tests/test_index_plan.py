@@ -169,3 +169,22 @@ def test_deterministic_ivf_build_is_byte_identical(tmp_path):
     assert load_manifest(db)["stages"]["index"]["stats"]["plan"]["builder"] == "ivf"
     for name in ("knn.index", "index_infos.json"):
         assert (db / "index" / name).read_bytes() == (other / "index" / name).read_bytes()
+
+
+def test_gather_rows_from_memmaps_equals_fancy_indexing(tmp_path):
+    """The sample is read through the files (bounded RSS) and equals plain indexing."""
+    from index_builder.ivf_build import read_block
+
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 8)).astype(np.float16) for n in (5000, 1, 7000)]
+    shards = []
+    for i, p in enumerate(parts):
+        np.save(tmp_path / f"{i}.npy", p)
+        shards.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
+    whole = np.concatenate(parts).astype(np.float32)
+    for size in (1, 50, 3000, 12001):
+        ids = sample_ids(12001, size, seed=size)
+        assert np.array_equal(gather_rows(shards, ids, run=97), whole[ids])
+    assert np.array_equal(read_block(shards[2], 10, 20), whole[5011:5021])
+    sliced = shards[2][100:200]  # a memmap slice keeps its parent's offset: read by indexing
+    assert np.array_equal(read_block(sliced, 0, 5), whole[5101:5106])
