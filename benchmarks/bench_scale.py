@@ -240,9 +240,7 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
         wall, cpu, peak, _, _ = run_measured(cmd)
         row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
         cache.write_text(json.dumps(row))
-    stats = load_manifest(db)["stages"]["index"]["stats"]
-    row["index_stats"] = {k: stats.get(k) for k in ("index_key", "plan", "build", "recall", "size_bytes",
-                                                    "build_seconds")}
+    row["index_stats"] = index_stats(db)
     if args.knn_queries < 0 or "knn" in row:  # measured already (delete row-N.json to redo)
         return row
     out = args.work / f"knn-{n}.json"
@@ -253,6 +251,13 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     row["knn"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
     cache.write_text(json.dumps(row))
     return row
+
+
+def index_stats(db: Path) -> dict[str, Any]:
+    from chunk_store.manifest import load_manifest
+
+    stats = load_manifest(db)["stages"].get("index", {}).get("stats") or {}
+    return {k: stats.get(k) for k in ("index_key", "plan", "build", "recall", "size_bytes", "build_seconds")}
 
 
 def base_corpus(args: argparse.Namespace) -> dict[str, Any]:
@@ -393,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report_only:  # what earlier runs measured, nothing run
             if cache.exists():
                 rows.append(json.loads(cache.read_text()))
+                if "index" in rows[-1] and not rows[-1].get("index_stats"):
+                    rows[-1]["index_stats"] = index_stats(args.work / f"db-{n}")
             continue
         rows.append(run_size(n, args, base))
         print(json.dumps(rows[-1], default=str), flush=True)
