@@ -8,10 +8,25 @@ CPU and CUDA.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+
+def read_block(arr: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) as float32. From a memmap, read through the file rather than the mapping:
+    mapped pages count in the process's RSS until unmapped, and a pass over every shard (exact
+    search, the IVF build) would hold the whole embedding matrix by its end."""
+    # only a whole mapped file (np.load's memmap: its base is the mmap); a slice keeps its
+    # parent's filename and offset, so it is indexed instead
+    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.flags.c_contiguous:
+        row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
+        block = np.fromfile(arr.filename, dtype=arr.dtype, count=(b - a) * arr.shape[1],
+                            offset=int(arr.offset) + a * row_bytes)
+        return block.reshape(b - a, arr.shape[1]).astype(np.float32)
+    return np.asarray(arr[a:b], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -55,9 +70,9 @@ def exact_search(
         with torch.inference_mode():
             for shard in shards:
                 for t0 in range(0, shard.shape[0], cfg.tile_rows):
-                    # a private copy (memmaps are read-only), moved in its stored dtype, then fp32
-                    tile_np = np.array(shard[t0:t0 + cfg.tile_rows], copy=True)
-                    tile = torch.from_numpy(tile_np).to(device).float()
+                    # a private fp32 copy read through the file (memmaps are read-only; RSS bounded)
+                    tile_np = read_block(shard, t0, min(t0 + cfg.tile_rows, shard.shape[0]))
+                    tile = torch.from_numpy(tile_np).to(device)
                     t_norm = (tile * tile).sum(dim=1)
                     kk = min(k, tile.shape[0])
                     for b0 in range(0, nq, cfg.query_block):

@@ -8,6 +8,11 @@ the build to autofaiss's Spark mode (``pip install '.[spark]'``).
 
 After the build, recall@k of the index against exact search is measured on a sample of train
 chunks and stored in the manifest (``stages.index.stats.recall``).
+
+Past the HNSW range (``--hnsw-max`` vectors, or where HNSW32 exceeds ``--max-index-memory``) the
+key comes from :func:`index_builder.index_plan.choose_index`, whose training cost is bounded, and
+:mod:`index_builder.ivf_build` builds it (a random training sample, k-means on every core or the
+GPU, batched adds); the plan is recorded in ``stages.index.stats.plan``. ``--index-key`` overrides.
 """
 
 from __future__ import annotations
@@ -30,17 +35,18 @@ from chunk_store.layout import DBLayout
 from chunk_store.manifest import check_params
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
-from index_builder.determinism import make_deterministic, stable_infos
+from index_builder.determinism import fixed_search_params, make_deterministic, stable_infos
 from index_builder.embed import num_chunks, open_embeddings, read_rows
 from index_builder.index_update import add_new_vectors, index_rows
 from index_builder.exact_search import ExactSearchConfig, exact_search
+from index_builder.index_plan import IndexPlan, choose_index, parse_memory
 
 log = logging.getLogger(__name__)
 
 METRIC = "l2"
 RECALL_KS = (1, 2, 10)
 RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
-               "max_query_ms", "deterministic")
+               "max_query_ms", "deterministic", "hnsw_max", "train_per_centroid")
 
 
 # ----------------------------------------------------------------------------- faiss >= 1.14 shim
@@ -184,6 +190,8 @@ class IndexConfig:
     device: str = "auto"
     deterministic: bool = False  # one thread, fixed search parameters: the same bytes every build
     rebuild: bool = False  # train a new index even where the trained one could take the new vectors
+    hnsw_max: int = 1_000_000  # past this many vectors: a bounded-training IVF key (index_plan)
+    train_per_centroid: int = 64  # IVF k-means sample: vectors a centroid
 
 
 class IndexStage(Stage[IndexConfig]):
@@ -213,8 +221,25 @@ class IndexStage(Stage[IndexConfig]):
             "embed_id": f"{embed['params'].get('embedder_id')}@{embed.get('finished')}",
             "dim": embed["params"].get("dim"),
             "deterministic": bool(cfg.deterministic),
+            "hnsw_max": int(cfg.hnsw_max),
+            "train_per_centroid": int(cfg.train_per_centroid),
         }
+        self.plan = self._plan(manifest)
         return self.params_
+
+    def _plan(self, manifest: dict[str, Any]) -> IndexPlan | None:
+        """The chooser's plan; None where --index-key or --distributed leaves it to autofaiss."""
+        cfg = self.cfg
+        if cfg.index_key or cfg.distributed:
+            return None
+        n = int(manifest.get("counts", {}).get("train", {}).get("chunks") or 0)
+        dim = int(manifest["stages"]["embed"]["params"].get("dim") or 0)
+        if n <= 0 or dim <= 0:
+            return None
+        if cfg.hnsw_max < 0 or cfg.train_per_centroid < 39:
+            raise UserError("index: --hnsw-max must be >= 0 and --train-per-centroid >= 39 (faiss's minimum)")
+        return choose_index(n, dim, parse_memory(cfg.max_index_memory), parse_memory(cfg.current_memory),
+                            hnsw_max=cfg.hnsw_max, per_centroid=cfg.train_per_centroid)
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """Only a finished index binds a re-run: a partial build leaves nothing to reuse. After
@@ -261,20 +286,52 @@ class IndexStage(Stage[IndexConfig]):
         self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
 
     def compute(self, unit: Unit) -> None:
-        """autofaiss into a temporary folder, then both files renamed into place (or, after
-        ``add``, the new vectors appended to the trained index)."""
-        from autofaiss import build_index
-
-        cfg, params = self.cfg, self.params_
+        """The chooser's IVF build or autofaiss into a temporary folder, then both files renamed
+        into place (or, after ``add``, the new vectors appended to the trained index)."""
+        cfg = self.cfg
         if getattr(self, "update", False):
             t0 = time.time()
             self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
             self.build_seconds = time.time() - t0
+            self.build_stats = {}
             return
-
         tmp_dir = self.paths.index_build_dir()
         tmp_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        self.build_stats: dict[str, Any] = {}
+        if self.plan is not None and self.plan.builder == "ivf":
+            self._build_ivf(tmp_dir)
+        else:
+            self._build_autofaiss(tmp_dir)
+        if cfg.deterministic:
+            make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
+        stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
+        self.build_seconds = time.time() - t0
+        os.replace(tmp_dir / self.paths.index_infos.name, self.paths.index_infos)
+        os.replace(tmp_dir / self.paths.index.name, self.paths.index)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def _build_ivf(self, tmp_dir: Path) -> None:
+        """The chooser's IVF key, built here (bounded training), with its infos file."""
+        import faiss
+
+        from index_builder.ivf_build import build_ivf
+
+        faiss.omp_set_num_threads(1 if self.cfg.deterministic else self.threads)
+        device = "cpu" if self.cfg.deterministic else str(resolve_device(self.cfg.device))
+        index, self.build_stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
+                                            faiss_gpu=self.use_gpu)
+        param = fixed_search_params(index)
+        faiss.write_index(index, str(tmp_dir / self.paths.index.name))
+        infos = {"index_key": self.plan.key, "index_param": param, "index_path": self.paths.index.name,
+                 "builder": "retro ivf_build", "size in bytes": (tmp_dir / self.paths.index.name).stat().st_size}
+        (tmp_dir / self.paths.index_infos.name).write_text(json.dumps(infos))
+
+    def _build_autofaiss(self, tmp_dir: Path) -> None:
+        """autofaiss's build (its key choice unless --index-key) into ``tmp_dir``."""
+        from autofaiss import build_index
+
+        cfg, params = self.cfg, self.params_
         kwargs: dict[str, Any] = dict(
             embeddings=str(self.paths.embeddings_dir("train")),
             index_path=str(tmp_dir / self.paths.index.name),
@@ -309,13 +366,6 @@ class IndexStage(Stage[IndexConfig]):
                 "index: autofaiss built no index (not enough memory for the chosen index type? "
                 f"--current-memory is {params['current_memory']}, --max-index-memory "
                 f"{params['max_index_memory']}; see its log above)")
-        if cfg.deterministic:
-            make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
-        stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
-        self.build_seconds = time.time() - t0
-        os.replace(tmp_dir / self.paths.index_infos.name, self.paths.index_infos)
-        os.replace(tmp_dir / self.paths.index.name, self.paths.index)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
         """Load the new index and measure its recall against exact search."""
@@ -339,6 +389,9 @@ class IndexStage(Stage[IndexConfig]):
             "use_gpu": self.use_gpu,
             "opq_shim": self.shim,
             "added_without_training": getattr(self, "added", None),
+            "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
+                                                                      "reason": "--index-key or --distributed"},
+            "build": self.build_stats,
         }
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
@@ -370,6 +423,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true", default=d.deterministic,
                    help="build on one thread with fixed search parameters (no timing): two builds from "
                         "the same embeddings give the same bytes (docs/RELIABILITY.md)")
+    g.add_argument("--hnsw-max", type=int, default=d.hnsw_max,
+                   help="past this many train chunks the index is a bounded-training IVF key "
+                        "(IVF_HNSW32 + SQ8 or PQ, OPQ where it pays) instead of autofaiss's choice")
+    g.add_argument("--train-per-centroid", type=int, default=d.train_per_centroid,
+                   help="IVF: training vectors sampled per centroid (bounds the k-means' time)")
     g.add_argument("--distributed", default=d.distributed, choices=["pyspark"],
                    help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
     g.add_argument("--temporary-indices-folder", default=d.temporary_indices_folder,

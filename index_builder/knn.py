@@ -42,7 +42,7 @@ from index_builder.faiss_index import faiss_gpu_available, index_identity, load_
 from index_builder.neighbour_files import assemble, kept_rows
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
-RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion")
+RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall")
 # what train neighbours avoid: "sequence" = every document sharing the chunk's training sequence.
 # A DB whose knn record lacks it was built with the older own-document rule and is redone.
 EXCLUSION = "sequence"
@@ -117,16 +117,27 @@ def search_with_exclusion(
     max_candidates: int = MAX_CANDIDATES,
     doc_ranges: np.ndarray | None = None,
     content: np.ndarray | None = None,
+    row_search: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k + extra candidates, exclusions, then re-search short rows with 4x the candidates."""
+    """k + extra candidates, exclusions, then re-search short rows with 4x the candidates.
+
+    ``row_search(queries, row numbers, c)``, where given, searches the rows left short once more
+    before widening (the knn stage: a search that skips each row's excluded chunk range,
+    index_builder.range_exclusion)."""
     c = min(k + extra, ntotal)
     cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
                                           exclude_docs, doc_ranges=doc_ranges, content=content)
-    while short.any() and c < min(ntotal, max_candidates):
-        c = min(c * 4, ntotal, max_candidates)
+    ranged = row_search is None
+    while short.any():
+        if not ranged:
+            ranged = True  # same c, the excluded chunks skipped inside the search
+        elif c < min(ntotal, max_candidates):
+            c = min(c * 4, ntotal, max_candidates)
+        else:
+            break
         rows = np.flatnonzero(short)
-        cand_i, cand_d = search(queries[rows], c)
+        cand_i, cand_d = search(queries[rows], c) if row_search is None else row_search(queries[rows], rows, c)
         r_ids, r_d, r_short = select_neighbours(
             cand_i, cand_d, k,
             None if query_ids is None else query_ids[rows],
@@ -183,6 +194,8 @@ class KnnConfig:
     threads: int | None = None  # faiss / torch CPU threads; None = all cores
     exact_pass_rows: int | None = None  # --exact: queries sharing one pass; None = auto
     refresh: bool = False  # after add: every chunk's neighbours again (default: the new chunks' only)
+    target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
+    tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
 
 
 class KnnStage(Stage[KnnConfig]):
@@ -200,6 +213,9 @@ class KnnStage(Stage[KnnConfig]):
             raise UserError(f"--k must be at least 1, not {cfg.k}")
         if cfg.extra < 0:
             raise UserError(f"--extra must be >= 0, not {cfg.extra}")
+        if not 0 <= cfg.target_recall <= 1:
+            raise UserError(f"--target-recall must be within [0, 1], not {cfg.target_recall}")
+        positive(cfg.tune_sample, "--tune-sample")
         positive(cfg.shard_size, "--shard-size")
         self.device = str(resolve_device(cfg.device))
         self.exact = cfg.exact if cfg.exact is not None else (
@@ -208,12 +224,12 @@ class KnnStage(Stage[KnnConfig]):
         return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
                 "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
                 "content_only": True,  # chunks of only EOS and padding are never neighbours
-                "exclusion": EXCLUSION}
+                "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
+                "tune_sample": int(cfg.tune_sample)}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
-        """After ``add`` the index grew (another index_id): the neighbours already found are kept
-        and only the new chunks searched, unless ``--refresh`` (every chunk, the grown DB)."""
-        # rows found before may be kept only if they were found under the same rule (read in begin)
+        """After ``add`` the index grew (another index_id): the neighbours already found under
+        the same rule are kept, only the new chunks searched; ``--refresh``: every chunk."""
         self.keep_old = not self.cfg.refresh and recorded.get("params", {}).get("exclusion") == EXCLUSION
         if self.cfg.refresh:
             recorded.clear()
@@ -279,6 +295,8 @@ class KnnStage(Stage[KnnConfig]):
         self.emb = {"train": train_emb}
         self.docs = {"train": self.train_docs}
         self.short_rows = 0
+        self.tuning = None
+        self.range_search: Any = None  # faiss search skipping each row's excluded chunks
         if self.exact:
             cfg = ExactSearchConfig(device=self.device)
 
@@ -293,7 +311,46 @@ class KnnStage(Stage[KnnConfig]):
             def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
+            from index_builder.range_exclusion import doc_starts, faiss_range_search, supports_selector
+
+            if supports_selector(index):
+                self.range_search = faiss_range_search(index)
+                self.doc_starts = doc_starts(self.train_docs)
+            if self.cfg.target_recall > 0:
+                self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
+
+    def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,
+                     range_search: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The final neighbours of train chunks ``rows``: what compute() writes for them."""
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        chunk_r = None
+        if range_search is not None:
+            from index_builder.range_exclusion import chunk_ranges
+
+            chunk_r = chunk_ranges(ranges, self.doc_starts)
+        return search_with_exclusion(search, queries, self.cfg.k, self.cfg.extra, self.ntotal, query_ids=rows,
+                                     db_docs=self.train_docs, doc_ranges=ranges, content=self.content,
+                                     row_search=None if chunk_r is None else
+                                     (lambda q, r, c: range_search(q, chunk_r[r], c)))
+
+    def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
+        """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
+        applied) reach --target-recall on a sample, against the same pipeline over exact search."""
+        from index_builder.ivf_build import gather_rows, sample_ids
+        from index_builder.search_tuning import candidate_params, tune_index
+
+        if not candidate_params(index):
+            return None
+        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=0)
+        queries, exact_cfg = gather_rows(train_emb, rows), ExactSearchConfig(device=self.device)
+        _, exact_d = self._final_train(lambda q, c: exact_search(q, train_emb, c, exact_cfg), queries, rows)
+        tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
+                            exact_d, queries, lambda u: gather_rows(train_emb, u), self.cfg.target_recall)
+        if not tuning.reached:
+            self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
+                     f"(best {tuning.param}): the index's codes are too coarse (raise --max-index-memory)")
+        return tuning
 
     def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
         if split not in self.emb:
@@ -306,9 +363,12 @@ class KnnStage(Stage[KnnConfig]):
         emb, docs = self._split_arrays(split)
         if queries is None:
             queries = read_rows(emb, a, b)
-        ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
-                                   self.ntotal, a, b, split == "train", docs, self.train_docs,
-                                   self.train_seq_starts, self.chunks_per_seq, self.content)
+        if split == "train" and self.range_search is not None and search in (None, self.search):
+            ids, dists = self._final_train(self.search, queries, np.arange(a, b, dtype=np.int64), self.range_search)
+        else:
+            ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
+                                       self.ntotal, a, b, split == "train", docs, self.train_docs,
+                                       self.train_seq_starts, self.chunks_per_seq, self.content)
         self.short_rows += int((ids < 0).any(axis=1).sum())
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
@@ -331,6 +391,12 @@ class KnnStage(Stage[KnnConfig]):
         summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
                                    "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
                                    "world_size": run.world_size}
+        if self.tuning is not None:
+            summary["search_params"] = self.tuning.param
+            summary["recall"] = {f"recall@{self.cfg.k}": self.tuning.recall, "target": self.tuning.target,
+                                 "reached": self.tuning.reached, "sample": self.tuning.sample,
+                                 "vs": "exact search, same exclusions"}
+            summary["tuning"] = self.tuning.tried
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:
@@ -341,7 +407,9 @@ class KnnStage(Stage[KnnConfig]):
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}, done in "
                 f"{run.seconds:.1f}s ({run.units_reused} shards reused, "
-                f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)")
+                f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)"
+                + (f"; {stats['search_params']}: recall@{self.cfg.k} {self.tuning.recall:.3f} vs exact"
+                   if getattr(self, "tuning", None) is not None else ""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -359,6 +427,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refresh", action="store_true", default=d.refresh,
                    help="after `add`: recompute every chunk's neighbours against the grown database "
                         "(default: search only the new chunks, keep the rest)")
+    g.add_argument("--target-recall", type=float, default=d.target_recall,
+                   help="search parameters (nprobe/efSearch): the cheapest whose final neighbours, "
+                        "exclusions applied, reach this recall@k against exact search (0: the index's own)")
+    g.add_argument("--tune-sample", type=int, default=d.tune_sample,
+                   help="train chunks the recall is measured on")
 
 
 SHARED_OPTIONS = ("device", "shard_size", "threads")
@@ -417,7 +490,7 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
     """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
     chunk of only EOS and padding."""
     if is_train:
-        rows = np.arange(a, b, dtype=np.int64)
+        rows = np.arange(a, b, dtype=np.int64)  # KnnStage._final_train for arbitrary rows
         ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
                                      chunks_per_seq, rows)
         return search_with_exclusion(search, queries, k, extra, ntotal, query_ids=rows,

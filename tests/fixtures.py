@@ -319,10 +319,22 @@ def full_manifest(db: str | Path) -> dict:
             "repaired": db_repaired(Path(db), m)}
 
 
-def shard_files_of(db: str | Path, index: int = 0) -> list[str]:
-    """The split files of shard ``index`` of a DB, relative to the DB (as OUTPUT_FILES lists them)."""
-    from chunk_store.layout import SPLITS, DBLayout
+# ----------------------------------------------------------------------------- scale benchmark
 
-    paths = DBLayout(db).shard(index)
-    return [f(s).relative_to(Path(db)).as_posix() for s in SPLITS
-            for f in (paths.chunks, paths.doc_ids, paths.seq_starts, paths.documents)]
+def bench_scale_module() -> object:
+    """benchmarks/bench_scale.py as a module (its synthetic embeddings and its main)."""
+    import importlib
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    return importlib.import_module("bench_scale")
+
+
+def clustered_db(db: str | Path, n_docs: int = 60, dim: int = 32, seed: int = 0) -> Path:
+    """A chunked random corpus with bench_scale's synthetic embeddings: clustered by topic, and
+    a document's chunks near-duplicates of each other (the knn exclusions bite)."""
+    db = build_tiny_db(db, n_docs=n_docs, seed=seed, chunk_size=16, seq_len=64, val_fraction=0.1)
+    bench_scale_module().write_embeddings(db, dim, seed=seed)  # type: ignore[attr-defined]
+    return db
