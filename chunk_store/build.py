@@ -160,7 +160,8 @@ class ChunkStage(Stage[ChunkConfig]):
         self.cfg.validate()
         if self.paths.manifest.exists():
             return load_manifest(self.db)
-        if self.db.exists() and (not self.db.is_dir() or any(self.db.iterdir())):
+        # rank 0 alone judges a folder without a manifest: under torchrun it may be writing one now
+        if runtime.rank() == 0 and self.db.exists() and (not self.db.is_dir() or any(self.db.iterdir())):
             raise UserError(f"chunk: {self.db} exists and is not a retro database "
                             f"(no {self.paths.manifest.name})")
         return {"format_version": FORMAT_VERSION, "chunk_size": self.cfg.chunk_size,

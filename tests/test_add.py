@@ -300,3 +300,21 @@ def test_the_dataset_and_the_retriever_read_a_grown_database(corpora, tmp_path: 
     query = store.text(store.num_chunks - 1)
     hit = Retriever.open(db, embedder=str(bert)).search_text([query], k=1)[0][0]
     assert hit.chunk_id == store.num_chunks - 1 and hit.text == query  # a chunk of the added shard
+
+
+def test_only_rank_0_refuses_a_folder_without_a_manifest(corpora, tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun rank 0 creates the DB folder and writes the manifest while the other ranks
+    start: a folder holding only rank 0's temporary manifest is no error for them."""
+    from chunk_store.build import ChunkConfig, ChunkStage
+    from chunk_store.errors import UserError
+
+    a, _, tok = corpora
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / ".manifest.json.tmp-12345").write_text("{")
+    cfg = ChunkConfig(inputs=(str(a),), tokenizer_file=str(tok), chunk_size=16, seq_len=64)
+    monkeypatch.setenv("RANK", "1")
+    assert ChunkStage(db, cfg).open_manifest()["stages"] == {}
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="not a retro database"):
+        ChunkStage(db, cfg).open_manifest()
