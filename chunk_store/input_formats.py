@@ -24,7 +24,7 @@ import io
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
 import zstandard
@@ -226,7 +226,6 @@ class RecordReport:
     size: int = 0
     sha256: str | None = None
     file_skip: dict | None = None  # a skip of the whole file (or the rest of it)
-    extra: dict = field(default_factory=dict)
 
 
 def _text_of(obj: object, text_field: str) -> tuple[str | None, str | None]:

@@ -89,10 +89,6 @@ class ShardedArray:
         out = self._slice(0, self.shape[0], 1)
         return out.astype(dtype) if dtype is not None else out
 
-    def __iter__(self):
-        for a in range(0, self.shape[0], 1 << 16):
-            yield from self._slice(a, min(a + (1 << 16), self.shape[0]), 1)
-
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, parts={len(self.parts)})"
 

@@ -37,7 +37,7 @@ from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
 from index_builder.determinism import fixed_search_params, make_deterministic, stable_infos
 from index_builder.embed import num_chunks, open_embeddings, read_rows
-from index_builder.index_update import add_new_vectors, index_rows
+from index_builder.index_update import add_new_vectors
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.index_plan import IndexPlan, choose_index, parse_memory
 
@@ -261,8 +261,9 @@ class IndexStage(Stage[IndexConfig]):
         check_params(recorded.get("params"), params, self.name, keys=[k for k in self.result_keys if k != "embed_id"])
 
     def complete(self, manifest: dict[str, Any]) -> bool:
-        if getattr(self, "update", False):
-            return index_rows(self.db) == num_chunks(self.db, manifest, "train")
+        if getattr(self, "update", False):  # the recorded size: an add rewrites it when it finishes
+            ntotal = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("ntotal")
+            return ntotal == num_chunks(self.db, manifest, "train")
         return self.paths.index.exists()
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:

@@ -23,18 +23,6 @@ from index_builder.embed import open_embeddings, read_rows
 ADD_BLOCK = 1 << 16  # vectors added per call
 
 
-def index_rows(db: str | os.PathLike) -> int:
-    """The number of vectors in the DB's index (its header only where faiss can mmap it)."""
-    import faiss
-
-    path = DBLayout(db).index
-    try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        index = faiss.read_index(str(path))
-    return int(index.ntotal)
-
-
 def add_new_vectors(db: str | os.PathLike, threads: int = 1) -> dict[str, Any]:
     """Append train embeddings ``[index.ntotal, num_train_chunks)`` to the index; the counts."""
     import faiss
