@@ -233,7 +233,11 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     row["n"] = int(m["counts"]["train"]["chunks"])
     row["text_mb"] = sum(f.stat().st_size for f in base["files"]) * copies / 2 ** 20
     cache.write_text(json.dumps(row))
+    if not {"embed", "index"} & set(args.stages):
+        return row
     row["embed_synthetic_s"] = write_embeddings(db, args.dim, seed=0)
+    if "index" not in args.stages:
+        return row
     if not load_manifest(db)["stages"].get("index", {}).get("finished"):
         cmd = py("-m", "index_builder", "index", "--db", db, "--max-index-memory", args.max_index_memory,
                  "--current-memory", args.current_memory, "--threads", args.threads, "--device", "cpu",
@@ -242,7 +246,7 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
         row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
         cache.write_text(json.dumps(row))
     row["index_stats"] = index_stats(db)
-    if args.knn_queries < 0 or "knn" in row:  # measured already (delete row-N.json to redo)
+    if args.knn_queries < 0 or "knn" in row or "knn" not in args.stages:  # (delete row-N.json to redo)
         return row
     out = args.work / f"knn-{n}.json"
     cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
@@ -377,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="train chunks the knn rate is measured on (0: all, -1: skip knn)")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--tune-sample", type=int, default=1000, help="knn's recall sample (vs exact search)")
+    ap.add_argument("--stages", default="chunk,embed,index,knn", type=lambda s: s.split(","),
+                    help="the stages to run, in order (e.g. chunk,embed: build the DBs now, index them later)")
     ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
