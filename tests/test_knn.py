@@ -102,6 +102,29 @@ def test_sequence_exclusion_matches_a_brute_force_reference(seed, k, extra, doc_
         assert np.isinf(dist[row, len(expect):]).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 4), doc_lens=st.lists(st.integers(1, 6), min_size=1, max_size=25),
+       cps=st.integers(1, 6), tile=st.integers(1, 40), qb=st.integers(1, 9))
+def test_exact_search_with_exclusion_inside_equals_the_pipeline(seed, k, doc_lens, cps, tile, qb):
+    """The tuner's exact reference: ranges and blank chunks masked inside one exact pass give the
+    neighbours (distances) the knn pipeline keeps from exact search with widening re-searches."""
+    from index_builder.range_exclusion import chunk_ranges, doc_starts
+
+    rng = np.random.default_rng(seed)
+    docs = np.repeat(np.arange(len(doc_lens)), doc_lens)
+    n = len(docs)
+    starts = np.arange(0, n - cps + 1, cps)
+    xb = rng.standard_normal((n, 3)).astype(np.float32)
+    content = rng.random(n) > 0.2
+    rows = np.arange(n)
+    ranges = sequence_doc_ranges(docs, starts, cps, rows)
+    _, got_d = exact_search(xb, [xb[: n // 2], xb[n // 2:]], k, ExactSearchConfig(tile_rows=tile, query_block=qb),
+                            exclude=chunk_ranges(ranges, doc_starts(docs)), valid=content)
+    _, ref_d = search_with_exclusion(lambda q, c: exact_search(q, [xb], c), xb, k, 2, n, query_ids=rows,
+                                     db_docs=docs, doc_ranges=ranges, content=content)
+    np.testing.assert_allclose(got_d, ref_d, rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_doc_ranges_by_hand():
     docs = np.array([0, 0, 1, 2, 2, 3, 4, 5])
     # sequences of 3 chunks at 0 and 3; chunks 6, 7 are past the last full sequence
