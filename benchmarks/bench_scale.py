@@ -210,7 +210,8 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
     tuning = stage.tuning.as_dict() if stage.tuning is not None else None
     out.write_text(json.dumps({"queries": n, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
                                "ours_rate": n / ours, "raw_rate": n / raw, "ratio": ours / raw,
-                               "searched_rows": calls["rows"], "missing": missing, "tuning": tuning}))
+                               "searched_rows": calls["rows"], "missing": missing, "tuning": tuning,
+                               "short_share": stage.short_share, "range_first": stage.range_first}))
 
 
 # ----------------------------------------------------------------------------- one size

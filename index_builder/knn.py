@@ -119,17 +119,22 @@ def search_with_exclusion(
     doc_ranges: np.ndarray | None = None,
     content: np.ndarray | None = None,
     row_search: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    range_first: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k + extra candidates, exclusions, then re-search short rows with 4x the candidates.
 
     ``row_search(queries, row numbers, c)``, where given, searches the rows left short once more
     before widening (the knn stage: a search that skips each row's excluded chunk range,
-    index_builder.range_exclusion)."""
+    index_builder.range_exclusion); with ``range_first`` every row goes through it at once (where
+    most rows would come back short from the plain search)."""
     c = min(k + extra, ntotal)
-    cand_i, cand_d = search(queries, c)
+    ranged = row_search is None or range_first
+    if row_search is not None and range_first:
+        cand_i, cand_d = row_search(queries, np.arange(len(queries)), c)
+    else:
+        cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
                                           exclude_docs, doc_ranges=doc_ranges, content=content)
-    ranged = row_search is None
     while short.any():
         if not ranged:
             ranged = True  # same c, the excluded chunks skipped inside the search
@@ -298,6 +303,7 @@ class KnnStage(Stage[KnnConfig]):
         self.short_rows = 0
         self.tuning = None
         self.range_search: Any = None  # faiss search skipping each row's excluded chunks
+        self.range_first, self.short_share = False, None  # every row through it at once
         if self.exact:
             cfg = ExactSearchConfig(device=self.device)
 
@@ -312,11 +318,14 @@ class KnnStage(Stage[KnnConfig]):
             def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
-            from index_builder.range_exclusion import doc_starts, faiss_range_search, supports_selector
+            from index_builder.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
+                                                       supports_selector)
 
             if supports_selector(index):
                 self.range_search = faiss_range_search(index)
                 self.doc_starts = doc_starts(self.train_docs)
+                self.short_share = self._short_share(search, train_emb)
+                self.range_first = prefer_range_first(index, self.short_share)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
@@ -333,7 +342,20 @@ class KnnStage(Stage[KnnConfig]):
         return search_with_exclusion(search, queries, self.cfg.k, self.cfg.extra, self.ntotal, query_ids=rows,
                                      db_docs=self.train_docs, doc_ranges=ranges, content=self.content,
                                      row_search=None if chunk_r is None else
-                                     (lambda q, r, c: range_search(q, chunk_r[r], c)))
+                                     (lambda q, r, c: range_search(q, chunk_r[r], c)),
+                                     range_first=self.range_first)
+
+    def _short_share(self, search: SearchFn, train_emb: list[np.ndarray]) -> float:
+        """The share of a sample's rows whose plain k + extra candidates leave fewer than k after
+        the exclusions (range_exclusion.prefer_range_first decides on it)."""
+        from index_builder.ivf_build import gather_rows, sample_ids
+
+        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=1)
+        cand_i, cand_d = search(gather_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        short = select_neighbours(cand_i, cand_d, self.cfg.k, rows, db_docs=self.train_docs,
+                                  doc_ranges=ranges, content=self.content)[2]
+        return float(short.mean()) if len(short) else 0.0
 
     def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
@@ -403,6 +425,8 @@ class KnnStage(Stage[KnnConfig]):
                                  "reached": self.tuning.reached, "sample": self.tuning.sample,
                                  "vs": "exact search, same exclusions"}
             summary["tuning"] = self.tuning.tried
+        if self.short_share is not None:
+            summary["exclusion_search"] = {"short_share": round(self.short_share, 4), "range_first": self.range_first}
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:

@@ -12,6 +12,12 @@ candidates suffice (extra only for blank chunks). The plain search first, becaus
 costs: HNSW explores further to fill its list with allowed ids (4x raw faiss's time on the
 demo's real text if every row went through it; 2% of its rows are short). The caller still
 applies every exclusion afterwards and widens the search for a row still short.
+
+Where most rows come back short (the synthetic scale DB: every chunk's nearest candidates are its
+own document's), the plain search is wasted: :func:`prefer_range_first` then sends every row
+through the range search at once. An IVF index pays little for the selector (one range check a
+scanned code), HNSW much more (it explores further), so the share of short rows at which it pays
+differs by index type.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+
+RANGE_FIRST_SHORT = {"ivf": 0.3, "hnsw": 0.75, "flat": 0.3}  # short-row share past which range-first pays
 
 # (queries (q, d), chunk ranges (q, 2) half-open [a, b), c) -> (ids (q, c), distances (q, c))
 RangeSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -99,3 +107,17 @@ def faiss_range_search(index: Any) -> RangeSearch:
         return ids, dist
 
     return search
+
+
+def prefer_range_first(index: Any, short_fraction: float) -> bool:
+    """Whether every row should go through the range search at once: when the share of rows the
+    plain search leaves short (measured on a sample) is past :data:`RANGE_FIRST_SHORT` for the
+    index's type (the plain-first cost is 1 + share x the selector's overhead)."""
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        kind = "ivf"
+    except RuntimeError:
+        kind = "hnsw" if isinstance(faiss.downcast_index(index), faiss.IndexHNSW) else "flat"
+    return short_fraction > RANGE_FIRST_SHORT[kind]

@@ -138,6 +138,7 @@ def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
     assert knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
     assert knn["tuning"][0][1] < 0.95  # the cheapest setting misses: the tuning did something
     assert knn["search_params"] == knn["tuning"][-1][0]
+    assert 0 <= knn["exclusion_search"]["short_share"] <= 1  # decides range-first (range_exclusion)
     assert run_cli(["knn", "--db", exact_db, "--k", 2, "--device", "cpu", "--exact"]) == 0
     # the index's distances are SQ8 approximations: judge its neighbours by their true distances
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
