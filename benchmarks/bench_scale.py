@@ -65,6 +65,7 @@ merge_from / OnDiskInvertedLists; issue 9), its k-means on a sample independent 
 384 dims; SQ8 codes 6 TB, PQ96 1.5 TB) and the bigger nlist (~2^18) that 15.6B vectors want,
 which raises the per-query cost by the growth of nprobe needed for recall 0.95."""
 TOPICS = 1024
+STAGES = ("chunk", "embed", "index", "knn")
 
 
 def parse_size(text: str) -> int:
@@ -234,10 +235,10 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     row["n"] = int(m["counts"]["train"]["chunks"])
     row["text_mb"] = sum(f.stat().st_size for f in base["files"]) * copies / 2 ** 20
     cache.write_text(json.dumps(row))
-    if not {"embed", "index"} & set(args.stages):
+    if STAGES.index(args.until) < STAGES.index("embed"):
         return row
-    row["embed_synthetic_s"] = write_embeddings(db, args.dim, seed=0)
-    if "index" not in args.stages:
+    row["embed_synthetic_s"] = row.get("embed_synthetic_s") or write_embeddings(db, args.dim, seed=0)
+    if STAGES.index(args.until) < STAGES.index("index"):
         return row
     if not load_manifest(db)["stages"].get("index", {}).get("finished"):
         cmd = py("-m", "index_builder", "index", "--db", db, "--max-index-memory", args.max_index_memory,
@@ -247,7 +248,7 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
         row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
         cache.write_text(json.dumps(row))
     row["index_stats"] = index_stats(db)
-    if args.knn_queries < 0 or "knn" in row or "knn" not in args.stages:  # (delete row-N.json to redo)
+    if args.knn_queries < 0 or "knn" in row or args.until != "knn":  # (delete row-N.json to redo)
         return row
     out = args.work / f"knn-{n}.json"
     cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
@@ -382,8 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="train chunks the knn rate is measured on (0: all, -1: skip knn)")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--tune-sample", type=int, default=1000, help="knn's recall sample (vs exact search)")
-    ap.add_argument("--stages", default="chunk,embed,index,knn", type=lambda s: s.split(","),
-                    help="the stages to run, in order (e.g. chunk,embed: build the DBs now, index them later)")
+    ap.add_argument("--until", default="knn", choices=STAGES,
+                    help="run the stages up to this one (embed: build the DBs now, index them later); "
+                         "stages already done are skipped")
     ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
