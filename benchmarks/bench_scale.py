@@ -10,8 +10,8 @@ For each size N (train chunks):
   every copy's documents get their own doc ids (no copy excludes another);
 - embeddings: synthetic, written as the embed stage would (float16 shards, the stage recorded in
   the manifest with embedder "synthetic-clustered"): each chunk is L2-normalised
-  topic centre (1024 topics) + document offset + chunk noise, the noise scale drawn per document
-  in [0.15, 0.6]: a document's chunks are near-duplicates of each other, as in real corpora (code,
+  topic centre (1024 topics, norm 1) + document offset (norm ~0.6, in a 32-dimensional subspace)
+  + chunk noise, the noise scale drawn per document in [0.15, 0.6]: a document's chunks are near-duplicates of each other, as in real corpora (code,
   boilerplate), so the knn exclusions force re-searches. BERT is not run (its cost is in
   bench_embed's section; at this scale it is the GPU's job);
 - index: the real `retro-build-index index --max-index-memory 2G --current-memory 8G` (the
@@ -65,6 +65,7 @@ merge_from / OnDiskInvertedLists; issue 9), its k-means on a sample independent 
 384 dims; SQ8 codes 6 TB, PQ96 1.5 TB) and the bigger nlist (~2^18) that 15.6B vectors want,
 which raises the per-query cost by the growth of nprobe needed for recall 0.95."""
 TOPICS = 1024
+DOC_OFFSET = 0.6  # a document's offset from its topic centre (norm), the centres of norm 1
 STAGES = ("chunk", "embed", "index", "knn")
 
 
@@ -132,7 +133,10 @@ def synthetic_embeddings(doc_ids: np.ndarray, dim: int, seed: int, shard: int) -
     doc_code = np.sin(docs[:, None] * freq[None, :] + phase[None, :]).astype(np.float32) * math.sqrt(2)
     scale = 0.15 + 0.45 * ((h >> 10) % 1000 / 1000.0)
     noise = np.random.default_rng([seed, shard]).standard_normal((len(docs), dim)).astype(np.float32)
-    x = centres[topic] + 0.6 * doc_code @ basis + (scale / math.sqrt(dim))[:, None].astype(np.float32) * noise
+    # the document offset has norm ~0.6 against the unit topic centre (doc_code @ basis has norm
+    # ~sqrt(32): unscaled, documents swamped topics and nothing was clustered)
+    offset = (DOC_OFFSET / math.sqrt(basis.shape[0])) * doc_code @ basis
+    x = centres[topic] + offset + (scale / math.sqrt(dim))[:, None].astype(np.float32) * noise
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float16)
 
@@ -157,7 +161,7 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
         for i, a in enumerate(range(0, len(docs), shard_size)):
             emb = synthetic_embeddings(np.asarray(docs[a:a + shard_size]) + offset, dim, seed, i)
             atomic_save_npy(paths.embedding_shard(split, i), emb)
-    record_stage(db, "embed", params={"embedder": "synthetic-clustered", "embedder_id": f"synthetic-{seed}-{dim}",
+    record_stage(db, "embed", params={"embedder": "synthetic-clustered", "embedder_id": f"synthetic-clustered-v2-{seed}-{dim}",
                                       "dim": dim, "storage_dtype": "float16", "shard_size": shard_size},
                  started=started, finished=now_iso(), stats={"synthetic": True}, manifest=manifest)
     return time.time() - t0

@@ -319,13 +319,13 @@ class KnnStage(Stage[KnnConfig]):
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
             from index_builder.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
-                                                       supports_selector)
+                                                       selector_pays)
 
-            if supports_selector(index):
+            self.short_share = self._short_share(search, train_emb)
+            self.range_first = prefer_range_first(index, self.short_share)
+            if self.range_first or selector_pays(index):
                 self.range_search = faiss_range_search(index)
                 self.doc_starts = doc_starts(self.train_docs)
-                self.short_share = self._short_share(search, train_emb)
-                self.range_first = prefer_range_first(index, self.short_share)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search

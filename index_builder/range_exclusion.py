@@ -15,9 +15,11 @@ applies every exclusion afterwards and widens the search for a row still short.
 
 Where most rows come back short (the synthetic scale DB: every chunk's nearest candidates are its
 own document's), the plain search is wasted: :func:`prefer_range_first` then sends every row
-through the range search at once. An IVF index pays little for the selector (one range check a
-scanned code), HNSW much more (it explores further), so the share of short rows at which it pays
-differs by index type.
+through the range search at once. An IVF or flat index pays little for the selector (one range
+check a scanned code); HNSW pays much more (it walks on past the excluded nodes: measured ~20x a
+row's plain search on the demo's real text, where widening the plain search 4x costs ~2x), so
+:func:`selector_pays` keeps HNSW on the widening re-search unless most rows are short (there,
+widening took 4.5 searches a query: range-first costs less).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-RANGE_FIRST_SHORT = {"ivf": 0.3, "hnsw": 0.75, "flat": 0.3}  # short-row share past which range-first pays
+RANGE_FIRST_SHORT = {"ivf": 0.3, "flat": 0.3, "hnsw": 0.75}  # short-row share past which range-first pays
 
 # (queries (q, d), chunk ranges (q, 2) half-open [a, b), c) -> (ids (q, c), distances (q, c))
 RangeSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -109,15 +111,24 @@ def faiss_range_search(index: Any) -> RangeSearch:
     return search
 
 
-def prefer_range_first(index: Any, short_fraction: float) -> bool:
-    """Whether every row should go through the range search at once: when the share of rows the
-    plain search leaves short (measured on a sample) is past :data:`RANGE_FIRST_SHORT` for the
-    index's type (the plain-first cost is 1 + share x the selector's overhead)."""
+def index_kind(index: Any) -> str:
+    """"ivf", "hnsw" or "flat" (anything else: how a selector's cost scales)."""
     import faiss
 
     try:
         faiss.extract_index_ivf(index)
-        kind = "ivf"
+        return "ivf"
     except RuntimeError:
-        kind = "hnsw" if isinstance(faiss.downcast_index(index), faiss.IndexHNSW) else "flat"
-    return short_fraction > RANGE_FIRST_SHORT[kind]
+        return "hnsw" if isinstance(faiss.downcast_index(index), faiss.IndexHNSW) else "flat"
+
+
+def selector_pays(index: Any) -> bool:
+    """Whether re-searching short rows with the range skipped beats widening the plain search."""
+    return index_kind(index) != "hnsw" and supports_selector(index)
+
+
+def prefer_range_first(index: Any, short_fraction: float) -> bool:
+    """Whether every row should go through the range search at once: when the share of rows the
+    plain search leaves short (measured on a sample) is past :data:`RANGE_FIRST_SHORT` (the
+    plain-first cost is 1 + share x the selector's overhead)."""
+    return supports_selector(index) and short_fraction > RANGE_FIRST_SHORT[index_kind(index)]
