@@ -11,8 +11,9 @@ For each size N (train chunks):
 - embeddings: synthetic, written as the embed stage would (float16 shards, the stage recorded in
   the manifest with embedder "synthetic-clustered"): each chunk is L2-normalised
   topic centre (1024 topics, norm 1) + document offset (norm ~0.6, in a 32-dimensional subspace)
-  + chunk noise, the noise scale drawn per document in [0.15, 0.6]: a document's chunks are near-duplicates of each other, as in real corpora (code,
-  boilerplate), so the knn exclusions force re-searches. BERT is not run (its cost is in
+  + chunk noise, the noise scale drawn per document in [0.15, 0.6]: a document's chunks are
+  near-duplicates of each other, as in real corpora (code, boilerplate), so the knn exclusions
+  force re-searches. BERT is not run (its cost is in
   bench_embed's section; at this scale it is the GPU's job);
 - index: the real `retro-build-index index --max-index-memory 2G --current-memory 8G` (the
   key chooser decides; its plan, the build's phases and recall vs exact search are reported);
@@ -161,7 +162,8 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
         for i, a in enumerate(range(0, len(docs), shard_size)):
             emb = synthetic_embeddings(np.asarray(docs[a:a + shard_size]) + offset, dim, seed, i)
             atomic_save_npy(paths.embedding_shard(split, i), emb)
-    record_stage(db, "embed", params={"embedder": "synthetic-clustered", "embedder_id": f"synthetic-clustered-v2-{seed}-{dim}",
+    record_stage(db, "embed", params={"embedder": "synthetic-clustered",
+                                      "embedder_id": f"synthetic-clustered-v2-{seed}-{dim}",
                                       "dim": dim, "storage_dtype": "float16", "shard_size": shard_size},
                  started=started, finished=now_iso(), stats={"synthetic": True}, manifest=manifest)
     return time.time() - t0
@@ -171,9 +173,10 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
 
 
 def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out: Path,
-               tune_sample: int = 1000) -> None:
+               tune_sample: int = 1000, repeat: int = 1) -> None:
     """(a subprocess) The knn stage's setup (with recall tuning) and search on the first
-    ``queries`` train chunks, beside raw faiss on the same index, parameters and queries."""
+    ``queries`` train chunks, beside raw faiss on the same index, parameters and queries
+    (``repeat`` times over, for a small DB whose one pass takes under a second)."""
     from index_builder.embed import read_rows
     from index_builder.knn import KnnConfig, KnnStage
 
@@ -201,7 +204,7 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
 
     ours = raw = 0.0
     missing = 0
-    for a in range(0, n, block):  # interleaved, block by block: the same load for both
+    for a in [a for _ in range(repeat) for a in range(0, n, block)]:  # interleaved: the same load for both
         b = min(a + block, n)
         q = read_rows(emb, a, b)
         t = time.perf_counter()
@@ -213,7 +216,8 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
         ours += time.perf_counter() - t
         missing += int((ids < 0).sum())
     tuning = stage.tuning.as_dict() if stage.tuning is not None else None
-    out.write_text(json.dumps({"queries": n, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
+    n *= repeat
+    out.write_text(json.dumps({"queries": n, "repeat": repeat, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
                                "ours_rate": n / ours, "raw_rate": n / raw, "ratio": ours / raw,
                                "searched_rows": calls["rows"], "missing": missing, "tuning": tuning,
                                "short_share": stage.short_share, "range_first": stage.range_first}))
@@ -369,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ks.add_argument("--target-recall", type=float, default=0.95)
     ks.add_argument("--out", type=Path, required=True)
     ks.add_argument("--tune-sample", type=int, default=1000)
+    ks.add_argument("--repeat", type=int, default=1, help="search the queries this many times (small DBs)")
     ap.add_argument("--sizes", default="1M,4M", help="train chunks, e.g. 1M,4M,16M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/retro-scale"))
     ap.add_argument("--corpus", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
@@ -391,13 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run the stages up to this one (embed: build the DBs now, index them later); "
                          "stages already done are skipped")
     ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
+    ap.add_argument("--real-repeat", type=int, default=10, help="--real-db: its queries searched this many times")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="tabulate the rows earlier runs cached in --work")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "knn-sample":
-        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample)
+        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample,
+                   args.repeat)
         return 0
     if args.tiny:
         args.corpus_mb, args.vocab_size, args.seq_len, args.dim = min(args.corpus_mb, 0.3), 400, 256, 32
@@ -423,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall, cpu, peak, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
                                                 "--k", args.k, "--threads", args.threads, "--out", out,
                                                 "--target-recall", args.target_recall,
-                                                "--tune-sample", args.tune_sample))
+                                                "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))
         real = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
     tab, proj = table(rows), "\n".join(projection(rows))
     print(tab, proj, sep="\n\n")
