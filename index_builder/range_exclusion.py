@@ -89,8 +89,16 @@ def supports_selector(index: Any) -> bool:
 
 
 def faiss_range_search(index: Any) -> RangeSearch:
-    """A :data:`RangeSearch` over ``index``: one faiss call per distinct range, ids in a range skipped."""
+    """A :data:`RangeSearch` over ``index``: one faiss call per distinct range, ids in a range skipped.
+
+    On a bare IVF index the coarse quantizer runs once over all the rows and each range's rows
+    scan their preassigned lists: the quantizer (HNSW over the centroids) costs ~2.5x more in
+    the small per-range batches than in one batch, ~40% of the search at nprobe 4 (the 1.1M
+    chunk scale DB)."""
     import faiss
+
+    inner_ivf = faiss.downcast_index(index)
+    preassign = isinstance(inner_ivf, faiss.IndexIVF)
 
     def search(q: np.ndarray, ranges: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -100,15 +108,33 @@ def faiss_range_search(index: Any) -> RangeSearch:
         inverse = inverse.reshape(-1)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        coarse = inner_ivf.quantizer.search(q, int(inner_ivf.nprobe)) if preassign and len(q) else None
         for g, (a, b) in enumerate(uniq):
             rows = order[bounds[g]:bounds[g + 1]]
-            inner = faiss.IDSelectorRange(int(a), int(b))
-            sel = faiss.IDSelectorNot(inner)
-            d, i = index.search(q[rows], c, params=search_params(index, sel))
+            sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(a), int(b)))
+            if coarse is None:
+                d, i = index.search(q[rows], c, params=search_params(index, sel))
+            else:
+                d, i = _preassigned(inner_ivf, q[rows], c, coarse[1][rows], coarse[0][rows], sel)
             ids[rows], dist[rows] = i, d
         return ids, dist
 
     return search
+
+
+def _preassigned(ivf: Any, q: np.ndarray, c: int, lists: np.ndarray, coarse_d: np.ndarray,
+                 sel: Any) -> tuple[np.ndarray, np.ndarray]:
+    """IndexIVF.search_preassigned with a selector (faiss's Python wrapper refuses parameters)."""
+    import faiss
+
+    n = len(q)
+    d = np.empty((n, c), dtype=np.float32)
+    i = np.empty((n, c), dtype=np.int64)
+    q, lists, coarse_d = (np.ascontiguousarray(a) for a in (q, lists.astype(np.int64), coarse_d.astype(np.float32)))
+    params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))
+    ivf.search_preassigned_c(n, faiss.swig_ptr(q), c, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_d),
+                             faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
+    return d, i
 
 
 def index_kind(index: Any) -> str:

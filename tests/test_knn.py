@@ -128,11 +128,12 @@ def test_exact_search_with_exclusion_inside_equals_the_pipeline(seed, k, doc_len
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 3), extra=st.integers(0, 4),
        doc_lens=st.lists(st.integers(1, 8), min_size=2, max_size=20), cps=st.integers(1, 6),
-       range_first=st.booleans())
-def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, extra, doc_lens, cps, range_first):
+       range_first=st.booleans(), ivf=st.booleans())
+def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, extra, doc_lens, cps, range_first, ivf):
     """The knn stage's faiss range search (the excluded chunk range skipped inside faiss), used
     for the rows left short or, range-first, for every row: the same neighbours as the brute
-    force reference (a flat index: no approximation)."""
+    force reference (a flat index, or an IVF probing every list: no approximation; the IVF's
+    rows scan lists preassigned by one quantizer search)."""
     from index_builder.range_exclusion import chunk_ranges, doc_starts, faiss_range_search
 
     rng = np.random.default_rng(seed)
@@ -140,7 +141,13 @@ def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, ext
     n = len(docs)
     starts = np.arange(0, n - cps + 1, cps)
     xb = rng.standard_normal((n, 4)).astype(np.float32)
-    index = faiss.IndexFlatL2(4)
+    if ivf:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 2)
+        index.cp.min_points_per_centroid = 1
+        index.train(np.concatenate([xb, xb + 1]))
+        index.nprobe = 2
+    else:
+        index = faiss.IndexFlatL2(4)
     index.add(xb)
     rows = np.arange(n)
     ranges = sequence_doc_ranges(docs, starts, cps, rows)
