@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "real": real}, default=str, indent=1))
     if not args.no_write:
-        cmd = "nice -n 10 python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
         real_line = "" if real is None else (
             f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries']:,} train chunks): ours "
             f"{real['ours_rate']:,.0f} chunks/s vs raw faiss {real['raw_rate']:,.0f}/s on the same index and "
