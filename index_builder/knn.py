@@ -324,7 +324,7 @@ class KnnStage(Stage[KnnConfig]):
             self.short_share = self._short_share(search, train_emb)
             self.range_first = prefer_range_first(index, self.short_share)
             if self.range_first or selector_pays(index):
-                self.range_search = faiss_range_search(index)
+                self.range_search = faiss_range_search(index, threads)
                 self.doc_starts = doc_starts(self.train_docs)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)

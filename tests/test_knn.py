@@ -128,8 +128,9 @@ def test_exact_search_with_exclusion_inside_equals_the_pipeline(seed, k, doc_len
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 3), extra=st.integers(0, 4),
        doc_lens=st.lists(st.integers(1, 8), min_size=2, max_size=20), cps=st.integers(1, 6),
-       range_first=st.booleans(), ivf=st.booleans())
-def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, extra, doc_lens, cps, range_first, ivf):
+       range_first=st.booleans(), ivf=st.booleans(), threads=st.sampled_from([1, 3]))
+def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, extra, doc_lens, cps, range_first, ivf,
+                                                                    threads):
     """The knn stage's faiss range search (the excluded chunk range skipped inside faiss), used
     for the rows left short or, range-first, for every row: the same neighbours as the brute
     force reference (a flat index, or an IVF probing every list: no approximation; the IVF's
@@ -152,7 +153,7 @@ def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, ext
     rows = np.arange(n)
     ranges = sequence_doc_ranges(docs, starts, cps, rows)
     chunk_r = chunk_ranges(ranges, doc_starts(docs))
-    ranged = faiss_range_search(index)
+    ranged = faiss_range_search(index, threads)  # threads: ranges spread over a pool
 
     def search(q, c):
         d, i = index.search(q, c)
