@@ -123,7 +123,7 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     t0 = time.time()
     x = gather_rows(shards, sample_ids(n, plan.train_size, seed))
     stats["train_vectors"] = int(x.shape[0])
-    stats["sample_seconds"] = round(time.time() - t0, 2)
+    _phase(stats, "sample", t0, progress)
     index = faiss.index_factory(dim, plan.key, faiss.METRIC_L2)
     ivf = faiss.extract_index_ivf(index)
     if plan.opq:
@@ -133,11 +133,11 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
         opq.niter = OPQ_ITERS  # faiss's 50 cost minutes at 384 dims, for a rotation that converges sooner
         opq.train(x[:OPQ_TRAIN_MAX])
         x = opq.apply(x)
-        stats["opq_seconds"] = round(time.time() - t, 2)
+        _phase(stats, "opq", t, progress)
     t = time.time()
     bf16 = bf16 and device == "cpu" and not faiss_gpu
     centroids, stats["kmeans"] = train_coarse(x, ivf.nlist, device, faiss_gpu, seed, bf16=bf16)
-    stats["kmeans_seconds"] = round(time.time() - t, 2)
+    _phase(stats, "kmeans", t, progress)
     quantizer = faiss.downcast_index(ivf.quantizer)
     quantizer.add(centroids)
     if isinstance(quantizer, faiss.IndexHNSW):
@@ -147,7 +147,7 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     # sample (faiss assigns each training vector to its list first, with the HNSW quantizer)
     ivf.train(x[:CODEC_TRAIN_MAX])
     index.is_trained = True
-    stats["codec_seconds"] = round(time.time() - t, 2)
+    _phase(stats, "codec", t, progress)
     del x
     t = time.time()
     if bf16:
@@ -163,8 +163,19 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
                 batch = read_block(arr, b0, min(b0 + ADD_BATCH, arr.shape[0]))
                 add_assigned(index, ivf, batch, assigner)
                 bar.update(len(batch))
-    stats["add_seconds"] = round(time.time() - t, 2)
+    _phase(stats, "add", t, progress)
     return index, stats
+
+
+def _phase(stats: dict[str, Any], name: str, t0: float, progress: bool) -> None:
+    """Record a phase's seconds; with progress, say it on stderr as it ends (a long build's
+    phases are visible while it runs, not only in the manifest after)."""
+    import sys
+    import time
+
+    stats[f"{name}_seconds"] = round(time.time() - t0, 2)
+    if progress:
+        print(f"index build: {name} {stats[f'{name}_seconds']:.0f}s", file=sys.stderr, flush=True)
 
 
 def list_assigner(centroids: np.ndarray, faiss_gpu: bool = False) -> Any:
