@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
         real_line = "" if real is None else (
-            f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries']:,} train chunks): ours "
+            f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries'] // real['repeat']:,} train chunks, "
+            f"searched {real['repeat']} times over): ours "
             f"{real['ours_rate']:,.0f} chunks/s vs raw faiss {real['raw_rate']:,.0f}/s on the same index and "
             f"queries: {real['ratio']:.2f}x its time; {real['searched_rows'] / real['queries']:.2f} rows "
             f"searched a query; tuned `{(real['tuning'] or {}).get('param')}` recall@{args.k} "
