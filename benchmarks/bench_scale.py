@@ -10,9 +10,10 @@ For each size N (train chunks):
   every copy's documents get their own doc ids (no copy excludes another);
 - embeddings: synthetic, written as the embed stage would (float16 shards, the stage recorded in
   the manifest with embedder "synthetic-clustered"): each chunk is L2-normalised
-  topic centre (1024 topics) + document offset + chunk noise, the noise scale drawn per document
-  in [0.15, 0.6]: a document's chunks are near-duplicates of each other, as in real corpora (code,
-  boilerplate), so the knn exclusions force re-searches. BERT is not run (its cost is in
+  topic centre (1024 topics, norm 1) + document offset (norm ~0.6, in a 32-dimensional subspace)
+  + chunk noise, the noise scale drawn per document in [0.15, 0.6]: a document's chunks are
+  near-duplicates of each other, as in real corpora (code, boilerplate), so the knn exclusions
+  force re-searches. BERT is not run (its cost is in
   bench_embed's section; at this scale it is the GPU's job);
 - index: the real `retro-build-index index --max-index-memory 2G --current-memory 8G` (the
   key chooser decides; its plan, the build's phases and recall vs exact search are reported);
@@ -65,6 +66,8 @@ merge_from / OnDiskInvertedLists; issue 9), its k-means on a sample independent 
 384 dims; SQ8 codes 6 TB, PQ96 1.5 TB) and the bigger nlist (~2^18) that 15.6B vectors want,
 which raises the per-query cost by the growth of nprobe needed for recall 0.95."""
 TOPICS = 1024
+DOC_OFFSET = 0.6  # a document's offset from its topic centre (norm), the centres of norm 1
+STAGES = ("chunk", "embed", "index", "knn")
 
 
 def parse_size(text: str) -> int:
@@ -131,7 +134,10 @@ def synthetic_embeddings(doc_ids: np.ndarray, dim: int, seed: int, shard: int) -
     doc_code = np.sin(docs[:, None] * freq[None, :] + phase[None, :]).astype(np.float32) * math.sqrt(2)
     scale = 0.15 + 0.45 * ((h >> 10) % 1000 / 1000.0)
     noise = np.random.default_rng([seed, shard]).standard_normal((len(docs), dim)).astype(np.float32)
-    x = centres[topic] + 0.6 * doc_code @ basis + (scale / math.sqrt(dim))[:, None].astype(np.float32) * noise
+    # the document offset has norm ~0.6 against the unit topic centre (doc_code @ basis has norm
+    # ~sqrt(32): unscaled, documents swamped topics and nothing was clustered)
+    offset = (DOC_OFFSET / math.sqrt(basis.shape[0])) * doc_code @ basis
+    x = centres[topic] + offset + (scale / math.sqrt(dim))[:, None].astype(np.float32) * noise
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float16)
 
@@ -156,7 +162,8 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
         for i, a in enumerate(range(0, len(docs), shard_size)):
             emb = synthetic_embeddings(np.asarray(docs[a:a + shard_size]) + offset, dim, seed, i)
             atomic_save_npy(paths.embedding_shard(split, i), emb)
-    record_stage(db, "embed", params={"embedder": "synthetic-clustered", "embedder_id": f"synthetic-{seed}-{dim}",
+    record_stage(db, "embed", params={"embedder": "synthetic-clustered",
+                                      "embedder_id": f"synthetic-clustered-v2-{seed}-{dim}",
                                       "dim": dim, "storage_dtype": "float16", "shard_size": shard_size},
                  started=started, finished=now_iso(), stats={"synthetic": True}, manifest=manifest)
     return time.time() - t0
@@ -166,9 +173,10 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
 
 
 def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out: Path,
-               tune_sample: int = 1000) -> None:
+               tune_sample: int = 1000, repeat: int = 1) -> None:
     """(a subprocess) The knn stage's setup (with recall tuning) and search on the first
-    ``queries`` train chunks, beside raw faiss on the same index, parameters and queries."""
+    ``queries`` train chunks, beside raw faiss on the same index, parameters and queries
+    (``repeat`` times over, for a small DB whose one pass takes under a second)."""
     from index_builder.embed import read_rows
     from index_builder.knn import KnnConfig, KnnStage
 
@@ -196,7 +204,7 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
 
     ours = raw = 0.0
     missing = 0
-    for a in range(0, n, block):  # interleaved, block by block: the same load for both
+    for a in [a for _ in range(repeat) for a in range(0, n, block)]:  # interleaved: the same load for both
         b = min(a + block, n)
         q = read_rows(emb, a, b)
         t = time.perf_counter()
@@ -208,9 +216,11 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
         ours += time.perf_counter() - t
         missing += int((ids < 0).sum())
     tuning = stage.tuning.as_dict() if stage.tuning is not None else None
-    out.write_text(json.dumps({"queries": n, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
+    n *= repeat
+    out.write_text(json.dumps({"queries": n, "repeat": repeat, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
                                "ours_rate": n / ours, "raw_rate": n / raw, "ratio": ours / raw,
-                               "searched_rows": calls["rows"], "missing": missing, "tuning": tuning}))
+                               "searched_rows": calls["rows"], "missing": missing, "tuning": tuning,
+                               "short_share": stage.short_share, "range_first": stage.range_first}))
 
 
 # ----------------------------------------------------------------------------- one size
@@ -233,7 +243,11 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     row["n"] = int(m["counts"]["train"]["chunks"])
     row["text_mb"] = sum(f.stat().st_size for f in base["files"]) * copies / 2 ** 20
     cache.write_text(json.dumps(row))
-    row["embed_synthetic_s"] = write_embeddings(db, args.dim, seed=0)
+    if STAGES.index(args.until) < STAGES.index("embed"):
+        return row
+    row["embed_synthetic_s"] = row.get("embed_synthetic_s") or write_embeddings(db, args.dim, seed=0)
+    if STAGES.index(args.until) < STAGES.index("index"):
+        return row
     if not load_manifest(db)["stages"].get("index", {}).get("finished"):
         cmd = py("-m", "index_builder", "index", "--db", db, "--max-index-memory", args.max_index_memory,
                  "--current-memory", args.current_memory, "--threads", args.threads, "--device", "cpu",
@@ -242,7 +256,7 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
         row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
         cache.write_text(json.dumps(row))
     row["index_stats"] = index_stats(db)
-    if args.knn_queries < 0 or "knn" in row:  # measured already (delete row-N.json to redo)
+    if args.knn_queries < 0 or "knn" in row or args.until != "knn":  # (delete row-N.json to redo)
         return row
     out = args.work / f"knn-{n}.json"
     cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
@@ -359,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ks.add_argument("--target-recall", type=float, default=0.95)
     ks.add_argument("--out", type=Path, required=True)
     ks.add_argument("--tune-sample", type=int, default=1000)
+    ks.add_argument("--repeat", type=int, default=1, help="search the queries this many times (small DBs)")
     ap.add_argument("--sizes", default="1M,4M", help="train chunks, e.g. 1M,4M,16M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/retro-scale"))
     ap.add_argument("--corpus", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
@@ -377,14 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="train chunks the knn rate is measured on (0: all, -1: skip knn)")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--tune-sample", type=int, default=1000, help="knn's recall sample (vs exact search)")
+    ap.add_argument("--until", default="knn", choices=STAGES,
+                    help="run the stages up to this one (embed: build the DBs now, index them later); "
+                         "stages already done are skipped")
     ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
+    ap.add_argument("--real-repeat", type=int, default=10, help="--real-db: its queries searched this many times")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="tabulate the rows earlier runs cached in --work")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.cmd == "knn-sample":
-        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample)
+        knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample,
+                   args.repeat)
         return 0
     if args.tiny:
         args.corpus_mb, args.vocab_size, args.seq_len, args.dim = min(args.corpus_mb, 0.3), 400, 256, 32
@@ -410,16 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall, cpu, peak, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
                                                 "--k", args.k, "--threads", args.threads, "--out", out,
                                                 "--target-recall", args.target_recall,
-                                                "--tune-sample", args.tune_sample))
+                                                "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))
         real = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
     tab, proj = table(rows), "\n".join(projection(rows))
     print(tab, proj, sep="\n\n")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "real": real}, default=str, indent=1))
     if not args.no_write:
-        cmd = "nice -n 10 python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
         real_line = "" if real is None else (
-            f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries']:,} train chunks): ours "
+            f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries'] // real['repeat']:,} train chunks, "
+            f"searched {real['repeat']} times over): ours "
             f"{real['ours_rate']:,.0f} chunks/s vs raw faiss {real['raw_rate']:,.0f}/s on the same index and "
             f"queries: {real['ratio']:.2f}x its time; {real['searched_rows'] / real['queries']:.2f} rows "
             f"searched a query; tuned `{(real['tuning'] or {}).get('param')}` recall@{args.k} "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_block(arr: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -43,6 +46,8 @@ def exact_search(
     database: Sequence[np.ndarray] | np.ndarray,
     k: int,
     cfg: ExactSearchConfig = ExactSearchConfig(),
+    exclude: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared-L2 k-NN of ``queries`` (q, d) in ``database`` (a list of (n_i, d) shards).
 
@@ -50,6 +55,11 @@ def exact_search(
     ``cfg.device``) and, inside, over blocks of queries, keeping a running top-k per query.
     Returns (ids int64 (q, k), distances float32 (q, k)); -1 / inf where the database is smaller
     than k. Same code on CPU and CUDA; fp32 arithmetic (TF32 off) for exactness.
+
+    ``exclude`` (q, 2): per query a half-open range [a, b) of database rows it must not return
+    (knn's training-sequence rule), ``valid`` (n,) bool: rows any query may return (content
+    chunks). Both are applied inside the pass, so the exact final neighbours take one pass over
+    the embeddings, not one per widening of the candidates.
     """
     import torch
 
@@ -63,6 +73,7 @@ def exact_search(
         return best_i.cpu().numpy(), best_d.cpu().numpy()
     qt = torch.from_numpy(q).to(device)
     q_norm = (qt * qt).sum(dim=1)
+    ex = None if exclude is None else torch.as_tensor(np.asarray(exclude, dtype=np.int64)).to(device)
     offset = 0
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -75,10 +86,17 @@ def exact_search(
                     tile = torch.from_numpy(tile_np).to(device)
                     t_norm = (tile * tile).sum(dim=1)
                     kk = min(k, tile.shape[0])
+                    lo = offset + t0
+                    bad = None if valid is None else torch.from_numpy(
+                        ~np.asarray(valid[lo:lo + tile.shape[0]], dtype=bool)).to(device)
                     for b0 in range(0, nq, cfg.query_block):
                         b1 = min(b0 + cfg.query_block, nq)
                         d = (q_norm[b0:b1, None] + t_norm[None, :]
                              - 2.0 * (qt[b0:b1] @ tile.T)).clamp_(min=0.0)
+                        if bad is not None:
+                            d[:, bad] = float("inf")
+                        if ex is not None:
+                            _mask_ranges(d, ex[b0:b1] - lo)
                         td, ti = torch.topk(d, kk, dim=1, largest=False, sorted=True)
                         cat_d = torch.cat([best_d[b0:b1], td], dim=1)
                         cat_i = torch.cat([best_i[b0:b1], ti + offset + t0], dim=1)
@@ -89,4 +107,20 @@ def exact_search(
                 offset += shard.shape[0]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    best_i[torch.isinf(best_d)] = -1  # masked or missing: no neighbour
     return best_i.cpu().numpy(), best_d.cpu().numpy()
+
+
+def _mask_ranges(d: torch.Tensor, ranges: torch.Tensor) -> None:
+    """Set d[r, a_r:b_r] to inf in place, ``ranges`` (rows, 2) relative to the tile's first
+    column; only the rows whose range meets the tile are touched (ranges are short)."""
+    import torch
+
+    hit = torch.nonzero((ranges[:, 1] > 0) & (ranges[:, 0] < d.shape[1])).flatten()
+    if not len(hit):
+        return
+    cols = torch.arange(d.shape[1], device=d.device)
+    sub = d[hit]
+    r = ranges[hit]
+    sub.masked_fill_((cols[None, :] >= r[:, :1]) & (cols[None, :] < r[:, 1:]), float("inf"))
+    d[hit] = sub

@@ -52,14 +52,18 @@ def sample_ids(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0, device: str = "cpu",
-                 block: int = 16384) -> np.ndarray:
+                 block: int = 16384, bf16: bool = False) -> np.ndarray:
     """Lloyd's k-means in torch: (k, d) float32 centroids of ``x`` (n, d).
 
-    For CUDA machines whose faiss has no GPU support. fp32 (TF32 allowed: centroids need not be
-    exact), assignment by blocks of ``block`` rows (memory block x k), empty clusters re-seeded
-    from random points as faiss does. Same code on CPU (tested) and CUDA.
+    For CUDA machines whose faiss has no GPU support, and CPUs with native bf16 (``bf16``: the
+    assignment's GEMM in bfloat16, index_builder.centroid_assign; the means in fp32). fp32
+    otherwise (TF32 allowed: centroids need not be exact), assignment by blocks of ``block`` rows
+    (memory block x k), empty clusters re-seeded from random points as faiss does. Same code on
+    CPU (tested) and CUDA.
     """
     import torch
+
+    from index_builder.centroid_assign import augment
 
     dev = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -67,11 +71,16 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0
     n = xt.shape[0]
     if n < k:
         raise ValueError(f"k-means: {n} points for {k} centroids")
+    xa = augment(xt, 1.0) if bf16 else None  # (n, d + 1) bf16, once
     cent = xt[torch.randperm(n, generator=g)[:k].to(dev)].clone()
     for _ in range(niter):
         assign = torch.empty(n, dtype=torch.long, device=dev)
         c_norm = (cent * cent).sum(1)
+        ca = augment(cent).T.contiguous() if bf16 else None
         for b0 in range(0, n, block):
+            if xa is not None:
+                assign[b0:b0 + block] = (xa[b0:b0 + block] @ ca).argmax(1)
+                continue
             xb = xt[b0:b0 + block]
             assign[b0:b0 + block] = (c_norm[None, :] - 2.0 * (xb @ cent.T)).argmin(1)
         sums = torch.zeros_like(cent).index_add_(0, assign, xt)
@@ -84,12 +93,16 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0
     return cent.cpu().numpy()
 
 
-def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: int = 0) -> tuple[np.ndarray, str]:
-    """The IVF centroids and which k-means made them: faiss-gpu, torch on CUDA, or faiss on the CPU."""
+def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: int = 0,
+                 bf16: bool = False) -> tuple[np.ndarray, str]:
+    """The IVF centroids and which k-means made them: faiss-gpu, torch on CUDA, torch in bf16 on
+    a CPU with native bf16 (``bf16``), or faiss on the CPU."""
     import faiss
 
     if device.startswith("cuda") and not faiss_gpu:
         return torch_kmeans(x, nlist, seed=seed, device=device), "torch-kmeans-" + device
+    if bf16 and not faiss_gpu:
+        return torch_kmeans(x, nlist, seed=seed, bf16=True), "torch-kmeans-cpu-bf16"
     km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITERS, seed=seed + 1234, gpu=bool(faiss_gpu),
                       max_points_per_centroid=max(1, -(-x.shape[0] // nlist)))
     km.train(x)
@@ -97,8 +110,9 @@ def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: 
 
 
 def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu", faiss_gpu: bool = False,
-              seed: int = 0, progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train and fill ``plan.key`` over the shards; returns (index, build stats)."""
+              seed: int = 0, progress: bool = True, bf16: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Train and fill ``plan.key`` over the shards; returns (index, build stats). ``bf16``: the
+    k-means and the lists' assignment compare vectors with centroids in bfloat16 (CPU only)."""
     import time
 
     import faiss
@@ -109,7 +123,7 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     t0 = time.time()
     x = gather_rows(shards, sample_ids(n, plan.train_size, seed))
     stats["train_vectors"] = int(x.shape[0])
-    stats["sample_seconds"] = round(time.time() - t0, 2)
+    _phase(stats, "sample", t0, progress)
     index = faiss.index_factory(dim, plan.key, faiss.METRIC_L2)
     ivf = faiss.extract_index_ivf(index)
     if plan.opq:
@@ -119,10 +133,11 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
         opq.niter = OPQ_ITERS  # faiss's 50 cost minutes at 384 dims, for a rotation that converges sooner
         opq.train(x[:OPQ_TRAIN_MAX])
         x = opq.apply(x)
-        stats["opq_seconds"] = round(time.time() - t, 2)
+        _phase(stats, "opq", t, progress)
     t = time.time()
-    centroids, stats["kmeans"] = train_coarse(x, ivf.nlist, device, faiss_gpu, seed)
-    stats["kmeans_seconds"] = round(time.time() - t, 2)
+    bf16 = bf16 and device == "cpu" and not faiss_gpu
+    centroids, stats["kmeans"] = train_coarse(x, ivf.nlist, device, faiss_gpu, seed, bf16=bf16)
+    _phase(stats, "kmeans", t, progress)
     quantizer = faiss.downcast_index(ivf.quantizer)
     quantizer.add(centroids)
     if isinstance(quantizer, faiss.IndexHNSW):
@@ -132,18 +147,35 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     # sample (faiss assigns each training vector to its list first, with the HNSW quantizer)
     ivf.train(x[:CODEC_TRAIN_MAX])
     index.is_trained = True
-    stats["codec_seconds"] = round(time.time() - t, 2)
+    _phase(stats, "codec", t, progress)
     del x
     t = time.time()
-    assigner = list_assigner(centroids, faiss_gpu)
+    if bf16:
+        from index_builder.centroid_assign import Bf16Assigner
+
+        assigner: Any = Bf16Assigner(centroids)
+    else:
+        assigner = list_assigner(centroids, faiss_gpu)
+    stats["assign"] = "torch-bf16" if bf16 else "faiss-flat-" + ("gpu" if faiss_gpu else "cpu")
     with tqdm(total=n, unit="vec", desc="index add", disable=not progress, leave=False) as bar:
         for arr in shards:
             for b0 in range(0, arr.shape[0], ADD_BATCH):
                 batch = read_block(arr, b0, min(b0 + ADD_BATCH, arr.shape[0]))
                 add_assigned(index, ivf, batch, assigner)
                 bar.update(len(batch))
-    stats["add_seconds"] = round(time.time() - t, 2)
+    _phase(stats, "add", t, progress)
     return index, stats
+
+
+def _phase(stats: dict[str, Any], name: str, t0: float, progress: bool) -> None:
+    """Record a phase's seconds; with progress, say it on stderr as it ends (a long build's
+    phases are visible while it runs, not only in the manifest after)."""
+    import sys
+    import time
+
+    stats[f"{name}_seconds"] = round(time.time() - t0, 2)
+    if progress:
+        print(f"index build: {name} {stats[f'{name}_seconds']:.0f}s", file=sys.stderr, flush=True)
 
 
 def list_assigner(centroids: np.ndarray, faiss_gpu: bool = False) -> Any:

@@ -37,6 +37,7 @@ from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, positive, 
 from chunk_store.store import ChunkStore
 from index_builder.embed import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
                                  shard_ranges)
+from index_builder.exact_passes import first_pass, group_units, replay
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 from index_builder.neighbour_files import assemble, kept_rows
@@ -118,17 +119,22 @@ def search_with_exclusion(
     doc_ranges: np.ndarray | None = None,
     content: np.ndarray | None = None,
     row_search: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    range_first: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k + extra candidates, exclusions, then re-search short rows with 4x the candidates.
 
     ``row_search(queries, row numbers, c)``, where given, searches the rows left short once more
     before widening (the knn stage: a search that skips each row's excluded chunk range,
-    index_builder.range_exclusion)."""
+    index_builder.range_exclusion); with ``range_first`` every row goes through it at once (where
+    most rows would come back short from the plain search)."""
     c = min(k + extra, ntotal)
-    cand_i, cand_d = search(queries, c)
+    ranged = row_search is None or range_first
+    if row_search is not None and range_first:
+        cand_i, cand_d = row_search(queries, np.arange(len(queries)), c)
+    else:
+        cand_i, cand_d = search(queries, c)
     ids, dists, short = select_neighbours(cand_i, cand_d, k, query_ids, query_docs, db_docs,
                                           exclude_docs, doc_ranges=doc_ranges, content=content)
-    ranged = row_search is None
     while short.any():
         if not ranged:
             ranged = True  # same c, the excluded chunks skipped inside the search
@@ -297,6 +303,7 @@ class KnnStage(Stage[KnnConfig]):
         self.short_rows = 0
         self.tuning = None
         self.range_search: Any = None  # faiss search skipping each row's excluded chunks
+        self.range_first, self.short_share = False, None  # every row through it at once
         if self.exact:
             cfg = ExactSearchConfig(device=self.device)
 
@@ -311,10 +318,13 @@ class KnnStage(Stage[KnnConfig]):
             def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
-            from index_builder.range_exclusion import doc_starts, faiss_range_search, supports_selector
+            from index_builder.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
+                                                       selector_pays)
 
-            if supports_selector(index):
-                self.range_search = faiss_range_search(index)
+            self.short_share = self._short_share(search, train_emb)
+            self.range_first = prefer_range_first(index, self.short_share)
+            if self.range_first or selector_pays(index):
+                self.range_search = faiss_range_search(index, threads)
                 self.doc_starts = doc_starts(self.train_docs)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
@@ -332,7 +342,20 @@ class KnnStage(Stage[KnnConfig]):
         return search_with_exclusion(search, queries, self.cfg.k, self.cfg.extra, self.ntotal, query_ids=rows,
                                      db_docs=self.train_docs, doc_ranges=ranges, content=self.content,
                                      row_search=None if chunk_r is None else
-                                     (lambda q, r, c: range_search(q, chunk_r[r], c)))
+                                     (lambda q, r, c: range_search(q, chunk_r[r], c)),
+                                     range_first=self.range_first)
+
+    def _short_share(self, search: SearchFn, train_emb: list[np.ndarray]) -> float:
+        """The share of a sample's rows whose plain k + extra candidates leave fewer than k after
+        the exclusions (range_exclusion.prefer_range_first decides on it)."""
+        from index_builder.ivf_build import gather_rows, sample_ids
+
+        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=1)
+        cand_i, cand_d = search(gather_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        short = select_neighbours(cand_i, cand_d, self.cfg.k, rows, db_docs=self.train_docs,
+                                  doc_ranges=ranges, content=self.content)[2]
+        return float(short.mean()) if len(short) else 0.0
 
     def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
@@ -344,7 +367,12 @@ class KnnStage(Stage[KnnConfig]):
             return None
         rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=0)
         queries, exact_cfg = gather_rows(train_emb, rows), ExactSearchConfig(device=self.device)
-        _, exact_d = self._final_train(lambda q, c: exact_search(q, train_emb, c, exact_cfg), queries, rows)
+        # the exact final neighbours in one pass: the exclusions applied inside the exact search
+        from index_builder.range_exclusion import chunk_ranges, doc_starts
+
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
+                                  exclude=chunk_ranges(ranges, doc_starts(self.train_docs)), valid=self.content)
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
                             exact_d, queries, lambda u: gather_rows(train_emb, u), self.cfg.target_recall)
         if not tuning.reached:
@@ -378,12 +406,12 @@ class KnnStage(Stage[KnnConfig]):
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
         pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
         c = min(self.cfg.k + self.cfg.extra, self.ntotal)
-        for group in _groups(todo, pass_rows if self.exact else 0):
+        for group in group_units(todo, pass_rows if self.exact else 0):
             blocks = [read_rows(self._split_arrays(u.payload[0])[0], u.payload[2], u.payload[3])
                       for u in group]
-            first = _first_pass(self.search, blocks, c) if len(group) > 1 else None
+            first = first_pass(self.search, blocks, c) if len(group) > 1 else None
             for j, (unit, queries) in enumerate(zip(group, blocks)):
-                fn = self.search if first is None else _replay(self.search, first[j], c)
+                fn = self.search if first is None else replay(self.search, first[j], c)
                 self.compute(unit, fn, queries)
                 done(unit)
 
@@ -397,6 +425,8 @@ class KnnStage(Stage[KnnConfig]):
                                  "reached": self.tuning.reached, "sample": self.tuning.sample,
                                  "vs": "exact search, same exclusions"}
             summary["tuning"] = self.tuning.tried
+        if self.short_share is not None:
+            summary["exclusion_search"] = {"short_share": round(self.short_share, 4), "range_first": self.range_first}
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:
@@ -440,47 +470,6 @@ SHARED_OPTIONS = ("device", "shard_size", "threads")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI entry: ``retro-build-index knn``."""
     return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
-
-
-def _groups(todo: list[Unit], max_rows: int) -> list[list[Unit]]:
-    """Consecutive shards of one split, up to max_rows queries a group (0: one shard a group).
-
-    The exact search reads the whole database once per group, so on a GPU many shards of
-    queries share one pass over the embeddings; results are still written shard by shard.
-    """
-    groups: list[list[Unit]] = []
-    rows = 0
-    for unit in todo:
-        if groups and groups[-1][0].payload[0] == unit.payload[0] and rows + unit.size <= max_rows:
-            groups[-1].append(unit)
-            rows += unit.size
-        else:
-            groups.append([unit])
-            rows = unit.size
-    return groups
-
-
-def _first_pass(search: SearchFn, blocks: list[np.ndarray], c: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One search for all blocks' queries, split back per block."""
-    ids, d = search(np.concatenate(blocks), c)
-    out, start = [], 0
-    for blk in blocks:
-        out.append((ids[start:start + len(blk)], d[start:start + len(blk)]))
-        start += len(blk)
-    return out
-
-
-def _replay(search: SearchFn, first: tuple[np.ndarray, np.ndarray], c: int) -> SearchFn:
-    """A search that answers its first call from precomputed candidates, then searches."""
-    used = [False]
-
-    def fn(q: np.ndarray, cc: int) -> tuple[np.ndarray, np.ndarray]:
-        if not used[0] and cc == c and len(q) == len(first[0]):
-            used[0] = True
-            return first
-        return search(q, cc)
-
-    return fn
 
 
 def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,

@@ -12,6 +12,14 @@ candidates suffice (extra only for blank chunks). The plain search first, becaus
 costs: HNSW explores further to fill its list with allowed ids (4x raw faiss's time on the
 demo's real text if every row went through it; 2% of its rows are short). The caller still
 applies every exclusion afterwards and widens the search for a row still short.
+
+Where most rows come back short (the synthetic scale DB: every chunk's nearest candidates are its
+own document's), the plain search is wasted: :func:`prefer_range_first` then sends every row
+through the range search at once. An IVF or flat index pays little for the selector (one range
+check a scanned code); HNSW pays much more (it walks on past the excluded nodes: measured ~20x a
+row's plain search on the demo's real text, where widening the plain search 4x costs ~2x), so
+:func:`selector_pays` keeps HNSW on the widening re-search unless most rows are short (there,
+widening took 4.5 searches a query: range-first costs less).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+
+RANGE_FIRST_SHORT = {"ivf": 0.3, "flat": 0.3, "hnsw": 0.75}  # short-row share past which range-first pays
 
 # (queries (q, d), chunk ranges (q, 2) half-open [a, b), c) -> (ids (q, c), distances (q, c))
 RangeSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
@@ -78,9 +88,21 @@ def supports_selector(index: Any) -> bool:
         return False
 
 
-def faiss_range_search(index: Any) -> RangeSearch:
-    """A :data:`RangeSearch` over ``index``: one faiss call per distinct range, ids in a range skipped."""
+def faiss_range_search(index: Any, threads: int = 1) -> RangeSearch:
+    """A :data:`RangeSearch` over ``index``: one faiss call per distinct range, ids in a range skipped.
+
+    On a bare IVF index the coarse quantizer runs once over all the rows and each range's rows
+    scan their preassigned lists: the quantizer (HNSW over the centroids) costs ~2.5x more in
+    the small per-range batches than in one batch, ~40% of the search at nprobe 4 (the 1.1M
+    chunk scale DB). With ``threads`` > 1 the ranges are spread over that many threads, each
+    calling faiss single-threaded: many small OpenMP regions on a loaded machine wait at every
+    barrier for a descheduled thread (1.37x one batched search with 2 OpenMP threads at load 7,
+    1.00x with one)."""
     import faiss
+
+    inner_ivf = faiss.downcast_index(index)
+    preassign = isinstance(inner_ivf, faiss.IndexIVF)
+    pool = _pool(threads) if threads > 1 else None
 
     def search(q: np.ndarray, ranges: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -90,12 +112,71 @@ def faiss_range_search(index: Any) -> RangeSearch:
         inverse = inverse.reshape(-1)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-        for g, (a, b) in enumerate(uniq):
+        coarse = inner_ivf.quantizer.search(q, int(inner_ivf.nprobe)) if preassign and len(q) else None
+
+        def one(g: int) -> None:
             rows = order[bounds[g]:bounds[g + 1]]
-            inner = faiss.IDSelectorRange(int(a), int(b))
-            sel = faiss.IDSelectorNot(inner)
-            d, i = index.search(q[rows], c, params=search_params(index, sel))
+            a, b = uniq[g]
+            sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(a), int(b)))
+            if coarse is None:
+                d, i = index.search(q[rows], c, params=search_params(index, sel))
+            else:
+                d, i = _preassigned(inner_ivf, q[rows], c, coarse[1][rows], coarse[0][rows], sel)
             ids[rows], dist[rows] = i, d
+
+        if pool is None or len(uniq) < 2:
+            for g in range(len(uniq)):
+                one(g)
+        else:
+            list(pool.map(one, range(len(uniq))))
         return ids, dist
 
     return search
+
+
+def _pool(threads: int) -> Any:
+    """Worker threads whose faiss calls run on one OpenMP thread each (an OpenMP setting made
+    in a thread is that thread's own); faiss releases the GIL while it searches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    return ThreadPoolExecutor(max_workers=threads, initializer=lambda: faiss.omp_set_num_threads(1))
+
+
+def _preassigned(ivf: Any, q: np.ndarray, c: int, lists: np.ndarray, coarse_d: np.ndarray,
+                 sel: Any) -> tuple[np.ndarray, np.ndarray]:
+    """IndexIVF.search_preassigned with a selector (faiss's Python wrapper refuses parameters)."""
+    import faiss
+
+    n = len(q)
+    d = np.empty((n, c), dtype=np.float32)
+    i = np.empty((n, c), dtype=np.int64)
+    q, lists, coarse_d = (np.ascontiguousarray(a) for a in (q, lists.astype(np.int64), coarse_d.astype(np.float32)))
+    params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))
+    ivf.search_preassigned_c(n, faiss.swig_ptr(q), c, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_d),
+                             faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
+    return d, i
+
+
+def index_kind(index: Any) -> str:
+    """"ivf", "hnsw" or "flat" (anything else: how a selector's cost scales)."""
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        return "ivf"
+    except RuntimeError:
+        return "hnsw" if isinstance(faiss.downcast_index(index), faiss.IndexHNSW) else "flat"
+
+
+def selector_pays(index: Any) -> bool:
+    """Whether re-searching short rows with the range skipped beats widening the plain search."""
+    return index_kind(index) != "hnsw" and supports_selector(index)
+
+
+def prefer_range_first(index: Any, short_fraction: float) -> bool:
+    """Whether every row should go through the range search at once: when the share of rows the
+    plain search leaves short (measured on a sample) is past :data:`RANGE_FIRST_SHORT` (the
+    plain-first cost is 1 + share x the selector's overhead)."""
+    return supports_selector(index) and short_fraction > RANGE_FIRST_SHORT[index_kind(index)]

@@ -28,5 +28,6 @@ def test_bench_scale_tiny(tmp_path, capsys):
         assert r["knn"]["queries"] == r["n"] and r["knn"]["missing"] == 0
     assert small["knn"]["tuning"] is None  # autofaiss's Flat at this size: nothing to tune
     assert large["knn"]["tuning"]["reached"] and large["knn"]["tuning"]["recall"] >= 0.95
+    assert 0 <= large["knn"]["short_share"] <= 1 and isinstance(large["knn"]["range_first"], bool)
     text = capsys.readouterr().out
     assert "| knn (" in text and "### Projection" not in text and "days on 64 machines" in text

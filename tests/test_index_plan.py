@@ -86,6 +86,29 @@ def test_torch_kmeans_on_cpu_matches_faiss_objective():
     assert purity >= 0.8
 
 
+def test_bf16_assignment_and_kmeans_match_fp32_on_planted_clusters():
+    """The bf16 GEMM's nearest centroid is the exact one on all but a rounding sliver of points,
+    and the k-means whose assignment uses it is as good as faiss's (the CPU path where the CPU
+    has native bf16; runs anywhere: torch emulates bf16 where it has no instructions)."""
+    from index_builder.centroid_assign import Bf16Assigner
+
+    x, labels = planted(3000, 12, 16)
+    ours = torch_kmeans(x, 12, niter=20, seed=0, device="cpu", bf16=True)
+    km = faiss.Kmeans(x.shape[1], 12, niter=20, seed=1)
+    km.train(x)
+
+    def objective(c: np.ndarray) -> float:
+        return float(((x[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum())
+
+    assert objective(ours) <= 1.5 * objective(km.centroids)
+    rng = np.random.default_rng(3)
+    cent = rng.standard_normal((300, 64)).astype(np.float32)
+    pts = (cent[rng.integers(0, 300, 5000)] + 0.3 * rng.standard_normal((5000, 64))).astype(np.float32)
+    exact = ((pts[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
+    _, got = Bf16Assigner(cent, block=1000).search(pts, 1)
+    assert got.shape == (5000, 1) and (got[:, 0] == exact).mean() >= 0.99
+
+
 def test_build_ivf_reaches_exact_neighbours_with_every_list_probed():
     """SQ8 and OPQ+PQ plans built from float16 shards: probing every list, SQ8 finds the exact
     nearest neighbour almost always, and the random training sample spans all shards."""
@@ -100,9 +123,11 @@ def test_build_ivf_reaches_exact_neighbours_with_every_list_probed():
     xb = np.concatenate(shards).astype(np.float32)
     flat.add(xb)
     _, truth = flat.search(xb[:300], 1)
-    for plan, need in ((IndexPlan("ivf", "IVF32_HNSW32,SQ8", 32, 2048, "SQ8"), 0.95),
-                       (IndexPlan("ivf", "OPQ4_32,IVF32_HNSW32,PQ4x8np", 32, 2048, "PQ4x8", True), 0.3)):
-        index, stats = build_ivf(shards, plan, progress=False)
+    for plan, need, bf16 in ((IndexPlan("ivf", "IVF32_HNSW32,SQ8", 32, 2048, "SQ8"), 0.95, False),
+                             (IndexPlan("ivf", "IVF32_HNSW32,SQ8", 32, 2048, "SQ8"), 0.95, True),
+                             (IndexPlan("ivf", "OPQ4_32,IVF32_HNSW32,PQ4x8np", 32, 2048, "PQ4x8", True), 0.3, False)):
+        index, stats = build_ivf(shards, plan, progress=False, bf16=bf16)
+        assert stats["assign"] == ("torch-bf16" if bf16 else "faiss-flat-cpu")
         assert index.ntotal == 4000 and stats["train_vectors"] == 2048
         faiss.ParameterSpace().set_index_parameters(index, "nprobe=32")
         _, got = index.search(xb[:300], 1)
@@ -138,6 +163,7 @@ def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
     assert knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
     assert knn["tuning"][0][1] < 0.95  # the cheapest setting misses: the tuning did something
     assert knn["search_params"] == knn["tuning"][-1][0]
+    assert 0 <= knn["exclusion_search"]["short_share"] <= 1  # decides range-first (range_exclusion)
     assert run_cli(["knn", "--db", exact_db, "--k", 2, "--device", "cpu", "--exact"]) == 0
     # the index's distances are SQ8 approximations: judge its neighbours by their true distances
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)

@@ -102,6 +102,71 @@ def test_sequence_exclusion_matches_a_brute_force_reference(seed, k, extra, doc_
         assert np.isinf(dist[row, len(expect):]).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 4), doc_lens=st.lists(st.integers(1, 6), min_size=1, max_size=25),
+       cps=st.integers(1, 6), tile=st.integers(1, 40), qb=st.integers(1, 9))
+def test_exact_search_with_exclusion_inside_equals_the_pipeline(seed, k, doc_lens, cps, tile, qb):
+    """The tuner's exact reference: ranges and blank chunks masked inside one exact pass give the
+    neighbours (distances) the knn pipeline keeps from exact search with widening re-searches."""
+    from index_builder.range_exclusion import chunk_ranges, doc_starts
+
+    rng = np.random.default_rng(seed)
+    docs = np.repeat(np.arange(len(doc_lens)), doc_lens)
+    n = len(docs)
+    starts = np.arange(0, n - cps + 1, cps)
+    xb = rng.standard_normal((n, 3)).astype(np.float32)
+    content = rng.random(n) > 0.2
+    rows = np.arange(n)
+    ranges = sequence_doc_ranges(docs, starts, cps, rows)
+    _, got_d = exact_search(xb, [xb[: n // 2], xb[n // 2:]], k, ExactSearchConfig(tile_rows=tile, query_block=qb),
+                            exclude=chunk_ranges(ranges, doc_starts(docs)), valid=content)
+    _, ref_d = search_with_exclusion(lambda q, c: exact_search(q, [xb], c), xb, k, 2, n, query_ids=rows,
+                                     db_docs=docs, doc_ranges=ranges, content=content)
+    np.testing.assert_allclose(got_d, ref_d, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 3), extra=st.integers(0, 4),
+       doc_lens=st.lists(st.integers(1, 8), min_size=2, max_size=20), cps=st.integers(1, 6),
+       range_first=st.booleans(), ivf=st.booleans(), threads=st.sampled_from([1, 3]))
+def test_range_search_plain_or_first_equals_a_brute_force_reference(seed, k, extra, doc_lens, cps, range_first, ivf,
+                                                                    threads):
+    """The knn stage's faiss range search (the excluded chunk range skipped inside faiss), used
+    for the rows left short or, range-first, for every row: the same neighbours as the brute
+    force reference (a flat index, or an IVF probing every list: no approximation; the IVF's
+    rows scan lists preassigned by one quantizer search)."""
+    from index_builder.range_exclusion import chunk_ranges, doc_starts, faiss_range_search
+
+    rng = np.random.default_rng(seed)
+    docs = np.repeat(np.arange(len(doc_lens)), doc_lens)
+    n = len(docs)
+    starts = np.arange(0, n - cps + 1, cps)
+    xb = rng.standard_normal((n, 4)).astype(np.float32)
+    if ivf:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 2)
+        index.cp.min_points_per_centroid = 1
+        index.train(np.concatenate([xb, xb + 1]))
+        index.nprobe = 2
+    else:
+        index = faiss.IndexFlatL2(4)
+    index.add(xb)
+    rows = np.arange(n)
+    ranges = sequence_doc_ranges(docs, starts, cps, rows)
+    chunk_r = chunk_ranges(ranges, doc_starts(docs))
+    ranged = faiss_range_search(index, threads)  # threads: ranges spread over a pool
+
+    def search(q, c):
+        d, i = index.search(q, c)
+        return i.astype(np.int64), d
+
+    ids, _ = search_with_exclusion(search, xb, k, extra, n, query_ids=rows, db_docs=docs, doc_ranges=ranges,
+                                   row_search=lambda q, r, c: ranged(q, chunk_r[r], c), range_first=range_first)
+    full = np.argsort(((xb[:, None, :] - xb[None]) ** 2).sum(-1), axis=1, kind="stable")
+    for row in rows:
+        expect = [j for j in full[row] if not ranges[row, 0] <= docs[j] <= ranges[row, 1]][:k]
+        assert ids[row].tolist() == expect + [-1] * (k - len(expect))
+
+
 def test_sequence_doc_ranges_by_hand():
     docs = np.array([0, 0, 1, 2, 2, 3, 4, 5])
     # sequences of 3 chunks at 0 and 3; chunks 6, 7 are past the last full sequence
