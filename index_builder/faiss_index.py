@@ -252,7 +252,11 @@ class IndexStage(Stage[IndexConfig]):
             recorded.clear()  # a new build: nothing of the old one binds it
             return
         before, now = recorded["params"].get("embed_id"), params["embed_id"]
-        if before != now:
+        # embed_id carries the embed stage's finish time, to the second: an add finishing within
+        # the second of the first embed leaves it unchanged, so the grown train split says it too
+        ntotal = recorded.get("stats", {}).get("ntotal")
+        grown = ntotal is not None and ntotal != num_chunks(self.db, manifest, "train")
+        if before != now or grown:
             if str(before).split("@")[0] != str(now).split("@")[0]:
                 raise UserError("index: the embeddings changed since the index was built "
                                 f"(built from {before}, now {now}); delete DB/index and re-run index, "

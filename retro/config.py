@@ -91,6 +91,9 @@ class RetroConfig:
 
     def validate(self) -> None:
         """One-line UserError on an impossible configuration (these come from user YAML)."""
+        if self.hf_decoder is not None and (not isinstance(self.hf_decoder, str) or not self.hf_decoder.strip()):
+            raise UserError(f"model.hf_decoder must be a Hugging Face model name or folder, or null, "
+                            f"got {self.hf_decoder!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.cca_layers is not None and (not isinstance(self.cca_layers, list) or not all(
