@@ -6,7 +6,8 @@ EPYC of docs/BENCHMARKS.md); torch's bf16 GEMM reaches ~200 GFLOP/s there (AVX51
 score of centroid c is x.c - |c|^2 / 2 (one GEMM, the second term an extra column), its argmax
 the nearest centroid up to bf16 rounding: a vector within rounding distance of two centroids may
 go to the second nearest, which the search still probes (the HNSW quantizer this stage first
-assigned with was approximate too). Not used for --deterministic builds (faiss's fp32 there).
+assigned with was approximate too). Used where the embedder would pick bf16 on the CPU
+(index_builder.embedder.default_dtype); not for --deterministic builds (faiss's fp32 there).
 """
 
 from __future__ import annotations
@@ -17,19 +18,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
-
-
-def cpu_has_bf16() -> bool:
-    """The CPU has native bf16 dot products (AVX512_BF16 or AMX; Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def augment(x: np.ndarray | torch.Tensor, last: float | None = None) -> torch.Tensor:

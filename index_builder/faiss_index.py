@@ -324,12 +324,12 @@ class IndexStage(Stage[IndexConfig]):
 
         import torch
 
-        from index_builder.centroid_assign import cpu_has_bf16
+        from index_builder.embedder import default_dtype
 
         faiss.omp_set_num_threads(1 if self.cfg.deterministic else self.threads)
         torch.set_num_threads(1 if self.cfg.deterministic else self.threads)
         device = "cpu" if self.cfg.deterministic else str(resolve_device(self.cfg.device))
-        bf16 = not self.cfg.deterministic and device == "cpu" and cpu_has_bf16()
+        bf16 = not self.cfg.deterministic and device == "cpu" and default_dtype("cpu") == "bf16"
         index, self.build_stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
                                             faiss_gpu=self.use_gpu, bf16=bf16)
         param = fixed_search_params(index)

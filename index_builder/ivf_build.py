@@ -75,8 +75,8 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0
     cent = xt[torch.randperm(n, generator=g)[:k].to(dev)].clone()
     for _ in range(niter):
         assign = torch.empty(n, dtype=torch.long, device=dev)
-        c_norm = (cent * cent).sum(1)
         ca = augment(cent).T.contiguous() if bf16 else None
+        c_norm = None if bf16 else (cent * cent).sum(1)
         for b0 in range(0, n, block):
             if xa is not None:
                 assign[b0:b0 + block] = (xa[b0:b0 + block] @ ca).argmax(1)
