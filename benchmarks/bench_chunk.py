@@ -72,20 +72,24 @@ class Result:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _tree_stats(pid: int) -> list[tuple[int, int, int]]:
-    """(pid, VmRSS bytes, utime+stime ticks) of ``pid`` and its descendants (Linux /proc)."""
+def _tree_stats(pid: int) -> list[tuple[int, int, int, int]]:
+    """(pid, VmRSS bytes, utime+stime ticks, RssAnon bytes) of ``pid`` and its descendants (Linux
+    /proc). RssAnon is the private memory; the rest of VmRSS is mapped files (memmaps, an mmapped
+    index), pages the kernel can drop and re-read."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            rss = 0
+            rss = anon = 0
             with open(f"/proc/{p}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         rss = int(line.split()[1]) * 1024
+                    elif line.startswith("RssAnon:"):
+                        anon = int(line.split()[1]) * 1024
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            out.append((p, rss, int(fields[11]) + int(fields[12])))
+            out.append((p, rss, int(fields[11]) + int(fields[12]), anon))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
@@ -94,8 +98,9 @@ def _tree_stats(pid: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str]:
-    """Run ``cmd``; return (wall s, CPU s, peak tree RSS MB, peak single-process RSS MB, stderr).
+def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str, float]:
+    """Run ``cmd``; return (wall s, CPU s, peak tree RSS MB, peak single-process RSS MB, stderr,
+    peak tree anonymous RSS MB).
 
     Everything is sampled from /proc every 20 ms over the whole process tree (``ru_maxrss``
     would count the pre-exec copy of this process made by fork; forkserver workers are not our
@@ -105,17 +110,18 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str]:
     errf = tempfile.TemporaryFile()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
-    peak = peak_one = 0
+    peak = peak_one = peak_anon = 0
     cpu_ticks: dict[int, int] = {}
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak, peak_one
+        nonlocal peak, peak_one, peak_anon
         while not stop.is_set():
             stats = _tree_stats(proc.pid)
-            peak = max(peak, sum(r for _, r, _ in stats))
-            peak_one = max([peak_one] + [r for _, r, _ in stats])
-            for p, _, ticks in stats:
+            peak = max(peak, sum(r for _, r, _, _ in stats))
+            peak_one = max([peak_one] + [r for _, r, _, _ in stats])
+            peak_anon = max(peak_anon, sum(a for _, _, _, a in stats))
+            for p, _, ticks, _ in stats:
                 cpu_ticks[p] = max(cpu_ticks.get(p, 0), ticks)
             time.sleep(0.02)
 
@@ -133,7 +139,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str]:
     # sampled for every process, the main one included (wait4's figure would add the children
     # it reaped a second time); a process's last <= 20 ms may be missed
     cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
-    return seconds, cpu, peak / 2**20, peak_one / 2**20, err
+    return seconds, cpu, peak / 2**20, peak_one / 2**20, err, peak_anon / 2**20
 
 
 # ----------------------------------------------------------------------------- the naive baseline
@@ -254,7 +260,7 @@ def bench(c: Corpus, tok_path: Path, work: Path, impls: list[str], args) -> list
         seconds, cpu, tok_s, tree, proc = float("inf"), float("inf"), None, 0.0, 0.0
         for _ in range(args.repeat):
             shutil.rmtree(out, ignore_errors=True)
-            sec, cpu_s, tr, pr, _ = run_measured(cmd)
+            sec, cpu_s, tr, pr, _, _ = run_measured(cmd)
             tree, proc = max(tree, tr), max(proc, pr)  # memory: the worst run
             if impl == "naive":
                 chunks = json.loads((out / "count.json").read_text())["chunks"]

@@ -179,6 +179,7 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
     (``repeat`` times over, for a small DB whose one pass takes under a second)."""
     from index_builder.embed import read_rows
     from index_builder.knn import KnnConfig, KnnStage
+    from index_builder.rerank import release_pages
 
     stage = KnnStage(db, KnnConfig(k=k, threads=threads, target_recall=target, device="cpu", exact=False,
                                    tune_sample=tune_sample))
@@ -191,7 +192,7 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
     c = min(k + stage.cfg.extra, stage.ntotal)
     block = stage.cfg.shard_size
     calls = {"rows": 0, "searches": 0}
-    base = stage.search
+    base, raw_search = stage.search, stage.raw_search  # ours (re-ranked where the codes are PQ), the index alone
 
     def counted(q: np.ndarray, cc: int) -> tuple[np.ndarray, np.ndarray]:
         calls["searches"] += 1
@@ -208,19 +209,21 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
         b = min(a + block, n)
         q = read_rows(emb, a, b)
         t = time.perf_counter()
-        base(q, c)
+        raw_search(q, c)
         raw += time.perf_counter() - t
         t = time.perf_counter()
         ids, _ = stage._final_train(counted, q, np.arange(a, b, dtype=np.int64),
                                     None if stage.range_search is None else counted_range)
         ours += time.perf_counter() - t
         missing += int((ids < 0).sum())
+        release_pages(emb)  # as the knn stage does after each shard
     tuning = stage.tuning.as_dict() if stage.tuning is not None else None
     n *= repeat
     out.write_text(json.dumps({"queries": n, "repeat": repeat, "setup_s": setup_s, "ours_s": ours, "raw_s": raw,
                                "ours_rate": n / ours, "raw_rate": n / raw, "ratio": ours / raw,
                                "searched_rows": calls["rows"], "missing": missing, "tuning": tuning,
-                               "short_share": stage.short_share, "range_first": stage.range_first}))
+                               "short_share": stage.short_share, "range_first": stage.range_first,
+                               "rerank": stage.rerank}))
 
 
 # ----------------------------------------------------------------------------- one size
@@ -236,8 +239,8 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
     row: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
     row.update({"n_target": n, "copies": copies})
     if not (db / "manifest.json").exists() or not load_manifest(db)["stages"].get("chunk", {}).get("finished"):
-        wall, cpu, peak, _, _ = run_measured(chunk_cmd(db, corpus, args, base["tokenizer"]))
-        row["chunk"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
+        wall, cpu, peak, _, _, anon = run_measured(chunk_cmd(db, corpus, args, base["tokenizer"]))
+        row["chunk"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, "anon_mb": anon}
         cache.write_text(json.dumps(row))
     m = load_manifest(db)
     row["n"] = int(m["counts"]["train"]["chunks"])
@@ -252,19 +255,28 @@ def run_size(n: int, args: argparse.Namespace, base: dict[str, Any]) -> dict[str
         cmd = py("-m", "index_builder", "index", "--db", db, "--max-index-memory", args.max_index_memory,
                  "--current-memory", args.current_memory, "--threads", args.threads, "--device", "cpu",
                  "--recall-sample", args.recall_sample, "--hnsw-max", args.hnsw_max)
-        wall, cpu, peak, _, _ = run_measured(cmd)
-        row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak}
+        wall, cpu, peak, _, _, anon = run_measured(cmd)
+        row["index"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, "anon_mb": anon}
         cache.write_text(json.dumps(row))
     row["index_stats"] = index_stats(db)
-    if args.knn_queries < 0 or "knn" in row or args.until != "knn":  # (delete row-N.json to redo)
+    if args.until != "knn":
         return row
-    out = args.work / f"knn-{n}.json"
-    cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
-             "--threads", args.threads, "--target-recall", args.target_recall, "--out", out,
-             "--tune-sample", args.tune_sample)
-    wall, cpu, peak, _, _ = run_measured(cmd)
-    row["knn"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
-    cache.write_text(json.dumps(row))
+    if args.knn_queries >= 0 and "knn" not in row:  # (delete row-N.json to redo)
+        out = args.work / f"knn-{n}.json"
+        cmd = py(Path(__file__).resolve(), "knn-sample", "--db", db, "--queries", args.knn_queries, "--k", args.k,
+                 "--threads", args.threads, "--target-recall", args.target_recall, "--out", out,
+                 "--tune-sample", args.tune_sample)
+        wall, cpu, peak, _, _, anon = run_measured(cmd)
+        row["knn"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, "anon_mb": anon, **json.loads(out.read_text())}
+        cache.write_text(json.dumps(row))
+    if n in args.knn_stage and "knn_stage" not in row:
+        cmd = py("-m", "index_builder", "knn", "--db", db, "--k", args.k, "--threads", args.threads,
+                 "--device", "cpu", "--target-recall", args.target_recall, "--tune-sample", args.tune_sample)
+        wall, cpu, peak, _, _, anon = run_measured(cmd)
+        stats = load_manifest(db)["stages"]["knn"]["stats"]
+        row["knn_stage"] = {"wall": wall, "cpu": cpu, "peak_mb": peak, "anon_mb": anon,
+                            **{k: stats.get(k) for k in ("search_params", "recall", "rerank", "seconds")}}
+        cache.write_text(json.dumps(row))
     return row
 
 
@@ -272,7 +284,8 @@ def index_stats(db: Path) -> dict[str, Any]:
     from chunk_store.manifest import load_manifest
 
     stats = load_manifest(db)["stages"].get("index", {}).get("stats") or {}
-    return {k: stats.get(k) for k in ("index_key", "plan", "build", "recall", "size_bytes", "build_seconds")}
+    return {k: stats.get(k) for k in ("index_key", "plan", "build", "recall", "size_bytes", "build_seconds",
+                                      "rerank")}
 
 
 def base_corpus(args: argparse.Namespace) -> dict[str, Any]:
@@ -330,15 +343,21 @@ def projection(rows: list[dict[str, Any]], machines: Sequence[int] = (1, 64, 102
     return lines
 
 
+def mem(c: dict[str, Any]) -> str:
+    """Peak RSS, and the private (anonymous) part where measured: the rest is mapped files."""
+    return f"{c['peak_mb']:,.0f}" + (f" ({c['anon_mb']:,.0f})" if c.get("anon_mb") else "")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ["| N train chunks | text MB | stage | wall s | CPU s | chunks/s (wall) | peak RSS MB | detail |",
+    out = ["| N train chunks | text MB | stage | wall s | CPU s | chunks/s (wall) | peak RSS MB "
+           "(private) | detail |",
            "|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         n = r["n"]
         if "chunk" in r:
             c = r["chunk"]
             out.append(f"| {n:,} | {r['text_mb']:,.0f} | chunk | {c['wall']:.0f} | {c['cpu']:.0f} | "
-                       f"{n / c['wall']:,.0f} | {c['peak_mb']:,.0f} | {r['copies']} copies of the corpus |")
+                       f"{n / c['wall']:,.0f} | {mem(c)} | {r['copies']} copies of the corpus |")
         s = r.get("index_stats") or {}
         if "index" in r and s:
             c = r["index"]
@@ -346,17 +365,27 @@ def table(rows: list[dict[str, Any]]) -> str:
             phases = ", ".join(f"{k.removesuffix('_seconds')} {v:.0f}s" for k, v in build.items()
                                if k.endswith("_seconds"))
             out.append(f"| {n:,} | | index | {c['wall']:.0f} | {c['cpu']:.0f} | {n / c['wall']:,.0f} | "
-                       f"{c['peak_mb']:,.0f} | `{s['index_key']}` ({s['size_bytes'] / 2 ** 20:,.0f} MB; "
-                       f"{phases or 'autofaiss'}); recall@2 {s['recall'].get('recall@2')} |")
+                       f"{mem(c)} | `{s['index_key']}` ({s['size_bytes'] / 2 ** 20:,.0f} MB; "
+                       f"{phases or 'autofaiss'}); recall@2 {s['recall'].get('recall@2')}"
+                       + (f" re-ranked x{s['rerank']} (the codes alone: {s['recall'].get('raw_recall@2')})"
+                          if (s.get("rerank") or 1) > 1 else "") + " |")
+        if "knn_stage" in r:
+            k = r["knn_stage"]
+            rec = (k.get("recall") or {})
+            out.append(f"| {n:,} | | knn stage (every chunk) | {k['wall']:.0f} | {k['cpu']:.0f} | "
+                       f"{n / k['wall']:,.0f} | {mem(k)} | `retro-build-index knn`: `{k.get('search_params')}`"
+                       f" recall@2 {rec.get('recall@2')}, re-rank x{k.get('rerank')} |")
         if "knn" not in r:
             continue
         k = r["knn"]
         t = k.get("tuning") or {}
         out.append(f"| {n:,} | | knn ({k['queries']:,} queries) | {k['wall']:.0f} | {k['cpu']:.0f} | "
-                   f"{k['ours_rate']:,.0f} | {k['peak_mb']:,.0f} | raw faiss {k['raw_rate']:,.0f}/s: "
+                   f"{k['ours_rate']:,.0f} | {mem(k)} | raw faiss {k['raw_rate']:,.0f}/s: "
                    f"ours {k['ratio']:.2f}x its time; "
                    + (f"`{t['param']}` recall@{t['k']} {t['recall']} (target {t['target']}); " if t else
                       "exact index, nothing to tune; ")
+                   + (f"candidates re-ranked x{k['rerank']} (raw: the index alone); "
+                      if (k.get("rerank") or 1) > 1 else "")
                    + f"setup+tuning {k['setup_s']:.0f}s; "
                    f"{k['searched_rows'] / k['queries']:.2f} rows searched a query |")
     return "\n".join(out)
@@ -390,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--knn-queries", type=int, default=65536,
                     help="train chunks the knn rate is measured on (0: all, -1: skip knn)")
+    ap.add_argument("--knn-stage", default="",
+                    help="sizes (as --sizes) where the whole knn stage also runs, every train chunk a query")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--tune-sample", type=int, default=1000, help="knn's recall sample (vs exact search)")
     ap.add_argument("--until", default="knn", choices=STAGES,
@@ -402,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="tabulate the rows earlier runs cached in --work")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    args.knn_stage = {parse_size(s) for s in args.knn_stage.split(",") if s.strip()}
     if args.cmd == "knn-sample":
         knn_sample(args.db, args.queries, args.k, args.threads, args.target_recall, args.out, args.tune_sample,
                    args.repeat)
@@ -409,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiny:
         args.corpus_mb, args.vocab_size, args.seq_len, args.dim = min(args.corpus_mb, 0.3), 400, 256, 32
         args.recall_sample, args.knn_queries = 200, 0
+        args.knn_stage = {parse_size(s) for s in args.sizes.split(",")}
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
@@ -427,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     real = None
     if args.real_db:
         out = args.work / "knn-real.json"
-        wall, cpu, peak, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
+        wall, cpu, peak, _, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
                                                 "--k", args.k, "--threads", args.threads, "--out", out,
                                                 "--target-recall", args.target_recall,
                                                 "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))

@@ -41,9 +41,10 @@ from index_builder.exact_passes import first_pass, group_units, replay
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.faiss_index import faiss_gpu_available, index_identity, load_index
 from index_builder.neighbour_files import assemble, kept_rows
+from index_builder.rerank import release_pages
 
 MAX_CANDIDATES = 4096  # escalation cap for rows whose candidates are all excluded
-RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall")
+RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall", "rerank")
 # what train neighbours avoid: "sequence" = every document sharing the chunk's training sequence.
 # A DB whose knn record lacks it was built with the older own-document rule and is redone.
 EXCLUSION = "sequence"
@@ -202,6 +203,7 @@ class KnnConfig:
     refresh: bool = False  # after add: every chunk's neighbours again (default: the new chunks' only)
     target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
     tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
+    rerank: int | None = None  # candidates a neighbour, re-ranked by true distance; None = by the codes
 
 
 class KnnStage(Stage[KnnConfig]):
@@ -222,6 +224,8 @@ class KnnStage(Stage[KnnConfig]):
         if not 0 <= cfg.target_recall <= 1:
             raise UserError(f"--target-recall must be within [0, 1], not {cfg.target_recall}")
         positive(cfg.tune_sample, "--tune-sample")
+        if cfg.rerank is not None:
+            positive(cfg.rerank, "--rerank")
         positive(cfg.shard_size, "--shard-size")
         self.device = str(resolve_device(cfg.device))
         self.exact = cfg.exact if cfg.exact is not None else (
@@ -231,6 +235,7 @@ class KnnStage(Stage[KnnConfig]):
                 "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
                 "content_only": True,  # chunks of only EOS and padding are never neighbours
                 "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
+                "rerank": "auto" if cfg.rerank is None else int(cfg.rerank),
                 "tune_sample": int(cfg.tune_sample)}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
@@ -302,6 +307,7 @@ class KnnStage(Stage[KnnConfig]):
         self.docs = {"train": self.train_docs}
         self.short_rows = 0
         self.tuning = None
+        self.rerank = 1  # candidates a neighbour re-ranked by true distance (index_builder.rerank)
         self.range_search: Any = None  # faiss search skipping each row's excluded chunks
         self.range_first, self.short_share = False, None  # every row through it at once
         if self.exact:
@@ -320,11 +326,19 @@ class KnnStage(Stage[KnnConfig]):
                 return i.astype(np.int64), d.astype(np.float32)
             from index_builder.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
                                                        selector_pays)
+            from index_builder.rerank import default_factor, pick_rows, reranked, reranked_ranges
 
+            self.raw_search = search  # the index alone (benchmarks compare with it)
+            self.rerank = self.cfg.rerank or default_factor(index)
+            read = lambda ids: pick_rows(train_emb, ids)  # noqa: E731
+            if self.rerank > 1:
+                search = reranked(search, self.rerank, read, ntotal)
             self.short_share = self._short_share(search, train_emb)
             self.range_first = prefer_range_first(index, self.short_share)
             if self.range_first or selector_pays(index):
                 self.range_search = faiss_range_search(index, threads)
+                if self.rerank > 1:
+                    self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
                 self.doc_starts = doc_starts(self.train_docs)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
@@ -348,10 +362,11 @@ class KnnStage(Stage[KnnConfig]):
     def _short_share(self, search: SearchFn, train_emb: list[np.ndarray]) -> float:
         """The share of a sample's rows whose plain k + extra candidates leave fewer than k after
         the exclusions (range_exclusion.prefer_range_first decides on it)."""
-        from index_builder.ivf_build import gather_rows, sample_ids
+        from index_builder.ivf_build import sample_ids
+        from index_builder.rerank import pick_rows
 
         rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=1)
-        cand_i, cand_d = search(gather_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
+        cand_i, cand_d = search(pick_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
         ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
         short = select_neighbours(cand_i, cand_d, self.cfg.k, rows, db_docs=self.train_docs,
                                   doc_ranges=ranges, content=self.content)[2]
@@ -360,13 +375,14 @@ class KnnStage(Stage[KnnConfig]):
     def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
         applied) reach --target-recall on a sample, against the same pipeline over exact search."""
-        from index_builder.ivf_build import gather_rows, sample_ids
+        from index_builder.ivf_build import sample_ids
+        from index_builder.rerank import pick_rows
         from index_builder.search_tuning import candidate_params, tune_index
 
         if not candidate_params(index):
             return None
         rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=0)
-        queries, exact_cfg = gather_rows(train_emb, rows), ExactSearchConfig(device=self.device)
+        queries, exact_cfg = pick_rows(train_emb, rows), ExactSearchConfig(device=self.device)
         # the exact final neighbours in one pass: the exclusions applied inside the exact search
         from index_builder.range_exclusion import chunk_ranges, doc_starts
 
@@ -374,10 +390,11 @@ class KnnStage(Stage[KnnConfig]):
         _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
                                   exclude=chunk_ranges(ranges, doc_starts(self.train_docs)), valid=self.content)
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
-                            exact_d, queries, lambda u: gather_rows(train_emb, u), self.cfg.target_recall)
+                            exact_d, queries, lambda u: pick_rows(train_emb, u), self.cfg.target_recall)
         if not tuning.reached:
             self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
-                     f"(best {tuning.param}): the index's codes are too coarse (raise --max-index-memory)")
+                     f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "
+                     "coarse (raise --rerank or --max-index-memory)")
         return tuning
 
     def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -401,6 +418,8 @@ class KnnStage(Stage[KnnConfig]):
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
         atomic_save_npy(p_ids, ids)
+        for shards in self.emb.values():  # the rows read stay in the page cache, not in our RSS
+            release_pages(shards)
 
     def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
@@ -417,6 +436,7 @@ class KnnStage(Stage[KnnConfig]):
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
         summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
+                                   "rerank": self.rerank,
                                    "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
                                    "world_size": run.world_size}
         if self.tuning is not None:
@@ -462,6 +482,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "exclusions applied, reach this recall@k against exact search (0: the index's own)")
     g.add_argument("--tune-sample", type=int, default=d.tune_sample,
                    help="train chunks the recall is measured on")
+    g.add_argument("--rerank", type=int, default=d.rerank,
+                   help="ask the index for this many times the candidates and keep the nearest by true "
+                        "distance, read from the stored embeddings (default: 4 where the index's codes "
+                        "take under a byte a dimension, e.g. PQ; 1 = the codes' own order)")
 
 
 SHARED_OPTIONS = ("device", "shard_size", "threads")

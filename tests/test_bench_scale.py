@@ -26,8 +26,11 @@ def test_bench_scale_tiny(tmp_path, capsys):
     for r in rows:
         assert r["chunk"]["peak_mb"] > 0 and r["index"]["cpu"] > 0
         assert r["knn"]["queries"] == r["n"] and r["knn"]["missing"] == 0
+        assert 0 < r["knn"]["anon_mb"] <= r["knn"]["peak_mb"]  # private memory, measured apart from mapped files
+        stage = r["knn_stage"]  # the whole stage, as a user runs it (--tiny: at every size)
+        assert stage["wall"] > 0 and 0 < stage["anon_mb"] <= stage["peak_mb"] and stage["rerank"] == 1
     assert small["knn"]["tuning"] is None  # autofaiss's Flat at this size: nothing to tune
     assert large["knn"]["tuning"]["reached"] and large["knn"]["tuning"]["recall"] >= 0.95
     assert 0 <= large["knn"]["short_share"] <= 1 and isinstance(large["knn"]["range_first"], bool)
     text = capsys.readouterr().out
-    assert "| knn (" in text and "### Projection" not in text and "days on 64 machines" in text
+    assert "| knn (" in text and "| knn stage (every chunk) |" in text and "### Projection" not in text and "days on 64 machines" in text

@@ -1,0 +1,117 @@
+"""A compressed index's candidates re-ranked by their true distance, read from the stored embeddings.
+
+Why: past what SQ8 codes fit in ``--max-index-memory`` the key chooser takes PQ codes (16M chunks
+at 2G: PQ96, four dimensions a byte), and PQ distances cannot order a chunk's near-duplicates:
+the raw index's recall@2 at 16M train chunks was 0.66 against exact search. The float16
+embeddings are on disk anyway (the embed stage's output), so the search asks the index for
+``factor`` times the candidates and keeps the nearest by true distance. faiss's IndexRefineFlat
+does the same but holds every vector in RAM as float32 (24 GB at 16M chunks); here the rows are
+read from the memory-mapped shards, ``factor x c`` rows a query, through the page cache, and the
+mapped pages are let go after each knn shard (:func:`release_pages`) so the process's RSS does
+not grow with the embedding matrix.
+
+The distances returned are then true squared L2 distances, not the codes' approximations.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from index_builder.search_tuning import true_distances
+
+LOSSY_FACTOR = 4  # candidates a final one, where the codes are lossier than SQ8
+BLOCK = 512  # query rows re-ranked at a time
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+RangeSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def code_bytes(index: Any) -> int:
+    """Bytes a vector's code takes in ``index`` (flat float32: 4 x d)."""
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).code_size)
+    except RuntimeError:
+        pass
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    return int(getattr(inner, "code_size", 4 * index.d))
+
+
+def default_factor(index: Any) -> int:
+    """:data:`LOSSY_FACTOR` where the codes take under a byte a dimension (PQ, OPQ + PQ, SQ4),
+    else 1 (SQ8, SQfp16, flat: their own distances rank well enough, as the recall check shows)."""
+    return LOSSY_FACTOR if code_bytes(index) < index.d else 1
+
+
+def pick_rows(shards: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (sorted, unique) of the concatenated shards as float32, each read alone
+    through the mapping (random rows: a block read would fetch thousands of rows for each)."""
+    out = np.empty((len(ids), shards[0].shape[1]), dtype=np.float32)
+    offset, pos = 0, 0
+    for arr in shards:
+        n = arr.shape[0]
+        hi = int(np.searchsorted(ids, offset + n))
+        if hi > pos:
+            out[pos:hi] = arr[ids[pos:hi] - offset]
+            pos = hi
+        offset += n
+    if pos != len(ids):
+        raise IndexError(f"row id {int(ids[pos])} past the {offset} rows stored")
+    return out
+
+
+def release_pages(shards: Sequence[np.ndarray]) -> None:
+    """Drop the mapped pages of memory-mapped shards from this process (they stay in the page
+    cache): without it every row ever read counts in the RSS until the shards are closed."""
+    for arr in shards:
+        base = getattr(arr, "base", None)
+        if isinstance(base, mmap.mmap) and hasattr(base, "madvise"):
+            try:
+                base.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
+def rerank(queries: np.ndarray, cand_ids: np.ndarray, c: int, read: Callable[[np.ndarray], np.ndarray],
+           block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """The ``c`` candidates of each row nearest by true distance: (ids (q, c), squared L2 (q, c)),
+    -1 / inf where a row has fewer. Rows go ``block`` at a time (the gathered vectors of a
+    16,384-row shard at 48 candidates would be 1.2 GB of float32)."""
+    if len(queries) > block:
+        parts = [rerank(queries[a:a + block], cand_ids[a:a + block], c, read, block)
+                 for a in range(0, len(queries), block)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    true = true_distances(queries, cand_ids, read)
+    order = np.argsort(true, axis=1, kind="stable")[:, :c]
+    ids = np.take_along_axis(cand_ids, order, axis=1)
+    dist = np.take_along_axis(true, order, axis=1)
+    if ids.shape[1] < c:  # fewer candidates than asked for
+        ids = np.pad(ids, ((0, 0), (0, c - ids.shape[1])), constant_values=-1)
+        dist = np.pad(dist, ((0, 0), (0, c - dist.shape[1])), constant_values=np.inf)
+    ids[~np.isfinite(dist)] = -1
+    return ids, dist
+
+
+def reranked(search: SearchFn, factor: int, read: Callable[[np.ndarray], np.ndarray], ntotal: int) -> SearchFn:
+    """``search`` asked for ``factor`` x the candidates, re-ranked by true distance."""
+    def run(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, _ = search(q, min(c * factor, ntotal))
+        return rerank(q, ids, c, read)
+    return run
+
+
+def reranked_ranges(search: RangeSearch, factor: int, read: Callable[[np.ndarray], np.ndarray],
+                    ntotal: int) -> RangeSearch:
+    """The same for a search that skips each row's excluded chunk range (range_exclusion)."""
+    def run(q: np.ndarray, ranges: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, _ = search(q, ranges, min(c * factor, ntotal))
+        return rerank(q, ids, c, read)
+    return run
