@@ -41,7 +41,7 @@ class Retriever:
     """Nearest train chunks of texts or embeddings. Thread-safe (searches are serialised)."""
 
     def __init__(self, db: str | os.PathLike, device: str = "cpu", embedder: str | None = None,
-                 mmap: bool = True, threads: int | None = None) -> None:
+                 mmap: bool = True, threads: int | None = None, rerank: int | None = None) -> None:
         import faiss
         import torch
 
@@ -72,8 +72,45 @@ class Retriever:
         if self.index.d != self.dim:
             raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
         self._doc_ids = np.asarray(self.store.doc_ids)  # small (8 bytes a chunk); random access
+        self._apply_knn_tuning()
+        self.rerank, self._train_emb = self._rerank_setup(rerank)
         self._content = self.store.content_mask()  # chunks of only EOS and padding: never returned
         self._lock = threading.Lock()
+
+    def _apply_knn_tuning(self) -> None:
+        """The knn stage's recall-tuned nprobe / efSearch (stages.knn.stats.search_params), where
+        it ran on this index: lookups then find what the precomputed neighbours found."""
+        import faiss
+
+        from index_builder.faiss_index import index_identity
+
+        knn = self.manifest.get("stages", {}).get("knn", {})
+        param = (knn.get("stats") or {}).get("search_params")
+        if param and (knn.get("params") or {}).get("index_id") == index_identity(self.manifest):
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, param)
+            except RuntimeError:
+                pass
+
+    def _rerank_setup(self, rerank: int | None) -> tuple[int, list[np.ndarray] | None]:
+        """Candidates a result re-ranked by true distance (index_builder.rerank): as the knn stage,
+        default 4 where the index's codes are PQ; 1 where the embeddings are not on this machine."""
+        from index_builder.rerank import default_factor
+
+        factor = default_factor(self.index) if rerank is None else int(rerank)
+        if factor < 1:
+            raise ValueError(f"rerank must be at least 1, got {rerank}")
+        if factor == 1:
+            return 1, None
+        from index_builder.embed import open_embeddings
+
+        try:
+            shards = open_embeddings(self.db, "train")
+        except UserError:
+            if rerank is not None:
+                raise
+            return 1, None  # the embeddings were not kept: the codes' own order
+        return factor, shards
 
     @classmethod
     def open(cls, db: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> "Retriever":
@@ -128,6 +165,18 @@ class Retriever:
             with self._lock:
                 d, i = self.index.search(q, c)
             return i.astype(np.int64), d.astype(np.float32)
+
+        if self._train_emb is not None:
+            from index_builder.rerank import pick_rows, release_pages, reranked
+
+            shards = self._train_emb
+            plain = reranked(search, self.rerank, lambda u: pick_rows(shards, u), self.num_chunks)
+
+            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
+                try:
+                    return plain(q, c)
+                finally:
+                    release_pages(shards)
 
         if excl is None and self._content.all():
             ids, dists = search(emb, min(k, self.num_chunks))

@@ -112,3 +112,31 @@ def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
     assert max(r for _, r in plain["tuning"]) < knn["recall"]["recall@2"] - 0.2
     # a re-run asking for another factor is refused, not mixed into the built neighbours
     assert run_cli(["knn", "--db", db, "--k", 2, "--device", "cpu", "--rerank", 2]) != 0
+
+
+def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
+    """The lookup API on a PQ index: re-ranked by default (true, sorted distances, nearer than
+    the codes' own order), the codes' order with rerank=1."""
+    from index_builder import Retriever
+    from fixtures import shared_db
+
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db)
+    assert run_cli(["index", "--db", db, "--rebuild", "--hnsw-max", 0, "--max-index-memory", "1K",
+                    "--recall-sample", 100]) == 0
+    assert "PQ" in load_manifest(db)["stages"]["index"]["stats"]["index_key"]
+    emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
+    q = emb[::7][:60]
+    r = Retriever.open(db)
+    assert r.rerank == LOSSY_FACTOR
+    ids, dist = r.search_embeddings(q, k=3)
+    true = ((emb[ids] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    plain = Retriever.open(db, rerank=1)
+    assert plain.rerank == 1
+    p_ids, _ = plain.search_embeddings(q, k=3)
+    p_true = ((emb[p_ids] - q[:, None, :]) ** 2).sum(-1)
+    assert true.sum() <= p_true.sum() + 1e-5
+    with pytest.raises(ValueError, match="rerank"):
+        Retriever.open(db, rerank=0)
