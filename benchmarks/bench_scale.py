@@ -203,7 +203,8 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
         calls["rows"] += len(q)
         return stage.range_search(q, ranges, cc)
 
-    ours = raw = 0.0
+    refine = refine_index(stage, emb) if stage.rerank > 1 else None
+    ours = raw = refined = 0.0
     missing = 0
     for a in [a for _ in range(repeat) for a in range(0, n, block)]:  # interleaved: the same load for both
         b = min(a + block, n)
@@ -211,6 +212,10 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
         t = time.perf_counter()
         raw_search(q, c)
         raw += time.perf_counter() - t
+        if refine is not None:
+            t = time.perf_counter()
+            refine.search(q, c)
+            refined += time.perf_counter() - t
         t = time.perf_counter()
         ids, _ = stage._final_train(counted, q, np.arange(a, b, dtype=np.int64),
                                     None if stage.range_search is None else counted_range)
@@ -223,7 +228,39 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
                                "ours_rate": n / ours, "raw_rate": n / raw, "ratio": ours / raw,
                                "searched_rows": calls["rows"], "missing": missing, "tuning": tuning,
                                "short_share": stage.short_share, "range_first": stage.range_first,
-                               "rerank": stage.rerank}))
+                               "rerank": stage.rerank,
+                               **({"refine_s": refined, "refine_rate": n / refined, "ratio_refine": ours / refined}
+                                  if refine is not None else {})}))
+
+
+def refine_index(stage: Any, emb: list[np.ndarray], budget: float = 8 * 2 ** 30) -> Any:
+    """faiss's own re-rank on the same index and parameters (IndexRefine over a flat float32
+    copy of every vector, k_factor = our factor): the raw-faiss reference for a re-ranked
+    search, where the copy fits ``budget`` bytes (None where not: 16M chunks need 24 GB)."""
+    import faiss
+
+    from index_builder.embed import read_rows
+
+    n, dim = stage.ntotal, emb[0].shape[1]
+    if n * dim * 4 > budget:
+        return None
+    flat = faiss.IndexFlatL2(dim)
+    for a in range(0, n, 262144):
+        flat.add(read_rows(emb, a, min(a + 262144, n)))
+    refine = faiss.IndexRefine(stage.index, flat)
+    refine.k_factor = float(stage.rerank)
+    return RefineSearch(refine, flat)
+
+
+class RefineSearch:
+    """faiss's IndexRefine and the flat copy it points to (kept alive here: the wrapper does
+    not own it, and faiss's Python classes take no extra attributes)."""
+
+    def __init__(self, index: Any, flat: Any) -> None:
+        self.index, self.flat = index, flat
+
+    def search(self, q: np.ndarray, c: int) -> Any:
+        return self.index.search(q, c)
 
 
 # ----------------------------------------------------------------------------- one size

@@ -328,7 +328,7 @@ class KnnStage(Stage[KnnConfig]):
                                                        selector_pays)
             from index_builder.rerank import default_factor, pick_rows, reranked, reranked_ranges
 
-            self.raw_search = search  # the index alone (benchmarks compare with it)
+            self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
             self.rerank = self.cfg.rerank or default_factor(index)
             read = lambda ids: pick_rows(train_emb, ids)  # noqa: E731
             if self.rerank > 1:
