@@ -36,7 +36,7 @@ from chunk_store.manifest import check_params
 from chunk_store.runtime import resolve_device
 from chunk_store.stage import RunInfo, Stage, Unit, config_from_args, run_stage
 from index_builder.determinism import fixed_search_params, make_deterministic, stable_infos
-from index_builder.embed import num_chunks, open_embeddings, read_rows
+from index_builder.embed import num_chunks, open_embeddings
 from index_builder.index_update import add_new_vectors
 from index_builder.exact_search import ExactSearchConfig, exact_search
 from index_builder.index_plan import IndexPlan, choose_index, parse_memory
@@ -145,7 +145,7 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     """
     from index_builder.rerank import pick_rows
     from index_builder.rerank import rerank as rerank_rows
-    from index_builder.search_tuning import true_distances
+    from index_builder.rerank import true_distances
 
     shards = open_embeddings(db, "train")
     n = sum(s.shape[0] for s in shards)

@@ -112,7 +112,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 def _rerank_block(queries: np.ndarray, cand_ids: np.ndarray, c: int,
                   read: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    true = _true_distances(queries, cand_ids, read)
+    true = true_distances(queries, cand_ids, read)
     order = np.argsort(true, axis=1, kind="stable")[:, :c]
     ids = np.take_along_axis(cand_ids, order, axis=1)
     dist = np.take_along_axis(true, order, axis=1)
@@ -123,10 +123,12 @@ def _rerank_block(queries: np.ndarray, cand_ids: np.ndarray, c: int,
     return ids, dist
 
 
-def _true_distances(queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """search_tuning.true_distances in torch, in place on one gathered (q, c, d) block: numpy's
-    broadcast subtract-square-sum, and torch's advanced indexing, each cost several times the
-    index search they re-rank (measured: 11-14 CPU us a query at 64 rows a block, 48 candidates)."""
+def true_distances(queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Squared L2 between each query (q, d) and the stored vectors of its ids (q, c); inf where
+    id < 0. ``read(sorted unique ids)`` -> their vectors (the embedding memmaps: pick_rows).
+    In torch, in place on one gathered (q, c, d) block: numpy's broadcast subtract-square-sum,
+    and torch's advanced indexing, each cost several times the index search they re-rank
+    (measured: 11-14 CPU us a query at 64 rows a block, 48 candidates)."""
     import torch
 
     flat = ids.ravel()

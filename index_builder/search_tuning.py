@@ -113,23 +113,10 @@ def tune_index(index: Any, final_ids: Callable[[], np.ndarray], exact_d: np.ndar
         space.set_index_parameters(index, param)
         return final_ids()
 
+    from index_builder.rerank import true_distances
+
     tuning = tune_search(candidate_params(index), final, exact_d,
                          lambda ids: true_distances(queries, ids, read), target)
     if tuning.param:
         space.set_index_parameters(index, tuning.param)
     return tuning
-
-
-def true_distances(queries: np.ndarray, ids: np.ndarray, rows: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Squared L2 between each query and the stored vectors of its ids (inf where id < 0);
-    ``rows(sorted unique ids)`` reads vectors (the knn stage: the embedding memmaps)."""
-    flat = ids.ravel()
-    uniq = np.unique(flat[flat >= 0])
-    out = np.full(ids.shape, np.inf, dtype=np.float32)
-    if not len(uniq):
-        return out
-    vecs = rows(uniq)
-    pos = np.searchsorted(uniq, np.clip(ids, 0, None))
-    d = ((vecs[pos] - queries[:, None, :]) ** 2).sum(-1)
-    out[ids >= 0] = d[ids >= 0]
-    return out

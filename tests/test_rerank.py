@@ -16,7 +16,6 @@ from chunk_store.manifest import load_manifest
 from index_builder.embed import open_embeddings
 from index_builder.rerank import (LOSSY_FACTOR, code_bytes, default_factor, pick_rows, release_pages, rerank,
                                   reranked)
-from index_builder.search_tuning import neighbour_recall
 from fixtures import clustered_db, run_cli
 
 
