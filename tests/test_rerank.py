@@ -139,3 +139,45 @@ def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
     assert true.sum() <= p_true.sum() + 1e-5
     with pytest.raises(ValueError, match="rerank"):
         Retriever.open(db, rerank=0)
+
+
+def _rss_file_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc")
+def test_release_pages_lets_the_mapped_rows_go(tmp_path):
+    """Rows read through the mapping count in the RSS until released (the knn stage releases
+    after each shard, so its RSS does not grow with the embedding matrix)."""
+    np.save(tmp_path / "e.npy", np.ones((64 * 1024, 512), dtype=np.float16))  # 64 MB
+    shards = [np.load(tmp_path / "e.npy", mmap_mode="r")]
+    before = _rss_file_mb()
+    pick_rows(shards, np.arange(0, 64 * 1024, 2))  # touches every page
+    assert _rss_file_mb() - before > 48
+    release_pages(shards)
+    assert _rss_file_mb() - before < 8
+
+
+def test_load_index_drops_the_pq_table_and_searches_the_same(tmp_path):
+    """faiss rebuilds an IVF-PQ's precomputed table on load (nlist x M x 256 floats: 805 MB at
+    16M chunks); load_index frees it, and the search returns the same neighbours."""
+    from chunk_store.layout import DBLayout
+    from index_builder.faiss_index import load_index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5000, 32)).astype(np.float32)
+    index = faiss.index_factory(32, "IVF32,PQ8x8np")
+    index.train(x)
+    index.add(x)
+    path = DBLayout(tmp_path).index
+    path.parent.mkdir(parents=True)
+    faiss.write_index(index, str(path))
+    plain = faiss.read_index(str(path))
+    assert faiss.downcast_index(faiss.extract_index_ivf(plain)).precomputed_table.size() > 0  # what faiss does
+    loaded = load_index(tmp_path)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(loaded))
+    assert ivf.precomputed_table.size() == 0 and ivf.use_precomputed_table == -1
+    for i in (plain, loaded):
+        faiss.extract_index_ivf(i).nprobe = 8
+    assert np.array_equal(plain.search(x[:200], 5)[1], loaded.search(x[:200], 5)[1])
