@@ -19,15 +19,17 @@ For each size N (train chunks):
   key chooser decides; its plan, the build's phases and recall vs exact search are reported);
 - knn: the knn stage's own code (KnnStage: index load, recall tuning, then its search with the
   sequence exclusion) on the first ``--knn-queries`` train chunks, beside raw faiss on the same
-  index, parameters and queries (k + extra candidates, no exclusion): the 1.2x target. The full
-  knn stage is that rate over N queries; at N = 4M it is an hour on this machine, so it is run
-  on a prefix and its rate reported. ``--real-db DB`` adds the same comparison on a DB with real
-  embeddings (the demo's MiniLM-embedded stdlib), where near-duplicates are real.
+  index, parameters and queries (k + extra candidates, no exclusion, no re-rank): the 1.2x
+  target; where the stage re-ranks PQ candidates (index_builder.rerank) and a float32 copy of
+  the vectors fits 8 GiB, faiss's own re-rank (IndexRefine, same k_factor) as well.
+  ``--knn-stage SIZES`` also runs the whole `retro-build-index knn` at those sizes (every train
+  chunk a query: 13 minutes at 4M here, hours at 16M). ``--real-db DB`` adds the sample
+  comparison on a DB with real embeddings (MiniLM-embedded stdlib), where near-duplicates are real.
 
 Each stage runs in its own process: wall seconds, CPU seconds (user + system of the tree: they
 do not depend on the shared machine's load) and peak RSS of the process tree (sampled every
-20 ms from /proc; memory-mapped pages count). Growth exponent: the slope of log(CPU s) against
-log(N) between the smallest and largest size. Projection to 1T tokens (15.6B chunks of 64):
+20 ms from /proc; memory-mapped pages count), with its private part (RssAnon) beside it.
+Growth exponent: the slope of log(CPU s) against log(N) between the smallest and largest size. Projection to 1T tokens (15.6B chunks of 64):
 each stage's CPU seconds at the largest size times (15.6B / N)^exponent, divided over M
 machines like this one; assumptions are printed with the table.
 """
@@ -64,7 +66,9 @@ merge_from / OnDiskInvertedLists; issue 9), its k-means on a sample independent 
 2-5M vectors, GPU minutes). Not included: BERT embedding (the GPU's job: 15.6B chunks at the
 50k chunks/s an H100 target of bench_embed = 3.6 GPU-days), storage (fp16 embeddings 12 TB at
 384 dims; SQ8 codes 6 TB, PQ96 1.5 TB) and the bigger nlist (~2^18) that 15.6B vectors want,
-which raises the per-query cost by the growth of nprobe needed for recall 0.95."""
+which raises the per-query cost by the growth of nprobe needed for recall 0.95. PQ codes are
+re-ranked from the fp16 embeddings (48 random rows a query): here they sat in the page cache;
+at 12 TB they are NVMe reads, ~48 4-KB reads a query (60k IOPS at this machine's 16M rate)."""
 TOPICS = 1024
 DOC_OFFSET = 0.6  # a document's offset from its topic centre (norm), the centres of norm 1
 STAGES = ("chunk", "embed", "index", "knn")
