@@ -163,7 +163,7 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     distance as the knn stage does (index_builder.rerank), and the raw index's recall is
     reported beside it as ``raw_recall@k``.
     """
-    from index_builder.rerank import pick_rows
+    from index_builder.rerank import pick_rows, take_rows
     from index_builder.rerank import rerank as rerank_rows
     from index_builder.rerank import true_distances
 
@@ -175,7 +175,7 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     kmax = min(max(ks), n)
     _, exact_d = exact_search(queries, shards, kmax, ExactSearchConfig(device=device))
     _, got_i = index.search(queries, min(kmax * max(rerank, 1), n))
-    read = lambda u: pick_rows(shards, u)  # noqa: E731
+    read = lambda u: take_rows(shards, u)  # noqa: E731
     # the index's own top kmax, in its order; re-ranked: the nearest kmax of its candidates
     results = {"": true_distances(queries, got_i[:, :kmax], read)}
     if rerank > 1:

@@ -191,11 +191,11 @@ class KnnStage(Stage[KnnConfig]):
                 return i.astype(np.int64), d.astype(np.float32)
             from index_builder.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
                                                        selector_pays)
-            from index_builder.rerank import default_factor, pick_rows, reranked, reranked_ranges
+            from index_builder.rerank import default_factor, reranked, reranked_ranges, take_rows
 
             self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
             self.rerank = self.cfg.rerank or default_factor(index)
-            read = lambda ids: pick_rows(train_emb, ids)  # noqa: E731
+            read = lambda ids: take_rows(train_emb, ids)  # noqa: E731
             if self.rerank > 1:
                 search = reranked(search, self.rerank, read, ntotal)
             self.short_share = self._short_share(search, train_emb)
@@ -241,7 +241,7 @@ class KnnStage(Stage[KnnConfig]):
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
         applied) reach --target-recall on a sample, against the same pipeline over exact search."""
         from index_builder.ivf_build import sample_ids
-        from index_builder.rerank import pick_rows
+        from index_builder.rerank import pick_rows, take_rows
         from index_builder.search_tuning import candidate_params, tune_index
 
         if not candidate_params(index):
@@ -255,7 +255,7 @@ class KnnStage(Stage[KnnConfig]):
         _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
                                   exclude=chunk_ranges(ranges, doc_starts(self.train_docs)), valid=self.content)
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
-                            exact_d, queries, lambda u: pick_rows(train_emb, u), self.cfg.target_recall)
+                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall)
         if not tuning.reached:
             self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
                      f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "

@@ -167,10 +167,10 @@ class Retriever:
             return i.astype(np.int64), d.astype(np.float32)
 
         if self._train_emb is not None:
-            from index_builder.rerank import pick_rows, release_pages, reranked
+            from index_builder.rerank import release_pages, reranked, take_rows
 
             shards = self._train_emb
-            plain = reranked(search, self.rerank, lambda u: pick_rows(shards, u), self.num_chunks)
+            plain = reranked(search, self.rerank, lambda u: take_rows(shards, u), self.num_chunks)
 
             def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
                 try:

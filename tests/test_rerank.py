@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from chunk_store.manifest import load_manifest
 from index_builder.embed import open_embeddings
 from index_builder.rerank import (LOSSY_FACTOR, code_bytes, default_factor, pick_rows, release_pages, rerank,
-                                  reranked)
+                                  reranked, take_rows)
 from fixtures import clustered_db, run_cli
 
 
@@ -76,12 +76,17 @@ def test_pick_rows_across_shards_and_release_pages(tmp_path):
         shards.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
     whole = np.concatenate(parts).astype(np.float32)
     for ids in (np.array([0]), np.array([299, 300, 301]), np.sort(rng.choice(801, 200, replace=False)),
-                np.arange(801)):
-        assert np.array_equal(pick_rows(shards, ids), whole[ids])
+                np.arange(801), rng.integers(0, 801, 500), np.array([800, 0, 300, 300, 299])):
+        assert np.array_equal(pick_rows(shards, ids), whole[ids])  # any order, repeats
+        assert np.array_equal(take_rows(shards, ids), whole[ids].astype(np.float16))
+        assert np.array_equal(take_rows(shards[:1], ids[ids < 300]), whole[ids[ids < 300]].astype(np.float16))
     release_pages(shards)  # pages dropped from the process, the data still there
     assert np.array_equal(pick_rows(shards, np.array([5, 800])), whole[[5, 800]])
-    with pytest.raises(IndexError):
-        pick_rows(shards, np.array([801]))
+    for bad in ([801], [-1]):
+        with pytest.raises(IndexError):
+            pick_rows(shards, np.array(bad))
+        with pytest.raises(IndexError):
+            take_rows(shards[:1], np.array(bad) % 1000)
 
 
 def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
