@@ -112,7 +112,10 @@ class KnnStage(Stage[KnnConfig]):
             return
         keys = self.result_keys if recorded.get("finished") is None else \
             [k for k in self.result_keys if k != "index_id"]
-        check_params(recorded.get("params"), params, self.name, keys=keys)
+        try:
+            check_params(recorded.get("params"), params, self.name, keys=keys)
+        except UserError as e:  # e.g. another --k on a built DB: --refresh recomputes every row
+            raise UserError(f"{e}; or --refresh to recompute every chunk's neighbours with the new value") from None
 
     def begin(self, manifest: dict[str, Any]) -> None:
         """The rows of each split already searched (kept), read after damaged files are gone."""

@@ -114,8 +114,13 @@ def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
     plain = load_manifest(codes_only)["stages"]["knn"]["stats"]
     assert plain["rerank"] == 1 and not plain["recall"]["reached"]
     assert max(r for _, r in plain["tuning"]) < knn["recall"]["recall@2"] - 0.2
-    # a re-run asking for another factor is refused, not mixed into the built neighbours
+    # a re-run asking for another factor (or k) is refused, not mixed into the built neighbours;
+    # --refresh recomputes every row with it
     assert run_cli(["knn", "--db", db, "--k", 2, "--device", "cpu", "--rerank", 2]) != 0
+    assert run_cli(["knn", "--db", db, "--k", 3, "--device", "cpu", "--rerank", 2, "--refresh"]) == 0
+    redone = load_manifest(db)["stages"]["knn"]
+    assert redone["params"]["rerank"] == 2 and redone["stats"]["rerank"] == 2
+    assert np.load(db / "train" / "neighbours.npy").shape == (len(emb), 3)
 
 
 def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
