@@ -338,3 +338,18 @@ def clustered_db(db: str | Path, n_docs: int = 60, dim: int = 32, seed: int = 0)
     db = build_tiny_db(db, n_docs=n_docs, seed=seed, chunk_size=16, seq_len=64, val_fraction=0.1)
     bench_scale_module().write_embeddings(db, dim, seed=seed)  # type: ignore[attr-defined]
     return db
+
+
+def float16_shards(folder: str | Path, sizes: Sequence[int], dim: int, seed: int = 0
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Random float16 shards saved as .npy and opened memory-mapped, as the embed stage leaves
+    them, and their concatenation as float32 (what reading any rows must give)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal((n, dim)).astype(np.float16) for n in sizes]
+    shards = []
+    for i, p in enumerate(parts):
+        np.save(Path(folder) / f"{i}.npy", p)
+        shards.append(np.load(Path(folder) / f"{i}.npy", mmap_mode="r"))
+    return shards, np.concatenate(parts).astype(np.float32)

@@ -19,7 +19,7 @@ from index_builder.embed import open_embeddings
 from index_builder.index_plan import choose_index, hnsw_bytes, parse_memory
 from index_builder.ivf_build import build_ivf, gather_rows, sample_ids, torch_kmeans
 from index_builder.search_tuning import neighbour_recall, tune_search
-from fixtures import clustered_db, run_cli
+from fixtures import clustered_db, float16_shards, run_cli
 
 GB = 2 ** 30
 
@@ -201,13 +201,7 @@ def test_gather_rows_from_memmaps_equals_fancy_indexing(tmp_path):
     """The sample is read through the files (bounded RSS) and equals plain indexing."""
     from index_builder.ivf_build import read_block
 
-    rng = np.random.default_rng(1)
-    parts = [rng.standard_normal((n, 8)).astype(np.float16) for n in (5000, 1, 7000)]
-    shards = []
-    for i, p in enumerate(parts):
-        np.save(tmp_path / f"{i}.npy", p)
-        shards.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
-    whole = np.concatenate(parts).astype(np.float32)
+    shards, whole = float16_shards(tmp_path, (5000, 1, 7000), 8, seed=1)
     for size in (1, 50, 3000, 12001):
         ids = sample_ids(12001, size, seed=size)
         assert np.array_equal(gather_rows(shards, ids, run=97), whole[ids])

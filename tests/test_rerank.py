@@ -16,7 +16,7 @@ from chunk_store.manifest import load_manifest
 from index_builder.embed import open_embeddings
 from index_builder.rerank import (LOSSY_FACTOR, code_bytes, default_factor, pick_rows, release_pages, rerank,
                                   reranked, take_rows)
-from fixtures import clustered_db, run_cli
+from fixtures import clustered_db, float16_shards, run_cli
 
 
 @pytest.mark.parametrize("key,factor", [("Flat", 1), ("HNSW16", 1), ("IVF8,SQ8", 1), ("IVF8_HNSW32,SQ8", 1),
@@ -69,12 +69,7 @@ def test_reranked_search_asks_for_factor_times_the_candidates():
 
 def test_pick_rows_across_shards_and_release_pages(tmp_path):
     rng = np.random.default_rng(2)
-    parts = [rng.standard_normal((n, 6)).astype(np.float16) for n in (300, 1, 500)]
-    shards = []
-    for i, p in enumerate(parts):
-        np.save(tmp_path / f"{i}.npy", p)
-        shards.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
-    whole = np.concatenate(parts).astype(np.float32)
+    shards, whole = float16_shards(tmp_path, (300, 1, 500), 6, seed=2)
     for ids in (np.array([0]), np.array([299, 300, 301]), np.sort(rng.choice(801, 200, replace=False)),
                 np.arange(801), rng.integers(0, 801, 500), np.array([800, 0, 300, 300, 299])):
         assert np.array_equal(pick_rows(shards, ids), whole[ids])  # any order, repeats
