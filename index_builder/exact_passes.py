@@ -6,13 +6,10 @@ knn stage's exclusions (index_builder.knn), which calls them from ``run_units``.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
 from chunk_store.stage import Unit
-
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+from index_builder.neighbour_exclusion import SearchFn
 
 
 def group_units(todo: list[Unit], max_rows: int) -> list[list[Unit]]:

@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from index_builder.neighbour_exclusion import SearchFn
+from index_builder.range_exclusion import RangeSearch
+
 LOSSY_FACTOR = 4  # candidates a final one, where the codes are lossier than SQ8
 BLOCK = 64  # query rows re-ranked at a time: the gathered block stays in cache
 
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-RangeSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def code_bytes(index: Any) -> int:
@@ -55,13 +56,11 @@ def take_rows(shards: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
     dtype, each read alone through the mapping (random rows: a block read would fetch thousands
     of rows for each)."""
     ids = np.asarray(ids, dtype=np.int64)
-    if len(shards) == 1:
-        if len(ids) and (ids.min() < 0 or ids.max() >= shards[0].shape[0]):
-            raise IndexError(f"row ids outside the {shards[0].shape[0]} rows stored")
-        return np.asarray(shards[0][ids])
     offsets = np.cumsum([0] + [a.shape[0] for a in shards])
     if len(ids) and (ids.min() < 0 or ids.max() >= offsets[-1]):
         raise IndexError(f"row ids outside the {offsets[-1]} rows stored")
+    if len(shards) == 1:  # the usual case: no split by shard
+        return np.asarray(shards[0][ids])
     out = np.empty((len(ids), shards[0].shape[1]), dtype=shards[0].dtype)
     shard = np.searchsorted(offsets, ids, side="right") - 1
     for s in np.unique(shard):

@@ -112,6 +112,24 @@ class Retriever:
             return 1, None  # the embeddings were not kept: the codes' own order
         return factor, shards
 
+    def _index_search(self, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            d, i = self.index.search(q, c)
+        return i.astype(np.int64), d.astype(np.float32)
+
+    def _search(self, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's c nearest, re-ranked by true distance where ``self.rerank`` > 1 (the rows
+        read are let go afterwards, as in the knn stage)."""
+        if self._train_emb is None:
+            return self._index_search(q, c)
+        from index_builder.rerank import release_pages, reranked, take_rows
+
+        shards = self._train_emb
+        try:
+            return reranked(self._index_search, self.rerank, lambda u: take_rows(shards, u), self.num_chunks)(q, c)
+        finally:
+            release_pages(shards)
+
     @classmethod
     def open(cls, db: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> "Retriever":
         return cls(db, device=device, **kwargs)
@@ -161,23 +179,7 @@ class Retriever:
             raise ValueError(f"k must be at least 1, got {k}")
         excl = _per_query_sets(exclude_doc_ids, emb.shape[0])
 
-        def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-            with self._lock:
-                d, i = self.index.search(q, c)
-            return i.astype(np.int64), d.astype(np.float32)
-
-        if self._train_emb is not None:
-            from index_builder.rerank import release_pages, reranked, take_rows
-
-            shards = self._train_emb
-            plain = reranked(search, self.rerank, lambda u: take_rows(shards, u), self.num_chunks)
-
-            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: F811
-                try:
-                    return plain(q, c)
-                finally:
-                    release_pages(shards)
-
+        search = self._search
         if excl is None and self._content.all():
             ids, dists = search(emb, min(k, self.num_chunks))
             if ids.shape[1] < k:
