@@ -35,9 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chunk_store.input_formats import iter_sample_text  # noqa: E402
-from chunk_store.text_files import walk_inputs  # noqa: E402
-from chunk_store.tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: E402
+from chunk_store.chunk.input_formats import iter_sample_text  # noqa: E402
+from chunk_store.chunk.text_files import walk_inputs  # noqa: E402
+from chunk_store.tokenization.sentencepiece import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_chunk"

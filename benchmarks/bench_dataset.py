@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chunk_store import ChunkStore  # noqa: E402
-from chunk_store.runtime import resolve_device  # noqa: E402
+from chunk_store.framework.runtime import resolve_device  # noqa: E402
 from retro.config import RetroConfig  # noqa: E402
 from retro.dataset import RetroDataset, collate  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from index_builder.embedder import Embedder, EmbedderConfig, default_embedder, quiet_transformers  # noqa: E402
+from index_builder.embed.embedder import Embedder, EmbedderConfig, default_embedder, quiet_transformers  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_embed"

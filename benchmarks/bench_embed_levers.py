@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chunk_store import ChunkStore  # noqa: E402
-from index_builder.embedder import Embedder, EmbedderConfig  # noqa: E402
+from index_builder.embed.embedder import Embedder, EmbedderConfig  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_embed_levers"

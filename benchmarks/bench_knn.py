@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from index_builder.exact_search import ExactSearchConfig, exact_search  # noqa: E402
+from index_builder.index.exact_search import ExactSearchConfig, exact_search  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 

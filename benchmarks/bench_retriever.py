@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 from chunk_store import ChunkStore  # noqa: E402
 from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage, versions  # noqa: E402
 from chunk_store.layout import DBLayout  # noqa: E402
-from index_builder.embed import shard_ranges  # noqa: E402
-from index_builder.embedder import POOLING, Embedder, EmbedderConfig  # noqa: E402
+from index_builder.embed.stage import shard_ranges  # noqa: E402
+from index_builder.embed.embedder import POOLING, Embedder, EmbedderConfig  # noqa: E402
 from report import machine, write_section  # noqa: E402  (benchmarks/report.py)
 
 SECTION = "bench_retriever"
@@ -121,7 +121,7 @@ def retro_pytorch_lookup(retriever, k: int) -> Callable[[str], object]:
     rp.TOKENIZER = _Tokenizer(retriever.embedder.tokenizer)
     from transformers import AutoModel
 
-    from index_builder.embedder import quiet_transformers
+    from index_builder.embed.embedder import quiet_transformers
 
     with quiet_transformers():
         rp.MODEL = AutoModel.from_pretrained(retriever.embedder.name_or_path).eval()

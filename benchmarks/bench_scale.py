@@ -20,7 +20,7 @@ For each size N (train chunks):
 - knn: the knn stage's own code (KnnStage: index load, recall tuning, then its search with the
   sequence exclusion) on the first ``--knn-queries`` train chunks, beside raw faiss on the same
   index, parameters and queries (k + extra candidates, no exclusion, no re-rank): the 1.2x
-  target; where the stage re-ranks PQ candidates (index_builder.rerank) and a float32 copy of
+  target; where the stage re-ranks PQ candidates (index_builder.knn.rerank) and a float32 copy of
   the vectors fits 8 GiB, faiss's own re-rank (IndexRefine, same k_factor) as well.
   ``--knn-stage SIZES`` also runs the whole `retro-build-index knn` at those sizes (every train
   chunk a query: 13 minutes at 4M here, hours at 16M). ``--real-db DB`` adds the sample
@@ -181,9 +181,9 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
     """(a subprocess) The knn stage's setup (with recall tuning) and search on the first
     ``queries`` train chunks, beside raw faiss on the same index, parameters and queries
     (``repeat`` times over, for a small DB whose one pass takes under a second)."""
-    from index_builder.embed import read_rows
-    from index_builder.knn import KnnConfig, KnnStage
-    from index_builder.rerank import release_pages
+    from index_builder.embed.stage import read_rows
+    from index_builder.knn.stage import KnnConfig, KnnStage
+    from index_builder.knn.rerank import release_pages
 
     stage = KnnStage(db, KnnConfig(k=k, threads=threads, target_recall=target, device="cpu", exact=False,
                                    tune_sample=tune_sample))
@@ -243,7 +243,7 @@ def refine_index(stage: Any, emb: list[np.ndarray], budget: float = 8 * 2 ** 30)
     search, where the copy fits ``budget`` bytes (None where not: 16M chunks need 24 GB)."""
     import faiss
 
-    from index_builder.embed import read_rows
+    from index_builder.embed.stage import read_rows
 
     n, dim = stage.ntotal, emb[0].shape[1]
     if n * dim * 4 > budget:

@@ -18,15 +18,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from chunk_store.build import ChunkConfig, ChunkStage
-from chunk_store.errors import UserError
-from chunk_store.hf_tokenizer import HFTokenizer, open_db_tokenizer
-from chunk_store.input_formats import DEFAULT_TEXT_FIELD
+from chunk_store.chunk.stage import ChunkConfig, ChunkStage
+from chunk_store.framework.errors import UserError
+from chunk_store.tokenization.hugging_face import HFTokenizer, open_db_tokenizer
+from chunk_store.chunk.input_formats import DEFAULT_TEXT_FIELD
 from chunk_store.manifest import check_params, load_manifest, require_stage
 from chunk_store.shards import db_inputs
-from chunk_store.stage import run_stage
-from chunk_store.text_files import WalkResult
-from chunk_store.tokenizer import Tokenizer
+from chunk_store.framework.stage import run_stage
+from chunk_store.chunk.text_files import WalkResult
+from chunk_store.tokenization.sentencepiece import Tokenizer
 
 log = logging.getLogger("chunk_store.add")
 

@@ -3,7 +3,7 @@
     DB/manifest.json               what was built, with which parameters (chunk_store.manifest)
     DB/tokenizer.model             the sentencepiece model the chunks were made with
     DB/hf_tokenizer/tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) instead,
-                                   when chunked with --tokenizer hf:NAME (chunk_store.hf_tokenizer)
+                                   when chunked with --tokenizer hf:NAME (chunk_store.tokenization.hugging_face)
     DB/<split>/chunks.npy          (num_chunks, chunk_size) token ids     split: train | val
     DB/<split>/doc_ids.npy         (num_chunks,) document of each chunk
     DB/<split>/seq_starts.npy      (num_seqs,) first chunk of each training sequence

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from chunk_store.errors import DBError, UserError  # noqa: F401 (DBError re-exported: older imports)
+from chunk_store.framework.errors import DBError, UserError  # noqa: F401 (DBError re-exported: older imports)
 from chunk_store.layout import MANIFEST, temp_path
 
 FORMAT_VERSION = 1

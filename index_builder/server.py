@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Sequence
 
-from chunk_store.errors import UserError
-from chunk_store.text_files import visible
+from chunk_store.framework.errors import UserError
+from chunk_store.chunk.text_files import visible
 
 log = logging.getLogger("retro.serve")
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 from chunk_store.manifest import atomic_write_bytes, atomic_write_json, now_iso
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from chunk_store import ChunkStore
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
 
 

@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from chunk_store import runtime
-from chunk_store.errors import UserError
+from chunk_store.framework import runtime
+from chunk_store.framework.errors import UserError
 
 
 @dataclass(frozen=True)

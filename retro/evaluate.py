@@ -26,8 +26,8 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from chunk_store.argtypes import count_int, positive_int
-from chunk_store.errors import UserError, run_main
+from chunk_store.framework.argtypes import count_int, positive_int
+from chunk_store.framework.errors import UserError, run_main
 from retro.distributed import all_reduce_sum
 from retro.leakage import LeakageSums, chunk_bytes, chunk_overlaps, per_chunk
 from retro.metrics import bits_per_byte, lm_loss, target_bytes
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     """Load RUN's checkpoint, check it against the DB, evaluate, print JSON (stdout) and a summary
     line (stderr). Returns the exit status: 3 when ``--require-gain`` is not met, else 0."""
     from chunk_store import ChunkStore
-    from chunk_store.runtime import resolve_device
+    from chunk_store.framework.runtime import resolve_device
     from retro.checkpoint import checkpoint_dir, load_model, read_state
     from retro.dataset import RetroDataset, check_compatible
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from chunk_store.errors import UserError, run_main
+from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
 from chunk_store.manifest import atomic_write_bytes
 
@@ -91,7 +91,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
     """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``)."""
     from safetensors.torch import save_file
 
-    from chunk_store.hf_tokenizer import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
+    from chunk_store.tokenization.hugging_face import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
     from chunk_store.manifest import load_manifest
     from retro.checkpoint import _dedup_for_safetensors, checkpoint_dir, load_model, read_state
     from retro.hf_decoder import DECODER_DIR

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chunk_store.argtypes import count_int, float_in, positive_int, utf8_text
-from chunk_store.errors import UserError, run_main
+from chunk_store.framework.argtypes import count_int, float_in, positive_int, utf8_text
+from chunk_store.framework.errors import UserError, run_main
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from chunk_store import ChunkStore
-    from chunk_store.runtime import resolve_device
+    from chunk_store.framework.runtime import resolve_device
     from retro.checkpoint import load_model
     from retro.dataset import check_compatible
 

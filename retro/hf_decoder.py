@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from chunk_store.errors import UserError
+from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
 from retro.model import RETRO, ChunkedCrossAttention, CrossAttention, Encoder, RMSNorm, Rotary
 
@@ -86,7 +86,7 @@ def retrofit_config(cfg: RetroConfig, tokenizer: Any, hf_config: Any | None = No
 def check_tokenizer(hf_decoder: str, tokenizer: Any, hf_config: Any) -> None:
     """The one database-vs-decoder check: the same tokenizer file (sha256) and a vocabulary the
     decoder's embedding holds. One line, before any weight is loaded."""
-    from chunk_store.hf_tokenizer import load_hf_tokenizer
+    from chunk_store.tokenization.hugging_face import load_hf_tokenizer
 
     if getattr(tokenizer, "kind", None) != "hf":
         raise UserError(f"the database was tokenised with a sentencepiece model, not {hf_decoder}'s tokenizer: "
@@ -295,7 +295,7 @@ def load_pretrained(cfg: RetroConfig, dtype: torch.dtype | None = None) -> Retro
     e.g. bf16 for a frozen decoder on GPU; the retrieval parameters stay float32)."""
     from transformers import AutoModelForCausalLM
 
-    from index_builder.embedder import quiet_transformers
+    from index_builder.embed.embedder import quiet_transformers
 
     assert cfg.hf_decoder
     try:
@@ -317,7 +317,7 @@ def from_decoder_config(cfg: RetroConfig, hf_config: Any) -> RetroFit:
 def save_decoder_files(cfg: RetroConfig, folder: str | os.PathLike) -> None:
     """The decoder's config.json and tokenizer files into ``folder`` (RUN/hf_decoder): what
     loading, evaluating and exporting the run need, without the base model's folder or the hub."""
-    from chunk_store.hf_tokenizer import load_hf_tokenizer
+    from chunk_store.tokenization.hugging_face import load_hf_tokenizer
 
     assert cfg.hf_decoder
     folder = Path(folder)

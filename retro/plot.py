@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from chunk_store.errors import UserError, run_main
+from chunk_store.framework.errors import UserError, run_main
 from retro.metrics import read_metrics
 
 

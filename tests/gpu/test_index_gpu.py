@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_exact_search_cuda_equals_cpu():
-    from index_builder.exact_search import ExactSearchConfig, exact_search
+    from index_builder.index.exact_search import ExactSearchConfig, exact_search
 
     rng = np.random.default_rng(0)
     shards = [rng.standard_normal((n, 48)).astype(np.float16) for n in (5000, 3000)]
@@ -24,8 +24,8 @@ def test_exact_search_cuda_equals_cpu():
 
 
 def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
-    from index_builder.embedder import Embedder, EmbedderConfig
-    from fixtures import minilm_or_random
+    from index_builder.embed.embedder import Embedder, EmbedderConfig
+    from tests.fixtures import minilm_or_random
 
     model = minilm_or_random(tmp_path_factory)  # random weights of MiniLM's shape on a bare GPU machine
     texts = ["def f(x):\n    return x + 1", "The quick brown fox.", "", "import os, sys"] * 40
@@ -41,8 +41,8 @@ def test_embedder_cuda_bf16_matches_cpu_fp32(tmp_path_factory):
 def test_pipeline_on_cuda_uses_exact_knn_without_faiss_gpu(tmp_path, tmp_path_factory):
     from chunk_store.manifest import load_manifest
     from index_builder import Retriever
-    from index_builder.faiss_index import faiss_gpu_available
-    from fixtures import build_index_db, run_cli, shared_tiny_bert
+    from index_builder.index.stage import faiss_gpu_available
+    from tests.fixtures import build_index_db, run_cli, shared_tiny_bert
 
     bert = shared_tiny_bert(tmp_path_factory)
     db = build_index_db(tmp_path / "db", bert, n_docs=20, stages=("embed", "index"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_db import REPO, tiny_db, tiny_model_sets  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.fixtures.train_db import REPO, tiny_db, tiny_model_sets  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402

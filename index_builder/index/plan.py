@@ -1,0 +1,112 @@
+"""Which faiss index to build for N train chunks: a pure rule whose training cost is known.
+
+Why not autofaiss's choice at every size: past a few million vectors it picks keys such as
+``OPQ256_512,IVF16384_HNSW32,PQ256x8`` and trains them on the first vectors of the folder with
+a sample that grows with N, on what is in practice one core: on a 2-core machine the 4M-chunk
+index had not finished after 45 minutes. The rule here bounds every training cost:
+
+- up to ``hnsw_max`` vectors (and while HNSW32 fits ``--max-index-memory``) autofaiss keeps its
+  choice (HNSW32 on this range): no training, insertion O(N log N), measured 173 s at 1M chunks;
+- past that, ``IVF{nlist}_HNSW32`` with nlist ~ 2 sqrt(N) (a power of two, within
+  [nlist_min, nlist_max]): the coarse k-means sees ``per_centroid`` sampled vectors per centroid
+  (a random sample of the whole DB, not its first rows), so it costs
+  O(nlist^2 * per_centroid * dim * iterations) whatever N is, and assignment is an HNSW search;
+- the codes: SQ8 (dim bytes a vector, recall close to exact, trained by a min/max pass) when it
+  fits the memory budget, else PQ with the most sub-quantizers that fit;
+- OPQ only where it pays: before a PQ whose sub-quantizers span >= ``opq_min_dsub`` dimensions
+  (coarse codes, where balancing the variance across sub-spaces helps), never widening the
+  vectors (OPQ{m}_{dim}, not autofaiss's OPQ256_512), trained on a bounded sample.
+
+Issue 9 (sharded databases) calls :func:`choose_index` per shard: it depends on numbers only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from chunk_store.framework.errors import UserError
+
+ID_BYTES = 8  # an IVF list stores an int64 id beside each code
+HNSW_M = 32
+OPQ_TRAIN_MAX = 65536  # vectors the OPQ rotation trains on (faiss's PQ trains on 256 per centroid)
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What the index stage builds: ``builder`` "autofaiss" (``key`` None: its choice) or "ivf"."""
+
+    builder: str
+    key: str | None
+    nlist: int = 0
+    train_size: int = 0  # vectors sampled for the coarse k-means (and the codec)
+    codec: str = ""
+    opq: bool = False
+    bytes_per_vector: float = 0.0
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> float:
+    """HNSW{m},Flat: fp32 vectors plus ~2m int32 links a vector at level 0 (+ upper levels)."""
+    return n * (4 * dim + 2 * m * 4 * 1.07)
+
+
+def ivf_nlist(n: int, nlist_min: int = 1024, nlist_max: int = 65536) -> int:
+    """~2 sqrt(N) lists, a power of two: the k-means costs nlist^2 (faiss suggests 4-16 sqrt(N),
+    which quadruples that for a search scanning fewer vectors; the recall tuner's nprobe makes up)."""
+    target = 2 * math.sqrt(max(n, 1))
+    return int(min(nlist_max, max(nlist_min, 2 ** round(math.log2(target)))))
+
+
+def pq_m(dim: int, budget_bytes: float) -> int:
+    """The most PQ sub-quantizers (8 bits each) whose codes fit ``budget_bytes`` a vector; they
+    must divide dim. At least the smallest divisor >= 4 (a coarser code is not worth an index)."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= 256]
+    fit = [m for m in divisors if m <= budget_bytes]
+    return max(fit) if fit else min(m for m in divisors if m >= min(4, dim))
+
+
+def choose_index(n: int, dim: int, max_index_memory: float, current_memory: float,
+                 hnsw_max: int = 1_000_000, per_centroid: int = 64, opq_min_dsub: int = 8,
+                 nlist_min: int = 1024, nlist_max: int = 65536) -> IndexPlan:
+    """The plan for ``n`` vectors of ``dim`` within the two memory budgets (bytes).
+
+    ``current_memory`` bounds the training sample (fp32, with room for the k-means' work) as well.
+    """
+    if n <= hnsw_max and hnsw_bytes(n, dim) <= max_index_memory:
+        return IndexPlan("autofaiss", None, bytes_per_vector=4 * dim + 2 * HNSW_M * 4,
+                         reason=f"{n} <= hnsw_max {hnsw_max} and HNSW32 fits: autofaiss's choice")
+    nlist = min(ivf_nlist(n, nlist_min, nlist_max), max(1, n // 39))  # faiss wants >= 39 a list
+    sample_cap = int(current_memory * 0.25 // (4 * dim))  # a quarter of the budget for the sample
+    train_size = int(min(n, nlist * per_centroid, max(sample_cap, nlist * 39)))
+    coarse_bytes = nlist * (4 * dim + 2 * HNSW_M * 4)
+    per_vector = (max_index_memory - coarse_bytes) / n - ID_BYTES
+    quantizer = f"IVF{nlist}_HNSW{HNSW_M}"
+    if per_vector >= dim:
+        return IndexPlan("ivf", f"{quantizer},SQ8", nlist, train_size, "SQ8", False, dim + ID_BYTES,
+                         reason=f"{n} > hnsw_max or HNSW over budget; SQ8 fits "
+                                f"({per_vector:.0f} B a vector available)")
+    m = pq_m(dim, per_vector)
+    opq = dim // m >= opq_min_dsub
+    key = (f"OPQ{m}_{dim}," if opq else "") + f"{quantizer},PQ{m}x8np"
+    return IndexPlan("ivf", key, nlist, train_size, f"PQ{m}x8", opq, m + ID_BYTES,
+                     reason=f"{per_vector:.0f} B a vector available: PQ{m}"
+                            + (f", OPQ as {dim // m} dims a sub-quantizer" if opq else ""))
+
+
+def parse_memory(text: str | int | float) -> float:
+    """'2G', '512M', '1.5T' or a number of bytes -> bytes."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().upper().removesuffix("B")
+    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    try:
+        if s and s[-1] in units:
+            return float(s[:-1]) * units[s[-1]]
+        return float(s)
+    except ValueError:
+        raise UserError(f"not a memory size: {text!r} (e.g. 2G, 512M)") from None

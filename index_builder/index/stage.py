@@ -1,0 +1,495 @@
+"""index: an autofaiss index over the train embeddings, with its recall measured against exact search.
+
+autofaiss reads the float16 shards of ``DB/train/embeddings/`` batch by batch (out of core),
+picks an index type within ``--max-index-memory`` and trains it within ``--current-memory``,
+and tunes its search parameters; ``--index-key`` forces a faiss factory string. The metric is
+squared L2, as in the paper. faiss-gpu is used when installed. ``--distributed pyspark`` hands
+the build to autofaiss's Spark mode (``pip install '.[spark]'``).
+
+After the build, recall@k of the index against exact search is measured on a sample of train
+chunks and stored in the manifest (``stages.index.stats.recall``).
+
+Past the HNSW range (``--hnsw-max`` vectors, or where HNSW32 exceeds ``--max-index-memory``) the
+key comes from :func:`index_builder.index.plan.choose_index`, whose training cost is bounded, and
+:mod:`index_builder.index.ivf_build` builds it (a random training sample, k-means on every core or the
+GPU, batched adds); the plan is recorded in ``stages.index.stats.plan``. ``--index-key`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chunk_store.framework.errors import UserError
+from chunk_store.layout import DBLayout
+from chunk_store.manifest import check_params
+from chunk_store.framework.runtime import resolve_device
+from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, run_stage
+from index_builder.index.determinism import fixed_search_params, make_deterministic, stable_infos
+from index_builder.embed.stage import num_chunks, open_embeddings
+from index_builder.index.update import add_new_vectors
+from index_builder.index.exact_search import ExactSearchConfig, exact_search
+from index_builder.index.plan import IndexPlan, choose_index, parse_memory
+
+log = logging.getLogger(__name__)
+
+METRIC = "l2"
+RECALL_KS = (1, 2, 10)
+RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
+               "max_query_ms", "deterministic", "hnsw_max", "train_per_centroid")
+
+
+# ----------------------------------------------------------------------------- faiss >= 1.14 shim
+
+
+class _FaissWithOPQKeywords:
+    """A view of the faiss module whose ``OPQMatrix`` accepts keywords again.
+
+    faiss 1.14's SWIG constructors take positional arguments only, and autofaiss builds OPQ
+    (inner-product) indexes with ``faiss.OPQMatrix(d, M=..., d2=...)``. Only autofaiss's
+    index-factory module sees this view; faiss itself is left untouched.
+    """
+
+    def __init__(self, faiss_module: Any) -> None:
+        self._faiss = faiss_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._faiss, name)
+
+    def OPQMatrix(self, d: int = 0, M: int = 1, d2: int = -1) -> Any:  # noqa: N802 (faiss's name)
+        return self._faiss.OPQMatrix(d, M, d2)
+
+
+def opq_keywords_supported(faiss_module: Any) -> bool:
+    try:
+        faiss_module.OPQMatrix(8, M=2, d2=8)
+        return True
+    except (TypeError, NotImplementedError):
+        return False
+
+
+def patch_autofaiss_for_faiss_114() -> bool:
+    """Install the OPQMatrix shim into autofaiss when this faiss rejects keywords; True if installed."""
+    import faiss
+    from autofaiss.indices import index_factory as af_factory
+
+    if isinstance(af_factory.faiss, _FaissWithOPQKeywords):
+        return True
+    if opq_keywords_supported(faiss):
+        return False
+    af_factory.faiss = _FaissWithOPQKeywords(faiss)
+    return True
+
+# ----------------------------------------------------------------------------- loading
+
+
+def index_identity(manifest: dict[str, Any]) -> str:
+    """What a knn result depends on: the index build (its key and when it finished)."""
+    rec = manifest.get("stages", {}).get("index", {})
+    return f"{rec.get('stats', {}).get('index_key')}@{rec.get('finished')}"
+
+
+def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
+    """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params."""
+    import faiss
+
+    path, infos_path = DBLayout(db).index, DBLayout(db).index_infos
+    if not path.exists():
+        raise UserError(f"missing index {path}: run `retro-build-index index --db {db}` first")
+    index = None
+    if mmap:
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # e.g. HNSW: not memory-mappable, read it whole
+            index = None
+    if index is None:
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise UserError(f"corrupt index {path}: {str(e).splitlines()[0]}") from None
+    drop_pq_table(index)
+    param = None
+    if infos_path.exists():
+        try:
+            param = json.loads(infos_path.read_text()).get("index_param")
+        except json.JSONDecodeError:
+            param = None
+    if param:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, param)
+        except RuntimeError as e:
+            log.warning("could not apply index parameters %r: %s", param, e)
+    return index
+
+def drop_pq_table(index: Any) -> None:
+    """Free an IVF-PQ index's precomputed distance table and search without it.
+
+    faiss's reader rebuilds the table on load even for an ``np`` key (the flag is not stored):
+    nlist x M x 256 floats, 805 MB at 8,192 lists x PQ96 (16M chunks), 6.4 GB at the chooser's
+    65,536 lists: the knn stage's private memory then grew with N, past ``--max-index-memory``.
+    Measured at 16M chunks, nprobe 8, one thread: 1.13-1.33 ms a query with the table,
+    1.26-1.33 ms without (noise)."""
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.precomputed_table.size() > 0:
+        ivf.use_precomputed_table = -1
+        ivf.precomputed_table.resize(0)
+
+
+# ----------------------------------------------------------------------------- recall
+
+
+def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tuple[int, ...] = RECALL_KS,
+                   seed: int = 0, device: str = "cpu", rerank: int = 1) -> dict[str, float]:
+    """recall@k of ``index`` vs exact search, on ``sample`` random train chunks as queries.
+
+    A returned id counts as a hit when its true distance is within the exact k-th distance
+    (ties between duplicate chunks are common in real corpora and are not misses). With
+    ``rerank`` > 1 the index is asked for that many times the candidates, re-ranked by true
+    distance as the knn stage does (index_builder.knn.rerank), and the raw index's recall is
+    reported beside it as ``raw_recall@k``.
+    """
+    from index_builder.knn.rerank import pick_rows, take_rows
+    from index_builder.knn.rerank import rerank as rerank_rows
+    from index_builder.knn.rerank import true_distances
+
+    shards = open_embeddings(db, "train")
+    n = sum(s.shape[0] for s in shards)
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    queries = pick_rows(shards, ids)
+    kmax = min(max(ks), n)
+    _, exact_d = exact_search(queries, shards, kmax, ExactSearchConfig(device=device))
+    _, got_i = index.search(queries, min(kmax * max(rerank, 1), n))
+    read = lambda u: take_rows(shards, u)  # noqa: E731
+    # the index's own top kmax, in its order; re-ranked: the nearest kmax of its candidates
+    results = {"": true_distances(queries, got_i[:, :kmax], read)}
+    if rerank > 1:
+        results = {"": rerank_rows(queries, got_i, kmax, read)[1], "raw_": results[""]}
+    out = {}
+    for prefix, true_d in results.items():
+        for k in ks:
+            if k > kmax:
+                continue
+            thresh = exact_d[:, k - 1:k] * (1 + 1e-3) + 1e-4
+            hits = (true_d[:, :k] <= thresh).sum(axis=1)
+            out[f"{prefix}recall@{k}"] = round(float(hits.mean() / k), 4)
+    return out
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def faiss_gpu_available() -> bool:
+    """faiss was built with GPU support and sees a GPU (faiss-gpu; faiss-cpu never does)."""
+    try:
+        import faiss
+
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The index stage's options (the CLI's defaults come from here)."""
+
+    max_index_memory: str = "4G"  # the largest index autofaiss may build
+    current_memory: str = "16G"  # memory autofaiss may use while training
+    index_key: str | None = None  # force a faiss factory string
+    max_query_ms: float = 2.0  # autofaiss tunes nprobe/efSearch to this time per query
+    memory_mappable: bool = False
+    recall_sample: int = 1000
+    distributed: str | None = None  # "pyspark": autofaiss's Spark mode
+    temporary_indices_folder: str | None = None
+    threads: int | None = None
+    device: str = "auto"
+    deterministic: bool = False  # one thread, fixed search parameters: the same bytes every build
+    rebuild: bool = False  # train a new index even where the trained one could take the new vectors
+    hnsw_max: int = 1_000_000  # past this many vectors: a bounded-training IVF key (index_plan)
+    train_per_centroid: int = 64  # IVF k-means sample: vectors a centroid
+
+
+class IndexStage(Stage[IndexConfig]):
+    """Train embeddings -> one faiss index (one unit: autofaiss builds it whole), then its recall."""
+
+    name = "index"
+    requires = "embed"
+    packages = ("faiss", "autofaiss")
+    result_keys = RESULT_KEYS
+    progress_unit = "index"
+
+    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        embed = manifest["stages"]["embed"]
+        if cfg.distributed == "pyspark":
+            _require_pyspark()
+            if cfg.deterministic:
+                raise UserError("index: --deterministic builds on one machine and thread: drop --distributed")
+        self.params_ = {
+            "index_key": cfg.index_key,
+            "max_index_memory": cfg.max_index_memory,
+            "current_memory": cfg.current_memory,
+            "metric": METRIC,
+            "memory_mappable": bool(cfg.memory_mappable) or cfg.distributed == "pyspark",
+            "max_query_ms": float(cfg.max_query_ms or 2.0),
+            "distributed": cfg.distributed,
+            "embed_id": f"{embed['params'].get('embedder_id')}@{embed.get('finished')}",
+            "dim": embed["params"].get("dim"),
+            "deterministic": bool(cfg.deterministic),
+            "hnsw_max": int(cfg.hnsw_max),
+            "train_per_centroid": int(cfg.train_per_centroid),
+        }
+        self.plan = self._plan(manifest)
+        return self.params_
+
+    def _plan(self, manifest: dict[str, Any]) -> IndexPlan | None:
+        """The chooser's plan; None where --index-key or --distributed leaves it to autofaiss."""
+        cfg = self.cfg
+        if cfg.index_key or cfg.distributed:
+            return None
+        n = int(manifest.get("counts", {}).get("train", {}).get("chunks") or 0)
+        dim = int(manifest["stages"]["embed"]["params"].get("dim") or 0)
+        if n <= 0 or dim <= 0:
+            return None
+        if cfg.hnsw_max < 0 or cfg.train_per_centroid < 39:
+            raise UserError("index: --hnsw-max must be >= 0 and --train-per-centroid >= 39 (faiss's minimum)")
+        return choose_index(n, dim, parse_memory(cfg.max_index_memory), parse_memory(cfg.current_memory),
+                            hnsw_max=cfg.hnsw_max, per_centroid=cfg.train_per_centroid)
+
+    def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Only a finished index binds a re-run: a partial build leaves nothing to reuse. After
+        ``add`` (the same embedder, more chunks embedded) the trained index takes the new vectors
+        (index_builder.index.update); ``--rebuild`` trains a new one."""
+        self.update = False
+        if not (recorded.get("finished") and self.paths.index.exists()):
+            return
+        if self.cfg.rebuild:
+            recorded.clear()  # a new build: nothing of the old one binds it
+            return
+        before, now = recorded["params"].get("embed_id"), params["embed_id"]
+        # embed_id carries the embed stage's finish time, to the second: an add finishing within
+        # the second of the first embed leaves it unchanged, so the grown train split says it too
+        ntotal = recorded.get("stats", {}).get("ntotal")
+        grown = ntotal is not None and ntotal != num_chunks(self.db, manifest, "train")
+        if before != now or grown:
+            if str(before).split("@")[0] != str(now).split("@")[0]:
+                raise UserError("index: the embeddings changed since the index was built "
+                                f"(built from {before}, now {now}); delete DB/index and re-run index, "
+                                "or run it with --rebuild")
+            self.update = True  # the database grew: add the new vectors
+        check_params(recorded.get("params"), params, self.name, keys=[k for k in self.result_keys if k != "embed_id"])
+
+    def complete(self, manifest: dict[str, Any]) -> bool:
+        if getattr(self, "update", False):  # the recorded size: an add rewrites it when it finishes
+            ntotal = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("ntotal")
+            return ntotal == num_chunks(self.db, manifest, "train")
+        return self.paths.index.exists()
+
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.paths.index, self.paths.index_infos]
+
+    def skip_message(self, stats: dict[str, Any]) -> str:
+        return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
+
+    def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
+        return [(self.paths.index_dir, ("",))]
+
+    def units(self, manifest: dict[str, Any]) -> list[Unit]:
+        return [Unit(0, 1)]
+
+    def unit_done(self, unit: Unit) -> bool:
+        return False  # autofaiss starts over: a partial build leaves nothing reusable
+
+    def setup(self) -> None:
+        self.threads = self.cfg.threads or os.cpu_count() or 1
+        self.shim = patch_autofaiss_for_faiss_114()
+        self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
+
+    def compute(self, unit: Unit) -> None:
+        """The chooser's IVF build or autofaiss into a temporary folder, then both files renamed
+        into place (or, after ``add``, the new vectors appended to the trained index)."""
+        cfg = self.cfg
+        if getattr(self, "update", False):
+            t0 = time.time()
+            self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
+            self.build_seconds = time.time() - t0
+            self.build_stats = {}
+            return
+        tmp_dir = self.paths.index_build_dir()
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        self.build_stats: dict[str, Any] = {}
+        if self.plan is not None and self.plan.builder == "ivf":
+            self._build_ivf(tmp_dir)
+        else:
+            self._build_autofaiss(tmp_dir)
+        if cfg.deterministic:
+            make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
+        stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
+        self.build_seconds = time.time() - t0
+        os.replace(tmp_dir / self.paths.index_infos.name, self.paths.index_infos)
+        os.replace(tmp_dir / self.paths.index.name, self.paths.index)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def _build_ivf(self, tmp_dir: Path) -> None:
+        """The chooser's IVF key, built here (bounded training), with its infos file."""
+        import faiss
+
+        from index_builder.index.ivf_build import build_ivf
+
+        import torch
+
+        from index_builder.embed.embedder import default_dtype
+
+        faiss.omp_set_num_threads(1 if self.cfg.deterministic else self.threads)
+        torch.set_num_threads(1 if self.cfg.deterministic else self.threads)
+        device = "cpu" if self.cfg.deterministic else str(resolve_device(self.cfg.device))
+        bf16 = not self.cfg.deterministic and device == "cpu" and default_dtype("cpu") == "bf16"
+        index, self.build_stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
+                                            faiss_gpu=self.use_gpu, bf16=bf16)
+        param = fixed_search_params(index)
+        faiss.write_index(index, str(tmp_dir / self.paths.index.name))
+        infos = {"index_key": self.plan.key, "index_param": param, "index_path": self.paths.index.name,
+                 "builder": "retro ivf_build", "size in bytes": (tmp_dir / self.paths.index.name).stat().st_size}
+        (tmp_dir / self.paths.index_infos.name).write_text(json.dumps(infos))
+
+    def _build_autofaiss(self, tmp_dir: Path) -> None:
+        """autofaiss's build (its key choice unless --index-key) into ``tmp_dir``."""
+        from autofaiss import build_index
+
+        cfg, params = self.cfg, self.params_
+        kwargs: dict[str, Any] = dict(
+            embeddings=str(self.paths.embeddings_dir("train")),
+            index_path=str(tmp_dir / self.paths.index.name),
+            index_infos_path=str(tmp_dir / self.paths.index_infos.name),
+            file_format="npy",
+            metric_type=METRIC,
+            max_index_memory_usage=params["max_index_memory"],
+            current_memory_available=params["current_memory"],
+            index_key=params["index_key"],
+            nb_cores=1 if cfg.deterministic else self.threads,
+            use_gpu=self.use_gpu,
+            should_be_memory_mappable=params["memory_mappable"],
+            max_index_query_time_ms=params["max_query_ms"],
+            verbose=logging.WARNING,
+        )
+        if cfg.distributed == "pyspark":
+            # executors must run a Python that has autofaiss & co.: this one, unless the user (or
+            # the cluster's config) says otherwise; only affects a session created from here on
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            kwargs["distributed"] = "pyspark"
+            kwargs["temporary_indices_folder"] = (cfg.temporary_indices_folder
+                                                  or str((self.paths.index_dir / "tmp").resolve()))
+        try:
+            build_index(**kwargs)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(f"index: autofaiss failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}") from None
+        if not (tmp_dir / self.paths.index.name).exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise UserError(
+                "index: autofaiss built no index (not enough memory for the chosen index type? "
+                f"--current-memory is {params['current_memory']}, --max-index-memory "
+                f"{params['max_index_memory']}; see its log above)")
+
+    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        """Load the new index and measure its recall against exact search."""
+        import faiss
+        import torch
+
+        infos = json.loads(self.paths.index_infos.read_text())
+        torch.set_num_threads(self.threads)
+        faiss.omp_set_num_threads(self.threads)
+        loaded = load_index(self.db)
+        sample = int(self.cfg.recall_sample or 1000)
+        from index_builder.knn.rerank import default_factor
+
+        rerank = default_factor(loaded)  # what the knn stage's default will do with this index
+        recall = measure_recall(self.db, loaded, sample=sample, device=str(resolve_device(self.cfg.device)),
+                                rerank=rerank)
+        return {
+            "index_key": infos.get("index_key"),
+            "index_param": infos.get("index_param"),
+            "ntotal": int(loaded.ntotal),
+            "size_bytes": self.paths.index.stat().st_size,
+            "build_seconds": round(self.build_seconds, 2),
+            "recall": recall,
+            "recall_sample": min(sample, int(loaded.ntotal)),
+            "rerank": rerank,
+            "use_gpu": self.use_gpu,
+            "opq_shim": self.shim,
+            "added_without_training": getattr(self, "added", None),
+            "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
+                                                                      "reason": "--index-key or --distributed"},
+            "build": self.build_stats,
+        }
+
+    def report(self, stats: dict[str, Any], run: RunInfo) -> str:
+        return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
+                f"{stats['build_seconds']:.1f}s; "
+                + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """index's own options (--device and --threads are shared: index_builder.cli)."""
+    d = IndexConfig
+    g = parser.add_argument_group("index")
+    g.add_argument("--max-index-memory", default=d.max_index_memory,
+                   help="the largest index autofaiss may build (e.g. 4G; smaller -> compressed index)")
+    g.add_argument("--current-memory", default=d.current_memory,
+                   help="memory autofaiss may use while training the index")
+    g.add_argument("--index-key", default=d.index_key,
+                   help="force a faiss index factory string (e.g. 'IVF4096,PQ64', 'HNSW32', 'Flat')")
+    g.add_argument("--rebuild", action="store_true", default=d.rebuild,
+                   help="train a new index; default after `add`: add the new chunks' vectors to the "
+                        "trained index")
+    g.add_argument("--max-query-ms", type=float, default=d.max_query_ms,
+                   help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
+                        "lower = faster knn and lookups, higher = better recall")
+    g.add_argument("--memory-mappable", action="store_true", default=d.memory_mappable,
+                   help="only index types that the Retriever can memory-map (IVF families)")
+    g.add_argument("--recall-sample", type=int, default=d.recall_sample,
+                   help="train chunks used to measure the index's recall against exact search")
+    g.add_argument("--deterministic", action="store_true", default=d.deterministic,
+                   help="build on one thread with fixed search parameters (no timing): two builds from "
+                        "the same embeddings give the same bytes (docs/RELIABILITY.md)")
+    g.add_argument("--hnsw-max", type=int, default=d.hnsw_max,
+                   help="past this many train chunks the index is a bounded-training IVF key "
+                        "(IVF_HNSW32 + SQ8 or PQ, OPQ where it pays) instead of autofaiss's choice")
+    g.add_argument("--train-per-centroid", type=int, default=d.train_per_centroid,
+                   help="IVF: training vectors sampled per centroid (bounds the k-means' time)")
+    g.add_argument("--distributed", default=d.distributed, choices=["pyspark"],
+                   help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
+    g.add_argument("--temporary-indices-folder", default=d.temporary_indices_folder,
+                   help="shared folder for Spark's partial indices (default: DB/index/tmp)")
+
+
+SHARED_OPTIONS = ("device", "threads")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI entry: ``retro-build-index index``."""
+    return run_stage(IndexStage(args.db, config_from_args(IndexConfig, args)))
+
+
+def _require_pyspark() -> None:
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise UserError("--distributed pyspark needs pyspark: pip install 'retro[spark]' "
+                        "(and a Spark session or cluster, see the README)") from None

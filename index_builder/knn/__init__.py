@@ -1,0 +1,22 @@
+"""The knn stage: ``stage.py`` (every chunk's k nearest train chunks from other documents), and its
+helpers: ``exclusion.py`` (the rule: no neighbour from a document of the chunk's own sequence, and
+the widening search), ``range_exclusion.py`` (the range search on IVF/flat), ``exact_passes.py``
+(one exact pass shared by units), ``tuning.py`` (recall-tuned nprobe/efSearch), ``rerank.py``
+(re-ranking compressed candidates by true distance), ``neighbour_files.py`` (shards -> the
+neighbour arrays).
+
+This package was the module ``index_builder.knn``: the names it held still import from here.
+"""
+
+import importlib
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    stage = importlib.import_module("index_builder.knn.stage")  # not `from . import`: that asks __getattr__
+    try:
+        return getattr(stage, name)
+    except AttributeError:
+        raise AttributeError(f"module 'index_builder.knn' has no attribute {name!r}") from None

@@ -1,0 +1,379 @@
+"""knn: precompute every chunk's k nearest train chunks from other documents.
+
+Train chunks search the train index for k + extra candidates, then drop the chunk itself and
+every candidate from any document that shares a training sequence with it (Megatron's rule:
+sequences cross document boundaries, so excluding only the chunk's own document would let it
+retrieve a later part of its own training sequence, and the model would learn to copy its own
+future) and keep the k nearest; rows left short are searched again with more candidates before
+being padded with -1. Doc ids are consecutive along a split's chunk stream, so a sequence's
+documents are the contiguous range [lo, hi] (:func:`sequence_doc_ranges`); chunks past the last
+full sequence exclude their own document only. Val chunks search the same train index (their
+documents are not in it), no exclusion.
+
+``--exact`` (the default on CUDA when faiss has no GPU support) replaces the index by an exact
+search: torch matmul + top-k over tiles of the embedding matrix, memory bounded, so a GPU user
+without faiss-gpu still precomputes fast. Same exclusions, same output.
+
+Work is cut into shards of queries (``DB/<split>/knn_shards/``), spread over torchrun ranks,
+each written atomically: a re-run redoes only the missing shards; rank 0 then assembles
+``neighbours.npy`` and ``neighbour_distances.npy`` (see docs/DB_FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from chunk_store.framework.errors import UserError
+from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
+from chunk_store.manifest import atomic_save_npy, check_params
+from chunk_store.framework.runtime import resolve_device
+from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
+from chunk_store.store import ChunkStore
+from index_builder.embed.stage import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
+                                 shard_ranges)
+from index_builder.knn.exact_passes import first_pass, group_units, replay
+from index_builder.index.exact_search import ExactSearchConfig, exact_search
+from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
+from index_builder.knn.neighbour_files import assemble, kept_rows
+# the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
+from index_builder.knn.exclusion import SearchFn, search_with_exclusion, select_neighbours, sequence_doc_ranges
+from index_builder.knn.rerank import release_pages
+
+RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall", "rerank")
+# what train neighbours avoid: "sequence" = every document sharing the chunk's training sequence.
+# A DB whose knn record lacks it was built with the older own-document rule and is redone.
+EXCLUSION = "sequence"
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """The knn stage's options (the CLI's defaults come from here)."""
+
+    k: int = 2
+    extra: int = 10  # extra candidates searched to survive the self/same-document exclusion
+    exact: bool | None = None  # exact torch search; None = on with CUDA and no faiss-gpu
+    device: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    threads: int | None = None  # faiss / torch CPU threads; None = all cores
+    exact_pass_rows: int | None = None  # --exact: queries sharing one pass; None = auto
+    refresh: bool = False  # after add: every chunk's neighbours again (default: the new chunks' only)
+    target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
+    tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
+    rerank: int | None = None  # candidates a neighbour, re-ranked by true distance; None = by the codes
+
+
+class KnnStage(Stage[KnnConfig]):
+    """Embeddings + index -> neighbours; one unit a shard of ``shard_size`` query chunks."""
+
+    name = "knn"
+    requires = "index"
+    packages = ("torch", "faiss")
+    result_keys = RESULT_KEYS + ("shard_size",)
+    progress_unit = "chunk"
+
+    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.k < 1:
+            raise UserError(f"--k must be at least 1, not {cfg.k}")
+        if cfg.extra < 0:
+            raise UserError(f"--extra must be >= 0, not {cfg.extra}")
+        if not 0 <= cfg.target_recall <= 1:
+            raise UserError(f"--target-recall must be within [0, 1], not {cfg.target_recall}")
+        positive(cfg.tune_sample, "--tune-sample")
+        if cfg.rerank is not None:
+            positive(cfg.rerank, "--rerank")
+        positive(cfg.shard_size, "--shard-size")
+        self.device = str(resolve_device(cfg.device))
+        self.exact = cfg.exact if cfg.exact is not None else (
+            self.device.startswith("cuda") and not faiss_gpu_available())
+        self.chunks_per_seq = int(manifest["seq_len"]) // int(manifest["chunk_size"])
+        return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
+                "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
+                "content_only": True,  # chunks of only EOS and padding are never neighbours
+                "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
+                "rerank": "auto" if cfg.rerank is None else int(cfg.rerank),
+                "tune_sample": int(cfg.tune_sample)}
+
+    def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """After ``add`` the index grew (another index_id): the neighbours already found under
+        the same rule are kept, only the new chunks searched; ``--refresh``: every chunk."""
+        self.keep_old = not self.cfg.refresh and recorded.get("params", {}).get("exclusion") == EXCLUSION
+        if self.cfg.refresh:
+            recorded.clear()
+            return
+        keys = self.result_keys if recorded.get("finished") is None else \
+            [k for k in self.result_keys if k != "index_id"]
+        try:
+            check_params(recorded.get("params"), params, self.name, keys=keys)
+        except UserError as e:  # e.g. another --k on a built DB: --refresh recomputes every row
+            raise UserError(f"{e}; or --refresh to recompute every chunk's neighbours with the new value") from None
+
+    def begin(self, manifest: dict[str, Any]) -> None:
+        """The rows of each split already searched (kept), read after damaged files are gone."""
+        keep = getattr(self, "keep_old", False)
+        self.old_rows = {s: kept_rows(self.db, s, self.cfg.k, num_chunks(self.db, manifest, s)) if keep else 0
+                         for s in SPLITS}
+
+    def complete(self, manifest: dict[str, Any]) -> bool:
+        recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
+        if recorded.get("exclusion") != EXCLUSION:  # built under the own-document rule: redo
+            return False
+        return all(npy_header_ok(self.paths.neighbours(s), (n, self.cfg.k)) for s in SPLITS
+                   if (n := num_chunks(self.db, manifest, s)))
+
+    def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        return [f(s) for s in SPLITS if num_chunks(self.db, manifest, s)
+                for f in (self.paths.neighbours, self.paths.neighbour_distances)]
+
+    def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
+        return [*((self.paths.knn_shards_dir(s), ("",)) for s in SPLITS),
+                *((self.paths.split(s), (NEIGHBOURS, NEIGHBOUR_DISTANCES)) for s in SPLITS)]
+
+    def units(self, manifest: dict[str, Any]) -> list[Unit]:
+        """Shards of query rows; after ``add``, only rows past those already searched."""
+        out: list[Unit] = []
+        old = getattr(self, "old_rows", {})
+        for split in SPLITS:
+            rows, start = num_chunks(self.db, manifest, split), old.get(split, 0)
+            for i, (a, b) in enumerate(shard_ranges(rows, self.cfg.shard_size)):
+                if b > start:
+                    out.append(Unit(len(out), b - max(a, start), (split, i, max(a, start), b)))
+        return out
+
+    def unit_done(self, unit: Unit) -> bool:
+        split, i, a, b = unit.payload
+        return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in self.paths.knn_shard(split, i))
+
+    def setup(self) -> None:
+        """The search (the index, or exact search over the embeddings) and the doc ids."""
+        import faiss
+        import torch
+
+        threads = self.cfg.threads or os.cpu_count() or 1
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+        # memory-mapped: random access via page cache
+        train_store = ChunkStore.open(self.db, "train")  # every shard, global ids
+        self.train_docs = train_store.doc_ids
+        self.ntotal = ntotal = int(self.train_docs.shape[0])
+        self.train_seq_starts = np.asarray(train_store.seq_starts, dtype=np.int64)
+        train_emb = open_embeddings(self.db, "train")
+        if sum(a.shape[0] for a in train_emb) != ntotal:
+            raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
+                            f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
+        self.content = train_store.content_mask()  # EOS/padding-only: never a neighbour
+        self.emb = {"train": train_emb}
+        self.docs = {"train": self.train_docs}
+        self.short_rows = 0
+        self.tuning = None
+        self.rerank = 1  # candidates a neighbour re-ranked by true distance (index_builder.knn.rerank)
+        self.range_search: Any = None  # faiss search skipping each row's excluded chunks
+        self.range_first, self.short_share = False, None  # every row through it at once
+        if self.exact:
+            cfg = ExactSearchConfig(device=self.device)
+
+            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+                return exact_search(q, train_emb, c, cfg)
+        else:
+            index = load_index(self.db)
+            if index.ntotal != ntotal:
+                raise UserError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
+                                "chunks: re-run index")
+
+            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+                d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
+                return i.astype(np.int64), d.astype(np.float32)
+            from index_builder.knn.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
+                                                       selector_pays)
+            from index_builder.knn.rerank import default_factor, reranked, reranked_ranges, take_rows
+
+            self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
+            self.rerank = self.cfg.rerank or default_factor(index)
+            read = lambda ids: take_rows(train_emb, ids)  # noqa: E731
+            if self.rerank > 1:
+                search = reranked(search, self.rerank, read, ntotal)
+            self.short_share = self._short_share(search, train_emb)
+            self.range_first = prefer_range_first(index, self.short_share)
+            if self.range_first or selector_pays(index):
+                self.range_search = faiss_range_search(index, threads)
+                if self.rerank > 1:
+                    self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
+                self.doc_starts = doc_starts(self.train_docs)
+            if self.cfg.target_recall > 0:
+                self.tuning = self._tune(index, search, train_emb)
+        self.search: SearchFn = search
+
+    def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,
+                     range_search: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The final neighbours of train chunks ``rows``: what compute() writes for them."""
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        chunk_r = None
+        if range_search is not None:
+            from index_builder.knn.range_exclusion import chunk_ranges
+
+            chunk_r = chunk_ranges(ranges, self.doc_starts)
+        return search_with_exclusion(search, queries, self.cfg.k, self.cfg.extra, self.ntotal, query_ids=rows,
+                                     db_docs=self.train_docs, doc_ranges=ranges, content=self.content,
+                                     row_search=None if chunk_r is None else
+                                     (lambda q, r, c: range_search(q, chunk_r[r], c)),
+                                     range_first=self.range_first)
+
+    def _short_share(self, search: SearchFn, train_emb: list[np.ndarray]) -> float:
+        """The share of a sample's rows whose plain k + extra candidates leave fewer than k after
+        the exclusions (range_exclusion.prefer_range_first decides on it)."""
+        from index_builder.index.ivf_build import sample_ids
+        from index_builder.knn.rerank import pick_rows
+
+        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=1)
+        cand_i, cand_d = search(pick_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        short = select_neighbours(cand_i, cand_d, self.cfg.k, rows, db_docs=self.train_docs,
+                                  doc_ranges=ranges, content=self.content)[2]
+        return float(short.mean()) if len(short) else 0.0
+
+    def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
+        """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
+        applied) reach --target-recall on a sample, against the same pipeline over exact search."""
+        from index_builder.index.ivf_build import sample_ids
+        from index_builder.knn.rerank import pick_rows, take_rows
+        from index_builder.knn.tuning import candidate_params, tune_index
+
+        if not candidate_params(index):
+            return None
+        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=0)
+        queries, exact_cfg = pick_rows(train_emb, rows), ExactSearchConfig(device=self.device)
+        # the exact final neighbours in one pass: the exclusions applied inside the exact search
+        from index_builder.knn.range_exclusion import chunk_ranges, doc_starts
+
+        ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
+        _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
+                                  exclude=chunk_ranges(ranges, doc_starts(self.train_docs)), valid=self.content)
+        tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
+                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall)
+        if not tuning.reached:
+            self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
+                     f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "
+                     "coarse (raise --rerank or --max-index-memory)")
+        return tuning
+
+    def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        if split not in self.emb:
+            self.emb[split] = open_embeddings(self.db, split)
+            self.docs[split] = ChunkStore.open(self.db, split).doc_ids
+        return self.emb[split], self.docs[split]
+
+    def compute(self, unit: Unit, search: SearchFn | None = None, queries: np.ndarray | None = None) -> None:
+        split, i, a, b = unit.payload
+        emb, docs = self._split_arrays(split)
+        if queries is None:
+            queries = read_rows(emb, a, b)
+        if split == "train" and self.range_search is not None and search in (None, self.search):
+            ids, dists = self._final_train(self.search, queries, np.arange(a, b, dtype=np.int64), self.range_search)
+        else:
+            ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
+                                       self.ntotal, a, b, split == "train", docs, self.train_docs,
+                                       self.train_seq_starts, self.chunks_per_seq, self.content)
+        self.short_rows += int((ids < 0).any(axis=1).sum())
+        p_ids, p_dist = self.paths.knn_shard(split, i)
+        atomic_save_npy(p_dist, dists)
+        atomic_save_npy(p_ids, ids)
+        for shards in self.emb.values():  # the rows read stay in the page cache, not in our RSS
+            release_pages(shards)
+
+    def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
+        """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
+        pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
+        c = min(self.cfg.k + self.cfg.extra, self.ntotal)
+        for group in group_units(todo, pass_rows if self.exact else 0):
+            blocks = [read_rows(self._split_arrays(u.payload[0])[0], u.payload[2], u.payload[3])
+                      for u in group]
+            first = first_pass(self.search, blocks, c) if len(group) > 1 else None
+            for j, (unit, queries) in enumerate(zip(group, blocks)):
+                fn = self.search if first is None else replay(self.search, first[j], c)
+                self.compute(unit, fn, queries)
+                done(unit)
+
+    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
+                                   "rerank": self.rerank,
+                                   "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
+                                   "world_size": run.world_size}
+        if self.tuning is not None:
+            summary["search_params"] = self.tuning.param
+            summary["recall"] = {f"recall@{self.cfg.k}": self.tuning.recall, "target": self.tuning.target,
+                                 "reached": self.tuning.reached, "sample": self.tuning.sample,
+                                 "vs": "exact search, same exclusions"}
+            summary["tuning"] = self.tuning.tried
+        if self.short_share is not None:
+            summary["exclusion_search"] = {"short_share": round(self.short_share, 4), "range_first": self.range_first}
+        for split in SPLITS:
+            n = num_chunks(self.db, manifest, split)
+            if n:
+                summary[split] = assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
+                                           getattr(self, "old_rows", {}).get(split, 0))
+        return summary
+
+    def report(self, stats: dict[str, Any], run: RunInfo) -> str:
+        return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}, done in "
+                f"{run.seconds:.1f}s ({run.units_reused} shards reused, "
+                f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)"
+                + (f"; {stats['search_params']}: recall@{self.cfg.k} {self.tuning.recall:.3f} vs exact"
+                   if getattr(self, "tuning", None) is not None else ""))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """knn's own options (--device, --shard-size and --threads are shared: index_builder.cli)."""
+    d = KnnConfig
+    g = parser.add_argument_group("knn")
+    g.add_argument("--k", type=int, default=d.k, help="neighbours per chunk")
+    g.add_argument("--extra", type=int, default=d.extra,
+                   help="extra candidates searched to survive the self/same-document exclusion")
+    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=d.exact,
+                   help="exact torch search instead of the index (default: on with CUDA and no faiss-gpu)")
+    g.add_argument("--exact-pass-rows", type=int, default=d.exact_pass_rows,
+                   help="--exact: queries sharing one pass over the embeddings "
+                        "(default 262144 on CUDA, one shard on CPU)")
+    g.add_argument("--refresh", action="store_true", default=d.refresh,
+                   help="after `add`: recompute every chunk's neighbours against the grown database "
+                        "(default: search only the new chunks, keep the rest)")
+    g.add_argument("--target-recall", type=float, default=d.target_recall,
+                   help="search parameters (nprobe/efSearch): the cheapest whose final neighbours, "
+                        "exclusions applied, reach this recall@k against exact search (0: the index's own)")
+    g.add_argument("--tune-sample", type=int, default=d.tune_sample,
+                   help="train chunks the recall is measured on")
+    g.add_argument("--rerank", type=int, default=d.rerank,
+                   help="ask the index for this many times the candidates and keep the nearest by true "
+                        "distance, read from the stored embeddings (default: 4 where the index's codes "
+                        "take under a byte a dimension, e.g. PQ; 1 = the codes' own order)")
+
+
+SHARED_OPTIONS = ("device", "shard_size", "threads")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI entry: ``retro-build-index knn``."""
+    return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
+
+
+def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,
+                  a: int, b: int, is_train: bool, docs: np.ndarray,
+                  train_docs: np.ndarray, seq_starts: np.ndarray | None = None,
+                  chunks_per_seq: int = 1, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
+    chunk of only EOS and padding."""
+    if is_train:
+        rows = np.arange(a, b, dtype=np.int64)  # KnnStage._final_train for arbitrary rows
+        ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
+                                     chunks_per_seq, rows)
+        return search_with_exclusion(search, queries, k, extra, ntotal, query_ids=rows,
+                                     db_docs=train_docs, doc_ranges=ranges, content=content)
+    return search_with_exclusion(search, queries, k, extra, ntotal, content=content)

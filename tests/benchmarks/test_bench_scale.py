@@ -1,0 +1,36 @@
+"""benchmarks/bench_scale.py at a tiny size: the script runs end to end (real chunk and index
+stages, the knn stage's code beside raw faiss), past the HNSW range at the larger size."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+from tests.fixtures import bench_scale_module
+
+
+def test_bench_scale_tiny(tmp_path, capsys):
+    bench = bench_scale_module()
+    out = tmp_path / "rows.json"
+    corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"  # 5 files, ~100 KB: ~700 chunks a copy
+    assert bench.main(["--sizes", "500,2000", "--tiny", "--corpus", str(corpus), "--hnsw-max", "1000",
+                       "--work", str(tmp_path / "work"), "--threads", "2", "--no-write",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["n"] >= r["n_target"] for r in rows] == [True, True]
+    small, large = rows
+    assert small["index_stats"]["plan"]["builder"] == "autofaiss"
+    assert large["index_stats"]["plan"]["builder"] == "ivf"
+    assert large["index_stats"]["index_key"].startswith("IVF")
+    for r in rows:
+        assert r["chunk"]["peak_mb"] > 0 and r["index"]["cpu"] > 0
+        assert r["knn"]["queries"] == r["n"] and r["knn"]["missing"] == 0
+        assert 0 < r["knn"]["anon_mb"] <= r["knn"]["peak_mb"]  # private memory, measured apart from mapped files
+        stage = r["knn_stage"]  # the whole stage, as a user runs it (--tiny: at every size)
+        assert stage["wall"] > 0 and 0 < stage["anon_mb"] <= stage["peak_mb"] and stage["rerank"] == 1
+    assert small["knn"]["tuning"] is None  # autofaiss's Flat at this size: nothing to tune
+    assert large["knn"]["tuning"]["reached"] and large["knn"]["tuning"]["recall"] >= 0.95
+    assert 0 <= large["knn"]["short_share"] <= 1 and isinstance(large["knn"]["range_first"], bool)
+    text = capsys.readouterr().out
+    assert "| knn (" in text and "| knn stage (every chunk) |" in text and "### Projection" not in text and "days on 64 machines" in text

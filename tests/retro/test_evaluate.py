@@ -1,0 +1,276 @@
+"""Evaluation numbers on a tiny DB equal a naive per-sequence reference; the CLI prints them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from chunk_store import ChunkStore
+from retro import RETRO, RetroConfig
+from retro.checkpoint import save_checkpoint
+from retro.dataset import RetroDataset
+from retro.evaluate import eval_indices, evaluate, gain_failure, main
+from retro.metrics import bits_per_byte, target_bytes
+from retro.train_config import TrainConfig, save_resolved
+from tests.fixtures.train_db import CHUNK, K, VOCAB, tiny_db
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    return tiny_db(tmp_path_factory.mktemp("eval"))
+
+
+def model_cfg(**kw) -> RetroConfig:
+    base = dict(vocab_size=VOCAB, pad_id=3, dim=32, depth=2, heads=2, dim_head=16, enc_dim=32, enc_depth=1,
+                enc_heads=2, enc_dim_head=16, cca_layers=[2], chunk_size=CHUNK, num_neighbours=K)
+    return RetroConfig(**{**base, **kw})
+
+
+def reference(model, ds, indices) -> dict[str, float]:
+    """One sequence at a time, log-softmax and gather by hand, bytes from the DB's text."""
+    tok = ds.store.tokenizer
+    nll_r = nll_p = 0.0
+    ntok = nbytes = 0
+    for i in indices:
+        s = ds[int(i)]
+        x, y = s["tokens"][:-1][None], s["tokens"][1:]
+        keep = y != ds.pad_id
+        for nbrs, acc in ((s["neighbours"][None], "r"), (None, "p")):
+            logp = torch.log_softmax(model(x, nbrs)[0].double(), -1)
+            nll = -logp[torch.arange(len(y)), y][keep].sum().item()
+            if acc == "r":
+                nll_r += nll
+            else:
+                nll_p += nll
+        ntok += int(keep.sum())
+        nbytes += len(tok.decode(y[keep].tolist()).encode("utf-8"))
+    return {"loss": nll_r / ntok, "loss_no_retrieval": nll_p / ntok, "tokens": ntok, "bytes": nbytes,
+            "bits_per_byte": nll_r / nbytes / math.log(2), "bits_per_byte_no_retrieval": nll_p / nbytes / math.log(2)}
+
+
+@torch.no_grad()
+def test_evaluate_matches_naive_reference(db):
+    torch.manual_seed(0)
+    model = RETRO(model_cfg()).eval()
+    ds = RetroDataset(db, "val", k=K)
+    res = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=3, max_sequences=7)
+    ref = reference(model, ds, eval_indices(len(ds), 7))
+    assert res.sequences == 7 and res.tokens == ref["tokens"] and res.bytes == ref["bytes"]
+    for key in ("loss", "loss_no_retrieval", "bits_per_byte", "bits_per_byte_no_retrieval"):
+        assert getattr(res, key) == pytest.approx(ref[key], rel=1e-5), key
+    assert res.loss != res.loss_no_retrieval  # the neighbours do reach the model
+
+
+@torch.no_grad()
+def test_control_scores_with_other_sequences_neighbours(db):
+    torch.manual_seed(0)
+    model = RETRO(model_cfg()).eval()
+    ds = RetroDataset(db, "val", k=K)
+    n = len(ds)
+    res = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=2, control=True)
+    plain = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=5)
+    assert res.loss == pytest.approx(plain.loss, rel=1e-6) and res.loss_other_neighbours is not None
+    nll = ntok = 0.0
+    for i in range(n):  # reference: sequence i scored with sequence (i + n // 2) % n's neighbours
+        x, y = ds[i]["tokens"][:-1][None], ds[i]["tokens"][1:]
+        keep = y != ds.pad_id
+        logp = torch.log_softmax(model(x, ds[(i + n // 2) % n]["neighbours"][None])[0].double(), -1)
+        nll += -logp[torch.arange(len(y)), y][keep].sum().item()
+        ntok += int(keep.sum())
+    assert res.loss_other_neighbours == pytest.approx(nll / ntok, rel=1e-5)
+    assert res.loss_other_neighbours != res.loss  # other neighbours do change the score
+    d = res.to_dict()
+    assert d["gain_over_other_neighbours_bits_per_byte"] == pytest.approx(
+        res.bits_per_byte_other_neighbours - res.bits_per_byte)
+    assert "loss_other_neighbours" not in plain.to_dict()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), m=st.integers(1, 300), world=st.integers(1, 8))
+def test_eval_indices_spread_and_split_evenly(n, m, world):
+    if min(n, m) < world:
+        with pytest.raises(Exception, match="nothing to evaluate"):
+            eval_indices(n, m, world)
+        return
+    idx = eval_indices(n, m, world)
+    assert len(idx) % world == 0 and len(idx) > min(n, m) - world
+    assert len(set(idx.tolist())) == len(idx) and idx.min() >= 0 and idx.max() < n
+
+
+@settings(max_examples=30, deadline=None)
+@given(loss=st.floats(0.01, 10), tokens=st.integers(1, 10_000), bytes_per_token=st.floats(0.5, 8))
+def test_bits_per_byte_definition(loss, tokens, bytes_per_token):
+    nbytes = max(1, int(tokens * bytes_per_token))
+    assert bits_per_byte(loss * tokens, nbytes) == pytest.approx(loss * tokens / (nbytes * math.log(2)))
+
+
+def test_target_bytes_decodes_rows_whole_and_skips_pad(db):
+    store = ChunkStore.open(db, "val")
+    tok = store.tokenizer
+    ids = tok.encode("def f(x):\n    return x  # é\n")
+    row = np.array(ids + [store.pad_id] * 5)
+    text = "def f(x):\n    return x  # é\n"
+    assert tok.decode(ids) == text  # the premise: encoding round-trips
+    assert target_bytes(tok, np.stack([row, row]), store.pad_id) == 2 * len(text.encode("utf-8"))
+
+
+def test_cli_prints_json_with_and_without_retrieval(db, tmp_path, capsys):
+    cfg = model_cfg()
+    torch.manual_seed(1)
+    model = RETRO(cfg)
+    save_resolved(tmp_path / "config.yaml", TrainConfig(seq_len=64), cfg.to_dict())
+    save_checkpoint(tmp_path, 4, model, None, {})
+    assert main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--batch-size", "4",
+                 "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    res = evaluate(model.eval(), RetroDataset(db, "val", k=K), device=torch.device("cpu"), max_sequences=6)
+    assert out["step"] == 4 and out["split"] == "val" and out["sequences"] == 6
+    assert out["bits_per_byte"] == pytest.approx(res.bits_per_byte, rel=1e-6)
+    assert out["bits_per_byte_no_retrieval"] == pytest.approx(res.bits_per_byte_no_retrieval, rel=1e-6)
+    assert out["retrieval_gain_bits_per_byte"] == pytest.approx(
+        out["bits_per_byte_no_retrieval"] - out["bits_per_byte"])
+    rc = main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--no-progress", "--require-gain"])
+    assert rc == (0 if out["retrieval_gain_bits_per_byte"] > 0 else 3)
+    assert "bits per byte:" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path), "--db", str(db), "--max-sequences", "6", "--no-progress", "--control"]) == 0
+    captured = capsys.readouterr()
+    control = json.loads(captured.out)
+    assert control["bits_per_byte"] == pytest.approx(out["bits_per_byte"], rel=1e-6)
+    assert "gain_over_other_neighbours_bits_per_byte" in control and "(control)" in captured.err
+    # a model that does not fit the DB is refused with both values named
+    save_resolved(tmp_path / "config.yaml", TrainConfig(seq_len=64), model_cfg(vocab_size=600).to_dict())
+    save_checkpoint(tmp_path, 5, RETRO(model_cfg(vocab_size=600)), None, {})
+    assert main(["--run", str(tmp_path), "--db", str(db), "--no-progress"]) == 2
+    assert "vocab_size=512 but the config has model.vocab_size=600" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- baseline, leakage
+
+
+def lcs_reference(a: list[int], b: list[int], pad: int) -> int:
+    """Longest common run of tokens by brute force over every start pair (pad matches nothing)."""
+    best = 0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            n = 0
+            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n] and a[i + n] != pad:
+                n += 1
+            best = max(best, n)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), m=st.integers(1, 9), k=st.integers(1, 3), r=st.integers(1, 12),
+       vocab=st.integers(2, 5))
+def test_longest_shared_run_matches_brute_force(seed, m, k, r, vocab):
+    from retro.leakage import longest_shared_run
+
+    rng = np.random.default_rng(seed)
+    chunks = rng.integers(0, vocab, (4, m))
+    nbrs = rng.integers(0, vocab, (4, k, r))
+    got = longest_shared_run(chunks, nbrs, pad_id=0)
+    want = [max(lcs_reference(chunks[i].tolist(), nbrs[i, j].tolist(), 0) for j in range(k)) for i in range(4)]
+    assert got.tolist() == want
+
+
+def test_chunk_overlaps_pair_chunk_c_with_the_neighbours_of_chunk_c_minus_1():
+    """Target chunk c is predicted from Ret(C_{c-1}): a neighbour of chunk 1 whose continuation
+    copies chunk 2 gives chunk 2 overlap 1; chunk 0 sees no neighbours (0)."""
+    from retro.leakage import chunk_overlaps
+
+    m, pad = 4, 0
+    tokens = np.arange(1, 3 * m + 2)[None]  # (1, n + 1): 3 chunks + the next chunk's first token
+    nbrs = np.full((1, 3, 1, 2 * m), 99)
+    nbrs[0, 1, 0, m:] = tokens[0, 2 * m:3 * m]  # continuation of chunk 1's neighbour == chunk 2
+    nbrs[0, 0, 0, :2] = tokens[0, m + 1:m + 3]  # 2 tokens of chunk 1 in chunk 0's neighbour
+    ov = chunk_overlaps(tokens, nbrs, m, pad)
+    assert ov.shape == (1, 4) and ov[0].tolist() == [0.0, 0.5, 1.0, 0.0]
+
+
+@torch.no_grad()
+def test_baseline_and_overlap_buckets_add_up(db):
+    """The baseline is scored on the same tokens (itself as baseline: equal to no retrieval); the
+    100% bucket is every chunk (tokens, bytes and bits per byte equal the overall numbers, bytes
+    counted as the decoded text's UTF-8 length); buckets grow with alpha."""
+    torch.manual_seed(0)
+    model = RETRO(model_cfg()).eval()
+    base = RETRO(model_cfg(cca_layers=[])).eval()
+    ds = RetroDataset(db, "val", k=K)
+    res = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=3, max_sequences=6,
+                   baseline=base, overlap=True)
+    same = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=4, max_sequences=6, baseline=model)
+    assert same.bits_per_byte_baseline == pytest.approx(same.bits_per_byte_no_retrieval, rel=1e-6)
+    assert res.bits_per_byte_baseline != pytest.approx(res.bits_per_byte_no_retrieval, rel=1e-3)
+    ref_bytes = sum(len(ds.store.tokenizer.decode([t for t in ds[int(i)]["tokens"][1:].tolist() if t != 3])
+                        .encode("utf-8")) for i in eval_indices(len(ds), 6))
+    rows = res.overlap
+    assert [r["alpha"] for r in rows] == [0.125, 0.25, 0.5, 0.75, 1.0]
+    full = rows[-1]
+    assert full["tokens"] == res.tokens and full["bytes"] == res.bytes == ref_bytes
+    assert full["bits_per_byte_retrieval"] == pytest.approx(res.bits_per_byte, rel=1e-6)
+    assert full["bits_per_byte_no_retrieval"] == pytest.approx(res.bits_per_byte_no_retrieval, rel=1e-6)
+    assert full["bits_per_byte_baseline"] == pytest.approx(res.bits_per_byte_baseline, rel=1e-6)  # float32 sums
+    assert all(a["tokens"] <= b["tokens"] for a, b in zip(rows, rows[1:]))
+    assert rows[0]["tokens"] > 0
+
+
+def test_cli_baseline_and_overlap(db, tmp_path, capsys):
+    """--baseline RUN_BASE scores the decoder-only run beside RETRO; --overlap adds the buckets;
+    --require-gain passes only when RETRO beats both its weights without retrieval and the baseline
+    (the verdict itself: test_require_gain_verdict)."""
+    torch.manual_seed(1)
+    retro_run, base_run = tmp_path / "retro", tmp_path / "base"
+    for run, cfg in ((retro_run, model_cfg()), (base_run, model_cfg(cca_layers=[]))):
+        save_resolved(run / "config.yaml", TrainConfig(seq_len=64), cfg.to_dict())
+        save_checkpoint(run, 4, RETRO(cfg), None, {})
+    args = ["--db", str(db), "--max-sequences", "4", "--no-progress"]
+    assert main(["--run", str(retro_run), "--baseline", str(base_run), "--overlap", *args]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["baseline_step"] == 4 and out["bits_per_byte_baseline"] > 0
+    assert out["gain_over_baseline_bits_per_byte"] == pytest.approx(out["bits_per_byte_baseline"] - out["bits_per_byte"])
+    assert len(out["overlap"]) == 5 and "gain_over_baseline" in out["overlap"][0]
+    assert "trained baseline" in captured.err and "overlap <=" in captured.err
+    save_checkpoint(base_run, 2, RETRO(model_cfg(cca_layers=[])), None, {})  # an earlier step
+    assert main(["--run", str(retro_run), "--baseline", str(base_run), "--baseline-step", "2", *args]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["baseline_step"] == 2 and "baseline is at step 2, RETRO at 4" in captured.err
+    rc = main(["--run", str(retro_run), "--baseline", str(base_run), "--require-gain", *args])
+    out = json.loads(capsys.readouterr().out)
+    beats = out["bits_per_byte"] < min(out["bits_per_byte_no_retrieval"], out["bits_per_byte_baseline"])
+    assert rc == (0 if beats else 3)
+
+
+def test_require_gain_verdict():
+    from retro.evaluate import EvalResult
+
+    def res(bpb, plain, other=None, base=None):
+        return EvalResult(1.0, bpb, 1.0, plain, 10, 10, 1, None, other, None, base)
+
+    assert gain_failure(res(1.0, 1.1)) is None
+    assert "did not lower" in gain_failure(res(1.1, 1.1))
+    assert "other sequences" in gain_failure(res(1.0, 1.1, other=1.0))
+    assert gain_failure(res(1.0, 1.1, other=1.05, base=1.01)) is None
+    assert "trained baseline" in gain_failure(res(1.0, 1.1, base=0.99))
+    assert "trained baseline" in gain_failure(res(1.0, 1.1, base=1.0))
+
+
+def test_plot_leakage_draws_a_png_and_refuses_other_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from retro.plot import main as plot_main
+
+    rows = [{"alpha": a, "tokens": 10, "bytes": 30, "bits_per_byte_retrieval": 1.0 + a,
+             "bits_per_byte_no_retrieval": 1.1 + a, "bits_per_byte_baseline": 1.2,
+             "gain_over_no_retrieval": 0.1, "gain_over_baseline": 0.2 - a} for a in (0.125, 0.25, 0.5, 0.75, 1.0)]
+    (tmp_path / "eval.json").write_text(json.dumps({"overlap": rows}))
+    assert plot_main(["--leakage", str(tmp_path / "eval.json")]) == 0
+    png = tmp_path / "leakage.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and capsys.readouterr().out.strip() == str(png)
+    (tmp_path / "plain.json").write_text(json.dumps({"bits_per_byte": 1.0}))
+    assert plot_main(["--leakage", str(tmp_path / "plain.json")]) == 2
+    assert "--overlap" in capsys.readouterr().err
