@@ -33,7 +33,7 @@ from tqdm import tqdm
 from chunk_store import ChunkStore
 from chunk_store.framework import runtime
 from chunk_store.framework.errors import UserError, run_main
-from chunk_store.manifest import atomic_write_json
+from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
                               save_checkpoint)

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chunk_store import ChunkStore  # noqa: E402
-from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage, versions  # noqa: E402
+from chunk_store.manifest import load_manifest, now_iso, record_stage, versions  # noqa: E402
+from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.layout import DBLayout  # noqa: E402
 from index_builder.embed.stage import shard_ranges  # noqa: E402
 from index_builder.embed.embedder import POOLING, Embedder, EmbedderConfig  # noqa: E402

@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_chunk import run_measured  # noqa: E402
+from chunk_store.framework import registry  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 TOKENS_1T = 10 ** 12
@@ -71,7 +72,7 @@ re-ranked from the fp16 embeddings (48 random rows a query): here they sat in th
 at 12 TB they are NVMe reads, ~48 4-KB reads a query (60k IOPS at this machine's 16M rate)."""
 TOPICS = 1024
 DOC_OFFSET = 0.6  # a document's offset from its topic centre (norm), the centres of norm 1
-STAGES = ("chunk", "embed", "index", "knn")
+STAGES = tuple(e.name for e in registry.stages() if e.in_all)  # chunk, embed, index, knn
 
 
 def parse_size(text: str) -> int:
@@ -150,7 +151,8 @@ def write_embeddings(db: Path, dim: int, seed: int = 0, shard_size: int = 262144
     """The embed stage's outputs and manifest record, synthetic; returns seconds."""
     from chunk_store import ChunkStore
     from chunk_store.layout import DBLayout
-    from chunk_store.manifest import atomic_save_npy, load_manifest, now_iso, record_stage
+    from chunk_store.manifest import load_manifest, now_iso, record_stage
+    from chunk_store.framework.atomic import atomic_save_npy
 
     t0, started = time.time(), now_iso()
     paths = DBLayout(db)

@@ -1,4 +1,4 @@
-"""The DB directory's manifest.json and the atomic-write helpers every stage shares.
+"""The DB directory's manifest.json: read, written, compared, each stage's record.
 
 One retrieval database is one directory (see docs/DB_FORMAT.md). Every stage records what it
 did in ``manifest.json`` under ``stages[<name>]`` (params, versions, start/end time, figures),
@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from chunk_store.framework.errors import DBError, UserError  # noqa: F401 (DBError re-exported: older imports)
-from chunk_store.layout import MANIFEST, temp_path
+from chunk_store.framework.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_json  # noqa: F401 (older imports)
+from chunk_store.layout import MANIFEST
 
 FORMAT_VERSION = 1
-STAGES = ("chunk", "embed", "index", "knn")
 
 
 def now_iso() -> str:
@@ -48,36 +48,6 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
         while data := f.read(block):
             h.update(data)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """np.save to a temporary file, then rename: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def open_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import SHARDS_DIR, SPLITS, DBLayout, temp_path
-from chunk_store.manifest import atomic_save_npy, atomic_write_json
+from chunk_store.framework.atomic import atomic_save_npy, atomic_write_json
 from chunk_store.chunk.packing import NpyWriter, sequence_starts
 from chunk_store.chunk.part_files import doc_id_blocks, part_doc_info, part_rows, part_sources
 

@@ -1,6 +1,8 @@
-"""retro-build-index: one command, one subcommand a stage (chunk, embed, index, knn), plus all and info.
+"""retro-build-index: one command, one subcommand a stage (chunk, add, embed, index, knn), plus all,
+info and search.
 
-Each stage module exposes ``add_arguments(parser)`` (its own options; ``--db``/``--out`` are
+The stages and their order come from the registry (chunk_store.framework.registry): a stage
+registered there is a subcommand here, with no change to this file. Each stage module exposes ``add_arguments(parser)`` (its own options; ``--db``/``--out`` are
 added here) and ``run(args) -> dict`` (a summary). Options that several stages read
 (``--device``, ``--shard-size``, ``--threads``) are declared once per parser, from each module's
 ``SHARED_OPTIONS``. A ``UserError`` becomes a one-line message on stderr and exit status 2, Ctrl-C
@@ -16,31 +18,24 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from chunk_store.framework import registry
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.manifest import load_manifest
 
-# stage name -> module that implements it (imported lazily: `info` must not import torch)
-STAGE_MODULES: dict[str, str] = {
-    "chunk": "chunk_store.chunk.stage",
-    "add": "chunk_store.add",
-    "embed": "index_builder.embed.stage",
-    "index": "index_builder.index.stage",
-    "knn": "index_builder.knn.stage",
-}
-
 
 def _stages() -> dict[str, Any]:
-    """The stage modules, in order (each imports torch, faiss or transformers only when it runs)."""
-    return {name: importlib.import_module(modname) for name, modname in STAGE_MODULES.items()}
+    """The registered stages' modules, in order (each imports torch, faiss or transformers only
+    when it runs)."""
+    return {e.name: importlib.import_module(e.module) for e in registry.stages()}
 
 
 def info(args: argparse.Namespace) -> dict:
     """The manifest and each stage's status, as JSON on stdout."""
     manifest = load_manifest(args.db)
     status = {
-        s: ("done" if manifest["stages"].get(s, {}).get("finished") else
-            "partial" if s in manifest["stages"] else "missing")
-        for s in STAGE_MODULES if s != "add" or s in manifest["stages"]
+        e.name: ("done" if manifest["stages"].get(e.name, {}).get("finished") else
+                 "partial" if e.name in manifest["stages"] else "missing")
+        for e in registry.stages() if e.in_all or e.name in manifest["stages"]
     }
     if args.brief:  # the figures a person reads, without the per-file lists
         manifest = {
@@ -80,18 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     stages = _stages()
     for name, module in stages.items():
+        entry = registry.entry(name)
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        if name == "chunk":
-            p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
-        elif name == "add":
-            p.add_argument("--db", "--out", dest="db", required=True, help="the database to grow")
-        else:
-            p.add_argument("--db", required=True, help="database directory")
+        p.add_argument(*entry.db_flags, dest="db", required=True, help=entry.db_help)
         module.add_arguments(p)
         add_shared_options(p, module.SHARED_OPTIONS)
         p.set_defaults(func=module.run)
 
-    build = {name: m for name, m in stages.items() if name != "add"}
+    build = {name: m for name, m in stages.items() if registry.entry(name).in_all}
     p = sub.add_parser("all", help="run every stage in order (" + " -> ".join(build) + "); on a built "
                                    "database with new inputs, add them and update the rest")
     p.add_argument("--out", "--db", dest="db", required=True, help="database directory")
@@ -134,7 +125,7 @@ def run_all(args: argparse.Namespace, stages: dict[str, Any]) -> dict:
 
     summary = {}
     for name, module in stages.items():
-        if name == "add":
+        if not registry.entry(name).in_all:
             continue
         print(f"== {name}", file=sys.stderr)
         try:

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chunk_store.framework.errors import UserError
-from chunk_store.manifest import atomic_write_bytes, atomic_write_json, now_iso
+from chunk_store.manifest import now_iso
+from chunk_store.framework.atomic import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from retro.config import RetroConfig

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
-from chunk_store.manifest import atomic_write_bytes
+from chunk_store.framework.atomic import atomic_write_bytes
 
 DB_RECORD = "db.json"  # RUN/db.json: the database a run trained on (written by train.py)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from chunk_store.framework.errors import UserError
-from chunk_store.manifest import atomic_write_bytes
+from chunk_store.framework.atomic import atomic_write_bytes
 
 # dense bf16 peak FLOP/s by GPU name fragment (the MFU denominator); RETRO_PEAK_FLOPS overrides
 PEAK_BF16_FLOPS = {

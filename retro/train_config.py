@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from chunk_store.framework.errors import UserError
-from chunk_store.manifest import atomic_write_bytes
+from chunk_store.framework.atomic import atomic_write_bytes
 from retro.config import load_yaml
 
 

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from tests.fixtures.toy_stage import toy_registered  # noqa: F401 (a fixture: the toy stage, registered)
+
 
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("-m") or ""

@@ -105,3 +105,33 @@ def test_database_file_names_only_in_layout() -> None:
         for file_name in names:
             # a quoted file name, alone or at the end of a path: "chunks.npy", f"{x}/chunks.npy"
             assert not re.search(rf"[\"'/]{re.escape(file_name)}[\"']", text), f"{name} spells {file_name}"
+
+
+def test_each_stage_registered_once_and_nowhere_else() -> None:
+    """A stage is one registry entry and one Stage class of that name; no other module keeps its
+    own list of the stages or its own prerequisite (those were three places before)."""
+    from chunk_store.framework import registry
+
+    names = registry.stage_names()
+    classes: dict[str, list[str]] = {}
+    for mod, path in package_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, (ast.Name, ast.Subscript)) and ast.unparse(b).split("[")[0].endswith("Stage")
+                    for b in node.bases):
+                for stmt in node.body:
+                    targets = [t.id for t in getattr(stmt, "targets", [getattr(stmt, "target", None)])
+                               if isinstance(t, ast.Name)]
+                    if "requires" in targets:
+                        raise AssertionError(f"{mod}.{node.name} says its prerequisite itself: registry only")
+                    value = getattr(stmt, "value", None)
+                    if "name" in targets and isinstance(value, ast.Constant):
+                        classes.setdefault(value.value, []).append(f"{mod}.{node.name}")
+            if mod != "chunk_store.framework.registry" and isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                listed = {e.value for e in node.elts if isinstance(e, ast.Constant)} & set(names)
+                assert len(listed) < 3, f"{mod} lists the stages {sorted(listed)}: read the registry instead"
+    assert sorted(classes) == sorted(names), (classes, names)
+    assert all(len(c) == 1 for c in classes.values()), classes
+    for entry in registry.stages():
+        assert classes[entry.name][0].startswith(entry.module + "."), (entry, classes[entry.name])

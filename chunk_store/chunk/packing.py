@@ -28,7 +28,8 @@ from chunk_store.framework.errors import UserError
 from chunk_store.chunk.input_formats import (DEFAULT_TEXT_FIELD, Record, RecordReport, TextStream, input_format,
                                        iter_records, parquet_row_groups)
 from chunk_store.layout import CHUNK_PART_PREFIX, TOKENIZER, temp_path
-from chunk_store.manifest import atomic_write_json, sha256_file
+from chunk_store.manifest import sha256_file
+from chunk_store.framework.atomic import atomic_write_json
 from chunk_store.chunk.part_files import PartWriter
 from chunk_store.chunk.text_files import InputFile, split_jsonl
 from chunk_store.tokenization.sentencepiece import ENCODE_PIECE_CHARS, Tokenizer, encode_pieces

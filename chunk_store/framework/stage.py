@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Generic, Iterable, Sequence, TypeVar
 
-from chunk_store.framework import runtime
+from chunk_store.framework import registry, runtime
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import DBLayout, temp_owner
 from chunk_store.manifest import (check_params, load_manifest, now_iso, record_stage, require_stage, save_manifest,
@@ -126,13 +126,17 @@ C = TypeVar("C")
 class Stage(ABC, Generic[C]):
     """One database stage; :func:`run_stage` calls the methods in the order they appear here."""
 
-    name: ClassVar[str]
-    requires: ClassVar[str | None] = None  # the stage that must have finished first
+    name: ClassVar[str]  # the registry's name of the stage (chunk_store.framework.registry)
     packages: ClassVar[tuple[str, ...]] = ()  # versions recorded in the manifest
     result_keys: ClassVar[tuple[str, ...] | None] = None  # params compared on a re-run (None: all)
     progress_unit: ClassVar[str] = "unit"
     progress_scale: ClassVar[bool] = False
     advances_bar: ClassVar[bool] = False  # compute() moves ``self.bar`` itself (else: per unit)
+
+    @property
+    def requires(self) -> str | None:
+        """The stage that must have finished first: the registry's word, said once there."""
+        return registry.requires(self.name)
 
     def __init__(self, db: str | os.PathLike, cfg: C) -> None:
         self.db = Path(db)

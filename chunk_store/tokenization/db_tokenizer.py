@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from chunk_store.framework.errors import UserError
 from chunk_store.tokenization.hugging_face import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
 from chunk_store.layout import TOKENIZER, DBLayout
-from chunk_store.manifest import atomic_write_bytes, save_manifest, sha256_file
+from chunk_store.manifest import save_manifest, sha256_file
+from chunk_store.framework.atomic import atomic_write_bytes
 from chunk_store.chunk.input_formats import iter_sample_text
 from chunk_store.chunk.text_files import InputFile
 from chunk_store.tokenization.sentencepiece import Tokenizer, TokenizerTrainConfig, train_tokenizer

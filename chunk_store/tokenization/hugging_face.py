@@ -139,7 +139,7 @@ class HFTokenizer:
 
     def save(self, folder: str | Path) -> None:
         """Write the tokenizer's files into ``folder`` (each atomically)."""
-        from chunk_store.manifest import atomic_write_bytes
+        from chunk_store.framework.atomic import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

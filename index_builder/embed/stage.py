@@ -25,7 +25,7 @@ import numpy as np
 
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import SPLITS, DBLayout
-from chunk_store.manifest import atomic_save_npy
+from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
 from index_builder.embed.embedder import POOLING, Embedder, EmbedderConfig, load_bert_tokenizer, tokenize
@@ -192,7 +192,6 @@ class EmbedStage(Stage[EmbedConfig]):
     """Chunks -> float16 embedding shards; one unit a shard of ``shard_size`` chunks."""
 
     name = "embed"
-    requires = "chunk"
     packages = ("torch", "transformers")
     result_keys = RESULT_KEYS + ("chunk_size",)
     progress_unit = "chunk"

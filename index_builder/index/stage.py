@@ -227,7 +227,6 @@ class IndexStage(Stage[IndexConfig]):
     """Train embeddings -> one faiss index (one unit: autofaiss builds it whole), then its recall."""
 
     name = "index"
-    requires = "embed"
     packages = ("faiss", "autofaiss")
     result_keys = RESULT_KEYS
     progress_unit = "index"

@@ -31,7 +31,8 @@ import numpy as np
 
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
-from chunk_store.manifest import atomic_save_npy, check_params
+from chunk_store.manifest import check_params
+from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
 from chunk_store.store import ChunkStore
@@ -75,7 +76,6 @@ class KnnStage(Stage[KnnConfig]):
     """Embeddings + index -> neighbours; one unit a shard of ``shard_size`` query chunks."""
 
     name = "knn"
-    requires = "index"
     packages = ("torch", "faiss")
     result_keys = RESULT_KEYS + ("shard_size",)
     progress_unit = "chunk"

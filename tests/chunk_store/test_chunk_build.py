@@ -21,7 +21,7 @@ from chunk_store.chunk.packing import is_val, sequence_starts
 from chunk_store.chunk.part_files import pack_documents
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.manifest import load_manifest
-from tests.fixtures import OUTPUT_FILES, chunk_argv, full_manifest, outputs, random_text, write_corpus
+from tests.fixtures import chunk_argv, full_manifest, outputs, random_text, write_corpus
 from chunk_store.chunk.input_formats import TextStream
 from chunk_store.chunk.text_files import decode_bytes, split_jsonl
 from index_builder.cli import main as cli

@@ -4,65 +4,20 @@ units over ranks, clean stale temporary files. The real stages' crash tests are 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from chunk_store.framework import runtime
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import temp_path
-from chunk_store.manifest import FORMAT_VERSION, atomic_write_bytes, load_manifest, save_manifest
-from chunk_store.framework.stage import RunInfo, Stage, Unit, clean_stale_tmp, run_stage
-
-
-@dataclass(frozen=True)
-class ToyConfig:
-    units: int = 7
-    scale: int = 3
-    fail_at: int = -1  # compute raises at this unit (a crash mid-run)
-
-
-class ToyStage(Stage[ToyConfig]):
-    """Unit i writes i * scale to out/i; finalize sums them."""
-
-    name = "toy"
-    requires = "chunk"
-
-    def __init__(self, db: Path, cfg: ToyConfig) -> None:
-        super().__init__(db, cfg)
-        self.computed: list[int] = []
-
-    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return {"units": self.cfg.units, "scale": self.cfg.scale}
-
-    def complete(self, manifest: dict[str, Any]) -> bool:
-        return (self.db / "total").exists()
-
-    def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
-        return [(self.db / "out", ("",))]
-
-    def units(self, manifest: dict[str, Any]) -> list[Unit]:
-        return [Unit(i, 1) for i in range(self.cfg.units)]
-
-    def unit_done(self, unit: Unit) -> bool:
-        return (self.db / "out" / str(unit.index)).exists()
-
-    def compute(self, unit: Unit) -> None:
-        if unit.index == self.cfg.fail_at:
-            raise RuntimeError("boom")
-        self.computed.append(unit.index)
-        atomic_write_bytes(self.db / "out" / str(unit.index), str(unit.index * self.cfg.scale).encode())
-
-    def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
-        total = sum(int((self.db / "out" / str(i)).read_text()) for i in range(self.cfg.units))
-        atomic_write_bytes(self.db / "total", str(total).encode())
-        return {"total": total, "reused": run.units_reused, "done": run.units_done}
+from chunk_store.manifest import FORMAT_VERSION, load_manifest, save_manifest
+from chunk_store.framework.stage import clean_stale_tmp, run_stage
+from tests.fixtures.toy_stage import ToyConfig, ToyStage
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
+def db(tmp_path: Path, toy_registered: None) -> Path:
     db = tmp_path / "db"
     db.mkdir()
     t = "2026-01-01T00:00:00+00:00"

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from chunk_store.layout import DBLayout
 from chunk_store import ChunkStore, DBError
-from chunk_store.manifest import atomic_save_npy, load_manifest, record_stage, save_manifest
+from chunk_store.manifest import load_manifest, record_stage, save_manifest
+from chunk_store.framework.atomic import atomic_save_npy
 from tests.fixtures import build_tiny_db
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chunk_store import DBError
-from retro import RETRO, RetroConfig
+from retro import RETRO
 from retro import checkpoint as ck
 from retro.train_config import TrainConfig, save_resolved
 from tests.fixtures.checkpoints import step, tiny_cfg, trained
