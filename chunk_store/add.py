@@ -20,13 +20,13 @@ from typing import Any
 
 from chunk_store.chunk.stage import ChunkConfig, ChunkStage
 from chunk_store.framework.errors import UserError
-from chunk_store.tokenization.hugging_face import HFTokenizer, open_db_tokenizer
+from chunk_store.tokenization.hugging_face import open_db_tokenizer
 from chunk_store.chunk.input_formats import DEFAULT_TEXT_FIELD
 from chunk_store.manifest import check_params, load_manifest, require_stage
 from chunk_store.shards import db_inputs
 from chunk_store.framework.stage import run_stage
 from chunk_store.chunk.text_files import WalkResult
-from chunk_store.tokenization.sentencepiece import Tokenizer
+from chunk_store.tokenization.protocol import DBTokenizer
 
 log = logging.getLogger("chunk_store.add")
 
@@ -80,7 +80,7 @@ class AddStage(ChunkStage):
         if self.walk().files:
             super().preflight(manifest)
 
-    def prepare_tokenizer(self, manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
+    def prepare_tokenizer(self, manifest: dict[str, Any]) -> DBTokenizer:
         return open_db_tokenizer(self.db, manifest["tokenizer"])
 
     def skip_message(self, stats: dict[str, Any]) -> str:

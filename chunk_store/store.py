@@ -17,10 +17,10 @@ import numpy as np
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
 from chunk_store.manifest import load_manifest, open_npy, stage_done
-from chunk_store.tokenization.hugging_face import HFTokenizer, open_db_tokenizer
+from chunk_store.tokenization.hugging_face import open_db_tokenizer
 from chunk_store.sharded_array import concat
 from chunk_store.shards import shard_paths, shard_records
-from chunk_store.tokenization.sentencepiece import Tokenizer
+from chunk_store.tokenization.protocol import DBTokenizer
 
 
 class ChunkStore:
@@ -39,7 +39,7 @@ class ChunkStore:
         self.seq_len: int = int(self.manifest["seq_len"])
         tok_rec = self.manifest.get("tokenizer") or {}
         tok_path = self.db / tok_rec.get("file", TOKENIZER)
-        self.tokenizer: Tokenizer | HFTokenizer = open_db_tokenizer(self.db, tok_rec)
+        self.tokenizer: DBTokenizer = open_db_tokenizer(self.db, tok_rec)
         if tok_rec.get("vocab_size") not in (None, self.tokenizer.vocab_size):
             raise UserError(f"corrupt {tok_path}: vocab size {self.tokenizer.vocab_size}, the manifest "
                           f"says {tok_rec['vocab_size']}")

@@ -80,17 +80,13 @@ class Retriever:
     def _apply_knn_tuning(self) -> None:
         """The knn stage's recall-tuned nprobe / efSearch (stages.knn.stats.search_params), where
         it ran on this index: lookups then find what the precomputed neighbours found."""
-        import faiss
-
+        from index_builder.index.faiss_params import apply_search_params
         from index_builder.index.stage import index_identity
 
         knn = self.manifest.get("stages", {}).get("knn", {})
         param = (knn.get("stats") or {}).get("search_params")
         if param and (knn.get("params") or {}).get("index_id") == index_identity(self.manifest):
-            try:
-                faiss.ParameterSpace().set_index_parameters(self.index, param)
-            except RuntimeError:
-                pass
+            apply_search_params(self.index, param, strict=False, warn=False)
 
     def _rerank_setup(self, rerank: int | None) -> tuple[int, list[np.ndarray] | None]:
         """Candidates a result re-ranked by true distance (index_builder.knn.rerank): as the knn stage,

@@ -42,6 +42,8 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits()) -> Any:
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, Field, field_validator
 
+    from index_builder.retriever import Neighbour
+
     class NeighboursRequest(BaseModel):
         texts: list[str] = Field(..., min_length=1, max_length=limits.max_texts,
                                  description="query texts (non-empty strings)")
@@ -65,15 +67,8 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits()) -> Any:
                     raise ValueError(f"texts[{i}] has {len(t)} characters, the limit is {limits.max_chars}")
             return texts
 
-    class NeighbourOut(BaseModel):
-        chunk_id: int
-        doc_id: int
-        distance: float
-        text: str
-        continuation: str
-
     class NeighboursResponse(BaseModel):
-        neighbours: list[list[NeighbourOut]]
+        neighbours: list[list[Neighbour]]  # the Retriever's own type: one definition of a neighbour
         k: int
         took_ms: float
 

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from chunk_store.framework.errors import UserError
 from chunk_store.tokenization.db_tokenizer import prepare_tokenizer
-from chunk_store.tokenization.hugging_face import HF_PREFIX, HFTokenizer, load_hf_tokenizer, open_db_tokenizer
+from chunk_store.tokenization.hugging_face import HF_PREFIX, load_hf_tokenizer, open_db_tokenizer
 from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, DOCUMENTS, HF_TOKENIZER_FILES,
                                 SEQ_STARTS, SPLITS, TOKENIZER)
 from chunk_store.manifest import FORMAT_VERSION, check_params, load_manifest, sha256_file, stage_done
@@ -56,6 +56,7 @@ from chunk_store.shards import (DigestSet, db_inputs, frozen_digests, next_shard
 from chunk_store.framework.stage import RunInfo, Stage, Unit, crash_point, run_stage
 from chunk_store.chunk.text_files import DEFAULT_MAX_INVALID_FRACTION, InputFile, WalkResult, walk_inputs
 from chunk_store.tokenization.sentencepiece import Tokenizer
+from chunk_store.tokenization.protocol import DBTokenizer
 
 log = logging.getLogger("chunk_store.chunk.stage")
 
@@ -145,7 +146,7 @@ class ChunkStage(Stage[ChunkConfig]):
     def __init__(self, db: str | os.PathLike, cfg: ChunkConfig) -> None:
         super().__init__(db, cfg)
         self._walk: WalkResult | None = None
-        self.tok: Tokenizer | HFTokenizer | None = None
+        self.tok: DBTokenizer | None = None
         self.plan: dict[str, Any] = {}
         self.base = 0  # the index of the first shard this run writes
         self.new_records: list[dict[str, Any]] = []  # the shards this run wrote (finalize)
@@ -235,7 +236,7 @@ class ChunkStage(Stage[ChunkConfig]):
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
         return [u for u in units if u.index % world == rank]
 
-    def prepare_tokenizer(self, manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
+    def prepare_tokenizer(self, manifest: dict[str, Any]) -> DBTokenizer:
         return prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
 
     def begin(self, manifest: dict[str, Any]) -> None:
@@ -357,7 +358,7 @@ def build(db: str | os.PathLike, cfg: ChunkConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- its steps
 
 
-def _run_in_pool(todo: list[Unit], tok: Tokenizer | HFTokenizer, workers: int, done: Callable[[Unit], None]) -> None:
+def _run_in_pool(todo: list[Unit], tok: DBTokenizer, workers: int, done: Callable[[Unit], None]) -> None:
     """Process units in ``workers`` processes, at most 2 x workers in flight, ``done`` in order of
     completion (the parts are independent; the merge reads them in unit order)."""
     # forkserver, not fork: a forked worker would inherit (and count in its RSS) the main

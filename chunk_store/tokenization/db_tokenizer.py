@@ -23,12 +23,13 @@ from chunk_store.framework.atomic import atomic_write_bytes
 from chunk_store.chunk.input_formats import iter_sample_text
 from chunk_store.chunk.text_files import InputFile
 from chunk_store.tokenization.sentencepiece import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from chunk_store.tokenization.protocol import DBTokenizer
 
 log = logging.getLogger("chunk_store.chunk.stage")
 
 
 def prepare_tokenizer(db: Path, cfg: Any, files: Sequence[InputFile],
-                       manifest: dict[str, Any]) -> Tokenizer | HFTokenizer:
+                       manifest: dict[str, Any]) -> DBTokenizer:
     """Load the DB's tokenizer if this run already made it; else copy or train one.
 
     ``cfg`` is the chunk stage's ChunkConfig (not imported: chunk_store.chunk.stage imports this).

@@ -26,6 +26,7 @@ from chunk_store.framework.errors import UserError
 from chunk_store.layout import HF_TOKENIZER_FILES, HF_TOKENIZER_JSON, DBLayout
 from chunk_store.chunk.text_files import normalise_text, visible
 from chunk_store.tokenization.sentencepiece import Tokenizer, encode_pieces
+from chunk_store.tokenization.protocol import DBTokenizer
 
 HF_PREFIX = "hf:"
 # EOS spellings tried, in order, when tokenizer_config.json does not name one
@@ -185,7 +186,7 @@ def load_hf_tokenizer(name_or_path: str) -> HFTokenizer:
     return HFTokenizer(files, name)
 
 
-def open_db_tokenizer(db: str | Path, record: Mapping[str, Any] | None) -> Tokenizer | HFTokenizer:
+def open_db_tokenizer(db: str | Path, record: Mapping[str, Any] | None) -> DBTokenizer:
     """The tokenizer a DB's manifest names: its HF folder or its sentencepiece model."""
     paths = DBLayout(db)
     record = record or {}

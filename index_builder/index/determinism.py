@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from index_builder.index.faiss_params import apply_search_params
+
 # autofaiss's report fields that measure this machine's speed, not the index
 TIMING_KEYS = ("avg_search_speed_ms", "99p_search_speed_ms")
 
@@ -47,8 +49,7 @@ def make_deterministic(index_path: Path, infos_path: Path) -> str:
 
     index = faiss.read_index(str(index_path))
     param = fixed_search_params(index)
-    if param:
-        faiss.ParameterSpace().set_index_parameters(index, param)
+    apply_search_params(index, param)
     faiss.write_index(index, str(index_path))
     infos = json.loads(infos_path.read_text())
     infos = {k: v for k, v in infos.items() if k not in TIMING_KEYS}

@@ -39,6 +39,7 @@ from index_builder.index.determinism import fixed_search_params, make_determinis
 from index_builder.embed.stage import num_chunks, open_embeddings
 from index_builder.index.update import add_new_vectors
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
+from index_builder.index.faiss_params import apply_search_params
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,7 @@ def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
             param = json.loads(infos_path.read_text()).get("index_param")
         except json.JSONDecodeError:
             param = None
-    if param:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, param)
-        except RuntimeError as e:
-            log.warning("could not apply index parameters %r: %s", param, e)
+    apply_search_params(index, param, strict=False)
     return index
 
 def drop_pq_table(index: Any) -> None:

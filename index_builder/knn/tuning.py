@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from index_builder.index.faiss_params import apply_search_params
+
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -105,18 +107,13 @@ def tune_index(index: Any, final_ids: Callable[[], np.ndarray], exact_d: np.ndar
 
     ``final_ids()`` -> the sample's final neighbour ids with the index as currently set;
     ``read(sorted ids)`` -> their stored vectors."""
-    import faiss
-
-    space = faiss.ParameterSpace()
-
     def final(param: str) -> np.ndarray:
-        space.set_index_parameters(index, param)
+        apply_search_params(index, param)
         return final_ids()
 
     from index_builder.knn.rerank import true_distances
 
     tuning = tune_search(candidate_params(index), final, exact_d,
                          lambda ids: true_distances(queries, ids, read), target)
-    if tuning.param:
-        space.set_index_parameters(index, tuning.param)
+    apply_search_params(index, tuning.param)
     return tuning
