@@ -7,11 +7,12 @@ checkouts (before and after a refactor) can be shown to do exactly the same thin
 
 What runs (every step through its command-line entry point, as a user runs it): `retro-build-index
 all` (deterministic index) on a few standard-library packages with the offline MiniLM embedder;
-`search`; RETRO and its decoder-only baseline trained 8 steps, stopped and resumed to 16; evaluate
+`search`; RETRO and its decoder-only baseline trained 8 steps, stopped, resumed to 16; evaluate
 (with --baseline, --control, --overlap); generate (greedy and sampled, JSON); export. Every file
 written is hashed; JSON files are hashed after dropping the keys that record a time or a speed
 (VOLATILE), and printed output likewise. Compare on one machine: bf16 embedding and float
-summation orders differ between CPUs.
+summation orders differ between CPUs. Use the same --work path for both runs: the tokenizer's
+training sample visits files in the order of a hash of their absolute path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 VOLATILE = {"started", "finished", "seconds", "tokens_per_s", "time", "elapsed", "wall_s", "mfu",
             "versions", "samples_per_s", "chunks_per_s", "step_time", "queries_per_s", "s", "ms",
             "load_s", "created", "host", "hostname", "path", "db", "run", "input", "inputs_root",
-            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput"}
+            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved"}
 PACKAGES = ("json", "email", "wsgiref", "http", "xmlrpc")
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for cfg, out in (("configs/tiny.yaml", run_), ("configs/tiny-baseline.yaml", base)):
         run([py, "train.py", "--config", cfg, "--db", str(db), "--out", str(out), *sets, "--set", "stop_at=8"],
             work, log)
-        run([py, "train.py", "--db", str(db), "--out", str(out), "--resume"], work, log)
+        run([py, "train.py", "--db", str(db), "--out", str(out), "--resume", "--set", "stop_at=null"], work, log)
     printed["evaluate"] = run([py, "-m", "retro.evaluate", "--run", str(run_), "--db", str(db), "--split", "val",
                                "--baseline", str(base), "--control", "--overlap", "--max-sequences", "8",
                                "--no-progress"], work, log)

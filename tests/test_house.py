@@ -135,3 +135,20 @@ def test_each_stage_registered_once_and_nowhere_else() -> None:
     assert all(len(c) == 1 for c in classes.values()), classes
     for entry in registry.stages():
         assert classes[entry.name][0].startswith(entry.module + "."), (entry, classes[entry.name])
+
+
+def test_tests_mirror_the_packages_and_share_helpers_only_through_fixtures() -> None:
+    """tests/ has one folder a package plus e2e, fuzz, gpu and benchmarks; helpers shared
+    between tests live in tests/fixtures/ and no test module imports another."""
+    tests = REPO / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders == set(PACKAGES) | {"e2e", "fuzz", "gpu", "benchmarks", "fixtures"}, folders
+    for path in tests.rglob("*.py"):
+        if path.parent.name == "fixtures" or path.name in ("__init__.py", "conftest.py"):
+            continue
+        assert path.name.startswith("test_"), f"{path}: a helper module outside tests/fixtures/"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.split(".")[-1].startswith("test_"), f"{path} imports the test module {name}"
