@@ -75,7 +75,7 @@ class ChunkConfig:
     val_fraction: float = 0.0
     vocab_size: int | None = 8192
     tokenizer_file: str | None = None
-    tokenizer_sample_mb: float = 4.0  # unigram training costs ~5 s per MB on 2 cores
+    tokenizer_sample_mb: float = 4.0  # unigram training cost grows with the sample (docs/BENCHMARKS.md)
     tokenizer_type: str = "unigram"  # sentencepiece model type when training: unigram | bpe
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
     workers: int = 1

@@ -78,8 +78,8 @@ class quiet_transformers:
 class EmbedderConfig:
     """How to build an :class:`Embedder`.
 
-    ``dtype`` None = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX, about
-    2.8x faster than fp32 here), fp32 elsewhere. Storage is float16 either way.
+    ``dtype`` None = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX, faster
+    than fp32 there; docs/BENCHMARKS.md), fp32 elsewhere. Storage is float16 either way.
     """
 
     name_or_path: str = ""  # "" = the default offline MiniLM
@@ -134,7 +134,7 @@ class Embedder:
     # How texts are batched (set per device in __init__; benchmarks/bench_embed_levers.py varies
     # them). CUDA: widths rounded up to a multiple of 8 (tensor-core shapes), full batches of mixed
     # lengths. CPU: a batch holds texts of one length only, so it needs no padding and no attention
-    # mask (SDPA's unmasked path): 1.4x the chunks/s of mixed batches on the demo's chunks.
+    # mask (SDPA's unmasked path): more chunks/s than mixed batches (docs/BENCHMARKS.md).
     pad_multiple: int = 8
     same_length_batches: bool = False
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 16384
 # texts per forward pass when --batch-size is not given. CPU: small batches keep a MiniLM layer's
-# activations in cache (batch 32: 1.15x the chunks/s of batch 128 on an AVX2 EPYC; docs/BENCHMARKS.md,
+# activations in cache (batch 32 beat batch 128 on an AVX2 EPYC; docs/BENCHMARKS.md,
 # "Chunk embedding on a CPU without native bf16"); CUDA: large batches fill the GPU
 DEFAULT_BATCH = {"cpu": 32, "cuda": 1024}
 # the parameters that change the embeddings; a resumed or later stage must agree on all of them

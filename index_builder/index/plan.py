@@ -3,10 +3,10 @@
 Why not autofaiss's choice at every size: past a few million vectors it picks keys such as
 ``OPQ256_512,IVF16384_HNSW32,PQ256x8`` and trains them on the first vectors of the folder with
 a sample that grows with N, on what is in practice one core: on a 2-core machine the 4M-chunk
-index had not finished after 45 minutes. The rule here bounds every training cost:
+index took too long to finish (docs/BENCHMARKS.md). The rule here bounds every training cost:
 
 - up to ``hnsw_max`` vectors (and while HNSW32 fits ``--max-index-memory``) autofaiss keeps its
-  choice (HNSW32 on this range): no training, insertion O(N log N), measured 173 s at 1M chunks;
+  choice (HNSW32 on this range): no training, insertion O(N log N) (docs/BENCHMARKS.md);
 - past that, ``IVF{nlist}_HNSW32`` with nlist ~ 2 sqrt(N) (a power of two, within
   [nlist_min, nlist_max]): the coarse k-means sees ``per_centroid`` sampled vectors per centroid
   (a random sample of the whole DB, not its first rows), so it costs

@@ -134,8 +134,7 @@ def drop_pq_table(index: Any) -> None:
     faiss's reader rebuilds the table on load even for an ``np`` key (the flag is not stored):
     nlist x M x 256 floats, 805 MB at 8,192 lists x PQ96 (16M chunks), 6.4 GB at the chooser's
     65,536 lists: the knn stage's private memory then grew with N, past ``--max-index-memory``.
-    Measured at 16M chunks, nprobe 8, one thread: 1.13-1.33 ms a query with the table,
-    1.26-1.33 ms without (noise)."""
+    Searching without the table costs no measurable time (docs/BENCHMARKS.md)."""
     import faiss
 
     try:

@@ -2,24 +2,24 @@
 
 Why: on real text a chunk's nearest candidates are its own document's near-duplicates; the
 sequence rule excludes them after the search, the row comes back short, and the knn stage
-searched again with 4x, 16x, ... the candidates (4.5 searches a query on the synthetic scale DB,
-8-11x raw faiss's time). The excluded chunks of a train chunk are one contiguous range of chunk
+searched again with 4x, 16x, ... the candidates (several searches a query on the synthetic scale
+DB, many times raw faiss's time; docs/BENCHMARKS.md). The excluded chunks of a train chunk are one contiguous range of chunk
 ids (a sequence's documents are consecutive doc ids, and a document's chunks are consecutive),
 shared by every chunk of that training sequence. So the rows that the plain batched search left
 short are grouped by range and each group is searched once more with
 ``IDSelectorNot(IDSelectorRange)``: faiss skips those ids while scanning, and k + extra
 candidates suffice (extra only for blank chunks). The plain search first, because a selector
-costs: HNSW explores further to fill its list with allowed ids (4x raw faiss's time on the
-demo's real text if every row went through it; 2% of its rows are short). The caller still
+costs: HNSW explores further to fill its list with allowed ids (a multiple of raw faiss's time
+on the demo's real text if every row went through it, where few rows are short). The caller still
 applies every exclusion afterwards and widens the search for a row still short.
 
 Where most rows come back short (the synthetic scale DB: every chunk's nearest candidates are its
 own document's), the plain search is wasted: :func:`prefer_range_first` then sends every row
 through the range search at once. An IVF or flat index pays little for the selector (one range
-check a scanned code); HNSW pays much more (it walks on past the excluded nodes: measured ~20x a
-row's plain search on the demo's real text, where widening the plain search 4x costs ~2x), so
+check a scanned code); HNSW pays much more (it walks on past the excluded nodes: far more than
+widening the plain search on the demo's real text), so
 :func:`selector_pays` keeps HNSW on the widening re-search unless most rows are short (there,
-widening took 4.5 searches a query: range-first costs less).
+widening took several searches a query: range-first costs less; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -92,12 +92,10 @@ def faiss_range_search(index: Any, threads: int = 1) -> RangeSearch:
     """A :data:`RangeSearch` over ``index``: one faiss call per distinct range, ids in a range skipped.
 
     On a bare IVF index the coarse quantizer runs once over all the rows and each range's rows
-    scan their preassigned lists: the quantizer (HNSW over the centroids) costs ~2.5x more in
-    the small per-range batches than in one batch, ~40% of the search at nprobe 4 (the 1.1M
-    chunk scale DB). With ``threads`` > 1 the ranges are spread over that many threads, each
+    scan their preassigned lists: the quantizer (HNSW over the centroids) costs more in the small
+    per-range batches than in one batch, a large share of the search (docs/BENCHMARKS.md). With ``threads`` > 1 the ranges are spread over that many threads, each
     calling faiss single-threaded: many small OpenMP regions on a loaded machine wait at every
-    barrier for a descheduled thread (1.37x one batched search with 2 OpenMP threads at load 7,
-    1.00x with one)."""
+    barrier for a descheduled thread (docs/BENCHMARKS.md)."""
     import faiss
 
     inner_ivf = faiss.downcast_index(index)

@@ -2,7 +2,7 @@
 
 Why: past what SQ8 codes fit in ``--max-index-memory`` the key chooser takes PQ codes (16M chunks
 at 2G: PQ96, four dimensions a byte), and PQ distances cannot order a chunk's near-duplicates:
-the raw index's recall@2 at 16M train chunks was 0.66 against exact search. The float16
+the raw index's recall@2 at 16M train chunks fell far below the target (docs/BENCHMARKS.md). The float16
 embeddings are on disk anyway (the embed stage's output), so the search asks the index for
 ``factor`` times the candidates and keeps the nearest by true distance. faiss's IndexRefineFlat
 does the same but holds every vector in RAM as float32 (24 GB at 16M chunks); here the rows are
@@ -104,7 +104,7 @@ def rerank(queries: np.ndarray, cand_ids: np.ndarray, c: int, read: Callable[[np
 @contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """The re-rank's small torch ops on one thread: on a busy machine each multi-threaded op
-    waits at its barrier for a descheduled thread (measured 7.5x slower with 2 threads at load 3)."""
+    waits at its barrier for a descheduled thread (several times slower; docs/BENCHMARKS.md)."""
     import torch
 
     n = torch.get_num_threads()
@@ -135,8 +135,8 @@ def true_distances(queries: np.ndarray, ids: np.ndarray, read: Callable[[np.ndar
     id < 0. ``read(ids)`` -> a new array of their vectors, one a flat id, any dtype (the
     embedding memmaps: :func:`take_rows`). In torch, in place on the one gathered (q, c, d)
     block: no sort of the ids, no second gather; numpy's broadcast subtract-square-sum and its
-    float16 cast each cost several times the index search they re-rank (measured: 24-37 CPU us
-    a query at 64 rows a block, 48 candidates of 384 dims, against 38-52 with a unique-id pass)."""
+    float16 cast each cost several times the index search they re-rank, and a unique-id pass
+    costs more than it saves (docs/BENCHMARKS.md)."""
     import torch
 
     flat = ids.reshape(-1)

@@ -159,3 +159,84 @@ def test_doc_source_reads_one_line(stores, db: Path) -> None:
     assert [train.doc_source(i) for i in range(train.num_docs)] == [json.loads(x) for x in lines]
     with pytest.raises(IndexError):
         train.doc_source(train.num_docs)
+
+
+# ----------------------------------------------------------------------------- contents vs. the documents
+# An independent reference: each source file read back from the corpus, normalised (BOM, CRLF), split
+# by the documented sha256 rule, encoded with sentencepiece itself (not the store's wrapper), EOS
+# appended and padded to whole chunks, in the order documents.jsonl lists them.
+
+
+def reference_split(db: Path, split: str) -> tuple[list[str], list[np.ndarray]]:
+    """(normalised texts, reference chunk rows) of the split's documents, from the source files."""
+    import hashlib
+
+    import sentencepiece as spm
+
+    m = load_manifest(db)
+    sp = spm.SentencePieceProcessor(model_proto=(db / "tokenizer.model").read_bytes())
+    eos, pad, cs = sp.eos_id(), sp.pad_id(), int(m["chunk_size"])
+    frac = float(m["stages"]["chunk"]["params"]["val_fraction"])
+    texts, rows = [], []
+    for line in DBLayout(db).shard(0).documents(split).read_text().splitlines():
+        raw = Path(json.loads(line)["source"]).read_bytes().decode("utf-8")
+        text = raw.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        in_val = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") < frac * 2.0**64
+        assert in_val == (split == "val"), line
+        ids = sp.encode(text) + [eos]
+        ids += [pad] * (-len(ids) % cs)
+        texts.append(text)
+        rows.append(np.array(ids, dtype=np.int64).reshape(-1, cs))
+    return texts, rows
+
+
+def test_every_source_file_is_one_document_of_one_split(stores, db: Path) -> None:
+    corpus = db.parent / f"{db.name}-corpus"
+    sources = sorted(json.loads(x)["source"] for s in ("train", "val")
+                     for x in DBLayout(db).shard(0).documents(s).read_text().splitlines())
+    assert sources == sorted(str(p) for p in corpus.rglob("*.txt"))
+    train, val = stores
+    assert 0 < val.num_docs < train.num_docs  # val_fraction 0.2 of 30 documents: both splits hold some
+
+
+def test_chunks_reproduce_the_documents(stores, db: Path) -> None:
+    for s in stores:
+        texts, rows = reference_split(db, s.split)
+        assert s.num_docs == len(texts)
+        # every document's tokens in order, EOS, pad to its last chunk: the whole stream, row for row
+        want = np.concatenate(rows) if rows else np.zeros((0, s.chunk_size), np.int64)
+        assert np.array_equal(np.asarray(s.chunks).astype(np.int64), want)
+        # a chunk never spans two documents: doc_ids name each row's document
+        want_ids = np.concatenate([np.full(len(r), d) for d, r in enumerate(rows)]) if rows else []
+        assert np.array_equal(np.asarray(s.doc_ids), want_ids)
+        for d, (text, r) in enumerate(zip(texts, rows)):
+            assert s.doc_chunk_range(d) == (int(want_ids.searchsorted(d)), int(want_ids.searchsorted(d)) + len(r))
+            assert s.doc_text(d) == text
+            # the document's last chunk holds its EOS, then only pad; no other chunk holds EOS or pad
+            flat = np.asarray(s.chunks[slice(*s.doc_chunk_range(d))]).ravel()
+            end = int(np.flatnonzero(flat == s.tokenizer.eos_id)[0])
+            assert (flat[end + 1:] == s.pad_id).all() and len(flat) - end <= s.chunk_size
+            assert s.pad_id not in flat[:end]
+        # sequences: consecutive non-overlapping runs over the stream, the last partial run dropped
+        cps = s.seq_len // s.chunk_size
+        assert np.array_equal(np.asarray(s.seq_starts), np.arange(0, s.num_chunks - cps + 1, cps))
+
+
+def test_chunk_text_is_a_piece_of_its_document(stores, db: Path) -> None:
+    for s in stores:
+        texts, _ = reference_split(db, s.split)
+        for d, text in enumerate(texts):
+            lo, hi = s.doc_chunk_range(d)
+            pos, joined = 0, True  # joined: the previous chunk's text ended at pos
+            for i in range(lo, hi):
+                piece = s.text(i)
+                if "\ufffd" in piece:  # a character cut by a chunk boundary (byte fallback): not a substring
+                    joined = False
+                    continue
+                # a chunk's text is the document's text from where the previous chunk stopped
+                # (sentencepiece drops the space a chunk's text begins with)
+                piece = piece.lstrip(" ")
+                found = text.find(piece, pos)
+                assert found >= 0, (d, i, piece)
+                assert not joined or text[pos:found].strip(" ") == "", (d, i, piece, text[pos:pos + 80])
+                pos, joined = found + len(piece), True

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunk_store.manifest import DBError
-from tests.fixtures import random_text
+from chunk_store import ChunkStore
+from tests.fixtures import chunk_argv, outputs, random_text, write_corpus
 from chunk_store.chunk.text_files import normalise_text
 from chunk_store.tokenization.sentencepiece import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
@@ -68,11 +73,64 @@ def test_pickle(tok: Tokenizer) -> None:
     assert tok2.vocab_size == tok.vocab_size
 
 
-def test_training_is_deterministic() -> None:
-    rng = random.Random(2)
-    texts = [random_text(rng) for _ in range(10)]
-    cfg = TokenizerTrainConfig(vocab_size=400)
-    assert train_tokenizer(texts, cfg) == train_tokenizer(texts, cfg)
+REPO = Path(__file__).resolve().parents[2]
+
+TRAIN_IN_A_PROCESS = """
+import random, sys
+from chunk_store import ChunkStore
+from tests.fixtures import chunk_argv, outputs, random_text, write_corpus
+from chunk_store.tokenization.sentencepiece import Tokenizer, TokenizerTrainConfig, train_tokenizer
+rng = random.Random(2)
+texts = [random_text(rng) for _ in range(10)]
+model = train_tokenizer(texts, TokenizerTrainConfig(vocab_size=400))
+tok = Tokenizer(model, "t")
+sys.stdout.buffer.write(model)
+open(sys.argv[1], "w").write(repr([tok.encode(t) for t in texts]))
+"""
+
+
+def _python(args: list[str], hash_seed: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": hash_seed}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, timeout=300)
+
+
+def test_training_and_encoding_are_deterministic_across_processes(tmp_path: Path) -> None:
+    """Two interpreters with different hash seeds train the same model bytes and encode the same ids."""
+    runs = []
+    for seed in ("0", "4242"):
+        ids = tmp_path / f"ids-{seed}"
+        p = _python(["-c", TRAIN_IN_A_PROCESS, str(ids)], seed)
+        assert p.returncode == 0, p.stderr.decode()[-3000:]
+        runs.append((p.stdout, ids.read_text()))
+    assert runs[0][0] and runs[0][0] == runs[1][0]  # the serialised model, byte for byte
+    assert runs[0][1] == runs[1][1]
+
+
+CHUNK_IN_A_PROCESS = "import sys; from index_builder.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_chunk_stage_is_deterministic_across_processes_and_workers(tmp_path: Path) -> None:
+    """The chunk stage run by separate processes with different hash seeds and worker counts
+    (1 vs 2, small units so both workers get work) writes the same tokenizer model and arrays."""
+    rng = random.Random(7)
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, [random_text(rng) for _ in range(24)])
+    results = []
+    for seed, workers in (("0", "1"), ("31337", "2")):
+        db = tmp_path / f"db-{workers}"
+        p = _python(["-c", CHUNK_IN_A_PROCESS, *chunk_argv(corpus, db, "--workers", workers,
+                                                          "--unit-mb", "0.002")], seed)
+        assert p.returncode == 0, p.stderr.decode()[-3000:]
+        results.append((db, outputs(db)))
+    (db1, out1), (db2, out2) = results
+    assert out1.keys() == out2.keys() and all(out1.values())
+    for name in out1:
+        assert out1[name] == out2[name], name  # tokenizer.model and every .npy / documents.jsonl
+    for split in ("train", "val"):  # and the arrays as read back, for a readable failure
+        a, b = ChunkStore.open(db1, split), ChunkStore.open(db2, split)
+        assert a.num_chunks > 0
+        for attr in ("chunks", "doc_ids", "seq_starts"):
+            assert np.array_equal(getattr(a, attr), getattr(b, attr)), (split, attr)
 
 
 def test_user_model_without_pad_gets_an_extra_id() -> None:
