@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
 from retro.model import RETRO, ChunkedCrossAttention, CrossAttention, Encoder, RMSNorm, Rotary
+from retro.run_layout import RunLayout
 
-DECODER_DIR = "hf_decoder"  # RUN/hf_decoder/: the base model's config.json and tokenizer files
 # where each family keeps its decoder layers
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 
@@ -327,7 +327,7 @@ def save_decoder_files(cfg: RetroConfig, folder: str | os.PathLike) -> None:
 
 def load_run_decoder(cfg: RetroConfig, run_dir: str | os.PathLike) -> RetroFit:
     """A run's RetroFit, built from RUN/hf_decoder/config.json (weights: the checkpoint's)."""
-    folder = Path(run_dir) / DECODER_DIR
+    folder = RunLayout(run_dir).decoder_dir
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}/config.json is missing: the retrofitted run cannot be rebuilt")
     return from_decoder_config(cfg, _auto_config(str(folder)))
