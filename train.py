@@ -35,13 +35,13 @@ from chunk_store.framework import runtime
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
-from retro.checkpoint import (CKPT_DIR, LATEST, checkpoint_dir, load_checkpoint, load_weights,
-                              save_checkpoint)
+from retro.build import model_from_config
+from retro.checkpoint import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
-from retro.export import DB_RECORD
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
+from retro.run_layout import RunLayout
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
 
 # parameter-name components that belong to retrieval (trained when RETRO-fitting)
@@ -144,12 +144,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     """(training config, model config, model mapping) from --config and --set; with --resume from
     RUN/config.yaml, whose model settings a resume may not change."""
     run = Path(args.out)
-    saved = run / "config.yaml"
+    layout = RunLayout(run)
+    saved = layout.config
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a run directory")
     if args.resume:
-        if not saved.is_file() or not (run / CKPT_DIR / LATEST).is_file():
-            raise UserError(f"--resume: {run} has no config.yaml and checkpoint to resume from")
+        if not saved.is_file() or not layout.latest.is_file():
+            raise UserError(f"--resume: {run} has no {saved.name} and checkpoint to resume from")
         base = load_yaml(saved)
         if args.config:
             requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
@@ -164,7 +165,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     else:
         if not args.config:
             raise UserError("--config is required (except with --resume)")
-        if (run / CKPT_DIR / LATEST).is_file():
+        if layout.latest.is_file():
             raise UserError(f"{run} already holds a run with checkpoints: pass --resume to continue it, or a new --out")
         tcfg, mdict = load_config(args.config, args.set)
         mcfg = RetroConfig.from_dict(mdict)
@@ -198,13 +199,9 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if mcfg.hf_decoder:  # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
-        from retro.hf_decoder import load_pretrained
-
-        frozen_bf16 = device.type == "cuda" and tcfg.freeze_decoder
-        model = load_pretrained(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
-    else:
-        model = RETRO(mcfg)
+    # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
+    frozen_bf16 = bool(mcfg.hf_decoder) and device.type == "cuda" and tcfg.freeze_decoder
+    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
@@ -279,13 +276,14 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
     if info.is_main:  # after every refusal (init_from, tensorboard): a failed start leaves no RUN behind
         run.mkdir(parents=True, exist_ok=True)
-        save_resolved(run / "config.yaml", tcfg, mdict)
+        layout = RunLayout(run)
+        save_resolved(layout.config, tcfg, mdict)
         # which database trained this run (retro.export's model card and tokenizer)
-        atomic_write_json(run / DB_RECORD, {"db": str(Path(args.db).resolve())})
+        atomic_write_json(layout.db_record, {"db": str(Path(args.db).resolve())})
         if mcfg.hf_decoder:
-            from retro.hf_decoder import DECODER_DIR, save_decoder_files
+            from retro.hf_decoder import save_decoder_files
 
-            save_decoder_files(mcfg, run / DECODER_DIR)
+            save_decoder_files(mcfg, layout.decoder_dir)
     return Trainer(
         run=run, tcfg=tcfg, mcfg=mcfg, info=info, grad_accum=grad_accum, train_ds=train_ds, val_ds=val_ds,
         use_retrieval=use_retrieval, model=model, wrapped=wrapped, optimizer=optimizer,

@@ -31,21 +31,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from chunk_store.framework.errors import UserError
-from chunk_store.manifest import now_iso
 from chunk_store.framework.atomic import atomic_write_bytes, atomic_write_json
+from chunk_store.manifest import now_iso
+from retro.run_layout import (CONFIG, RunLayout, is_checkpoint, optimizer_file, state_file, step_dirname,
+                              weights_file)
 
 if TYPE_CHECKING:
     from retro.config import RetroConfig
     from retro.model import RETRO
 
-CKPT_DIR = "checkpoints"
-LATEST = "latest"
 SEP = "::"
 STATE_VERSION = 1
-
-
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # ----------------------------------------------------------------------------- JSON without pickle
@@ -201,12 +197,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         rngs = gathered
     path = None
     if rank == 0:
-        ckpts = Path(run_dir) / CKPT_DIR
-        final = ckpts / step_dirname(step)
+        layout = RunLayout(run_dir)
+        ckpts, final = layout.checkpoints, layout.step_dir(step)
         tmp = ckpts / f".tmp-{step_dirname(step)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_dedup_for_safetensors(msd), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        save_file(_dedup_for_safetensors(msd), str(weights_file(tmp)), metadata={"step": str(step)})
         meta: dict[str, Any] = {
             "version": STATE_VERSION,
             "step": step,
@@ -217,8 +213,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         }
         if osd is not None:
             tensors, meta["optimizer"] = _split_optimizer(osd)
-            save_file(_dedup_for_safetensors(tensors), str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "state.json", meta)
+            save_file(_dedup_for_safetensors(tensors), str(optimizer_file(tmp)))
+        atomic_write_json(state_file(tmp), meta)
         for f in tmp.iterdir():  # make the files durable before the rename publishes them
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -229,7 +225,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        atomic_write_bytes(ckpts / LATEST, (final.name + "\n").encode())
+        atomic_write_bytes(layout.latest, (final.name + "\n").encode())
         path = final
     if world > 1:
         dist.barrier()
@@ -239,27 +235,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
 def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
     """The directory of checkpoint ``step`` (default: the one ``latest`` points to)."""
     run_dir = Path(run_dir)
-    ckpts = run_dir / CKPT_DIR
-    if (run_dir / "model.safetensors").is_file():  # already a checkpoint directory
+    layout = RunLayout(run_dir)
+    ckpts = layout.checkpoints
+    if is_checkpoint(run_dir):  # already a checkpoint directory
         return run_dir
     if step is not None:
-        path = ckpts / step_dirname(step)
+        path = layout.step_dir(step)
         if not path.is_dir():
-            have = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+            have = [p.name for p in layout.step_dirs()]
             raise UserError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
         return path
-    pointer = ckpts / LATEST
+    pointer = layout.latest
     if not pointer.is_file():
         raise UserError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
     path = ckpts / pointer.read_text().strip()
-    if not (path / "model.safetensors").is_file():
-        raise UserError(f"{pointer} points to {path.name}, which has no model.safetensors")
+    if not is_checkpoint(path):
+        raise UserError(f"{pointer} points to {path.name}, which has no {weights_file(path).name}")
     return path
 
 
 def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
     """state.json, checked for the shape every reader relies on (an object with an integer step)."""
-    path = Path(ckpt) / "state.json"
+    path = state_file(ckpt)
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
@@ -289,7 +286,7 @@ def check_fits(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], what
 
 
 def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(ckpt) / "model.safetensors"
+    path = weights_file(ckpt)
     if not path.is_file():
         raise UserError(f"missing {path}")
     try:
@@ -311,12 +308,12 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     meta = read_state(ckpt)
     opts = StateDictOptions(full_state_dict=True, strict=True)
     weights = load_weights(ckpt)
-    check_fits(model, weights, f"{ckpt}/model.safetensors")
+    check_fits(model, weights, str(weights_file(ckpt)))
     set_model_state_dict(model, weights, options=opts)
     if optimizer is not None:
         if "optimizer" not in meta:
             raise UserError(f"{ckpt} has no optimizer state: cannot resume from it")
-        path = ckpt / "optimizer.safetensors"
+        path = optimizer_file(ckpt)
         try:
             tensors = load_file(str(path))
             state = _join_optimizer(tensors, meta["optimizer"])
@@ -338,25 +335,21 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                step: int | None = None) -> tuple[RETRO, RetroConfig]:
     """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode."""
+    from retro.build import model_from_config
     from retro.config import RetroConfig
-    from retro.model import RETRO
 
     run_dir = Path(run_dir)
     ckpt = checkpoint_dir(run_dir, step)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = RunLayout(run_dir).config
     if not cfg_path.is_file():  # a bare checkpoint directory: config two levels up
-        cfg_path = ckpt.parent.parent / "config.yaml"
+        cfg_path = RunLayout(ckpt.parent.parent).config
     if not cfg_path.is_file():
-        raise UserError(f"no config.yaml in {run_dir}: not a training run directory")
+        raise UserError(f"no {CONFIG} in {run_dir}: not a training run directory")
     cfg = RetroConfig.from_yaml(cfg_path)
-    if cfg.hf_decoder:  # a RETRO-fitted Hugging Face decoder: rebuilt from RUN/hf_decoder/
-        from retro.hf_decoder import load_run_decoder
-
-        model: torch.nn.Module = load_run_decoder(cfg, cfg_path.parent)
-    else:
-        model = RETRO(cfg)
+    # a RETRO-fitted Hugging Face decoder is rebuilt from RUN/hf_decoder/
+    model = model_from_config(cfg, run_dir=cfg_path.parent)
     weights = load_weights(ckpt)
-    check_fits(model, weights, f"{ckpt}/model.safetensors (with {cfg_path})")
+    check_fits(model, weights, f"{weights_file(ckpt)} (with {cfg_path})")
     model.load_state_dict(weights, strict=False)  # check_fits: same keys and shapes
     model.to(device).eval()
     return model, cfg

@@ -3,7 +3,8 @@
 Training settings live at the top level of the same YAML (``retro.train_config.TrainConfig``
 reads them); this class only reads ``data["model"]`` (or the whole mapping when there is no
 ``model`` key), so one file describes a whole run. Unknown model keys are an error: a typo must
-not silently fall back to a default. ``load_yaml`` is the one config-file reader of both.
+not silently fall back to a default. ``load_yaml`` is the one config-file reader of both; a
+config may derive from another (``extends: tiny.yaml``) and name only the keys it changes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,43 @@ import yaml
 from chunk_store.framework.errors import UserError
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's top-level mapping, or a one-line UserError naming the file."""
+EXTENDS = "extends"  # a config's parent: a file name relative to the config's own folder
+
+
+def merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top: mappings merge key by key, anything else (lists too)
+    replaces, so a derived config names only what differs from its parent."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's top-level mapping, its ``extends:`` parents merged in (a derived config is
+    its parent plus its own keys), or a one-line UserError naming the file."""
+    data = _read_mapping(Path(path))
+    parent = data.pop(EXTENDS, None)
+    if parent is None:
+        return data
     path = Path(path)
+    if not isinstance(parent, str) or not parent.strip():
+        raise UserError(f"{path}: {EXTENDS} must name a config file, got {parent!r}")
+    parent_path = path.parent / parent
+    chain = (*_chain, path.resolve())
+    if parent_path.resolve() in chain:
+        names = " -> ".join(str(p.name) for p in (*chain, parent_path))
+        raise UserError(f"{path}: {EXTENDS} cycle ({names})")
+    if not parent_path.is_file():
+        raise UserError(f"{path}: {EXTENDS} {parent}, but there is no config file at {parent_path}")
+    return merge_config(load_yaml(parent_path, chain), data)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One file's own top-level mapping (no ``extends:`` resolved)."""
     if not path.is_file():
         raise UserError(f"no config file at {path}")
     try:

@@ -24,14 +24,13 @@ from typing import Any, Sequence
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
 from chunk_store.framework.atomic import atomic_write_bytes
-
-DB_RECORD = "db.json"  # RUN/db.json: the database a run trained on (written by train.py)
+from retro.run_layout import WEIGHTS, RunLayout
 
 
 def _db_of(run: Path, db: str | None) -> Path | None:
     if db:
         return Path(db)
-    record = run / DB_RECORD
+    record = RunLayout(run).db_record
     if record.is_file():
         path = Path(json.loads(record.read_text()).get("db", ""))
         return path if path.is_dir() else None
@@ -94,7 +93,6 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
     from chunk_store.tokenization.hugging_face import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
     from chunk_store.manifest import load_manifest
     from retro.checkpoint import _dedup_for_safetensors, checkpoint_dir, load_model, read_state
-    from retro.hf_decoder import DECODER_DIR
     from retro.hf_model import RetroHFConfig
 
     run, out = Path(run), Path(out)
@@ -103,7 +101,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
     db_path = _db_of(run, db)
     manifest = load_manifest(db_path) if db_path is not None else None
     if cfg.hf_decoder:
-        tok: Any = load_hf_tokenizer(str(run / DECODER_DIR))
+        tok: Any = load_hf_tokenizer(str(RunLayout(run).decoder_dir))
         decoder = model.decoder.config.to_dict()  # type: ignore[union-attr]
     else:
         if manifest is None:
@@ -116,9 +114,9 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
                               architectures=["RetroForCausalLM"])
     hf_config.save_pretrained(out)
     weights = {f"retro.{k}": v for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
+    tmp = out / f".{WEIGHTS}.tmp"
     save_file(_dedup_for_safetensors(weights), str(tmp), metadata={"format": "pt", "step": str(ckpt_step)})
-    os.replace(tmp, out / "model.safetensors")
+    os.replace(tmp, out / WEIGHTS)
     if isinstance(tok, HFTokenizer):
         tok.save(out)
     else:

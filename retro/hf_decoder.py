@@ -20,7 +20,6 @@ The interface is the native model's: ``model(tokens, neighbours | None) -> logit
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,9 @@ from torch import Tensor, nn
 
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
-from retro.model import RETRO, ChunkedCrossAttention, CrossAttention, Encoder, RMSNorm, Rotary
+from retro.model import RETRO, ChunkedCrossAttention, Encoder, RMSNorm, Rotary, init_weights
+from retro.run_layout import RunLayout
 
-DECODER_DIR = "hf_decoder"  # RUN/hf_decoder/: the base model's config.json and tokenizer files
 # where each family keeps its decoder layers
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 
@@ -160,17 +159,8 @@ class RetroFit(nn.Module):
     def reset_retrieval_parameters(self) -> None:
         """Normal(0, init_std) for the encoder and CCA, except every CCA output projection: zero,
         so the retrofitted model starts as the base model exactly."""
-        std = self.cfg.init_std
-        for name, module in self.named_modules():
-            if name.startswith("decoder"):
-                continue
-            if isinstance(module, nn.Linear):
-                scale = 1.0 / math.sqrt(2 * self.cfg.enc_depth) if name.endswith(("to_out", "fc_out")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, CrossAttention) and module.null_kv is not None:
-                nn.init.normal_(module.null_kv, mean=0.0, std=std)
+        retrieval = ((name, m) for name, m in self.named_modules() if not name.startswith("decoder"))
+        init_weights(retrieval, self.cfg.init_std, n_resid=2 * self.cfg.enc_depth)  # the encoder's branches
         for cca in self.cca.values():
             nn.init.zeros_(cca.attn.to_out.weight)
 
@@ -327,7 +317,7 @@ def save_decoder_files(cfg: RetroConfig, folder: str | os.PathLike) -> None:
 
 def load_run_decoder(cfg: RetroConfig, run_dir: str | os.PathLike) -> RetroFit:
     """A run's RetroFit, built from RUN/hf_decoder/config.json (weights: the checkpoint's)."""
-    folder = Path(run_dir) / DECODER_DIR
+    folder = RunLayout(run_dir).decoder_dir
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder}/config.json is missing: the retrofitted run cannot be rebuilt")
     return from_decoder_config(cfg, _auto_config(str(folder)))

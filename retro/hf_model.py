@@ -28,6 +28,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from retro.config import RetroConfig
 from retro.metrics import lm_loss
 from retro.model import RETRO
+from retro.run_layout import WEIGHTS
 
 MODEL_TYPE = "retro"
 
@@ -89,7 +90,7 @@ class RetroForCausalLM(PreTrainedModel):
         if not isinstance(config, RetroHFConfig):
             config = RetroHFConfig.from_pretrained(name, **hub)
         model = cls(config)
-        weights = load_file(cached_file(name, "model.safetensors", **hub))
+        weights = load_file(cached_file(name, WEIGHTS, **hub))
         model.load_state_dict(weights, strict=True)
         if dtype not in (None, "auto"):
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,6 +20,7 @@ from einops import rearrange
 
 from chunk_store.framework.errors import UserError
 from chunk_store.framework.atomic import atomic_write_bytes
+from retro.run_layout import RunLayout
 
 # dense bf16 peak FLOP/s by GPU name fragment (the MFU denominator); RETRO_PEAK_FLOPS overrides
 PEAK_BF16_FLOPS = {
@@ -92,7 +92,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, resume_step: int | None = None,
                  tensorboard: bool = False) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunLayout(run_dir).metrics
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -109,7 +109,7 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'") from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            self.tb = SummaryWriter(str(RunLayout(run_dir).tensorboard), purge_step=resume_step)
 
     def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -136,7 +136,7 @@ def _step_of(line: str) -> int:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every well-formed record of RUN/metrics.jsonl (a torn last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     out = []
     if path.exists():
         for line in path.read_text().splitlines():

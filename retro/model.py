@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -334,6 +335,20 @@ class RetroCache:
     retrieval: bool | None = None  # fixed by the first call: with or without neighbours
 
 
+def init_weights(named_modules: Iterable[tuple[str, nn.Module]], std: float, n_resid: int) -> None:
+    """The one init rule (RETRO; RetroFit's retrieval part): Normal(0, std), RMSNorm ones, and each
+    residual branch's output projection scaled by 1/sqrt(n_resid) (GPT-2's rule: the residual
+    stream's variance does not grow with depth). The modules' order is the RNG draws' order."""
+    for name, module in named_modules:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            scale = 1.0 / math.sqrt(n_resid) if name.endswith(("to_out", "fc_out")) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, CrossAttention) and module.null_kv is not None:
+            nn.init.normal_(module.null_kv, mean=0.0, std=std)
+
+
 class RETRO(nn.Module):
     """``RETRO(cfg)(tokens (b, n), neighbours (b, n // m, k, 2m) | None) -> logits (b, n, vocab)``."""
 
@@ -360,19 +375,8 @@ class RETRO(nn.Module):
     # ------------------------------------------------------------------ init
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; every residual branch's output projection scaled by
-        1/sqrt(number of residual branches) (GPT-2's rule, CCA branches counted), so the residual
-        stream's variance does not grow with depth."""
-        std = self.cfg.init_std
-        n_resid = 2 * self.cfg.depth + len(self.cca_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1.0 / math.sqrt(n_resid) if name.endswith(("to_out", "fc_out")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, CrossAttention) and module.null_kv is not None:
-                nn.init.normal_(module.null_kv, mean=0.0, std=std)
+        """``init_weights`` over every module; residual branches: 2 per layer + the CCAs."""
+        init_weights(self.named_modules(), self.cfg.init_std, 2 * self.cfg.depth + len(self.cca_layers))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from chunk_store.framework.errors import UserError, run_main
 from retro.metrics import read_metrics
+from retro.run_layout import LEAKAGE_PLOT, RunLayout
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -34,7 +35,7 @@ def plot(run: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run)
     records = read_metrics(run)
     if not records:
-        raise UserError(f"no metrics in {run / 'metrics.jsonl'}: train first (python train.py ... --out {run})")
+        raise UserError(f"no metrics in {RunLayout(run).metrics}: train first (python train.py ... --out {run})")
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label, style in [("train_loss", "train", "-"), ("val_loss", "val, with retrieval", "o-"),
                               ("val_loss_no_retrieval", "val, without retrieval", "s--")]:
@@ -52,7 +53,7 @@ def plot(run: str | Path, out: str | Path | None = None) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    out = Path(out) if out else run / "loss.png"
+    out = Path(out) if out else RunLayout(run).loss_plot
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -93,7 +94,7 @@ def plot_leakage(eval_json: str | Path, out: str | Path | None = None) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    out = Path(out) if out else eval_json.with_name("leakage.png")
+    out = Path(out) if out else eval_json.with_name(LEAKAGE_PLOT)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

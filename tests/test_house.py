@@ -152,3 +152,23 @@ def test_tests_mirror_the_packages_and_share_helpers_only_through_fixtures() -> 
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.split(".")[-1].startswith("test_"), f"{path} imports the test module {name}"
+
+
+def run_folder_name_spellings(text: str, names: list[str]) -> list[str]:
+    """The run-folder names ``text`` spells quoted, alone or ending a path ("latest", f"{x}/latest");
+    a package name handed to find_spec ("tensorboard") is not a path."""
+    text = re.sub(r"find_spec\([\"']\w+[\"']\)", "", text)
+    return [n for n in names if re.search(rf"[\"'/]{re.escape(n)}[\"']", text)]
+
+
+def test_run_folder_names_only_in_run_layout() -> None:
+    from retro import run_layout
+
+    names = [v for k, v in vars(run_layout).items() if k.isupper() and isinstance(v, str)]
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "latest", "db.json"} <= set(names)
+    assert run_folder_name_spellings('p = run / "metrics.jsonl"', names) == ["metrics.jsonl"]  # the check bites
+    modules = {name: path for name, path in package_modules().items() if name != "retro.run_layout"}
+    modules["train"] = REPO / "train.py"
+    for name, path in modules.items():
+        spelt = run_folder_name_spellings(path.read_text(), names)
+        assert not spelt, f"{name} spells {spelt}: use retro.run_layout"

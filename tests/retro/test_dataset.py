@@ -20,9 +20,11 @@ def db(tmp_path_factory):
     return tiny_db(tmp_path_factory.mktemp("ds"))
 
 
-def reference_sample(store: ChunkStore, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Loop-and-list reference straight from the DB format (docs/DB_FORMAT.md)."""
-    train = ChunkStore.open(store.db, "train")
+def reference_sample(store: ChunkStore, i: int, k: int,
+                     train: ChunkStore | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Loop-and-list reference straight from the DB format (docs/DB_FORMAT.md): the ChunkStore's
+    chunks, doc_ids and neighbours arrays, none of RetroDataset's or neighbour_tokens' code."""
+    train = train if train is not None else ChunkStore.open(store.db, "train")
     m, l = store.chunk_size, store.seq_len // store.chunk_size
     start = int(store.seq_starts[i])
     toks = []
@@ -93,11 +95,32 @@ def test_dataloader_workers_match_main_process_and_pickle_is_small(db):
 
 
 def test_default_collate_path_stacks_items(db):
-    ds = RetroDataset(db, "val")
-    items = [ds[0], ds[1]]
-    batch = collate(items)
-    ref = ds.get_batch([0, 1])
-    assert torch.equal(batch["tokens"], torch.from_numpy(ref["tokens"]))
+    store = ChunkStore.open(db, "val")
+    ds = RetroDataset(store, "val")
+    batch = collate([ds[0], ds[1]])
+    for row in (0, 1):
+        toks, nbrs = reference_sample(store, row, ds.k)
+        assert torch.equal(batch["tokens"][row], torch.from_numpy(toks))
+        assert torch.equal(batch["neighbours"][row], torch.from_numpy(nbrs))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_item_matches_the_reference_both_pad_cases_included(db, split):
+    """ds[i] (the per-item path) for every sequence equals the reference: slot u holds chunk u's
+    neighbours, each followed by its continuation; pad for a missing neighbour (-1) and for the
+    continuation of a document's last chunk. Both pad cases occur, so neither goes unchecked."""
+    store, train = ChunkStore.open(db, split), ChunkStore.open(db, "train")
+    ds = RetroDataset(store, split, k=K)
+    missing = cut = 0
+    for i in range(len(ds)):
+        toks, nbrs = reference_sample(store, i, K, train)
+        item = ds[i]
+        np.testing.assert_array_equal(item["tokens"].numpy(), toks)
+        np.testing.assert_array_equal(item["neighbours"].numpy(), nbrs)
+        first, cont = nbrs[..., :CHUNK] == store.pad_id, nbrs[..., CHUNK:] == store.pad_id
+        missing += int(first.all(-1).sum())
+        cut += int((~first.all(-1) & cont.all(-1)).sum())
+    assert missing and cut, (missing, cut)
 
 
 def test_errors(db, tmp_path):

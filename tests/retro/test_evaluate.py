@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from chunk_store import ChunkStore
@@ -32,25 +33,28 @@ def model_cfg(**kw) -> RetroConfig:
 
 
 def reference(model, ds, indices) -> dict[str, float]:
-    """One sequence at a time, log-softmax and gather by hand, bytes from the DB's text."""
+    """One sequence and one target token at a time, no retro.metrics code: nats from
+    F.cross_entropy of each token, bits from log2 of its softmax probability, bytes as the UTF-8
+    length of each sequence's non-pad targets decoded."""
     tok = ds.store.tokenizer
-    nll_r = nll_p = 0.0
+    nats = {"r": 0.0, "p": 0.0}
+    bits = {"r": 0.0, "p": 0.0}
     ntok = nbytes = 0
     for i in indices:
         s = ds[int(i)]
         x, y = s["tokens"][:-1][None], s["tokens"][1:]
-        keep = y != ds.pad_id
-        for nbrs, acc in ((s["neighbours"][None], "r"), (None, "p")):
-            logp = torch.log_softmax(model(x, nbrs)[0].double(), -1)
-            nll = -logp[torch.arange(len(y)), y][keep].sum().item()
-            if acc == "r":
-                nll_r += nll
-            else:
-                nll_p += nll
-        ntok += int(keep.sum())
-        nbytes += len(tok.decode(y[keep].tolist()).encode("utf-8"))
-    return {"loss": nll_r / ntok, "loss_no_retrieval": nll_p / ntok, "tokens": ntok, "bytes": nbytes,
-            "bits_per_byte": nll_r / nbytes / math.log(2), "bits_per_byte_no_retrieval": nll_p / nbytes / math.log(2)}
+        for acc, nbrs in (("r", s["neighbours"][None]), ("p", None)):
+            logits = model(x, nbrs)[0].double()
+            for t in range(len(y)):
+                if int(y[t]) == ds.pad_id:
+                    continue
+                nats[acc] += F.cross_entropy(logits[t], y[t]).item()
+                bits[acc] -= math.log2(torch.softmax(logits[t], -1)[y[t]].item())
+        targets = [int(t) for t in y if int(t) != ds.pad_id]
+        ntok += len(targets)
+        nbytes += len(tok.decode(targets).encode("utf-8"))
+    return {"loss": nats["r"] / ntok, "loss_no_retrieval": nats["p"] / ntok, "tokens": ntok, "bytes": nbytes,
+            "bits_per_byte": bits["r"] / nbytes, "bits_per_byte_no_retrieval": bits["p"] / nbytes}
 
 
 @torch.no_grad()
@@ -103,10 +107,29 @@ def test_eval_indices_spread_and_split_evenly(n, m, world):
 
 
 @settings(max_examples=30, deadline=None)
-@given(loss=st.floats(0.01, 10), tokens=st.integers(1, 10_000), bytes_per_token=st.floats(0.5, 8))
-def test_bits_per_byte_definition(loss, tokens, bytes_per_token):
+@given(vocab=st.integers(2, 70_000), tokens=st.integers(1, 10_000), bytes_per_token=st.floats(0.5, 8))
+def test_bits_per_byte_of_a_uniform_guess(vocab, tokens, bytes_per_token):
+    """A uniform guess over ``vocab`` symbols costs log2(vocab) bits a token (ln(vocab) nats)."""
     nbytes = max(1, int(tokens * bytes_per_token))
-    assert bits_per_byte(loss * tokens, nbytes) == pytest.approx(loss * tokens / (nbytes * math.log(2)))
+    assert bits_per_byte(tokens * math.log(vocab), nbytes) == pytest.approx(tokens * math.log2(vocab) / nbytes)
+    assert bits_per_byte(256 * math.log(256), 256) == pytest.approx(8.0)  # a byte-level uniform guess: 8 bits
+    assert math.isnan(bits_per_byte(1.0, 0))
+
+
+@torch.no_grad()
+def test_a_uniform_model_scores_log_vocab(db):
+    """With zero output weights every token has probability 1/vocab: loss ln(vocab) exactly, bits
+    per byte log2(vocab) x tokens / the targets' decoded UTF-8 bytes."""
+    torch.manual_seed(0)
+    model = RETRO(model_cfg()).eval()
+    model.to_logits.weight.zero_()  # tied: the embedding too, so the input is zero as well
+    ds = RetroDataset(db, "val", k=K)
+    res = evaluate(model, ds, device=torch.device("cpu"), micro_batch_size=4, max_sequences=5)
+    targets = [[int(t) for t in ds[int(i)]["tokens"][1:] if int(t) != ds.pad_id] for i in eval_indices(len(ds), 5)]
+    nbytes = sum(len(ds.store.tokenizer.decode(t).encode("utf-8")) for t in targets)
+    assert res.tokens == sum(map(len, targets)) and res.bytes == nbytes
+    assert res.loss == pytest.approx(math.log(VOCAB), rel=1e-6)
+    assert res.bits_per_byte == pytest.approx(res.tokens * math.log2(VOCAB) / nbytes, rel=1e-6)
 
 
 def test_target_bytes_decodes_rows_whole_and_skips_pad(db):

@@ -15,7 +15,8 @@ from chunk_store.layout import TOKENIZER
 from retro import RETRO, RetroConfig
 from tests.fixtures import assert_round_trip
 from retro.checkpoint import save_checkpoint
-from retro.export import DB_RECORD, main as export_main
+from retro.export import main as export_main
+from retro.run_layout import DB_RECORD
 from tests.fixtures.train_db import tiny_db as _tiny_db
 
 

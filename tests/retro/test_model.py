@@ -317,12 +317,19 @@ def test_mfu_peak_follows_the_compute_dtype(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny", "small", "base", "large"])
 def test_baseline_configs_are_their_retro_config_without_retrieval(name):
-    """configs/X-baseline.yaml trains the same decoder on the same schedule, minus CCA and encoder."""
+    """configs/X-baseline.yaml trains the same decoder on the same schedule, minus CCA and encoder:
+    the file itself names its parent and overrides model.cca_layers alone, and what it resolves to
+    is the parent with that one key changed."""
+    import yaml
+
     from retro.train_config import load_yaml
 
+    own = yaml.safe_load((CONFIGS / f"{name}-baseline.yaml").read_text())
+    assert own == {"extends": f"{name}.yaml", "model": {"cca_layers": []}}
     retro_cfg, base_cfg = load_yaml(CONFIGS / f"{name}.yaml"), load_yaml(CONFIGS / f"{name}-baseline.yaml")
     assert base_cfg["model"].pop("cca_layers") == [] and retro_cfg["model"].pop("cca_layers") != []
-    assert base_cfg == retro_cfg
+    assert base_cfg == retro_cfg and list(base_cfg) == list(retro_cfg)
+    assert list(base_cfg["model"]) == list(retro_cfg["model"])  # same key order: the same resolved file
     model = RETRO(RetroConfig.from_dict({**load_yaml(CONFIGS / f"{name}-baseline.yaml")["model"],
                                          "dim": 16, "heads": 2, "dim_head": 8, "vocab_size": 64}))
     assert model.encoder is None and not model.cca_layers

@@ -1,0 +1,107 @@
+"""The names of a training run's folder, spelt here only (tests/test_house.py checks).
+
+A run folder (``train.py --out RUN``) holds::
+
+    RUN/config.yaml         the resolved config the run used (reloadable by load_config)
+    RUN/metrics.jsonl       one JSON record per train / eval event
+    RUN/tensorboard/        TensorBoard scalars (tensorboard: true)
+    RUN/db.json             which database the run trained on (retro.export's card and tokenizer)
+    RUN/hf_decoder/         a RETRO-fit's base decoder: its config.json and tokenizer files
+    RUN/checkpoints/latest  the name of the newest checkpoint folder
+    RUN/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
+    RUN/loss.png            retro.plot's loss curves (leakage.png: beside an evaluate JSON)
+
+Like ``chunk_store.layout`` for a database: one place to read what a folder holds, so that a
+reader and a writer cannot disagree on a name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+DB_RECORD = "db.json"
+DECODER_DIR = "hf_decoder"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+STEP_PREFIX = "step_"
+WEIGHTS = "model.safetensors"  # also the name in an exported Hugging Face folder
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+LOSS_PLOT = "loss.png"
+LEAKAGE_PLOT = "leakage.png"
+
+
+def step_dirname(step: int) -> str:
+    """A checkpoint folder's name: zero-padded, so names sort by step."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def weights_file(ckpt: str | os.PathLike) -> Path:
+    return Path(ckpt) / WEIGHTS
+
+
+def optimizer_file(ckpt: str | os.PathLike) -> Path:
+    return Path(ckpt) / OPTIMIZER
+
+
+def state_file(ckpt: str | os.PathLike) -> Path:
+    return Path(ckpt) / STATE
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is itself a checkpoint folder (it holds the weights)."""
+    return weights_file(path).is_file()
+
+
+class RunLayout:
+    """The paths of one run folder; properties only compute paths, they never touch the disk."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.root = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.root)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def db_record(self) -> Path:
+        return self.root / DB_RECORD
+
+    @property
+    def decoder_dir(self) -> Path:
+        return self.root / DECODER_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def latest(self) -> Path:
+        """The pointer file naming the newest checkpoint folder."""
+        return self.checkpoints / LATEST
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / LOSS_PLOT
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / step_dirname(step)
+
+    def step_dirs(self) -> list[Path]:
+        """The checkpoint folders present, by step."""
+        return sorted(self.checkpoints.glob(f"{STEP_PREFIX}*")) if self.checkpoints.is_dir() else []
