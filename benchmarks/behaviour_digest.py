@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Keys whose values are wall-clock times, speeds, versions or this machine's paths and names.
+# Keys whose values are wall-clock times, speeds, versions or this machine's paths and names; and
+# "python", the state of Python's `random` in a checkpoint: train.py seeds numpy and torch, never
+# Python's `random` (nothing draws from it), so that state differs between any two runs.
 VOLATILE = {"started", "finished", "seconds", "tokens_per_s", "time", "elapsed", "wall_s", "mfu",
             "versions", "samples_per_s", "chunks_per_s", "step_time", "queries_per_s", "s", "ms",
             "load_s", "created", "host", "hostname", "path", "db", "run", "input", "inputs_root",
-            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved"}
+            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved", "python"}
 PACKAGES = ("json", "email", "wsgiref", "http", "xmlrpc")
 
 
