@@ -21,7 +21,9 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -35,17 +37,20 @@ REPO = Path(__file__).resolve().parents[1]
 VOLATILE = {"started", "finished", "seconds", "tokens_per_s", "time", "elapsed", "wall_s", "mfu",
             "versions", "samples_per_s", "chunks_per_s", "step_time", "queries_per_s", "s", "ms",
             "load_s", "created", "host", "hostname", "path", "db", "run", "input", "inputs_root",
-            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved", "python"}
+            "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved", "python", "embedder_path"}
+STAMP = re.compile(r"@\d{4}-\d\d-\d\dT[\d:+]+")  # ids made of a name and a finish time (embed_id, index_id)
 PACKAGES = ("json", "email", "wsgiref", "http", "xmlrpc")
 
 
 def scrub(obj: Any) -> Any:
     """``obj`` without volatile keys (recursively) and with absolute paths of the work folder cut."""
     if isinstance(obj, dict):
-        return {k: scrub(v) for k, v in obj.items()
-                if k not in VOLATILE and not k.endswith(("_seconds", "_s", "_per_s", "_time"))}
+        return {k: scrub(v) for k, v in obj.items() if k not in VOLATILE and not k.startswith("seconds")
+                and not k.endswith(("_seconds", "_s", "_per_s", "_time"))}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return STAMP.sub("@TIME", obj)
     return obj
 
 
@@ -63,6 +68,14 @@ def digest_text(text: str, is_json: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def digest_safetensors(data: bytes) -> str:
+    """sha256 of a safetensors file with its JSON header's keys sorted: the metadata's key order
+    comes from a Rust HashMap and changes from process to process."""
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True).encode()
+    return hashlib.sha256(header + data[8 + n:]).hexdigest()
+
+
 def digest_tree(root: Path, work: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
@@ -71,6 +84,8 @@ def digest_tree(root: Path, work: Path) -> dict[str, str]:
         rel = p.relative_to(work).as_posix()
         if p.suffix in (".json", ".jsonl"):
             out[rel] = digest_text(p.read_text().replace(str(work), "WORK"), True)
+        elif p.suffix == ".safetensors":
+            out[rel] = digest_safetensors(p.read_bytes())
         elif p.suffix in (".yaml", ".txt", ".log"):
             out[rel] = digest_text(p.read_text().replace(str(work), "WORK"), False)
         else:
@@ -96,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="a fresh folder for the run (removed first)")
     p.add_argument("--out", type=Path, help="the digest JSON to write")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two digests")
+    p.add_argument("--digest-only", action="store_true", help="digest a finished --work folder again")
     a = p.parse_args(argv)
     if a.compare:
         x, y = (json.loads(f.read_text()) for f in a.compare)
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.work or not a.out:
         p.error("--work and --out (or --compare A B)")
     work = a.work.resolve()
+    if a.digest_only:
+        return write_digests(work, a.out)
     shutil.rmtree(work, ignore_errors=True)
     corpus = work / "corpus"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -140,11 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                                        "class Message:", "--max-new-tokens", "40", "--temperature", "0.8",
                                        "--top-k", "20", "--seed", "3", "--json"], work, log)
     run([py, "-m", "retro.export", "--run", str(run_), "--out", str(export)], work, log)
-    digests = {f"printed/{k}": digest_text(v, True) for k, v in printed.items()}
-    for folder in (db, run_, base, export):
-        digests.update(digest_tree(folder, work))
-    a.out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
-    print(f"{len(digests)} artifacts digested: {a.out}")
+    (work / "printed").mkdir()
+    for name, text in printed.items():  # what the commands printed, kept beside what they wrote
+        (work / "printed" / f"{name}.json").write_text(text)
+    return write_digests(work, a.out)
+
+
+def write_digests(work: Path, out: Path) -> int:
+    digests: dict[str, str] = {}
+    for folder in ("printed", "db", "run", "run-base", "export"):
+        digests.update(digest_tree(work / folder, work))
+    out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    print(f"{len(digests)} artifacts digested: {out}")
     return 0
 
 

@@ -9,7 +9,7 @@ import importlib.abc
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -35,3 +35,20 @@ def install(moved: Mapping[str, str]) -> None:
     """Answer the old names in ``moved`` (old dotted name -> new dotted name) from now on."""
     if not any(isinstance(f, MovedModules) and f.moved == dict(moved) for f in sys.meta_path):
         sys.meta_path.insert(0, MovedModules(moved))
+
+
+def forward_names(package: str, module: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package``, a module that became a package of the same name:
+    the names it held are looked up in ``module`` (imported on first use, so importing the
+    package stays cheap)."""
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        target = importlib.import_module(module)  # not `from package import`: that asks __getattr__
+        try:
+            return getattr(target, name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__

@@ -4,15 +4,6 @@
 This package was the module ``index_builder.embed``: the names it held still import from here.
 """
 
-import importlib
-from typing import Any
+from chunk_store.framework.moved import forward_names
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    stage = importlib.import_module("index_builder.embed.stage")  # not `from . import`: that asks __getattr__
-    try:
-        return getattr(stage, name)
-    except AttributeError:
-        raise AttributeError(f"module 'index_builder.embed' has no attribute {name!r}") from None
+__getattr__ = forward_names("index_builder.embed", "index_builder.embed.stage")

@@ -8,15 +8,6 @@ neighbour arrays).
 This package was the module ``index_builder.knn``: the names it held still import from here.
 """
 
-import importlib
-from typing import Any
+from chunk_store.framework.moved import forward_names
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    stage = importlib.import_module("index_builder.knn.stage")  # not `from . import`: that asks __getattr__
-    try:
-        return getattr(stage, name)
-    except AttributeError:
-        raise AttributeError(f"module 'index_builder.knn' has no attribute {name!r}") from None
+__getattr__ = forward_names("index_builder.knn", "index_builder.knn.stage")
