@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="step time: wall clock, or process CPU seconds / threads (auto: cpu on a CPU device)")
     args = p.parse_args(argv)
 
-    import yaml
+    from retro.config import load_yaml
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" = TF32 matmuls, as every GPU trainer runs it
         torch.backends.cudnn.allow_tf32 = True
     cfg = RetroConfig.from_yaml(args.config)
-    raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    raw = load_yaml(args.config)  # a derived config (extends:) with its parent's keys
     seq_len = args.seq_len or int(raw.get("seq_len", 2048))
     batch = args.batch_size or (8 if cuda else int(raw.get("micro_batch_size", raw.get("batch_size", 2))))
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
