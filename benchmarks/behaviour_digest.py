@@ -38,6 +38,7 @@ VOLATILE = {"started", "finished", "seconds", "tokens_per_s", "time", "elapsed",
             "versions", "samples_per_s", "chunks_per_s", "step_time", "queries_per_s", "s", "ms",
             "load_s", "created", "host", "hostname", "path", "db", "run", "input", "inputs_root",
             "cwd", "mtime", "peak_rss_mb", "rss_mb", "throughput", "saved", "python", "embedder_path"}
+TIMING = re.compile(r"\b\d+(\.\d+)?(s| chunks/s)\b")  # "in 24.9s (506.7 chunks/s)" in report lines
 STAMP = re.compile(r"@\d{4}-\d\d-\d\dT[\d:+]+")  # ids made of a name and a finish time (embed_id, index_id)
 PACKAGES = ("json", "email", "wsgiref", "http", "xmlrpc")
 
@@ -63,8 +64,14 @@ def digest_text(text: str, is_json: bool) -> str:
             try:
                 text = "\n".join(json.dumps(scrub(json.loads(line)), sort_keys=True)
                                  for line in text.splitlines() if line.strip())
-            except json.JSONDecodeError:
-                pass  # not JSON after all (a command printed plain text): hashed as it is
+            except json.JSONDecodeError:  # report lines, then a JSON summary (retro-build-index all)
+                head, brace, tail = text.partition("\n{")
+                if brace:
+                    try:
+                        tail = json.dumps(scrub(json.loads("{" + tail)), sort_keys=True)
+                    except json.JSONDecodeError:
+                        tail = "{" + tail
+                text = TIMING.sub("T", head) + "\n" + tail
     return hashlib.sha256(text.encode()).hexdigest()
 
 
