@@ -8,6 +8,11 @@ again; documents whose text is already in the database are dropped as duplicates
 later add with other inputs is a new add. Afterwards ``embed`` embeds the new chunks, ``index``
 adds their vectors to the trained index and ``knn`` finds the new chunks' neighbours
 (``knn --refresh``: every chunk's, against the grown database).
+
+``--retrieval-only`` adds a retrieval database larger than the training data (as the paper and
+InstructRetro do): the new documents all go to the train split, are embedded, indexed and
+retrieved, but their shard starts no training sequence, so every training and validation
+sequence stays what it was, byte for byte.
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ class AddStage(ChunkStage):
         return manifest
 
     def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return {"inputs": [str(Path(i).expanduser().resolve()) for i in self.cfg.inputs],
-                "globs": list(self.cfg.globs), "excludes": list(self.cfg.excludes),
-                "text_field": self.cfg.text_field, "keep_duplicates": self.cfg.keep_duplicates}
+        params = {"inputs": [str(Path(i).expanduser().resolve()) for i in self.cfg.inputs],
+                  "globs": list(self.cfg.globs), "excludes": list(self.cfg.excludes),
+                  "text_field": self.cfg.text_field, "keep_duplicates": self.cfg.keep_duplicates}
+        if self.cfg.retrieval_only:  # absent otherwise: records of plain adds stay as they were
+            params["retrieval_only"] = True
+        return params
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """A finished add with other inputs is history: this is a new add. An unfinished one
@@ -92,15 +100,20 @@ def add_config(db: str | os.PathLike, args: argparse.Namespace) -> ChunkConfig:
     manifest = load_manifest(db)
     require_stage(manifest, "chunk", "add")
     chunk = manifest["stages"]["chunk"]["params"]
+    retrieval_only = bool(getattr(args, "retrieval_only", False))  # `all` has no such option
+    if retrieval_only and args.keep_duplicates:  # a kept copy of a val document would retrieve it
+        raise UserError("add: --retrieval-only drops documents already in the database; "
+                        "--keep-duplicates would let a validation document retrieve its own copy")
     return ChunkConfig(
         inputs=tuple(args.input), globs=tuple(args.glob), excludes=tuple(args.exclude),
         chunk_size=int(manifest["chunk_size"]), seq_len=int(manifest["seq_len"]),
-        val_fraction=float(chunk.get("val_fraction", 0.0)), vocab_size=None,
+        # retrieval-only documents all go to train: none becomes validation data
+        val_fraction=0.0 if retrieval_only else float(chunk.get("val_fraction", 0.0)), vocab_size=None,
         tokenizer_file=str(Path(db) / manifest["tokenizer"].get("file", "")),
         max_invalid_fraction=float(chunk.get("max_invalid_fraction", ChunkConfig.max_invalid_fraction)),
         workers=args.workers, unit_bytes=int(args.unit_mb * (1 << 20)) if args.unit_mb else None,
         text_field=args.text_field or chunk.get("text_field", DEFAULT_TEXT_FIELD),
-        keep_duplicates=args.keep_duplicates)
+        keep_duplicates=args.keep_duplicates, retrieval_only=retrieval_only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL field / Parquet column of the text (default: the database's)")
     parser.add_argument("--keep-duplicates", action="store_true",
                         help="store documents whose normalised text is already in the database")
+    parser.add_argument("--retrieval-only", action="store_true",
+                        help="retrieval data only: the new documents are embedded, indexed and retrieved, "
+                             "but form no training or validation sequence (training and val data stay "
+                             "as they were); `knn --refresh` lets the old chunks retrieve them")
     parser.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)), metavar="N")
     parser.add_argument("--unit-mb", type=float, default=None, metavar="MB")
 

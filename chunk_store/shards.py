@@ -174,8 +174,12 @@ def read_shard_record(paths: DBLayout) -> dict[str, Any] | None:
 
 def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]]], *, token_dtype: np.dtype,
                 chunk_size: int, chunks_per_seq: int, seen: DigestSet | None, by: str,
-                walk_skipped: Sequence[dict] = (), crash: Any = None) -> dict[str, Any]:
+                walk_skipped: Sequence[dict] = (), crash: Any = None, sequences: bool = True) -> dict[str, Any]:
     """Merge ``parts`` (folder, part.json), in order, into shard ``index``; its record.
+
+    ``sequences=False`` (retrieval-only data): the shard's chunks start no training sequence
+    (empty ``seq_starts``; the record says ``retrieval_only``), so adding it leaves every training
+    and validation sequence of the database as it was.
 
     Streams: one block of one part is in memory at a time, plus 17 bytes a document of the shard
     (which stay, their digests; ``seen`` holds 16 more). ``seen`` (None: keep duplicates) drops documents already in the database and
@@ -183,6 +187,8 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
     """
     paths = DBLayout(Path(db) / shard_dir(index))
     record: dict[str, Any] = {"dir": shard_dir(index), "by": by, "counts": {}, "duplicates": 0}
+    if not sequences:
+        record["retrieval_only"] = True
     digests: list[np.ndarray] = []
     for split in SPLITS:
         keeps = []  # pass 1: which documents stay (1 byte a document), the sizes
@@ -216,7 +222,7 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
         w_c.close()
         w_d.close()
         os.replace(docs_tmp, paths.documents(split))
-        starts = sequence_starts(n_chunks, chunks_per_seq)
+        starts = sequence_starts(n_chunks, chunks_per_seq) if sequences else np.zeros(0, np.int64)
         atomic_save_npy(paths.seq_starts(split), starts)
         record["counts"][split] = {"docs": n_docs, "chunks": n_chunks, "tokens": tokens, "seqs": int(len(starts))}
         if crash is not None:

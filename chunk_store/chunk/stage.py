@@ -82,6 +82,9 @@ class ChunkConfig:
     unit_bytes: int | None = None  # work-unit size; None = auto. Never changes the result.
     text_field: str = DEFAULT_TEXT_FIELD  # the text of a JSONL record or a Parquet row
     keep_duplicates: bool = False  # store documents whose normalised text is already in the DB
+    # add --retrieval-only: the new shard's chunks are retrievable (train split, embedded, indexed)
+    # but start no training sequence; read by the add stage, not a chunk-stage parameter
+    retrieval_only: bool = False
 
     def validate(self) -> None:
         if not self.inputs:
@@ -303,7 +306,7 @@ class ChunkStage(Stage[ChunkConfig]):
                     seen.keep(part_doc_info(p, split, meta)["digest"])
         write_shard(self.db, self.base + rank, parts[lo:hi], token_dtype=self.tok.token_dtype,
                     chunk_size=self.cfg.chunk_size, chunks_per_seq=self.cfg.seq_len // self.cfg.chunk_size,
-                    seen=seen, by=self.name, walk_skipped=self.plan["walk_skipped"] if rank == 0 else (),
+                    sequences=not self.cfg.retrieval_only, seen=seen, by=self.name, walk_skipped=self.plan["walk_skipped"] if rank == 0 else (),
                     crash=lambda: crash_point(self.name, "merge"))
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
