@@ -25,6 +25,8 @@ from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
 
+BLOCK_ROWS = 1 << 16  # rows compared at a time between two databases' arrays
+
 
 class RetroDataset(torch.utils.data.Dataset):
     """``RetroDataset(store_or_db, split)[i] -> {"tokens": (seq_len+1,), "neighbours": (l, k, 2m)}``.
@@ -155,3 +157,25 @@ def check_compatible(store: ChunkStore, model_cfg: RetroConfig, seq_len: int | N
         if db_val != cfg_val:
             raise UserError(f"the database {store.db} has {db_key}={db_val} but the config has "
                             f"{cfg_key}={cfg_val}: use a matching config (--set {cfg_key}={db_val}) or database")
+
+
+def check_same_split(store: ChunkStore, trained_db: str | os.PathLike) -> None:
+    """Scoring a run against a database other than the one it trained with (the paper trains
+    with 600B tokens and evaluates with 1.75T) compares like with like only when tokenizer, chunk
+    size and the split's sequences are the same: refuse, naming what differs, unless they are
+    (the split's chunks, document ids and sequence starts equal, byte for byte)."""
+    trained = ChunkStore.open(trained_db, store.split)
+    ours, theirs = store.manifest.get("tokenizer", {}), trained.manifest.get("tokenizer", {})
+    if ours.get("sha256") != theirs.get("sha256"):
+        raise UserError(f"{store.db} has another tokenizer than {trained.db}, the database the run trained with "
+                        f"(sha256 {str(ours.get('sha256'))[:12]} vs {str(theirs.get('sha256'))[:12]})")
+    if store.chunk_size != trained.chunk_size:
+        raise UserError(f"{store.db} has chunk_size {store.chunk_size}, the run's database {trained.db} "
+                        f"{trained.chunk_size}")
+    for name in ("seq_starts", "doc_ids", "chunks"):
+        a, b = getattr(store, name), getattr(trained, name)
+        if len(a) != len(b) or any(not np.array_equal(a[i:i + BLOCK_ROWS], b[i:i + BLOCK_ROWS])
+                                   for i in range(0, len(a), BLOCK_ROWS)):
+            raise UserError(f"the {store.split} split of {store.db} is not the one of {trained.db}, the database "
+                            f"the run trained with ({name} differ): build both from the same {store.split} "
+                            f"documents (add more data with `retro-build-index add --retrieval-only`)")

@@ -19,6 +19,7 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -238,12 +239,18 @@ def run(args: argparse.Namespace) -> int:
     from chunk_store import ChunkStore
     from chunk_store.framework.runtime import resolve_device
     from retro.checkpoint import checkpoint_dir, load_model, read_state
-    from retro.dataset import RetroDataset, check_compatible
+    from retro.dataset import RetroDataset, check_compatible, check_same_split
+    from retro.run_layout import trained_db
 
     device = resolve_device(args.device)
     model, cfg = load_model(args.run, device=device, step=args.step)
     store = ChunkStore.open(args.db, args.split)
     check_compatible(store, cfg)
+    db_info = {}
+    trained = trained_db(args.run)
+    if trained is not None and trained.resolve() != Path(args.db).resolve():
+        check_same_split(store, trained)  # another database: the same split's sequences, byte for byte
+        db_info = {"trained_db": str(trained)}
     k = args.k or cfg.num_neighbours
     dataset = RetroDataset(store, args.split, k=k)
     step = read_state(checkpoint_dir(args.run, args.step)).get("step")
@@ -259,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
                    max_sequences=args.max_sequences or None, progress=not args.no_progress,
                    control=args.control, baseline=baseline, overlap=args.overlap)
-    out = {"run": str(args.run), "db": str(args.db), "split": args.split, "step": step, "k": k,
+    out = {"run": str(args.run), "db": str(args.db), **db_info, "split": args.split, "step": step, "k": k,
            **base_info, **res.to_dict()}
     print(json.dumps(out, indent=2))
     gain = res.bits_per_byte_no_retrieval - res.bits_per_byte

@@ -14,7 +14,6 @@ model's tied embedding), and the checkpoint's names are already the module's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,17 +23,11 @@ from typing import Any, Sequence
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
 from chunk_store.framework.atomic import atomic_write_bytes
-from retro.run_layout import WEIGHTS, RunLayout
+from retro.run_layout import WEIGHTS, RunLayout, trained_db
 
 
 def _db_of(run: Path, db: str | None) -> Path | None:
-    if db:
-        return Path(db)
-    record = RunLayout(run).db_record
-    if record.is_file():
-        path = Path(json.loads(record.read_text()).get("db", ""))
-        return path if path.is_dir() else None
-    return None
+    return Path(db) if db else trained_db(run)
 
 
 def _last_eval(run: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ reader and a writer cannot disagree on a name.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,6 +56,16 @@ def state_file(ckpt: str | os.PathLike) -> Path:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is itself a checkpoint folder (it holds the weights)."""
     return weights_file(path).is_file()
+
+
+def trained_db(run_dir: str | os.PathLike) -> Path | None:
+    """The database the run trained with, as RUN/db.json names it; None without a record or
+    when that folder is not on this machine."""
+    record = RunLayout(run_dir).db_record
+    if not record.is_file():
+        return None
+    path = Path(json.loads(record.read_text()).get("db", ""))
+    return path if path.is_dir() else None
 
 
 class RunLayout:
