@@ -1,0 +1,326 @@
+"""Does retrieval pay, and more so with a larger database? Val bits per byte against database size
+for RETRO, RETRO-fit and the trained baseline, over seeds, on real text.
+
+The paper (Borgeaud et al. 2022, Figure 1 and section 4.1) trains on a fixed set of documents and
+grows the database it retrieves from. This script does the same at a size this project's machines
+run in hours:
+
+1. The plan is fixed before any run and written to WORK/plan.json (a re-run with another plan is
+   refused): the corpus's files in the order of a sha256 of their relative path; the first
+   ``--pool-mb`` of them are the training and validation documents (split by the chunk stage's
+   text hash, ``--val-fraction``); the following files are the retrieval-only data.
+2. One database grows through the sizes (``--multiples``: database tokens as multiples of the
+   training tokens; 1 is the training data alone). At each size: ``add --retrieval-only`` the next
+   files, embed (new chunks only), index (rebuilt), knn (refreshed: every row sees the grown
+   database). Training and validation sequences stay byte for byte the same at every size.
+3. At each size, for every seed: RETRO trained and evaluated with that database; RETRO-fit (the
+   same seed's baseline decoder, frozen, with encoder and CCA trained against that database). The
+   decoder-only baseline is trained once per seed (it does not depend on the database).
+   Every evaluation scores the val split with ``--baseline --control --overlap``.
+4. ``python benchmarks/db_scaling_report.py WORK`` writes the table and the PNG.
+
+Every step is skipped when its result is on disk and every stage it calls resumes, so the same
+command continues after a crash or in a later session:
+
+    bash benchmarks/fetch_corpora.sh CORPORA
+    python benchmarks/db_scaling.py --work WORK --corpus CORPORA/linux-source --glob '*.c'
+    python benchmarks/db_scaling_report.py WORK
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything fixed before any run (WORK/plan.json)."""
+
+    corpus: str
+    glob: str = "*.c"
+    pool_mb: float = 3.0  # training + validation documents
+    val_fraction: float = 0.2
+    multiples: tuple[int, ...] = (1, 10, 30, 100)  # database tokens / training tokens
+    seeds: tuple[int, ...] = (0, 1, 2)
+    config: str = "configs/tiny.yaml"
+    sets: tuple[str, ...] = ()  # --set overrides for every training run
+    vocab_size: int = 4096
+    chunk_size: int = 64
+    seq_len: int = 512
+    embed_args: tuple[str, ...] = ()  # e.g. --embedder DIR --device cuda
+    index_args: tuple[str, ...] = ()
+    knn_args: tuple[str, ...] = ()
+    eval_args: tuple[str, ...] = ()  # e.g. --max-sequences N
+    retrofit: bool = True
+    version: int = PLAN_VERSION
+
+    def validate(self) -> None:
+        if list(self.multiples) != sorted(set(self.multiples)) or self.multiples[0] < 1:
+            raise SystemExit("db_scaling: --multiples must rise and start at 1 or more (1: the training data alone)")
+        if not self.seeds:
+            raise SystemExit("db_scaling: give at least one seed")
+
+
+def ordered_files(corpus: Path, glob: str) -> list[Path]:
+    """The corpus's files in a fixed order that does not depend on where the corpus lies."""
+    files = [p for p in corpus.rglob(glob) if p.is_file()]
+    return sorted(files, key=lambda p: hashlib.sha256(p.relative_to(corpus).as_posix().encode()).digest())
+
+
+def link_files(files: Sequence[Path], corpus: Path, dest: Path) -> None:
+    """``files`` under ``dest`` at their relative paths (hard links; copies across file systems),
+    made under a temporary name and renamed: the folder exists only whole."""
+    if dest.exists():
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in files:
+        out = tmp / f.relative_to(corpus)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, out)
+        except OSError:
+            shutil.copyfile(f, out)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+
+
+def split_files(files: Sequence[Path], pool_bytes: int) -> tuple[list[Path], list[Path]]:
+    """(the pool: the first files up to ``pool_bytes``, the rest: retrieval-only candidates)."""
+    total, cut = 0, 0
+    for cut, f in enumerate(files):
+        if total >= pool_bytes:
+            break
+        total += f.stat().st_size
+    else:
+        cut = len(files)
+    return list(files[:cut]), list(files[cut:])
+
+
+def slices(rest: Sequence[Path], need_bytes: Sequence[int]) -> list[list[Path]]:
+    """Consecutive slices of ``rest``, the i-th growing the retrieval-only bytes to need_bytes[i]."""
+    out, i, total = [], 0, 0
+    for need in need_bytes:
+        cur = []
+        while total < need and i < len(rest):
+            cur.append(rest[i])
+            total += rest[i].stat().st_size
+            i += 1
+        if total < need:
+            raise SystemExit(f"db_scaling: the corpus holds {total:,} bytes past the pool, {need:,} needed "
+                             "for the largest database: a larger corpus or smaller --multiples")
+        out.append(cur)
+    return out
+
+
+class Runner:
+    """The experiment's steps, each skipped when its result is on disk."""
+
+    def __init__(self, work: Path, plan: Plan, *, python: str = sys.executable, log: Any = sys.stderr) -> None:
+        self.work, self.plan, self.py, self.log = work, plan, python, log
+        self.db = work / "db"
+        self.results = work / "results"
+        self.runs = work / "runs"
+
+    # -- commands
+    def cli(self, *args: str) -> None:
+        self.run([self.py, "-m", "index_builder", *args])
+
+    def run(self, cmd: Sequence[str], stdout: Path | None = None) -> None:
+        print("$ " + " ".join(cmd), file=self.log, flush=True)
+        t0 = time.time()
+        out = open(stdout.with_name(stdout.name + ".tmp"), "w") if stdout else None
+        try:
+            res = subprocess.run(list(cmd), cwd=REPO, stdout=out)
+        finally:
+            if out:
+                out.close()
+        if res.returncode != 0:
+            raise SystemExit(f"db_scaling: step failed (exit {res.returncode}): {' '.join(cmd)}")
+        if stdout:
+            os.replace(stdout.with_name(stdout.name + ".tmp"), stdout)
+        print(f"  ({time.time() - t0:.0f} s)", file=self.log, flush=True)
+
+    # -- the database at each size
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.db / "manifest.json").read_text())
+
+    def build_database(self, pool: Path) -> None:
+        p = self.plan
+        self.cli("chunk", "--input", str(pool), "--out", str(self.db), "--glob", p.glob,
+                 "--vocab-size", str(p.vocab_size), "--chunk-size", str(p.chunk_size), "--seq-len", str(p.seq_len),
+                 "--val-fraction", str(p.val_fraction))
+
+    def retrieval_bytes(self, multiple: int) -> int:
+        """Retrieval-only bytes for a database of ``multiple`` x the training tokens, from the
+        pool's bytes per token (files of one corpus tokenise alike)."""
+        chunk = self.manifest()["stages"]["chunk"]["stats"]
+        bytes_per_token = chunk["bytes"] / max(1, chunk["tokens"])
+        return int((multiple - 1) * chunk["counts"]["train"]["tokens"] * bytes_per_token)
+
+    def grow_to(self, index: int, multiple: int, slice_dir: Path | None) -> dict[str, Any]:
+        """The database at its index-th size: add (if any), embed, index, knn; its record."""
+        done = self.results / f"db-x{multiple}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        p = self.plan
+        t0 = time.time()
+        if slice_dir is not None:
+            self.cli("add", "--db", str(self.db), "--input", str(slice_dir), "--glob", p.glob, "--retrieval-only")
+        self.cli("embed", "--db", str(self.db), *p.embed_args)
+        self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []), *p.index_args)
+        self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []), *p.knn_args)
+        m = self.manifest()
+        stages = {s: rec for s, rec in m["stages"].items() if rec.get("finished")}
+        record = {"multiple": multiple, "train_tokens": m["counts"]["train"]["tokens"],
+                  "train_chunks": m["counts"]["train"]["chunks"], "val_tokens": m["counts"]["val"]["tokens"],
+                  "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
+                  "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
+                  "stage_seconds": {s: seconds(rec) for s, rec in stages.items()},
+                  "wall_seconds": round(time.time() - t0, 1)}
+        self.results.mkdir(parents=True, exist_ok=True)
+        atomic_json(done, record)
+        return record
+
+    # -- the runs
+    def train(self, out: Path, seed: int, *extra: str) -> None:
+        if (out / "checkpoints" / "latest").exists() and self.finished(out):
+            return
+        resume = ["--resume"] if (out / "checkpoints" / "latest").exists() else ["--config", self.plan.config]
+        sets = [a for s in (*self.plan.sets, f"seed={seed}", *extra) for a in ("--set", s)]
+        self.run([self.py, "train.py", "--db", str(self.db), "--out", str(out), *resume,
+                  *(sets if resume[0] == "--config" else [])])
+
+    def finished(self, run: Path) -> bool:
+        """The run reached its max_steps (its last checkpoint's step)."""
+        import yaml
+
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        latest = (run / "checkpoints" / "latest").read_text().strip()
+        state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
+        return int(state["step"]) >= int(cfg["max_steps"])
+
+    def evaluate(self, run: Path, base: Path, result: Path) -> None:
+        if result.exists():
+            return
+        self.run([self.py, "-m", "retro.evaluate", "--run", str(run), "--db", str(self.db), "--split", "val",
+                  "--baseline", str(base), "--control", "--overlap", "--no-progress", *self.plan.eval_args],
+                 stdout=result)
+
+    def experiment(self, files: Sequence[Path], corpus: Path) -> None:
+        p = self.plan
+        pool, rest = split_files(files, int(p.pool_mb * (1 << 20)))
+        link_files(pool, corpus, self.work / "corpus" / "pool")
+        if not (self.db / "manifest.json").exists() or "chunk" not in self.manifest()["stages"]:
+            self.build_database(self.work / "corpus" / "pool")
+        need = [self.retrieval_bytes(m) for m in p.multiples]
+        parts = slices(rest, need)
+        for i, (multiple, part) in enumerate(zip(p.multiples, parts)):
+            slice_dir = None
+            if part:
+                slice_dir = self.work / "corpus" / f"retrieval-x{multiple}"
+                link_files(part, corpus, slice_dir)
+            self.grow_to(i, multiple, slice_dir)
+            for seed in p.seeds:
+                base = self.runs / f"baseline-seed{seed}"
+                self.train(base, seed, "model.cca_layers=[]")
+                runs = [("retro", [])]
+                if p.retrofit:
+                    runs.append(("retrofit", [f"init_from={base}", "freeze_decoder=true"]))
+                for kind, extra in runs:
+                    run = self.runs / f"{kind}-x{multiple}-seed{seed}"
+                    self.train(run, seed, *extra)
+                    self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
+
+
+def seconds(rec: dict[str, Any]) -> float | None:
+    """A stage record's wall time (its last run), from its ISO start and end."""
+    import datetime as dt
+
+    try:
+        return (dt.datetime.fromisoformat(rec["finished"]) - dt.datetime.fromisoformat(rec["started"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fixed_plan(work: Path, plan: Plan) -> Plan:
+    """WORK/plan.json: written by the first run; a later run must ask for the same plan."""
+    path = work / "plan.json"
+    mine = dataclasses.asdict(plan)
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        diff = sorted(k for k in set(mine) | set(recorded) if json.dumps(mine.get(k)) != json.dumps(recorded.get(k)))
+        if diff:
+            raise SystemExit(f"db_scaling: {work} was planned with other values ({', '.join(diff)}): "
+                             "the plan is fixed before any run; use a new --work")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_json(path, mine)
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Plan(corpus="")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True, help="the experiment's folder (resumable)")
+    p.add_argument("--corpus", required=True, help="a folder of documents (benchmarks/fetch_corpora.sh)")
+    p.add_argument("--glob", default=d.glob)
+    p.add_argument("--pool-mb", type=float, default=d.pool_mb, help="training + validation documents")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--multiples", default=",".join(map(str, d.multiples)),
+                   help="database tokens as multiples of the training tokens, rising (1: training data alone)")
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
+    p.add_argument("--config", default=d.config)
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    for stage in ("embed", "index", "knn", "eval"):
+        p.add_argument(f"--{stage}-args", default="", help=f"extra arguments of every {stage} call, one string")
+    p.add_argument("--no-retrofit", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    corpus = Path(a.corpus).resolve()
+    plan = Plan(corpus=str(corpus), glob=a.glob, pool_mb=a.pool_mb, val_fraction=a.val_fraction,
+                multiples=tuple(int(x) for x in a.multiples.split(",")),
+                seeds=tuple(int(x) for x in a.seeds.split(",")), config=a.config, sets=tuple(a.sets),
+                vocab_size=a.vocab_size, chunk_size=a.chunk_size, seq_len=a.seq_len,
+                embed_args=tuple(a.embed_args.split()), index_args=tuple(a.index_args.split()),
+                knn_args=tuple(a.knn_args.split()), eval_args=tuple(a.eval_args.split()),
+                retrofit=not a.no_retrofit)
+    plan.validate()
+    work = a.work.resolve()
+    fixed_plan(work, plan)
+    files = ordered_files(corpus, plan.glob)
+    if not files:
+        raise SystemExit(f"db_scaling: no {plan.glob} files under {corpus}")
+    Runner(work, plan).experiment(files, corpus)
+    print(f"db_scaling: done; the report: python benchmarks/db_scaling_report.py {work}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The report of benchmarks/db_scaling.py: val bits per byte against database size for RETRO,
+RETRO-fit and the trained baseline (seed mean with min and max), the gain per seed, the overlap
+buckets per size, tokens per second and each stage's wall time; a table (Markdown) and a PNG.
+
+    python benchmarks/db_scaling_report.py WORK [--docs]   # --docs: also docs/BENCHMARKS.md + PNG
+
+Only what is measured is reported: a size or a seed whose runs are not finished is shown as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from statistics import mean
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+KINDS = ("retro", "retrofit")
+ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+def load(work: Path) -> dict[str, Any]:
+    """Plan, database records and evaluation results of a WORK folder, keyed by (kind, multiple, seed)."""
+    plan = json.loads((work / "plan.json").read_text())
+    res = work / "results"
+    dbs = {m: json.loads((res / f"db-x{m}.json").read_text()) for m in plan["multiples"]
+           if (res / f"db-x{m}.json").exists()}
+    evals: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for path in res.glob("*-x*-seed*.json"):
+        m = re.fullmatch(r"(\w+)-x(\d+)-seed(\d+)\.json", path.name)
+        if m and m.group(1) in KINDS:
+            evals[(m.group(1), int(m.group(2)), int(m.group(3)))] = json.loads(path.read_text())
+    return {"plan": plan, "dbs": dbs, "evals": evals}
+
+
+def spread(values: Sequence[float]) -> str:
+    """'mean [min, max]' over seeds, or '-' where nothing was measured."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def tokens_per_s(run: Path) -> float | None:
+    """The mean training throughput a run logged (metrics.jsonl)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rates = [r["tokens_per_s"] for r in map(json.loads, path.read_text().splitlines()) if r.get("tokens_per_s")]
+    return mean(rates) if rates else None
+
+
+def summary(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per database size: tokens, each kind's bpb over seeds, the baseline's, the gains."""
+    plan, evals = data["plan"], data["evals"]
+    rows = []
+    for m in plan["multiples"]:
+        db = data["dbs"].get(m)
+        row: dict[str, Any] = {"multiple": m, "db_tokens": db["train_tokens"] if db else None,
+                               "measured_multiple": db["train_tokens"] / db["training_tokens"] if db else None}
+        for kind in KINDS:
+            got = [evals[(kind, m, s)] for s in plan["seeds"] if (kind, m, s) in evals]
+            row[kind] = [e["bits_per_byte"] for e in got]
+            row[f"{kind}_gain"] = [e["bits_per_byte_baseline"] - e["bits_per_byte"] for e in got]
+            row[f"{kind}_seeds"] = len(got)
+            if kind == "retro":
+                row["baseline"] = [e["bits_per_byte_baseline"] for e in got]
+                row["overlap"] = {a: [next(o for o in e["overlap"] if o["alpha"] == a) for e in got if e.get("overlap")]
+                                  for a in ALPHAS}
+        rows.append(row)
+    return rows
+
+
+def markdown(data: dict[str, Any], work: Path) -> str:
+    plan, rows = data["plan"], summary(data)
+    out = [f"Plan: {len(plan['seeds'])} seeds {plan['seeds']}, config {plan['config']} "
+           f"{' '.join('--set ' + s for s in plan['sets'])}, corpus `{Path(plan['corpus']).name}` ({plan['glob']}), "
+           f"{plan['pool_mb']} MB of training + validation documents (val fraction {plan['val_fraction']}).", "",
+           "| DB tokens | x training | baseline bpb | RETRO bpb | RETRO gain | RETRO-fit bpb | RETRO-fit gain | seeds |",
+           "|---:|---:|---|---|---|---|---|---|"]
+    for r in rows:
+        tokens = f"{r['db_tokens']:,}" if r["db_tokens"] else "(not built)"
+        mult = f"{r['measured_multiple']:.1f}" if r["measured_multiple"] else f"({r['multiple']})"
+        out.append(f"| {tokens} | {mult} | {spread(r['baseline'])} | {spread(r['retro'])} | {spread(r['retro_gain'])} | "
+                   f"{spread(r['retrofit'])} | {spread(r['retrofit_gain'])} | {r['retro_seeds']} / {r['retrofit_seeds']} |")
+    out += ["", "Gain: baseline bpb minus the model's, per seed (the same seed's baseline); positive = better.", "",
+            "Overlap buckets (paper section 4.4): RETRO's gain over the baseline on the val chunks whose overlap "
+            "with their neighbours is <= alpha, seed mean [min, max].", "",
+            "| DB tokens | " + " | ".join(f"alpha {a:.1%}" for a in ALPHAS) + " |",
+            "|---:|" + "---|" * len(ALPHAS)]
+    for r in rows:
+        cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in r["overlap"][a]])
+                 for a in ALPHAS]
+        out.append(f"| {r['db_tokens'] or '-'} | " + " | ".join(cells) + " |")
+    out += ["", "| DB tokens | knn recall | wall time per stage (s) | RETRO tokens/s |", "|---:|---|---|---|"]
+    for r in rows:
+        db = data["dbs"].get(r["multiple"])
+        if not db:
+            continue
+        recall = (db.get("knn", {}).get("recall") or {}).get(f"recall@{db.get('knn', {}).get('k', 2)}")
+        stages = ", ".join(f"{s} {v:.0f}" for s, v in db["stage_seconds"].items() if v is not None)
+        rates = [t for s in data["plan"]["seeds"]
+                 if (t := tokens_per_s(work / "runs" / f"retro-x{r['multiple']}-seed{s}")) is not None]
+        out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "
+                   f"{mean(rates):,.0f} |" if rates else f"| {db['train_tokens']:,} | {recall} | {stages} | - |")
+    return "\n".join(out) + "\n"
+
+
+def plot(data: dict[str, Any], path: Path) -> bool:
+    """Val bpb against database tokens (log x), seed mean with min-max bars; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summary(data) if r["db_tokens"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label in (("baseline", "baseline (no retrieval)"), ("retro", "RETRO"), ("retrofit", "RETRO-fit")):
+        pts = [(r["db_tokens"], r[key]) for r in rows if r[key]]
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        y = [mean(p[1]) for p in pts]
+        err = [[mean(v) - min(v) for _, v in pts], [max(v) - mean(v) for _, v in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("retrieval database tokens")
+    ax.set_ylabel("val bits per byte (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("work", type=Path)
+    p.add_argument("--docs", action="store_true", help="also write docs/BENCHMARKS.md's section and docs/db_scaling.png")
+    a = p.parse_args(argv)
+    data = load(a.work)
+    text = markdown(data, a.work)
+    (a.work / "report.md").write_text(text)
+    drawn = plot(data, a.work / "db_scaling.png")
+    print(text)
+    if a.docs:
+        from report import DOCS, machine, write_section
+
+        png = DOCS.parent / "db_scaling.png"
+        if drawn:
+            shutil.copyfile(a.work / "db_scaling.png", png)
+        write_section("db-scaling", f"## Retrieval against database size\n\nMachine: {machine()}\n\n{text}"
+                      + ("\n![val bpb against database tokens](db_scaling.png)\n" if drawn else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""benchmarks/db_scaling.py at a tiny size: the plan fixed and refused when changed, the database
+grown with retrieval-only data while the val data stay the same, the baseline trained once per
+seed, RETRO and RETRO-fit (its decoder the baseline's, frozen) trained and evaluated at every size,
+a re-run doing nothing, and the report's table and PNG."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.fixtures import shared_tiny_bert
+from tests.fixtures.train_db import tiny_model_sets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import db_scaling  # noqa: E402
+import db_scaling_report  # noqa: E402
+
+PACKAGES = ("json", "email", "http", "wsgiref", "xmlrpc", "urllib", "logging", "concurrent")
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("db-scaling")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = root / "corpus"
+    for pkg in PACKAGES:
+        shutil.copytree(stdlib / pkg, corpus / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    bert = shared_tiny_bert(tmp_path_factory)
+    sets = [a for s in [*tiny_model_sets(), "max_steps=3", "warmup_steps=1", "batch_size=2", "micro_batch_size=2",
+                        "eval_every=0", "checkpoint_every=0", "log_every=1", "num_workers=0"] for a in ("--set", s)]
+    argv = ["--work", str(root / "work"), "--corpus", str(corpus), "--glob", "*.py", "--pool-mb", "0.2",
+            "--multiples", "1,3", "--seeds", "0", "--vocab-size", "512", "--chunk-size", "16", "--seq-len", "64",
+            "--embed-args", f"--embedder {bert} --tokenize-workers 0 --device cpu --shard-size 256",
+            "--index-args", "--index-key Flat --recall-sample 100", "--knn-args", "--k 2 --shard-size 256 --device cpu",
+            "--eval-args", "--max-sequences 4", *sets]
+    assert db_scaling.main(argv) == 0
+    return root / "work", argv
+
+
+def test_every_size_built_trained_and_evaluated(experiment) -> None:
+    work, _ = experiment
+    res = work / "results"
+    assert sorted(p.name for p in res.glob("*.json")) == [
+        "db-x1.json", "db-x3.json", "retro-x1-seed0.json", "retro-x3-seed0.json",
+        "retrofit-x1-seed0.json", "retrofit-x3-seed0.json"]
+    small, large = (json.loads((res / f"db-x{m}.json").read_text()) for m in (1, 3))
+    assert small["training_tokens"] == large["training_tokens"] == small["train_tokens"]
+    assert 2.4 < large["train_tokens"] / large["training_tokens"] < 3.6
+    assert small["val_tokens"] == large["val_tokens"]
+    ev = {m: json.loads((res / f"retro-x{m}-seed0.json").read_text()) for m in (1, 3)}
+    # the same val tokens scored, and the same baseline on them: the val data did not move
+    assert ev[1]["tokens"] == ev[3]["tokens"] and ev[1]["bits_per_byte_baseline"] == ev[3]["bits_per_byte_baseline"]
+    assert all(len(e["overlap"]) == 5 for e in ev.values())
+    assert sorted(p.name for p in (work / "runs").iterdir()) == [
+        "baseline-seed0", "retro-x1-seed0", "retro-x3-seed0", "retrofit-x1-seed0", "retrofit-x3-seed0"]
+
+
+def test_retrofit_keeps_the_baseline_decoder_frozen(experiment) -> None:
+    work, _ = experiment
+
+    def weights(run: str) -> dict:
+        latest = (work / "runs" / run / "checkpoints" / "latest").read_text().strip()
+        return load_file(str(work / "runs" / run / "checkpoints" / latest / "model.safetensors"))
+
+    base, fit, retro = weights("baseline-seed0"), weights("retrofit-x3-seed0"), weights("retro-x3-seed0")
+    shared = [k for k in base if k in fit]
+    assert len(shared) > 5 and len(fit) > len(base)  # the fit adds the encoder and CCA
+    assert all((base[k] == fit[k]).all() for k in shared)
+    assert any(not (base[k] == retro[k]).all() for k in shared)  # RETRO trains its decoder
+
+
+def test_a_rerun_does_nothing_and_another_plan_is_refused(experiment, monkeypatch) -> None:
+    work, argv = experiment
+
+    def no_run(*a, **k):
+        raise AssertionError(f"ran {a[0][:4]} again")
+
+    monkeypatch.setattr(db_scaling.subprocess, "run", no_run)
+    assert db_scaling.main(argv) == 0
+    monkeypatch.setattr(db_scaling.subprocess, "run", subprocess.run)
+    changed = [*argv[:argv.index("--seeds") + 1], "0,1", *argv[argv.index("--seeds") + 2:]]
+    with pytest.raises(SystemExit, match="planned with other values \\(seeds\\)"):
+        db_scaling.main(changed)
+
+
+def test_report_table_and_png(experiment, capsys) -> None:
+    work, _ = experiment
+    assert db_scaling_report.main([str(work)]) == 0
+    text = (work / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) >= 2 * 3  # two sizes in each of the three tables
+    assert (work / "db_scaling.png").stat().st_size > 1000
+    data = db_scaling_report.load(work)
+    summary = db_scaling_report.summary(data)
+    assert [r["multiple"] for r in summary] == [1, 3]
+    r = summary[1]
+    assert r["retro_gain"] == [pytest.approx(r["baseline"][0] - r["retro"][0])]
+
+
+def test_slices_grow_to_each_size_and_refuse_a_short_corpus(tmp_path) -> None:
+    files = []
+    for i in range(10):
+        f = tmp_path / f"f{i}.txt"
+        f.write_bytes(b"x" * 100)
+        files.append(f)
+    pool, rest = db_scaling.split_files(files, 250)
+    assert len(pool) == 3 and len(rest) == 7
+    parts = db_scaling.slices(rest, [0, 200, 500])
+    assert [len(p) for p in parts] == [0, 2, 3]
+    with pytest.raises(SystemExit, match="bytes past the pool"):
+        db_scaling.slices(rest, [800])
+    order = db_scaling.ordered_files(tmp_path, "*.txt")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("elsewhere"))
+    assert [p.name for p in order] == [p.name for p in db_scaling.ordered_files(moved, "*.txt")]
