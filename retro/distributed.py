@@ -8,6 +8,7 @@ multi-node: torchrun's rendezvous flags are all a multi-node run needs.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -49,7 +50,11 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Destroy the process group, after collecting garbage: DDP's reducer and FSDP's state sit in
+    reference cycles that hold gloo work objects; freed only during interpreter finalization, they
+    can abort a rank at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
