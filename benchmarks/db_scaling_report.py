@@ -97,7 +97,8 @@ def markdown(data: dict[str, Any], work: Path) -> str:
     for r in rows:
         cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in r["overlap"][a]])
                  for a in ALPHAS]
-        out.append(f"| {r['db_tokens'] or '-'} | " + " | ".join(cells) + " |")
+        out.append(f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ")
+        out[-1] += " | ".join(cells) + " |"
     out += ["", "| DB tokens | knn recall | wall time per stage (s) | RETRO tokens/s |", "|---:|---|---|---|"]
     for r in rows:
         db = data["dbs"].get(r["multiple"])
