@@ -143,10 +143,11 @@ class Runner:
         self.runs = work / "runs"
 
     # -- commands
-    def cli(self, *args: str) -> None:
-        self.run([self.py, "-m", "index_builder", *args])
+    def cli(self, *args: str) -> float:
+        return self.run([self.py, "-m", "index_builder", *args])
 
-    def run(self, cmd: Sequence[str], stdout: Path | None = None) -> None:
+    def run(self, cmd: Sequence[str], stdout: Path | None = None) -> float:
+        """Run one step; its wall seconds."""
         print("$ " + " ".join(cmd), file=self.log, flush=True)
         t0 = time.time()
         out = open(stdout.with_name(stdout.name + ".tmp"), "w") if stdout else None
@@ -159,7 +160,9 @@ class Runner:
             raise SystemExit(f"db_scaling: step failed (exit {res.returncode}): {' '.join(cmd)}")
         if stdout:
             os.replace(stdout.with_name(stdout.name + ".tmp"), stdout)
-        print(f"  ({time.time() - t0:.0f} s)", file=self.log, flush=True)
+        took = time.time() - t0
+        print(f"  ({took:.0f} s)", file=self.log, flush=True)
+        return took
 
     # -- the database at each size
     def manifest(self) -> dict[str, Any]:
@@ -185,11 +188,14 @@ class Runner:
             return json.loads(done.read_text())
         p = self.plan
         t0 = time.time()
+        took: dict[str, float] = {}  # this size's steps as timed here (a manifest record's start
+        # is its first run's: an update after add keeps it)
         if slice_dir is not None:
-            self.cli("add", "--db", str(self.db), "--input", str(slice_dir), "--glob", p.glob, "--retrieval-only")
-        self.cli("embed", "--db", str(self.db), *p.embed_args)
-        self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []), *p.index_args)
-        self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []), *p.knn_args)
+            took["add"] = self.cli("add", "--db", str(self.db), "--input", str(slice_dir), "--glob", p.glob,
+                                   "--retrieval-only")
+        took["embed"] = self.cli("embed", "--db", str(self.db), *p.embed_args)
+        took["index"] = self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []), *p.index_args)
+        took["knn"] = self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []), *p.knn_args)
         m = self.manifest()
         stages = {s: rec for s, rec in m["stages"].items() if rec.get("finished")}
         record = {"multiple": multiple, "train_tokens": m["counts"]["train"]["tokens"],
@@ -197,6 +203,7 @@ class Runner:
                   "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
                   "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
                   "stage_seconds": {s: seconds(rec) for s, rec in stages.items()},
+                  "step_seconds": {k: round(v, 1) for k, v in took.items()},
                   "wall_seconds": round(time.time() - t0, 1)}
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_json(done, record)

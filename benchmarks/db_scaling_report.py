@@ -105,7 +105,11 @@ def markdown(data: dict[str, Any], work: Path) -> str:
         if not db:
             continue
         recall = (db.get("knn", {}).get("recall") or {}).get(f"recall@{db.get('knn', {}).get('k', 2)}")
-        stages = ", ".join(f"{s} {v:.0f}" for s, v in db["stage_seconds"].items() if v is not None)
+        # step_seconds: each step of this size as the driver timed it; without them (records written
+        # before they were kept) only the size's total: a stage record's start is its first run's
+        steps = db.get("step_seconds")
+        stages = (", ".join(f"{s} {v:.0f}" for s, v in steps.items()) if steps is not None
+                  else f"{db['wall_seconds']:.0f} in all")
         rates = [t for s in data["plan"]["seeds"]
                  if (t := tokens_per_s(work / "runs" / f"retro-x{r['multiple']}-seed{s}")) is not None]
         out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "

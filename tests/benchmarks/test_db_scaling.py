@@ -54,6 +54,7 @@ def test_every_size_built_trained_and_evaluated(experiment) -> None:
     assert small["training_tokens"] == large["training_tokens"] == small["train_tokens"]
     assert 2.4 < large["train_tokens"] / large["training_tokens"] < 3.6
     assert small["val_tokens"] == large["val_tokens"]
+    assert set(small["step_seconds"]) == {"embed", "index", "knn"} and "add" in large["step_seconds"]
     ev = {m: json.loads((res / f"retro-x{m}-seed0.json").read_text()) for m in (1, 3)}
     # the same val tokens scored, and the same baseline on them: the val data did not move
     assert ev[1]["tokens"] == ev[3]["tokens"] and ev[1]["bits_per_byte_baseline"] == ev[3]["bits_per_byte_baseline"]
