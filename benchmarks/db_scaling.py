@@ -188,8 +188,8 @@ class Runner:
             return json.loads(done.read_text())
         p = self.plan
         t0 = time.time()
-        took: dict[str, float] = {}  # this size's steps as timed here (a manifest record's start
-        # is its first run's: an update after add keeps it)
+        took: dict[str, float] = {}  # this size's steps as timed here, not from the manifest: a
+        # stage record's start is its first run's, which an update after add keeps
         if slice_dir is not None:
             took["add"] = self.cli("add", "--db", str(self.db), "--input", str(slice_dir), "--glob", p.glob,
                                    "--retrieval-only")
@@ -197,12 +197,10 @@ class Runner:
         took["index"] = self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []), *p.index_args)
         took["knn"] = self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []), *p.knn_args)
         m = self.manifest()
-        stages = {s: rec for s, rec in m["stages"].items() if rec.get("finished")}
         record = {"multiple": multiple, "train_tokens": m["counts"]["train"]["tokens"],
                   "train_chunks": m["counts"]["train"]["chunks"], "val_tokens": m["counts"]["val"]["tokens"],
                   "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
                   "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
-                  "stage_seconds": {s: seconds(rec) for s, rec in stages.items()},
                   "step_seconds": {k: round(v, 1) for k, v in took.items()},
                   "wall_seconds": round(time.time() - t0, 1)}
         self.results.mkdir(parents=True, exist_ok=True)
@@ -258,16 +256,6 @@ class Runner:
                     run = self.runs / f"{kind}-x{multiple}-seed{seed}"
                     self.train(run, seed, *extra)
                     self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
-
-
-def seconds(rec: dict[str, Any]) -> float | None:
-    """A stage record's wall time (its last run), from its ISO start and end."""
-    import datetime as dt
-
-    try:
-        return (dt.datetime.fromisoformat(rec["finished"]) - dt.datetime.fromisoformat(rec["started"])).total_seconds()
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def atomic_json(path: Path, obj: Any) -> None:
