@@ -181,11 +181,15 @@ class Runner:
         bytes_per_token = chunk["bytes"] / max(1, chunk["tokens"])
         return int((multiple - 1) * chunk["counts"]["train"]["tokens"] * bytes_per_token)
 
+    def training_chunks(self) -> int:
+        """Train chunks of the training data alone: retrieval-only chunks are numbered after them."""
+        return int(self.manifest()["stages"]["chunk"]["stats"]["counts"]["train"]["chunks"])
+
     def grow_to(self, index: int, multiple: int, slice_dir: Path | None) -> dict[str, Any]:
         """The database at its index-th size: add (if any), embed, index, knn; its record."""
         done = self.results / f"db-x{multiple}.json"
         if done.exists():
-            return json.loads(done.read_text())
+            return self.backfill_quality(json.loads(done.read_text()), self.training_chunks())
         p = self.plan
         t0 = time.time()
         took: dict[str, float] = {}  # this size's steps as timed here, not from the manifest: a
@@ -201,10 +205,37 @@ class Runner:
                   "train_chunks": m["counts"]["train"]["chunks"], "val_tokens": m["counts"]["val"]["tokens"],
                   "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
                   "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
+                  "neighbours": self.neighbour_quality(self.training_chunks()),
                   "step_seconds": {k: round(v, 1) for k, v in took.items()},
                   "wall_seconds": round(time.time() - t0, 1)}
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_json(done, record)
+        return record
+
+    def neighbour_quality(self, first_added_chunk: int) -> dict[str, Any]:
+        """What the val chunks retrieve at the database's current size: the mean squared L2
+        distance of their neighbours by rank (in the embedder's space: lower is closer) and the
+        share drawn from retrieval-only data (train chunk ids from ``first_added_chunk`` on: added
+        data is appended)."""
+        import numpy as np
+
+        from chunk_store.layout import DBLayout
+
+        paths = DBLayout(self.db)
+        ids = np.load(paths.neighbours("val"), mmap_mode="r")
+        dist = np.asarray(np.load(paths.neighbour_distances("val"), mmap_mode="r"), dtype=np.float64)
+        found = ids >= 0
+        return {"val_chunks": int(ids.shape[0]),
+                "mean_distance_by_rank": [round(float(dist[found[:, r], r].mean()), 4) for r in range(ids.shape[1])],
+                "share_from_retrieval_only": round(float((ids[found] >= first_added_chunk).mean()), 4)}
+
+    def backfill_quality(self, record: dict[str, Any], first_added_chunk: int) -> dict[str, Any]:
+        """A size's record written before it kept neighbour quality gets it while the database
+        is still at that size (the neighbours are refreshed when it grows)."""
+        if "neighbours" in record or self.manifest()["counts"]["train"]["chunks"] != record["train_chunks"]:
+            return record
+        record = {**record, "neighbours": self.neighbour_quality(first_added_chunk)}
+        atomic_json(self.results / f"db-x{record['multiple']}.json", record)
         return record
 
     # -- the runs

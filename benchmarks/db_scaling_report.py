@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from datetime import datetime, timezone
 from statistics import mean
 from typing import Any, Sequence
 
@@ -69,12 +70,54 @@ def summary(data: dict[str, Any]) -> list[dict[str, Any]]:
             row[kind] = [e["bits_per_byte"] for e in got]
             row[f"{kind}_gain"] = [e["bits_per_byte_baseline"] - e["bits_per_byte"] for e in got]
             row[f"{kind}_seeds"] = len(got)
+            # what the retrieved text itself buys: the same weights without it, and with other
+            # sequences' neighbours (the control); a gain over the baseline without these is the
+            # CCA layers' capacity, not retrieval
+            row[f"{kind}_vs_none"] = [e["bits_per_byte_no_retrieval"] - e["bits_per_byte"] for e in got]
+            row[f"{kind}_vs_control"] = [e["bits_per_byte_other_neighbours"] - e["bits_per_byte"] for e in got
+                                         if e.get("bits_per_byte_other_neighbours") is not None]
             if kind == "retro":
                 row["baseline"] = [e["bits_per_byte_baseline"] for e in got]
                 row["overlap"] = {a: [next(o for o in e["overlap"] if o["alpha"] == a) for e in got if e.get("overlap")]
                                   for a in ALPHAS}
         rows.append(row)
     return rows
+
+
+def goal(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 21's goal, checked on what is measured: at the largest size with every seed, RETRO and
+    RETRO-fit at least 3% bpb better than the baseline, the mean gain at least 3x the baseline
+    seeds' spread, the gain rising with each size, and above zero at overlap <= 12.5%."""
+    done = [r for r in rows if r["retro_gain"]]
+    if not done:
+        return ["Goal: nothing measured yet."]
+    last = done[-1]
+    spread_base = max(last["baseline"]) - min(last["baseline"]) if len(last["baseline"]) > 1 else None
+    out = [f"Goal, checked at the largest database measured so far ({last['db_tokens']:,} tokens, "
+           f"{last['retro_seeds']} seeds):"]
+    for kind, name in (("retro", "RETRO"), ("retrofit", "RETRO-fit")):
+        if not last[f"{kind}_gain"]:
+            out.append(f"- {name}: not measured at this size")
+            continue
+        rel = [g / b for g, b in zip(last[f"{kind}_gain"], last["baseline"])]
+        ok3 = all(x >= 0.03 for x in rel)
+        ratio = (mean(last[f"{kind}_gain"]) / spread_base) if spread_base else None
+        means = [mean(r[f"{kind}_gain"]) for r in done if r[f"{kind}_gain"]]
+        rising = all(b > a for a, b in zip(means, means[1:]))
+        out.append(f"- {name}: gain {min(rel):+.2%} to {max(rel):+.2%} of the baseline's bpb over seeds "
+                   f"({'met' if ok3 else 'not met'}: >= 3% with every seed); mean gain / baseline seed spread "
+                   + (f"{ratio:.1f}x" if ratio is not None else "-") + f" ({'met' if ratio and ratio >= 3 else 'not met'}: >= 3x); "
+                   f"mean gain by size {', '.join(f'{m:+.4f}' for m in means)} "
+                   + ("(one size so far)" if len(means) < 2 else f"({'rising' if rising else 'not rising'} with each size)"))
+    low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in last["overlap"][ALPHAS[0]]]
+    if low:
+        out.append(f"- RETRO at overlap <= 12.5%: gain {spread(low)} ({'met' if min(low) > 0 else 'not met'}: "
+                   "above zero with every seed)")
+    return out
+
+
+def utc(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def markdown(data: dict[str, Any], work: Path) -> str:
@@ -99,6 +142,25 @@ def markdown(data: dict[str, Any], work: Path) -> str:
                  for a in ALPHAS]
         out.append(f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ")
         out[-1] += " | ".join(cells) + " |"
+    out += ["", "What the retrieved text itself buys (seed mean [min, max], bpb): RETRO's own neighbours against "
+            "the same weights without retrieval and against other sequences' neighbours (the control); the "
+            "val chunks' neighbours (mean squared L2 of rank 1 and 2 in the embedder's space; the share "
+            "drawn from retrieval-only data); the share of val tokens in chunks that overlap their "
+            "neighbours by more than 12.5%.", "",
+            "| DB tokens | RETRO vs no retrieval | RETRO vs control | RETRO-fit vs no retrieval | "
+            "RETRO-fit vs control | neighbour distance r1 / r2 | from retrieval-only | val tokens overlap > 12.5% |",
+            "|---:|---|---|---|---|---|---|---|"]
+    for r in rows:
+        db = data["dbs"].get(r["multiple"])
+        if not db:
+            continue
+        nq = db.get("neighbours")
+        dist = " / ".join(f"{d:.3f}" for d in nq["mean_distance_by_rank"]) if nq else "-"
+        share = f"{nq['share_from_retrieval_only']:.1%}" if nq else "-"
+        over = [1 - o["tokens"] / full["tokens"] for o, full in zip(r["overlap"][ALPHAS[0]], r["overlap"][1.0])]
+        out.append(f"| {db['train_tokens']:,} | {spread(r['retro_vs_none'])} | {spread(r['retro_vs_control'])} | "
+                   f"{spread(r['retrofit_vs_none'])} | {spread(r['retrofit_vs_control'])} | {dist} | {share} | "
+                   f"{(f'{mean(over):.1%}') if over else '-'} |")
     out += ["", "| DB tokens | knn recall | wall time per stage (s) | RETRO tokens/s |", "|---:|---|---|---|"]
     for r in rows:
         db = data["dbs"].get(r["multiple"])
@@ -114,7 +176,26 @@ def markdown(data: dict[str, Any], work: Path) -> str:
                  if (t := tokens_per_s(work / "runs" / f"retro-x{r['multiple']}-seed{s}")) is not None]
         out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "
                    f"{mean(rates):,.0f} |" if rates else f"| {db['train_tokens']:,} | {recall} | {stages} | - |")
+    out += ["", *goal(rows)]
+    stamps = [f.stat().st_mtime for f in (work / "results").glob("*.json")]
+    if stamps:
+        out += ["", f"Measured from {utc((work / 'plan.json').stat().st_mtime)} to {utc(max(stamps))}, "
+                "resumed across sessions (wall times above are per step, as the driver timed them). Commands:", "",
+                "```bash", "bash benchmarks/fetch_corpora.sh CORPORA", command(plan),
+                "python benchmarks/db_scaling_report.py WORK --docs", "```"]
     return "\n".join(out) + "\n"
+
+
+def command(plan: dict[str, Any]) -> str:
+    """The db_scaling.py command that gives this plan (the corpus folder named by its last part)."""
+    args = [f"--corpus CORPORA/{Path(plan['corpus']).name}", f"--glob '{plan['glob']}'", f"--pool-mb {plan['pool_mb']:g}",
+            f"--val-fraction {plan['val_fraction']:g}", f"--multiples {','.join(map(str, plan['multiples']))}",
+            f"--seeds {','.join(map(str, plan['seeds']))}", f"--config {plan['config']}",
+            *(f"--set {x}" for x in plan["sets"]), f"--vocab-size {plan['vocab_size']}",
+            f"--chunk-size {plan['chunk_size']}", f"--seq-len {plan['seq_len']}",
+            *(f"--{k}-args '{' '.join(plan[f'{k}_args'])}'" for k in ("embed", "index", "knn", "eval") if plan[f"{k}_args"]),
+            *([] if plan.get("retrofit", True) else ["--no-retrofit"])]
+    return "python benchmarks/db_scaling.py --work WORK " + " ".join(args)
 
 
 def plot(data: dict[str, Any], path: Path) -> bool:

@@ -226,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action="store_true",
                    help="leakage analysis (paper 4.4): bits per byte over the chunks whose overlap with "
                         "their neighbours is <= alpha, alpha in 12.5%%, 25%%, 50%%, 75%%, 100%%")
-    p.add_argument("--require-gain", action="store_true",
+    p.add_argument("--require-gain", nargs="?", const="all", default=None, choices=("all", "retrieval"),
                    help="exit with status 3 unless bits per byte with retrieval is lower than without "
                         "(and, with --control, lower than with other sequences' neighbours; with "
-                        "--baseline, lower than the baseline's)")
+                        "--baseline, lower than the baseline's). '--require-gain retrieval' leaves the "
+                        "baseline out of the verdict (still reported): what holds across seeds at a "
+                        "demo's size, where baseline seeds differ by more than RETRO's gain")
     return p
 
 
@@ -284,21 +286,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"  overlap <= {row['alpha']:>5.1%}: {row['tokens']:>7,} tokens, bpb "
               + ", ".join(f"{name} {row[f'bits_per_byte_{name}']:.4f}" for name in ("retrieval", "no_retrieval", "baseline")
                           if f"bits_per_byte_{name}" in row), file=sys.stderr)
-    failure = gain_failure(res) if args.require_gain else None
+    failure = gain_failure(res, over_baseline=args.require_gain == "all") if args.require_gain else None
     if failure:
         print(f"retro.evaluate: {failure}", file=sys.stderr)
         return EXIT_NO_GAIN
     return 0
 
 
-def gain_failure(res: EvalResult) -> str | None:
+def gain_failure(res: EvalResult, over_baseline: bool = True) -> str | None:
     """--require-gain's verdict: why the retrieval gain does not hold up, or None. Retrieval must
-    lower bits per byte; when scored, also below the control and below the trained baseline."""
+    lower bits per byte; when scored, also below the control and (``over_baseline``) below the
+    trained baseline."""
     if not res.bits_per_byte_no_retrieval - res.bits_per_byte > 0:
         return "retrieval did not lower bits per byte"
     if res.bits_per_byte_other_neighbours is not None and not res.bits_per_byte_other_neighbours > res.bits_per_byte:
         return "the retrieved neighbours did no better than other sequences' neighbours"
-    if res.bits_per_byte_baseline is not None and not res.bits_per_byte_baseline > res.bits_per_byte:
+    if over_baseline and res.bits_per_byte_baseline is not None and not res.bits_per_byte_baseline > res.bits_per_byte:
         return "RETRO did not beat the trained baseline"
     return None
 

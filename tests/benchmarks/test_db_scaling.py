@@ -55,6 +55,9 @@ def test_every_size_built_trained_and_evaluated(experiment) -> None:
     assert 2.4 < large["train_tokens"] / large["training_tokens"] < 3.6
     assert small["val_tokens"] == large["val_tokens"]
     assert set(small["step_seconds"]) == {"embed", "index", "knn"} and "add" in large["step_seconds"]
+    # neighbour quality per size: only the grown database retrieves added data
+    assert small["neighbours"]["share_from_retrieval_only"] == 0 < large["neighbours"]["share_from_retrieval_only"] < 1
+    assert len(small["neighbours"]["mean_distance_by_rank"]) == 2 and small["neighbours"]["val_chunks"] > 0
     ev = {m: json.loads((res / f"retro-x{m}-seed0.json").read_text()) for m in (1, 3)}
     # the same val tokens scored, and the same baseline on them: the val data did not move
     assert ev[1]["tokens"] == ev[3]["tokens"] and ev[1]["bits_per_byte_baseline"] == ev[3]["bits_per_byte_baseline"]
@@ -96,13 +99,38 @@ def test_report_table_and_png(experiment, capsys) -> None:
     assert db_scaling_report.main([str(work)]) == 0
     text = (work / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) >= 2 * 3  # two sizes in each of the three tables
+    assert len(rows) >= 2 * 4  # two sizes in each of the four tables
+    assert "RETRO vs control" in text and "Goal, checked at the largest database" in text
+    assert "python benchmarks/db_scaling.py --work WORK --corpus CORPORA/corpus --glob '*.py'" in text
+    assert "--multiples 1,3" in text and "--knn-args '--k 2 --shard-size 256 --device cpu'" in text
     assert (work / "db_scaling.png").stat().st_size > 1000
     data = db_scaling_report.load(work)
     summary = db_scaling_report.summary(data)
     assert [r["multiple"] for r in summary] == [1, 3]
     r = summary[1]
     assert r["retro_gain"] == [pytest.approx(r["baseline"][0] - r["retro"][0])]
+    ev = json.loads((work / "results" / "retro-x3-seed0.json").read_text())
+    assert r["retro_vs_none"] == [pytest.approx(ev["bits_per_byte_no_retrieval"] - ev["bits_per_byte"])]
+    assert r["retro_vs_control"] == [pytest.approx(ev["bits_per_byte_other_neighbours"] - ev["bits_per_byte"])]
+
+
+def test_goal_verdict() -> None:
+    """The goal's lines say met / not met from the numbers alone."""
+    def row(db, base, retro, low):
+        over = {a: [{"bits_per_byte_baseline": b, "bits_per_byte_retrieval": b - g, "tokens": 10}
+                    for b, g in zip(base, low)] for a in db_scaling_report.ALPHAS}
+        return {"db_tokens": db, "baseline": base, "retro_seeds": len(base),
+                "retro_gain": [b - x for b, x in zip(base, retro)], "retrofit_gain": [], "overlap": over}
+
+    rows = [row(100, [1.0, 1.01, 1.02], [0.99, 1.0, 1.01], [0.01] * 3),
+            row(1000, [1.0, 1.01, 1.02], [0.9, 0.95, 0.96], [0.02, 0.01, 0.03])]
+    lines = "\n".join(db_scaling_report.goal(rows))
+    assert "RETRO: gain +5.88% to +10.00%" in lines and ">= 3% with every seed" in lines
+    assert "(met: >= 3% with every seed)" in lines and "(met: >= 3x)" in lines and "(rising with each size)" in lines
+    assert "RETRO-fit: not measured" in lines and "(met: above zero with every seed)" in lines
+    rows[1]["retro_gain"] = [0.005, 0.005, 0.005]
+    lines = "\n".join(db_scaling_report.goal(rows))
+    assert "(not met: >= 3% with every seed)" in lines and "(not rising with each size)" in lines
 
 
 def test_slices_grow_to_each_size_and_refuse_a_short_corpus(tmp_path) -> None:

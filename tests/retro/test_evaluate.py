@@ -267,6 +267,10 @@ def test_cli_baseline_and_overlap(db, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     beats = out["bits_per_byte"] < min(out["bits_per_byte_no_retrieval"], out["bits_per_byte_baseline"])
     assert rc == (0 if beats else 3)
+    rc = main(["--run", str(retro_run), "--baseline", str(base_run), "--require-gain", "retrieval", *args])
+    out = json.loads(capsys.readouterr().out)
+    assert "bits_per_byte_baseline" in out  # still scored and reported
+    assert rc == (0 if out["bits_per_byte"] < out["bits_per_byte_no_retrieval"] else 3)
 
 
 def test_require_gain_verdict():
@@ -281,6 +285,10 @@ def test_require_gain_verdict():
     assert gain_failure(res(1.0, 1.1, other=1.05, base=1.01)) is None
     assert "trained baseline" in gain_failure(res(1.0, 1.1, base=0.99))
     assert "trained baseline" in gain_failure(res(1.0, 1.1, base=1.0))
+    # '--require-gain retrieval' (make demo): the baseline is reported, not part of the verdict
+    assert gain_failure(res(1.0, 1.1, other=1.05, base=0.99), over_baseline=False) is None
+    assert "other sequences" in gain_failure(res(1.0, 1.1, other=1.0, base=1.2), over_baseline=False)
+    assert "did not lower" in gain_failure(res(1.1, 1.1, base=1.2), over_baseline=False)
 
 
 def test_plot_leakage_draws_a_png_and_refuses_other_json(tmp_path, capsys):
