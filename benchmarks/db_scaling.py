@@ -189,7 +189,7 @@ class Runner:
         """The database at its index-th size: add (if any), embed, index, knn; its record."""
         done = self.results / f"db-x{multiple}.json"
         if done.exists():
-            return self.backfill_quality(json.loads(done.read_text()), self.training_chunks())
+            return json.loads(done.read_text())
         p = self.plan
         t0 = time.time()
         took: dict[str, float] = {}  # this size's steps as timed here, not from the manifest: a
@@ -205,38 +205,43 @@ class Runner:
                   "train_chunks": m["counts"]["train"]["chunks"], "val_tokens": m["counts"]["val"]["tokens"],
                   "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
                   "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
-                  "neighbours": self.neighbour_quality(self.training_chunks()),
                   "step_seconds": {k: round(v, 1) for k, v in took.items()},
                   "wall_seconds": round(time.time() - t0, 1)}
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_json(done, record)
         return record
 
-    def neighbour_quality(self, first_added_chunk: int) -> dict[str, Any]:
-        """What the val chunks retrieve at the database's current size: the mean squared L2
-        distance of their neighbours by rank (in the embedder's space: lower is closer) and the
-        share drawn from retrieval-only data (train chunk ids from ``first_added_chunk`` on: added
-        data is appended)."""
+    def neighbour_distances(self, records: Sequence[dict[str, Any]]) -> None:
+        """How close the val chunks' nearest database chunks are at each size measured so far:
+        exact search (faiss, flat L2) of the val embeddings against the first ``train_chunks``
+        train embeddings of each size (the database only grows by appending, so every size is a
+        prefix of the current one; sizes passed earlier are measured retroactively). Independent
+        of the index's recall: what the database offers, not what knn found. WORK/results/
+        neighbour-distances.json, one entry per size: the mean squared L2 by rank (the
+        embedder's space; lower is closer) and the share of rank-1 neighbours from
+        retrieval-only data."""
+        import faiss
         import numpy as np
 
-        from chunk_store.layout import DBLayout
+        from index_builder.embed.stage import open_embeddings, read_rows
 
-        paths = DBLayout(self.db)
-        ids = np.load(paths.neighbours("val"), mmap_mode="r")
-        dist = np.asarray(np.load(paths.neighbour_distances("val"), mmap_mode="r"), dtype=np.float64)
-        found = ids >= 0
-        return {"val_chunks": int(ids.shape[0]),
-                "mean_distance_by_rank": [round(float(dist[found[:, r], r].mean()), 4) for r in range(ids.shape[1])],
-                "share_from_retrieval_only": round(float((ids[found] >= first_added_chunk).mean()), 4)}
-
-    def backfill_quality(self, record: dict[str, Any], first_added_chunk: int) -> dict[str, Any]:
-        """A size's record written before it kept neighbour quality gets it while the database
-        is still at that size (the neighbours are refreshed when it grows)."""
-        if "neighbours" in record or self.manifest()["counts"]["train"]["chunks"] != record["train_chunks"]:
-            return record
-        record = {**record, "neighbours": self.neighbour_quality(first_added_chunk)}
-        atomic_json(self.results / f"db-x{record['multiple']}.json", record)
-        return record
+        path = self.results / "neighbour-distances.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        todo = [r for r in records if str(r["multiple"]) not in done]
+        if not todo:
+            return
+        train, val = open_embeddings(self.db, "train"), open_embeddings(self.db, "val")
+        queries = read_rows(val, 0, sum(a.shape[0] for a in val))
+        first_added = self.training_chunks()
+        for r in todo:
+            index = faiss.IndexFlatL2(queries.shape[1])
+            for lo in range(0, r["train_chunks"], 1 << 18):
+                index.add(read_rows(train, lo, min(r["train_chunks"], lo + (1 << 18))))
+            dist, ids = index.search(queries, 2)
+            done[str(r["multiple"])] = {"train_chunks": r["train_chunks"], "val_chunks": int(queries.shape[0]),
+                                        "mean_distance_by_rank": [round(float(d), 4) for d in dist.mean(axis=0)],
+                                        "share_from_retrieval_only": round(float((ids[:, 0] >= first_added).mean()), 4)}
+            atomic_json(path, done)
 
     # -- the runs
     def train(self, out: Path, seed: int, *extra: str) -> None:
@@ -271,12 +276,14 @@ class Runner:
             self.build_database(self.work / "corpus" / "pool")
         need = [self.retrieval_bytes(m) for m in p.multiples]
         parts = slices(rest, need)
+        records: list[dict[str, Any]] = []
         for i, (multiple, part) in enumerate(zip(p.multiples, parts)):
             slice_dir = None
             if part:
                 slice_dir = self.work / "corpus" / f"retrieval-x{multiple}"
                 link_files(part, corpus, slice_dir)
-            self.grow_to(i, multiple, slice_dir)
+            records.append(self.grow_to(i, multiple, slice_dir))
+            self.neighbour_distances(records)
             for seed in p.seeds:
                 base = self.runs / f"baseline-seed{seed}"
                 self.train(base, seed, "model.cca_layers=[]")

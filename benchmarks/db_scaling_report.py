@@ -31,6 +31,10 @@ def load(work: Path) -> dict[str, Any]:
     res = work / "results"
     dbs = {m: json.loads((res / f"db-x{m}.json").read_text()) for m in plan["multiples"]
            if (res / f"db-x{m}.json").exists()}
+    near = json.loads((res / "neighbour-distances.json").read_text()) if (res / "neighbour-distances.json").exists() else {}
+    for m, db in dbs.items():
+        if str(m) in near:
+            db["neighbours"] = near[str(m)]
     evals: dict[tuple[str, int, int], dict[str, Any]] = {}
     for path in res.glob("*-x*-seed*.json"):
         m = re.fullmatch(r"(\w+)-x(\d+)-seed(\d+)\.json", path.name)
@@ -143,9 +147,10 @@ def markdown(data: dict[str, Any], work: Path) -> str:
         out.append(f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ")
         out[-1] += " | ".join(cells) + " |"
     out += ["", "What the retrieved text itself buys (seed mean [min, max], bpb): RETRO's own neighbours against "
-            "the same weights without retrieval and against other sequences' neighbours (the control); the "
-            "val chunks' neighbours (mean squared L2 of rank 1 and 2 in the embedder's space; the share "
-            "drawn from retrieval-only data); the share of val tokens in chunks that overlap their "
+            "the same weights without retrieval and against other sequences' neighbours (the control); how "
+            "close the val chunks' nearest database chunks are (exact search: mean squared L2 of rank 1 "
+            "and 2 in the embedder's space, lower is closer; the share of rank-1 neighbours from "
+            "retrieval-only data); the share of val tokens in chunks that overlap their "
             "neighbours by more than 12.5%.", "",
             "| DB tokens | RETRO vs no retrieval | RETRO vs control | RETRO-fit vs no retrieval | "
             "RETRO-fit vs control | neighbour distance r1 / r2 | from retrieval-only | val tokens overlap > 12.5% |",
