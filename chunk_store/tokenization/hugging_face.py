@@ -60,6 +60,10 @@ class HFTokenizer:
             self._tok = RustTokenizer.from_str(self.files[HF_TOKENIZER_JSON].decode("utf-8"))
         except Exception as e:
             raise UserError(f"cannot load {HF_TOKENIZER_JSON} of {source}: {e}") from None
+        # a tokenizer.json made for a model's inputs may truncate (MiniLM's: 128 tokens) and pad
+        # (to 128): applied to a corpus, that cuts every document silently and writes pads as text
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if name in self.files:
