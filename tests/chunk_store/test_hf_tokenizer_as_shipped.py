@@ -3,24 +3,15 @@ fixed padding, lower-casing, a BOS template) must not cut, pad or silently alter
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from chunk_store import ChunkStore
+from chunk_store.chunk.stage import summary_line
 from chunk_store.tokenization.hugging_face import load_hf_tokenizer
-from tests.fixtures import build_tiny_db, write_corpus
-from tests.fixtures.hf_tokenizers import make_shipped_tokenizer
-
-LOWER = ["the retrieval database holds chunks of text and their neighbours. " * 6,
-         "every chunk is embedded by a frozen encoder and searched in the index.\n" * 5]
-MIXED = ["The Café serves Crème Brûlée to Zoë; RETRO retrieves it 🙂.\n\nSee   you.\n" * 4,
-         "Naïve Models TRUNCATE long documents at 128 tokens, Silently!\n" * 5]
-
-
-def _corpus(root: Path, texts: list[str]) -> Path:
-    write_corpus(root / "corpus", texts)
-    return root / "corpus"
-
+from tests.fixtures import build_tiny_db
+from tests.fixtures.hf_tokenizers import LOWER, MIXED, make_shipped_tokenizer, shipped_corpus as _corpus
 
 def _docs(store: ChunkStore) -> list[np.ndarray]:
     """Each document's tokens, EOS and pad dropped."""
@@ -55,3 +46,40 @@ def test_file_truncation_and_padding_are_turned_off(tmp_path: Path) -> None:
     expected = sorted(len(plain.encode(t, add_special_tokens=False).ids) for t in texts)
     assert sorted(len(d) for d in _docs(store)) == expected
     assert not any((d == tok.pad_id).any() for d in _docs(store))
+
+
+def test_lossy_tokenizer_is_named_in_the_summary(tmp_path: Path) -> None:
+    """A lower-casing tokenizer alters the two documents with capitals and leaves the two
+    lower-case ones: the summary names it with that share, the shard record counts it, and the
+    altered documents' source and decoded bytes are kept (bits per byte count the source's)."""
+    texts = LOWER + MIXED
+    folder = make_shipped_tokenizer(tmp_path / "tok", texts, lowercase=True)
+    db = tmp_path / "db"
+    from chunk_store.chunk.stage import ChunkConfig, build
+
+    stats = build(db, ChunkConfig(inputs=(str(_corpus(tmp_path, texts)),), chunk_size=16, seq_len=64,
+                                  val_fraction=0.0, tokenizer_file=f"hf:{folder}"))
+    line = summary_line(stats)
+    assert "the tokenizer alters 2 of 4 documents (50.0%)" in line, line
+    assert stats["altered_documents"] == 2
+    store = ChunkStore.open(db, "train")
+    altered = store.altered_documents()
+    assert len(altered) == 2
+    sources = {store.doc_source(d)["source"]: d for d in range(store.num_docs)}
+    for path, d in sources.items():
+        text = Path(path).read_text(encoding="utf-8")
+        if text in MIXED:
+            rec = altered[d]
+            assert rec["bytes"] == len(text.encode("utf-8")) and rec["decoded_bytes"] > 0
+        else:
+            assert d not in altered
+
+
+def test_lossless_tokenizer_reports_nothing(tmp_path: Path) -> None:
+    texts = LOWER + MIXED
+    folder = make_shipped_tokenizer(tmp_path / "tok", texts)
+    db = build_tiny_db(tmp_path / "db", _corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
+                       val_fraction=0.0)
+    manifest = json.loads((db / "manifest.json").read_text())
+    assert "alters" not in summary_line(manifest["stages"]["chunk"]["stats"])
+    assert ChunkStore.open(db, "train").altered_documents() == {}
