@@ -247,6 +247,11 @@ class RoundTrip:
         return {"bytes": self.bytes, "decoded_bytes": self.decoded_bytes, "tokens": self.tokens} if self.altered else {}
 
 
+def _bos(tok: Tokenizer) -> np.ndarray:
+    """What starts every document: BOS where the tokenizer's base model saw one (DBTokenizer.add_bos)."""
+    return np.array([tok.bos_id] if tok.add_bos and tok.bos_id >= 0 else [], dtype=tok.token_dtype)
+
+
 def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec,
                    skipped: list[dict]) -> tuple[str | None, int, bool]:
     """One plain-text file (compressed or not, any size) as one streamed document:
@@ -255,6 +260,9 @@ def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec
     doc = writer.pending()
     check = RoundTrip()
     code = "H" if tok.token_dtype == np.uint16 else "i"  # array.array: faster than np.asarray(list)
+    bos = _bos(tok)
+    if bos.size:
+        doc.extend(bos)
     for piece in iter_pieces(stream):
         ids = tok.encode(piece)
         check.add(tok, piece, ids)
@@ -299,6 +307,7 @@ def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], pat
                     val_fraction: float) -> int:
     short = [r.text for r in batch if len(r.text) <= ENCODE_PIECE_CHARS]  # type: ignore[arg-type]
     ids_of = iter(tok.encode_batch(short)) if hasattr(tok, "encode_batch") and short else None
+    bos = _bos(tok)
     for rec in batch:
         text = rec.text
         assert text is not None
@@ -308,6 +317,8 @@ def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], pat
             ids = tok.encode_array(text)  # pieces: memory flat in a record's size
         check = RoundTrip()
         check.add(tok, text, ids)
+        if bos.size:
+            ids = np.concatenate([bos, np.asarray(ids, dtype=tok.token_dtype)])
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
         split = "val" if val_digest(digest, val_fraction) else "train"
         writer.add(split, ids, {"source": path, key: rec.line, **check.record()}, digest)

@@ -101,6 +101,7 @@ class Tokenizer:
         self.vocab_size: int = self.sp_vocab_size + (0 if pad >= 0 else 1)
         self.eos_id: int = int(self._sp.eos_id())
         self.bos_id: int = int(self._sp.bos_id())
+        self.add_bos: bool = False  # documents are trained on as they are, EOS only
         self.unk_id: int = int(self._sp.unk_id())
         if self.eos_id < 0:
             raise UserError(f"sentencepiece model {source} has no EOS piece (train it with eos_id >= 0)")
