@@ -198,7 +198,9 @@ def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.dev
             m = dataset.chunk_size
             leak.add(chunk_overlaps(batch["tokens"], batch.get("neighbours"), m, pad_id),
                      {k: per_chunk(v, m) for k, v in per_token.items()},
-                     per_chunk(y != pad_id, m), chunk_bytes(tokenizer, batch["tokens"][:, 1:], m, pad_id))
+                     per_chunk(y != pad_id, m),
+                     source_bytes.scale_chunks(chunk_bytes(tokenizer, batch["tokens"][:, 1:], m, pad_id),
+                                               dataset.chunk_ids(rows), batch["tokens"][:, 1:], m))
     model.train(was_training)
     res = sums.all_reduced(device).result(retrieval=retrieval, control=control, baseline=baseline is not None)
     if leak is not None:

@@ -87,6 +87,26 @@ class SourceBytes:
                 total += self._segment(seg, int(seg_docs[0]))
         return int(round(total))
 
+    def scale_chunks(self, nbytes: np.ndarray, chunk_ids: np.ndarray, targets: np.ndarray, chunk_size: int) -> np.ndarray:
+        """(b, l + 1) decoded bytes per target chunk (retro.leakage.chunk_bytes; target chunk c is
+        the sample's chunk c, ``chunk_ids`` (b, l + 1)) -> the same counted on the source text
+        (float: a chunk's share of a document's bytes need not be whole; LeakageSums sums them)."""
+        if not self.altered:
+            return nbytes
+        out = np.asarray(nbytes, dtype=np.float64).copy()
+        targets = np.asarray(targets)
+        for (r, c), cid in np.ndenumerate(np.asarray(chunk_ids)):
+            rec = self.altered.get(int(self.doc_ids[int(cid)])) if cid >= 0 else None
+            if rec is None:
+                continue
+            if rec["decoded_bytes"] > 0:
+                out[r, c] *= rec["bytes"] / rec["decoded_bytes"]
+            else:
+                ids = targets[r, max(c * chunk_size - 1, 0):(c + 1) * chunk_size - 1]
+                n = int(((ids != self.pad_id) & (ids != self.tokenizer.eos_id)).sum())
+                out[r, c] = n * rec["bytes"] / max(rec["tokens"], 1)
+        return out
+
     def _segment(self, ids: np.ndarray, doc: int) -> float:
         """Source bytes of one document's run of tokens."""
         kept = [int(t) for t in ids if t != self.pad_id]

@@ -36,3 +36,25 @@ def test_bits_per_byte_count_source_bytes(tmp_path: Path, kind: str) -> None:
         if text in LOWER and kind == "lowercase":
             assert count(row, ids) == target_bytes(store.tokenizer, row, store.pad_id)
     assert decoded_differs == (4 if kind == "wordpiece" else 0)
+
+
+def test_per_chunk_bytes_of_the_leakage_analysis_add_up_to_the_rows(tmp_path: Path) -> None:
+    """--overlap's per-chunk bytes are scaled the same way: a row's chunks add up to its bytes."""
+    from retro.leakage import chunk_bytes
+    from retro.metrics import target_chunk_ids
+
+    texts = LOWER + MIXED
+    folder = make_shipped_tokenizer(tmp_path / "tok", texts, kind="wordpiece")
+    db = build_tiny_db(tmp_path / "db", shipped_corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
+                       val_fraction=0.0)
+    store = ChunkStore.open(db, "train")
+    count, m = SourceBytes(store), store.chunk_size
+    for d in range(store.num_docs):
+        a, b = store.doc_chunk_range(d)
+        targets = np.asarray(store.chunks[a:b], dtype=np.int64).reshape(1, -1)[:, 1:]
+        ids = np.arange(a, b)[None, :]
+        decoded = chunk_bytes(store.tokenizer, targets, m, store.pad_id)
+        scaled = count.scale_chunks(decoded, ids, targets, m)
+        whole = count(targets, target_chunk_ids(ids, targets.shape[1], m))
+        assert abs(float(scaled.sum()) - whole) <= 0.5
+        assert float(scaled.sum()) != int(decoded.sum())
