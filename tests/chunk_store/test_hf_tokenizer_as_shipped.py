@@ -11,7 +11,7 @@ from chunk_store import ChunkStore
 from chunk_store.chunk.stage import summary_line
 from chunk_store.tokenization.hugging_face import load_hf_tokenizer
 from tests.fixtures import build_tiny_db
-from tests.fixtures.hf_tokenizers import LOWER, MIXED, make_shipped_tokenizer, shipped_corpus as _corpus
+from tests.fixtures.hf_tokenizers import LOWER, MIXED, make_shipped_tokenizer, shipped_corpus
 
 def _docs(store: ChunkStore) -> list[np.ndarray]:
     """Each document's tokens, EOS and pad dropped."""
@@ -40,7 +40,7 @@ def test_file_truncation_and_padding_are_turned_off(tmp_path: Path) -> None:
         assert len(tok.encode(t)) > 32
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode("a") == plain.encode("a", add_special_tokens=False).ids  # not padded to 32
-    db = build_tiny_db(tmp_path / "db", _corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
+    db = build_tiny_db(tmp_path / "db", shipped_corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
                        val_fraction=0.0)
     store = ChunkStore.open(db, "train")
     expected = sorted(len(plain.encode(t, add_special_tokens=False).ids) for t in texts)
@@ -57,7 +57,7 @@ def test_lossy_tokenizer_is_named_in_the_summary(tmp_path: Path) -> None:
     db = tmp_path / "db"
     from chunk_store.chunk.stage import ChunkConfig, build
 
-    stats = build(db, ChunkConfig(inputs=(str(_corpus(tmp_path, texts)),), chunk_size=16, seq_len=64,
+    stats = build(db, ChunkConfig(inputs=(str(shipped_corpus(tmp_path, texts)),), chunk_size=16, seq_len=64,
                                   val_fraction=0.0, tokenizer_file=f"hf:{folder}"))
     line = summary_line(stats)
     assert "the tokenizer alters 2 of 4 documents (50.0%)" in line, line
@@ -78,8 +78,23 @@ def test_lossy_tokenizer_is_named_in_the_summary(tmp_path: Path) -> None:
 def test_lossless_tokenizer_reports_nothing(tmp_path: Path) -> None:
     texts = LOWER + MIXED
     folder = make_shipped_tokenizer(tmp_path / "tok", texts)
-    db = build_tiny_db(tmp_path / "db", _corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
+    db = build_tiny_db(tmp_path / "db", shipped_corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
                        val_fraction=0.0)
     manifest = json.loads((db / "manifest.json").read_text())
     assert "alters" not in summary_line(manifest["stages"]["chunk"]["stats"])
     assert ChunkStore.open(db, "train").altered_documents() == {}
+
+
+def test_native_tokenizer_alters_only_text_with_its_space_marker(tmp_path: Path) -> None:
+    """The trained sentencepiece model gives every text back except one holding U+2581 (its space
+    marker, decoded as a space): only that document is named, the others are not even decoded."""
+    from chunk_store.chunk.stage import ChunkConfig, build
+
+    texts = LOWER + MIXED + ["a\u2581marked word " * 20]
+    stats = build(tmp_path / "db", ChunkConfig(inputs=(str(shippedshipped_corpus(tmp_path, texts)),), chunk_size=16,
+                                               seq_len=64, val_fraction=0.0, vocab_size=300))
+    assert stats["altered_documents"] == 1 and "alters 1 of 5 documents (20.0%)" in summary_line(stats)
+    store = ChunkStore.open(tmp_path / "db", "train")
+    assert store.tokenizer.round_trip_unless == "\u2581"
+    [(d, rec)] = store.altered_documents().items()
+    assert rec["bytes"] == len(texts[-1].encode()) and "\u2581" in Path(store.doc_source(d)["source"]).read_text()
