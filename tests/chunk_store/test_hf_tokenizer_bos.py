@@ -39,13 +39,16 @@ def test_documents_start_as_the_base_tokenizer_starts_them(tmp_path: Path, cls: 
     tok = load_hf_tokenizer(f"hf:{folder}")
     assert tok.add_bos is bos and tok.bos_id == auto.bos_token_id
     assert pickle.loads(pickle.dumps(tok)).add_bos is bos
-    db = build_tiny_db(tmp_path / "db", shipped_corpus(tmp_path, texts), tokenizer_file=f"hf:{folder}",
-                       val_fraction=0.0)
+    corpus = shipped_corpus(tmp_path, texts)
+    records = ["a record of a jsonl file", "Another One, encoded in a batch"]
+    (corpus / "records.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records))
+    db = build_tiny_db(tmp_path / "db", corpus, tokenizer_file=f"hf:{folder}", val_fraction=0.0)
     store = ChunkStore.open(db, "train")
-    assert store.tokenizer.add_bos is bos
+    assert store.tokenizer.add_bos is bos and store.num_docs == len(texts) + len(records)
     assert json.loads((db / "manifest.json").read_text())["tokenizer"]["add_bos"] is bos
     for d in range(store.num_docs):
-        text = Path(store.doc_source(d)["source"]).read_text(encoding="utf-8")
+        src = store.doc_source(d)
+        text = (records[src["line"] - 1] if "line" in src else Path(src["source"]).read_text(encoding="utf-8"))
         assert _doc_tokens(store, d) == auto(text).input_ids + [tok.eos_id]
         assert store.doc_text(d) == text  # BOS decodes to nothing
     prompt = "the retrieval database"
