@@ -91,7 +91,7 @@ def test_native_tokenizer_alters_only_text_with_its_space_marker(tmp_path: Path)
     from chunk_store.chunk.stage import ChunkConfig, build
 
     texts = LOWER + MIXED + ["a\u2581marked word " * 20]
-    stats = build(tmp_path / "db", ChunkConfig(inputs=(str(shippedshipped_corpus(tmp_path, texts)),), chunk_size=16,
+    stats = build(tmp_path / "db", ChunkConfig(inputs=(str(shipped_corpus(tmp_path, texts)),), chunk_size=16,
                                                seq_len=64, val_fraction=0.0, vocab_size=300))
     assert stats["altered_documents"] == 1 and "alters 1 of 5 documents (20.0%)" in summary_line(stats)
     store = ChunkStore.open(tmp_path / "db", "train")
