@@ -36,6 +36,8 @@ from chunk_store.chunk.part_files import doc_id_blocks, part_doc_info, part_rows
 
 log = logging.getLogger("chunk_store.shards")
 DIGEST = np.dtype("S16")
+# a documents.jsonl line of a document the tokenizer alters has this key (chunk.packing.RoundTrip)
+ALTERED_KEY = '"decoded_bytes": '
 LEGACY_DIR = "."  # the one shard of a DB from before shards: its arrays in DB/<split>/
 
 
@@ -206,7 +208,7 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
         w_c = NpyWriter(paths.chunks(split), token_dtype, (n_chunks, chunk_size))
         w_d = NpyWriter(paths.doc_ids(split), np.dtype(np.int64), (n_chunks,))
         docs_tmp = temp_path(paths.documents(split))
-        doc = 0
+        doc = altered = 0
         with open(docs_tmp, "w", encoding="utf-8") as docs_f:
             for (p, meta), keep in tqdm(list(zip(parts, keeps)), desc=f"merge {split}", unit="part",
                                         leave=False):  # pass 2: the arrays
@@ -216,7 +218,9 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
                 for ids in doc_id_blocks(info["chunks"][keep], doc):
                     w_d.append(ids)
                 doc += int(keep.sum())
-                docs_f.writelines(line for line, k in zip(part_sources(p, split), keep) if k)
+                kept = [line for line, k in zip(part_sources(p, split), keep) if k]
+                altered += sum(ALTERED_KEY in line for line in kept)
+                docs_f.writelines(kept)
             docs_f.flush()
             os.fsync(docs_f.fileno())
         w_c.close()
@@ -225,6 +229,8 @@ def write_shard(db: Path, index: int, parts: Sequence[tuple[Path, dict[str, Any]
         starts = sequence_starts(n_chunks, chunks_per_seq) if sequences else np.zeros(0, np.int64)
         atomic_save_npy(paths.seq_starts(split), starts)
         record["counts"][split] = {"docs": n_docs, "chunks": n_chunks, "tokens": tokens, "seqs": int(len(starts))}
+        if altered:  # documents the tokenizer does not give back as they were (packing.RoundTrip)
+            record.setdefault("altered_documents", {})[split] = altered
         if crash is not None:
             crash()
     atomic_save_npy(paths.digests, np.sort(np.concatenate(digests)) if digests else np.zeros(0, DIGEST))

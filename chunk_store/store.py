@@ -19,7 +19,7 @@ from chunk_store.layout import SPLITS, TOKENIZER, DBLayout
 from chunk_store.manifest import load_manifest, open_npy, stage_done
 from chunk_store.tokenization.hugging_face import open_db_tokenizer
 from chunk_store.sharded_array import concat
-from chunk_store.shards import shard_paths, shard_records
+from chunk_store.shards import ALTERED_KEY, shard_paths, shard_records
 from chunk_store.tokenization.protocol import DBTokenizer
 
 
@@ -74,6 +74,7 @@ class ChunkStore:
         self._neighbour_distances: np.ndarray | None = None
         self._train: ChunkStore | None = self if split == "train" else None
         self._doc_offsets: dict[int, np.ndarray] = {}
+        self._altered: dict[int, dict[str, int]] | None = None
 
     @classmethod
     def open(cls, db: str | Path, split: str = "train") -> "ChunkStore":
@@ -182,6 +183,24 @@ class ChunkStore:
             return json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"corrupt {path} line {local + 1}: {e}") from None
+
+    def altered_documents(self) -> dict[int, dict[str, int]]:
+        """Global doc id -> {"bytes", "decoded_bytes", "tokens"} of each document the tokenizer
+        does not give back as it was (decode(encode(text)) != text), read from documents.jsonl of
+        the shards whose record counts some: empty, and nothing read, for a lossless tokenizer."""
+        if self._altered is None:
+            out: dict[int, dict[str, int]] = {}
+            for s, rec in enumerate(shard_records(self.manifest)):
+                if not (rec.get("altered_documents") or {}).get(self.split):
+                    continue
+                base = int(self._doc_offsets_by_shard[s])
+                with open(self.shards[s].documents(self.split), encoding="utf-8") as f:
+                    for local, line in enumerate(f):
+                        if ALTERED_KEY in line:
+                            d = json.loads(line)
+                            out[base + local] = {k: int(d[k]) for k in ("bytes", "decoded_bytes", "tokens")}
+            self._altered = out
+        return self._altered
 
     # -------------------------------------------------------------- neighbours (after knn)
 

@@ -31,7 +31,7 @@ from chunk_store.framework.argtypes import count_int, positive_int
 from chunk_store.framework.errors import UserError, run_main
 from retro.distributed import all_reduce_sum
 from retro.leakage import LeakageSums, chunk_bytes, chunk_overlaps, per_chunk
-from retro.metrics import bits_per_byte, lm_loss, target_bytes
+from retro.metrics import SourceBytes, bits_per_byte, lm_loss, target_chunk_ids
 
 if TYPE_CHECKING:
     from retro.dataset import RetroDataset
@@ -170,6 +170,7 @@ def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.dev
     if baseline is not None:
         baseline.eval()
     sums = EvalSums()
+    source_bytes = SourceBytes(dataset.store)
     leak = LeakageSums() if overlap else None
     for start in tqdm(range(0, len(idx), micro_batch_size), desc="eval", disable=not progress, leave=False):
         rows = idx[start:start + micro_batch_size]
@@ -190,13 +191,16 @@ def evaluate(model: torch.nn.Module, dataset: RetroDataset, *, device: torch.dev
             nbrs = torch.from_numpy(dataset.get_batch(other)["neighbours"]).to(device)
             sums.loss_other_neighbours += summed_loss(model, x, y, nbrs, pad_id, dtype)
         sums.tokens += int((y != pad_id).sum().item())
-        sums.bytes += target_bytes(tokenizer, batch["tokens"][:, 1:], pad_id)
+        sums.bytes += source_bytes(batch["tokens"][:, 1:],
+                                   target_chunk_ids(dataset.chunk_ids(rows), dataset.seq_len, dataset.chunk_size))
         sums.sequences += len(tokens)
         if leak is not None:
             m = dataset.chunk_size
             leak.add(chunk_overlaps(batch["tokens"], batch.get("neighbours"), m, pad_id),
                      {k: per_chunk(v, m) for k, v in per_token.items()},
-                     per_chunk(y != pad_id, m), chunk_bytes(tokenizer, batch["tokens"][:, 1:], m, pad_id))
+                     per_chunk(y != pad_id, m),
+                     source_bytes.scale_chunks(chunk_bytes(tokenizer, batch["tokens"][:, 1:], m, pad_id),
+                                               dataset.chunk_ids(rows), batch["tokens"][:, 1:], m))
     model.train(was_training)
     res = sums.all_reduced(device).result(retrieval=retrieval, control=control, baseline=baseline is not None)
     if leak is not None:

@@ -3,7 +3,8 @@
 DIR gets ``config.json`` (``RetroHFConfig``: the RETRO shape, and for a RETRO-fit the base
 decoder's config), ``model.safetensors`` (the checkpoint's weights under ``retro.``), the
 tokenizer the database was built with (a Hugging Face tokenizer's files, or the sentencepiece
-``tokenizer.model``) and a README model card (training data, steps, evaluation numbers), so
+``tokenizer.model`` with a ``tokenizer.json`` converted from it, so ``AutoTokenizer`` loads it)
+and a README model card (training data, steps, evaluation numbers), so
 ``RetroForCausalLM.from_pretrained(DIR)`` loads it anywhere ``transformers`` runs and scores
 exactly as the checkpoint does (tests/test_export.py checks the logits).
 
@@ -47,8 +48,9 @@ def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest:
         "Exported with `python -m retro.export` from a training run of the retro project "
         "(Borgeaud et al. 2022). Load it with:", "",
         "```python", "import retro.hf_model  # registers RetroForCausalLM with the Auto classes",
-        "from transformers import AutoModelForCausalLM", "from index_builder import Retriever",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "from index_builder import Retriever",
         "model = AutoModelForCausalLM.from_pretrained(DIR)",
+        "prompt_ids = AutoTokenizer.from_pretrained(DIR)(\"def main():\", return_tensors=\"pt\").input_ids",
         "ids = model.generate(prompt_ids, max_new_tokens=64, retriever=Retriever.open(DB))",
         "```", "",
         "## Model", "",
@@ -114,9 +116,27 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
         tok.save(out)
     else:
         shutil.copyfile(Path(tok.source), out / TOKENIZER)  # the sentencepiece model, under its DB name
+        _write_auto_tokenizer(tok, out)
     card = model_card(cfg, ckpt_step, cfg.hf_decoder, db_path, manifest, _last_eval(run))
     atomic_write_bytes(out / "README.md", card.encode())
     return out
+
+
+def _write_auto_tokenizer(tok: Any, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json beside tokenizer.model, so that
+    ``AutoTokenizer.from_pretrained(out)`` loads it (alone, transformers cannot place a
+    sentencepiece file and fell back to tiktoken). A model the converter does not take (bpe)
+    is exported as before, with a warning."""
+    from chunk_store.tokenization.sentencepiece_to_hf import hf_tokenizer_files
+
+    try:
+        files = hf_tokenizer_files(tok)
+    except UserError as e:
+        print(f"retro.export: warning: no tokenizer.json ({e}); load {TOKENIZER} with "
+              f"chunk_store.tokenization.sentencepiece.Tokenizer.from_file", file=sys.stderr)
+        return
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from chunk_store import ChunkStore
     from chunk_store.framework.runtime import resolve_device
+    from chunk_store.tokenization.protocol import document_ids
     from retro.checkpoint import load_model
     from retro.dataset import check_compatible
 
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     store = ChunkStore.open(args.db, split="train")
     check_compatible(store, cfg)
     tok = store.tokenizer
-    prompt = tok.encode(args.prompt)
+    prompt = document_ids(tok, args.prompt)  # BOS first where the DB's documents start with one
     if not prompt:
         raise UserError("the prompt encodes to no tokens")
     fetcher: RetrieverNeighbours | None = None

@@ -20,6 +20,7 @@ The interface is the native model's: ``model(tokens, neighbours | None) -> logit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,10 @@ def check_tokenizer(hf_decoder: str, tokenizer: Any, hf_config: Any) -> None:
     if own.sha256 != tokenizer.sha256:
         raise UserError(f"the database's tokenizer (sha256 {tokenizer.sha256[:12]}) is not {hf_decoder}'s "
                         f"({own.sha256[:12]}): rebuild it with `retro-build-index chunk --tokenizer hf:{hf_decoder}`")
+    if own.add_bos and not getattr(tokenizer, "add_bos", False):
+        logging.getLogger("retro.hf_decoder").warning(
+            "the database's documents start without BOS, but %s's tokenizer starts every text with one "
+            "(as the decoder was trained): rebuild the database with this version for the best fit", hf_decoder)
     if tokenizer.base_vocab_size > int(hf_config.vocab_size):
         raise UserError(f"the database's tokenizer has {tokenizer.base_vocab_size} tokens, {hf_decoder}'s "
                         f"embedding only {hf_config.vocab_size}")

@@ -2,8 +2,9 @@
 and the RUN/metrics.jsonl (+ optional TensorBoard) logger.
 
 Bits per byte makes models with different tokenizers comparable: the summed loss in nats over
-the evaluated target tokens, divided by ln 2 and by the UTF-8 byte length of those same tokens
-decoded (pad excluded).
+the evaluated target tokens, divided by ln 2 and by the UTF-8 byte length of the source text of
+those same tokens: their decoded text (pad excluded) where the tokenizer gives text back as it
+was, else scaled to the source bytes (SourceBytes).
 """
 
 from __future__ import annotations
@@ -49,6 +50,80 @@ def target_bytes(tokenizer: Any, targets: np.ndarray | torch.Tensor, pad_id: int
         if ids:
             total += len(tokenizer.decode(ids).encode("utf-8"))
     return total
+
+
+class SourceBytes:
+    """UTF-8 bytes of target tokens counted on the source text, for any tokenizer.
+
+    Why: bits per byte divide by the bytes of the text the model is scored on. Where the tokenizer
+    gives a document back as it was (sentencepiece here, byte-level BPE), decoding the targets
+    counts exactly those bytes (``target_bytes``, unchanged). Where it does not (lower-casing,
+    accent stripping, unknown tokens, collapsed whitespace: the chunk stage lists such documents,
+    ChunkStore.altered_documents), the decoded bytes of a document's tokens are scaled by its
+    source / decoded bytes, so a whole document counts exactly its source bytes and a part of one
+    its share (by tokens where nothing decodes).
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.tokenizer, self.pad_id = store.tokenizer, store.pad_id
+        self.altered: dict[int, dict[str, int]] = store.altered_documents()
+        self.doc_ids = store.doc_ids
+
+    def __call__(self, targets: np.ndarray | torch.Tensor, chunk_ids: np.ndarray) -> int:
+        """``targets`` (b, n) token ids; ``chunk_ids`` (b, n) the chunk of each (-1: past the end)."""
+        arr = targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+        if not self.altered:
+            return target_bytes(self.tokenizer, arr, self.pad_id)
+        cids = np.asarray(chunk_ids, dtype=np.int64).reshape(arr.shape)
+        docs = np.full(cids.shape, -1, dtype=np.int64)
+        docs[cids >= 0] = np.asarray(self.doc_ids[cids[cids >= 0]], dtype=np.int64)
+        total = 0.0
+        for row, row_docs in zip(arr, docs):
+            if not any(int(d) in self.altered for d in np.unique(row_docs)):
+                total += target_bytes(self.tokenizer, row[None, :], self.pad_id)
+                continue
+            cuts = np.flatnonzero(np.diff(row_docs)) + 1
+            for seg, seg_docs in zip(np.split(row, cuts), np.split(row_docs, cuts)):
+                total += self._segment(seg, int(seg_docs[0]))
+        return int(round(total))
+
+    def scale_chunks(self, nbytes: np.ndarray, chunk_ids: np.ndarray, targets: np.ndarray, chunk_size: int) -> np.ndarray:
+        """(b, l + 1) decoded bytes per target chunk (retro.leakage.chunk_bytes; target chunk c is
+        the sample's chunk c, ``chunk_ids`` (b, l + 1)) -> the same counted on the source text
+        (float: a chunk's share of a document's bytes need not be whole; LeakageSums sums them)."""
+        if not self.altered:
+            return nbytes
+        out = np.asarray(nbytes, dtype=np.float64).copy()
+        targets = np.asarray(targets)
+        for (r, c), cid in np.ndenumerate(np.asarray(chunk_ids)):
+            rec = self.altered.get(int(self.doc_ids[int(cid)])) if cid >= 0 else None
+            if rec is None:
+                continue
+            if rec["decoded_bytes"] > 0:
+                out[r, c] *= rec["bytes"] / rec["decoded_bytes"]
+            else:
+                ids = targets[r, max(c * chunk_size - 1, 0):(c + 1) * chunk_size - 1]
+                n = int(((ids != self.pad_id) & (ids != self.tokenizer.eos_id)).sum())
+                out[r, c] = n * rec["bytes"] / max(rec["tokens"], 1)
+        return out
+
+    def _segment(self, ids: np.ndarray, doc: int) -> float:
+        """Source bytes of one document's run of tokens."""
+        kept = [int(t) for t in ids if t != self.pad_id]
+        decoded = len(self.tokenizer.decode(kept).encode("utf-8", "surrogatepass")) if kept else 0
+        rec = self.altered.get(doc)
+        if rec is None:
+            return float(decoded)
+        if rec["decoded_bytes"] > 0:
+            return decoded * rec["bytes"] / rec["decoded_bytes"]
+        n = sum(1 for t in kept if t != self.tokenizer.eos_id)
+        return n * rec["bytes"] / max(rec["tokens"], 1)
+
+
+def target_chunk_ids(chunk_ids: np.ndarray, seq_len: int, chunk_size: int) -> np.ndarray:
+    """(b, l + 1) chunk ids of samples (RetroDataset.chunk_ids) -> (b, seq_len) the chunk of each
+    target token (targets are tokens 1..seq_len of a sample)."""
+    return np.asarray(chunk_ids)[:, np.arange(1, seq_len + 1) // chunk_size]
 
 
 def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:

@@ -10,6 +10,7 @@ unit plan) live here too, so they can be tested without a database.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
@@ -31,8 +32,8 @@ from chunk_store.layout import CHUNK_PART_PREFIX, TOKENIZER, temp_path
 from chunk_store.manifest import sha256_file
 from chunk_store.framework.atomic import atomic_write_json
 from chunk_store.chunk.part_files import PartWriter
-from chunk_store.chunk.text_files import InputFile, split_jsonl
-from chunk_store.tokenization.sentencepiece import ENCODE_PIECE_CHARS, Tokenizer, encode_pieces
+from chunk_store.chunk.text_files import InputFile, normalise_text, split_jsonl
+from chunk_store.tokenization.sentencepiece import ENCODE_PIECE_CHARS, Tokenizer, iter_pieces
 
 log = logging.getLogger("chunk_store.chunk.packing")
 
@@ -219,14 +220,59 @@ def process_unit(spec: UnitSpec, tok: Tokenizer | None = None) -> dict[str, Any]
     return {"index": spec.index, "bytes": nbytes}
 
 
+@dataclass
+class RoundTrip:
+    """Whether a document's tokens decode back to its text, and both sizes in UTF-8 bytes.
+
+    Why: a tokenizer that lower-cases, strips accents or maps characters to an unknown token
+    (a BERT word-piece one, for instance) alters the corpus; the chunk stage names it, and an
+    altered document's documents.jsonl line keeps its source bytes so that bits per byte count
+    the source text (retro.metrics.SourceBytes), not the shorter or longer decoded one."""
+
+    bytes: int = 0
+    decoded_bytes: int = 0
+    tokens: int = 0
+    altered: bool = False
+
+    def add(self, tok: Tokenizer, text: str, ids: Any) -> None:
+        text = normalise_text(text)
+        n = len(text.encode("utf-8", "surrogatepass"))
+        self.bytes += n
+        self.tokens += len(ids)
+        marker = getattr(tok, "round_trip_unless", None)
+        if marker is not None and marker not in text:  # known exact: no decode (this project's models)
+            self.decoded_bytes += n
+            return
+        decoded = tok.decode(ids)
+        self.decoded_bytes += len(decoded.encode("utf-8", "surrogatepass"))
+        self.altered = self.altered or decoded != text
+
+    def record(self) -> dict[str, int]:
+        """What documents.jsonl adds for an altered document (nothing for one kept as it is)."""
+        return {"bytes": self.bytes, "decoded_bytes": self.decoded_bytes, "tokens": self.tokens} if self.altered else {}
+
+
+def _bos(tok: Tokenizer) -> np.ndarray:
+    """What starts every document: BOS where the tokenizer's base model saw one (DBTokenizer.add_bos)."""
+    return np.array([tok.bos_id] if tok.add_bos and tok.bos_id >= 0 else [], dtype=tok.token_dtype)
+
+
 def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec,
                    skipped: list[dict]) -> tuple[str | None, int, bool]:
     """One plain-text file (compressed or not, any size) as one streamed document:
     (sha256 of the file, invalid bytes repaired, kept)."""
     stream = TextStream(path, spec.max_invalid_fraction)
     doc = writer.pending()
-    for ids in encode_pieces(tok.encode, stream, tok.token_dtype):
-        doc.extend(ids)
+    check = RoundTrip()
+    code = "H" if tok.token_dtype == np.uint16 else "i"  # array.array: faster than np.asarray(list)
+    bos = _bos(tok)
+    if bos.size:
+        doc.extend(bos)
+    for piece in iter_pieces(stream):
+        ids = tok.encode(piece)
+        check.add(tok, piece, ids)
+        if ids:
+            doc.extend(np.frombuffer(array.array(code, ids), dtype=tok.token_dtype))
     if stream.reason is not None:
         doc.discard()
         skip = {"path": path, "reason": stream.reason}
@@ -235,7 +281,7 @@ def _text_document(writer: PartWriter, tok: Tokenizer, path: str, spec: UnitSpec
         skipped.append(skip)
         return stream.sha256, stream.invalid_bytes, False
     split = "val" if val_digest(stream.text_digest, spec.val_fraction) else "train"
-    writer.commit(doc, split, {"source": path}, stream.text_digest)
+    writer.commit(doc, split, {"source": path, **check.record()}, stream.text_digest)
     return stream.sha256, stream.invalid_bytes, True
 
 
@@ -266,6 +312,7 @@ def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], pat
                     val_fraction: float) -> int:
     short = [r.text for r in batch if len(r.text) <= ENCODE_PIECE_CHARS]  # type: ignore[arg-type]
     ids_of = iter(tok.encode_batch(short)) if hasattr(tok, "encode_batch") and short else None
+    bos = _bos(tok)
     for rec in batch:
         text = rec.text
         assert text is not None
@@ -273,9 +320,13 @@ def _encode_records(writer: PartWriter, tok: Tokenizer, batch: list[Record], pat
             ids = np.asarray(next(ids_of), dtype=tok.token_dtype)
         else:
             ids = tok.encode_array(text)  # pieces: memory flat in a record's size
+        check = RoundTrip()
+        check.add(tok, text, ids)
+        if bos.size:
+            ids = np.concatenate([bos, np.asarray(ids, dtype=tok.token_dtype)])
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
         split = "val" if val_digest(digest, val_fraction) else "train"
-        writer.add(split, ids, {"source": path, key: rec.line}, digest)
+        writer.add(split, ids, {"source": path, key: rec.line, **check.record()}, digest)
     return len(batch)
 
 

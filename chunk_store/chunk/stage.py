@@ -332,6 +332,7 @@ class ChunkStage(Stage[ChunkConfig]):
             "skipped": dict(sum((Counter(r["skipped"]) for r in new), Counter())),
             "repaired_files": sum(r["repaired"] for r in new),
             "duplicates": sum(r["duplicates"] for r in new),
+            "altered_documents": sum(sum(r.get("altered_documents", {}).values()) for r in new),
             "seconds_tokenising_this_run": round(run.seconds, 3),
             "workers": self.cfg.workers,
         }
@@ -403,7 +404,17 @@ def summary_line(stats: dict[str, Any], stage: str = "chunk") -> str:
     dups = f"; {stats['duplicates']} duplicate documents dropped" if stats.get("duplicates") else ""
     return (f"{stage}: {stats.get('documents', 0)} documents, {stats.get('chunks', 0)} chunks, "
             f"{stats.get('tokens', 0)} tokens ({splits}); skipped {sum(skipped.values())} ({skip}); "
-            f"repaired {stats.get('repaired_files', 0)} files{dups}")
+            f"repaired {stats.get('repaired_files', 0)} files{dups}{altered_note(stats)}")
+
+
+def altered_note(stats: dict[str, Any]) -> str:
+    """Names a tokenizer that does not give documents back as they were, with the share."""
+    n, docs = int(stats.get("altered_documents") or 0), int(stats.get("documents") or 0)
+    if not n or not docs:
+        return ""
+    return (f"; the tokenizer alters {n} of {docs} documents ({100 * n / docs:.1f}%): decode(encode(text)) "
+            f"is not the text (lower-casing, accent stripping, unknown tokens or whitespace); bits per "
+            f"byte count the source text's bytes")
 
 
 # ----------------------------------------------------------------------------- CLI

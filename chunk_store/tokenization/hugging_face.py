@@ -6,7 +6,8 @@ tokenizer. ``HFTokenizer`` has the interface every stage uses with the sentencep
 the Rust ``tokenizers`` library (a fast tokenizer's ``tokenizer.json``), so chunking needs no
 ``transformers`` and encodes in batches.
 
-Ids: the tokenizer's EOS ends every document; its pad token pads, or, when it has none (GPT-2),
+Ids: the tokenizer's BOS starts every document where its post-processor adds one (Llama,
+Mistral: ``add_bos``), as the base model saw text in training; its EOS ends every document; its pad token pads, or, when it has none (GPT-2),
 ``pad_id`` is appended past its vocabulary (``vocab_size = len(tokenizer) + 1``), as for a
 sentencepiece model without a pad piece. Decoding drops pad and special tokens, so bits per byte
 count the text's own bytes, exactly as the sentencepiece path does.
@@ -49,7 +50,7 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, files: Mapping[str, bytes], source: str = "<files>") -> None:
+    def __init__(self, files: Mapping[str, bytes], source: str = "<files>", add_bos: bool | None = None) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
         if HF_TOKENIZER_JSON not in files:
@@ -60,6 +61,10 @@ class HFTokenizer:
             self._tok = RustTokenizer.from_str(self.files[HF_TOKENIZER_JSON].decode("utf-8"))
         except Exception as e:
             raise UserError(f"cannot load {HF_TOKENIZER_JSON} of {source}: {e}") from None
+        # a tokenizer.json made for a model's inputs may truncate (MiniLM's: 128 tokens) and pad
+        # (to 128): applied to a corpus, that cuts every document silently and writes pads as text
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if name in self.files:
@@ -74,7 +79,18 @@ class HFTokenizer:
         self.vocab_size: int = self.base_vocab_size + (0 if pad is not None else 1)
         bos = self._id_of(_token_content(config.get("bos_token")))
         self.bos_id: int = -1 if bos is None else bos
+        # BOS at document starts exactly where the base model's tokenizer puts one: its
+        # post-processor (Llama's TemplateProcessing "<s> $A"); transformers' fast tokenizers
+        # follow it, a bos_token in the config alone adds nothing (GPT-2)
+        self.add_bos: bool = self._post_processor_adds_bos() if add_bos is None else bool(add_bos)
         self.sha256: str = hashlib.sha256(self.files[HF_TOKENIZER_JSON]).hexdigest()
+
+    def _post_processor_adds_bos(self) -> bool:
+        if self.bos_id < 0:
+            return False
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        return len(full) > len(plain) and full[0] == self.bos_id and full[1:1 + len(plain)] == plain
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -135,7 +151,7 @@ class HFTokenizer:
         """What the DB manifest says about this tokenizer (see docs/DB_FORMAT.md)."""
         return {"kind": "hf", "files": sorted(self.files), "sha256": self.sha256, "source": self.source,
                 "vocab_size": self.vocab_size, "base_vocab_size": self.base_vocab_size,
-                "pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id,
+                "pad_id": self.pad_id, "eos_id": self.eos_id, "bos_id": self.bos_id, "add_bos": self.add_bos,
                 "normalisation": "utf-8, BOM stripped, CRLF/CR -> LF; then the tokenizer's own"}
 
     def save(self, folder: str | Path) -> None:
@@ -148,14 +164,14 @@ class HFTokenizer:
             atomic_write_bytes(folder / name, data)
 
     def __getstate__(self) -> dict:
-        return {"files": self.files, "source": self.source}
+        return {"files": self.files, "source": self.source, "add_bos": self.add_bos}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["files"], state["source"])  # type: ignore[misc]
+        self.__init__(state["files"], state["source"], state.get("add_bos"))  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return (f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
-                f"eos_id={self.eos_id})")
+                f"eos_id={self.eos_id}, add_bos={self.add_bos})")
 
 
 def read_tokenizer_files(folder: str | Path) -> dict[str, bytes]:
@@ -193,7 +209,9 @@ def open_db_tokenizer(db: str | Path, record: Mapping[str, Any] | None) -> DBTok
     if record.get("kind") == "hf":
         if not (paths.hf_tokenizer / HF_TOKENIZER_JSON).is_file():
             raise UserError(f"missing tokenizer file {paths.hf_tokenizer / HF_TOKENIZER_JSON}")
-        tok = HFTokenizer(read_tokenizer_files(paths.hf_tokenizer), str(paths.hf_tokenizer))
+        # a DB recorded before add_bos was chunked without BOS: keep its documents' form
+        tok = HFTokenizer(read_tokenizer_files(paths.hf_tokenizer), str(paths.hf_tokenizer),
+                          add_bos=bool(record.get("add_bos", False)))
         if record.get("sha256") not in (None, tok.sha256):
             raise UserError(f"corrupt {paths.hf_tokenizer / HF_TOKENIZER_JSON}: its sha256 differs from the manifest's")
         return tok

@@ -18,12 +18,15 @@ import numpy as np
 class DBTokenizer(Protocol):
     """Token ids <-> text for one database. ``vocab_size`` counts every id the model sees (pad
     included); ``pad_id`` is never produced by ``encode``; ``eos_id`` ends every document;
-    ``bos_id`` is -1 where the tokenizer has none. Instances pickle (worker processes hold one)."""
+    ``bos_id`` is -1 where the tokenizer has none; ``add_bos``: every document (and a generation
+    prompt) starts with ``bos_id``, as the base model's tokenizer feeds it. Instances pickle
+    (worker processes hold one)."""
 
     vocab_size: int
     pad_id: int
     eos_id: int
     bos_id: int
+    add_bos: bool
     source: str
 
     @property
@@ -52,4 +55,10 @@ class DBTokenizer(Protocol):
         ...
 
 
-__all__ = ["DBTokenizer"]
+def document_ids(tok: DBTokenizer, text: str) -> list[int]:
+    """The ids of ``text`` as the start of a document: BOS first where the tokenizer adds one
+    (the chunk stage's documents and generation prompts must begin alike)."""
+    return ([tok.bos_id] if tok.add_bos and tok.bos_id >= 0 else []) + tok.encode(text)
+
+
+__all__ = ["DBTokenizer", "document_ids"]

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from chunk_store.tokenization.sentencepiece_proto import identity_round_trip, read_model
 from chunk_store.framework.errors import UserError
 from chunk_store.chunk.text_files import normalise_text, visible
 
@@ -101,6 +102,10 @@ class Tokenizer:
         self.vocab_size: int = self.sp_vocab_size + (0 if pad >= 0 else 1)
         self.eos_id: int = int(self._sp.eos_id())
         self.bos_id: int = int(self._sp.bos_id())
+        self.add_bos: bool = False  # documents are trained on as they are, EOS only
+        # decode(encode(text)) == text for every text without this marker (None: not known), so
+        # the chunk stage's round-trip check decodes only those (chunk.packing.RoundTrip)
+        self.round_trip_unless: str | None = "\u2581" if identity_round_trip(read_model(self._proto)) else None
         self.unk_id: int = int(self._sp.unk_id())
         if self.eos_id < 0:
             raise UserError(f"sentencepiece model {source} has no EOS piece (train it with eos_id >= 0)")
