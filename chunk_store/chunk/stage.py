@@ -49,6 +49,7 @@ from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, 
 from chunk_store.manifest import FORMAT_VERSION, check_params, load_manifest, sha256_file, stage_done
 from chunk_store.chunk.input_formats import DEFAULT_TEXT_FIELD, iter_sample_text
 from chunk_store.framework import runtime
+from chunk_store.chunk.merge_plan import ShardJob, ensure_merge_plan, rank_jobs, shard_jobs
 from chunk_store.chunk.packing import UnitSpec, init_worker, load_or_make_plan, process_unit
 from chunk_store.chunk.part_files import part_doc_info, read_part_meta
 from chunk_store.shards import (DigestSet, db_inputs, frozen_digests, next_shard_index, read_shard_record,
@@ -243,19 +244,23 @@ class ChunkStage(Stage[ChunkConfig]):
         return prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
 
     def begin(self, manifest: dict[str, Any]) -> None:
-        """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them."""
+        """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them.
+        The plan fixes which parts each new shard holds, once, for the world size that starts
+        it: a resume with any other number of ranks writes the same shards (merge_plan)."""
         if runtime.rank() == 0:
             self.tok = self.prepare_tokenizer(manifest)
             self.paths.chunk_work.mkdir(exist_ok=True)
-            self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
-                                          self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+            plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
+                                     self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+            self.plan = ensure_merge_plan(plan, self.paths.chunk_plan, self.db, next_shard_index(manifest),
+                                          runtime.world_size())
         runtime.barrier()
         if runtime.rank() != 0:
             manifest = load_manifest(self.db)
             self.tok = open_db_tokenizer(self.db, manifest["tokenizer"])
             self.plan = json.loads(self.paths.chunk_plan.read_text())
         self._walk = None  # the plan holds the file list from here on
-        self.base = next_shard_index(manifest)
+        self.base = int(self.plan["merge"]["base"])
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         files = [InputFile.from_json(r) for r in self.plan["files"]]
@@ -283,17 +288,16 @@ class ChunkStage(Stage[ChunkConfig]):
         _run_in_pool(todo, self.tok, self.cfg.workers, done)
 
     def finish_rank(self, manifest: dict[str, Any], run: RunInfo) -> None:
-        """Rank r of W merges the r-th contiguous run of parts into shard base + r: the shards,
-        concatenated, hold the same documents in the same order for any number of ranks."""
+        """Each recorded shard (the j-th contiguous run of parts, merged by rank j % W) is written
+        unless a run before a crash wrote it: the shards, concatenated, hold the same documents in
+        the same order for any number of ranks, and the same shards whatever the resume's W."""
+        for job in rank_jobs(self.plan, runtime.rank(), runtime.world_size()):
+            if read_shard_record(self.paths.shard(job.index)) is None:
+                self._write_shard(manifest, job)
+
+    def _write_shard(self, manifest: dict[str, Any], job: ShardJob) -> None:
         assert self.tok is not None
-        rank, world = runtime.rank(), runtime.world_size()
-        n = len(self.plan["units"])
-        lo, hi = n * rank // world, n * (rank + 1) // world
-        if lo >= hi:
-            return
-        paths = self.paths.shard(self.base + rank)
-        if read_shard_record(paths) is not None:
-            return  # written before a crash of another rank
+        lo, hi = job.lo, job.hi
         parts = [(self.paths.chunk_part(u), read_part_meta(self.paths.chunk_part(u))) for u in range(hi)]
         missing = next((p for p, meta in parts if meta is None), None)
         if missing is not None:
@@ -304,18 +308,23 @@ class ChunkStage(Stage[ChunkConfig]):
             for p, meta in parts[:lo]:  # what the ranks before this one keep
                 for split in SPLITS:
                     seen.keep(part_doc_info(p, split, meta)["digest"])
-        write_shard(self.db, self.base + rank, parts[lo:hi], token_dtype=self.tok.token_dtype,
+        write_shard(self.db, job.index, parts[lo:hi], token_dtype=self.tok.token_dtype,
                     chunk_size=self.cfg.chunk_size, chunks_per_seq=self.cfg.seq_len // self.cfg.chunk_size,
-                    sequences=not self.cfg.retrieval_only, seen=seen, by=self.name, walk_skipped=self.plan["walk_skipped"] if rank == 0 else (),
+                    sequences=not self.cfg.retrieval_only, seen=seen, by=self.name,
+                    walk_skipped=self.plan["walk_skipped"] if job.first else (),
                     crash=lambda: crash_point(self.name, "merge"))
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
-        """Rank 0: list the new shards in the manifest (their records), the new totals."""
+        """Rank 0: list the new shards in the manifest (their records), the new totals. Every
+        shard of the recorded partition must be whole: a missing one is refused, never dropped."""
         new = []
-        for r in range(runtime.world_size()):
-            rec = read_shard_record(self.paths.shard(self.base + r))
-            if rec is not None:
-                new.append(rec)
+        for job in shard_jobs(self.plan):
+            rec = read_shard_record(self.paths.shard(job.index))
+            if rec is None:
+                raise UserError(f"{self.name}: shard {self.paths.shard(job.index).root} (parts {job.lo} to "
+                                f"{job.hi - 1}) is missing after every rank finished: re-run the same "
+                                f"command (it resumes)")
+            new.append(rec)
         old = manifest.get("shards") or (shard_records(manifest) if stage_done(manifest, "chunk") else [])
         manifest["shards"] = [*old, *new]
         manifest["counts"] = total_counts(manifest["shards"])
