@@ -8,7 +8,9 @@ order, into ``.npy`` files whose final size is known up front. So memory is boun
 (plus ~1 KB of manifest metadata per input file), not by the corpus; the result does not
 depend on ``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9)
 reuses every finished part and redoes only the rest and the merge, ending byte-identical to
-an uninterrupted run (the stage routine, chunk_store.framework.stage, owns the resume). (Called from
+an uninterrupted run (the stage routine, chunk_store.framework.stage, owns the resume), with any
+number of torchrun ranks: the shards keep the parts recorded by the run that started
+(chunk_store.chunk.merge_plan). (Called from
 Python with ``workers > 1``, the calling script needs the usual ``if __name__ == "__main__":``
 guard: workers start through multiprocessing's forkserver.)
 
