@@ -4,6 +4,7 @@ and with 3 ranks, is the clean 2-rank build, file for file: no document lost or 
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -71,3 +72,29 @@ def test_a_killed_two_rank_chunk_resumed_with_one_or_three_ranks_is_the_clean_bu
             assert np.array_equal(want[key], got[key]), f"{crash}, resumed with {world} ranks: {key} differs"
         assert db_digest(db) == db_digest(ref), f"{crash}, resumed with {world} ranks"
         assert not DBLayout(db).chunk_work.exists()
+
+
+def test_big_files_are_read_for_the_plan_by_every_rank(clean, tmp_path: Path) -> None:
+    """Big .jsonl files are hashed and cut for the plan by the ranks in turn, not by rank 0 alone
+    while the others wait; the plan, and so the documents in order, are a 1-rank build's."""
+    argv, _ = clean
+    tok = argv[argv.index("--tokenizer") + 1]
+    rng = random.Random(5)
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    for f in range(4):  # each well over a 2 KB unit
+        lines = [json.dumps({"text": random_text(rng, rng.randint(5, 30))}) for _ in range(12)]
+        (corpus / f"part{f}.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["chunk", "--input", str(corpus), "--tokenizer", tok, *ARGS]
+    two, one = tmp_path / "two", tmp_path / "one"
+    out = torchrun(2, [*args, "--out", two], crash="chunk:finalize@0", monitor_interval=3)
+    assert out.returncode != 0, out.stderr[-3000:]
+    scans = [json.loads(p.read_text()) for p in sorted(DBLayout(two).chunk_work.glob("scan_*.json"))]
+    assert [s["rank"] for s in scans] == [0, 1, 0, 1] and all(s["sha256"] for s in scans)
+    assert cli([*args, "--out", str(two)]) == 0
+    assert cli([*args, "--out", str(one)]) == 0
+    for split in SPLITS:
+        s1, s2 = ChunkStore.open(one, split), ChunkStore.open(two, split)
+        assert np.array_equal(np.asarray(s1.chunks), np.asarray(s2.chunks))
+        assert np.array_equal(np.asarray(s1.doc_ids), np.asarray(s2.doc_ids))
+    assert load_manifest(one)["counts"]["train"]["docs"] == load_manifest(two)["counts"]["train"]["docs"] > 0
