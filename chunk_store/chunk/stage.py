@@ -52,7 +52,7 @@ from chunk_store.manifest import FORMAT_VERSION, check_params, load_manifest, sh
 from chunk_store.chunk.input_formats import DEFAULT_TEXT_FIELD, iter_sample_text
 from chunk_store.framework import runtime
 from chunk_store.chunk.merge_plan import ShardJob, ensure_merge_plan, rank_jobs, shard_jobs
-from chunk_store.chunk.packing import UnitSpec, init_worker, load_or_make_plan, process_unit
+from chunk_store.chunk.packing import SCAN_PREFIX, UnitSpec, init_worker, load_or_make_plan, process_unit, scan_share
 from chunk_store.chunk.part_files import part_doc_info, read_part_meta
 from chunk_store.shards import (DigestSet, db_inputs, frozen_digests, next_shard_index, read_shard_record,
                                 shard_files, shard_paths, shard_records, total_counts, write_shard)
@@ -236,7 +236,7 @@ class ChunkStage(Stage[ChunkConfig]):
         finals = (CHUNKS, DOC_IDS, SEQ_STARTS, DOCUMENTS)
         shards = sorted(self.paths.shards_dir.glob("*")) if self.paths.shards_dir.is_dir() else []
         return [(self.db, (TOKENIZER,)), (self.paths.hf_tokenizer, HF_TOKENIZER_FILES),
-                (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN)),
+                (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN, SCAN_PREFIX)),
                 *((d, ("",)) for d in shards), *((d / s, finals) for d in shards for s in SPLITS)]
 
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -248,7 +248,13 @@ class ChunkStage(Stage[ChunkConfig]):
     def begin(self, manifest: dict[str, Any]) -> None:
         """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them.
         The plan fixes which parts each new shard holds, once, for the world size that starts
-        it: a resume with any other number of ranks writes the same shards (merge_plan)."""
+        it: a resume with any other number of ranks writes the same shards (merge_plan). Big
+        files are read for the plan by every rank, a share each (packing.scan_share)."""
+        if not self.paths.chunk_plan.exists():  # written by rank 0 only after this barrier
+            self.paths.chunk_work.mkdir(parents=True, exist_ok=True)
+            scan_share(self.paths.chunk_work, self.walk().files, self.cfg.unit_bytes, runtime.rank(),
+                       runtime.world_size())
+            runtime.barrier()
         if runtime.rank() == 0:
             self.tok = self.prepare_tokenizer(manifest)
             self.paths.chunk_work.mkdir(exist_ok=True)
