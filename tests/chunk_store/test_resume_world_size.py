@@ -98,3 +98,24 @@ def test_big_files_are_read_for_the_plan_by_every_rank(clean, tmp_path: Path) ->
         assert np.array_equal(np.asarray(s1.chunks), np.asarray(s2.chunks))
         assert np.array_equal(np.asarray(s1.doc_ids), np.asarray(s2.doc_ids))
     assert load_manifest(one)["counts"]["train"]["docs"] == load_manifest(two)["counts"]["train"]["docs"] > 0
+
+
+def test_the_partition_is_recorded_once_and_a_plan_without_one_drops_unlisted_shards(tmp_path: Path) -> None:
+    """A plan from before the partition was recorded: the shards its interrupted merge wrote past
+    the manifest's are removed (their parts are all still there) and rewritten under the new one."""
+    from chunk_store.chunk.merge_plan import ensure_merge_plan, rank_jobs, shard_jobs
+    from chunk_store.framework.errors import UserError
+
+    db, plan_path = tmp_path / "db", tmp_path / "db" / ".chunk_work" / "plan.json"
+    plan_path.parent.mkdir(parents=True)
+    for n in (2, 3):  # shard 2 is listed in the manifest (base 3), shard 3 is not
+        (DBLayout(db).shard(n).root / "train").mkdir(parents=True)
+    plan = ensure_merge_plan({"units": [[]] * 5}, plan_path, db, base=3, world=2)
+    assert plan["merge"] == {"base": 3, "ranges": [[0, 2], [2, 5]]}
+    assert json.loads(plan_path.read_text())["merge"] == plan["merge"]
+    assert DBLayout(db).shard(2).root.exists() and not DBLayout(db).shard(3).root.exists()
+    assert ensure_merge_plan(plan, plan_path, db, base=3, world=3) is plan  # kept whatever the world
+    assert [(j.index, j.lo, j.hi, j.first) for j in shard_jobs(plan)] == [(3, 0, 2, True), (4, 2, 5, False)]
+    assert [j.index for j in rank_jobs(plan, 0, 1)] == [3, 4] and rank_jobs(plan, 2, 3) == []
+    with pytest.raises(UserError, match="next shard is 4"):
+        ensure_merge_plan(plan, plan_path, db, base=4, world=2)
