@@ -15,7 +15,8 @@
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
     DB/.chunk_work/plan.json, part_NNNNNNNN/         the chunk stage's work folder: one part a
                                    work unit (PartLayout: part.json, <split>.chunks.bin,
-                                   <split>.doc_info.bin, <split>.documents.jsonl)
+                                   <split>.doc_info.bin, <split>.documents.jsonl); scan_NNNNNNNN.json:
+                                   a big file's hash and cuts, read for the plan by one rank
     DB/shards/NNNNNN/<split>/{chunks,doc_ids,seq_starts}.npy, documents.jsonl   one shard's arrays
     DB/shards/NNNNNN/shard.json, inputs.jsonl, skipped.jsonl, repaired.jsonl, digests.npy
                                    its record, per-file records and sorted document digests

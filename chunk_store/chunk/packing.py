@@ -106,6 +106,58 @@ def _row_group_ranges(path: str, target: int) -> list[tuple[int, int, int, int]]
     return out
 
 
+SCAN_PREFIX = "scan_"  # DB/.chunk_work/scan_NNNNNNNN.json: one big file's hash and cuts
+
+
+def big_files(files: Sequence[InputFile], target: int) -> list[int]:
+    """The files the plan reads whole first (hash, cuts): big plain .jsonl and Parquet files."""
+    return [i for i, f in enumerate(files) if f.size > target
+            and (input_format(f.path).byte_ranges or input_format(f.path).kind == "parquet")]
+
+
+def _scan(path: str, target: int) -> tuple[str, list[tuple[int, int, int, int]]] | None:
+    """A big file's sha256 and its cuts (start, end, first line, bytes); None: one unit as it is."""
+    try:
+        if input_format(path).kind == "parquet":
+            return sha256_file(Path(path)), _row_group_ranges(path, target)
+        digest, cuts = split_jsonl(path, target)
+        return digest, [(s, e, line, e - s) for s, e, line in cuts]
+    except Exception as e:  # unreadable or not Parquet after all: the worker reports it
+        log.info("plan: %s read as one unit (%s)", path, type(e).__name__)
+        return None
+
+
+def scan_path(folder: Path, i: int) -> Path:
+    return folder / f"{SCAN_PREFIX}{i:08d}.json"
+
+
+def _stored_scan(folder: Path, i: int, f: InputFile) -> tuple[str, list] | None | bool:
+    """A scan stored by a rank (its result, None included), or False when absent or of another file."""
+    try:
+        rec = json.loads(scan_path(folder, i).read_text())
+    except (OSError, ValueError):
+        return False
+    if rec.get("path") != f.path or rec.get("bytes") != f.size:
+        return False
+    return None if rec.get("sha256") is None else (rec["sha256"], [tuple(r) for r in rec["ranges"]])
+
+
+def scan_share(folder: Path, files: Sequence[InputFile], unit_bytes: int | None, rank: int, world: int) -> int:
+    """Rank r of W reads the big files r, r + W, ... of ``big_files`` for the plan (each result
+    stored atomically, kept by a resume): a corpus of big files is not read by rank 0 alone
+    while the other ranks wait. The count this rank read."""
+    target = unit_bytes or UNIT_BYTES
+    mine = [i for j, i in enumerate(big_files(files, target)) if j % world == rank]
+    n = 0
+    for i in mine:
+        if _stored_scan(folder, i, files[i]) is False:
+            got = _scan(files[i].path, target)
+            atomic_write_json(scan_path(folder, i), {"path": files[i].path, "bytes": files[i].size, "rank": rank,
+                                                     "sha256": got and got[0], "ranges": got and got[1]})
+            n += 1
+    return n
+
+
 def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped: list[dict],
                       unit_bytes: int | None, tokenizer_sha256: str) -> dict:
     """The work plan of an interrupted run (checked against the inputs), else a new one.
@@ -138,22 +190,15 @@ def load_or_make_plan(plan_path: Path, files: Sequence[InputFile], walk_skipped:
     target = unit_bytes or UNIT_BYTES
     ranges: dict[int, list[tuple[int, int, int, int]]] = {}
     hashes: dict[str, str] = {}
-    big = [i for i, f in enumerate(files) if f.size > target
-           and (input_format(f.path).byte_ranges or input_format(f.path).kind == "parquet")]
+    big = big_files(files, target)
     with tqdm(total=sum(files[i].size for i in big), unit="B", unit_scale=True, leave=False,
               desc="plan big files", disable=not big) as bar:
-        for i in big:  # one streaming pass each for the hash and the cuts
-            path = files[i].path
-            try:
-                if input_format(path).kind == "parquet":
-                    ranges[i] = _row_group_ranges(path, target)
-                    hashes[str(i)] = sha256_file(Path(path))
-                else:
-                    hashes[str(i)], cuts = split_jsonl(path, target)
-                    ranges[i] = [(s, e, line, e - s) for s, e, line in cuts]
-            except Exception as e:  # unreadable or not Parquet after all: the worker reports it
-                log.info("plan: %s read as one unit (%s)", path, type(e).__name__)
-                ranges.pop(i, None)
+        for i in big:  # one streaming pass each for the hash and the cuts, unless a rank made it
+            got = _stored_scan(plan_path.parent, i, files[i])
+            if got is False:
+                got = _scan(files[i].path, target)
+            if got is not None:
+                hashes[str(i)], ranges[i] = got
             bar.update(files[i].size)
     plan = {"version": PLAN_VERSION, "files": listing, "units": plan_units(files, target, ranges),
             "hashes": hashes, "walk_skipped": walk_skipped, "tokenizer_sha256": tokenizer_sha256}

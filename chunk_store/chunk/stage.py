@@ -8,7 +8,9 @@ order, into ``.npy`` files whose final size is known up front. So memory is boun
 (plus ~1 KB of manifest metadata per input file), not by the corpus; the result does not
 depend on ``--workers`` or on unit boundaries; and a re-run after a crash (Ctrl-C, kill -9)
 reuses every finished part and redoes only the rest and the merge, ending byte-identical to
-an uninterrupted run (the stage routine, chunk_store.framework.stage, owns the resume). (Called from
+an uninterrupted run (the stage routine, chunk_store.framework.stage, owns the resume), with any
+number of torchrun ranks: the shards keep the parts recorded by the run that started
+(chunk_store.chunk.merge_plan). (Called from
 Python with ``workers > 1``, the calling script needs the usual ``if __name__ == "__main__":``
 guard: workers start through multiprocessing's forkserver.)
 
@@ -49,7 +51,8 @@ from chunk_store.layout import (CHUNK_PART_PREFIX, CHUNK_PLAN, CHUNKS, DOC_IDS, 
 from chunk_store.manifest import FORMAT_VERSION, check_params, load_manifest, sha256_file, stage_done
 from chunk_store.chunk.input_formats import DEFAULT_TEXT_FIELD, iter_sample_text
 from chunk_store.framework import runtime
-from chunk_store.chunk.packing import UnitSpec, init_worker, load_or_make_plan, process_unit
+from chunk_store.chunk.merge_plan import ShardJob, ensure_merge_plan, rank_jobs, shard_jobs
+from chunk_store.chunk.packing import SCAN_PREFIX, UnitSpec, init_worker, load_or_make_plan, process_unit, scan_share
 from chunk_store.chunk.part_files import part_doc_info, read_part_meta
 from chunk_store.shards import (DigestSet, db_inputs, frozen_digests, next_shard_index, read_shard_record,
                                 shard_files, shard_paths, shard_records, total_counts, write_shard)
@@ -233,7 +236,7 @@ class ChunkStage(Stage[ChunkConfig]):
         finals = (CHUNKS, DOC_IDS, SEQ_STARTS, DOCUMENTS)
         shards = sorted(self.paths.shards_dir.glob("*")) if self.paths.shards_dir.is_dir() else []
         return [(self.db, (TOKENIZER,)), (self.paths.hf_tokenizer, HF_TOKENIZER_FILES),
-                (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN)),
+                (self.paths.chunk_work, (CHUNK_PART_PREFIX, CHUNK_PLAN, SCAN_PREFIX)),
                 *((d, ("",)) for d in shards), *((d / s, finals) for d in shards for s in SPLITS)]
 
     def rank_units(self, units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -243,19 +246,29 @@ class ChunkStage(Stage[ChunkConfig]):
         return prepare_tokenizer(self.db, self.cfg, self.walk().files, manifest)
 
     def begin(self, manifest: dict[str, Any]) -> None:
-        """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them."""
+        """The tokenizer (trained once) and the plan: rank 0 makes them, the others read them.
+        The plan fixes which parts each new shard holds, once, for the world size that starts
+        it: a resume with any other number of ranks writes the same shards (merge_plan). Big
+        files are read for the plan by every rank, a share each (packing.scan_share)."""
+        if not self.paths.chunk_plan.exists():  # written by rank 0 only after this barrier
+            self.paths.chunk_work.mkdir(parents=True, exist_ok=True)
+            scan_share(self.paths.chunk_work, self.walk().files, self.cfg.unit_bytes, runtime.rank(),
+                       runtime.world_size())
+            runtime.barrier()
         if runtime.rank() == 0:
             self.tok = self.prepare_tokenizer(manifest)
             self.paths.chunk_work.mkdir(exist_ok=True)
-            self.plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
-                                          self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+            plan = load_or_make_plan(self.paths.chunk_plan, self.walk().files, self.walk().skipped,
+                                     self.cfg.unit_bytes, manifest["tokenizer"]["sha256"])
+            self.plan = ensure_merge_plan(plan, self.paths.chunk_plan, self.db, next_shard_index(manifest),
+                                          runtime.world_size())
         runtime.barrier()
         if runtime.rank() != 0:
             manifest = load_manifest(self.db)
             self.tok = open_db_tokenizer(self.db, manifest["tokenizer"])
             self.plan = json.loads(self.paths.chunk_plan.read_text())
         self._walk = None  # the plan holds the file list from here on
-        self.base = next_shard_index(manifest)
+        self.base = int(self.plan["merge"]["base"])
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         files = [InputFile.from_json(r) for r in self.plan["files"]]
@@ -283,17 +296,16 @@ class ChunkStage(Stage[ChunkConfig]):
         _run_in_pool(todo, self.tok, self.cfg.workers, done)
 
     def finish_rank(self, manifest: dict[str, Any], run: RunInfo) -> None:
-        """Rank r of W merges the r-th contiguous run of parts into shard base + r: the shards,
-        concatenated, hold the same documents in the same order for any number of ranks."""
+        """Each recorded shard (the j-th contiguous run of parts, merged by rank j % W) is written
+        unless a run before a crash wrote it: the shards, concatenated, hold the same documents in
+        the same order for any number of ranks, and the same shards whatever the resume's W."""
+        for job in rank_jobs(self.plan, runtime.rank(), runtime.world_size()):
+            if read_shard_record(self.paths.shard(job.index)) is None:
+                self._write_shard(manifest, job)
+
+    def _write_shard(self, manifest: dict[str, Any], job: ShardJob) -> None:
         assert self.tok is not None
-        rank, world = runtime.rank(), runtime.world_size()
-        n = len(self.plan["units"])
-        lo, hi = n * rank // world, n * (rank + 1) // world
-        if lo >= hi:
-            return
-        paths = self.paths.shard(self.base + rank)
-        if read_shard_record(paths) is not None:
-            return  # written before a crash of another rank
+        lo, hi = job.lo, job.hi
         parts = [(self.paths.chunk_part(u), read_part_meta(self.paths.chunk_part(u))) for u in range(hi)]
         missing = next((p for p, meta in parts if meta is None), None)
         if missing is not None:
@@ -304,18 +316,23 @@ class ChunkStage(Stage[ChunkConfig]):
             for p, meta in parts[:lo]:  # what the ranks before this one keep
                 for split in SPLITS:
                     seen.keep(part_doc_info(p, split, meta)["digest"])
-        write_shard(self.db, self.base + rank, parts[lo:hi], token_dtype=self.tok.token_dtype,
+        write_shard(self.db, job.index, parts[lo:hi], token_dtype=self.tok.token_dtype,
                     chunk_size=self.cfg.chunk_size, chunks_per_seq=self.cfg.seq_len // self.cfg.chunk_size,
-                    sequences=not self.cfg.retrieval_only, seen=seen, by=self.name, walk_skipped=self.plan["walk_skipped"] if rank == 0 else (),
+                    sequences=not self.cfg.retrieval_only, seen=seen, by=self.name,
+                    walk_skipped=self.plan["walk_skipped"] if job.first else (),
                     crash=lambda: crash_point(self.name, "merge"))
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
-        """Rank 0: list the new shards in the manifest (their records), the new totals."""
+        """Rank 0: list the new shards in the manifest (their records), the new totals. Every
+        shard of the recorded partition must be whole: a missing one is refused, never dropped."""
         new = []
-        for r in range(runtime.world_size()):
-            rec = read_shard_record(self.paths.shard(self.base + r))
-            if rec is not None:
-                new.append(rec)
+        for job in shard_jobs(self.plan):
+            rec = read_shard_record(self.paths.shard(job.index))
+            if rec is None:
+                raise UserError(f"{self.name}: shard {self.paths.shard(job.index).root} (parts {job.lo} to "
+                                f"{job.hi - 1}) is missing after every rank finished: re-run the same "
+                                f"command (it resumes)")
+            new.append(rec)
         old = manifest.get("shards") or (shard_records(manifest) if stage_done(manifest, "chunk") else [])
         manifest["shards"] = [*old, *new]
         manifest["counts"] = total_counts(manifest["shards"])

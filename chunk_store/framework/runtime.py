@@ -1,15 +1,22 @@
 """Where this process runs: its rank among torchrun's processes, and its torch device.
 
 Stages split their work by unit index (unit i goes to rank i % world_size), so each rank needs
-only RANK / WORLD_SIZE / LOCAL_RANK from the environment; a gloo process group is started lazily,
-only for a barrier. torch is imported only where a function needs it, so the chunk stage and
-``info`` never pay for it.
+only RANK / WORLD_SIZE / LOCAL_RANK from the environment, and a barrier. torch is imported only
+where a function needs it, so the chunk stage and ``info`` never pay for it.
+
+Why the barrier is not gloo's: a gloo barrier fails once it has waited the process group's timeout
+(30 minutes by default), and the ranks of a stage wait at one for as long as the slowest rank's
+units take (a big input, an unlucky share, rank 0 alone training the tokenizer and planning the
+work), hours on a large corpus. So the barrier counts arrivals in torchrun's key-value store
+(the TCPStore of the ``env://`` rendezvous) and polls it, with no deadline: a rank that dies is
+torchrun's to notice, and it stops the others.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from chunk_store.framework.errors import UserError
 
@@ -29,15 +36,47 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+_store: Any = None  # the rendezvous store, made at the first barrier
+_barriers = 0  # barriers passed by this process: every rank passes the same ones, in order
+POLL_MAX_S = 1.0  # the longest pause between two looks at the count
+
+
+def _rendezvous_store() -> Any:
+    """torchrun's store: the default process group's when one is running, else env:// (torchrun's
+    agent store, or one hosted by rank 0 from MASTER_ADDR / MASTER_PORT)."""
+    global _store
+    if _store is None:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            _store = _get_default_store()
+        else:
+            _store = next(td.rendezvous("env://", rank=rank(), world_size=world_size()))[0]
+    return _store
+
+
 def barrier() -> None:
-    """Wait for every rank (no-op outside torchrun); starts a gloo group if none is running."""
+    """Wait for every rank, however long (no-op outside torchrun): see the module's docstring."""
+    global _barriers
     if world_size() <= 1:
         return
-    import torch.distributed as td
+    store = _rendezvous_store()
+    _barriers += 1
+    key = f"retro/barrier/{_barriers}"
+    store.add(key, 1)
+    _wait_count(store, key)
+    store.add(f"{key}/seen", 1)
+    if rank() == 0:  # without torchrun's agent the store lives in rank 0: stay till all have read it
+        _wait_count(store, f"{key}/seen")
 
-    if not td.is_initialized():
-        td.init_process_group("gloo")
-    td.barrier()
+
+def _wait_count(store: Any, key: str) -> None:
+    pause = 0.005
+    while store.add(key, 0) < world_size():
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_MAX_S)
 
 
 def resolve_device(name: str | None = "auto", local_rank_: int | None = None) -> "torch.device":

@@ -37,11 +37,13 @@ from chunk_store.manifest import (check_params, load_manifest, now_iso, record_s
 
 log = logging.getLogger("chunk_store.framework.stage")
 
-# The test hook, documented here and nowhere else: RETRO_TEST_CRASH="STAGE:POINT[:sigint]".
+# The test hook, documented here and nowhere else: RETRO_TEST_CRASH="STAGE:POINT[:sigint][@RANK]".
 # POINT is a number N (after this process has written its N-th unit) or a name a stage passes
-# to crash_point() (chunk: "merge", after the first split's arrays). At that point the process
-# kills itself and its worker processes with SIGKILL (a real kill -9), or with ":sigint" sends
-# SIGINT to its process group, exactly what Ctrl-C in a terminal does.
+# to crash_point() (chunk: "merge", after the first split's arrays of a shard; every stage:
+# "finalize", on rank 0 once every rank is done, before the stage is assembled and recorded). At
+# that point the process kills itself and its worker processes with SIGKILL (a real kill -9), or
+# with ":sigint" sends SIGINT to its process group, exactly what Ctrl-C in a terminal does.
+# "@RANK" limits the crash to that torchrun rank (one machine of many dies, the others do not).
 CRASH_ENV = "RETRO_TEST_CRASH"
 
 
@@ -50,9 +52,10 @@ def crash_point(stage: str, point: int | str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
+    spec, _, only = spec.partition("@")
     name, _, rest = spec.partition(":")
     where, _, how = rest.partition(":")
-    if name != stage or where != str(point):
+    if name != stage or where != str(point) or (only and int(only) != runtime.rank()):
         return
     if how == "sigint":
         os.killpg(os.getpgid(0), signal.SIGINT)
@@ -328,6 +331,7 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
         runtime.barrier()
         stats: dict[str, Any] = {}
         if rank == 0:
+            crash_point(stage.name, "finalize")
             manifest = load_manifest(stage.db)
             stats = stage.finalize(manifest, run)
             manifest = record_stage(stage.db, stage.name, params=params, started=started, finished=now_iso(),

@@ -303,6 +303,8 @@ class KnnStage(Stage[KnnConfig]):
                 done(unit)
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        if not hasattr(self, "search"):  # rank 0 had no shard left (done before a crash, or by the
+            self.setup()  # other ranks): the search parameters recorded are still this index's
         summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
                                    "rerank": self.rerank,
                                    "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
