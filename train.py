@@ -38,7 +38,7 @@ from retro import RETRO, RetroConfig
 from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from retro.dataset import RetroDataset, check_compatible, collate
-from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
+from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.run_layout import RunLayout
@@ -518,4 +518,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)  # os._exit after a process group: see there (issue 22's crash at exit)
