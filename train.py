@@ -201,7 +201,7 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
         torch.backends.cudnn.allow_tf32 = True
     # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
     frozen_bf16 = bool(mcfg.hf_decoder) and device.type == "cuda" and tcfg.freeze_decoder
-    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
+    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None, activation_checkpointing=tcfg.activation_checkpointing)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
