@@ -38,7 +38,7 @@ from retro import RETRO, RetroConfig
 from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
 from retro.dataset import RetroDataset, check_compatible, collate
-from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, setup, teardown, wrap_model
+from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.run_layout import RunLayout
@@ -201,7 +201,7 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
         torch.backends.cudnn.allow_tf32 = True
     # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
     frozen_bf16 = bool(mcfg.hf_decoder) and device.type == "cuda" and tcfg.freeze_decoder
-    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None)
+    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None, activation_checkpointing=tcfg.activation_checkpointing)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
@@ -518,4 +518,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)  # os._exit after a process group: see there (issue 22's crash at exit)

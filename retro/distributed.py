@@ -8,10 +8,13 @@ multi-node: torchrun's rendezvous flags are all a multi-node run needs.
 from __future__ import annotations
 
 import datetime as _dt
-import gc
+import logging
 import math
+import os
+import sys
+import traceback
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -46,16 +49,59 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30), **kwargs)
+        _ran_process_group.append(True)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+# whether this process started a process group (setup): then it ends with exit_process's os._exit
+_ran_process_group: list[bool] = []
+
+
 def teardown() -> None:
-    """Destroy the process group, after collecting garbage: DDP's reducer and FSDP's state sit in
-    reference cycles that hold gloo work objects; freed only during interpreter finalization, they
-    can abort a rank at exit ("terminate called without an active exception")."""
+    """Destroy the process group. Its C++ object (with its gloo threads) may live on: see
+    :func:`exit_process` for why and how a rank still ends cleanly."""
     if dist.is_available() and dist.is_initialized():
-        gc.collect()
         dist.destroy_process_group()
+
+
+def exit_process(main: Callable[[], int | None]) -> NoReturn:
+    """Run a command line's ``main`` and end the process with its exit status (1 and the traceback
+    for an unexpected error); after a process group ran in this process, with ``os._exit`` once
+    stdout, stderr and logging are flushed, so that interpreter finalization never runs.
+
+    Why (issue 22, "terminate called without an active exception", SIGABRT at a rank's exit after
+    all its work was done): torch keeps the process group alive after ``destroy_process_group``
+    (``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument when it is
+    first imported after ``init_process_group``, as FSDP2 and torch.distributed.checkpoint do;
+    DTensor's caches hold FSDP2's device mesh, which holds the group). It is then destroyed during
+    finalization, which releases the GIL and joins the gloo worker threads; a worker that needs
+    the GIL at that point (to drop the last reference to a tensor Python let go while the
+    collective still held it, or to run a Python future callback) is ended by CPython with
+    ``pthread_exit``, whose unwinding through a C++ ``noexcept`` frame calls ``std::terminate``.
+    A worker gets there late only when starved of CPU, hence a crash seen only under heavy load.
+    Every file a run writes is closed (metrics) or fsynced and renamed (checkpoints) before this.
+    """
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code
+    except KeyboardInterrupt:
+        status = 130
+    except BaseException:  # noqa: BLE001 - what the interpreter would print, then status 1
+        traceback.print_exc()
+        status = 1
+    if status is not None and not isinstance(status, int):
+        print(status, file=sys.stderr)
+        status = 1
+    if _ran_process_group:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status or 0)
+    sys.exit(status)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -24,60 +24,14 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from retro.config import RetroConfig
+from retro.layers import MLP, RMSNorm, Rotary, apply_rotary
 
 # --------------------------------------------------------------------------- building blocks
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (bf16 mean-of-squares loses precision), cast back after."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return out.to(x.dtype)
-
-
-class Rotary(nn.Module):
-    """Rotary position embeddings (GPT-NeoX half-split layout); cos/sin built per call from the
-    positions actually used, so any offset (KV cache, CCA's shifted blocks) costs nothing extra."""
-
-    def __init__(self, dim_head: int, base: float = 10000.0) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (..., n) -> cos, sin (..., n, dim_head) in float32."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., n, d); cos/sin (n, d) in float32, cast to x's dtype (as Llama does under bf16:
-    the angles are exact, only the product is rounded; in fp32 nothing changes)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.fc_in = nn.Linear(dim, hidden, bias=False)
-        self.fc_out = nn.Linear(hidden, dim, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
 
 
 @dataclass
@@ -267,6 +221,14 @@ class DecoderBlock(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.mlp_norm(x))
 
+    def cca_feed_forward(self, x: Tensor, enc: Tensor | None, enc_mask: Tensor | None) -> Tensor:
+        """CCA (when given encoded neighbours), then the MLP."""
+        return self.feed_forward(x if enc is None else self.chunked_cross_attention(x, enc, enc_mask))
+
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, enc: Tensor | None, enc_mask: Tensor | None) -> Tensor:
+        """The whole block (not ``forward``: FSDP2 would then shard the block, not its parts)."""
+        return self.cca_feed_forward(self.attention(x, cos, sin), enc, enc_mask)
+
 
 class EncoderLayer(nn.Module):
     """Bidirectional self-attention over a neighbour, cross-attention to its chunk's decoder
@@ -335,6 +297,14 @@ class RetroCache:
     retrieval: bool | None = None  # fixed by the first call: with or without neighbours
 
 
+def _called(fn, *args):
+    return fn(*args)
+
+
+def _checkpointed(fn, *args):
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
 def init_weights(named_modules: Iterable[tuple[str, nn.Module]], std: float, n_resid: int) -> None:
     """The one init rule (RETRO; RetroFit's retrieval part): Normal(0, std), RMSNorm ones, and each
     residual branch's output projection scaled by 1/sqrt(n_resid) (GPT-2's rule: the residual
@@ -351,6 +321,9 @@ def init_weights(named_modules: Iterable[tuple[str, nn.Module]], std: float, n_r
 
 class RETRO(nn.Module):
     """``RETRO(cfg)(tokens (b, n), neighbours (b, n // m, k, 2m) | None) -> logits (b, n, vocab)``."""
+
+    # recompute each decoder block's and the encoder's activations in backward (train.py sets it)
+    activation_checkpointing: bool = False
 
     def __init__(self, cfg: RetroConfig) -> None:
         super().__init__()
@@ -425,14 +398,16 @@ class RETRO(nn.Module):
             neighbours = neighbours[:, :num_chunks]
         x = self.token_emb(tokens)
         cos, sin = self.rotary(torch.arange(n, device=tokens.device))
+        run = _checkpointed if self.activation_checkpointing and torch.is_grad_enabled() else _called
         enc = enc_mask = None
-        for i, layer in enumerate(self.layers):
-            x = layer.attention(x, cos, sin)
-            if layer.has_cca and neighbours is not None and num_chunks > 0:  # else: zero residual
-                if enc is None:
-                    enc, enc_mask = self._encode(neighbours, x[:, : num_chunks * m])
-                x = layer.chunked_cross_attention(x, enc, enc_mask)
-            x = layer.feed_forward(x)
+        for layer in self.layers:
+            retrieve = layer.has_cca and neighbours is not None and num_chunks > 0  # else: zero residual
+            if retrieve and enc is None:  # the first CCA block: the encoder reads its attention's output
+                x = run(layer.attention, x, cos, sin)
+                enc, enc_mask = run(self._encode, neighbours, x[:, : num_chunks * m])
+                x = run(layer.cca_feed_forward, x, enc, enc_mask)
+            else:
+                x = run(layer.step, x, cos, sin, enc if retrieve else None, enc_mask)
         return self.to_logits(self.norm(x))
 
     # ------------------------------------------------------------------ generation

@@ -48,6 +48,7 @@ class TrainConfig:
     freeze_decoder: bool = False  # RETRO-fitting: train only the neighbour encoder and CCA
     init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
+    activation_checkpointing: bool = False  # recompute each decoder block's and the encoder's activations in backward
     tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
     retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still ends at max_steps

@@ -240,6 +240,18 @@ def test_torchrun_retrieval_dropped_and_token_weighted_loss(db, config, tmp_path
     assert len(losses(tmp_path / "dropped")) == 3
 
 
+def test_activation_checkpointing_key_trains_the_same(db, config, tmp_path, monkeypatch):
+    """``activation_checkpointing=true`` reaches the model and changes no loss."""
+    built = []
+    real = train.model_from_config
+    monkeypatch.setattr(train, "model_from_config", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    run_inprocess(config, db, tmp_path / "plain", "max_steps=3", "retrieval_dropout=0.3")
+    run_inprocess(config, db, tmp_path / "ckpt", "max_steps=3", "retrieval_dropout=0.3", "activation_checkpointing=true")
+    assert [m.activation_checkpointing for m in built] == [False, True]
+    np.testing.assert_allclose(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-6)
+    assert yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())["activation_checkpointing"] is True
+
+
 def test_retro_fitting_trains_only_encoder_and_cca(db, config, tmp_path):
     run_inprocess(config, db, tmp_path / "dec", "retrieval_dropout=1.0", "max_steps=3")
     base = load_weights(checkpoint_dir(tmp_path / "dec"))
