@@ -202,7 +202,8 @@ class RetroFit(nn.Module):
             if call is None or call.neighbours is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            new = self._cca(layer, hidden, call)
+            # generation under GenerationMixin (retro.hf_generation.RowsCall): each row's own positions
+            new = call.apply(layer, hidden) if hasattr(call, "apply") else self._cca(layer, hidden, call)
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 

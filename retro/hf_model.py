@@ -9,10 +9,11 @@ config.json, ``from_pretrained``, the Auto classes, a ``CausalLMOutput``).
     import retro.hf_model  # registers model_type "retro" with AutoConfig / AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(DIR)
     out = model.generate(ids, max_new_tokens=64, retriever=Retriever.open(DB))  # retrieval at chunk ends
-    out = model.generate(ids, max_new_tokens=64)                                 # the decoder alone
+    out = model.generate(ids, attention_mask=mask, do_sample=True, top_p=0.9)  # a left-padded batch, no retrieval
 
-``generate`` is the project's sampler (KV cache, neighbours fetched and encoded once per
-completed chunk), not transformers' GenerationMixin, whose caches know nothing of CCA.
+``generate`` is transformers' GenerationMixin (every decoding strategy, streamers, stopping
+criteria) over a ``RetroGenerationCache`` (retro.hf_generation): the decoder's KV cache plus
+each row's neighbours, fetched and encoded once per completed chunk at the row's own boundaries.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from retro.config import RetroConfig
-from retro.metrics import lm_loss
+from retro.hf_generation import NeighbourSource, RetroGenerationCache, generation_step
 from retro.model import RETRO
 from retro.run_layout import WEIGHTS
 
@@ -48,8 +50,13 @@ class RetroHFConfig(PretrainedConfig):
     def retro_config(self) -> RetroConfig:
         return RetroConfig.from_dict(self.retro)
 
+    def get_text_config(self, *args: Any, **kwargs: Any) -> "RetroHFConfig":
+        """This config itself: ``decoder`` is a plain mapping, not a sub-config transformers should
+        read generation defaults or cache shapes from."""
+        return self
 
-class RetroForCausalLM(PreTrainedModel):
+
+class RetroForCausalLM(PreTrainedModel, GenerationMixin):
     """``model(input_ids, neighbours=None, labels=None) -> CausalLMOutput``; weights under ``retro.``."""
 
     config_class = RetroHFConfig
@@ -101,44 +108,72 @@ class RetroForCausalLM(PreTrainedModel):
         return self.retro.cfg
 
     def forward(self, input_ids: Tensor, neighbours: Tensor | None = None, labels: Tensor | None = None,
-                **kwargs: Any) -> CausalLMOutput:
+                attention_mask: Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = None,
+                retriever: Any = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """input_ids (b, n); neighbours (b, n // m, k, 2m) token ids (pad = missing) or None;
-        labels (b, n) shifted inside, as in transformers (pad ignored)."""
-        logits = self.retro(input_ids, neighbours)
+        labels (b, n) shifted inside, as in transformers (pad ignored).
+
+        With ``use_cache`` or ``past_key_values`` (generation): input_ids are the tokens after
+        the cache's, ``attention_mask`` (b, all tokens so far) marks left padding, and
+        ``retriever`` (a ``NeighbourSource``, see generate) fetches each completed chunk's
+        neighbours; the returned ``past_key_values`` is a ``RetroGenerationCache``."""
+        if past_key_values is None and not use_cache:
+            logits = self.retro(input_ids, neighbours)
+            cache = None
+        else:
+            cache = past_key_values
+            if not isinstance(cache, RetroGenerationCache):
+                if cache is not None and cache.get_seq_length() > 0:
+                    raise ValueError("past_key_values: pass the RetroGenerationCache this model returned")
+                fns = None
+                if retriever is not None:
+                    source = retriever if isinstance(retriever, NeighbourSource) else \
+                        NeighbourSource(retriever, self.retro.cfg.num_neighbours, self.retro.cfg)
+                    fns = [source.row() for _ in range(input_ids.shape[0])]
+                cfg = self.retro.cfg
+                cache = RetroGenerationCache(cfg.chunk_size, cfg.pad_id, cfg.num_neighbours, fns)
+            logits = generation_step(self.retro, input_ids, attention_mask, cache)
         loss = None
         if labels is not None:
-            loss = lm_loss(logits[:, :-1], labels[:, 1:], self.retro.cfg.pad_id)
-        return CausalLMOutput(loss=loss, logits=logits)
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=self.retro.cfg.pad_id)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
+                                      attention_mask: Tensor | None = None, retriever: Any = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """GenerationMixin's hook: the tokens the cache has not seen, the whole attention mask."""
+        seen = past_key_values.retro_seen if isinstance(past_key_values, RetroGenerationCache) else 0
+        return {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
+                "past_key_values": past_key_values, "use_cache": True, "retriever": retriever}
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward makes its own RetroGenerationCache (a DynamicCache + retrieval state)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, *, max_new_tokens: int = 64, retriever: Any = None,
-                 k: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 seed: int | None = None, **_: Any) -> Tensor:
-        """Prompt ids (b, n) -> prompt + generated ids (b, n + new), right-padded with pad_id.
+    def generate(self, inputs: Tensor | None = None, *args: Any, retriever: Any = None, k: int | None = None,
+                 seed: int | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (greedy, sampling, top-k/p, temperature, repetition penalty,
+        stopping criteria, streamers, ``num_return_sequences``, left-padded batches) with RETRO's
+        retrieval at each row's chunk boundaries.
 
-        With ``retriever`` (``index_builder.Retriever.open(DB)``, a DB built with this model's
-        tokenizer) every completed chunk is retrieved for and encoded once; without it the
-        model generates as its plain decoder (for a RETRO-fit: the untouched base model)."""
-        from retro.dataset import check_compatible
-        from retro.generate import RetrieverNeighbours, generate
-
+        ``retriever``: an ``index_builder.Retriever`` over a DB built with this model's tokenizer
+        (``k`` neighbours per chunk, default the model's), or a function ``chunk ids -> (k, 2m)
+        neighbour ids``; default ``model.retriever`` if set; None generates as the plain decoder
+        (for a RETRO-fit: the untouched base model). ``seed`` seeds torch's RNG (sampling).
+        ``max_new_tokens`` defaults to 64, as before."""
         cfg = self.retro.cfg
-        if retriever is not None:
-            check_compatible(retriever.store, cfg)
-        eos = eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None)
-        rows = []
-        for row in input_ids.tolist():
-            fetch = RetrieverNeighbours(retriever, k or cfg.num_neighbours) if retriever is not None else None
-            res = generate(self.retro, row, max_new_tokens=max_new_tokens, neighbour_fn=fetch,
-                           temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                           eos_id=eos, seed=seed)
-            rows.append(res.tokens)
-        width = max(len(r) for r in rows)
-        out = torch.full((len(rows), width), cfg.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r)
-        return out.to(input_ids.device)
+        if retriever is None:
+            retriever = getattr(self, "retriever", None)
+        source = NeighbourSource(retriever, k or cfg.num_neighbours, cfg) if retriever is not None else None
+        if seed is not None:
+            torch.manual_seed(seed)
+        if not {"max_new_tokens", "max_length", "generation_config"} & set(kwargs):
+            kwargs["max_new_tokens"] = 64
+        if kwargs.get("pad_token_id") is None and self.generation_config.pad_token_id is None:
+            kwargs["pad_token_id"] = cfg.pad_id
+        return super().generate(inputs, *args, retriever=source, **kwargs)
 
 
 AutoConfig.register(MODEL_TYPE, RetroHFConfig, exist_ok=True)
