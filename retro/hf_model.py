@@ -4,10 +4,11 @@
 Why a thin wrapper: the weights, forward and generation are this project's (``RETRO`` or a
 RETRO-fitted ``RetroFit``), so an exported model scores exactly as the run's checkpoint does;
 the wrapper adds what the Hugging Face ecosystem expects (a ``PretrainedConfig`` saved as
-config.json, ``from_pretrained``, the Auto classes, a ``CausalLMOutput``).
+config.json, ``from_pretrained``, the Auto classes, a ``CausalLMOutput``). An export ships this
+module and the model code it needs (retro.export.remote_code) with an ``auto_map``.
 
-    import retro.hf_model  # registers model_type "retro" with AutoConfig / AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(DIR)
+    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # the export's own code
+    model = AutoModelForCausalLM.from_pretrained(DIR)  # after this module's import (registers "retro")
     out = model.generate(ids, max_new_tokens=64, retriever=Retriever.open(DB))  # retrieval at chunk ends
     out = model.generate(ids, attention_mask=mask, do_sample=True, top_p=0.9)  # a left-padded batch, no retrieval
 
@@ -68,7 +69,7 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         cfg = config.retro_config()
         if config.decoder:
-            from retro.hf_decoder import from_decoder_config
+            from retro.hf_retrofit import from_decoder_config
 
             decoder_cfg = dict(config.decoder)
             self.retro: nn.Module = from_decoder_config(cfg, AutoConfig.for_model(**decoder_cfg))
