@@ -17,6 +17,7 @@ model's tied embedding), and the checkpoint's names are already the module's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
 from chunk_store.framework.atomic import atomic_write_bytes
-from retro.run_layout import WEIGHTS, RunLayout, trained_db
+from retro.run_layout import WEIGHTS_INDEX, WEIGHTS_PATTERN, RunLayout, trained_db
 
 
 def _db_of(run: Path, db: str | None) -> Path | None:
@@ -84,8 +85,10 @@ def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest:
     return "\n".join(lines) + "\n"
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None) -> Path:
-    """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``)."""
+def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None,
+           max_shard_size: int | str | None = None) -> Path:
+    """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``); weights
+    in shards of at most ``max_shard_size`` (see write_model_folder)."""
     from chunk_store.tokenization.hugging_face import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
     from chunk_store.manifest import load_manifest
     from retro.checkpoint import checkpoint_dir, load_model, read_state
@@ -109,7 +112,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
                               pad_token_id=cfg.pad_id, eos_token_id=tok.eos_id,
                               architectures=["RetroForCausalLM"])
     write_model_folder(out, hf_config, {f"retro.{k}": v for k, v in model.state_dict().items()},
-                       {"step": str(ckpt_step)})
+                       {"step": str(ckpt_step)}, max_shard_size)
     if isinstance(tok, HFTokenizer):
         tok.save(out)
     else:
@@ -121,7 +124,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
 
 
 # the modules an export ships as remote code (``trust_remote_code``), and their names there
-REMOTE_CODE = {"retro.run_layout": "retro_run_layout", "retro.config": "retro_config", "retro.model": "retro_model",
+REMOTE_CODE = {"retro.config": "retro_config", "retro.model": "retro_model",
                "retro.hf_retrofit": "retro_hf_retrofit", "retro.hf_generation": "retro_hf_generation",
                "retro.hf_model": "modeling_retro"}
 AUTO_MAP = {"AutoConfig": "modeling_retro.RetroHFConfig", "AutoModelForCausalLM": "modeling_retro.RetroForCausalLM"}
@@ -149,8 +152,14 @@ def remote_code() -> dict[str, str]:
     return files
 
 
-def write_model_folder(out: Path, hf_config: Any, weights: dict[str, Any], metadata: dict[str, str]) -> None:
-    """config.json (with ``auto_map``), the weights (safetensors) and the modeling code into ``out``."""
+def write_model_folder(out: Path, hf_config: Any, weights: dict[str, Any], metadata: dict[str, str],
+                       max_shard_size: int | str | None = None) -> None:
+    """config.json (with ``auto_map``), the weights and the modeling code into ``out``.
+
+    Weights: one ``model.safetensors``, or with ``max_shard_size`` (bytes, or "500MB", "5GB")
+    transformers' shards and index where they do not fit in one. Weight files of an earlier
+    export into ``out`` are removed first (the loader must not mix two)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     from retro.checkpoint import _dedup_for_safetensors
@@ -158,9 +167,19 @@ def write_model_folder(out: Path, hf_config: Any, weights: dict[str, Any], metad
     out.mkdir(parents=True, exist_ok=True)
     hf_config.auto_map = dict(AUTO_MAP)
     hf_config.save_pretrained(out)
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(_dedup_for_safetensors(weights), str(tmp), metadata={"format": "pt", **metadata})
-    os.replace(tmp, out / WEIGHTS)
+    for old in [*out.glob(WEIGHTS_PATTERN.format(suffix="*")), out / WEIGHTS_INDEX]:
+        old.unlink(missing_ok=True)
+    weights = _dedup_for_safetensors(weights)
+    split = split_torch_state_dict_into_shards(weights, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_size or 2**62)
+    for filename, names in split.filename_to_tensors.items():
+        tmp = out / f".{filename}.tmp"
+        save_file({n: weights[n] for n in names}, str(tmp), metadata={"format": "pt", **metadata})
+        os.replace(tmp, out / filename)
+    if split.is_sharded:
+        index = {"metadata": {**metadata, "total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+                 "weight_map": split.tensor_to_filename}
+        atomic_write_bytes(out / WEIGHTS_INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
     for name, text in remote_code().items():
         atomic_write_bytes(out / name, text.encode())
 
@@ -188,15 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--db", default=None, help="the run's database (default: the one RUN/db.json names)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split the weights into safetensors shards of at most this size (bytes, or 500MB, 5GB); "
+                        "default: one model.safetensors")
     return p
+
+
+def _shard_size(text: str | None) -> int | str | None:
+    """--max-shard-size: bytes, or a size with a unit as transformers writes it ("5GB")."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    if not re.fullmatch(r"\d+\s*[KMGT]B", text.strip(), re.I):
+        raise UserError(f"--max-shard-size {text!r}: give bytes or a size such as 500MB or 5GB")
+    return text.strip().upper()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def cli() -> None:
-        path = export(args.run, args.out, db=args.db, step=args.step)
-        print(f"retro.export: wrote {path} (config.json, model.safetensors, tokenizer, README.md)", file=sys.stderr)
+        path = export(args.run, args.out, db=args.db, step=args.step, max_shard_size=_shard_size(args.max_shard_size))
+        print(f"retro.export: wrote {path} (config.json, weights, modeling code, tokenizer, README.md)", file=sys.stderr)
 
     return run_main("retro.export", cli)
 

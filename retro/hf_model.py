@@ -19,7 +19,6 @@ each row's neighbours, fetched and encoded once per completed chunk at the row's
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -30,8 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from retro.config import RetroConfig
 from retro.hf_generation import NeighbourSource, RetroGenerationCache, generation_step
-from retro.model import RETRO
-from retro.run_layout import WEIGHTS
+from retro.model import RETRO, Rotary
 
 MODEL_TYPE = "retro"
 
@@ -58,7 +56,10 @@ class RetroHFConfig(PretrainedConfig):
 
 
 class RetroForCausalLM(PreTrainedModel, GenerationMixin):
-    """``model(input_ids, neighbours=None, labels=None) -> CausalLMOutput``; weights under ``retro.``."""
+    """``model(input_ids, neighbours=None, labels=None) -> CausalLMOutput``; weights under ``retro.``.
+
+    ``from_pretrained`` is transformers' own loader: ``dtype``/``torch_dtype``, ``device_map``
+    (with accelerate), meta-device (low-memory) loading, one file or sharded safetensors."""
 
     config_class = RetroHFConfig
     base_model_prefix = "retro"
@@ -66,8 +67,12 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules: list[str] = []
 
     def __init__(self, config: RetroHFConfig) -> None:
-        super().__init__(config)
         cfg = config.retro_config()
+        # a native model's tied embedding, as transformers' loader ties it (a RETRO-fit's decoder ties its own)
+        config.tie_word_embeddings = bool(cfg.tie_embeddings and not config.decoder)
+        super().__init__(config)
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {"retro.to_logits.weight": "retro.token_emb.weight"}
         if config.decoder:
             from retro.hf_retrofit import from_decoder_config
 
@@ -78,31 +83,15 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Nothing: the modules initialise themselves, and from_pretrained overwrites every weight."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any,
-                        config: RetroHFConfig | None = None, dtype: torch.dtype | str | None = None,
-                        **kwargs: Any) -> "RetroForCausalLM":
-        """Build on the CPU, then load every weight strictly.
-
-        Why not transformers' loader: it builds modules on the meta device, which leaves
-        non-persistent buffers (the rotary frequencies, here and in a Llama decoder) as garbage
-        and unties tied weights; the exported file holds every tensor under its own name.
-        """
-        from safetensors.torch import load_file
-        from transformers.utils import cached_file
-
-        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        name = str(pretrained_model_name_or_path)
-        if not isinstance(config, RetroHFConfig):
-            config = RetroHFConfig.from_pretrained(name, **hub)
-        model = cls(config)
-        weights = load_file(cached_file(name, WEIGHTS, **hub))
-        model.load_state_dict(weights, strict=True)
-        if dtype not in (None, "auto"):
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model.eval()
+        """What transformers' loader cannot read from the file: the rotary frequencies (a
+        non-persistent buffer, left empty by its meta-device build). Weights initialise
+        themselves in their constructors, and the loader overwrites every one."""
+        if isinstance(module, Rotary):
+            dim = module.inv_freq.numel() * 2
+            base = self.retro.cfg.rope_base
+            with torch.no_grad():
+                module.inv_freq.copy_(1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                                      device=module.inv_freq.device) / dim)))
 
     @property
     def retro_config(self) -> RetroConfig:
