@@ -107,7 +107,7 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         the cache's, ``attention_mask`` (b, all tokens so far) marks left padding, and
         ``retriever`` (a ``NeighbourSource``, see generate) fetches each completed chunk's
         neighbours; the returned ``past_key_values`` is a ``RetroGenerationCache``."""
-        if past_key_values is None and not use_cache:
+        if past_key_values is None and (not use_cache or neighbours is not None):  # scoring a whole sequence
             logits = self.retro(input_ids, neighbours)
             cache = None
         else:

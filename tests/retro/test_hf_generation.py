@@ -119,3 +119,18 @@ def test_eos_ends_a_row_and_right_padding_is_refused() -> None:
     ids, mask = left_pad(PROMPTS[:2], 3)
     with pytest.raises(ValueError, match="left"):
         model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2)
+
+
+def test_a_retriever_set_on_the_model_is_used_and_neighbours_score_whole_sequences() -> None:
+    model = tiny_retro_hf("native")
+    ids = torch.tensor([PROMPTS[0]])
+    passed = model.generate(ids, retriever=FakeNeighbours(3), max_new_tokens=NEW)
+    model.retriever = FakeNeighbours(3)
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW), passed)
+    assert len(model.retriever.calls) == (passed.shape[1] - 1) // M
+    nbrs = torch.stack([torch.as_tensor(FakeNeighbours(3)(passed[0, u * M:(u + 1) * M].tolist()))
+                        for u in range(passed.shape[1] // M)])[None]
+    with torch.no_grad():  # scoring with neighbours, even with use_cache=True, is the full forward
+        scored = model(passed, neighbours=nbrs, use_cache=True).logits
+        assert torch.equal(scored, model.retro(passed, nbrs))
+    assert scored[0, len(PROMPTS[0]) - 1:-1].argmax(-1).tolist() == passed[0, len(PROMPTS[0]):].tolist()
