@@ -157,6 +157,10 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         if retriever is None:
             retriever = getattr(self, "retriever", None)
         source = NeighbourSource(retriever, k or cfg.num_neighbours, cfg) if retriever is not None else None
+        gen_cfg = kwargs.get("generation_config") or self.generation_config
+        if source is not None and max(kwargs.get("num_beams") or 1, gen_cfg.num_beams or 1) > 1:
+            raise ValueError("beam search with a retriever is not supported: the retrieval state of a row "
+                             "does not follow its beam (use greedy or sampling, or generate without retriever)")
         if seed is not None:
             torch.manual_seed(seed)
         if not {"max_new_tokens", "max_length", "generation_config"} & set(kwargs):
