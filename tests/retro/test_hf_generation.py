@@ -136,3 +136,21 @@ def test_a_retriever_set_on_the_model_is_used_and_neighbours_score_whole_sequenc
         scored = model(passed, neighbours=nbrs, use_cache=True).logits
         assert torch.equal(scored, model.retro(passed, nbrs))
     assert scored[0, len(PROMPTS[0]) - 1:-1].argmax(-1).tolist() == passed[0, len(PROMPTS[0]):].tolist()
+
+
+def test_text_generation_pipeline_passes_the_retriever_through() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(41)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w3", unk_token="w0", padding_side="left")
+    model = tiny_retro_hf("native").float()
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    texts = [" ".join(f"w{t}" for t in p) for p in PROMPTS[:2]]
+    got = pipe(texts, max_new_tokens=NEW, do_sample=False, retriever=FakeNeighbours(3), batch_size=2,
+               return_tensors=True)
+    for p, out in zip(PROMPTS[:2], got):
+        want = model.generate(torch.tensor([p]), retriever=FakeNeighbours(3), max_new_tokens=NEW)[0].tolist()
+        ids = out[0]["generated_token_ids"]  # a batched row keeps its left padding
+        assert ids[len(ids) - len(want):] == want and set(ids[:len(ids) - len(want)]) <= {3}
