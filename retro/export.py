@@ -1,7 +1,9 @@
 """``python -m retro.export --run RUN --out DIR``: a training run -> a Hugging Face model folder.
 
 DIR gets ``config.json`` (``RetroHFConfig``: the RETRO shape, and for a RETRO-fit the base
-decoder's config), ``model.safetensors`` (the checkpoint's weights under ``retro.``), the
+decoder's config; an ``auto_map`` to the modeling code shipped beside it, so
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` needs no ``import retro``),
+``model.safetensors`` (the checkpoint's weights under ``retro.``), the
 tokenizer the database was built with (a Hugging Face tokenizer's files, or the sentencepiece
 ``tokenizer.model`` with a ``tokenizer.json`` converted from it, so ``AutoTokenizer`` loads it)
 and a README model card (training data, steps, evaluation numbers), so
@@ -15,7 +17,9 @@ model's tied embedding), and the checkpoint's names are already the module's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,7 +28,7 @@ from typing import Any, Sequence
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.layout import TOKENIZER
 from chunk_store.framework.atomic import atomic_write_bytes
-from retro.run_layout import WEIGHTS, RunLayout, trained_db
+from retro.run_layout import WEIGHTS_INDEX, WEIGHTS_PATTERN, RunLayout, trained_db
 
 
 def _db_of(run: Path, db: str | None) -> Path | None:
@@ -47,9 +51,9 @@ def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest:
         f"# RETRO model: {kind}", "",
         "Exported with `python -m retro.export` from a training run of the retro project "
         "(Borgeaud et al. 2022). Load it with:", "",
-        "```python", "import retro.hf_model  # registers RetroForCausalLM with the Auto classes",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer", "from index_builder import Retriever",
-        "model = AutoModelForCausalLM.from_pretrained(DIR)",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from index_builder import Retriever  # the retro project's, over the run's database",
+        "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # the folder's modeling code",
         "prompt_ids = AutoTokenizer.from_pretrained(DIR)(\"def main():\", return_tensors=\"pt\").input_ids",
         "ids = model.generate(prompt_ids, max_new_tokens=64, retriever=Retriever.open(DB))",
         "```", "",
@@ -81,13 +85,13 @@ def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest:
     return "\n".join(lines) + "\n"
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None) -> Path:
-    """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``)."""
-    from safetensors.torch import save_file
-
+def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None,
+           max_shard_size: int | str | None = None) -> Path:
+    """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``); weights
+    in shards of at most ``max_shard_size`` (see write_model_folder)."""
     from chunk_store.tokenization.hugging_face import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
     from chunk_store.manifest import load_manifest
-    from retro.checkpoint import _dedup_for_safetensors, checkpoint_dir, load_model, read_state
+    from retro.checkpoint import checkpoint_dir, load_model, read_state
     from retro.hf_model import RetroHFConfig
 
     run, out = Path(run), Path(out)
@@ -107,11 +111,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
     hf_config = RetroHFConfig(retro=cfg.to_dict(), decoder=decoder, vocab_size=cfg.vocab_size,
                               pad_token_id=cfg.pad_id, eos_token_id=tok.eos_id,
                               architectures=["RetroForCausalLM"])
-    hf_config.save_pretrained(out)
-    weights = {f"retro.{k}": v for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(_dedup_for_safetensors(weights), str(tmp), metadata={"format": "pt", "step": str(ckpt_step)})
-    os.replace(tmp, out / WEIGHTS)
+    write_model_folder(out, hf_config, {f"retro.{k}": v for k, v in model.state_dict().items()},
+                       {"step": str(ckpt_step)}, max_shard_size)
     if isinstance(tok, HFTokenizer):
         tok.save(out)
     else:
@@ -120,6 +121,67 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
     card = model_card(cfg, ckpt_step, cfg.hf_decoder, db_path, manifest, _last_eval(run))
     atomic_write_bytes(out / "README.md", card.encode())
     return out
+
+
+# the modules an export ships as remote code (``trust_remote_code``), and their names there
+REMOTE_CODE = {"retro.config": "retro_config", "retro.model": "retro_model",
+               "retro.hf_retrofit": "retro_hf_retrofit", "retro.hf_generation": "retro_hf_generation",
+               "retro.hf_model": "modeling_retro"}
+AUTO_MAP = {"AutoConfig": "modeling_retro.RetroHFConfig", "AutoModelForCausalLM": "modeling_retro.RetroForCausalLM"}
+_USER_ERROR = "from chunk_store.framework.errors import UserError"
+_PROJECT_IMPORT = re.compile(r"^\s*(from|import)\s+(retro|chunk_store|index_builder)\b", re.M)
+
+
+def remote_code() -> dict[str, str]:
+    """File name -> source of each shipped module: imports of this package made relative, the
+    project's UserError replaced by a local class. Refuses a module that still imports the
+    project (it would not load without it)."""
+    import importlib
+
+    files = {}
+    for module, stem in REMOTE_CODE.items():
+        text = Path(importlib.import_module(module).__file__).read_text()  # type: ignore[arg-type]
+        for other, other_stem in REMOTE_CODE.items():
+            text = re.sub(rf"\bfrom {re.escape(other)} import", f"from .{other_stem} import", text)
+        text = text.replace(_USER_ERROR, "class UserError(Exception):\n"
+                            "    \"\"\"A problem the user can fix (the retro project's UserError).\"\"\"")
+        bad = _PROJECT_IMPORT.search(text)
+        if bad:
+            raise UserError(f"{module} imports {bad.group(2)}: it cannot ship in an export")
+        files[f"{stem}.py"] = f"# shipped by retro.export from {module}; loaded by trust_remote_code\n{text}"
+    return files
+
+
+def write_model_folder(out: Path, hf_config: Any, weights: dict[str, Any], metadata: dict[str, str],
+                       max_shard_size: int | str | None = None) -> None:
+    """config.json (with ``auto_map``), the weights and the modeling code into ``out``.
+
+    Weights: one ``model.safetensors``, or with ``max_shard_size`` (bytes, or "500MB", "5GB")
+    transformers' shards and index where they do not fit in one. Weight files of an earlier
+    export into ``out`` are removed first (the loader must not mix two)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from retro.checkpoint import _dedup_for_safetensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config.auto_map = dict(AUTO_MAP)
+    hf_config.save_pretrained(out)
+    for old in [*out.glob(WEIGHTS_PATTERN.format(suffix="*")), out / WEIGHTS_INDEX]:
+        old.unlink(missing_ok=True)
+    weights = _dedup_for_safetensors(weights)
+    split = split_torch_state_dict_into_shards(weights, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_size or 2**62)
+    for filename, names in split.filename_to_tensors.items():
+        tmp = out / f".{filename}.tmp"
+        save_file({n: weights[n] for n in names}, str(tmp), metadata={"format": "pt", **metadata})
+        os.replace(tmp, out / filename)
+    if split.is_sharded:
+        index = {"metadata": {**metadata, "total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+                 "weight_map": split.tensor_to_filename}
+        atomic_write_bytes(out / WEIGHTS_INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
+    for name, text in remote_code().items():
+        atomic_write_bytes(out / name, text.encode())
 
 
 def _write_auto_tokenizer(tok: Any, out: Path) -> None:
@@ -145,15 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--db", default=None, help="the run's database (default: the one RUN/db.json names)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split the weights into safetensors shards of at most this size (bytes, or 500MB, 5GB); "
+                        "default: one model.safetensors")
     return p
+
+
+def _shard_size(text: str | None) -> int | str | None:
+    """--max-shard-size: bytes, or a size with a unit as transformers writes it ("5GB")."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    if not re.fullmatch(r"\d+\s*[KMGT]B", text.strip(), re.I):
+        raise UserError(f"--max-shard-size {text!r}: give bytes or a size such as 500MB or 5GB")
+    return text.strip().upper()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def cli() -> None:
-        path = export(args.run, args.out, db=args.db, step=args.step)
-        print(f"retro.export: wrote {path} (config.json, model.safetensors, tokenizer, README.md)", file=sys.stderr)
+        path = export(args.run, args.out, db=args.db, step=args.step, max_shard_size=_shard_size(args.max_shard_size))
+        print(f"retro.export: wrote {path} (config.json, weights, modeling code, tokenizer, README.md)", file=sys.stderr)
 
     return run_main("retro.export", cli)
 

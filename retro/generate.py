@@ -22,6 +22,7 @@ from torch import Tensor
 
 from chunk_store.framework.argtypes import count_int, float_in, positive_int, utf8_text
 from chunk_store.framework.errors import UserError, run_main
+from retro.hf_generation import RetrieverNeighbours  # noqa: F401 (its home since GenerationMixin)
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -149,31 +150,6 @@ def generate(
         stop_reason=stop_reason,
         neighbours=[t.cpu().numpy() for t in retrieved],
     )
-
-
-class RetrieverNeighbours:
-    """A ``NeighbourFn`` over an ``index_builder.Retriever``: decode the chunk to text, search it
-    (the database's own embedding function), and read each hit's chunk + continuation tokens from
-    the train ChunkStore. ``log`` keeps what was retrieved, for display."""
-
-    def __init__(self, retriever: Any, k: int) -> None:
-        self.retriever = retriever
-        self.store = retriever.store
-        self.k = k
-        self.log: list[dict[str, Any]] = []
-
-    def __call__(self, chunk_tokens: Sequence[int]) -> np.ndarray:
-        text = self.store.tokenizer.decode([int(t) for t in chunk_tokens])
-        ids = np.full(self.k, -1, dtype=np.int64)
-        hits = self.retriever.search_text([text], k=self.k)[0] if text.strip() else []
-        for j, hit in enumerate(hits[: self.k]):
-            ids[j] = hit.chunk_id
-        self.log.append({
-            "query": text,
-            "neighbours": [{"chunk_id": int(h.chunk_id), "doc_id": int(h.doc_id),
-                            "distance": float(h.distance), "text": h.text} for h in hits[: self.k]],
-        })
-        return self.store.neighbour_tokens(ids).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- CLI

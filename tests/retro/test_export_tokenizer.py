@@ -26,7 +26,7 @@ PROBE = """
 import json, sys
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-texts = json.loads(sys.stdin.read())
+texts = json.loads(open(sys.argv[2]).read())  # not stdin: the config's auto_map may prompt there (y/N)
 ids = [tok(t).input_ids for t in texts]
 print(json.dumps({"ids": ids, "text": [tok.decode(i, skip_special_tokens=True) for i in ids],
                   "eos": tok.eos_token_id, "pad": tok.pad_token_id, "modules": "retro" in sys.modules
@@ -50,10 +50,11 @@ def test_native_export_loads_with_auto_tokenizer(tmp_path: Path) -> None:
     prose = [*LOWER, *MIXED, "def f(x):\n\treturn x + 1  # a comment\n", "a  b   c\n\n\nd", "", "\u00e9\u4e2d\U0001F642"]
     odd = [random_text(rng) for _ in range(30)]  # code, CJK, emoji, runs of odd whitespace
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", PROBE, str(out)], input=json.dumps(prose + odd),
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    (tmp_path / "texts.json").write_text(json.dumps(prose + odd))
+    res = subprocess.run([sys.executable, "-c", PROBE, str(out), str(tmp_path / "texts.json")],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = json.loads(res.stdout[res.stdout.rindex('{"ids"'):])  # after transformers' remote-code prompt, if any
     assert not got["modules"] and (got["eos"], got["pad"]) == (tok.eos_id, tok.pad_id)
     for text, ids, back in zip(prose + odd, got["ids"], got["text"]):
         assert back == text  # the text back, as the DB tokenizer gives it
