@@ -52,22 +52,13 @@ def _resume_each_way(killed: Path, argv: list, want: dict[str, str], tmp_path: P
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash", ["embed:1@1", "embed:finalize@0"])
-def test_a_killed_two_rank_embed_resumed_with_one_or_three_ranks_is_the_clean_build(
+@pytest.mark.parametrize("crash", ["embed:1@1", "embed:finalize@0", "knn:1@1", "knn:finalize@0"])
+def test_a_killed_two_rank_stage_resumed_with_one_or_three_ranks_is_the_clean_build(
         builds, crash: str, tmp_path: Path) -> None:
+    stage = crash.split(":")[0]
+    start, clean = {"embed": ("chunked", "embedded"), "knn": ("indexed", "ref")}[stage]
     killed = tmp_path / "killed"
-    shutil.copytree(builds["chunked"], killed)
-    out = torchrun(2, [*builds["embed"], "--db", killed], crash=crash, monitor_interval=3)
+    shutil.copytree(builds[start], killed)
+    out = torchrun(2, [*builds[stage], "--db", killed], crash=crash, monitor_interval=3)
     assert out.returncode != 0, out.stderr[-3000:]
-    _resume_each_way(killed, builds["embed"], db_digest(builds["embedded"]), tmp_path, crash)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("crash", ["knn:1@1", "knn:finalize@0"])
-def test_a_killed_two_rank_knn_resumed_with_one_or_three_ranks_is_the_clean_build(
-        builds, crash: str, tmp_path: Path) -> None:
-    killed = tmp_path / "killed"
-    shutil.copytree(builds["indexed"], killed)
-    out = torchrun(2, [*builds["knn"], "--db", killed], crash=crash, monitor_interval=3)
-    assert out.returncode != 0, out.stderr[-3000:]
-    _resume_each_way(killed, builds["knn"], db_digest(builds["ref"]), tmp_path, crash)
+    _resume_each_way(killed, builds[stage], db_digest(builds[clean]), tmp_path, crash)

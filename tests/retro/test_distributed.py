@@ -10,11 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from retro.distributed import exit_process
-from retro.train_config import load_config
-from tests.fixtures.train_db import PY, REPO, tiny_db, tiny_model_sets
+from tests.fixtures.train_db import PY, REPO, tiny_db, write_train_config
 
 TRAIN_KEYS = {"batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
               "max_steps": 4, "eval_every": 4, "eval_batches": 1, "checkpoint_every": 2, "log_every": 1,
@@ -31,10 +29,7 @@ def db(tmp_path_factory):
 
 @pytest.fixture()
 def config(tmp_path):
-    path = tmp_path / "cfg.yaml"
-    data, model = load_config(None, tiny_model_sets(), base=TRAIN_KEYS)
-    path.write_text(yaml.safe_dump({**data.to_dict(), "model": model}))
-    return path
+    return write_train_config(tmp_path / "cfg.yaml", TRAIN_KEYS)
 
 
 def torchrun(script: Path, config: Path, db: Path, out: Path, *sets: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from retro import RETRO, RetroConfig
 from retro.checkpoint import load_weights, checkpoint_dir
 from retro.distributed import ShardedBatchSampler
 from retro.train_config import TrainConfig, load_config
-from tests.fixtures.train_db import CHUNK, PY, REPO, SEQ, tiny_db, tiny_model_sets
+from tests.fixtures.train_db import CHUNK, PY, REPO, SEQ, tiny_db, write_train_config
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (the script at the repository root)
@@ -39,10 +39,7 @@ def db(tmp_path_factory):
 
 @pytest.fixture()
 def config(tmp_path):
-    path = tmp_path / "cfg.yaml"
-    data, model = load_config(None, tiny_model_sets(), base=TRAIN_KEYS)
-    path.write_text(yaml.safe_dump({**data.to_dict(), "model": model}))
-    return path
+    return write_train_config(tmp_path / "cfg.yaml", TRAIN_KEYS)
 
 
 def run_inprocess(config, db, out, *sets, resume=False) -> dict:
