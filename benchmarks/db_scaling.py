@@ -25,7 +25,7 @@ command continues after a crash or in a later session:
     bash benchmarks/fetch_corpora.sh CORPORA
     python benchmarks/db_scaling.py --work WORK --corpus CORPORA/linux-source --glob '*.c' \
         --pool-mb 2 --val-fraction 0.4 --multiples 1,10,30,100 --seeds 0,1,2 \
-        --config configs/tiny.yaml --vocab-size 1024 --chunk-size 64 --seq-len 512
+        --config configs/tiny.yaml --vocab-size 1024 --chunk-size 64 --seq-len 512 --jobs 2
     python benchmarks/db_scaling_report.py WORK --docs
 
 That plan (the run of record) gives 867,913 training tokens (1,699 sequences of 512) and 370,711
@@ -136,8 +136,9 @@ def slices(rest: Sequence[Path], need_bytes: Sequence[int]) -> list[list[Path]]:
 class Runner:
     """The experiment's steps, each skipped when its result is on disk."""
 
-    def __init__(self, work: Path, plan: Plan, *, python: str = sys.executable, log: Any = sys.stderr) -> None:
-        self.work, self.plan, self.py, self.log = work, plan, python, log
+    def __init__(self, work: Path, plan: Plan, *, python: str = sys.executable, log: Any = sys.stderr,
+                 jobs: int = 1) -> None:
+        self.work, self.plan, self.py, self.log, self.jobs = work, plan, python, log, max(1, jobs)
         self.db = work / "db"
         self.results = work / "results"
         self.runs = work / "runs"
@@ -151,8 +152,11 @@ class Runner:
         print("$ " + " ".join(cmd), file=self.log, flush=True)
         t0 = time.time()
         out = open(stdout.with_name(stdout.name + ".tmp"), "w") if stdout else None
+        env = None
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # jobs runs share the cores
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
         try:
-            res = subprocess.run(list(cmd), cwd=REPO, stdout=out)
+            res = subprocess.run(list(cmd), cwd=REPO, stdout=out, env=env)
         finally:
             if out:
                 out.close()
@@ -284,16 +288,30 @@ class Runner:
                 link_files(part, corpus, slice_dir)
             records.append(self.grow_to(i, multiple, slice_dir))
             self.neighbour_distances(records)
-            for seed in p.seeds:
-                base = self.runs / f"baseline-seed{seed}"
-                self.train(base, seed, "model.cca_layers=[]")
-                runs = [("retro", [])]
-                if p.retrofit:
-                    runs.append(("retrofit", [f"init_from={base}", "freeze_decoder=true"]))
-                for kind, extra in runs:
-                    run = self.runs / f"{kind}-x{multiple}-seed{seed}"
-                    self.train(run, seed, *extra)
-                    self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
+            self.parallel([lambda seed=seed: self.train(self.runs / f"baseline-seed{seed}", seed, "model.cca_layers=[]")
+                           for seed in p.seeds])
+            self.parallel([lambda seed=seed, kind=kind: self.train_and_evaluate(kind, multiple, seed)
+                           for seed in p.seeds for kind in ("retro", "retrofit")[:1 + p.retrofit]])
+
+    def train_and_evaluate(self, kind: str, multiple: int, seed: int) -> None:
+        """RETRO, or RETRO-fit on the seed's baseline decoder, at one size; then its evaluation."""
+        base = self.runs / f"baseline-seed{seed}"
+        run = self.runs / f"{kind}-x{multiple}-seed{seed}"
+        self.train(run, seed, *([f"init_from={base}", "freeze_decoder=true"] if kind == "retrofit" else []))
+        self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
+
+    def parallel(self, steps: Sequence[Any]) -> None:
+        """Run independent steps, ``jobs`` at a time (each runs subprocesses); the first failure
+        is raised once the running steps end."""
+        if self.jobs == 1:
+            for step in steps:
+                step()
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.jobs) as pool:
+            for f in [pool.submit(step) for step in steps]:
+                f.result()
 
 
 def atomic_json(path: Path, obj: Any) -> None:
@@ -337,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("embed", "index", "knn", "eval"):
         p.add_argument(f"--{stage}-args", default="", help=f"extra arguments of every {stage} call, one string")
     p.add_argument("--no-retrofit", action="store_true")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs (with their evaluations) at a time, each with cores/jobs threads "
+                        "unless OMP_NUM_THREADS is set; not part of the plan (a tiny model's step gains "
+                        "little from a second thread, a second run gains all of it)")
     return p
 
 
@@ -356,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = ordered_files(corpus, plan.glob)
     if not files:
         raise SystemExit(f"db_scaling: no {plan.glob} files under {corpus}")
-    Runner(work, plan).experiment(files, corpus)
+    Runner(work, plan, jobs=a.jobs).experiment(files, corpus)
     print(f"db_scaling: done; the report: python benchmarks/db_scaling_report.py {work}", file=sys.stderr)
     return 0
 

@@ -39,7 +39,7 @@ def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
             "--multiples", "1,3", "--seeds", "0", "--vocab-size", "512", "--chunk-size", "16", "--seq-len", "64",
             "--embed-args", f"--embedder {bert} --tokenize-workers 0 --device cpu --shard-size 256",
             "--index-args", "--index-key Flat --recall-sample 100", "--knn-args", "--k 2 --shard-size 256 --device cpu",
-            "--eval-args", "--max-sequences 4", *sets]
+            "--eval-args", "--max-sequences 4", "--jobs", "2", *sets]
     assert db_scaling.main(argv) == 0
     return root / "work", argv
 
