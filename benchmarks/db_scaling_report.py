@@ -106,7 +106,7 @@ def goal(rows: list[dict[str, Any]]) -> list[str]:
         rel = [g / b for g, b in zip(last[f"{kind}_gain"], last["baseline"])]
         ok3 = all(x >= 0.03 for x in rel)
         ratio = (mean(last[f"{kind}_gain"]) / spread_base) if spread_base else None
-        means = [mean(r[f"{kind}_gain"]) for r in done if r[f"{kind}_gain"]]
+        means = [round(mean(r[f"{kind}_gain"]), 4) for r in done if r[f"{kind}_gain"]]  # as shown
         rising = all(b > a for a, b in zip(means, means[1:]))
         out.append(f"- {name}: gain {min(rel):+.2%} to {max(rel):+.2%} of the baseline's bpb over seeds "
                    f"({'met' if ok3 else 'not met'}: >= 3% with every seed); mean gain / baseline seed spread "
