@@ -124,7 +124,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None
 
 
 # the modules an export ships as remote code (``trust_remote_code``), and their names there
-REMOTE_CODE = {"retro.config": "retro_config", "retro.model": "retro_model",
+REMOTE_CODE = {"retro.config": "retro_config", "retro.layers": "retro_layers", "retro.model": "retro_model",
                "retro.hf_retrofit": "retro_hf_retrofit", "retro.hf_generation": "retro_hf_generation",
                "retro.hf_model": "modeling_retro"}
 AUTO_MAP = {"AutoConfig": "modeling_retro.RetroHFConfig", "AutoModelForCausalLM": "modeling_retro.RetroForCausalLM"}
