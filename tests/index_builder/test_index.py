@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from chunk_store.manifest import DBError, load_manifest
-from index_builder.index.stage import (_FaissWithOPQKeywords, load_index, measure_recall,
+from index_builder.index.stage import (_FaissWithOPQKeywords, load_index, measure_recall, without_self,
                                        patch_autofaiss_for_faiss_114)
 from tests.fixtures import run_cli, shared_db
 
@@ -55,6 +55,31 @@ def test_recall_counts_misses(tmp_path_factory):
     r_bad = measure_recall(db, bad, sample=200)
     r_flat = measure_recall(db, flat, sample=200)
     assert r_flat["recall@10"] == 1.0 and r_bad["recall@10"] < 0.9
+
+
+def test_recall_queries_do_not_find_themselves(tmp_path):
+    """An index that returns each query's own row first and then junk scored recall@1 = 1 when a
+    query could find itself; left out, that index scores what its junk is worth. (Distinct
+    vectors: a duplicate of the query at distance 0 is a true neighbour, not itself.)"""
+    db = tmp_path / "db"
+    (db / "train" / "embeddings").mkdir(parents=True)
+    xb = np.random.default_rng(0).standard_normal((400, 16)).astype(np.float16)
+    np.save(db / "train" / "embeddings" / "000000.npy", xb[:250])
+    np.save(db / "train" / "embeddings" / "000001.npy", xb[250:])
+    xb = xb.astype(np.float32)
+    flat = faiss.IndexFlatL2(xb.shape[1])
+    flat.add(xb)
+
+    class SelfThenFar:
+        ntotal = flat.ntotal
+
+        def search(self, q, k):
+            d, i = flat.search(q, flat.ntotal)  # the query itself first, then the farthest rows
+            return np.concatenate([d[:, :1], d[:, ::-1][:, :k - 1]], 1), np.concatenate([i[:, :1], i[:, ::-1][:, :k - 1]], 1)
+
+    assert measure_recall(db, SelfThenFar(), sample=100)["recall@1"] < 0.1
+    assert measure_recall(db, flat, sample=100)["recall@1"] == 1.0
+    assert without_self(np.array([[5, 1, 2], [3, 4, 4]]), np.array([1, 9])).tolist() == [[5, 2, -1], [3, 4, 4]]
 
 
 def test_opq_shim_builds_opq_indexes_when_faiss_rejects_keywords(monkeypatch):
