@@ -51,6 +51,26 @@ def shard_records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"dir": LEGACY_DIR, "counts": manifest.get("counts", {}), "by": "chunk"}]
 
 
+def retrieval_only_ranges(manifest: dict[str, Any], split: str) -> list[tuple[int, int]]:
+    """The [start, stop) global rows of ``split`` in retrieval-only shards (``add --retrieval-only``).
+
+    No training or validation sequence is made of them, so nothing ever reads their neighbours:
+    knn leaves those rows unsearched (-1), which keeps its cost with the data that trains, not the
+    database (a 100x retrieval-only database would otherwise cost 100x the queries).
+    """
+    out: list[tuple[int, int]] = []
+    start = 0
+    for record in shard_records(manifest):
+        n = int(record.get("counts", {}).get(split, {}).get("chunks", 0))
+        if record.get("retrieval_only") and n:
+            if out and out[-1][1] == start:  # consecutive retrieval-only shards: one range
+                out[-1] = (out[-1][0], start + n)
+            else:
+                out.append((start, start + n))
+        start += n
+    return out
+
+
 def shard_paths(db: Path, record: dict[str, Any]) -> DBLayout:
     return DBLayout(Path(db) / record["dir"])
 

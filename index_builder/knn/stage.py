@@ -8,7 +8,8 @@ future) and keep the k nearest; rows left short are searched again with more can
 being padded with -1. Doc ids are consecutive along a split's chunk stream, so a sequence's
 documents are the contiguous range [lo, hi] (:func:`sequence_doc_ranges`); chunks past the last
 full sequence exclude their own document only. Val chunks search the same train index (their
-documents are not in it), no exclusion.
+documents are not in it), no exclusion. Rows of retrieval-only shards (``add --retrieval-only``)
+are not searched and stay -1: no sequence reads them, so knn's cost follows the data that trains.
 
 ``--exact`` (the default on CUDA when faiss has no GPU support) replaces the index by an exact
 search: torch matmul + top-k over tiles of the embedding matrix, memory bounded, so a GPU user
@@ -35,6 +36,7 @@ from chunk_store.manifest import check_params
 from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
+from chunk_store.shards import retrieval_only_ranges
 from chunk_store.store import ChunkStore
 from index_builder.embed.stage import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
                                  shard_ranges)
@@ -122,6 +124,7 @@ class KnnStage(Stage[KnnConfig]):
         keep = getattr(self, "keep_old", False)
         self.old_rows = {s: kept_rows(self.db, s, self.cfg.k, num_chunks(self.db, manifest, s)) if keep else 0
                          for s in SPLITS}
+        self.unread = {s: retrieval_only_ranges(manifest, s) for s in SPLITS}
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
@@ -230,26 +233,35 @@ class KnnStage(Stage[KnnConfig]):
     def _short_share(self, search: SearchFn, train_emb: list[np.ndarray]) -> float:
         """The share of a sample's rows whose plain k + extra candidates leave fewer than k after
         the exclusions (range_exclusion.prefer_range_first decides on it)."""
-        from index_builder.index.ivf_build import sample_ids
         from index_builder.knn.rerank import pick_rows
 
-        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=1)
+        rows = self._sample_rows(seed=1)
         cand_i, cand_d = search(pick_rows(train_emb, rows), min(self.cfg.k + self.cfg.extra, self.ntotal))
         ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
         short = select_neighbours(cand_i, cand_d, self.cfg.k, rows, db_docs=self.train_docs,
                                   doc_ranges=ranges, content=self.content)[2]
         return float(short.mean()) if len(short) else 0.0
 
+    def _sample_rows(self, seed: int) -> np.ndarray:
+        """A sample of the train rows knn searches (retrieval-only rows are never queries), as global rows."""
+        from index_builder.index.ivf_build import sample_ids
+
+        unread = getattr(self, "unread", {}).get("train", [])
+        rows = sample_ids(self.ntotal - sum(hi - lo for lo, hi in unread), self.cfg.tune_sample, seed=seed)
+        rows = np.asarray(rows, dtype=np.int64)
+        for lo, hi in unread:  # ascending: shift the sample past each unread range in turn
+            rows = np.where(rows >= lo, rows + (hi - lo), rows)
+        return rows
+
     def _tune(self, index: Any, search: SearchFn, train_emb: list[np.ndarray]) -> Any:
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
         applied) reach --target-recall on a sample, against the same pipeline over exact search."""
-        from index_builder.index.ivf_build import sample_ids
         from index_builder.knn.rerank import pick_rows, take_rows
         from index_builder.knn.tuning import candidate_params, tune_index
 
         if not candidate_params(index):
             return None
-        rows = sample_ids(self.ntotal, self.cfg.tune_sample, seed=0)
+        rows = self._sample_rows(seed=0)
         queries, exact_cfg = pick_rows(train_emb, rows), ExactSearchConfig(device=self.device)
         # the exact final neighbours in one pass: the exclusions applied inside the exact search
         from index_builder.knn.range_exclusion import chunk_ranges, doc_starts
@@ -274,15 +286,18 @@ class KnnStage(Stage[KnnConfig]):
     def compute(self, unit: Unit, search: SearchFn | None = None, queries: np.ndarray | None = None) -> None:
         split, i, a, b = unit.payload
         emb, docs = self._split_arrays(split)
-        if queries is None:
-            queries = read_rows(emb, a, b)
-        if split == "train" and self.range_search is not None and search in (None, self.search):
-            ids, dists = self._final_train(self.search, queries, np.arange(a, b, dtype=np.int64), self.range_search)
-        else:
-            ids, dists = _search_block(search or self.search, queries, self.cfg.k, self.cfg.extra,
-                                       self.ntotal, a, b, split == "train", docs, self.train_docs,
-                                       self.train_seq_starts, self.chunks_per_seq, self.content)
-        self.short_rows += int((ids < 0).any(axis=1).sum())
+        ids = np.full((b - a, self.cfg.k), -1, dtype=np.int64)  # rows no sequence reads stay -1 / inf
+        dists = np.full((b - a, self.cfg.k), np.inf, dtype=np.float32)
+        for ra, rb in searched_runs(a, b, getattr(self, "unread", {}).get(split, [])):
+            q = read_rows(emb, ra, rb) if queries is None else queries[ra - a:rb - a]
+            if split == "train" and self.range_search is not None and search in (None, self.search):
+                got = self._final_train(self.search, q, np.arange(ra, rb, dtype=np.int64), self.range_search)
+            else:
+                got = _search_block(search or self.search, q, self.cfg.k, self.cfg.extra,
+                                    self.ntotal, ra, rb, split == "train", docs, self.train_docs,
+                                    self.train_seq_starts, self.chunks_per_seq, self.content)
+            ids[ra - a:rb - a], dists[ra - a:rb - a] = got
+            self.short_rows += int((got[0] < 0).any(axis=1).sum())
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
         atomic_save_npy(p_ids, ids)
@@ -293,6 +308,12 @@ class KnnStage(Stage[KnnConfig]):
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
         pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
         c = min(self.cfg.k + self.cfg.extra, self.ntotal)
+        unread = getattr(self, "unread", {})
+        idle = [u for u in todo if not searched_runs(*u.payload[2:], unread.get(u.payload[0], []))]
+        for unit in idle:  # wholly retrieval-only: nothing to read, nothing to search
+            self.compute(unit)
+            done(unit)
+        todo = [u for u in todo if u not in idle]
         for group in group_units(todo, pass_rows if self.exact else 0):
             blocks = [read_rows(self._split_arrays(u.payload[0])[0], u.payload[2], u.payload[3])
                       for u in group]
@@ -317,6 +338,9 @@ class KnnStage(Stage[KnnConfig]):
             summary["tuning"] = self.tuning.tried
         if self.short_share is not None:
             summary["exclusion_search"] = {"short_share": round(self.short_share, 4), "range_first": self.range_first}
+        unread = {s: sum(hi - lo for lo, hi in retrieval_only_ranges(manifest, s)) for s in SPLITS}
+        if any(unread.values()):
+            summary["rows_not_searched"] = {s: n for s, n in unread.items() if n}  # retrieval-only: never read
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
             if n:
@@ -364,6 +388,20 @@ SHARED_OPTIONS = ("device", "shard_size", "threads")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI entry: ``retro-build-index knn``."""
     return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
+
+
+def searched_runs(a: int, b: int, unread: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of rows [a, b) outside the ``unread`` ranges (sorted, disjoint): those knn searches."""
+    runs, pos = [], a
+    for lo, hi in unread:
+        if hi <= pos or lo >= b:
+            continue
+        if lo > pos:
+            runs.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < b:
+        runs.append((pos, b))
+    return runs
 
 
 def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,

@@ -93,3 +93,58 @@ def test_retrieval_only_refuses_keep_duplicates(db_and_extra, capsys) -> None:
     assert cli(["add", "--db", str(db), "--input", str(extra), "--retrieval-only", "--keep-duplicates"]) == 2
     assert "validation document" in capsys.readouterr().err
     assert "add" not in load_manifest(db)["stages"]
+
+
+def test_knn_leaves_retrieval_only_rows_unsearched_and_every_other_row_as_a_full_search(
+        db_and_extra, tmp_path, tmp_path_factory, monkeypatch) -> None:
+    """No sequence reads a retrieval-only chunk's neighbours, so knn does not search them (its cost
+    stays with the data that trains); every row that is read gets exactly what a full search gives."""
+    import shutil
+
+    import index_builder.knn.stage as knn_stage
+
+    db, extra = db_and_extra
+    bert = shared_tiny_bert(tmp_path_factory)
+    assert cli(["add", "--db", str(db), "--input", str(extra), "--retrieval-only"]) == 0
+    for argv in (["embed", "--db", str(db), "--embedder", str(bert), "--shard-size", "256",
+                  "--tokenize-workers", "0", "--device", "cpu"],
+                 ["index", "--db", str(db), "--index-key", "Flat", "--recall-sample", "100"]):
+        assert cli(argv) == 0
+    full = tmp_path / "full"
+    shutil.copytree(db, full)
+    knn = ["--k", "2", "--shard-size", "100", "--device", "cpu"]
+    assert cli(["knn", "--db", str(db), *knn]) == 0
+    with monkeypatch.context() as m:  # the reference: every row searched
+        m.setattr(knn_stage, "retrieval_only_ranges", lambda manifest, split: [])
+        assert cli(["knn", "--db", str(full), *knn]) == 0
+    n_old = int(load_manifest(db)["shards"][0]["counts"]["train"]["chunks"])
+    got, ref = ChunkStore.open(db, "train"), ChunkStore.open(full, "train")
+    nb, nb_ref = np.asarray(got.neighbours), np.asarray(ref.neighbours)
+    assert np.array_equal(nb[:n_old], nb_ref[:n_old])
+    assert (nb[n_old:] == -1).all() and (nb_ref[n_old:] >= 0).any()
+    dist = np.load(db / "train" / "neighbour_distances.npy")
+    assert np.isinf(dist[n_old:]).all()
+    assert np.array_equal(np.asarray(ChunkStore.open(db, "val").neighbours),
+                          np.asarray(ChunkStore.open(full, "val").neighbours))
+    stats = load_manifest(db)["stages"]["knn"]["stats"]
+    assert stats["rows_not_searched"] == {"train": got.num_chunks - n_old}
+
+
+def test_searched_runs_is_the_complement_of_the_unread_ranges() -> None:
+    from index_builder.knn.stage import searched_runs
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        cuts = np.sort(rng.choice(np.arange(n + 1), size=min(2 * int(rng.integers(0, 4)), 2 * ((n + 1) // 2)), replace=False))
+        unread = [(int(lo), int(hi)) for lo, hi in cuts.reshape(-1, 2) if hi > lo]
+        a = int(rng.integers(0, n))
+        b = int(rng.integers(a + 1, n + 1))
+        mask = np.zeros(n, dtype=bool)
+        for lo, hi in unread:
+            mask[lo:hi] = True
+        want = np.flatnonzero(~mask[a:b]) + a
+        runs = searched_runs(a, b, unread)
+        got = np.concatenate([np.arange(lo, hi) for lo, hi in runs]) if runs else np.zeros(0, int)
+        assert np.array_equal(got, want)
+        assert all(hi > lo for lo, hi in runs)
