@@ -16,7 +16,7 @@ from chunk_store.framework.errors import UserError
 from chunk_store.tokenization.hugging_face import load_hf_tokenizer
 from tests.fixtures import (HF_FAMILIES, assert_round_trip, build_index_db, build_tiny_db, make_hf_tokenizer, make_tiny_hf_decoder,
                       random_text, shared_tiny_bert, write_corpus)
-from retro.checkpoint import checkpoint_dir, load_model, load_weights
+from retro.checkpoint import checkpoint_dir, load_model, load_weights, read_state
 from retro.config import RetroConfig
 from retro.hf_decoder import load_pretrained, retrofit_config
 from tests.fixtures.train_db import REPO
@@ -124,7 +124,11 @@ def test_retrofit_trains_only_retrieval(setup: dict, family: str, tmp_path: Path
     summary = train.train(train.parse_args(["--db", str(setup[family]["db"]), "--out", str(run), "--resume",
                                                 "--set", "stop_at=null"]))
     assert summary["step"] == 3 and summary["val_bpb"] == summary["val_bpb"]
-    weights = load_weights(checkpoint_dir(run))
+    saved = load_weights(checkpoint_dir(run))  # only what trains; the frozen decoder is the base's
+    assert saved and not any(k.startswith("decoder.") for k in saved)
+    record = read_state(checkpoint_dir(run))["frozen_base"]
+    assert (record["kind"], record["path"]) == ("hf", str(Path(setup[family]["decoder"]).resolve()))
+    weights = load_model(run)[0].state_dict()
     base = AutoModelForCausalLM.from_pretrained(setup[family]["decoder"]).eval()
     base_sd = base.state_dict()
     decoder_keys = [k for k in weights if k.startswith("decoder.")]
@@ -262,5 +266,5 @@ def test_retrofit_two_ranks_equal_one(setup: dict, tmp_path: Path, fsdp: bool) -
     # the same 4 sequences a step, grouped otherwise into micro-batches (rank r takes every 2nd
     # index): each micro-batch's mean over its non-pad tokens weighs the sequences a little differently
     assert len(one) == 2 and two == pytest.approx(one, rel=1e-3)
-    a, b = load_weights(checkpoint_dir(tmp_path / "two")), load_weights(checkpoint_dir(tmp_path / "one"))
+    a, b = load_model(tmp_path / "two")[0].state_dict(), load_model(tmp_path / "one")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
