@@ -268,3 +268,35 @@ def test_retrofit_two_ranks_equal_one(setup: dict, tmp_path: Path, fsdp: bool) -
     assert len(one) == 2 and two == pytest.approx(one, rel=1e-3)
     a, b = load_model(tmp_path / "two")[0].state_dict(), load_model(tmp_path / "one")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+
+def test_bf16_frozen_decoder_checkpoint_loads_on_cpu(decoders: dict, tmp_path: Path) -> None:
+    """A GPU RETRO-fit holds its frozen decoder in bf16 (train.build_model): the checkpoint keeps
+    only CCA/encoder, the hash is of the bf16 tensors, and a CPU load rebuilds them in bf16, then
+    float32 (as a full bf16 checkpoint always loaded); another dtype's base is refused."""
+    from retro.checkpoint import save_checkpoint
+    from retro.frozen_base import freeze_decoder, identify_base
+    from retro.hf_decoder import save_decoder_files
+    from retro.run_layout import RunLayout
+    from retro.train_config import TrainConfig, save_resolved
+
+    decoder = decoders["gpt2"]
+    cfg = retrofit_config(RetroConfig(hf_decoder=str(decoder), **SMALL), load_hf_tokenizer(str(decoder)))
+    model = load_pretrained(cfg, dtype=torch.bfloat16)
+    freeze_decoder(model)
+    tcfg = TrainConfig(freeze_decoder=True)
+    base = identify_base(model, tcfg, cfg)
+    assert base is not None and (base.kind, base.dtype) == ("hf", "bfloat16")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_resolved(RunLayout(run).config, tcfg, cfg.to_dict())
+    save_decoder_files(cfg, RunLayout(run).decoder_dir)
+    save_checkpoint(run, 1, model, None, {}, frozen_base=base)
+    assert not any(k.startswith("decoder.") for k in load_weights(checkpoint_dir(run)))
+    loaded = load_model(run)[0].state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in model.state_dict().items())
+    state = json.loads((checkpoint_dir(run) / "state.json").read_text())
+    state["frozen_base"]["dtype"] = "float32"  # the same base, held otherwise: other bytes
+    (checkpoint_dir(run) / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="the run froze"):
+        load_model(run)
