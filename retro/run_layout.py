@@ -9,6 +9,7 @@ A run folder (``train.py --out RUN``) holds::
     RUN/hf_decoder/         a RETRO-fit's base decoder: its config.json and tokenizer files
     RUN/checkpoints/latest  the name of the newest checkpoint folder
     RUN/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
+                            (a RETRO-fit's: only the trained tensors; state.json names its frozen base)
     RUN/loss.png            retro.plot's loss curves (leakage.png: beside an evaluate JSON)
 
 Like ``chunk_store.layout`` for a database: one place to read what a folder holds, so that a
