@@ -309,13 +309,15 @@ def _base_weights(base: FrozenBase, cfg: RetroConfig | None, where: str) -> dict
 
 
 def full_weights(trained: Mapping[str, torch.Tensor], base: FrozenBase, cfg: RetroConfig | None,
-                 where: str) -> dict[str, torch.Tensor]:
-    """The full state of a RETRO-fit: its base's frozen tensors (hash checked) + ``trained``."""
+                 where: str, recorded: str | None = None) -> dict[str, torch.Tensor]:
+    """The full state of a RETRO-fit: its base's frozen tensors (hash checked) + ``trained``.
+    ``recorded``: the path the checkpoint names, when ``base`` is looked for elsewhere."""
     weights = _base_weights(base, cfg, where)
     frozen = {k: v for k, v in weights.items() if k not in trained}
     got = state_sha256(frozen)
     if got != base.sha256:
-        raise UserError(f"{where}: the frozen base {base.path} has sha256 {got[:16]} ({len(frozen)} tensors), "
+        was = f" (recorded: {recorded})" if recorded and recorded != base.path else ""
+        raise UserError(f"{where}: the frozen base {base.path}{was} has sha256 {got[:16]} ({len(frozen)} tensors), "
                         f"the run froze {base.sha256[:16]} ({base.tensors} tensors): another base; "
                         f"pass --base PATH with the one the run started from")
     return {**frozen, **trained}
@@ -329,8 +331,8 @@ def checkpoint_weights(ckpt: str | os.PathLike, cfg: RetroConfig | None = None,
     record = read_state(ckpt).get("frozen_base")
     if record is None:
         return trained
-    where = str(Path(ckpt))
-    return full_weights(trained, FrozenBase.from_json(record, str(state_file(ckpt))).moved(base), cfg, where)
+    frozen_base = FrozenBase.from_json(record, str(state_file(ckpt)))
+    return full_weights(trained, frozen_base.moved(base), cfg, str(Path(ckpt)), recorded=frozen_base.path)
 
 
 def init_from(model: torch.nn.Module, path: str) -> dict[str, int]:

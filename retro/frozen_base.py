@@ -101,7 +101,10 @@ class FrozenBase:
 def _resolve(kind: str, path: str) -> str:
     """A checkpoint base's folder as an absolute path; a Hugging Face folder too (a hub name stays)."""
     if kind == "checkpoint":
-        return str(checkpoint_dir(path).resolve())
+        try:
+            return str(checkpoint_dir(path).resolve())
+        except UserError:  # not there: loading says so, naming the checkpoint that needs it
+            return str(Path(path).resolve())
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 

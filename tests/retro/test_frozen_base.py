@@ -101,10 +101,13 @@ def test_missing_moved_and_other_base(runs: dict, tmp_path: Path) -> None:
         load_model(run, base=str(other))
     msg = str(e.value)
     assert "\n" not in msg and str(other.resolve()) in msg and "the run froze" in msg
+    assert f"(recorded: {tmp_path / 'gone'})" in msg
     assert read_state(ckpt)["frozen_base"]["sha256"][:16] in msg
     from retro.export import main as export_main
 
     assert export_main(["--run", str(run), "--out", str(tmp_path / "hf"), "--base", str(other)]) != 0
+    with pytest.raises(DBError, match=rf"the base {tmp_path / 'nowhere'} cannot be loaded"):
+        load_model(run, base=str(tmp_path / "nowhere"))  # a --base that is not there either
 
 
 def test_exact_resume_with_a_moved_base(runs: dict, tmp_path: Path) -> None:
