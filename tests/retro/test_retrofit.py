@@ -300,3 +300,28 @@ def test_bf16_frozen_decoder_checkpoint_loads_on_cpu(decoders: dict, tmp_path: P
     (checkpoint_dir(run) / "state.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match="the run froze"):
         load_model(run)
+
+
+def test_resume_with_a_moved_base_decoder(setup: dict, tmp_path: Path) -> None:
+    """The base decoder's folder moved between stop and resume: refused in one line, then resumed
+    with --base (checked by hash), which the run records from then on."""
+    import shutil
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(setup["gpt2"]["decoder"], decoder)
+    run = tmp_path / "run"
+    _train(setup, "gpt2", run, extra=[f"model.hf_decoder={decoder}", "stop_at=2"])  # the later --set wins
+    moved = tmp_path / "moved"
+    decoder.rename(moved)
+    resume = ["--db", str(setup["gpt2"]["db"]), "--out", str(run), "--resume", "--set", "stop_at=null"]
+    with pytest.raises(UserError, match=str(decoder)):
+        train.train(train.parse_args(resume))
+    summary = train.train(train.parse_args([*resume, "--base", str(moved)]))
+    assert summary["step"] == 3
+    record = read_state(checkpoint_dir(run))["frozen_base"]
+    assert record["path"] == str(moved.resolve())
+    weights = load_model(run, base=str(moved))[0].state_dict()
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(moved).state_dict()
+    assert all(torch.equal(weights[f"decoder.{k}"], v) for k, v in base.items())
