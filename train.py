@@ -40,13 +40,11 @@ from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, init_from, load_checkpoint, save_checkpoint
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
-from retro.frozen_base import (RETRIEVAL_PARTS, FrozenBase, freeze_decoder, identify_base,  # noqa: F401
-                               is_retrieval_param)
 from retro.evaluate import autocast_for, compute_dtype, evaluate
+from retro.frozen_base import FrozenBase, freeze_decoder, identify_base
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.run_layout import RunLayout
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
-
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

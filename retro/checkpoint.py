@@ -361,7 +361,6 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     recorded path, or from ``base`` (it moved), and checked against the recorded hash. Returns the
     JSON state (step, data position...); a moved base's new path is in its ``frozen_base``.
     """
-
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
