@@ -154,3 +154,25 @@ def test_export_writes_the_full_model(runs: dict, tmp_path: Path) -> None:
     exported = load_file(str(out / "model.safetensors"))
     full, _ = load_model(runs["fit"])
     assert set(exported) == {f"retro.{k}" for k in full.state_dict()}
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_save_and_resume_only_what_trains(runs: dict, tmp_path: Path) -> None:
+    """torchrun, 2 gloo ranks, FSDP2: the gathered checkpoint keeps only the trainable tensors,
+    every rank rebuilds the base on resume, and the losses are the 1-rank run's."""
+    import os
+    import subprocess
+
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               "--db", str(runs["db"]), "--out", str(tmp_path / "fsdp"), *args]
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sets = [*runs["sets"], "fsdp=true", "stop_at=3"]
+    torchrun("--config", str(runs["config"]), *[a for s in sets for a in ("--set", s)])
+    assert set(load_weights(checkpoint_dir(tmp_path / "fsdp"))) == set(load_weights(checkpoint_dir(runs["fit"])))
+    torchrun("--resume", "--set", "stop_at=null")
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(runs["fit"]), rel=1e-5)
+    assert read_state(checkpoint_dir(tmp_path / "fsdp"))["frozen_base"] == read_state(checkpoint_dir(runs["fit"]))["frozen_base"]
