@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -36,16 +37,14 @@ from chunk_store.framework.errors import UserError, run_main
 from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.build import model_from_config
-from retro.checkpoint import checkpoint_dir, load_checkpoint, load_weights, save_checkpoint
+from retro.checkpoint import checkpoint_dir, init_from, load_checkpoint, save_checkpoint
 from retro.dataset import RetroDataset, check_compatible, collate
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
+from retro.frozen_base import FrozenBase, freeze_decoder, identify_base
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
 from retro.run_layout import RunLayout
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
-
-# parameter-name components that belong to retrieval (trained when RETRO-fitting)
-RETRIEVAL_PARTS = frozenset({"encoder", "enc_in", "cca", "cca_norm"})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", required=True, help="retrieval database directory (retro-build-index)")
     p.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, checkpoints/")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="with --resume of a RETRO-fit: its frozen base (init_from's checkpoint, or the "
+                        "model.hf_decoder folder) moved here; checked against the recorded hash")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, nested with dots (repeatable): --set model.dim=256")
     return p.parse_args(argv)
@@ -80,10 +82,6 @@ def drops_retrieval(step: int, cfg: TrainConfig) -> bool:
     return bool(np.random.default_rng([cfg.seed, step]).random() < cfg.retrieval_dropout)
 
 
-def is_retrieval_param(name: str) -> bool:
-    return bool(RETRIEVAL_PARTS.intersection(name.split(".")))
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases (ndim < 2) and embeddings (tied output head included)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -96,34 +94,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda" and not cfg.fsdp
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-
-
-def init_from(model: torch.nn.Module, path: str) -> dict[str, int]:
-    """Load a (decoder-only) checkpoint's weights; only retrieval parameters may be missing."""
-    weights = load_weights(checkpoint_dir(path))
-    own = model.state_dict()
-    unexpected = sorted(set(weights) - set(own))
-    if unexpected:
-        raise UserError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
-    bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights if weights[k].shape != own[k].shape]
-    if bad:
-        raise UserError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
-    missing = sorted(k for k in set(own) - set(weights) if not is_retrieval_param(k))
-    if missing:
-        raise UserError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
-    model.load_state_dict(weights, strict=False)
-    return {"loaded": len(weights), "new": len(set(own) - set(weights))}
-
-
-def freeze_decoder(model: torch.nn.Module) -> int:
-    """RETRO-fitting (paper section 4.4): train only the neighbour encoder and CCA blocks."""
-    trainable = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_retrieval_param(name))
-        trainable += p.numel() if p.requires_grad else 0
-    if trainable == 0:
-        raise UserError("freeze_decoder=true but the model has no encoder/CCA parameters to train")
-    return trainable
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -148,6 +118,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     saved = layout.config
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a run directory")
+    if args.base and not args.resume:
+        raise UserError("--base is for --resume of a RETRO-fit whose base moved (a new run names its base "
+                        "with init_from or model.hf_decoder)")
     if args.resume:
         if not saved.is_file() or not layout.latest.is_file():
             raise UserError(f"--resume: {run} has no {saved.name} and checkpoint to resume from")
@@ -190,10 +163,11 @@ def open_datasets(db: str, tcfg: TrainConfig, mcfg: RetroConfig) -> tuple[RetroD
 
 
 def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_retrieval: bool,
-                fresh: bool) -> tuple[RETRO, torch.nn.Module, torch.optim.Optimizer]:
-    """(model, wrapped, optimizer): RETRO with the same initial weights on every rank (or
-    init_from's, when ``fresh``), its decoder frozen when RETRO-fitting, wrapped for DDP / FSDP2 /
-    torch.compile; AdamW over the parameters that train."""
+                fresh: bool) -> tuple[RETRO, torch.nn.Module, torch.optim.Optimizer, FrozenBase | None]:
+    """(model, wrapped, optimizer, frozen base): RETRO with the same initial weights on every rank
+    (or init_from's, when ``fresh``), its decoder frozen when RETRO-fitting, wrapped for DDP /
+    FSDP2 / torch.compile; AdamW over the parameters that train. The frozen base's identity
+    (hashed here, once) when ``fresh``; a resume takes it from the checkpoint."""
     device = info.device
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     if device.type == "cuda":
@@ -208,6 +182,7 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
     if tcfg.freeze_decoder:
         n = freeze_decoder(model)
         log(info, f"freeze_decoder: training {n:,} encoder/CCA parameters only")
+    frozen_base = identify_base(model, tcfg, mcfg) if fresh else None
     model.to(device)
     wrapped: torch.nn.Module = model
     if tcfg.compile and not tcfg.fsdp:
@@ -218,7 +193,7 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
                          find_unused_parameters=bool(mcfg.resolved_cca_layers) and tcfg.retrieval_dropout > 0)
     if tcfg.compile and tcfg.fsdp:
         wrapped = torch.compile(wrapped)
-    return model, wrapped, build_optimizer(model, tcfg, device)
+    return model, wrapped, build_optimizer(model, tcfg, device), frozen_base
 
 
 @dataclass
@@ -239,6 +214,8 @@ class Trainer:
     trainable: list[torch.nn.Parameter]  # what gradient clipping sees
     peak_flops: float | None  # MFU's denominator per rank; None where unknown (CPU)
     flops_per_token: dict[bool, float]  # a training step's, with (True) and without retrieval
+    # a RETRO-fit's frozen base: its checkpoints then hold only what trains (retro.frozen_base)
+    frozen_base: FrozenBase | None = None
 
     @property
     def device(self) -> torch.device:
@@ -264,6 +241,8 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     if mcfg.hf_decoder:  # shape and vocabulary from the decoder and the DB's tokenizer (checked)
         from retro.hf_decoder import retrofit_config
 
+        if args.resume and args.base:  # the base decoder moved: the checkpoint's hash says it is the same
+            mcfg = dataclasses.replace(mcfg, hf_decoder=args.base)
         mcfg = retrofit_config(mcfg, ChunkStore.open(args.db, "train").tokenizer)
         mdict = mcfg.to_dict()
     grad_accum = tcfg.grad_accum_steps(runtime.world_size())
@@ -273,7 +252,7 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
         log(info, "the val split has no sequences: evaluation is skipped")
     if tcfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("tensorboard=true needs the tensorboard package: pip install '.[tensorboard]'")
-    model, wrapped, optimizer = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
+    model, wrapped, optimizer, frozen_base = build_model(tcfg, mcfg, info, use_retrieval=use_retrieval, fresh=not args.resume)
     if info.is_main:  # after every refusal (init_from, tensorboard): a failed start leaves no RUN behind
         run.mkdir(parents=True, exist_ok=True)
         layout = RunLayout(run)
@@ -291,6 +270,7 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
         peak_flops=peak_flops(info.device, compute_dtype(info.device, tcfg.dtype)),
         flops_per_token={r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r, frozen_decoder=tcfg.freeze_decoder)
                          for r in (True, False)},
+        frozen_base=frozen_base,
     )
 
 
@@ -335,15 +315,18 @@ def resumed_position(data: dict[str, Any], info: DistInfo, micro_batch_size: int
     return position
 
 
-def start_state(t: Trainer, resume: bool) -> TrainState:
-    """Seed this rank's RNG streams (dropout); with ``resume``, load weights, optimizer, RNG
-    states, step and data position from RUN's latest checkpoint."""
+def start_state(t: Trainer, resume: bool, base: str | None = None) -> TrainState:
+    """Seed this rank's RNG streams (dropout); with ``resume``, load weights (a RETRO-fit's
+    frozen base from its record, or ``base``), optimizer, RNG states, step and data position from
+    RUN's latest checkpoint."""
     torch.manual_seed(t.tcfg.seed + t.info.rank)  # per-rank streams (dropout)
     np.random.seed((t.tcfg.seed + t.info.rank) % 2**32)
     if not resume:
         return TrainState()
     ckpt = checkpoint_dir(t.run)
-    meta = load_checkpoint(ckpt, t.model, t.optimizer)
+    meta = load_checkpoint(ckpt, t.model, t.optimizer, base=base)
+    if "frozen_base" in meta:  # a checkpoint with the full state (older RETRO-fits too) stays full
+        t.frozen_base = FrozenBase.from_json(meta["frozen_base"], str(ckpt))
     state = TrainState(step=int(meta["step"]),
                        position=resumed_position(meta.get("data", {}), t.info, t.tcfg.micro_batch_size))
     log(t.info, f"resumed from {ckpt} at step {state.step}")
@@ -462,7 +445,7 @@ def save(t: Trainer, state: TrainState, sampler: ShardedBatchSampler) -> None:
                       "world_size": t.info.world_size, "micro_batch_size": t.tcfg.micro_batch_size},
              "scheduler": {"kind": "warmup_cosine", "step": state.step, "lr": lr_at(state.step, t.tcfg)},
              "config": merged(t.tcfg, t.mcfg.to_dict())}
-    path = save_checkpoint(t.run, state.step, t.model, t.optimizer, extra)
+    path = save_checkpoint(t.run, state.step, t.model, t.optimizer, extra, frozen_base=t.frozen_base)
     if path is not None:
         log(t.info, f"checkpoint {path}")
     state.restart_clock()
@@ -475,7 +458,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) one run; returns the last metrics record on rank 0, {} elsewhere."""
     t = setup_trainer(args)
     tcfg, info = t.tcfg, t.info
-    state = start_state(t, resume=args.resume)
+    state = start_state(t, resume=args.resume, base=args.base)
     metrics = MetricsLogger(t.run, enabled=info.is_main, resume_step=state.step if args.resume else None,
                             tensorboard=tcfg.tensorboard)
     sampler, batches = data_stream(t, state.position)

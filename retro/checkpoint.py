@@ -2,7 +2,9 @@
 
 Layout of ``RUN/checkpoints/step_XXXXXXXX/``:
 
-- ``model.safetensors``      the full (unsharded) weights, keyed by parameter name
+- ``model.safetensors``      the full (unsharded) weights, keyed by parameter name; a RETRO-fit's
+                             only the trainable ones (its frozen base is named in state.json and
+                             rebuilt on load: retro.frozen_base)
 - ``optimizer.safetensors``  every optimizer state tensor, keyed ``<param name>::<state key>``
 - ``state.json``             step, optimizer param groups and scalar state, scheduler and data
                              position, and each rank's RNG states (bytes as base64, never pickle)
@@ -19,6 +21,7 @@ so the same files load into a plain, DDP, compiled or FSDP2-sharded model.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import random
@@ -33,8 +36,9 @@ from safetensors.torch import load_file, save_file
 from chunk_store.framework.errors import UserError
 from chunk_store.framework.atomic import atomic_write_bytes, atomic_write_json
 from chunk_store.manifest import now_iso
-from retro.run_layout import (CONFIG, RunLayout, is_checkpoint, optimizer_file, state_file, step_dirname,
-                              weights_file)
+from retro.frozen_base import FrozenBase, is_retrieval_param, state_sha256, trainable_names
+from retro.run_layout import (CONFIG, RunLayout, checkpoint_dir, optimizer_file, state_file,  # noqa: F401
+                              step_dirname, weights_file)
 
 if TYPE_CHECKING:
     from retro.config import RetroConfig
@@ -179,17 +183,22 @@ def _dist() -> tuple[int, int]:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any]) -> Path | None:
+                    optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any],
+                    frozen_base: FrozenBase | None = None) -> Path | None:
     """Write ``checkpoints/step_XXXXXXXX`` atomically and point ``latest`` at it.
 
     Collective: every rank must call it (sharded state is gathered and every rank's RNG state is
     recorded); only rank 0 writes. ``state`` holds JSON-able training state (scheduler, data
-    position, config...). Returns the directory on rank 0, None elsewhere.
+    position, config...). With ``frozen_base`` (a RETRO-fit) only the trainable weights are
+    written, and the base's identity beside them. Returns the directory on rank 0, None elsewhere.
     """
     import torch.distributed as dist
 
     rank, world = _dist()
     msd, osd = _full_state_dicts(model, optimizer)
+    if frozen_base is not None:
+        keep = trainable_names(model)
+        msd = {k: v for k, v in msd.items() if k in keep}
     rngs = [rng_state()]
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -211,6 +220,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             "rng": rngs,
             **{k: _to_json(v) for k, v in state.items()},
         }
+        if frozen_base is not None:
+            meta["frozen_base"] = frozen_base.to_json()
         if osd is not None:
             tensors, meta["optimizer"] = _split_optimizer(osd)
             save_file(_dedup_for_safetensors(tensors), str(optimizer_file(tmp)))
@@ -229,28 +240,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         path = final
     if world > 1:
         dist.barrier()
-    return path
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
-    """The directory of checkpoint ``step`` (default: the one ``latest`` points to)."""
-    run_dir = Path(run_dir)
-    layout = RunLayout(run_dir)
-    ckpts = layout.checkpoints
-    if is_checkpoint(run_dir):  # already a checkpoint directory
-        return run_dir
-    if step is not None:
-        path = layout.step_dir(step)
-        if not path.is_dir():
-            have = [p.name for p in layout.step_dirs()]
-            raise UserError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
-        return path
-    pointer = layout.latest
-    if not pointer.is_file():
-        raise UserError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
-    path = ckpts / pointer.read_text().strip()
-    if not is_checkpoint(path):
-        raise UserError(f"{pointer} points to {path.name}, which has no {weights_file(path).name}")
     return path
 
 
@@ -295,11 +284,82 @@ def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"corrupt {path}: {type(e).__name__}: {e}") from None
 
 
+# ----------------------------------------------------------------------------- a RETRO-fit's frozen base
+
+
+def _base_weights(base: FrozenBase, cfg: RetroConfig | None, where: str) -> dict[str, torch.Tensor]:
+    """The base's weights in the model's names and the run's dtype (a missing base: one line)."""
+    dtype = getattr(torch, base.dtype) if base.dtype else None
+    hint = "pass --base PATH where it is now"
+    try:
+        if base.kind == "checkpoint":
+            weights = checkpoint_weights(checkpoint_dir(base.path), cfg)
+        else:
+            from retro.hf_decoder import load_pretrained
+
+            if cfg is None:
+                raise UserError("a RETRO-fit of a Hugging Face decoder needs the run's model config")
+            with torch.random.fork_rng(devices=[]):  # building the CCA/encoder draws random numbers
+                model = load_pretrained(dataclasses.replace(cfg, hf_decoder=base.path), dtype=dtype)
+            weights = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.")}
+    except UserError as e:
+        raise UserError(f"{where} is a RETRO-fit saved without its frozen base, and the base {base.path} "
+                        f"cannot be loaded ({str(e).splitlines()[0]}): {hint}") from None
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in weights.items()}
+
+
+def full_weights(trained: Mapping[str, torch.Tensor], base: FrozenBase, cfg: RetroConfig | None,
+                 where: str, recorded: str | None = None) -> dict[str, torch.Tensor]:
+    """The full state of a RETRO-fit: its base's frozen tensors (hash checked) + ``trained``.
+    ``recorded``: the path the checkpoint names, when ``base`` is looked for elsewhere."""
+    weights = _base_weights(base, cfg, where)
+    frozen = {k: v for k, v in weights.items() if k not in trained}
+    got = state_sha256(frozen)
+    if got != base.sha256:
+        was = f" (recorded: {recorded})" if recorded and recorded != base.path else ""
+        raise UserError(f"{where}: the frozen base {base.path}{was} has sha256 {got[:16]} ({len(frozen)} tensors), "
+                        f"the run froze {base.sha256[:16]} ({base.tensors} tensors): another base; "
+                        f"pass --base PATH with the one the run started from")
+    return {**frozen, **trained}
+
+
+def checkpoint_weights(ckpt: str | os.PathLike, cfg: RetroConfig | None = None,
+                       base: str | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's full weights: the file's, plus for a RETRO-fit its frozen base's (from
+    ``base`` when given: the base moved)."""
+    trained = load_weights(ckpt)
+    record = read_state(ckpt).get("frozen_base")
+    if record is None:
+        return trained
+    frozen_base = FrozenBase.from_json(record, str(state_file(ckpt)))
+    return full_weights(trained, frozen_base.moved(base), cfg, str(Path(ckpt)), recorded=frozen_base.path)
+
+
+def init_from(model: torch.nn.Module, path: str) -> dict[str, int]:
+    """Load a (decoder-only) checkpoint's weights (a RETRO-fit's with its base's); only retrieval
+    parameters may be missing."""
+    weights = checkpoint_weights(checkpoint_dir(path), getattr(model, "cfg", None))
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    if unexpected:
+        raise UserError(f"init_from {path}: weights the model does not have: {unexpected[:5]}")
+    bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights if weights[k].shape != own[k].shape]
+    if bad:
+        raise UserError(f"init_from {path}: shape mismatch (checkpoint vs model): {bad[:3]}")
+    missing = sorted(k for k in set(own) - set(weights) if not is_retrieval_param(k))
+    if missing:
+        raise UserError(f"init_from {path}: the checkpoint lacks decoder weights {missing[:5]}")
+    model.load_state_dict(weights, strict=False)
+    return {"loaded": len(weights), "new": len(set(own) - set(weights))}
+
+
 def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None, base: str | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) into a plain/DDP/compiled/FSDP model; restore RNG.
 
-    Every rank calls it and reads the files itself. Returns the JSON state (step, data position...).
+    Every rank calls it and reads the files itself. A RETRO-fit's frozen base is rebuilt from its
+    recorded path, or from ``base`` (it moved), and checked against the recorded hash. Returns the
+    JSON state (step, data position...); a moved base's new path is in its ``frozen_base``.
     """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -307,7 +367,9 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
     ckpt = Path(ckpt)
     meta = read_state(ckpt)
     opts = StateDictOptions(full_state_dict=True, strict=True)
-    weights = load_weights(ckpt)
+    weights = checkpoint_weights(ckpt, getattr(model, "cfg", None), base)
+    if base and "frozen_base" in meta:
+        meta["frozen_base"] = FrozenBase.from_json(meta["frozen_base"], str(ckpt)).moved(base).to_json()
     check_fits(model, weights, str(weights_file(ckpt)))
     set_model_state_dict(model, weights, options=opts)
     if optimizer is not None:
@@ -333,8 +395,9 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module,
 
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-               step: int | None = None) -> tuple[RETRO, RetroConfig]:
-    """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode."""
+               step: int | None = None, base: str | None = None) -> tuple[RETRO, RetroConfig]:
+    """(RETRO, RetroConfig) with the latest (or ``step``'s) weights of RUN, in eval mode; a
+    RETRO-fit's frozen base from its recorded path, or from ``base`` where it moved."""
     from retro.build import model_from_config
     from retro.config import RetroConfig
 
@@ -348,7 +411,7 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     cfg = RetroConfig.from_yaml(cfg_path)
     # a RETRO-fitted Hugging Face decoder is rebuilt from RUN/hf_decoder/
     model = model_from_config(cfg, run_dir=cfg_path.parent)
-    weights = load_weights(ckpt)
+    weights = checkpoint_weights(ckpt, cfg, base)
     check_fits(model, weights, f"{weights_file(ckpt)} (with {cfg_path})")
     model.load_state_dict(weights, strict=False)  # check_fits: same keys and shapes
     model.to(device).eval()

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="retrieval database directory")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--step", type=count_int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="a RETRO-fit's frozen base (init_from's checkpoint, or the model.hf_decoder "
+                        "folder) where it moved; checked against the hash the checkpoint records")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     p.add_argument("--max-sequences", type=count_int, default=0, help="evaluate at most this many (0: all)")
@@ -249,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     from retro.run_layout import trained_db
 
     device = resolve_device(args.device)
-    model, cfg = load_model(args.run, device=device, step=args.step)
+    model, cfg = load_model(args.run, device=device, step=args.step, base=args.base)
     store = ChunkStore.open(args.db, args.split)
     check_compatible(store, cfg)
     db_info = {}

@@ -86,16 +86,18 @@ def model_card(cfg: Any, step: int, base: str | None, db: Path | None, manifest:
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, db: str | None = None, step: int | None = None,
-           max_shard_size: int | str | None = None) -> Path:
+           max_shard_size: int | str | None = None, base: str | None = None) -> Path:
     """Write the Hugging Face folder ``out`` from RUN's checkpoint (latest or ``step``); weights
-    in shards of at most ``max_shard_size`` (see write_model_folder)."""
+    in shards of at most ``max_shard_size`` (see write_model_folder). A RETRO-fit's checkpoint
+    holds only what trained: its frozen base (recorded, or ``base`` where it moved) fills in the
+    rest, so the folder always has the full model."""
     from chunk_store.tokenization.hugging_face import HFTokenizer, load_hf_tokenizer, open_db_tokenizer
     from chunk_store.manifest import load_manifest
     from retro.checkpoint import checkpoint_dir, load_model, read_state
     from retro.hf_model import RetroHFConfig
 
     run, out = Path(run), Path(out)
-    model, cfg = load_model(run, step=step)
+    model, cfg = load_model(run, step=step, base=base)
     ckpt_step = int(read_state(checkpoint_dir(run, step)).get("step", 0))
     db_path = _db_of(run, db)
     manifest = load_manifest(db_path) if db_path is not None else None
@@ -210,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=None,
                    help="split the weights into safetensors shards of at most this size (bytes, or 500MB, 5GB); "
                         "default: one model.safetensors")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="a RETRO-fit's frozen base (init_from's checkpoint, or the model.hf_decoder "
+                        "folder) where it moved; checked against the hash the checkpoint records")
     return p
 
 
@@ -228,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def cli() -> None:
-        path = export(args.run, args.out, db=args.db, step=args.step, max_shard_size=_shard_size(args.max_shard_size))
+        path = export(args.run, args.out, db=args.db, step=args.step, max_shard_size=_shard_size(args.max_shard_size),
+                      base=args.base)
         print(f"retro.export: wrote {path} (config.json, weights, modeling code, tokenizer, README.md)", file=sys.stderr)
 
     return run_main("retro.export", cli)

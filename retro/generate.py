@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbours per chunk (default: the model's; at most the database's)")
     p.add_argument("--seed", type=count_int, default=0)
     p.add_argument("--step", type=count_int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="a RETRO-fit's frozen base (init_from's checkpoint, or the model.hf_decoder "
+                        "folder) where it moved; checked against the hash the checkpoint records")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours (baseline)")
     p.add_argument("--json", action="store_true", help="print a JSON record (text, tokens, neighbours)")
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from retro.dataset import check_compatible
 
     device = resolve_device(args.device)
-    model, cfg = load_model(args.run, device=device, step=args.step)
+    model, cfg = load_model(args.run, device=device, step=args.step, base=args.base)
     store = ChunkStore.open(args.db, split="train")
     check_compatible(store, cfg)
     tok = store.tokenizer

@@ -9,6 +9,7 @@ A run folder (``train.py --out RUN``) holds::
     RUN/hf_decoder/         a RETRO-fit's base decoder: its config.json and tokenizer files
     RUN/checkpoints/latest  the name of the newest checkpoint folder
     RUN/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
+                            (a RETRO-fit's: only the trained tensors; state.json names its frozen base)
     RUN/loss.png            retro.plot's loss curves (leakage.png: beside an evaluate JSON)
 
 Like ``chunk_store.layout`` for a database: one place to read what a folder holds, so that a
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from chunk_store.framework.errors import UserError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -118,3 +121,25 @@ class RunLayout:
     def step_dirs(self) -> list[Path]:
         """The checkpoint folders present, by step."""
         return sorted(self.checkpoints.glob(f"{STEP_PREFIX}*")) if self.checkpoints.is_dir() else []
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
+    """The directory of checkpoint ``step`` (default: the one ``latest`` points to)."""
+    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    ckpts = layout.checkpoints
+    if is_checkpoint(run_dir):  # already a checkpoint directory
+        return run_dir
+    if step is not None:
+        path = layout.step_dir(step)
+        if not path.is_dir():
+            have = [p.name for p in layout.step_dirs()]
+            raise UserError(f"no checkpoint for step {step} in {ckpts} (have: {', '.join(have) or 'none'})")
+        return path
+    pointer = layout.latest
+    if not pointer.is_file():
+        raise UserError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
+    path = ckpts / pointer.read_text().strip()
+    if not is_checkpoint(path):
+        raise UserError(f"{pointer} points to {path.name}, which has no {weights_file(path).name}")
+    return path

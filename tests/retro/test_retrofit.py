@@ -16,7 +16,7 @@ from chunk_store.framework.errors import UserError
 from chunk_store.tokenization.hugging_face import load_hf_tokenizer
 from tests.fixtures import (HF_FAMILIES, assert_round_trip, build_index_db, build_tiny_db, make_hf_tokenizer, make_tiny_hf_decoder,
                       random_text, shared_tiny_bert, write_corpus)
-from retro.checkpoint import checkpoint_dir, load_model, load_weights
+from retro.checkpoint import checkpoint_dir, load_model, load_weights, read_state
 from retro.config import RetroConfig
 from retro.hf_decoder import load_pretrained, retrofit_config
 from tests.fixtures.train_db import REPO
@@ -124,7 +124,11 @@ def test_retrofit_trains_only_retrieval(setup: dict, family: str, tmp_path: Path
     summary = train.train(train.parse_args(["--db", str(setup[family]["db"]), "--out", str(run), "--resume",
                                                 "--set", "stop_at=null"]))
     assert summary["step"] == 3 and summary["val_bpb"] == summary["val_bpb"]
-    weights = load_weights(checkpoint_dir(run))
+    saved = load_weights(checkpoint_dir(run))  # only what trains; the frozen decoder is the base's
+    assert saved and not any(k.startswith("decoder.") for k in saved)
+    record = read_state(checkpoint_dir(run))["frozen_base"]
+    assert (record["kind"], record["path"]) == ("hf", str(Path(setup[family]["decoder"]).resolve()))
+    weights = load_model(run)[0].state_dict()
     base = AutoModelForCausalLM.from_pretrained(setup[family]["decoder"]).eval()
     base_sd = base.state_dict()
     decoder_keys = [k for k in weights if k.startswith("decoder.")]
@@ -262,5 +266,62 @@ def test_retrofit_two_ranks_equal_one(setup: dict, tmp_path: Path, fsdp: bool) -
     # the same 4 sequences a step, grouped otherwise into micro-batches (rank r takes every 2nd
     # index): each micro-batch's mean over its non-pad tokens weighs the sequences a little differently
     assert len(one) == 2 and two == pytest.approx(one, rel=1e-3)
-    a, b = load_weights(checkpoint_dir(tmp_path / "two")), load_weights(checkpoint_dir(tmp_path / "one"))
+    a, b = load_model(tmp_path / "two")[0].state_dict(), load_model(tmp_path / "one")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+
+def test_bf16_frozen_decoder_checkpoint_loads_on_cpu(decoders: dict, tmp_path: Path) -> None:
+    """A GPU RETRO-fit holds its frozen decoder in bf16 (train.build_model): the checkpoint keeps
+    only CCA/encoder, the hash is of the bf16 tensors, and a CPU load rebuilds them in bf16, then
+    float32 (as a full bf16 checkpoint always loaded); another dtype's base is refused."""
+    from retro.checkpoint import save_checkpoint
+    from retro.frozen_base import freeze_decoder, identify_base
+    from retro.hf_decoder import save_decoder_files
+    from retro.run_layout import RunLayout
+    from retro.train_config import TrainConfig, save_resolved
+
+    decoder = decoders["gpt2"]
+    cfg = retrofit_config(RetroConfig(hf_decoder=str(decoder), **SMALL), load_hf_tokenizer(str(decoder)))
+    model = load_pretrained(cfg, dtype=torch.bfloat16)
+    freeze_decoder(model)
+    tcfg = TrainConfig(freeze_decoder=True)
+    base = identify_base(model, tcfg, cfg)
+    assert base is not None and (base.kind, base.dtype) == ("hf", "bfloat16")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_resolved(RunLayout(run).config, tcfg, cfg.to_dict())
+    save_decoder_files(cfg, RunLayout(run).decoder_dir)
+    save_checkpoint(run, 1, model, None, {}, frozen_base=base)
+    assert not any(k.startswith("decoder.") for k in load_weights(checkpoint_dir(run)))
+    loaded = load_model(run)[0].state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in model.state_dict().items())
+    state = json.loads((checkpoint_dir(run) / "state.json").read_text())
+    state["frozen_base"]["dtype"] = "float32"  # the same base, held otherwise: other bytes
+    (checkpoint_dir(run) / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="the run froze"):
+        load_model(run)
+
+
+def test_resume_with_a_moved_base_decoder(setup: dict, tmp_path: Path) -> None:
+    """The base decoder's folder moved between stop and resume: refused in one line, then resumed
+    with --base (checked by hash), which the run records from then on."""
+    import shutil
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(setup["gpt2"]["decoder"], decoder)
+    run = tmp_path / "run"
+    _train(setup, "gpt2", run, extra=[f"model.hf_decoder={decoder}", "stop_at=2"])  # the later --set wins
+    moved = tmp_path / "moved"
+    decoder.rename(moved)
+    resume = ["--db", str(setup["gpt2"]["db"]), "--out", str(run), "--resume", "--set", "stop_at=null"]
+    with pytest.raises(UserError, match=str(decoder)):
+        train.train(train.parse_args(resume))
+    summary = train.train(train.parse_args([*resume, "--base", str(moved)]))
+    assert summary["step"] == 3
+    record = read_state(checkpoint_dir(run))["frozen_base"]
+    assert record["path"] == str(moved.resolve())
+    weights = load_model(run, base=str(moved))[0].state_dict()
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(moved).state_dict()
+    assert all(torch.equal(weights[f"decoder.{k}"], v) for k, v in base.items())

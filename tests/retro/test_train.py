@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from chunk_store.layout import DBLayout
 from chunk_store import DBError
 from retro import RETRO, RetroConfig
-from retro.checkpoint import load_weights, checkpoint_dir
+from retro.checkpoint import checkpoint_dir, checkpoint_weights, load_weights
 from retro.distributed import ShardedBatchSampler
 from retro.train_config import TrainConfig, load_config
 from tests.fixtures.train_db import CHUNK, PY, REPO, SEQ, tiny_db, write_train_config
@@ -254,7 +254,7 @@ def test_retro_fitting_trains_only_encoder_and_cca(db, config, tmp_path):
     base = load_weights(checkpoint_dir(tmp_path / "dec"))
     run_inprocess(config, db, tmp_path / "fit", f"init_from={tmp_path / 'dec'}", "freeze_decoder=true",
                   "max_steps=3", "lr=0.01")
-    fit = load_weights(checkpoint_dir(tmp_path / "fit"))
+    fit = checkpoint_weights(checkpoint_dir(tmp_path / "fit"))  # the trained part + its base's frozen part
     changed = {k for k in fit if not torch.equal(fit[k], base[k])}
     # listed independently of is_retrieval_param: the tiny model's encoder and its one CCA block
     retrieval = {k for k in fit if k.startswith(("encoder.", "enc_in.")) or k.startswith("layers.1.cca")}
