@@ -83,6 +83,9 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}"),
             (0.0 <= self.retrieval_dropout <= 1.0, "retrieval_dropout must be in [0, 1]"),
+            (not (self.freeze_decoder and self.retrieval_dropout > 0),
+             "retrieval_dropout needs a decoder that trains: with freeze_decoder a step without neighbours "
+             "has nothing to train (set retrieval_dropout: 0)"),
             (self.stop_at is None or self.stop_at > 0, "stop_at must be > 0 or null"),
         ]
         for ok, msg in checks:

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from chunk_store.layout import DBLayout
 from chunk_store import DBError
+from chunk_store.framework.errors import UserError
 from retro import RETRO, RetroConfig
 from retro.checkpoint import checkpoint_dir, checkpoint_weights, load_weights
 from retro.distributed import ShardedBatchSampler
@@ -112,6 +113,14 @@ def test_retrieval_dropout_is_a_function_of_seed_and_step():
     assert drops == [train.drops_retrieval(s, cfg) for s in range(2000)]
     assert 0.25 < np.mean(drops) < 0.35
     assert not any(train.drops_retrieval(s, TrainConfig()) for s in range(100))
+
+
+def test_retrieval_dropout_with_a_frozen_decoder_is_refused():
+    """A step without neighbours would train nothing (and autograd fails on it): one-line error."""
+    with pytest.raises(UserError, match="retrieval_dropout needs a decoder that trains"):
+        TrainConfig(retrieval_dropout=0.5, freeze_decoder=True)
+    TrainConfig(retrieval_dropout=0.0, freeze_decoder=True)
+    TrainConfig(retrieval_dropout=0.5, freeze_decoder=False)
 
 
 def test_config_overrides_and_unknown_keys(tmp_path):
