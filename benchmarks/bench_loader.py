@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,7 @@ def count_reads(starts: np.ndarray, ends: np.ndarray) -> int:
     new = np.ones(starts.size, dtype=bool)
     new[1:] = ~((lo[1:] >= lo[:-1]) & (lo[1:] <= hi[:-1] + 1))
     first = np.flatnonzero(new)
-    last = np.append(first[1:] - 1, starts.size - 1)
-    pages = np.maximum.accumulate(hi)[last] - lo[first] + 1
+    pages = np.maximum.reduceat(hi, first) - lo[first] + 1  # within a run pages only go forward
     return int(np.ceil(pages * PAGE / MAX_READ).sum())
 
 
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # workers that mostly sleep
     from bench_dataset import needed_samples_per_s
 
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:

@@ -28,6 +28,8 @@ def test_count_reads(bench):
     # rows 0,1 one read; pages 5 and 6 (adjacent) one read; back to page 2: a new read
     assert bench.count_reads(starts, starts + row) == 3
     assert bench.count_reads(np.array([0]), np.array([3 << 20])) == 3  # one range: one read per MiB
+    far = np.array([10 << 20, 0], dtype=np.int64)  # a run's size is its own, not the reads' before it
+    assert bench.count_reads(far, far + row) == 2
     assert bench.count_reads(np.array([], dtype=np.int64), np.array([], dtype=np.int64)) == 0
 
 
