@@ -6,7 +6,8 @@ once per (epoch, rank), in the order that rank's ``ShardedBatchSampler`` gives f
 (seed-determined), so training then reads one micro-batch as one contiguous slice.
 
     python -m retro.retrieved_file --config configs/small.yaml --db DB --out RUN/retrieved \\
-        --epochs 0,1 --world-size 8        # prewrite; training writes a missing epoch itself
+        --epochs 0,1 --world-size 8 [--ranks 0,1]   # prewrite; training writes a missing epoch
+                                                    # itself, stalling until it is done
 
 Each record is ``(index, tokens (seq_len+1,), neighbours (l, k, 2m))`` in the DB's token dtype
 (a numpy structured .npy), so a reader checks every sample index against the sampler's. A file is
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the files' folder (training uses RUN/retrieved)")
     p.add_argument("--epochs", default="0", help="comma-separated epochs")
     p.add_argument("--world-size", type=int, default=1, help="ranks of the run (one file per rank)")
+    p.add_argument("--ranks", help="comma-separated ranks to write (default: all; run several of these "
+                   "commands at once to write in parallel: reads on network storage are latency-bound)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     tcfg, mdict = load_config(args.config, args.set)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = RetroDataset(args.db, "train", k=mcfg.num_neighbours,
                       retrieval=tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers))
     for epoch in (int(e) for e in args.epochs.split(",")):
-        for rank in range(args.world_size):
+        for rank in ([int(r) for r in args.ranks.split(",")] if args.ranks else range(args.world_size)):
             sampler = ShardedBatchSampler(len(ds), tcfg.micro_batch_size, rank, args.world_size, seed=tcfg.seed)
             print(write_epoch_file(ds, sampler, epoch, args.out), flush=True)
     return 0

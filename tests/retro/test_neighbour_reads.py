@@ -159,3 +159,18 @@ def test_training_with_the_file_equals_training_with_batched_reads(db, tmp_path)
                         if "train_loss" in r]
     assert losses["batched"] == losses["sequential_file"] and len(losses["batched"]) == 3
     assert list((tmp_path / "sequential_file" / "retrieved").glob("*.npy"))
+
+
+def test_command_prewrites_the_files_training_reads(db, tmp_path):
+    from retro.retrieved_file import main
+
+    config = write_train_config(tmp_path / "cfg.yaml", {"micro_batch_size": MB, "batch_size": MB * 2, "seed": 3})
+    assert main(["--config", str(config), "--db", str(db), "--out", str(tmp_path / "r"), "--epochs", "0",
+                 "--world-size", "2", "--ranks", "1"]) == 0
+    ds = RetroDataset(db, "train")
+    sampler = ShardedBatchSampler(len(ds), MB, 1, 2, seed=3)
+    assert [p.name for p in (tmp_path / "r").glob("*.npy")] == [epoch_file(tmp_path / "r", ds, sampler, 0).name]
+    rows = np.load(epoch_file(tmp_path / "r", ds, sampler, 0), mmap_mode="r")
+    want = reference_batches(db, 1, 2, 1)[0]
+    np.testing.assert_array_equal(rows["index"][:MB], sampler.epoch_indices(0)[:MB].numpy())
+    np.testing.assert_array_equal(rows["neighbours"][:MB].astype(np.int64), want["neighbours"])
