@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +61,7 @@ SECTION = "bench_loader"
 PAGE = 4096
 MAX_READ = 1 << 20
 READS = [0]  # this process's simulated reads (each DataLoader worker has its own)
+READS_LOCK = threading.Lock()  # the file writer reads from several threads
 
 
 # ----------------------------------------------------------------------------- simulated storage
@@ -101,7 +103,8 @@ class SlowArray:
             rows = rows.astype(np.int64).reshape(-1) % max(self.shape[0], 1)
             starts = self.offset + rows * self.row_bytes
             n = count_reads(starts, starts + self.row_bytes)
-        READS[0] += n
+        with READS_LOCK:
+            READS[0] += n
         if self.latency and n:
             time.sleep(self.latency * n)
         return np.asarray(self.arr[key])
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-ms", default="0,2", help="per-read latencies to simulate")
     ap.add_argument("--workers", default="0,4", help="DataLoader worker counts")
     ap.add_argument("--modes", default="random,batched,sequential_file")
+    ap.add_argument("--write-threads", default="1,8", help="threads of the retrieved-tokens file's writer")
     ap.add_argument("--batches", type=int, default=12, help="batches timed per row (at most)")
     ap.add_argument("--seconds", type=float, default=30.0, help="time limit per row")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
@@ -295,21 +299,23 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f} s to build)", flush=True)
         latencies = [float(x) / 1e3 for x in args.latency_ms.split(",")]
         modes, workers = args.modes.split(","), [int(w) for w in args.workers.split(",")]
+        write_threads = [int(t) for t in args.write_threads.split(",")]
         rows, writes = [], []
         for latency in latencies:
             directory = work / f"retrieved-{latency}"
-            if "sequential_file" in modes:  # written once per epoch, timed on the same slow storage
+            for threads in (write_threads if "sequential_file" in modes else []):  # once per epoch and rank
                 ds = SlowDataset(db, "train", k=args.k)
                 ds.latency = latency
                 sampler = ShardedBatchSampler(len(ds), args.micro_batch, 0, 1, seed=0)
+                shutil.rmtree(directory, ignore_errors=True)
                 drop_cache(files)
                 t = time.perf_counter()
                 READS[0] = 0
-                path = write_epoch_file(ds, sampler, 0, directory, progress=False)
+                path = write_epoch_file(ds, sampler, 0, directory, progress=False, threads=threads)
                 n = sampler.batches_per_epoch * args.micro_batch
-                writes.append((latency, n / (time.perf_counter() - t), READS[0], path.stat().st_size))
-                print(f"write latency={latency * 1e3:g} ms: {writes[-1][1]:.1f} samples/s, {READS[0]} reads, "
-                      f"{path.stat().st_size / 2**20:.1f} MiB", flush=True)
+                writes.append((latency, threads, n / (time.perf_counter() - t), READS[0], path.stat().st_size))
+                print(f"write latency={latency * 1e3:g} ms threads={threads}: {writes[-1][2]:.1f} samples/s, "
+                      f"{READS[0]} reads, {path.stat().st_size / 2**20:.1f} MiB", flush=True)
                 del ds
             for mode in modes:
                 for w in workers:
@@ -348,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {mode} | {latency * 1e3:g} ms | {w} | {rate:,.1f} | {tok:,.0f} | {reads:,.1f} | "
                      f"{tok / need_tok:,.2f} |")
     if writes:
-        lines += ["", "Writing the epoch's retrieved-tokens file (once per epoch and rank, batched reads, "
-                  "cold cache): " + "; ".join(
-                      f"{lat * 1e3:g} ms: {rate:,.1f} samples/s, {reads:,} reads, {size / 2**20:,.1f} MiB"
-                      for lat, rate, reads, size in writes) + "."]
+        lines += ["", "Writing the epoch's retrieved-tokens file (once per epoch and rank, batched reads of "
+                  "256-sequence blocks, cold cache): " + "; ".join(
+                      f"{lat * 1e3:g} ms, {threads} thread(s): {rate:,.1f} samples/s ({reads:,} reads)"
+                      for lat, threads, rate, reads, size in writes) + f"; {writes[0][4] / 2**20:,.1f} MiB."]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +34,7 @@ from retro.distributed import ShardedBatchSampler
 from retro.neighbour_reads import READ_MODES
 
 WRITE_BLOCK = 256  # samples read and written at a time (memory stays flat for any epoch)
+WRITE_THREADS = 8  # blocks in flight while writing (latency-bound reads overlap)
 
 
 def record_dtype(ds: RetroDataset) -> np.dtype:
@@ -57,7 +59,7 @@ def epoch_order(sampler: ShardedBatchSampler, epoch: int) -> np.ndarray:
 
 
 def write_epoch_file(ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int, directory: str | os.PathLike,
-                     *, progress: bool = True) -> Path:
+                     *, progress: bool = True, threads: int = WRITE_THREADS) -> Path:
     """Write (once) the retrieved-tokens file of ``epoch`` for ``sampler``'s rank; returns its path.
     A file already there is kept; a crashed writer's temporary file is removed and rewritten."""
     path = epoch_file(directory, ds, sampler, epoch)
@@ -72,7 +74,7 @@ def write_epoch_file(ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int,
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            _write(ds, epoch_order(sampler, epoch), tmp, progress, f"retrieved tokens, epoch {epoch}")
+            _write(ds, epoch_order(sampler, epoch), tmp, progress, f"retrieved tokens, epoch {epoch}", threads)
             os.replace(tmp, path)
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -84,22 +86,39 @@ def write_epoch_file(ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int,
     return path
 
 
-def _write(ds: RetroDataset, order: np.ndarray, tmp: Path, progress: bool, desc: str) -> None:
+def _write(ds: RetroDataset, order: np.ndarray, tmp: Path, progress: bool, desc: str, threads: int) -> None:
+    """Blocks of WRITE_BLOCK samples, read and written by ``threads`` threads: on network storage
+    most of a block's time is waiting on reads (numpy's copy loops over a memmap run without the
+    GIL), so threads overlap the waits. The first block runs alone: it opens the lazy stores."""
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=record_dtype(ds), shape=(len(order),))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(order), desc=desc, unit="seq", leave=False)
-    for a in range(0, len(order), WRITE_BLOCK):
+
+    def block(a: int) -> int:
         batch = ds.get_batch(order[a:a + WRITE_BLOCK])
-        rows = out[a:a + WRITE_BLOCK]
+        rows = out[a:a + WRITE_BLOCK]  # disjoint rows per block: no lock needed
         rows["index"] = order[a:a + WRITE_BLOCK]
         rows["tokens"] = batch["tokens"]
         if ds.retrieval:
             rows["neighbours"] = batch["neighbours"]
+        return len(rows)
+
+    def tick(n: int) -> None:
         if bar is not None:
-            bar.update(len(rows))
+            bar.update(n)
+
+    starts = list(range(0, len(order), WRITE_BLOCK))
+    if starts:
+        tick(block(starts[0]))
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
+        for future in as_completed([pool.submit(block, a) for a in starts[1:]]):
+            tick(future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error no new block starts
     if bar is not None:
         bar.close()
     out.flush()
@@ -210,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=1, help="ranks of the run (one file per rank)")
     p.add_argument("--ranks", help="comma-separated ranks to write (default: all; run several of these "
                    "commands at once to write in parallel: reads on network storage are latency-bound)")
+    p.add_argument("--threads", type=int, default=WRITE_THREADS, help="blocks read at once")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     tcfg, mdict = load_config(args.config, args.set)
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in (int(e) for e in args.epochs.split(",")):
         for rank in ([int(r) for r in args.ranks.split(",")] if args.ranks else range(args.world_size)):
             sampler = ShardedBatchSampler(len(ds), tcfg.micro_batch_size, rank, args.world_size, seed=tcfg.seed)
-            print(write_epoch_file(ds, sampler, epoch, args.out), flush=True)
+            print(write_epoch_file(ds, sampler, epoch, args.out, threads=args.threads), flush=True)
     return 0
 
 
