@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -46,10 +48,21 @@ def record_dtype(ds: RetroDataset) -> np.dtype:
     return np.dtype(fields)
 
 
+def db_fingerprint(ds: RetroDataset) -> str:
+    """8 hex digits of what the records come from: the DB's path, its shards' counts and when its
+    chunk and knn stages finished (a rebuilt DB or re-run knn gets new files, not stale ones)."""
+    m = ds.store.manifest
+    stages = {name: (m.get("stages", {}).get(name) or {}).get("finished") for name in ("chunk", "knn")}
+    key = json.dumps([str(Path(ds.db).resolve()), m.get("counts"), len(m.get("shards") or []), stages],
+                     sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
 def epoch_file(directory: str | os.PathLike, ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int) -> Path:
     """The file of one epoch of one rank: its name holds everything that decides its content."""
-    return Path(directory) / (f"{ds.split}-seed{sampler.seed}-epoch{epoch:05d}-rank{sampler.rank}of{sampler.world_size}"
-                              f"-mb{sampler.micro_batch_size}-k{ds.k}-seqs{len(ds)}.npy")
+    return Path(directory) / (f"{ds.split}-{db_fingerprint(ds)}-seed{sampler.seed}-epoch{epoch:05d}"
+                              f"-rank{sampler.rank}of{sampler.world_size}-mb{sampler.micro_batch_size}"
+                              f"-k{ds.k}-seqs{len(ds)}.npy")
 
 
 def epoch_order(sampler: ShardedBatchSampler, epoch: int) -> np.ndarray:

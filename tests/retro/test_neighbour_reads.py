@@ -174,3 +174,16 @@ def test_command_prewrites_the_files_training_reads(db, tmp_path):
     want = reference_batches(db, 1, 2, 1)[0]
     np.testing.assert_array_equal(rows["index"][:MB], sampler.epoch_indices(0)[:MB].numpy())
     np.testing.assert_array_equal(rows["neighbours"][:MB].astype(np.int64), want["neighbours"])
+
+
+def test_file_name_changes_with_the_neighbours(tmp_path):
+    from chunk_store.manifest import load_manifest, record_stage
+
+    db = tiny_db(tmp_path)
+    ds = RetroDataset(db, "train")
+    sampler = ShardedBatchSampler(len(ds), MB, 0, 1, seed=3)
+    before = epoch_file(tmp_path, ds, sampler, 0)
+    assert epoch_file(tmp_path, RetroDataset(db, "train"), sampler, 0) == before
+    t = "2000-01-01T00:00:00+00:00"
+    record_stage(db, "knn", params={"k": 2}, started=t, finished=t, manifest=load_manifest(db))  # knn re-run
+    assert epoch_file(tmp_path, RetroDataset(db, "train"), sampler, 0) != before
