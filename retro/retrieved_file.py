@@ -100,9 +100,9 @@ def write_epoch_file(ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int,
 
 
 def _write(ds: RetroDataset, order: np.ndarray, tmp: Path, progress: bool, desc: str, threads: int) -> None:
-    """Blocks of WRITE_BLOCK samples, read and written by ``threads`` threads: on network storage
-    most of a block's time is waiting on reads (numpy's copy loops over a memmap run without the
-    GIL), so threads overlap the waits. The first block runs alone: it opens the lazy stores."""
+    """Blocks of up to WRITE_BLOCK samples, read and written by ``threads`` threads: on network
+    storage most of a block's time is waiting on reads (numpy's copy loops over a memmap run without
+    the GIL), so threads overlap the waits."""
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=record_dtype(ds), shape=(len(order),))
     bar = None
     if progress:
@@ -110,26 +110,26 @@ def _write(ds: RetroDataset, order: np.ndarray, tmp: Path, progress: bool, desc:
 
         bar = tqdm(total=len(order), desc=desc, unit="seq", leave=False)
 
+    size = max(1, min(WRITE_BLOCK, -(-len(order) // max(1, threads))))  # every thread gets work
+
     def block(a: int) -> int:
-        batch = ds.get_batch(order[a:a + WRITE_BLOCK])
-        rows = out[a:a + WRITE_BLOCK]  # disjoint rows per block: no lock needed
-        rows["index"] = order[a:a + WRITE_BLOCK]
+        batch = ds.get_batch(order[a:a + size])
+        rows = out[a:a + size]  # disjoint rows per block: no lock needed
+        rows["index"] = order[a:a + size]
         rows["tokens"] = batch["tokens"]
         if ds.retrieval:
             rows["neighbours"] = batch["neighbours"]
         return len(rows)
 
-    def tick(n: int) -> None:
-        if bar is not None:
-            bar.update(n)
-
-    starts = list(range(0, len(order), WRITE_BLOCK))
-    if starts:
-        tick(block(starts[0]))
+    if len(order):
+        ds.get_batch(order[:1])  # opens the lazily opened stores before the threads share them
     pool = ThreadPoolExecutor(max(1, threads))
     try:
-        for future in as_completed([pool.submit(block, a) for a in starts[1:]]):
-            tick(future.result())
+        for future in as_completed([pool.submit(block, a) for a in range(0, len(order), size)]):
+            if bar is not None:
+                bar.update(future.result())
+            else:
+                future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after an error no new block starts
     if bar is not None:

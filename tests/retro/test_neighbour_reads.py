@@ -97,13 +97,13 @@ def _crash_midway(db, directory) -> None:
 
     def dying(self, indices):
         calls.append(1)
-        if len(calls) > 1:
+        if len(calls) > 2:  # the warm-up read, one block, then death
             os._exit(9)
         return original(self, indices)
 
     RetroDataset.get_batch = dying  # type: ignore[method-assign]
     ds = RetroDataset(db, "train")
-    write_epoch_file(ds, ShardedBatchSampler(len(ds), MB, 0, 1, seed=3), 0, directory, progress=False)
+    write_epoch_file(ds, ShardedBatchSampler(len(ds), MB, 0, 1, seed=3), 0, directory, progress=False, threads=1)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
