@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{tok / need_tok:,.2f} |")
     if writes:
         lines += ["", "Writing the epoch's retrieved-tokens file (once per epoch and rank, batched reads of "
-                  "256-sequence blocks, cold cache): " + "; ".join(
+                  "blocks of up to 256 sequences split over the threads, cold cache): " + "; ".join(
                       f"{lat * 1e3:g} ms, {threads} thread(s): {rate:,.1f} samples/s ({reads:,} reads)"
                       for lat, threads, rate, reads, size in writes) + f"; {writes[0][4] / 2**20:,.1f} MiB."]
     text = "\n".join(lines) + "\n"
