@@ -38,11 +38,12 @@ from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, init_from, load_checkpoint, save_checkpoint
-from retro.dataset import RetroDataset, check_compatible, collate
+from retro.dataset import RetroDataset, check_compatible
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
 from retro.frozen_base import FrozenBase, freeze_decoder, identify_base
 from retro.metrics import MetricsLogger, lm_loss, peak_flops
+from retro.retrieved_file import train_loader
 from retro.run_layout import RunLayout
 from retro.train_config import TrainConfig, load_config, load_yaml, merged, save_resolved
 
@@ -157,8 +158,9 @@ def open_datasets(db: str, tcfg: TrainConfig, mcfg: RetroConfig) -> tuple[RetroD
         check_compatible(store, mcfg, tcfg.seq_len)
     use_retrieval = tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers)
     k = mcfg.num_neighbours
-    train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval)
-    val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval) if len(val_store.seq_starts) else None
+    reads = "random" if tcfg.neighbour_reads == "random" else "batched"  # the file itself is written batched
+    train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval, reads=reads)
+    val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval, reads=reads) if len(val_store.seq_starts) else None
     return train_ds, val_ds, use_retrieval
 
 
@@ -339,10 +341,10 @@ def data_stream(t: Trainer, position: int) -> tuple[ShardedBatchSampler, Iterato
     tcfg = t.tcfg
     sampler = ShardedBatchSampler(len(t.train_ds), tcfg.micro_batch_size, t.info.rank, t.info.world_size,
                                   seed=tcfg.seed, start=position)
-    loader = torch.utils.data.DataLoader(
-        t.train_ds, batch_sampler=sampler, num_workers=tcfg.num_workers, collate_fn=collate,
-        pin_memory=t.device.type == "cuda", prefetch_factor=4 if tcfg.num_workers else None,
-        generator=torch.Generator().manual_seed(tcfg.seed))  # keeps the global RNG untouched
+    loader = train_loader(t.train_ds, sampler, mode=tcfg.neighbour_reads, device=t.device,
+                          num_workers=tcfg.num_workers, prefetch_factor=tcfg.prefetch_factor,
+                          persistent_workers=tcfg.persistent_workers, seed=tcfg.seed,
+                          directory=tcfg.retrieved_dir or RunLayout(t.run).retrieved)
     return sampler, iter(loader)
 
 

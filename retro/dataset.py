@@ -8,7 +8,10 @@ cross-attention relies on that alignment.
 
 Everything is numpy fancy indexing over the DB's memmaps, a whole batch at once
 (``__getitems__``, which ``torch.utils.data.DataLoader`` calls with a batch's indices), so
-there is no per-token Python. The memmaps are (re)opened lazily in each process, so the dataset
+there is no per-token Python. ``reads="batched"`` (the default) reads each array once per shard in
+sorted row order (retro.neighbour_reads: fewer, more sequential reads for network storage);
+``reads="random"`` is the original path, rows read in the order the batch asks for them. Both give
+the same batch. The memmaps are (re)opened lazily in each process, so the dataset
 pickles to DataLoader workers as a path, not as a copy of the arrays.
 """
 
@@ -24,6 +27,7 @@ import torch
 from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
+from retro.neighbour_reads import read_batch
 
 BLOCK_ROWS = 1 << 16  # rows compared at a time between two databases' arrays
 
@@ -37,13 +41,16 @@ class RetroDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store: ChunkStore | str | os.PathLike, split: str | None = None, *,
-                 k: int | None = None, retrieval: bool = True) -> None:
+                 k: int | None = None, retrieval: bool = True, reads: str = "batched") -> None:
         if isinstance(store, (str, os.PathLike)):
             if split is None:
                 raise UserError("RetroDataset(db_path, split): the split is required with a path")
             store = ChunkStore.open(store, split)
         elif split is not None and split != store.split:
             raise UserError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
+        if reads not in ("random", "batched"):
+            raise UserError(f"RetroDataset: reads must be 'random' or 'batched', not {reads!r}")
+        self.reads = reads
         self.db = Path(store.db)
         self.split = store.split
         self.retrieval = retrieval
@@ -97,6 +104,8 @@ class RetroDataset(torch.utils.data.Dataset):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Vectorised read of many samples: tokens (b, seq_len+1) int64, neighbours (b, l, k, 2m) int64."""
+        if self.reads == "batched":
+            return read_batch(self.store, indices, k=self.k, retrieval=self.retrieval, pad_id=self.pad_id)
         store = self.store
         ids = self.chunk_ids(indices)
         valid = ids >= 0

@@ -197,11 +197,17 @@ class ShardedBatchSampler:
     def epoch_of(self, position: int) -> int:
         return position // self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def positions(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, micro-batch of the epoch, its sample indices) from ``start`` on, forever: where
+        a batch lies in an epoch's order (the retrieved-tokens file is laid out in it)."""
         position = self.start
         while True:
             epoch, b = divmod(position, self.batches_per_epoch)
             shard = self.epoch_indices(epoch)
             for i in range(b, self.batches_per_epoch):
                 position += 1
-                yield shard[i * self.micro_batch_size:(i + 1) * self.micro_batch_size].tolist()
+                yield epoch, i, shard[i * self.micro_batch_size:(i + 1) * self.micro_batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, _, batch in self.positions():
+            yield batch

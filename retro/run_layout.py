@@ -11,6 +11,7 @@ A run folder (``train.py --out RUN``) holds::
     RUN/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
                             (a RETRO-fit's: only the trained tensors; state.json names its frozen base)
     RUN/loss.png            retro.plot's loss curves (leakage.png: beside an evaluate JSON)
+    RUN/retrieved/          per-epoch retrieved-tokens files (neighbour_reads: sequential_file)
 
 Like ``chunk_store.layout`` for a database: one place to read what a folder holds, so that a
 reader and a writer cannot disagree on a name.
@@ -38,6 +39,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"  # ... and their index (transform
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 LOSS_PLOT = "loss.png"
+RETRIEVED_DIR = "retrieved"
 LEAKAGE_PLOT = "leakage.png"
 
 
@@ -114,6 +116,11 @@ class RunLayout:
     @property
     def loss_plot(self) -> Path:
         return self.root / LOSS_PLOT
+
+    @property
+    def retrieved(self) -> Path:
+        """Per-epoch retrieved-tokens files (retro.retrieved_file)."""
+        return self.root / RETRIEVED_DIR
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dirname(step)

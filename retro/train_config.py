@@ -44,7 +44,11 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    num_workers: int = 2  # DataLoader worker processes per rank (0: load in the main process)
+    num_workers: int | None = None  # DataLoader worker processes per rank (0: the main process; null: 2 on CUDA, 0 on CPU)
+    prefetch_factor: int = 4  # micro-batches each worker reads ahead
+    persistent_workers: bool = True  # keep the workers (and their open memmaps) between epochs
+    neighbour_reads: str = "batched"  # random | batched | sequential_file (Lustre/Ceph: docs/BENCHMARKS.md, bench_loader)
+    retrieved_dir: str | None = None  # sequential_file's per-epoch files (null: RUN/retrieved)
     freeze_decoder: bool = False  # RETRO-fitting: train only the neighbour encoder and CCA
     init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
@@ -80,7 +84,10 @@ class TrainConfig:
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every/checkpoint_every must be >= 0"),
             (self.eval_batches >= 0, "eval_batches must be >= 0"),
             (self.log_every > 0, "log_every must be > 0"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0 or null"),
+            (self.prefetch_factor > 0, "prefetch_factor must be > 0"),
+            (self.neighbour_reads in ("random", "batched", "sequential_file"),
+             f"neighbour_reads must be random, batched or sequential_file, not {self.neighbour_reads!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}"),
             (0.0 <= self.retrieval_dropout <= 1.0, "retrieval_dropout must be in [0, 1]"),
             (not (self.freeze_decoder and self.retrieval_dropout > 0),
