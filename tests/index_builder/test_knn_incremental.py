@@ -1,0 +1,195 @@
+"""knn --refresh after add, incremental: old rows search only the added chunks and merge them in.
+
+With an exact (Flat) index the merged rows equal a full re-search (up to ties at equal distance),
+the exclusion rule holds for every row, a crash mid-way then resume gives the same bytes, and the
+work recorded is the added data's (old rows x added chunks), not the database's."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chunk_store.framework.stage import CRASH_ENV
+from chunk_store.layout import SPLITS, DBLayout
+from chunk_store.manifest import load_manifest
+from index_builder.knn.incremental import coverage_after, merge_lists, merge_prefix
+from index_builder.knn.stage import exclusion_args, select_neighbours
+from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
+
+SHARD = 64
+
+
+def _knn(db: Path, *extra: object) -> list[object]:
+    return ["knn", "--db", db, "--k", 3, "--shard-size", SHARD, "--device", "cpu", *extra]
+
+
+def _grow(db: Path, bert: Path, n_docs: int, seed: int) -> None:
+    """add n_docs new documents, embed them, add them to the index (no knn)."""
+    rng = random.Random(seed)
+    corpus = db.parent / f"more-{seed}"
+    write_corpus(corpus, [random_text(rng) for _ in range(n_docs)])
+    assert run_cli(["add", "--db", db, "--input", corpus]) == 0
+    assert run_cli(["embed", "--db", db, "--embedder", bert, "--shard-size", SHARD, "--tokenize-workers", 0,
+                    "--device", "cpu"]) == 0
+    assert run_cli(["index", "--db", db, "--recall-sample", 50, "--index-key", "Flat"]) == 0
+
+
+def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {s: (np.load(DBLayout(db).neighbours(s)), np.load(DBLayout(db).neighbour_distances(s))) for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> tuple[Path, int]:
+    """DB A (Flat index, knn k=3), then B added, embedded and indexed; the old train size."""
+    root = tmp_path_factory.mktemp("incr")
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(root / "db", bert, n_docs=10, shard_size=SHARD, index_key="Flat",
+                        stages=("embed", "index"))
+    assert run_cli(_knn(db)) == 0
+    n_old = load_manifest(db)["counts"]["train"]["chunks"]
+    _grow(db, bert, 4, seed=5)
+    return db, n_old
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_incremental_equals_full_refresh_and_counts_the_added_data(grown, tmp_path) -> None:
+    db, n_old = grown
+    inc, full = _copy(db, tmp_path / "inc"), _copy(db, tmp_path / "full")
+    assert run_cli(_knn(inc, "--refresh")) == 0
+    assert run_cli(_knn(full, "--refresh", "full")) == 0
+    m_inc, m_full = load_manifest(inc)["stages"]["knn"], load_manifest(full)["stages"]["knn"]
+    assert m_inc["params"]["refresh"] == "incremental" and m_full["params"]["refresh"] == "full"
+    a, b = _arrays(inc), _arrays(full)
+    for s in SPLITS:
+        (ai, ad), (bi, bd) = a[s], b[s]
+        assert ai.shape == bi.shape
+        np.testing.assert_allclose(ad, bd, rtol=1e-4, atol=1e-5)
+        differ = ai != bi  # identical ids except where distances tie
+        assert np.allclose(ad[differ], bd[differ], rtol=1e-4, atol=1e-5)
+        assert differ.mean() < 0.1
+    old_rows = a["train"][0][:n_old]
+    assert (old_rows >= n_old).any(), "no old row took an added chunk: the test proves nothing"
+    print("incremental refresh:", m_inc["stats"]["refresh"], "id differences:",
+          {s: float((a[s][0] != b[s][0]).mean()) for s in SPLITS}, "old train rows with an added chunk:",
+          float((old_rows >= n_old).any(axis=1).mean()))
+    # the work: the full refresh searched every row; the incremental one only the new rows, and
+    # its old rows scanned the added train chunks alone
+    counts = load_manifest(db)["counts"]
+    n_train, n_val = counts["train"]["chunks"], counts["val"]["chunks"]
+    r_inc, r_full = m_inc["stats"]["refresh"], m_full["stats"]["refresh"]
+    assert r_full["searched_queries"] == n_train + n_val and r_full["merged_queries"] == 0
+    old_val = r_inc["merged_rows"]["val"]
+    assert r_inc["merged_rows"]["train"] == n_old
+    assert r_inc["searched_queries"] == (n_train - n_old) + (n_val - old_val)
+    assert r_inc["merged_queries"] == n_old + old_val
+    added = n_train - n_old
+    assert r_inc["added_chunks"] == {"train": added, "val": added}
+    # one exact pass over the added chunks a query (rows short of k after the exclusions scan again)
+    scanned = r_inc["added_vectors_scanned"]
+    assert (n_old + old_val) * added <= scanned <= 2 * (n_old + old_val) * added
+    assert m_inc["stats"]["coverage"] == {"train": [[n_train, n_train]], "val": [[n_val, n_train]]}
+    # and nothing is left to do: a second --refresh is 'already done'
+    before = _arrays(inc)
+    assert run_cli(_knn(inc, "--refresh")) == 0
+    assert load_manifest(inc)["stages"]["knn"]["finished"] == m_inc["finished"]
+    for s in SPLITS:
+        assert np.array_equal(before[s][0], _arrays(inc)[s][0])
+
+
+def test_exclusions_hold_after_the_merge(grown, tmp_path) -> None:
+    """No row, old or new, gets itself, a chunk of its training sequence's documents or a blank chunk."""
+    from chunk_store import ChunkStore
+
+    db, _ = grown
+    inc = _copy(db, tmp_path / "inc")
+    assert run_cli(_knn(inc, "--refresh", "incremental")) == 0
+    store = ChunkStore.open(inc, "train")
+    docs, starts = np.asarray(store.doc_ids), np.asarray(store.seq_starts)
+    nb = np.load(DBLayout(inc).neighbours("train"))
+    content = store.content_mask()
+    n = len(docs)
+    valid = nb >= 0
+    assert valid.mean() > 0.95 and content[nb[valid]].all()
+    assert not (nb == np.arange(n)[:, None]).any()
+    cps = store.seq_len // store.chunk_size
+    rule = exclusion_args(True, 0, n, docs, docs, starts, cps, content)
+    lo, hi = rule["doc_ranges"][:, :1], rule["doc_ranges"][:, 1:]
+    got = docs[np.where(valid, nb, 0)]
+    assert not (((got >= lo) & (got <= hi)) & valid).any()
+
+
+def test_the_merge_applies_the_exclusion_to_the_added_candidates() -> None:
+    """A new candidate from an excluded document is dropped in the merge, however near, and ties
+    at equal distance keep the lower chunk id."""
+    old_i, old_d = np.array([[1, 4]]), np.array([[0.5, 0.9]], np.float32)
+    new_i, new_d = np.array([[7, 6]]), np.array([[0.1, 0.5]], np.float32)
+    cand = merge_lists(old_i, old_d, new_i, new_d)
+    assert cand[0].tolist() == [[7, 1, 6, 4]]
+    db_docs = np.array([0, 1, 1, 2, 2, 3, 4, 5])  # chunk 7: doc 5, excluded below
+    ids, d, _ = select_neighbours(*cand, 2, query_ids=np.array([0]), db_docs=db_docs,
+                                  doc_ranges=np.array([[5, 5]]))
+    assert ids.tolist() == [[1, 6]] and d.tolist() == [[0.5, 0.5]]
+
+
+def test_coverage_bookkeeping() -> None:
+    # a plain knn after add appends a segment; the refresh merges the rows short of the train size
+    cov = coverage_after("new_rows", {"train": [[10, 10]]}, "train", 10, 15, 15)
+    assert cov == [[10, 10], [15, 15]]
+    assert merge_prefix(cov, 15, 20) == (15, [[10, 10], [15, 15]])
+    assert merge_prefix(cov, 15, 15) == (10, [[10, 10]])  # rows from before the add: not yet
+    assert merge_prefix([[15, 15]], 15, 15) == (0, [])
+    assert merge_prefix(cov, 12, 20) == (0, [])  # the file disagrees with the record: search again
+    assert coverage_after("new_rows", None, "val", 4, 6, 15) == [[4, None], [6, 15]]
+    assert coverage_after("incremental", {"val": [[4, 10]]}, "val", 4, 6, 15) == [[6, 15]]
+
+
+def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path) -> None:
+    db, _ = grown
+    ref, crashed = _copy(db, tmp_path / "ref"), _copy(db, tmp_path / "crashed")
+    assert run_cli(_knn(ref, "--refresh")) == 0
+    cmd = [sys.executable, "-m", "index_builder", *map(str, _knn(crashed, "--refresh"))]
+    p = subprocess.run(cmd, env=dict(os.environ, **{CRASH_ENV: "knn:1"}), capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert len(list((crashed / "train" / "knn_shards").glob("merged_ids_*.npy"))) == 1
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 shards reused" in p.stdout and "incremental refresh" in p.stdout
+    assert load_manifest(crashed)["stages"]["knn"]["params"]["refresh"] == "incremental"
+    for s in SPLITS:
+        for name in ("neighbours.npy", "neighbour_distances.npy"):
+            assert (ref / s / name).read_bytes() == (crashed / s / name).read_bytes()
+
+
+def test_plain_knn_after_add_then_refresh_merges_only_the_old_rows(grown, tmp_path) -> None:
+    """knn (new rows only) after add, then --refresh: only the rows from before the add merge,
+    and the result is the full refresh's; a rebuilt index makes auto re-search everything."""
+    db, n_old = grown
+    inc, full = _copy(db, tmp_path / "inc"), _copy(db, tmp_path / "full")
+    assert run_cli(_knn(inc)) == 0
+    n_train = load_manifest(inc)["counts"]["train"]["chunks"]
+    assert load_manifest(inc)["stages"]["knn"]["stats"]["coverage"]["train"] == [[n_old, n_old], [n_train, n_train]]
+    assert run_cli(_knn(inc, "--refresh")) == 0
+    r = load_manifest(inc)["stages"]["knn"]["stats"]["refresh"]
+    assert r["mode"] == "incremental" and r["merged_rows"]["train"] == n_old
+    assert r["searched_queries"] == 0  # the new rows were searched by the plain knn
+    assert run_cli(_knn(full, "--refresh", "full")) == 0
+    a, b = _arrays(inc), _arrays(full)
+    for s in SPLITS:
+        np.testing.assert_allclose(a[s][1], b[s][1], rtol=1e-4, atol=1e-5)
+    # a rebuilt index: auto searches every row again, 'incremental' is refused
+    assert run_cli(["index", "--db", full, "--recall-sample", 50, "--index-key", "Flat", "--rebuild"]) == 0
+    assert run_cli(_knn(full, "--refresh", "incremental")) == 2
+    assert run_cli(_knn(full, "--refresh")) == 0
+    r = load_manifest(full)["stages"]["knn"]["stats"]["refresh"]
+    assert r["mode"] == "full" and "rebuilt" in r["why"]
