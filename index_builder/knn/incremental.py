@@ -18,11 +18,12 @@ exclusion, method, re-rank and recall target, and (index method) the same traine
 
 Exclusions: the new candidates go through the stage's own rule (``_search_block``:
 index_builder.knn.exclusion), and the merged list goes through it once more, so no row keeps a
-chunk of its own training sequence's documents, itself, or a blank chunk. Distances: the new
-candidates' are true squared L2; where the stored ones are the index codes' approximations (a
-lossy index without re-rank) the old neighbours' true distances are read back first
-(index_builder.knn.rerank.true_distances), so the merge compares like with like and a merged row
-holds true distances. Ties at equal distance: the lower chunk id first.
+chunk of its own training sequence's documents, itself, or a blank chunk. Distances: the stored
+ones may be a lossy index's code approximations (SQ/PQ without re-rank) or faiss's flat
+arithmetic, the new candidates' torch's; so every candidate of a merged row, old and new, is
+re-scored by one formula from the stored embeddings (index_builder.knn.rerank.true_distances,
+:func:`rescored`) before the k best are kept, and a merged row holds true squared L2 distances
+(as re-ranked rows do). Ties at equal distance: the lower chunk id first.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ class AddedChunks:
         def run(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
             self.vectors_scanned += len(q) * (self.ntotal - start)
             ids, d = exact_search(q, part, c, ExactSearchConfig(device=self.device))
-            return np.where(ids >= 0, ids + start, -1), d
+            # torch.topk orders equal distances arbitrarily: the lower id first, before the
+            # caller keeps k (a duplicate chunk must not push out its lower-id twin)
+            return sort_candidates(np.where(ids >= 0, ids + start, -1), d)
         return run
 
 
@@ -173,27 +176,28 @@ def slice_rows(shards: Sequence[np.ndarray], start: int, stop: int) -> list[np.n
     return out
 
 
-def merge_lists(old_i: np.ndarray, old_d: np.ndarray, new_i: np.ndarray, new_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both candidate lists of each row, sorted by (distance, chunk id), -1 / inf last: the
-    caller's exclusion rule (select_neighbours) then keeps the first k allowed."""
-    ids = np.concatenate([old_i, new_i], axis=1).astype(np.int64)
-    d = np.concatenate([old_d, new_d], axis=1).astype(np.float32)
-    d = np.where(ids < 0, np.inf, d)
+def rescored(queries: np.ndarray, ids: np.ndarray, train: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, true squared L2 of each, inf for -1), all by one formula from the stored embeddings.
+
+    Why: the old lists' distances came from the index (a lossy index's codes, or faiss's flat
+    arithmetic) and the new candidates' from torch; two chunks with one embedding (duplicate
+    text) must tie exactly, and the tie rule, not float noise, decide between them, as in a
+    full re-search. 2k rows read a query: small beside the search of the added chunks."""
+    from index_builder.knn.rerank import take_rows, true_distances
+
+    return ids, true_distances(queries, ids, lambda rows: take_rows(train, rows))
+
+
+def sort_candidates(ids: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's candidates sorted by (distance, chunk id), -1 / inf last: the caller's exclusion
+    rule (select_neighbours) then keeps the first k allowed (the deterministic tie rule)."""
+    ids = ids.astype(np.int64)
+    d = np.where(ids < 0, np.inf, d).astype(np.float32)
     key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
     order = np.lexsort((key, d), axis=-1)
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(d, order, axis=1)
 
 
-def stored_distances_true(method: str, rerank: int, index: Any) -> bool:
-    """Whether neighbour_distances.npy holds true squared L2 (exact search, re-ranked candidates,
-    a flat float32 index) rather than a lossy index's code distances."""
-    if method == "exact" or rerank > 1 or index is None:
-        return True
-    from index_builder.knn.rerank import code_bytes
-
-    return code_bytes(index) >= 4 * index.d
-
-
 __all__ = ["AddedChunks", "Coverage", "Decision", "MODES", "SPLITS", "coverage_after", "decide",
-           "index_trained_id", "merge_lists", "merge_prefix", "merge_shard", "prior_rows", "row_starts",
-           "slice_rows", "stored_distances_true"]
+           "index_trained_id", "sort_candidates", "merge_prefix", "merge_shard", "prior_rows", "row_starts",
+           "rescored", "slice_rows"]

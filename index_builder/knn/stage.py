@@ -49,8 +49,7 @@ from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
 from index_builder.knn.incremental import (MODES, AddedChunks, coverage_after, decide, index_trained_id,
-                                          merge_lists, merge_prefix, merge_shard, row_starts,
-                                          stored_distances_true)
+                                          sort_candidates, merge_prefix, merge_shard, rescored, row_starts)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
 from index_builder.knn.exclusion import SearchFn, search_with_exclusion, select_neighbours, sequence_doc_ranges
@@ -256,8 +255,6 @@ class KnnStage(Stage[KnnConfig]):
         self.search: SearchFn = search
         self.added = AddedChunks(train_emb, ntotal, self.device)
         self.old_files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.distances_true = stored_distances_true("exact" if self.exact else "index", self.rerank,
-                                                    getattr(self, "index", None))
 
     def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,
                      range_search: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -348,10 +345,6 @@ class KnnStage(Stage[KnnConfig]):
                                      np.load(self.paths.neighbour_distances(split), mmap_mode="r"))
         old_i = np.array(self.old_files[split][0][a:b], dtype=np.int64)
         old_d = np.array(self.old_files[split][1][a:b], dtype=np.float32)
-        if not self.distances_true:  # code distances: the true ones, to compare with the exact new
-            from index_builder.knn.rerank import take_rows, true_distances
-
-            old_d = true_distances(queries, old_i, lambda ids: take_rows(self.emb["train"], ids))
         new_i, new_d = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
         for r0, r1, t in row_starts(self.merge[split][1], a, b):
             rows = slice(r0 - a, r1 - a)
@@ -360,7 +353,8 @@ class KnnStage(Stage[KnnConfig]):
                 split == "train", docs, self.train_docs, self.train_seq_starts, self.chunks_per_seq, self.content)
         rule = exclusion_args(split == "train", a, b, docs, self.train_docs, self.train_seq_starts,
                               self.chunks_per_seq, self.content)
-        ids, dists, _ = select_neighbours(*merge_lists(old_i, old_d, new_i, new_d), k, **rule)
+        cand = rescored(queries, np.concatenate([old_i, new_i], axis=1), self.emb["train"])
+        ids, dists, _ = select_neighbours(*sort_candidates(*cand), k, **rule)
         # an old neighbour the rule refuses now (not after `add`: new chunks get new documents
         # and sequences; a guard against a changed rule): that row is searched again in full
         stale = (select_neighbours(old_i, old_d, k, **rule)[0] >= 0).sum(1) < (old_i >= 0).sum(1)

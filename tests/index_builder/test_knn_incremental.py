@@ -19,7 +19,7 @@ import pytest
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest
-from index_builder.knn.incremental import coverage_after, merge_lists, merge_prefix
+from index_builder.knn.incremental import coverage_after, sort_candidates, merge_prefix
 from index_builder.knn.stage import exclusion_args, select_neighbours
 from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
 
@@ -134,7 +134,7 @@ def test_the_merge_applies_the_exclusion_to_the_added_candidates() -> None:
     at equal distance keep the lower chunk id."""
     old_i, old_d = np.array([[1, 4]]), np.array([[0.5, 0.9]], np.float32)
     new_i, new_d = np.array([[7, 6]]), np.array([[0.1, 0.5]], np.float32)
-    cand = merge_lists(old_i, old_d, new_i, new_d)
+    cand = sort_candidates(np.concatenate([old_i, new_i], 1), np.concatenate([old_d, new_d], 1))
     assert cand[0].tolist() == [[7, 1, 6, 4]]
     db_docs = np.array([0, 1, 1, 2, 2, 3, 4, 5])  # chunk 7: doc 5, excluded below
     ids, d, _ = select_neighbours(*cand, 2, query_ids=np.array([0]), db_docs=db_docs,
