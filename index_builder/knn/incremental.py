@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from chunk_store.framework.errors import UserError
-from chunk_store.layout import SPLITS, DBLayout
+from chunk_store.layout import DBLayout
 from chunk_store.manifest import check_params
 
 MODES = ("auto", "incremental", "full")
@@ -127,8 +127,7 @@ def coverage_after(mode: str, before: Coverage | None, split: str, kept: int, ro
 
 def merge_shard(db: Path, split: str, index: int) -> tuple[Path, Path]:
     """(ids, distances) of one shard of merged old rows, beside the searched shards."""
-    folder = DBLayout(db).knn_shards_dir(split)
-    return folder / f"merged_ids_{index:06d}.npy", folder / f"merged_dist_{index:06d}.npy"
+    return DBLayout(db).knn_merged_shard(split, index)
 
 
 def row_starts(segments: list[list[int]], a: int, b: int) -> list[tuple[int, int, int]]:
@@ -198,6 +197,5 @@ def sort_candidates(ids: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(d, order, axis=1)
 
 
-__all__ = ["AddedChunks", "Coverage", "Decision", "MODES", "SPLITS", "coverage_after", "decide",
-           "index_trained_id", "sort_candidates", "merge_prefix", "merge_shard", "prior_rows", "row_starts",
-           "rescored", "slice_rows"]
+__all__ = ["AddedChunks", "Coverage", "Decision", "MODES", "coverage_after", "decide", "index_trained_id",
+           "merge_prefix", "merge_shard", "prior_rows", "rescored", "row_starts", "slice_rows", "sort_candidates"]

@@ -49,7 +49,7 @@ from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
 from index_builder.knn.incremental import (MODES, AddedChunks, coverage_after, decide, index_trained_id,
-                                          sort_candidates, merge_prefix, merge_shard, rescored, row_starts)
+                                          merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
 from index_builder.knn.exclusion import SearchFn, search_with_exclusion, select_neighbours, sequence_doc_ranges
@@ -356,7 +356,8 @@ class KnnStage(Stage[KnnConfig]):
         cand = rescored(queries, np.concatenate([old_i, new_i], axis=1), self.emb["train"])
         ids, dists, _ = select_neighbours(*sort_candidates(*cand), k, **rule)
         # an old neighbour the rule refuses now (not after `add`: new chunks get new documents
-        # and sequences; a guard against a changed rule): that row is searched again in full
+        # and sequences; a guard against a changed rule): that row is searched again in full,
+        # through the index (its distances are then the index's)
         stale = (select_neighbours(old_i, old_d, k, **rule)[0] >= 0).sum(1) < (old_i >= 0).sum(1)
         if stale.any():
             sub = {key: v[stale] if key in ("query_ids", "doc_ranges") else v for key, v in rule.items()}
