@@ -3,9 +3,10 @@
 Why: a full refresh re-searches every row against the whole grown index, a cost that grows with
 the database; but an old row's neighbour list is already the k nearest among the train chunks it
 was searched against, so the grown list is the k nearest of (its list + the k nearest among the
-added chunks). Only the added chunks are searched, exactly (torch top-k over their stored
-embeddings, index_builder.index.exact_search): the work is (old rows) x (added chunks), linear in
-the added data, where a full refresh pays (all rows) x (a search of the whole index).
+added chunks). Only the added chunks are searched (index_builder.knn.added_search: exactly, or
+through an IVF over the added vectors alone that shares the grown index's trained quantizer and
+codes, whichever scans fewer): the work is (old rows) x (a search of the added chunks), growing
+with the added data, where a full refresh pays (all rows) x (a search of the whole index).
 
 What each row of ``neighbours.npy`` was searched against is recorded as the knn stage's
 ``coverage``: per split, segments ``[row_end, train_chunks]`` (rows up to ``row_end`` hold the k
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -141,40 +142,6 @@ def row_starts(segments: list[list[int]], a: int, b: int) -> list[tuple[int, int
     return out
 
 
-@dataclass
-class AddedChunks:
-    """Exact search over train chunks [start, ntotal) only, with global ids; counts its work."""
-
-    shards: Sequence[np.ndarray]  # the train embeddings, every shard
-    ntotal: int
-    device: str = "cpu"
-    vectors_scanned: int = 0  # (query, added chunk) distances computed, every pass
-
-    def search(self, start: int) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
-        from index_builder.index.exact_search import ExactSearchConfig, exact_search
-
-        part = slice_rows(self.shards, start, self.ntotal)
-
-        def run(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-            self.vectors_scanned += len(q) * (self.ntotal - start)
-            ids, d = exact_search(q, part, c, ExactSearchConfig(device=self.device))
-            # torch.topk orders equal distances arbitrarily: the lower id first, before the
-            # caller keeps k (a duplicate chunk must not push out its lower-id twin)
-            return sort_candidates(np.where(ids >= 0, ids + start, -1), d)
-        return run
-
-
-def slice_rows(shards: Sequence[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
-    """Rows [start, stop) of the concatenated shards as a list of views (nothing read)."""
-    out, offset = [], 0
-    for arr in shards:
-        lo, hi = max(start - offset, 0), min(stop - offset, arr.shape[0])
-        if lo < hi:
-            out.append(arr[lo:hi])
-        offset += arr.shape[0]
-    return out
-
-
 def rescored(queries: np.ndarray, ids: np.ndarray, train: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, true squared L2 of each, inf for -1), all by one formula from the stored embeddings.
 
@@ -197,5 +164,5 @@ def sort_candidates(ids: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(d, order, axis=1)
 
 
-__all__ = ["AddedChunks", "Coverage", "Decision", "MODES", "coverage_after", "decide", "index_trained_id",
-           "merge_prefix", "merge_shard", "prior_rows", "rescored", "row_starts", "slice_rows", "sort_candidates"]
+__all__ = ["Coverage", "Decision", "MODES", "coverage_after", "decide", "index_trained_id",
+           "merge_prefix", "merge_shard", "prior_rows", "rescored", "row_starts", "sort_candidates"]

@@ -48,7 +48,8 @@ from index_builder.embed.stage import (DEFAULT_SHARD_SIZE, npy_header_ok, num_ch
 from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
-from index_builder.knn.incremental import (MODES, AddedChunks, coverage_after, decide, index_trained_id,
+from index_builder.knn.added_search import AddedChunks
+from index_builder.knn.incremental import (MODES, coverage_after, decide, index_trained_id,
                                           merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
@@ -253,7 +254,7 @@ class KnnStage(Stage[KnnConfig]):
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
-        self.added = AddedChunks(train_emb, ntotal, self.device)
+        self.added = AddedChunks(train_emb, ntotal, self.device, getattr(self, "index", None), self.rerank)
         self.old_files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,
@@ -419,6 +420,7 @@ class KnnStage(Stage[KnnConfig]):
                                                  num_chunks(self.db, manifest, s), train) for s in SPLITS}
         summary["index_trained"] = index_trained_id(manifest)
         self.counts["added_vectors_scanned"] = self.added.vectors_scanned
+        self.counts["added_search"] = self.added.how
         summary["refresh"] = {"mode": dec.mode, "why": dec.reason, **self.counts,
                               "merged_rows": {s: self.merge[s][0] for s in SPLITS},
                               "added_chunks": {s: train - self.merge[s][1][0][1] if self.merge[s][1] else 0

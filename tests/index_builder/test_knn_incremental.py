@@ -6,6 +6,7 @@ work recorded is the added data's (old rows x added chunks), not the database's.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -193,3 +194,68 @@ def test_plain_knn_after_add_then_refresh_merges_only_the_old_rows(grown, tmp_pa
     assert run_cli(_knn(full, "--refresh")) == 0
     r = load_manifest(full)["stages"]["knn"]["stats"]["refresh"]
     assert r["mode"] == "full" and "rebuilt" in r["why"]
+
+
+def test_an_ivf_over_the_added_vectors_returns_the_grown_index_s_own_candidates(tmp_path) -> None:
+    """The IVF copy over the added vectors alone (same quantizer, codes, nprobe) answers what the
+    grown index answers when restricted to the added ids."""
+    import faiss
+
+    from index_builder.knn.added_search import AddedChunks, ivf_over_added
+    from index_builder.knn.range_exclusion import search_params
+    from tests.fixtures import float16_shards
+
+    shards, x = float16_shards(tmp_path, [700, 500], 16, seed=3)
+    index = faiss.index_factory(16, "IVF16,SQ8")
+    index.train(x)
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = 3
+    start, q = 900, x[:50]
+    sub = ivf_over_added(index, shards, start, len(x))
+    assert sub.ntotal == len(x) - start and index.ntotal == len(x)  # the grown index is untouched
+    d, i = sub.search(q, 5)
+    sel = faiss.IDSelectorRange(start, len(x))
+    d_ref, i_ref = index.search(q, 5, params=search_params(index, sel))
+    np.testing.assert_array_equal(np.where(i >= 0, i + start, -1), i_ref)
+    np.testing.assert_allclose(d, d_ref)
+    added = AddedChunks(shards, len(x), index=index)
+    ids, _ = added.search(start)(q, 5)
+    assert added.how == "ivf nprobe=3/nlist=16" and set(ids.ravel()) <= set(range(start, len(x))) | {-1}
+    assert added.vectors_scanned == 50 * -(-300 * 3 // 16)
+
+
+def _nprobe_1(db: Path) -> None:
+    """The index's own search parameter (what --target-recall 0 keeps): one list of four."""
+    infos = DBLayout(db).index_infos
+    infos.write_text(json.dumps({**json.loads(infos.read_text()), "index_param": "nprobe=1"}))
+
+
+def test_ivf_index_incremental_equals_full_refresh(tmp_path, tmp_path_factory) -> None:
+    """With an IVF (nprobe fixed), the old rows' lists and the added chunks' IVF are searched in
+    the same lists as the grown index: the merged rows equal a full refresh's (up to ties)."""
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "db", bert, n_docs=12, shard_size=SHARD, index_key="IVF4,Flat",
+                        stages=("embed", "index"))
+    ivf = ["--target-recall", 0]
+    _nprobe_1(db)
+    assert run_cli(_knn(db, *ivf)) == 0
+    n_old = load_manifest(db)["counts"]["train"]["chunks"]
+    rng = random.Random(9)
+    write_corpus(tmp_path / "more", [random_text(rng) for _ in range(6)])
+    assert run_cli(["add", "--db", db, "--input", tmp_path / "more"]) == 0
+    assert run_cli(["embed", "--db", db, "--embedder", bert, "--shard-size", SHARD, "--tokenize-workers", 0,
+                    "--device", "cpu"]) == 0
+    assert run_cli(["index", "--db", db, "--recall-sample", 50, "--index-key", "IVF4,Flat"]) == 0
+    _nprobe_1(db)
+    full = _copy(db, tmp_path / "full")
+    assert run_cli(_knn(db, *ivf, "--refresh")) == 0
+    assert run_cli(_knn(full, *ivf, "--refresh", "full")) == 0
+    r = load_manifest(db)["stages"]["knn"]["stats"]["refresh"]
+    assert r["mode"] == "incremental" and r["added_search"].startswith("ivf"), r
+    a, b = _arrays(db), _arrays(full)
+    for s in SPLITS:
+        (ai, ad), (bi, bd) = a[s], b[s]
+        np.testing.assert_allclose(ad, bd, rtol=1e-4, atol=1e-5)
+        assert np.allclose(ad[ai != bi], bd[ai != bi], rtol=1e-4, atol=1e-5)
+        print(s, "ids differing (ties):", float((ai != bi).mean()))
+    assert (a["train"][0][:n_old] >= n_old).any()
