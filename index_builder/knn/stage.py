@@ -16,8 +16,8 @@ without faiss-gpu still precomputes fast. Same exclusions, same output.
 
 After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
 and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
-searching only the added chunks and merging them into each old row's list (exact over the added
-embeddings, the same exclusions; index_builder.knn.incremental), when the old rows were found
+searching only the added chunks and merging them into each old row's list (the same exclusions;
+index_builder.knn.incremental, index_builder.knn.added_search), when the old rows were found
 under the same rule by the same trained index, else it re-searches every row; ``--refresh full``
 always re-searches every row.
 
@@ -53,7 +53,8 @@ from index_builder.knn.incremental import (MODES, coverage_after, decide, index_
                                           merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
-from index_builder.knn.exclusion import SearchFn, search_with_exclusion, select_neighbours, sequence_doc_ranges
+from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_exclusion, select_neighbours,
+                                        sequence_doc_ranges)
 from index_builder.knn.rerank import release_pages
 
 RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall", "rerank")
@@ -454,7 +455,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "it: search only the new chunks, keep the old rows as they were). auto (the bare "
                         "flag): incremental where the old rows were found under the same k, exclusion, "
                         "method, re-rank and recall target by the same trained index, else full; "
-                        "incremental: old rows search only the added train chunks (exact) and merge them "
+                        "incremental: old rows search only the added train chunks (exactly, or through an "
+                        "IVF over them alone) and merge them "
                         "into their lists, exclusions kept (refused where unsound); full: every chunk "
                         "searched again against the grown index (after `index --rebuild`, another --k, ...)")
     g.add_argument("--target-recall", type=float, default=d.target_recall,
@@ -485,15 +487,3 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
     return search_with_exclusion(search, queries, k, extra, ntotal, **exclusion_args(
         is_train, a, b, docs, train_docs, seq_starts, chunks_per_seq, content))
 
-
-def exclusion_args(is_train: bool, a: int, b: int, docs: np.ndarray, train_docs: np.ndarray,
-                   seq_starts: np.ndarray | None = None, chunks_per_seq: int = 1,
-                   content: np.ndarray | None = None) -> dict[str, Any]:
-    """The exclusion rule of rows [a, b) as select_neighbours / search_with_exclusion arguments:
-    train rows avoid themselves and their training sequence's documents; every row, blank chunks."""
-    if not is_train:
-        return {"content": content}
-    rows = np.arange(a, b, dtype=np.int64)  # KnnStage._final_train for arbitrary rows
-    ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
-                                 chunks_per_seq, rows)
-    return {"query_ids": rows, "db_docs": train_docs, "doc_ranges": ranges, "content": content}

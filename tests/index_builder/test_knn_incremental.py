@@ -20,8 +20,8 @@ import pytest
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest
-from index_builder.knn.incremental import coverage_after, sort_candidates, merge_prefix
-from index_builder.knn.stage import exclusion_args, select_neighbours
+from index_builder.knn.exclusion import exclusion_args, select_neighbours
+from index_builder.knn.incremental import coverage_after, merge_prefix, sort_candidates
 from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
 
 SHARD = 64
