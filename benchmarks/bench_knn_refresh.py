@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     out = ["| train chunks old + added | refresh | wall s | CPU s | stage s | queries searched | old rows merged "
-           "| (query, added chunk) distances | ids equal to full |",
+           "| added vectors scanned | ids equal to full |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode in ("incremental", "full"):

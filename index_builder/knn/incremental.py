@@ -99,8 +99,8 @@ def decide(request: str | None, recorded: dict[str, Any], params: dict[str, Any]
 
 def merge_prefix(coverage: list[list[int]] | None, kept: int, train_chunks: int) -> tuple[int, list[list[int]]]:
     """(rows to merge, their segments) of one split: the rows whose search fell short of the
-    grown train split. None when the file's rows disagree with the coverage (merge nothing:
-    they are searched again)."""
+    grown train split; none when the file's rows disagree with the coverage (the caller then
+    searches them again)."""
     if not coverage or kept == 0 or coverage[-1][0] != kept:
         return 0, []
     segs = [[int(e), int(t)] for e, t in coverage if int(t) < train_chunks]
@@ -114,7 +114,9 @@ def coverage_after(mode: str, before: Coverage | None, split: str, kept: int, ro
     if mode != "new_rows" or kept == 0:
         return [[rows, train_chunks]] if rows else []
     old = (before or {}).get(split) or [[kept, None]]
-    segs = [s for s in old if s[0] <= kept] or [[kept, None]]
+    segs = [s for s in old if s[0] <= kept]
+    if not segs or segs[-1][0] < kept:  # rows the record does not describe
+        segs = segs + [[kept, None]]
     if rows > kept:
         segs = segs + [[rows, train_chunks]]
     out: list[list[int]] = []

@@ -153,6 +153,7 @@ def test_coverage_bookkeeping() -> None:
     assert merge_prefix(cov, 12, 20) == (0, [])  # the file disagrees with the record: search again
     assert coverage_after("new_rows", None, "val", 4, 6, 15) == [[4, None], [6, 15]]
     assert coverage_after("incremental", {"val": [[4, 10]]}, "val", 4, 6, 15) == [[6, 15]]
+    assert coverage_after("new_rows", {"val": [[3, 8], [5, 10]]}, "val", 4, 6, 15) == [[3, 8], [4, None], [6, 15]]
 
 
 def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path) -> None:
