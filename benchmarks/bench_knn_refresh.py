@@ -8,8 +8,10 @@ each added size, a copy of it gets that many new documents (the real ``add`` sta
 embeddings for the new chunks (appended: the old rows stay as they were) and the grown index
 (``index`` adds the vectors), and two copies of that run ``knn --refresh`` (incremental) and
 ``knn --refresh full``, each in its own process: wall and CPU seconds (user + system of the child)
-and the work the stage records (queries searched against the whole index, old rows merged, and
-(query, added chunk) distances computed). The merged neighbours are compared with the full
+the stage's own seconds (setup, index load and recall tuning included) and its units' (merging
+old rows; searching rows through the whole index), and the work it records (queries searched
+through the whole index, old rows merged, added vectors scanned: exact, all of them a query; IVF,
+nprobe / nlist of them). The merged neighbours are compared with the full
 refresh's (the share of ids equal; with an exact index the rest are ties).
 
 Prints a markdown table; ``--write`` replaces the ``bench_knn_refresh`` section of docs/BENCHMARKS.md.
@@ -140,15 +142,16 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    out = ["| train chunks old + added | refresh | wall s | CPU s | stage s | queries searched | old rows merged "
-           "| added vectors scanned | ids equal to full |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| train chunks old + added | refresh | wall s | CPU s | stage s | merge s | search s | queries searched "
+           "| old rows merged | added vectors scanned | ids equal to full |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode in ("incremental", "full"):
             m = r[mode]
             same = f"{r['same_ids']:.4f}" if mode == "incremental" else "-"
             out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m['wall']:.1f} | {m['cpu']:.1f} "
-                       f"| {m['stage_s']:.2f} | {m['searched_queries']:,} | {m['merged_queries']:,} "
+                       f"| {m['stage_s']:.2f} | {m['merge_s']:.2f} | {m['search_s']:.2f} | {m['searched_queries']:,} "
+                       f"| {m['merged_queries']:,} "
                        f"| {m['added_vectors_scanned']:,} | {same} |")
     return "\n".join(out)
 
