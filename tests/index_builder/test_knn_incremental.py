@@ -109,12 +109,28 @@ def test_incremental_equals_full_refresh_and_counts_the_added_data(grown, tmp_pa
 
 
 def test_exclusions_hold_after_the_merge(grown, tmp_path) -> None:
-    """No row, old or new, gets itself, a chunk of its training sequence's documents or a blank chunk."""
+    """No row, old or new, gets itself, a chunk of its training sequence's documents or a blank chunk.
+
+    New data cannot hold a document of an old row's sequence (added documents get new doc ids, and
+    sequences end at a shard), so a rule-breaking old list is planted instead."""
     from chunk_store import ChunkStore
 
     db, _ = grown
-    inc = _copy(db, tmp_path / "inc")
+    inc, full = _copy(db, tmp_path / "inc"), _copy(db, tmp_path / "full")
+    # an old row whose stored list breaks the rule (itself, then a chunk of its own document):
+    # the merge must not keep it, and searches that row again in full
+    path = DBLayout(inc).neighbours("train")
+    old = np.load(path)
+    docs0 = np.asarray(ChunkStore.open(inc, "train").doc_ids)
+    old[5, 0], old[5, 1] = 5, np.flatnonzero(docs0 == docs0[5])[0]
+    np.save(path, old)
     assert run_cli(_knn(inc, "--refresh", "incremental")) == 0
+    assert load_manifest(inc)["stages"]["knn"]["stats"]["refresh"]["stale_rows"] == 1
+    assert run_cli(_knn(full, "--refresh", "full")) == 0
+    got, want = np.load(path)[5], np.load(DBLayout(full).neighbours("train"))[5]
+    np.testing.assert_allclose(np.load(DBLayout(inc).neighbour_distances("train"))[5],
+                               np.load(DBLayout(full).neighbour_distances("train"))[5], rtol=1e-4, atol=1e-5)
+    assert got[0] == want[0]
     store = ChunkStore.open(inc, "train")
     docs, starts = np.asarray(store.doc_ids), np.asarray(store.seq_starts)
     nb = np.load(DBLayout(inc).neighbours("train"))
