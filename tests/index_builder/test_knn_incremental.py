@@ -159,6 +159,33 @@ def test_the_merge_applies_the_exclusion_to_the_added_candidates() -> None:
     assert ids.tolist() == [[1, 6]] and d.tolist() == [[0.5, 0.5]]
 
 
+def test_the_refresh_decision() -> None:
+    """auto merges only what was made under the same rule by the same trained index."""
+    from chunk_store.framework.errors import UserError
+    from index_builder.knn.incremental import decide
+
+    params = {"k": 2, "extra": 10, "method": "index", "index_id": "Flat@2", "exclusion": "sequence"}
+    keys = ("k", "extra", "method", "index_id", "exclusion")
+    done = {"params": dict(params, index_id="Flat@1"), "finished": "t",
+            "stats": {"coverage": {"train": [[10, 10]]}, "index_trained": "Flat@0"}}
+    assert decide("auto", done, params, keys, "Flat@0").mode == "incremental"
+    assert decide(None, done, params, keys, "Flat@0").mode == "new_rows"
+    assert decide("full", done, params, keys, "Flat@0").mode == "full"
+    rebuilt = decide("auto", done, params, keys, "Flat@5")
+    assert rebuilt.mode == "full" and "rebuilt" in rebuilt.reason
+    other_k = decide("auto", done, dict(params, k=3), keys, "Flat@0")
+    assert other_k.mode == "full" and "k differs" in other_k.reason
+    older = {**done, "stats": {}}  # a database from before coverage was recorded
+    assert decide("auto", older, params, keys, "Flat@0").mode == "full"
+    with pytest.raises(UserError, match="incremental: not possible"):
+        decide("incremental", older, params, keys, "Flat@0")
+    # an interrupted run: its recorded plan, not the (cleared) stats, decides
+    running = {"params": dict(params, refresh="incremental", rows_before=done["stats"]), "finished": None}
+    assert decide("auto", running, params, keys, "Flat@0").before == done["stats"]
+    assert decide("auto", {"params": dict(params, refresh="full"), "finished": None}, params, keys,
+                  "Flat@0").mode == "full"
+
+
 def test_coverage_bookkeeping() -> None:
     # a plain knn after add appends a segment; the refresh merges the rows short of the train size
     cov = coverage_after("new_rows", {"train": [[10, 10]]}, "train", 10, 15, 15)
@@ -172,17 +199,22 @@ def test_coverage_bookkeeping() -> None:
     assert coverage_after("new_rows", {"val": [[3, 8], [5, 10]]}, "val", 4, 6, 15) == [[3, 8], [4, None], [6, 15]]
 
 
-def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path) -> None:
+@pytest.mark.parametrize("point", ["1", "finalize"])
+def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path, point) -> None:
+    """Killed after the first merged shard, or with every shard written but nothing assembled:
+    the re-run keeps what was written, plans the same merge and ends byte-identical."""
     db, _ = grown
     ref, crashed = _copy(db, tmp_path / "ref"), _copy(db, tmp_path / "crashed")
     assert run_cli(_knn(ref, "--refresh")) == 0
     cmd = [sys.executable, "-m", "index_builder", *map(str, _knn(crashed, "--refresh"))]
-    p = subprocess.run(cmd, env=dict(os.environ, **{CRASH_ENV: "knn:1"}), capture_output=True, text=True)
+    p = subprocess.run(cmd, env=dict(os.environ, **{CRASH_ENV: f"knn:{point}"}), capture_output=True, text=True)
     assert p.returncode == -9, p.stderr[-2000:]
-    assert len(list((crashed / "train" / "knn_shards").glob("merged_ids_*.npy"))) == 1
+    merged = len(list((crashed / "train" / "knn_shards").glob("merged_ids_*.npy")))
+    assert merged == 1 if point == "1" else merged > 1
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "1 shards reused" in p.stdout and "incremental refresh" in p.stdout
+    assert ("(1 shards reused" if point == "1" else "shards reused, 0 rows with") in p.stdout
+    assert "incremental refresh" in p.stdout
     assert load_manifest(crashed)["stages"]["knn"]["params"]["refresh"] == "incremental"
     for s in SPLITS:
         for name in ("neighbours.npy", "neighbour_distances.npy"):
