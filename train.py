@@ -119,7 +119,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
     saved = layout.config
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a run directory")
-    if args.base and not args.resume:
+    if getattr(args, "base", None) and not args.resume:
         raise UserError("--base is for --resume of a RETRO-fit whose base moved (a new run names its base "
                         "with init_from or model.hf_decoder)")
     if args.resume:
@@ -243,8 +243,8 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
     if mcfg.hf_decoder:  # shape and vocabulary from the decoder and the DB's tokenizer (checked)
         from retro.hf_decoder import retrofit_config
 
-        if args.resume and args.base:  # the base decoder moved: the checkpoint's hash says it is the same
-            mcfg = dataclasses.replace(mcfg, hf_decoder=args.base)
+        if args.resume and getattr(args, "base", None):  # the base decoder moved: the checkpoint's hash says it is the same
+            mcfg = dataclasses.replace(mcfg, hf_decoder=getattr(args, "base", None))
         mcfg = retrofit_config(mcfg, ChunkStore.open(args.db, "train").tokenizer)
         mdict = mcfg.to_dict()
     grad_accum = tcfg.grad_accum_steps(runtime.world_size())
@@ -460,7 +460,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) one run; returns the last metrics record on rank 0, {} elsewhere."""
     t = setup_trainer(args)
     tcfg, info = t.tcfg, t.info
-    state = start_state(t, resume=args.resume, base=args.base)
+    state = start_state(t, resume=args.resume, base=getattr(args, "base", None))
     metrics = MetricsLogger(t.run, enabled=info.is_main, resume_step=state.step if args.resume else None,
                             tensorboard=tcfg.tensorboard)
     sampler, batches = data_stream(t, state.position)

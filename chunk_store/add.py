@@ -7,7 +7,8 @@ again; documents whose text is already in the database are dropped as duplicates
 ``--keep-duplicates``). An add resumes like any stage (its work units, then its shards); a
 later add with other inputs is a new add. Afterwards ``embed`` embeds the new chunks, ``index``
 adds their vectors to the trained index and ``knn`` finds the new chunks' neighbours
-(``knn --refresh``: every chunk's, against the grown database).
+(``knn --refresh``: the old chunks' lists merge the new chunks, or every chunk is searched again;
+index_builder.knn.incremental).
 
 ``--retrieval-only`` adds a retrieval database larger than the training data (as the paper and
 InstructRetro do): the new documents all go to the train split, are embedded, indexed and
@@ -128,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-only", action="store_true",
                         help="retrieval data only: the new documents are embedded, indexed and retrieved, "
                              "but form no training or validation sequence (training and val data stay "
-                             "as they were); `knn --refresh` lets the old chunks retrieve them")
+                             "as they were); `knn --refresh` lets the old chunks retrieve them (old rows merge the new chunks)")
     parser.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)), metavar="N")
     parser.add_argument("--unit-mb", type=float, default=None, metavar="MB")
 

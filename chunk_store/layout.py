@@ -10,6 +10,7 @@
     DB/<split>/documents.jsonl     one line per document: where it came from
     DB/<split>/embeddings/NNNNNN.npy       float16 embedding shards (embed)
     DB/<split>/knn_shards/ids_NNNNNN.npy   neighbour shards before assembly (knn's work folder)
+                                   (merged_ids_NNNNNN.npy: old rows merged by knn --refresh)
     DB/<split>/neighbours.npy      (num_chunks, k) train chunk ids, -1 where none (knn)
     DB/<split>/neighbour_distances.npy
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
@@ -136,6 +137,11 @@ class DBLayout:
         """(neighbour ids, distances) of one shard of queries."""
         folder = self.knn_shards_dir(split)
         return folder / f"ids_{index:06d}.npy", folder / f"dist_{index:06d}.npy"
+
+    def knn_merged_shard(self, split: str, index: int) -> tuple[Path, Path]:
+        """(ids, distances) of one shard of old rows merged with the added chunks (knn --refresh)."""
+        folder = self.knn_shards_dir(split)
+        return folder / f"merged_ids_{index:06d}.npy", folder / f"merged_dist_{index:06d}.npy"
 
     @property
     def index_dir(self) -> Path:

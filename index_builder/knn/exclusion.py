@@ -9,7 +9,7 @@ learn to copy its own future); never a chunk of only EOS and padding. Used by th
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -147,3 +147,16 @@ def sequence_doc_ranges(doc_ids: np.ndarray, seq_starts: np.ndarray, chunks_per_
         ranges[inside, 0] = seq_docs.min(axis=1)
         ranges[inside, 1] = seq_docs.max(axis=1)
     return ranges
+
+
+def exclusion_args(is_train: bool, a: int, b: int, docs: np.ndarray, train_docs: np.ndarray,
+                   seq_starts: np.ndarray | None = None, chunks_per_seq: int = 1,
+                   content: np.ndarray | None = None) -> dict[str, Any]:
+    """The exclusion rule of rows [a, b) as select_neighbours / search_with_exclusion arguments:
+    train rows avoid themselves and their training sequence's documents; every row, blank chunks."""
+    if not is_train:
+        return {"content": content}
+    rows = np.arange(a, b, dtype=np.int64)  # knn's KnnStage._final_train for arbitrary rows
+    ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
+                                 chunks_per_seq, rows)
+    return {"query_ids": rows, "db_docs": train_docs, "doc_ranges": ranges, "content": content}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,19 +32,28 @@ def kept_rows(db: Path, split: str, k: int, n: int) -> int:
     return int(ids.shape[0]) if ok else 0
 
 
-def assemble(db: Path, split: str, n: int, k: int, shard_size: int, old_rows: int = 0) -> dict[str, Any]:
+def assemble(db: Path, split: str, n: int, k: int, shard_size: int, old_rows: int = 0, merged_rows: int = 0,
+             merged: Callable[[int], tuple[Path, Path]] | None = None) -> dict[str, Any]:
     """Concatenate the shards into neighbours.npy / neighbour_distances.npy (atomic), then
-    delete the shards; the first ``old_rows`` rows come from the files being replaced (after
-    ``add``: the neighbours found before it)."""
+    delete the shards; rows [merged_rows, old_rows) come from the files being replaced (after
+    ``add``: the neighbours found before it), the first ``merged_rows`` from the shards of old
+    rows merged with the added chunks (``merged(i)``: shard i's paths; knn --refresh)."""
     paths = DBLayout(db)
     tmp_ids, tmp_d = temp_path(paths.neighbours(split)), temp_path(paths.neighbour_distances(split))
     out_i = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=np.int64, shape=(n, k))
     out_d = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np.float32, shape=(n, k))
     missing = 0
-    if old_rows:
+    for i, (a, b) in enumerate(shard_ranges(merged_rows, shard_size)):
+        p_ids, p_dist = merged(i)  # type: ignore[misc]
+        if not (npy_header_ok(p_ids, (b - a, k)) and npy_header_ok(p_dist, (b - a, k))):
+            raise UserError(f"knn: shard {p_ids} is missing after every rank finished; re-run knn")
+        ids = np.load(p_ids)
+        out_i[a:b], out_d[a:b] = ids, np.load(p_dist)
+        missing += int((ids < 0).sum())
+    if old_rows > merged_rows:
         old_i = np.load(paths.neighbours(split), mmap_mode="r")
         old_d = np.load(paths.neighbour_distances(split), mmap_mode="r")
-        for a in range(0, old_rows, 1 << 20):
+        for a in range(merged_rows, old_rows, 1 << 20):
             b = min(a + (1 << 20), old_rows)
             out_i[a:b], out_d[a:b] = old_i[a:b], old_d[a:b]
             missing += int((old_i[a:b] < 0).sum())

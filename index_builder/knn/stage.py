@@ -15,6 +15,13 @@ are not searched and stay -1: no sequence reads them, so knn's cost follows the 
 search: torch matmul + top-k over tiles of the embedding matrix, memory bounded, so a GPU user
 without faiss-gpu still precomputes fast. Same exclusions, same output.
 
+After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
+and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
+searching only the added chunks and merging them into each old row's list (the same exclusions;
+index_builder.knn.incremental, index_builder.knn.added_search), when the old rows were found
+under the same rule by the same trained index, else it re-searches every row; ``--refresh full``
+always re-searches every row.
+
 Work is cut into shards of queries (``DB/<split>/knn_shards/``), spread over torchrun ranks,
 each written atomically: a re-run redoes only the missing shards; rank 0 then assembles
 ``neighbours.npy`` and ``neighbour_distances.npy`` (see docs/DB_FORMAT.md).
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,15 +45,23 @@ from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
 from chunk_store.shards import retrieval_only_ranges
 from chunk_store.store import ChunkStore
-from index_builder.embed.stage import (DEFAULT_SHARD_SIZE, npy_header_ok, num_chunks, open_embeddings, read_rows,
+from index_builder.embed.stage import (npy_header_ok, num_chunks, open_embeddings, read_rows,
                                  shard_ranges)
 from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
+from index_builder.knn.added_search import AddedChunks
+from index_builder.knn.incremental import (MODES, coverage_after, decide, index_trained_id,
+                                          merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
-from index_builder.knn.exclusion import SearchFn, search_with_exclusion, select_neighbours, sequence_doc_ranges
+from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_exclusion, select_neighbours,
+                                        sequence_doc_ranges)
 from index_builder.knn.rerank import release_pages
+from index_builder.knn.options import KnnConfig, add_arguments
+
+__all__ = ["KnnConfig", "KnnStage", "add_arguments", "run", "search_with_exclusion", "select_neighbours",
+           "sequence_doc_ranges"]  # the CLI's entry points and the exclusion rule, re-exported
 
 RESULT_KEYS = ("k", "extra", "method", "index_id", "content_only", "exclusion", "target_recall", "rerank")
 # what train neighbours avoid: "sequence" = every document sharing the chunk's training sequence.
@@ -55,23 +70,6 @@ EXCLUSION = "sequence"
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-@dataclass(frozen=True)
-class KnnConfig:
-    """The knn stage's options (the CLI's defaults come from here)."""
-
-    k: int = 2
-    extra: int = 10  # extra candidates searched to survive the self/same-document exclusion
-    exact: bool | None = None  # exact torch search; None = on with CUDA and no faiss-gpu
-    device: str = "auto"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    threads: int | None = None  # faiss / torch CPU threads; None = all cores
-    exact_pass_rows: int | None = None  # --exact: queries sharing one pass; None = auto
-    refresh: bool = False  # after add: every chunk's neighbours again (default: the new chunks' only)
-    target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
-    tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
-    rerank: int | None = None  # candidates a neighbour, re-ranked by true distance; None = by the codes
 
 
 class KnnStage(Stage[KnnConfig]):
@@ -94,6 +92,8 @@ class KnnStage(Stage[KnnConfig]):
         if cfg.rerank is not None:
             positive(cfg.rerank, "--rerank")
         positive(cfg.shard_size, "--shard-size")
+        if cfg.refresh not in (None, *MODES):
+            raise UserError(f"--refresh must be one of {', '.join(MODES)}, not {cfg.refresh!r}")
         self.device = str(resolve_device(cfg.device))
         self.exact = cfg.exact if cfg.exact is not None else (
             self.device.startswith("cuda") and not faiss_gpu_available())
@@ -103,14 +103,23 @@ class KnnStage(Stage[KnnConfig]):
                 "content_only": True,  # chunks of only EOS and padding are never neighbours
                 "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
                 "rerank": "auto" if cfg.rerank is None else int(cfg.rerank),
-                "tune_sample": int(cfg.tune_sample)}
+                "tune_sample": int(cfg.tune_sample),
+                "refresh": "full" if cfg.refresh else "new_rows", "rows_before": None}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """After ``add`` the index grew (another index_id): the neighbours already found under
-        the same rule are kept, only the new chunks searched; ``--refresh``: every chunk."""
-        self.keep_old = not self.cfg.refresh and recorded.get("params", {}).get("exclusion") == EXCLUSION
-        if self.cfg.refresh:
+        the same rule are kept, only the new chunks searched; ``--refresh``: the old rows merge
+        the added chunks (incremental.decide), or every chunk is searched again. The decision and
+        the rows it starts from go into the recorded params: a resumed run plans the same."""
+        dec = decide(self.cfg.refresh, recorded, params, self.result_keys, index_trained_id(manifest))
+        self.decision = dec
+        params["refresh"], params["rows_before"] = dec.mode, dec.before
+        self.keep_old = dec.mode == "incremental" or (
+            dec.mode == "new_rows" and recorded.get("params", {}).get("exclusion") == EXCLUSION)
+        if dec.mode == "full":
             recorded.clear()
+            return
+        if dec.mode == "incremental":
             return
         keys = self.result_keys if recorded.get("finished") is None else \
             [k for k in self.result_keys if k != "index_id"]
@@ -125,11 +134,27 @@ class KnnStage(Stage[KnnConfig]):
         self.old_rows = {s: kept_rows(self.db, s, self.cfg.k, num_chunks(self.db, manifest, s)) if keep else 0
                          for s in SPLITS}
         self.unread = {s: retrieval_only_ranges(manifest, s) for s in SPLITS}
+        self.train_total = num_chunks(self.db, manifest, "train")
+        self.merge: dict[str, tuple[int, list[list[int]]]] = {s: (0, []) for s in SPLITS}
+        dec = getattr(self, "decision", None)
+        if dec is not None and dec.mode == "incremental":
+            cov = dec.before["coverage"]
+            self.merge = {s: merge_prefix(cov.get(s), self.old_rows[s], self.train_total) for s in SPLITS}
+            # rows the coverage does not describe (a damaged file) are searched again, not merged
+            self.old_rows = {s: r if self.merge[s][0] or not cov.get(s) or cov[s][-1][0] == r else 0
+                             for s, r in self.old_rows.items()}
+        self.counts = {"searched_queries": 0, "merged_queries": 0, "added_vectors_scanned": 0,
+                       "merge_s": 0.0, "search_s": 0.0}
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
         if recorded.get("exclusion") != EXCLUSION:  # built under the own-document rule: redo
             return False
+        dec = getattr(self, "decision", None)
+        if dec is not None and dec.mode == "incremental":  # rows searched before the last add: merge
+            train = num_chunks(self.db, manifest, "train")
+            if any(t < train for segs in dec.before["coverage"].values() for _, t in segs):
+                return False
         return all(npy_header_ok(self.paths.neighbours(s), (n, self.cfg.k)) for s in SPLITS
                    if (n := num_chunks(self.db, manifest, s)))
 
@@ -145,6 +170,10 @@ class KnnStage(Stage[KnnConfig]):
         """Shards of query rows; after ``add``, only rows past those already searched."""
         out: list[Unit] = []
         old = getattr(self, "old_rows", {})
+        for split in SPLITS:  # old rows merging the added chunks (--refresh, incremental)
+            end = getattr(self, "merge", {}).get(split, (0, []))[0]
+            for i, (a, b) in enumerate(shard_ranges(end, self.cfg.shard_size)):
+                out.append(Unit(len(out), b - a, (split, i, a, b, "merge")))
         for split in SPLITS:
             rows, start = num_chunks(self.db, manifest, split), old.get(split, 0)
             for i, (a, b) in enumerate(shard_ranges(rows, self.cfg.shard_size)):
@@ -153,8 +182,9 @@ class KnnStage(Stage[KnnConfig]):
         return out
 
     def unit_done(self, unit: Unit) -> bool:
-        split, i, a, b = unit.payload
-        return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in self.paths.knn_shard(split, i))
+        split, i, a, b = unit.payload[:4]
+        files = merge_shard(self.db, split, i) if len(unit.payload) > 4 else self.paths.knn_shard(split, i)
+        return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in files)
 
     def setup(self) -> None:
         """The search (the index, or exact search over the embeddings) and the doc ids."""
@@ -214,6 +244,8 @@ class KnnStage(Stage[KnnConfig]):
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
+        self.added = AddedChunks(train_emb, ntotal, self.device, getattr(self, "index", None), self.rerank)
+        self.old_files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,
                      range_search: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -298,16 +330,73 @@ class KnnStage(Stage[KnnConfig]):
                                     self.train_seq_starts, self.chunks_per_seq, self.content)
             ids[ra - a:rb - a], dists[ra - a:rb - a] = got
             self.short_rows += int((got[0] < 0).any(axis=1).sum())
+            self.counts["searched_queries"] += rb - ra
         p_ids, p_dist = self.paths.knn_shard(split, i)
         atomic_save_npy(p_dist, dists)
         atomic_save_npy(p_ids, ids)
         for shards in self.emb.values():  # the rows read stay in the page cache, not in our RSS
             release_pages(shards)
 
+    def compute_merge(self, unit: Unit) -> None:
+        """Old rows [a, b) (--refresh, incremental): each one's list merged with its k nearest
+        allowed added train chunks, the k best kept by (distance, chunk id)."""
+        split, i, a, b, _ = unit.payload
+        k, (emb, docs) = self.cfg.k, self._split_arrays(split)
+        runs = searched_runs(a, b, getattr(self, "unread", {}).get(split, []))
+        if not runs:  # wholly retrieval-only rows: no sequence reads them, they stay -1
+            p_ids, p_dist = merge_shard(self.db, split, i)
+            p_ids.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save_npy(p_dist, np.full((b - a, k), np.inf, np.float32))
+            atomic_save_npy(p_ids, np.full((b - a, k), -1, np.int64))
+            return
+        queries = read_rows(emb, a, b)
+        if split not in self.old_files:  # the files being replaced: read until assemble swaps them
+            self.old_files[split] = (np.load(self.paths.neighbours(split), mmap_mode="r"),
+                                     np.load(self.paths.neighbour_distances(split), mmap_mode="r"))
+        old_i = np.array(self.old_files[split][0][a:b], dtype=np.int64)
+        old_d = np.array(self.old_files[split][1][a:b], dtype=np.float32)
+        new_i, new_d = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
+        for r0, r1, t in row_starts(self.merge[split][1], a, b):
+            rows = slice(r0 - a, r1 - a)
+            new_i[rows], new_d[rows] = _search_block(
+                self.added.search(t), queries[rows], k, self.cfg.extra, self.ntotal - t, r0, r1,
+                split == "train", docs, self.train_docs, self.train_seq_starts, self.chunks_per_seq, self.content)
+        rule = exclusion_args(split == "train", a, b, docs, self.train_docs, self.train_seq_starts,
+                              self.chunks_per_seq, self.content)
+        cand = rescored(queries, np.concatenate([old_i, new_i], axis=1), self.emb["train"])
+        ids, dists, _ = select_neighbours(*sort_candidates(*cand), k, **rule)
+        # an old neighbour the rule refuses now (not after `add`: new chunks get new documents
+        # and sequences; a guard against a changed rule): that row is searched again in full,
+        # through the index (its distances are then the index's)
+        stale = (select_neighbours(old_i, old_d, k, **rule)[0] >= 0).sum(1) < (old_i >= 0).sum(1)
+        if stale.any():
+            sub = {key: v[stale] if key in ("query_ids", "doc_ranges") else v for key, v in rule.items()}
+            ids[stale], dists[stale] = search_with_exclusion(self.search, queries[stale], k, self.cfg.extra,
+                                                             self.ntotal, **sub)
+            self.counts["stale_rows"] = self.counts.get("stale_rows", 0) + int(stale.sum())
+        read = np.zeros(b - a, dtype=bool)
+        for ra, rb in runs:
+            read[ra - a:rb - a] = True
+        ids[~read], dists[~read] = -1, np.inf  # retrieval-only rows of a mixed block stay -1
+        self.counts["merged_queries"] += int(read.sum())
+        self.short_rows += int((ids[read] < 0).any(axis=1).sum())
+        p_ids, p_dist = merge_shard(self.db, split, i)
+        p_ids.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(p_dist, dists)
+        atomic_save_npy(p_ids, ids)
+        for shards in self.emb.values():
+            release_pages(shards)
+
     def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
         pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
         c = min(self.cfg.k + self.cfg.extra, self.ntotal)
+        t0 = time.perf_counter()
+        for unit in [u for u in todo if len(u.payload) > 4]:
+            self.compute_merge(unit)
+            done(unit)
+        t1 = time.perf_counter()
+        todo = [u for u in todo if len(u.payload) == 4]
         unread = getattr(self, "unread", {})
         idle = [u for u in todo if not searched_runs(*u.payload[2:], unread.get(u.payload[0], []))]
         for unit in idle:  # wholly retrieval-only: nothing to read, nothing to search
@@ -322,8 +411,13 @@ class KnnStage(Stage[KnnConfig]):
                 fn = self.search if first is None else replay(self.search, first[j], c)
                 self.compute(unit, fn, queries)
                 done(unit)
+        # the units' own seconds (setup and tuning apart): what the benchmark compares
+        self.counts["merge_s"] = round(t1 - t0, 3)
+        self.counts["search_s"] = round(time.perf_counter() - t1, 3)
 
     def finalize(self, manifest: dict[str, Any], run: RunInfo) -> dict[str, Any]:
+        if not hasattr(self, "decision"):  # a first run (nothing recorded: check() was not called)
+            self.decision = decide(self.cfg.refresh and "full", {}, {}, (), "")
         if not hasattr(self, "search"):  # rank 0 had no shard left (done before a crash, or by the
             self.setup()  # other ranks): the search parameters recorded are still this index's
         summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
@@ -345,41 +439,29 @@ class KnnStage(Stage[KnnConfig]):
             n = num_chunks(self.db, manifest, split)
             if n:
                 summary[split] = assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
-                                           getattr(self, "old_rows", {}).get(split, 0))
+                                           getattr(self, "old_rows", {}).get(split, 0),
+                                           self.merge[split][0], lambda i, s=split: merge_shard(self.db, s, i))
+        dec, train = self.decision, num_chunks(self.db, manifest, "train")
+        before = (dec.before or {}).get("coverage") if dec.mode == "new_rows" else None
+        summary["coverage"] = {s: coverage_after(dec.mode, before, s, self.old_rows[s],
+                                                 num_chunks(self.db, manifest, s), train) for s in SPLITS}
+        summary["index_trained"] = index_trained_id(manifest)
+        self.counts["added_vectors_scanned"] = self.added.vectors_scanned
+        self.counts["added_search"] = self.added.how
+        summary["refresh"] = {"mode": dec.mode, "why": dec.reason, **self.counts,
+                              "merged_rows": {s: self.merge[s][0] for s in SPLITS},
+                              "added_chunks": {s: train - self.merge[s][1][0][1] if self.merge[s][1] else 0
+                                               for s in SPLITS}}
         return summary
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
-        return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}, done in "
+        mode = stats.get("refresh", {}).get("mode")
+        return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}"
+                + (f", {mode} refresh" if mode in ("incremental", "full") else "") + ", done in "
                 f"{run.seconds:.1f}s ({run.units_reused} shards reused, "
                 f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)"
                 + (f"; {stats['search_params']}: recall@{self.cfg.k} {self.tuning.recall:.3f} vs exact"
                    if getattr(self, "tuning", None) is not None else ""))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """knn's own options (--device, --shard-size and --threads are shared: index_builder.cli)."""
-    d = KnnConfig
-    g = parser.add_argument_group("knn")
-    g.add_argument("--k", type=int, default=d.k, help="neighbours per chunk")
-    g.add_argument("--extra", type=int, default=d.extra,
-                   help="extra candidates searched to survive the self/same-document exclusion")
-    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=d.exact,
-                   help="exact torch search instead of the index (default: on with CUDA and no faiss-gpu)")
-    g.add_argument("--exact-pass-rows", type=int, default=d.exact_pass_rows,
-                   help="--exact: queries sharing one pass over the embeddings "
-                        "(default 262144 on CUDA, one shard on CPU)")
-    g.add_argument("--refresh", action="store_true", default=d.refresh,
-                   help="after `add`: recompute every chunk's neighbours against the grown database "
-                        "(default: search only the new chunks, keep the rest)")
-    g.add_argument("--target-recall", type=float, default=d.target_recall,
-                   help="search parameters (nprobe/efSearch): the cheapest whose final neighbours, "
-                        "exclusions applied, reach this recall@k against exact search (0: the index's own)")
-    g.add_argument("--tune-sample", type=int, default=d.tune_sample,
-                   help="train chunks the recall is measured on")
-    g.add_argument("--rerank", type=int, default=d.rerank,
-                   help="ask the index for this many times the candidates and keep the nearest by true "
-                        "distance, read from the stored embeddings (default: 4 where the index's codes "
-                        "take under a byte a dimension, e.g. PQ; 1 = the codes' own order)")
 
 
 SHARED_OPTIONS = ("device", "shard_size", "threads")
@@ -410,10 +492,6 @@ def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, nto
                   chunks_per_seq: int = 1, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
     chunk of only EOS and padding."""
-    if is_train:
-        rows = np.arange(a, b, dtype=np.int64)  # KnnStage._final_train for arbitrary rows
-        ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
-                                     chunks_per_seq, rows)
-        return search_with_exclusion(search, queries, k, extra, ntotal, query_ids=rows,
-                                     db_docs=train_docs, doc_ranges=ranges, content=content)
-    return search_with_exclusion(search, queries, k, extra, ntotal, content=content)
+    return search_with_exclusion(search, queries, k, extra, ntotal, **exclusion_args(
+        is_train, a, b, docs, train_docs, seq_starts, chunks_per_seq, content))
+

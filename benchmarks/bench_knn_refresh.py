@@ -1,0 +1,183 @@
+"""knn --refresh after add: incremental (old rows merge the added chunks) vs full (every row again).
+
+    nice -n 19 python benchmarks/bench_knn_refresh.py --docs 400 --added 20,80 --threads 1
+
+A database A is chunked (the real chunk stage on random word documents), embedded with
+bench_scale's synthetic clustered vectors (no BERT), indexed (``--index-key``) and knn'd; then for
+each added size, a copy of it gets that many new documents (the real ``add`` stage), synthetic
+embeddings for the new chunks (appended: the old rows stay as they were) and the grown index
+(``index`` adds the vectors), and two copies of that run ``knn --refresh`` (incremental) and
+``knn --refresh full``, each in its own process: wall and CPU seconds (user + system of the child)
+the stage's own seconds (setup, index load and recall tuning included) and its units' (merging
+old rows; searching rows through the whole index), and the work it records (queries searched
+through the whole index, old rows merged, added vectors scanned: exact, all of them a query; IVF,
+nprobe / nlist of them). The merged neighbours are compared with the full
+refresh's (the share of ids equal; with an exact index the rest are ties).
+
+Prints a markdown table; ``--write`` replaces the ``bench_knn_refresh`` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_scale import synthetic_embeddings, write_embeddings  # noqa: E402
+from report import machine, write_section  # noqa: E402
+
+DIM = 32
+
+
+def corpus(folder: Path, n_docs: int, seed: int) -> Path:
+    """``n_docs`` documents of 150-600 random words from a 2,000-word vocabulary."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(150, 600)))
+        (folder / f"doc{seed}_{i:05d}.txt").write_text(text + "\n")
+    return folder
+
+
+def cli(*argv: object) -> None:
+    from index_builder.cli import main
+
+    if main([str(a) for a in argv]) != 0:
+        raise SystemExit(f"failed: {argv}")
+
+
+def append_embeddings(db: Path, seed: int) -> None:
+    """The new chunks' synthetic embeddings as a new shard file per split, the embed stage
+    recorded again (same embedder id, a new finish time: the index adds the new vectors)."""
+    from chunk_store import ChunkStore
+    from chunk_store.framework.atomic import atomic_save_npy
+    from chunk_store.layout import DBLayout
+    from chunk_store.manifest import load_manifest, now_iso, record_stage
+    from index_builder.embed.stage import open_embeddings
+
+    paths, manifest = DBLayout(db), load_manifest(db)
+    for split in ("train", "val"):
+        docs = np.asarray(ChunkStore.open(db, split).doc_ids)
+        have = sum(a.shape[0] for a in open_embeddings(db, split)) if paths.embeddings_dir(split).exists() else 0
+        if len(docs) > have:
+            offset = 10 ** 9 if split == "val" else 0
+            files = len(list(paths.embeddings_dir(split).glob("*.npy")))
+            atomic_save_npy(paths.embedding_shard(split, files),
+                            synthetic_embeddings(docs[have:] + offset, DIM, seed, files))
+    embed = manifest["stages"]["embed"]
+    time.sleep(1.1)  # the index sees a new embed record by its finish time, to the second
+    record_stage(db, "embed", params=embed["params"], started=embed["started"], finished=now_iso(),
+                 stats=embed["stats"], manifest=manifest)
+
+
+def timed_knn(db: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """One knn run in its own process: wall, CPU of the child, the stage's recorded work."""
+    from chunk_store.manifest import load_manifest
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--k", str(args.k),
+                        "--device", "cpu", "--threads", str(args.threads), *extra], capture_output=True, text=True)
+    wall = time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise SystemExit(p.stderr[-3000:])
+    stats = load_manifest(db)["stages"]["knn"]["stats"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "stage_s": stats["seconds"], **stats["refresh"]}
+
+
+def agreement(a: Path, b: Path) -> float:
+    """The share of neighbour ids equal between two databases' train and val rows."""
+    eq = n = 0
+    for split in ("train", "val"):
+        x, y = np.load(a / split / "neighbours.npy"), np.load(b / split / "neighbours.npy")
+        eq, n = eq + int((x == y).sum()), n + x.size
+    return eq / max(n, 1)
+
+
+def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from chunk_store.manifest import load_manifest
+
+    base = work / "base"
+    cli("chunk", "--input", corpus(work / "a", args.docs, 0), "--out", base, "--vocab-size", 400,
+        "--chunk-size", 64, "--seq-len", 256, "--val-fraction", 0.1)
+    write_embeddings(base, DIM, seed=0)
+    cli("index", "--db", base, "--index-key", args.index_key, "--recall-sample", 200)
+    cli("knn", "--db", base, "--k", args.k, "--device", "cpu", "--threads", args.threads)
+    n_old = load_manifest(base)["counts"]["train"]["chunks"]
+    rows = []
+    for added in args.added:
+        grown = work / f"grown{added}"
+        shutil.copytree(base, grown)
+        cli("add", "--db", grown, "--input", corpus(work / f"b{added}", added, added))
+        append_embeddings(grown, seed=0)
+        cli("index", "--db", grown, "--index-key", args.index_key, "--recall-sample", 200)
+        full = work / f"full{added}"
+        shutil.copytree(grown, full)
+        inc = timed_knn(grown, args, "--refresh", "incremental")
+        ful = timed_knn(full, args, "--refresh", "full")
+        n = load_manifest(grown)["counts"]["train"]["chunks"]
+        rows.append({"old_train": n_old, "added_train": n - n_old, "incremental": inc, "full": ful,
+                     "same_ids": agreement(grown, full)})
+        shutil.rmtree(full)
+        shutil.rmtree(grown)
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    out = ["| train chunks old + added | refresh | wall s | CPU s | stage s | merge s | search s | queries searched "
+           "| old rows merged | added vectors scanned | ids equal to full |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for mode in ("incremental", "full"):
+            m = r[mode]
+            same = f"{r['same_ids']:.4f}" if mode == "incremental" else "-"
+            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m['wall']:.1f} | {m['cpu']:.1f} "
+                       f"| {m['stage_s']:.2f} | {m['merge_s']:.2f} | {m['search_s']:.2f} | {m['searched_queries']:,} "
+                       f"| {m['merged_queries']:,} "
+                       f"| {m['added_vectors_scanned']:,} | {same} |")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--docs", type=int, default=400, help="documents in A")
+    p.add_argument("--added", type=lambda s: [int(x) for x in s.split(",")], default=[20, 80],
+                   help="documents added, one run each (comma-separated)")
+    p.add_argument("--index-key", default="Flat")
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--write", action="store_true", help="replace the section of docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-knn-refresh-") as tmp:
+        rows = run(args, Path(tmp))
+    text = table(rows)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if args.write:
+        write_section("bench_knn_refresh", f"{machine()}, index {args.index_key}, k={args.k}, "
+                                           f"--threads {args.threads}\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
