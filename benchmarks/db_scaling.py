@@ -145,16 +145,16 @@ class Runner:
 
     # -- commands
     def cli(self, *args: str) -> float:
-        return self.run([self.py, "-m", "index_builder", *args])
+        # a DB stage runs alone: every core (embed and index are the experiment's longest steps)
+        return self.run([self.py, "-m", "index_builder", *args], shares_cores=False)
 
-    def run(self, cmd: Sequence[str], stdout: Path | None = None) -> float:
-        """Run one step; its wall seconds."""
+    def run(self, cmd: Sequence[str], stdout: Path | None = None, *, shares_cores: bool = True) -> float:
+        """Run one step; its wall seconds. ``shares_cores``: a training or evaluation run, which
+        runs beside ``jobs - 1`` others and gets its share of the cores as OMP_NUM_THREADS."""
         print("$ " + " ".join(cmd), file=self.log, flush=True)
         t0 = time.time()
         out = open(stdout.with_name(stdout.name + ".tmp"), "w") if stdout else None
-        env = None
-        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # jobs runs share the cores
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
+        env = self.step_env(shares_cores)
         try:
             res = subprocess.run(list(cmd), cwd=REPO, stdout=out, env=env)
         finally:
@@ -167,6 +167,12 @@ class Runner:
         took = time.time() - t0
         print(f"  ({took:.0f} s)", file=self.log, flush=True)
         return took
+
+    def step_env(self, shares_cores: bool) -> dict[str, str] | None:
+        """The environment of a step: None (inherit) unless it shares the cores with other jobs."""
+        if shares_cores and self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
+        return None
 
     # -- the database at each size
     def manifest(self) -> dict[str, Any]:
@@ -225,7 +231,6 @@ class Runner:
         embedder's space; lower is closer) and the share of rank-1 neighbours from
         retrieval-only data."""
         import faiss
-        import numpy as np
 
         from index_builder.embed.stage import open_embeddings, read_rows
 

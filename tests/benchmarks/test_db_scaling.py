@@ -152,3 +152,24 @@ def test_slices_grow_to_each_size_and_refuse_a_short_corpus(tmp_path) -> None:
     moved = tmp_path / "elsewhere"
     shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("elsewhere"))
     assert [p.name for p in order] == [p.name for p in db_scaling.ordered_files(moved, "*.txt")]
+
+
+def test_db_stages_use_every_core_and_parallel_runs_share_them(tmp_path, monkeypatch) -> None:
+    """--jobs N splits the cores between the N training/evaluation runs beside each other, never a
+    DB stage, which runs alone (embedding on one of two cores halved its speed)."""
+    import io
+    import types
+
+    seen: list[tuple[str, dict | None]] = []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(db_scaling.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(db_scaling.subprocess, "run",
+                        lambda cmd, cwd, stdout, env: seen.append((cmd[-1], env)) or types.SimpleNamespace(returncode=0))
+    runner = db_scaling.Runner(tmp_path, None, log=io.StringIO(), jobs=2)  # type: ignore[arg-type]
+    runner.cli("embed")
+    runner.run(["train.py"])
+    assert seen[0] == ("embed", None)
+    assert seen[1][0] == "train.py" and seen[1][1]["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins everywhere
+    runner.run(["train.py"])
+    assert seen[2] == ("train.py", None)
