@@ -150,7 +150,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             m = r[mode]
             same = f"{r['same_ids']:.4f}" if mode == "incremental" else "-"
             out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m['wall']:.1f} | {m['cpu']:.1f} "
-                       f"| {m['stage_s']:.2f} | {m['merge_s']:.2f} | {m['search_s']:.2f} | {m['searched_queries']:,} "
+                       f"| {m['stage_s']:.2f} | {m['merge_seconds']:.2f} | {m['search_seconds']:.2f} | {m['searched_queries']:,} "
                        f"| {m['merged_queries']:,} "
                        f"| {m['added_vectors_scanned']:,} | {same} |")
     return "\n".join(out)

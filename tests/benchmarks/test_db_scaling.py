@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from retro.checkpoint import checkpoint_dir, checkpoint_weights
 
 from tests.fixtures import shared_tiny_bert
 from tests.fixtures.train_db import tiny_model_sets
@@ -72,14 +73,15 @@ def test_every_size_built_trained_and_evaluated(experiment) -> None:
 def test_retrofit_keeps_the_baseline_decoder_frozen(experiment) -> None:
     work, _ = experiment
 
-    def weights(run: str) -> dict:
-        latest = (work / "runs" / run / "checkpoints" / "latest").read_text().strip()
-        return load_file(str(work / "runs" / run / "checkpoints" / latest / "model.safetensors"))
+    def weights(run: str) -> dict:  # a RETRO-fit's checkpoint holds what trains; its base gives the rest
+        return checkpoint_weights(checkpoint_dir(work / "runs" / run))
 
     base, fit, retro = weights("baseline-seed0"), weights("retrofit-x3-seed0"), weights("retro-x3-seed0")
     shared = [k for k in base if k in fit]
     assert len(shared) > 5 and len(fit) > len(base)  # the fit adds the encoder and CCA
     assert all((base[k] == fit[k]).all() for k in shared)
+    saved = load_file(str(checkpoint_dir(work / "runs" / "retrofit-x3-seed0") / "model.safetensors"))
+    assert set(saved) == set(fit) - set(shared)  # only what trains is saved
     assert any(not (base[k] == retro[k]).all() for k in shared)  # RETRO trains its decoder
 
 
