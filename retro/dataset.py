@@ -23,13 +23,20 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
-from retro.neighbour_reads import read_batch
+from retro.neighbour_reads import neighbour_tokens, take_sorted
 
 BLOCK_ROWS = 1 << 16  # rows compared at a time between two databases' arrays
+
+
+
+def _take_in_order(arr: Any, ids: np.ndarray) -> np.ndarray:
+    """``arr[ids]`` read as the batch asks (the ``random`` read mode)."""
+    return np.asarray(arr[ids])
 
 
 class RetroDataset(torch.utils.data.Dataset):
@@ -103,22 +110,28 @@ class RetroDataset(torch.utils.data.Dataset):
         return np.where(ids < self.num_chunks, ids, -1)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """Vectorised read of many samples: tokens (b, seq_len+1) int64, neighbours (b, l, k, 2m) int64."""
-        if self.reads == "batched":
-            return read_batch(self.store, indices, k=self.k, retrieval=self.retrieval, pad_id=self.pad_id)
+        """Vectorised read of many samples: tokens (b, seq_len+1) int64, neighbours (b, l, k, 2m) int64.
+
+        The read mode picks only how rows are read: ``batched`` as sorted unique ids once per
+        shard (retro.neighbour_reads), ``random`` in the order the batch asks for them."""
         store = self.store
+        batched = self.reads == "batched"
+        take = take_sorted if batched else _take_in_order
         ids = self.chunk_ids(indices)
         valid = ids >= 0
         # (b, l+1, m) chunk tokens; rows past the end of the split are padding
-        toks = np.asarray(store.chunks[np.where(valid, ids, 0)], dtype=np.int64)
+        toks = take(store.chunks, np.where(valid, ids, 0)).astype(np.int64)
         toks[~valid] = self.pad_id
-        tokens = toks.reshape(len(ids), -1)[:, : self.seq_len + 1]
+        tokens = rearrange(toks, "b c m -> b (c m)")[:, : self.seq_len + 1]
         out = {"tokens": np.ascontiguousarray(tokens)}
         if self.retrieval:
             own = ids[:, : self.chunks_per_seq]
-            nbr_ids = np.asarray(store.neighbours[np.where(own >= 0, own, 0)][..., : self.k], dtype=np.int64)
+            nbr_ids = take(store.neighbours, np.where(own >= 0, own, 0))[..., : self.k].astype(np.int64)
             nbr_ids[own < 0] = -1
-            out["neighbours"] = np.asarray(store.neighbour_tokens(nbr_ids), dtype=np.int64)
+            if batched:
+                out["neighbours"] = neighbour_tokens(store.train_store, nbr_ids, self.pad_id)
+            else:
+                out["neighbours"] = np.asarray(store.neighbour_tokens(nbr_ids), dtype=np.int64)
         return out
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

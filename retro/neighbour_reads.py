@@ -13,7 +13,7 @@ token for token (tests/retro/test_neighbour_reads.py).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from einops import rearrange
@@ -81,27 +81,3 @@ def neighbour_tokens(train: Any, nbr_ids: np.ndarray, pad_id: int) -> np.ndarray
         same[inside] = docs[at_next[inside]] == docs[at[inside]]
         out[valid[same], 1] = rows[at_next[same]]
     return rearrange(out, "x two m -> x (two m)").reshape(*ids.shape, 2 * m)
-
-
-def read_batch(store: Any, indices: Sequence[int] | np.ndarray, *, k: int, retrieval: bool,
-               pad_id: int) -> dict[str, np.ndarray]:
-    """A batch as ``RetroDataset.get_batch`` returns it (tokens (b, seq_len+1), neighbours
-    (b, l, k, 2m), int64), every array read with :func:`take_sorted` / :func:`neighbour_tokens`."""
-    num_seqs, n = int(store.num_seqs), int(store.num_chunks)
-    l = store.seq_len // store.chunk_size
-    idx = np.asarray(indices, dtype=np.int64)
-    if idx.size and (idx.min() < -num_seqs or idx.max() >= num_seqs):
-        raise IndexError(f"sequence index out of range for {num_seqs} sequences")
-    idx = idx % max(num_seqs, 1)
-    starts = take_sorted(store.seq_starts, idx).astype(np.int64)
-    ids = starts[:, None] + np.arange(l + 1, dtype=np.int64)  # (b, l+1): the sequence and the chunk after
-    valid = ids < n
-    toks = take_sorted(store.chunks, np.where(valid, ids, 0)).astype(np.int64)  # (b, l+1, m)
-    toks[~valid] = pad_id
-    out = {"tokens": np.ascontiguousarray(rearrange(toks, "b c m -> b (c m)")[:, : store.seq_len + 1])}
-    if retrieval:
-        own = ids[:, :l]
-        nbr = take_sorted(store.neighbours, np.where(own < n, own, 0))[..., :k].astype(np.int64)
-        nbr[own >= n] = -1
-        out["neighbours"] = neighbour_tokens(store.train_store, nbr, pad_id)
-    return out
