@@ -338,17 +338,24 @@ class KnnStage(Stage[KnnConfig]):
             release_pages(shards)
 
     def compute_merge(self, unit: Unit) -> None:
-        """Old rows [a, b) (--refresh, incremental): each one's list merged with its k nearest
-        allowed added train chunks, the k best kept by (distance, chunk id)."""
+        """Old rows [a, b) (--refresh, incremental): each searched run merged by :meth:`_merge_rows`;
+        retrieval-only rows (no sequence reads them) are neither read nor searched and stay -1."""
         split, i, a, b, _ = unit.payload
+        k = self.cfg.k
+        ids, dists = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
+        for ra, rb in searched_runs(a, b, getattr(self, "unread", {}).get(split, [])):
+            ids[ra - a:rb - a], dists[ra - a:rb - a] = self._merge_rows(split, ra, rb)
+        p_ids, p_dist = merge_shard(self.db, split, i)
+        p_ids.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(p_dist, dists)
+        atomic_save_npy(p_ids, ids)
+        for shards in self.emb.values():
+            release_pages(shards)
+
+    def _merge_rows(self, split: str, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [a, b): each one's old list merged with its k nearest allowed added train chunks,
+        the k best kept by (distance, chunk id)."""
         k, (emb, docs) = self.cfg.k, self._split_arrays(split)
-        runs = searched_runs(a, b, getattr(self, "unread", {}).get(split, []))
-        if not runs:  # wholly retrieval-only rows: no sequence reads them, they stay -1
-            p_ids, p_dist = merge_shard(self.db, split, i)
-            p_ids.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save_npy(p_dist, np.full((b - a, k), np.inf, np.float32))
-            atomic_save_npy(p_ids, np.full((b - a, k), -1, np.int64))
-            return
         queries = read_rows(emb, a, b)
         if split not in self.old_files:  # the files being replaced: read until assemble swaps them
             self.old_files[split] = (np.load(self.paths.neighbours(split), mmap_mode="r"),
@@ -374,18 +381,9 @@ class KnnStage(Stage[KnnConfig]):
             ids[stale], dists[stale] = search_with_exclusion(self.search, queries[stale], k, self.cfg.extra,
                                                              self.ntotal, **sub)
             self.counts["stale_rows"] = self.counts.get("stale_rows", 0) + int(stale.sum())
-        read = np.zeros(b - a, dtype=bool)
-        for ra, rb in runs:
-            read[ra - a:rb - a] = True
-        ids[~read], dists[~read] = -1, np.inf  # retrieval-only rows of a mixed block stay -1
-        self.counts["merged_queries"] += int(read.sum())
-        self.short_rows += int((ids[read] < 0).any(axis=1).sum())
-        p_ids, p_dist = merge_shard(self.db, split, i)
-        p_ids.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(p_dist, dists)
-        atomic_save_npy(p_ids, ids)
-        for shards in self.emb.values():
-            release_pages(shards)
+        self.counts["merged_queries"] += b - a
+        self.short_rows += int((ids < 0).any(axis=1).sum())
+        return ids, dists
 
     def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""

@@ -31,12 +31,12 @@ def _knn(db: Path, *extra: object) -> list[object]:
     return ["knn", "--db", db, "--k", 3, "--shard-size", SHARD, "--device", "cpu", *extra]
 
 
-def _grow(db: Path, bert: Path, n_docs: int, seed: int) -> None:
+def _grow(db: Path, bert: Path, n_docs: int, seed: int, *add_flags: str) -> None:
     """add n_docs new documents, embed them, add them to the index (no knn)."""
     rng = random.Random(seed)
     corpus = db.parent / f"more-{seed}"
     write_corpus(corpus, [random_text(rng) for _ in range(n_docs)])
-    assert run_cli(["add", "--db", db, "--input", corpus]) == 0
+    assert run_cli(["add", "--db", db, "--input", corpus, *add_flags]) == 0
     assert run_cli(["embed", "--db", db, "--embedder", bert, "--shard-size", SHARD, "--tokenize-workers", 0,
                     "--device", "cpu"]) == 0
     assert run_cli(["index", "--db", db, "--recall-sample", 50, "--index-key", "Flat"]) == 0
@@ -308,3 +308,42 @@ def test_ivf_index_incremental_equals_full_refresh(tmp_path, tmp_path_factory) -
         assert np.allclose(ad[ai != bi], bd[ai != bi], rtol=1e-4, atol=1e-5)
         print(s, "ids differing (ties):", float((ai != bi).mean()))
     assert (a["train"][0][:n_old] >= n_old).any()
+
+
+def test_the_merge_leaves_retrieval_only_old_rows_unread_and_merges_the_others_as_before(
+        tmp_path, tmp_path_factory, monkeypatch) -> None:
+    """A DB grown twice by --retrieval-only data: the second refresh's merge units hold old rows
+    that trains read and old retrieval-only rows. The retrieval-only ones stay -1 (never read or
+    searched, not counted); every other row equals the merge that reads every row."""
+    import index_builder.knn.stage as knn_stage
+    from chunk_store.shards import retrieval_only_ranges
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "db", bert, n_docs=10, shard_size=SHARD, index_key="Flat",
+                        stages=("embed", "index"))
+    _grow(db, bert, 4, 5, "--retrieval-only")
+    assert run_cli(_knn(db)) == 0
+    _grow(db, bert, 3, 6, "--retrieval-only")
+    unread = retrieval_only_ranges(load_manifest(db), "train")
+    n_old = load_manifest(db)["stages"]["knn"]["stats"]["coverage"]["train"][0][0]
+    first = [(lo, min(hi, n_old)) for lo, hi in unread if lo < n_old]  # old retrieval-only rows
+    assert first and first[0][0] % SHARD, "no merge unit mixes read and retrieval-only rows"
+    ref = _copy(db, tmp_path / "ref")
+    assert run_cli(_knn(db, "--refresh", "incremental")) == 0
+    with monkeypatch.context() as m:  # the reference: every old row merged
+        m.setattr(knn_stage, "retrieval_only_ranges", lambda manifest, split: [])
+        assert run_cli(_knn(ref, "--refresh", "incremental")) == 0
+    got, want = _arrays(db)["train"], _arrays(ref)["train"]
+    read = np.ones(len(got[0]), dtype=bool)
+    for lo, hi in unread:
+        read[lo:hi] = False
+    assert (got[0][~read] == -1).all() and np.isinf(got[1][~read]).all()
+    assert np.array_equal(got[0][read], want[0][read])
+    np.testing.assert_allclose(got[1][read], want[1][read], rtol=1e-5)
+    r_got = load_manifest(db)["stages"]["knn"]["stats"]["refresh"]
+    r_ref = load_manifest(ref)["stages"]["knn"]["stats"]["refresh"]
+    unread_old = sum(hi - lo for lo, hi in first)
+    assert r_ref["merged_queries"] - r_got["merged_queries"] == unread_old
+    # and none of them was searched against the added chunks, in mixed units too
+    added = len(got[0]) - n_old
+    assert r_ref["added_vectors_scanned"] - r_got["added_vectors_scanned"] >= unread_old * added
