@@ -43,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,57 @@ def slices(rest: Sequence[Path], need_bytes: Sequence[int]) -> list[list[Path]]:
     return out
 
 
+class StepClock:
+    """Each step's seconds summed over every invocation, kept in a journal (JSON) beside the results.
+
+    Why: a step killed part-way (a session's end) resumes in the next invocation, which alone
+    would time only what was left (x30's embed once read "5 s"). While a step runs, a thread
+    writes its invocation's last-alive time every ``beat`` seconds, so a killed invocation still
+    counts, up to one beat."""
+
+    def __init__(self, path: Path, beat: float = 15.0) -> None:
+        self.path, self.beat = path, beat
+
+    def load(self) -> dict[str, list[list[float]]]:
+        """step -> [[start, last alive or end, 1 if it ended (0: killed, or running)], ...]"""
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def _mark(self, step: str, i: int, t: float, finished: bool) -> None:
+        journal = self.load()
+        journal[step][i][1:] = [round(t, 1), int(finished)]
+        atomic_json(self.path, journal)
+
+    def time(self, step: str, fn: Any) -> Any:
+        """Run ``fn()`` as an invocation of ``step``; its value."""
+        journal = self.load()
+        t0 = time.time()
+        journal.setdefault(step, []).append([round(t0, 1), round(t0, 1), 0])
+        i = len(journal[step]) - 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_json(self.path, journal)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.beat):
+                self._mark(step, i, time.time(), False)
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"step-clock-{step}")
+        thread.start()
+        try:
+            return fn()
+        finally:
+            stop.set()
+            thread.join()
+            self._mark(step, i, time.time(), True)
+
+    def seconds(self) -> dict[str, float]:
+        """step -> seconds over all its invocations (a killed one up to its last beat)."""
+        return {step: round(sum(b - a for a, b, _ in runs), 1) for step, runs in self.load().items()}
+
+    def invocations(self) -> dict[str, int]:
+        return {step: len(runs) for step, runs in self.load().items()}
+
+
 class Runner:
     """The experiment's steps, each skipped when its result is on disk."""
 
@@ -201,22 +253,22 @@ class Runner:
         if done.exists():
             return json.loads(done.read_text())
         p = self.plan
-        t0 = time.time()
-        took: dict[str, float] = {}  # this size's steps as timed here, not from the manifest: a
-        # stage record's start is its first run's, which an update after add keeps
+        clock = StepClock(self.results / "steps" / f"db-x{multiple}.json")  # every invocation, killed ones too
         if slice_dir is not None:
-            took["add"] = self.cli("add", "--db", str(self.db), "--input", str(slice_dir), "--glob", p.glob,
-                                   "--retrieval-only")
-        took["embed"] = self.cli("embed", "--db", str(self.db), *p.embed_args)
-        took["index"] = self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []), *p.index_args)
-        took["knn"] = self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []), *p.knn_args)
+            clock.time("add", lambda: self.cli("add", "--db", str(self.db), "--input", str(slice_dir),
+                                               "--glob", p.glob, "--retrieval-only"))
+        clock.time("embed", lambda: self.cli("embed", "--db", str(self.db), *p.embed_args))
+        clock.time("index", lambda: self.cli("index", "--db", str(self.db), *(["--rebuild"] if index else []),
+                                             *p.index_args))
+        clock.time("knn", lambda: self.cli("knn", "--db", str(self.db), *(["--refresh"] if index else []),
+                                           *p.knn_args))
         m = self.manifest()
         record = {"multiple": multiple, "train_tokens": m["counts"]["train"]["tokens"],
                   "train_chunks": m["counts"]["train"]["chunks"], "val_tokens": m["counts"]["val"]["tokens"],
                   "training_tokens": m["stages"]["chunk"]["stats"]["counts"]["train"]["tokens"],
                   "knn": m["stages"]["knn"].get("stats", {}), "index": m["stages"]["index"].get("stats", {}),
-                  "step_seconds": {k: round(v, 1) for k, v in took.items()},
-                  "wall_seconds": round(time.time() - t0, 1)}
+                  "step_seconds": clock.seconds(), "step_invocations": clock.invocations(),
+                  "wall_seconds": round(sum(clock.seconds().values()), 1)}
         self.results.mkdir(parents=True, exist_ok=True)
         atomic_json(done, record)
         return record

@@ -172,11 +172,7 @@ def markdown(data: dict[str, Any], work: Path) -> str:
         if not db:
             continue
         recall = (db.get("knn", {}).get("recall") or {}).get(f"recall@{db.get('knn', {}).get('k', 2)}")
-        # step_seconds: each step of this size as the driver timed it; without them (records written
-        # before they were kept) only the size's total: a stage record's start is its first run's
-        steps = db.get("step_seconds")
-        stages = (", ".join(f"{s} {v:.0f}" for s, v in steps.items()) if steps is not None
-                  else f"{db['wall_seconds']:.0f} in all")
+        stages = stage_seconds(db)
         rates = [t for s in data["plan"]["seeds"]
                  if (t := tokens_per_s(work / "runs" / f"retro-x{r['multiple']}-seed{s}")) is not None]
         out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "
@@ -189,6 +185,19 @@ def markdown(data: dict[str, Any], work: Path) -> str:
                 "```bash", "bash benchmarks/fetch_corpora.sh CORPORA", command(plan),
                 "python benchmarks/db_scaling_report.py WORK --docs", "```"]
     return "\n".join(out) + "\n"
+
+
+def stage_seconds(db: dict[str, Any]) -> str:
+    """Each step's seconds at one size. Records with ``step_invocations`` sum every invocation
+    (db_scaling.StepClock); older ones hold the last invocation of each step only (a step resumed
+    after a kill shows what was left), marked so; the oldest only the size's total."""
+    steps = db.get("step_seconds")
+    if steps is None:
+        return f"{db['wall_seconds']:.0f} in all"
+    runs = db.get("step_invocations")
+    text = ", ".join(f"{s} {v:.0f}" + (f" ({runs[s]} runs)" if runs and runs.get(s, 1) > 1 else "")
+                     for s, v in steps.items())
+    return text if runs is not None else text + " (last run of each step only)"
 
 
 def command(plan: dict[str, Any]) -> str:

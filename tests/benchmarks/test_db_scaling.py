@@ -56,6 +56,8 @@ def test_every_size_built_trained_and_evaluated(experiment) -> None:
     assert 2.4 < large["train_tokens"] / large["training_tokens"] < 3.6
     assert small["val_tokens"] == large["val_tokens"]
     assert set(small["step_seconds"]) == {"embed", "index", "knn"} and "add" in large["step_seconds"]
+    assert large["step_invocations"] == {"add": 1, "embed": 1, "index": 1, "knn": 1}
+    assert large["wall_seconds"] == pytest.approx(sum(large["step_seconds"].values()), abs=0.5)
     # how close the val chunks' nearest chunks are, per size (exact): only the grown database
     # offers added data, and a larger database can only bring them closer
     near = json.loads((res / "neighbour-distances.json").read_text())
@@ -119,6 +121,16 @@ def test_report_table_and_png(experiment, capsys) -> None:
     assert r["retro_vs_control"] == [pytest.approx(ev["bits_per_byte_other_neighbours"] - ev["bits_per_byte"])]
 
 
+def test_stage_seconds_say_what_they_count() -> None:
+    """Summed over invocations (with their count when resumed); older records say they hold the
+    last run of each step only; the oldest, the size's total."""
+    summed = {"step_seconds": {"embed": 3600.0, "knn": 10.0}, "step_invocations": {"embed": 2, "knn": 1}}
+    assert db_scaling_report.stage_seconds(summed) == "embed 3600 (2 runs), knn 10"
+    last = {"step_seconds": {"embed": 5.0, "knn": 917.1}}
+    assert db_scaling_report.stage_seconds(last) == "embed 5, knn 917 (last run of each step only)"
+    assert db_scaling_report.stage_seconds({"wall_seconds": 121.2}) == "121 in all"
+
+
 def test_goal_verdict() -> None:
     """The goal's lines say met / not met from the numbers alone."""
     def row(db, base, retro, low):
@@ -175,3 +187,32 @@ def test_db_stages_use_every_core_and_parallel_runs_share_them(tmp_path, monkeyp
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins everywhere
     runner.run(["train.py"])
     assert seen[2] == ("train.py", None)
+
+
+def test_step_clock_sums_every_invocation_including_a_killed_one(tmp_path) -> None:
+    """A step killed part-way and resumed counts both invocations: the killed one up to its last
+    beat (written by a thread while the step runs), not only what the resume had left to do."""
+    import threading
+
+    clock = db_scaling.StepClock(tmp_path / "steps.json", beat=0.01)
+    seen_beat = threading.Event()
+
+    def killed() -> None:  # stands for a run the session's end killed: its journal stays unfinished
+        while not seen_beat.is_set():
+            runs = clock.load()["embed"]
+            if runs[-1][1] > runs[-1][0]:
+                seen_beat.set()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        clock.time("embed", killed)
+    journal = clock.load()
+    journal["embed"][0] = [100.0, 160.0, 0]  # as the kill left it: started, last alive 60 s later
+    db_scaling.atomic_json(clock.path, journal)
+    assert clock.time("embed", lambda: 7) == 7
+    assert clock.time("knn", lambda: None) is None
+    runs = clock.load()
+    assert [r[2] for r in runs["embed"]] == [0, 1] and runs["knn"][0][2] == 1
+    assert 60.0 <= clock.seconds()["embed"] < 61.0
+    assert clock.invocations() == {"embed": 2, "knn": 1}
+    assert not [t for t in threading.enumerate() if t.name.startswith("step-clock")]  # no beat left alive
