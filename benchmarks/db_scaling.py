@@ -28,6 +28,11 @@ command continues after a crash or in a later session:
         --config configs/tiny.yaml --vocab-size 1024 --chunk-size 64 --seq-len 512 --jobs 2
     python benchmarks/db_scaling_report.py WORK --docs
 
+Training length (``--longer STEPS``, after the sweep, outside the plan): is the gain limited by
+how long the model trains? The baseline and RETRO at the largest database, ``--longer-seeds`` of
+the seeds, trained STEPS steps instead of the plan's (same data, the learning-rate schedule
+stretched to STEPS), evaluated as the sweep's runs are: WORK/results/longer/.
+
 That plan (the run of record) gives 867,913 training tokens (1,699 sequences of 512) and 370,711
 val tokens in 53 held-out kernel source files; the largest database holds about 100x the training
 tokens (~87M tokens, ~1.36M chunks of 64).
@@ -350,6 +355,27 @@ class Runner:
             self.parallel([lambda seed=seed, kind=kind: self.train_and_evaluate(kind, multiple, seed)
                            for seed in p.seeds for kind in ("retro", "retrofit")[:1 + p.retrofit]])
 
+    def longer(self, steps: int, seeds: Sequence[int]) -> None:
+        """Baseline and RETRO at the largest database trained ``steps`` steps (see the docstring)."""
+        largest = max(self.plan.multiples)
+        if not (self.results / f"db-x{largest}.json").exists():
+            raise SystemExit(f"db_scaling: --longer needs the database at its largest size (x{largest}) built first")
+        sets = (f"max_steps={steps}", f"eval_every={max(100, steps // 4)}", f"checkpoint_every={max(100, steps // 10)}")
+        out = self.results / "longer"
+        out.mkdir(parents=True, exist_ok=True)
+
+        def both(seed: int) -> list[Any]:
+            base = self.runs / f"baseline-seed{seed}-steps{steps}"
+            run = self.runs / f"retro-x{largest}-seed{seed}-steps{steps}"
+            return [lambda: self.train(base, seed, "model.cca_layers=[]", *sets),
+                    lambda: self.train(run, seed, *sets)]
+
+        self.parallel([step for seed in seeds for step in both(seed)])
+        for seed in seeds:
+            self.evaluate(self.runs / f"retro-x{largest}-seed{seed}-steps{steps}",
+                          self.runs / f"baseline-seed{seed}-steps{steps}",
+                          out / f"retro-x{largest}-seed{seed}-steps{steps}.json")
+
     def train_and_evaluate(self, kind: str, multiple: int, seed: int) -> None:
         """RETRO, or RETRO-fit on the seed's baseline decoder, at one size; then its evaluation."""
         base = self.runs / f"baseline-seed{seed}"
@@ -416,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training runs (with their evaluations) at a time, each with cores/jobs threads "
                         "unless OMP_NUM_THREADS is set; not part of the plan (a tiny model's step gains "
                         "little from a second thread, a second run gains all of it)")
+    p.add_argument("--longer", type=int, default=0, metavar="STEPS",
+                   help="after the sweep: baseline and RETRO at the largest database trained STEPS steps "
+                        "(is the gain limited by training length?); not part of the plan")
+    p.add_argument("--longer-seeds", type=int, default=1, help="how many of the seeds --longer trains")
     return p
 
 
@@ -435,7 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = ordered_files(corpus, plan.glob)
     if not files:
         raise SystemExit(f"db_scaling: no {plan.glob} files under {corpus}")
-    Runner(work, plan, jobs=a.jobs).experiment(files, corpus)
+    runner = Runner(work, plan, jobs=a.jobs)
+    runner.experiment(files, corpus)
+    if a.longer:
+        runner.longer(a.longer, plan.seeds[: max(1, a.longer_seeds)])
     print(f"db_scaling: done; the report: python benchmarks/db_scaling_report.py {work}", file=sys.stderr)
     return 0
 

@@ -40,7 +40,46 @@ def load(work: Path) -> dict[str, Any]:
         m = re.fullmatch(r"(\w+)-x(\d+)-seed(\d+)\.json", path.name)
         if m and m.group(1) in KINDS:
             evals[(m.group(1), int(m.group(2)), int(m.group(3)))] = json.loads(path.read_text())
-    return {"plan": plan, "dbs": dbs, "evals": evals}
+    longer: dict[tuple[int, int], dict[str, Any]] = {}  # (seed, steps) -> evaluation (--longer)
+    for path in (res / "longer").glob("retro-x*-seed*-steps*.json"):
+        m = re.fullmatch(r"retro-x(\d+)-seed(\d+)-steps(\d+)\.json", path.name)
+        if m and int(m.group(1)) == max(plan["multiples"]):
+            longer[(int(m.group(2)), int(m.group(3)))] = json.loads(path.read_text())
+    return {"plan": plan, "dbs": dbs, "evals": evals, "longer": longer}
+
+
+def training_length(data: dict[str, Any], work: Path) -> list[str]:
+    """The --longer table: at the largest database, the sweep's runs beside the longer ones of the
+    same seeds (baseline, RETRO, and what RETRO's own neighbours add over none and the control)."""
+    longer = data.get("longer") or {}
+    if not longer:
+        return []
+    import yaml
+
+    largest = max(data["plan"]["multiples"])
+    seeds = sorted({s for s, _ in longer})
+    cfg = work / "runs" / f"retro-x{largest}-seed{seeds[0]}" / "config.yaml"
+    conf = yaml.safe_load(cfg.read_text()) if cfg.exists() else {}
+    plan_steps = int(conf["max_steps"]) if conf else None
+    per_step = int(conf["batch_size"]) * int(conf["seq_len"]) if conf else 0  # tokens a step trains on
+    by_steps: dict[int | None, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        if ("retro", largest, seed) in data["evals"]:
+            by_steps.setdefault(plan_steps, []).append(data["evals"][("retro", largest, seed)])
+    for (seed, steps), ev in sorted(longer.items(), key=lambda kv: kv[0][1]):
+        by_steps.setdefault(steps, []).append(ev)
+    out = ["", f"Training length, at the largest database (x{largest}; seeds {', '.join(map(str, seeds))}; "
+           "`--longer`): bits per byte", "",
+           "| steps | tokens trained on | baseline | RETRO | gain | RETRO vs no retrieval | RETRO vs control |",
+           "|---:|---:|---|---|---|---|---|"]
+    for steps, evs in by_steps.items():
+        seen = (steps or 0) * per_step
+        out.append(f"| {steps if steps is not None else '?'} | {f'{seen:,}' if seen else '-'} | "
+                   f"{spread([e['bits_per_byte_baseline'] for e in evs])} | {spread([e['bits_per_byte'] for e in evs])} | "
+                   f"{spread([e['bits_per_byte_baseline'] - e['bits_per_byte'] for e in evs])} | "
+                   f"{spread([e['bits_per_byte_no_retrieval'] - e['bits_per_byte'] for e in evs])} | "
+                   f"{spread([e['bits_per_byte_other_neighbours'] - e['bits_per_byte'] for e in evs])} |")
+    return out
 
 
 def spread(values: Sequence[float]) -> str:
@@ -177,12 +216,15 @@ def markdown(data: dict[str, Any], work: Path) -> str:
                  if (t := tokens_per_s(work / "runs" / f"retro-x{r['multiple']}-seed{s}")) is not None]
         out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "
                    f"{mean(rates):,.0f} |" if rates else f"| {db['train_tokens']:,} | {recall} | {stages} | - |")
+    out += training_length(data, work)
     out += ["", *goal(rows)]
     stamps = [f.stat().st_mtime for f in (work / "results").glob("*.json")]
     if stamps:
         out += ["", f"Measured from {utc((work / 'plan.json').stat().st_mtime)} to {utc(max(stamps))}, "
                 "resumed across sessions (wall times above are per step, as the driver timed them). Commands:", "",
                 "```bash", "bash benchmarks/fetch_corpora.sh CORPORA", command(plan),
+                *sorted({f"{command(plan)} --longer {steps} --longer-seeds {len({s for s, t in data['longer'] if t == steps})}"
+                         for _, steps in data.get("longer", {})}),
                 "python benchmarks/db_scaling_report.py WORK --docs", "```"]
     return "\n".join(out) + "\n"
 

@@ -216,3 +216,28 @@ def test_step_clock_sums_every_invocation_including_a_killed_one(tmp_path) -> No
     assert 60.0 <= clock.seconds()["embed"] < 61.0
     assert clock.invocations() == {"embed": 2, "knn": 1}
     assert not [t for t in threading.enumerate() if t.name.startswith("step-clock")]  # no beat left alive
+
+
+def test_longer_training_at_the_largest_database_and_its_table(experiment) -> None:
+    """--longer N (outside the plan): baseline and RETRO at the largest size trained N steps,
+    evaluated like the sweep's runs, and the report's training-length table beside the sweep's."""
+    work, argv = experiment
+    assert db_scaling.main([*argv, "--longer", "5"]) == 0
+    ev = json.loads((work / "results" / "longer" / "retro-x3-seed0-steps5.json").read_text())
+    sweep = json.loads((work / "results" / "retro-x3-seed0.json").read_text())
+    assert ev["tokens"] == sweep["tokens"]  # the same val tokens
+    import yaml
+    for run in ("baseline-seed0-steps5", "retro-x3-seed0-steps5"):
+        cfg = yaml.safe_load((work / "runs" / run / "config.yaml").read_text())
+        assert cfg["max_steps"] == 5 and cfg["seed"] == 0
+        assert (cfg["model"]["cca_layers"] == []) == run.startswith("baseline")
+        assert checkpoint_dir(work / "runs" / run).name == "step_00000005"
+    assert ev["bits_per_byte_baseline"] != sweep["bits_per_byte_baseline"]  # the longer baseline
+    assert db_scaling_report.main([str(work)]) == 0
+    text = (work / "report.md").read_text()
+    table = text[text.index("Training length"):].splitlines()
+    rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 5"]
+    assert rows[1].split(" | ")[1] == f"{5 * 2 * 64:,}"  # steps x batch x seq_len
+    assert f"{ev['bits_per_byte']:.4f}" in rows[1] and f"{sweep['bits_per_byte']:.4f}" in rows[0]
+    assert "--longer 5 --longer-seeds 1" in text
