@@ -16,7 +16,6 @@ of ``stream: true``; ``RowStop`` ends a row at its own ``max_new_tokens`` or whe
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -71,7 +70,7 @@ class Job:
     max_new_tokens: int
     params: SamplingParams
     want_neighbours: bool = False
-    events: "queue.SimpleQueue[dict[str, Any]] | None" = None  # stream=True: per-token events
+    sink: Callable[[dict[str, Any]], None] | None = None  # stream=True: gets each event (worker thread)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -106,8 +105,8 @@ class _Row:
         delta = ""
         if full.startswith(self.text) and (self.done or not full.endswith("\ufffd")):
             delta, self.text = full[len(self.text):], full
-        if self.job.events is not None:
-            self.job.events.put({"index": self.index, "token": token, "text": delta})
+        if self.job.sink is not None:
+            self.job.sink({"index": self.index, "token": token, "text": delta})
 
     def result(self, neighbours: list[dict[str, Any]] | None) -> dict[str, Any]:
         out = {"index": self.index, "text": self.decode(self._visible()), "tokens": list(self.tokens),
@@ -301,8 +300,8 @@ class GenerationService:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
-                    if job.events is not None:
-                        job.events.put({"error": f"{type(e).__name__}: {e}"})
+                    if job.sink is not None:
+                        job.sink({"error": f"{type(e).__name__}: {e}"})
 
     # ------------------------------------------------------------------ one batch
 
@@ -356,6 +355,7 @@ class GenerationService:
                 answer.update({key: results[0][key] for key in ("text", "tokens", "num_tokens", "stop_reason")})
                 if "neighbours" in results[0]:
                     answer["neighbours"] = results[0]["neighbours"]
-            job.future.set_result(answer)
-            if job.events is not None:
-                job.events.put({"done": True, **answer})
+            if not job.future.done():  # a request that timed out cancelled its future
+                job.future.set_result(answer)
+            if job.sink is not None:
+                job.sink({"done": True, **answer})

@@ -8,10 +8,10 @@ totals, then ``data: [DONE]``).
 # no `from __future__ import annotations`: FastAPI must see the request model class, which is
 # local to add_generate_routes (its limits are per app).
 
+import asyncio
 import json
-import queue
 import time
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 from index_builder.generate_worker import GenerateLimits, GenerationService, Job, QueueFull, SamplingParams
 
@@ -85,14 +85,17 @@ def add_generate_routes(app: Any, service: "GenerationService | None", limits: G
             return self
 
     @app.post("/v1/generate")
-    def generate(req: GenerateRequest) -> Any:
-        # a plain def: FastAPI runs it in its threadpool while it waits for the worker
+    async def generate(req: GenerateRequest) -> Any:
+        # async: a waiting request holds no thread, so however many wait, a new one still reaches
+        # the queue check (a full queue answers at once; a blocking def would wait for a thread)
+        from starlette.concurrency import run_in_threadpool
+
         if service is None:
             return JSONResponse(status_code=503, content={"error": NO_MODEL})
         texts = [req.prompt] if req.prompt is not None else list(req.prompts or [])
+        encoded = await run_in_threadpool(lambda: [service.encode(t) for t in texts])  # bounded: max_prompt_chars
         prompts = []
-        for i, text in enumerate(texts):
-            ids = service.encode(text)
+        for i, ids in enumerate(encoded):
             where = "prompt" if req.prompt is not None else f"prompts[{i}]"
             if not ids:
                 raise HTTPException(status_code=422, detail=f"{where} encodes to no tokens")
@@ -110,19 +113,21 @@ def add_generate_routes(app: Any, service: "GenerationService | None", limits: G
             top_p=(req.top_p or 1.0) if req.do_sample else 1.0,
             repetition_penalty=req.repetition_penalty, seed=req.seed if req.do_sample else None,
             retrieval=req.retrieval, k=min(req.k or nk, nk) if req.retrieval else 0)
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         job = Job(prompts, req.max_new_tokens, params, want_neighbours=req.return_neighbours and req.retrieval,
-                  events=queue.SimpleQueue() if req.stream else None)
+                  sink=(lambda e: loop.call_soon_threadsafe(events.put_nowait, e)) if req.stream else None)
         try:
             service.submit(job)
         except QueueFull as e:
             return JSONResponse(status_code=503, headers={"Retry-After": str(limits.retry_after_s)},
                                 content={"error": f"busy: {e}; retry later"})
         if req.stream:
-            return StreamingResponse(_events(job, limits.request_timeout_s), media_type="text/event-stream",
+            return StreamingResponse(_events(job, events, limits.request_timeout_s), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return job.future.result(timeout=limits.request_timeout_s)
-        except TimeoutError:
+            return await asyncio.wait_for(asyncio.wrap_future(job.future), limits.request_timeout_s)
+        except asyncio.TimeoutError:
             job.cancelled.set()
             return JSONResponse(status_code=504, content={"error": "generation timed out"})
         except ValueError as e:
@@ -131,15 +136,14 @@ def add_generate_routes(app: Any, service: "GenerationService | None", limits: G
             return JSONResponse(status_code=500, content={"error": f"internal error: {type(e).__name__}"})
 
 
-def _events(job: Job, timeout_s: float) -> Iterator[bytes]:
+async def _events(job: Job, events: "asyncio.Queue[dict[str, Any]]", timeout_s: float) -> AsyncIterator[bytes]:
     """The job's events as SSE; a client that leaves cancels its rows (the batch goes on)."""
-    assert job.events is not None
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             try:
-                event = job.events.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
+                event = await asyncio.wait_for(events.get(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
                 yield sse({"error": "generation timed out"})
                 break
             yield sse(event)
