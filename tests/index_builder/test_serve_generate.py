@@ -310,3 +310,29 @@ def test_a_run_that_does_not_load_is_a_clear_start_up_error(tmp_path_factory, tm
     db = shared_db(tmp_path_factory)
     assert main(["--db", str(db), "--run", str(tmp_path / "missing")]) == 2
     assert "retro-serve: error:" in capsys.readouterr().err
+
+
+class SlowRetriever:
+    """The Retriever, 0.3 s slower per search: a generation that outlives its client."""
+
+    def __init__(self, retriever: Any) -> None:
+        self.retriever, self.store = retriever, retriever.store
+
+    def search_text(self, texts: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return self.retriever.search_text(texts, **kwargs)
+
+
+def test_a_stream_client_that_leaves_cancels_its_row(setup, monkeypatch) -> None:
+    client, service, _, _ = setup
+    jobs: list[Any] = []
+    submit = service.submit
+    monkeypatch.setattr(service, "submit", lambda job: jobs.append(job) or submit(job))
+    monkeypatch.setattr(service, "retriever", SlowRetriever(service.retriever))
+    with client.stream("POST", "/v1/generate", json={"prompt": PROMPTS[1], "max_new_tokens": 40,
+                                                      "stream": True}) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith("data: ")  # one token, then the client leaves
+    answer = jobs[0].future.result(timeout=60)
+    assert jobs[0].cancelled.is_set()
+    assert answer["stop_reason"] == "cancelled" and answer["num_tokens"] < 40
