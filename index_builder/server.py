@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Sequence
 
+from chunk_store.framework.argtypes import positive_int
 from chunk_store.framework.errors import UserError
 from chunk_store.chunk.text_files import visible
 from index_builder.generate_worker import GenerateLimits
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", required=True, help="database directory (after `retro-build-index index`)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where BERT runs")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where BERT (and the --run model) runs")
     p.add_argument("--embedder", default=None, help="the DB's embedder, if its recorded folder moved")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/faiss CPU threads (1 is steadier on a busy machine; default all cores)")
@@ -200,12 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on --db's tokenizer (without it /v1/generate answers 503)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (default: as saved)")
-    g.add_argument("--max-batch", type=int, default=GenerateLimits.max_batch,
+    g.add_argument("--max-batch", type=positive_int, default=GenerateLimits.max_batch,
                    help="rows in one batched generate call (1: no batching)")
-    g.add_argument("--max-queue", type=int, default=GenerateLimits.max_queue,
+    g.add_argument("--max-queue", type=positive_int, default=GenerateLimits.max_queue,
                    help="requests that may wait; one more gets 503 + Retry-After")
-    g.add_argument("--max-new-tokens", type=int, default=GenerateLimits.max_new_tokens)
-    g.add_argument("--max-prompt-tokens", type=int, default=GenerateLimits.max_prompt_tokens)
+    g.add_argument("--max-new-tokens", type=positive_int, default=GenerateLimits.max_new_tokens)
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=GenerateLimits.max_prompt_tokens)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import shared_db
-from tests.index_builder.test_serve_generate import make_run
+from tests.fixtures.served_run import make_run
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 

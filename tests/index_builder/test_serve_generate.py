@@ -8,50 +8,23 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 import torch
-import yaml
 
-from chunk_store import ChunkStore
 from chunk_store.tokenization.protocol import document_ids
 from index_builder import Retriever
 from index_builder.generate_worker import GenerateLimits, GenerationService, load_generation_model
 from index_builder.server import ServerLimits, build_parser, create_app
-from retro.checkpoint import save_checkpoint
-from retro.config import RetroConfig
-from retro.model import RETRO
-from retro.run_layout import DB_RECORD
 from tests.fixtures import shared_db
+from tests.fixtures.served_run import make_run
 
 LIMITS = GenerateLimits(max_prompts=4, max_prompt_chars=400, max_prompt_tokens=60, max_new_tokens=40,
                         max_batch=4, max_queue=2, request_timeout_s=120)
 PROMPTS = ["def f(x):\n    return x + 1\n", "the retrieval model"]
 NEW = 24  # crosses a chunk boundary (16) after each prompt: retrieval happens
-
-
-def make_run(run: Path, db: Path, seed: int = 0) -> Path:
-    """A native RETRO run matching ``db``, with random weights large enough that greedy output
-    varies token to token (the init is too tame)."""
-    store = ChunkStore.open(db, "train")
-    tok = store.tokenizer
-    cfg = RetroConfig(vocab_size=tok.vocab_size, pad_id=tok.pad_id, dim=32, depth=2, heads=2, dim_head=16,
-                      cca_layers=[2], enc_dim=32, enc_depth=1, enc_heads=2, enc_dim_head=16,
-                      chunk_size=store.chunk_size, num_neighbours=2)
-    torch.manual_seed(seed)
-    model = RETRO(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"seq_len": store.seq_len, "model": cfg.to_dict()}))
-    (run / DB_RECORD).write_text(json.dumps({"db": str(db)}))
-    save_checkpoint(run, 1, model, None, {"step": 1})
-    return run
 
 
 def serve(app: Any) -> Iterator[httpx.Client]:
