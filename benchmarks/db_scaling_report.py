@@ -82,6 +82,50 @@ def training_length(data: dict[str, Any], work: Path) -> list[str]:
     return out
 
 
+def disjoint_buckets(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """An evaluation's cumulative overlap buckets (overlap <= alpha) as disjoint ones (previous
+    alpha < overlap <= alpha): tokens, bytes and each variant's bits per byte in that range."""
+    out, prev = [], None
+    for b in sorted(ev.get("overlap") or [], key=lambda o: o["alpha"]):
+        cur = {"low": prev["alpha"] if prev else 0.0, "alpha": b["alpha"],
+               "tokens": b["tokens"] - (prev["tokens"] if prev else 0), "bytes": b["bytes"] - (prev["bytes"] if prev else 0)}
+        for v in ("retrieval", "no_retrieval", "baseline"):
+            key = f"bits_per_byte_{v}"
+            bits = b[key] * b["bytes"] - (prev[key] * prev["bytes"] if prev else 0.0)
+            cur[key] = bits / cur["bytes"] if cur["bytes"] else float("nan")
+        out.append(cur)
+        prev = b
+    return out
+
+
+def copying(data: dict[str, Any]) -> list[str]:
+    """Does RETRO read its neighbours? At the largest database, by disjoint overlap bucket: where a
+    neighbour holds most of the chunk (overlap > 75%: 48+ of 64 tokens in one run), a model that
+    copies scores far below the same weights without retrieval."""
+    largest = max(data["plan"]["multiples"])
+    groups: dict[str, list[dict[str, Any]]] = {}
+    sweep = [e for (k, m, _), e in sorted(data["evals"].items()) if k == "retro" and m == largest and e.get("overlap")]
+    if sweep:
+        groups["sweep"] = sweep
+    for (_, steps), ev in sorted((data.get("longer") or {}).items(), key=lambda kv: kv[0][1]):
+        if ev.get("overlap"):
+            groups.setdefault(f"{steps} steps", []).append(ev)
+    if not groups:
+        return []
+    out = ["", f"RETRO by overlap with its neighbours (disjoint buckets), at the largest database (x{largest}), "
+           "seed mean: bits per byte", "",
+           "| runs | overlap | val tokens | RETRO | no retrieval | baseline | RETRO vs no retrieval |",
+           "|---|---|---:|---|---|---|---|"]
+    for name, evs in groups.items():
+        per = [disjoint_buckets(e) for e in evs]
+        for i, b in enumerate(per[0]):
+            cells = [[p[i][f"bits_per_byte_{v}"] for p in per] for v in ("retrieval", "no_retrieval", "baseline")]
+            out.append(f"| {name} | {b['low']:.1%} < o <= {b['alpha']:.1%} | {b['tokens']:,} | "
+                       f"{mean(cells[0]):.3f} | {mean(cells[1]):.3f} | {mean(cells[2]):.3f} | "
+                       f"{spread([n - r for n, r in zip(cells[1], cells[0])])} |")
+    return out
+
+
 def spread(values: Sequence[float]) -> str:
     """'mean [min, max]' over seeds, or '-' where nothing was measured."""
     if not values:
@@ -217,6 +261,7 @@ def markdown(data: dict[str, Any], work: Path) -> str:
         out.append(f"| {db['train_tokens']:,} | {recall if recall is not None else '-'} | {stages} | "
                    f"{mean(rates):,.0f} |" if rates else f"| {db['train_tokens']:,} | {recall} | {stages} | - |")
     out += training_length(data, work)
+    out += copying(data)
     out += ["", *goal(rows)]
     stamps = [f.stat().st_mtime for f in (work / "results").glob("*.json")]
     if stamps:

@@ -235,9 +235,27 @@ def test_longer_training_at_the_largest_database_and_its_table(experiment) -> No
     assert ev["bits_per_byte_baseline"] != sweep["bits_per_byte_baseline"]  # the longer baseline
     assert db_scaling_report.main([str(work)]) == 0
     text = (work / "report.md").read_text()
-    table = text[text.index("Training length"):].splitlines()
+    table = text[text.index("| steps | tokens trained on"):].split("\n\n")[0].splitlines()
     rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
     assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 5"]
     assert rows[1].split(" | ")[1] == f"{5 * 2 * 64:,}"  # steps x batch x seq_len
     assert f"{ev['bits_per_byte']:.4f}" in rows[1] and f"{sweep['bits_per_byte']:.4f}" in rows[0]
     assert "--longer 5 --longer-seeds 1" in text
+
+
+def test_disjoint_overlap_buckets_add_up_to_the_cumulative_ones(experiment) -> None:
+    """Each bucket's bits are the difference of two cumulative ones: summed back (bytes-weighted)
+    they give every cumulative bucket again; and the report's copying table shows each bucket."""
+    work, _ = experiment
+    ev = json.loads((work / "results" / "retro-x3-seed0.json").read_text())
+    parts = db_scaling_report.disjoint_buckets(ev)
+    assert [p["alpha"] for p in parts] == list(db_scaling_report.ALPHAS)
+    for cum in ev["overlap"]:
+        inside = [p for p in parts if p["alpha"] <= cum["alpha"] and p["bytes"]]
+        assert sum(p["tokens"] for p in inside) == cum["tokens"]
+        for v in ("retrieval", "no_retrieval", "baseline"):
+            key = f"bits_per_byte_{v}"
+            bits = sum(p[key] * p["bytes"] for p in inside)
+            assert bits / cum["bytes"] == pytest.approx(cum[key], rel=1e-9)
+    lines = db_scaling_report.copying(db_scaling_report.load(work))
+    assert sum(line.startswith("| sweep | ") for line in lines) == len(parts)
