@@ -79,6 +79,9 @@ class Plan:
     eval_args: tuple[str, ...] = ()  # e.g. --max-sequences N
     retrofit: bool = True
     version: int = PLAN_VERSION
+    # retrieval-only data from this folder (same --glob, the same fixed order) instead of the
+    # corpus's files past the pool: e.g. the code base's next version (linux-source-6.12)
+    retrieval_corpus: str | None = None
 
     def validate(self) -> None:
         if list(self.multiples) != sorted(set(self.multiples)) or self.multiples[0] < 1:
@@ -338,6 +341,10 @@ class Runner:
         p = self.plan
         pool, rest = split_files(files, int(p.pool_mb * (1 << 20)))
         link_files(pool, corpus, self.work / "corpus" / "pool")
+        root = corpus
+        if p.retrieval_corpus is not None:
+            root = Path(p.retrieval_corpus)
+            rest = ordered_files(root, p.glob)
         if not (self.db / "manifest.json").exists() or "chunk" not in self.manifest()["stages"]:
             self.build_database(self.work / "corpus" / "pool")
         need = [self.retrieval_bytes(m) for m in p.multiples]
@@ -347,7 +354,7 @@ class Runner:
             slice_dir = None
             if part:
                 slice_dir = self.work / "corpus" / f"retrieval-x{multiple}"
-                link_files(part, corpus, slice_dir)
+                link_files(part, root, slice_dir)
             records.append(self.grow_to(i, multiple, slice_dir))
             self.neighbour_distances(records)
             self.parallel([lambda seed=seed: self.train(self.runs / f"baseline-seed{seed}", seed, "model.cca_layers=[]")
@@ -425,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, required=True, help="the experiment's folder (resumable)")
     p.add_argument("--corpus", required=True, help="a folder of documents (benchmarks/fetch_corpora.sh)")
     p.add_argument("--glob", default=d.glob)
+    p.add_argument("--retrieval-corpus", default=None,
+                   help="take the retrieval-only data from this folder instead of the corpus past the pool")
     p.add_argument("--pool-mb", type=float, default=d.pool_mb, help="training + validation documents")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--multiples", default=",".join(map(str, d.multiples)),
@@ -458,10 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vocab_size=a.vocab_size, chunk_size=a.chunk_size, seq_len=a.seq_len,
                 embed_args=tuple(a.embed_args.split()), index_args=tuple(a.index_args.split()),
                 knn_args=tuple(a.knn_args.split()), eval_args=tuple(a.eval_args.split()),
-                retrofit=not a.no_retrofit)
+                retrofit=not a.no_retrofit,
+                retrieval_corpus=str(Path(a.retrieval_corpus).resolve()) if a.retrieval_corpus else None)
     plan.validate()
     work = a.work.resolve()
     fixed_plan(work, plan)
+    if plan.retrieval_corpus is not None and not Path(plan.retrieval_corpus).is_dir():
+        raise SystemExit(f"db_scaling: --retrieval-corpus {plan.retrieval_corpus} is not a folder")
     files = ordered_files(corpus, plan.glob)
     if not files:
         raise SystemExit(f"db_scaling: no {plan.glob} files under {corpus}")

@@ -295,7 +295,8 @@ def command(plan: dict[str, Any]) -> str:
             *(f"--set {x}" for x in plan["sets"]), f"--vocab-size {plan['vocab_size']}",
             f"--chunk-size {plan['chunk_size']}", f"--seq-len {plan['seq_len']}",
             *(f"--{k}-args '{' '.join(plan[f'{k}_args'])}'" for k in ("embed", "index", "knn", "eval") if plan[f"{k}_args"]),
-            *([] if plan.get("retrofit", True) else ["--no-retrofit"])]
+            *([] if plan.get("retrofit", True) else ["--no-retrofit"]),
+            *([f"--retrieval-corpus CORPORA/{Path(plan['retrieval_corpus']).name}"] if plan.get("retrieval_corpus") else [])]
     return "python benchmarks/db_scaling.py --work WORK " + " ".join(args)
 
 

@@ -5,7 +5,9 @@ a re-run doing nothing, and the report's table and PNG."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -259,3 +261,39 @@ def test_disjoint_overlap_buckets_add_up_to_the_cumulative_ones(experiment) -> N
             assert bits / cum["bytes"] == pytest.approx(cum[key], rel=1e-9)
     lines = db_scaling_report.copying(db_scaling_report.load(work))
     assert sum(line.startswith("| sweep | ") for line in lines) == len(parts)
+
+
+def test_retrieval_corpus_gives_the_retrieval_only_data(tmp_path, monkeypatch) -> None:
+    """--retrieval-corpus: the pool (training + val documents) comes from the corpus, every
+    retrieval-only slice from the other folder, in its fixed order; the plan and the report's
+    command record it."""
+    def write(root: Path, names: list[str]) -> Path:
+        for n in names:
+            (root / n).parent.mkdir(parents=True, exist_ok=True)
+            (root / n).write_text("x" * 1000)
+        return root
+
+    corpus = write(tmp_path / "v1", [f"a/{i}.c" for i in range(6)])
+    newer = write(tmp_path / "v2", [f"a/{i}.c" for i in range(6)] + [f"b/{i}.c" for i in range(30)])
+    plan = db_scaling.Plan(corpus=str(corpus), pool_mb=3000 / (1 << 20), multiples=(1, 3, 5),
+                           retrieval_corpus=str(newer))
+    runner = db_scaling.Runner(tmp_path / "work", plan)
+    slices: list[Path | None] = []
+    monkeypatch.setattr(runner, "build_database", lambda pool: None)
+    monkeypatch.setattr(runner, "retrieval_bytes", lambda m: (m - 1) * 3000)
+    monkeypatch.setattr(runner, "grow_to", lambda i, m, d: slices.append(d) or {})
+    monkeypatch.setattr(runner, "neighbour_distances", lambda records: None)
+    monkeypatch.setattr(runner, "parallel", lambda steps: None)
+    runner.experiment(db_scaling.ordered_files(corpus, "*.c"), corpus)
+    pool = sorted(p.relative_to(tmp_path / "work" / "corpus" / "pool").as_posix()
+                  for p in (tmp_path / "work" / "corpus" / "pool").rglob("*.c"))
+    assert len(pool) == 3 and all((corpus / p).exists() for p in pool)
+    assert slices[0] is None
+    got = [sorted(p.relative_to(d) for p in d.rglob("*.c")) for d in slices[1:]]
+    assert [len(g) for g in got] == [6, 6]  # 6,000 more bytes each: (3 - 1) x 3,000, then (5 - 3) x 3,000
+    order = [p.relative_to(newer) for p in db_scaling.ordered_files(newer, "*.c")]
+    assert got[0] + got[1] == sorted(order[:6]) + sorted(order[6:12])
+    for d in slices[1:]:
+        assert all(os.path.samefile(p, newer / p.relative_to(d)) for p in d.rglob("*.c"))
+    text = db_scaling_report.command(dataclasses.asdict(plan))
+    assert "--retrieval-corpus CORPORA/v2" in text
