@@ -33,18 +33,10 @@ def add_generate_routes(app: Any, service: "GenerationService | None", limits: G
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, Field, field_validator, model_validator
 
-    from chunk_store.chunk.text_files import visible
+    from index_builder.text_checks import checked_text
 
     def check_text(text: str, where: str) -> str:
-        if not visible(text):
-            raise ValueError(f"{where} is empty (no visible characters)")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{where} is not valid Unicode (a lone surrogate at {e.start})") from None
-        if len(text) > limits.max_prompt_chars:
-            raise ValueError(f"{where} has {len(text)} characters, the limit is {limits.max_prompt_chars}")
-        return text
+        return checked_text(text, where, limits.max_prompt_chars)
 
     class GenerateRequest(BaseModel):
         prompt: str | None = Field(None, description="the text to continue (or give prompts)")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Sequence
 
 from chunk_store.framework.argtypes import positive_int
 from chunk_store.framework.errors import UserError
-from chunk_store.chunk.text_files import visible
+from index_builder.text_checks import checked_text
 from index_builder.generate_worker import GenerateLimits
 
 log = logging.getLogger("retro.serve")
@@ -120,14 +120,7 @@ def create_app(retriever: Any, limits: ServerLimits = ServerLimits(), generation
         @classmethod
         def _texts_ok(cls, texts: list[str]) -> list[str]:
             for i, t in enumerate(texts):
-                if not visible(t):
-                    raise ValueError(f"texts[{i}] is empty (no visible characters)")
-                try:
-                    t.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ValueError(f"texts[{i}] is not valid Unicode (a lone surrogate at {e.start})") from None
-                if len(t) > limits.max_chars:
-                    raise ValueError(f"texts[{i}] has {len(t)} characters, the limit is {limits.max_chars}")
+                checked_text(t, f"texts[{i}]", limits.max_chars)
             return texts
 
     class NeighboursResponse(BaseModel):

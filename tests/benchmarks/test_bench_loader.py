@@ -3,23 +3,17 @@ batched reads equal random reads shard by shard), and the script end to end."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.fixtures import benchmark_module
+
 from retro.dataset import RetroDataset
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("bench_loader")
+    return benchmark_module("bench_loader")
 
 
 def test_count_reads(bench):

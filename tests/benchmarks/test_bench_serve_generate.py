@@ -3,23 +3,15 @@ size (a real retro-serve subprocess per batching setting, on the tests' DB and a
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.fixtures import shared_db
+from tests.fixtures import benchmark_module, shared_db
 from tests.fixtures.served_run import make_run
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module("bench_serve_generate")
+    return benchmark_module("bench_serve_generate")
 
 
 def test_row_percentiles(bench) -> None:

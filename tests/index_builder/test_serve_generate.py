@@ -5,7 +5,6 @@ field, a full queue a 503 with Retry-After, and concurrent requests share one ba
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from typing import Any, Iterator
@@ -19,32 +18,13 @@ from index_builder import Retriever
 from index_builder.generate_worker import GenerateLimits, GenerationService, load_generation_model
 from index_builder.server import ServerLimits, build_parser, create_app
 from tests.fixtures import shared_db
+from tests.fixtures.loopback import serve
 from tests.fixtures.served_run import make_run
 
 LIMITS = GenerateLimits(max_prompts=4, max_prompt_chars=400, max_prompt_tokens=60, max_new_tokens=40,
                         max_batch=4, max_queue=2, request_timeout_s=120)
 PROMPTS = ["def f(x):\n    return x + 1\n", "the retrieval model"]
 NEW = 24  # crosses a chunk boundary (16) after each prompt: retrieval happens
-
-
-def serve(app: Any) -> Iterator[httpx.Client]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        yield client
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,42 +3,23 @@ with a message, and the server keeps serving."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
-import time
 
-import httpx
 import pytest
 
 from index_builder import Retriever
 from index_builder.server import ServerLimits, build_parser, create_app
 from tests.fixtures import shared_db
+from tests.fixtures.loopback import serve
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     retriever = Retriever.open(shared_db(tmp_path_factory))
     app = create_app(retriever, ServerLimits(max_texts=4, max_chars=500))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    for client in serve(app, timeout=30):
         yield client, retriever
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 def test_lookup_matches_the_python_api(server):
