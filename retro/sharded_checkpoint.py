@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -52,8 +53,10 @@ from retro.checkpoint import (MODEL_KEY, OPTIM_KEY, STATE_VERSION, _dist, _to_js
 from retro.frozen_base import FrozenBase, trainable_names
 from retro.run_layout import TMP_PREFIX, RunLayout, shards_dir, state_file, step_dirname
 
-FORMATS = ("full", "sharded")
 WRITER_THREAD = "AsyncCheckpointExecutor"  # the name prefix of dcp.async_save's writer thread
+# one rank without a process group passes no_dist=True on purpose; DCP warns at every save anyway
+warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
+                        r"assuming the intent is to (save|load) in a single process")
 
 
 def _file_system_writer(path: Path) -> Any:

@@ -217,6 +217,7 @@ def test_retrofit_sharded_checkpoint_holds_only_what_trains_and_checks_the_base(
     fit = ["init_from=" + str(tmp_path / "dec"), "freeze_decoder=true", "lr=0.01"]
     run_inprocess(config, db, tmp_path / "full", *fit, "checkpoint_every=0")
     run_inprocess(config, db, tmp_path / "fit", *fit, SHARDED, "checkpoint_async=true", "stop_at=2")
+    assert not writer_threads()  # the run waited for its last save and joined the writer
     ckpt = ck.checkpoint_dir(tmp_path / "fit")
     saved = FileSystemReader(str(shards_dir(ckpt))).read_metadata().state_dict_metadata
     model = RETRO(RetroConfig.from_dict(json.loads(ck.state_file(ckpt).read_text())["config"]["model"]))
