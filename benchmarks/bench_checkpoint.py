@@ -11,13 +11,16 @@ and prints a markdown table with the checkpoint's size on disk.
 
     python benchmarks/bench_checkpoint.py                           # CPU, configs/small.yaml
     python benchmarks/bench_checkpoint.py --device cuda             # the same on a GPU
+    python benchmarks/bench_checkpoint.py --nproc 2                 # 2 ranks (torchrun, DDP): rank 0's times
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -94,6 +97,32 @@ def run_mode(mode: str, config: str, db: Path, out: Path, sets: Sequence[str]) -
             "files": sum(1 for p in last.rglob("*") if p.is_file())}
 
 
+def run_ranks(mode: str, nproc: int, config: str, db: Path, out: Path, sets: Sequence[str]) -> dict[str, Any]:
+    """``run_mode`` under torchrun with ``nproc`` ranks (DDP); rank 0's timings come back in a file."""
+    result = out.with_suffix(".json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           __file__, "--worker", mode, "--result", str(result), "--config", config, "--db", str(db),
+           "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return json.loads(result.read_text())
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank of a --nproc run: train, time, and (rank 0) write the row; exits as train.py does."""
+    from retro.distributed import exit_process, teardown
+
+    def body() -> int:
+        try:
+            row = run_mode(args.worker, args.config, Path(args.db), Path(args.out), args.set)
+            if int(os.environ.get("RANK", "0")) == 0:
+                Path(args.result).write_text(json.dumps(row))
+        finally:
+            teardown()
+        return 0
+
+    exit_process(body)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| mode | saves | blocked in save() per ckpt (s) | end-of-run wait (s) | blocked per ckpt, all in (s) "
              "| run wall (s) | checkpoint MB | files |",
@@ -114,19 +143,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=64, help="the DB's chunk size (the config's)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--keep", default=None, help="a folder to keep the DB and runs in (default: a temp folder)")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks (torchrun, DDP; gloo on CPU)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank of --nproc: the mode
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--db", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     root.mkdir(parents=True, exist_ok=True)
     db = build_db(root, args.chunk, args.seq_len)
     steps = args.every * args.saves
     sets = ["model.vocab_size=512", "model.pad_id=3", f"model.chunk_size={args.chunk}", f"seq_len={args.seq_len}",
-            "batch_size=1", "micro_batch_size=1", f"max_steps={steps}", "warmup_steps=1", "eval_every=0",
+            f"batch_size={args.nproc}", "micro_batch_size=1", f"max_steps={steps}", "warmup_steps=1", "eval_every=0",
             "eval_batches=1", f"checkpoint_every={args.every}", f"log_every={steps}", "num_workers=0",
             "compile=false", f"device={args.device}", "dtype=" + ("bfloat16" if args.device.startswith("cuda") else "float32")]
     rows = []
     try:
         for mode in args.modes.split(","):
-            rows.append(run_mode(mode, args.config, db, root / mode, sets))
+            rows.append(run_mode(mode, args.config, db, root / mode, sets) if args.nproc == 1
+                        else run_ranks(mode, args.nproc, args.config, db, root / mode, sets))
             if not args.keep:
                 shutil.rmtree(root / mode, ignore_errors=True)
     finally:
@@ -134,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     cmd = "python benchmarks/bench_checkpoint.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"`{cmd.strip()}` on {machine(args.device)}, {dt.date.today()}, {Path(args.config).name}, "
-          f"seq_len {args.seq_len}, {steps} steps, a checkpoint every {args.every} (one rank, OMP_NUM_THREADS="
+          f"seq_len {args.seq_len}, {steps} steps, a checkpoint every {args.every} ({args.nproc} rank(s), OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')})\n")
     print(table(rows))
     return 0

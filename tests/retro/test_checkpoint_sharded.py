@@ -117,6 +117,11 @@ def test_ddp_async_to_fsdp2_equals_an_uninterrupted_run(db, config, tmp_path):
     torchrun(config, db, tmp_path / "run", "fsdp=true", "stop_at=null", resume=True)
     np.testing.assert_allclose(losses(tmp_path / "run"), losses(tmp_path / "one"), rtol=1e-5)
     assert not list((tmp_path / "run" / "checkpoints").glob(".partial-*"))
+    # FSDP2 wrote step 6 asynchronously too (the run's config keeps checkpoint_async): its shards
+    # hold the same weights as the uninterrupted run's full checkpoint
+    assert latest(tmp_path / "run") == "step_00000006" and is_sharded(ck.checkpoint_dir(tmp_path / "run"))
+    a, b = ck.load_weights(ck.checkpoint_dir(tmp_path / "run")), ck.load_weights(ck.checkpoint_dir(tmp_path / "one"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 # ----------------------------------------------------------------------------- a crash mid-save
