@@ -245,3 +245,18 @@ def test_retrofit_sharded_checkpoint_holds_only_what_trains_and_checks_the_base(
         ck.checkpoint_weights(ck.checkpoint_dir(tmp_path / "fit"))
     with pytest.raises(DBError, match="another base"):
         run_inprocess(None, db, tmp_path / "fit", "max_steps=6", resume=True)
+
+
+def test_a_sharded_checkpoint_of_another_shape_or_without_optimizer_is_one_line(tmp_path):
+    cfg = tiny_cfg()
+    model, opt = trained(cfg, steps=1)
+    sc.ShardedCheckpointer(tmp_path).save(1, model, None, {})
+    wider = RETRO(RetroConfig.from_dict(cfg.to_dict() | {"dim": 48}))
+    with pytest.raises(DBError, match=r"does not fit the model: .* has shape \(.*32.*\) in the checkpoint") as e:
+        sc.load_sharded(ck.checkpoint_dir(tmp_path), wider, None)
+    assert "\n" not in str(e.value)
+    fresh = RETRO(cfg)
+    with pytest.raises(DBError, match="no optimizer state"):
+        sc.load_sharded(ck.checkpoint_dir(tmp_path), fresh, torch.optim.AdamW(fresh.parameters()))
+    sc.load_sharded(ck.checkpoint_dir(tmp_path), fresh, None)  # the weights alone load
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
