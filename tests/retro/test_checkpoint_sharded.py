@@ -236,6 +236,12 @@ def test_retrofit_sharded_checkpoint_holds_only_what_trains_and_checks_the_base(
     np.testing.assert_allclose(losses(tmp_path / "fit"), losses(tmp_path / "full"), rtol=1e-6)
     a, b = ck.checkpoint_weights(ck.checkpoint_dir(tmp_path / "fit")), ck.checkpoint_weights(ck.checkpoint_dir(tmp_path / "full"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # 2 FSDP2 ranks write a RETRO-fit's shards (DTensors, frozen ones left out); 1 plain rank resumes
+    torchrun(config, db, tmp_path / "fsdp", *fit, SHARDED, "checkpoint_async=true", "fsdp=true", "stop_at=2")
+    saved = FileSystemReader(str(shards_dir(ck.checkpoint_dir(tmp_path / "fsdp")))).read_metadata().state_dict_metadata
+    assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == stored
+    run_inprocess(None, db, tmp_path / "fsdp", "stop_at=null", "fsdp=false", resume=True)
+    np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "full"), rtol=1e-5)
     # another base under the recorded path: loading refuses it, naming the hash
     dec = ck.checkpoint_dir(tmp_path / "dec")
     weights = ck.load_weights(dec)
