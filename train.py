@@ -38,6 +38,8 @@ from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
 from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, init_from, load_checkpoint, save_checkpoint
+from retro.run_layout import is_sharded
+from retro.sharded_checkpoint import ShardedCheckpointer, load_sharded
 from retro.dataset import RetroDataset, check_compatible
 from retro.distributed import DistInfo, ShardedBatchSampler, all_reduce_sum, exit_process, setup, teardown, wrap_model
 from retro.evaluate import autocast_for, compute_dtype, evaluate
@@ -218,6 +220,8 @@ class Trainer:
     flops_per_token: dict[bool, float]  # a training step's, with (True) and without retrieval
     # a RETRO-fit's frozen base: its checkpoints then hold only what trains (retro.frozen_base)
     frozen_base: FrozenBase | None = None
+    # checkpoint_format: sharded (retro.sharded_checkpoint); None: full checkpoints
+    checkpointer: ShardedCheckpointer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -273,6 +277,8 @@ def setup_trainer(args: argparse.Namespace) -> Trainer:
         flops_per_token={r: mcfg.flops_per_token(tcfg.seq_len, with_retrieval=r, frozen_decoder=tcfg.freeze_decoder)
                          for r in (True, False)},
         frozen_base=frozen_base,
+        checkpointer=ShardedCheckpointer(run, async_save=tcfg.checkpoint_async)
+        if tcfg.checkpoint_format == "sharded" else None,
     )
 
 
@@ -326,7 +332,8 @@ def start_state(t: Trainer, resume: bool, base: str | None = None) -> TrainState
     if not resume:
         return TrainState()
     ckpt = checkpoint_dir(t.run)
-    meta = load_checkpoint(ckpt, t.model, t.optimizer, base=base)
+    load = load_sharded if is_sharded(ckpt) else load_checkpoint  # either kind, whatever this run writes
+    meta = load(ckpt, t.model, t.optimizer, base=base)
     if "frozen_base" in meta:  # a checkpoint with the full state (older RETRO-fits too) stays full
         t.frozen_base = FrozenBase.from_json(meta["frozen_base"], str(ckpt))
     state = TrainState(step=int(meta["step"]),
@@ -447,10 +454,29 @@ def save(t: Trainer, state: TrainState, sampler: ShardedBatchSampler) -> None:
                       "world_size": t.info.world_size, "micro_batch_size": t.tcfg.micro_batch_size},
              "scheduler": {"kind": "warmup_cosine", "step": state.step, "lr": lr_at(state.step, t.tcfg)},
              "config": merged(t.tcfg, t.mcfg.to_dict())}
-    path = save_checkpoint(t.run, state.step, t.model, t.optimizer, extra, frozen_base=t.frozen_base)
-    if path is not None:
-        log(t.info, f"checkpoint {path}")
+    if t.checkpointer is not None:  # sharded: every rank writes its part (async: in a thread)
+        path: Path | None = t.checkpointer.save(state.step, t.model, t.optimizer, extra, frozen_base=t.frozen_base)
+        log(t.info, f"checkpoint {path}{' (being written)' if t.checkpointer.pending else ''}")
+    else:
+        path = save_checkpoint(t.run, state.step, t.model, t.optimizer, extra, frozen_base=t.frozen_base)
+        if path is not None:
+            log(t.info, f"checkpoint {path}")
     state.restart_clock()
+
+
+def finish_checkpoints(t: Trainer, failed: bool) -> None:
+    """Wait for an asynchronous checkpoint still being written (and join its thread), so that
+    training never ends with a save lost or a writer thread alive at exit. After a failure, the
+    first error is the one that propagates."""
+    if t.checkpointer is None:
+        return
+    if failed:
+        with contextlib.suppress(Exception):
+            t.checkpointer.close()
+        return
+    path = t.checkpointer.close()
+    if path is not None:
+        log(t.info, f"checkpoint {path} written")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -472,17 +498,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr) if info.is_main else None
     t.model.train()
     state.restart_clock()
-    while state.step < last_step:
-        lr = train_step(t, state, batches)
-        final = state.step == last_step
-        if every(tcfg.log_every, state.step) or final:
-            log_train(t, state, lr, metrics, pbar)
-        if pbar is not None:
-            pbar.update(1)
-        if every(tcfg.eval_every, state.step) or state.step == tcfg.max_steps:
-            log_eval(t, state, metrics)
-        if every(tcfg.checkpoint_every, state.step) or final:
-            save(t, state, sampler)
+    try:
+        while state.step < last_step:
+            lr = train_step(t, state, batches)
+            final = state.step == last_step
+            if every(tcfg.log_every, state.step) or final:
+                log_train(t, state, lr, metrics, pbar)
+            if pbar is not None:
+                pbar.update(1)
+            if every(tcfg.eval_every, state.step) or state.step == tcfg.max_steps:
+                log_eval(t, state, metrics)
+            if every(tcfg.checkpoint_every, state.step) or final:
+                save(t, state, sampler)
+    except BaseException:
+        finish_checkpoints(t, failed=True)
+        raise
+    finish_checkpoints(t, failed=False)
     if pbar is not None:
         pbar.close()
     del batches  # stops the DataLoader's workers

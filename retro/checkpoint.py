@@ -16,6 +16,11 @@ elsewhere cannot run code (the guarantee ``torch.load(weights_only=True)`` aims 
 
 Optimizer state is keyed by parameter *name* (via ``torch.distributed.checkpoint.state_dict``),
 so the same files load into a plain, DDP, compiled or FSDP2-sharded model.
+
+A *sharded* checkpoint (``checkpoint_format: sharded``; retro.sharded_checkpoint writes and
+resumes it) holds ``dcp/`` (torch.distributed.checkpoint) instead of the two safetensors
+files; :func:`load_weights` reads its full weights too, so export, evaluation and generation
+take either kind.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from chunk_store.framework.errors import UserError
 from chunk_store.framework.atomic import atomic_write_bytes, atomic_write_json
 from chunk_store.manifest import now_iso
 from retro.frozen_base import FrozenBase, is_retrieval_param, state_sha256, trainable_names
-from retro.run_layout import (CONFIG, RunLayout, checkpoint_dir, optimizer_file, state_file,  # noqa: F401
-                              step_dirname, weights_file)
+from retro.run_layout import (CONFIG, RunLayout, checkpoint_dir, is_sharded, optimizer_file,  # noqa: F401
+                              shards_dir, state_file, step_dirname, weights_file)
 
 if TYPE_CHECKING:
     from retro.config import RetroConfig
@@ -274,7 +279,30 @@ def check_fits(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], what
                             f"in the checkpoint, {tuple(tensor.shape)} in the model (another model config?)")
 
 
+MODEL_KEY, OPTIM_KEY = "model", "optim"  # the top-level keys of a sharded checkpoint's state dict
+
+
+def read_shards(ckpt: str | os.PathLike, key: str = MODEL_KEY) -> dict[str, Any]:
+    """One part (``model``: the full weights) of a sharded checkpoint, gathered from every rank's
+    shards into this process's memory, with no process group (export, evaluation, a RETRO-fit's
+    base). DCP's own reader, as ``format_utils.dcp_to_torch_save`` uses it, without its file."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = shards_dir(ckpt)
+    sd: dict[str, Any] = {}
+    try:  # dcp.load would hand back only the keys it was given: none
+        _load_state_dict(sd, storage_reader=FileSystemReader(str(path)),
+                         planner=_EmptyStateDictLoadPlanner(keys={key}), no_dist=True)
+    except Exception as e:  # a truncated or foreign shard
+        raise UserError(f"corrupt {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return dict(sd.get(key, {}))
+
+
 def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if is_sharded(ckpt):
+        return read_shards(ckpt)
     path = weights_file(ckpt)
     if not path.is_file():
         raise UserError(f"missing {path}")

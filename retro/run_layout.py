@@ -10,6 +10,10 @@ A run folder (``train.py --out RUN``) holds::
     RUN/checkpoints/latest  the name of the newest checkpoint folder
     RUN/checkpoints/step_XXXXXXXX/{model.safetensors, optimizer.safetensors, state.json}
                             (a RETRO-fit's: only the trained tensors; state.json names its frozen base)
+    RUN/checkpoints/step_XXXXXXXX/{dcp/, state.json}
+                            a sharded checkpoint (checkpoint_format: sharded): dcp/ is a
+                            torch.distributed.checkpoint folder, every rank's files and .metadata
+    RUN/checkpoints/.partial-step_XXXXXXXX/  a checkpoint being written (never read; see retro.sharded_checkpoint)
     RUN/loss.png            retro.plot's loss curves (leakage.png: beside an evaluate JSON)
     RUN/retrieved/          per-epoch retrieved-tokens files (neighbour_reads: sequential_file)
 
@@ -37,6 +41,9 @@ WEIGHTS = "model.safetensors"  # also the name in an exported Hugging Face folde
 WEIGHTS_PATTERN = "model{suffix}.safetensors"  # an export's shards: model-00001-of-00003.safetensors
 WEIGHTS_INDEX = "model.safetensors.index.json"  # ... and their index (transformers' names)
 OPTIMIZER = "optimizer.safetensors"
+SHARDS_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint folder
+SHARDS_METADATA = ".metadata"  # DCP's global metadata, written last, by the coordinator rank
+TMP_PREFIX = ".partial-"  # a checkpoint folder being written
 STATE = "state.json"
 LOSS_PLOT = "loss.png"
 RETRIEVED_DIR = "retrieved"
@@ -60,9 +67,18 @@ def state_file(ckpt: str | os.PathLike) -> Path:
     return Path(ckpt) / STATE
 
 
+def shards_dir(ckpt: str | os.PathLike) -> Path:
+    return Path(ckpt) / SHARDS_DIR
+
+
+def is_sharded(ckpt: str | os.PathLike) -> bool:
+    """Whether ``ckpt`` is a complete sharded checkpoint (DCP writes .metadata after every shard)."""
+    return (shards_dir(ckpt) / SHARDS_METADATA).is_file()
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is itself a checkpoint folder (it holds the weights)."""
-    return weights_file(path).is_file()
+    """Whether ``path`` is itself a checkpoint folder (it holds the weights, full or sharded)."""
+    return weights_file(path).is_file() or is_sharded(path)
 
 
 def trained_db(run_dir: str | os.PathLike) -> Path | None:
@@ -125,6 +141,10 @@ class RunLayout:
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dirname(step)
 
+    def tmp_step_dir(self, step: int) -> Path:
+        """Where every rank writes step ``step``'s sharded checkpoint before rank 0 renames it."""
+        return self.checkpoints / f"{TMP_PREFIX}{step_dirname(step)}"
+
     def step_dirs(self) -> list[Path]:
         """The checkpoint folders present, by step."""
         return sorted(self.checkpoints.glob(f"{STEP_PREFIX}*")) if self.checkpoints.is_dir() else []
@@ -148,5 +168,6 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int | None = None) -> Path:
         raise UserError(f"no checkpoint in {run_dir}: {pointer} is missing (did training save one?)")
     path = ckpts / pointer.read_text().strip()
     if not is_checkpoint(path):
-        raise UserError(f"{pointer} points to {path.name}, which has no {weights_file(path).name}")
+        raise UserError(f"{pointer} points to {path.name}, which has no {weights_file(path).name} "
+                        f"(nor complete {SHARDS_DIR}/)")
     return path

@@ -40,6 +40,8 @@ class TrainConfig:
     eval_every: int = 200  # 0: evaluate only at the end
     eval_batches: int = 8  # micro-batches per rank at each evaluation (0: the whole val split)
     checkpoint_every: int = 200  # 0: checkpoint only at the end
+    checkpoint_format: str = "full"  # full: rank 0 writes safetensors | sharded: every rank its DCP shards
+    checkpoint_async: bool = False  # sharded only: write in a thread while training goes on
     log_every: int = 10
     seed: int = 1337
     compile: bool = False
@@ -94,6 +96,10 @@ class TrainConfig:
              "retrieval_dropout needs a decoder that trains: with freeze_decoder a step without neighbours "
              "has nothing to train (set retrieval_dropout: 0)"),
             (self.stop_at is None or self.stop_at > 0, "stop_at must be > 0 or null"),
+            (self.checkpoint_format in ("full", "sharded"),
+             f"checkpoint_format must be full or sharded, not {self.checkpoint_format!r}"),
+            (not self.checkpoint_async or self.checkpoint_format == "sharded",
+             "checkpoint_async needs checkpoint_format: sharded"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -68,3 +68,38 @@ def test_retro_exposes_the_hf_classes_and_registers_them() -> None:
         import retro
 
         retro.NoSuchThing  # noqa: B018
+
+
+def test_sharded_checkpoint_exports_the_same_tensors_as_a_full_one(tmp_path: Path) -> None:
+    """One state saved both ways (safetensors; DCP shards): the two exported folders hold the
+    same tensors under the same names, in one model.safetensors each."""
+    from safetensors.torch import load_file
+
+    from retro.run_layout import is_sharded
+    from retro.sharded_checkpoint import ShardedCheckpointer
+
+    db = _tiny_db(tmp_path)
+    tok = ChunkStore.open(db, "train").tokenizer
+    cfg = RetroConfig(vocab_size=tok.vocab_size, pad_id=tok.pad_id, dim=16, depth=2, heads=2, dim_head=8,
+                      cca_layers=[2], enc_dim=16, enc_depth=1, enc_heads=2, enc_dim_head=8, chunk_size=16)
+    torch.manual_seed(0)
+    model = RETRO(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    exported = {}
+    for kind in ("full", "sharded"):
+        run = tmp_path / kind
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
+        (run / DB_RECORD).write_text(json.dumps({"db": str(db)}))
+        if kind == "full":
+            save_checkpoint(run, 3, model, opt, {})
+        else:
+            saver = ShardedCheckpointer(run, async_save=True)
+            saver.save(3, model, opt, {})
+            saver.close()
+        assert export_main(["--run", str(run), "--out", str(tmp_path / f"hf-{kind}")]) == 0
+        exported[kind] = load_file(str(tmp_path / f"hf-{kind}" / "model.safetensors"))
+    assert is_sharded(tmp_path / "sharded" / "checkpoints" / "step_00000003")
+    full, sharded = exported["full"], exported["sharded"]
+    assert full.keys() == sharded.keys() and "retro.token_emb.weight" in full
+    assert all(torch.equal(full[k], sharded[k]) for k in full)
