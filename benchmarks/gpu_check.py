@@ -249,13 +249,14 @@ def summarise_knn(data: dict, res: StepResult) -> None:
 
 
 def ddp_prepare(cfg: CheckConfig) -> tuple[list[str], Path] | str:
-    """The torchrun command over a tiny DB (tests/train_db.py's), or why the step is skipped."""
+    """The torchrun command over a tiny DB (tests/fixtures/train_db.py's), or why the step is skipped."""
     import torch
 
     if not cfg.smoke and torch.cuda.device_count() < 2:
         return f"skipped: {torch.cuda.device_count()} GPU on this machine, the DDP smoke run needs 2"
-    sys.path.insert(0, str(REPO / "tests"))
-    from train_db import build_chunk_db, tiny_model_sets, write_fake_neighbours
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.fixtures.train_db import build_chunk_db, tiny_model_sets, write_fake_neighbours
 
     root = cfg.out / "ddp"
     db = root / "db"

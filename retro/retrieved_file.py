@@ -112,7 +112,7 @@ def _write(ds: RetroDataset, order: np.ndarray, tmp: Path, progress: bool, desc:
 
     size = max(1, min(WRITE_BLOCK, -(-len(order) // max(1, threads))))  # every thread gets work
 
-    def block(a: int) -> int:
+    def block(a: int, out: np.ndarray = out) -> int:  # bound now: `out` is deleted below
         batch = ds.get_batch(order[a:a + size])
         rows = out[a:a + size]  # disjoint rows per block: no lock needed
         rows["index"] = order[a:a + size]

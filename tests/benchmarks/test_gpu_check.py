@@ -169,3 +169,12 @@ def test_every_flag_of_the_gpu_sized_commands_exists(tmp_path):
         assert cmd[2:4] == ["--device", "cuda"]
         for flag in (a for a in cmd if a.startswith("--")):
             assert flag in helps[script], (script, flag)
+
+
+def test_the_ddp_step_builds_its_db_from_the_test_fixtures(tmp_path):
+    """The DDP step's tiny DB comes from tests/fixtures/train_db.py (it once imported a path that
+    had moved, which only the slow full smoke run would have caught)."""
+    cfg = gpu_check.CheckConfig(smoke=True, out=tmp_path)
+    cmd, run = gpu_check.ddp_prepare(cfg)
+    assert (tmp_path / "ddp" / "db" / "manifest.json").exists()
+    assert "--nproc_per_node" in cmd and str(run) in cmd
