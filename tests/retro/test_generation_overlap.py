@@ -212,3 +212,21 @@ def test_beam_search_in_a_left_padded_batch_equals_rows_alone() -> None:
     for i, p in enumerate(PROMPTS):
         alone = model.generate(torch.tensor([p]), retriever=FakeNeighbours(3), **kw)
         assert batch[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist(), f"row {i}"
+
+
+@pytest.mark.parametrize("stale", [0, 3, M + 1])
+def test_own_sampler_overlaps_the_same_way(stale: int) -> None:
+    """retro.generate.generate (the CLI's sampler) with stale_tokens equals the HF path and fetches
+    exactly the stale queries; no thread is left behind."""
+    from retro.generate import generate as own_sampler
+
+    model = tiny_retro_hf("native")
+    for p in PROMPTS[:3]:
+        fn_own, fn_hf = FakeNeighbours(3), FakeNeighbours(3)
+        own = own_sampler(model.retro, p, max_new_tokens=NEW, neighbour_fn=fn_own, temperature=0.0,
+                          stale_tokens=stale)
+        hf = model.generate(torch.tensor([p]), retriever=fn_hf, max_new_tokens=NEW, stale_tokens=stale)
+        assert own.tokens == hf[0].tolist()
+        used = (len(own.tokens) - 1) // M
+        assert fn_own.calls[:used] == [stale_query(own.tokens, u, M, stale) for u in range(used)]
+        assert _fetch_threads() == []
