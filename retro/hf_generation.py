@@ -14,6 +14,7 @@ export ships it as remote code, loaded without ``import retro``.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -196,6 +197,7 @@ class RetroGenerationCache(DynamicCache):
         self.retro_encoded_mask: list[list[Tensor]] = []
         self.retro_issued: list[int] = []          # per row, chunks whose fetch is issued
         self.retro_pending: list[dict[int, tuple[Future, int]]] = []  # per row: chunk -> (job, index)
+        self.retro_wait_s = 0.0                    # decoding's time in fetches (in line) or waiting for them
 
     @property
     def retrieval(self) -> bool:
@@ -233,7 +235,9 @@ class RetroGenerationCache(DynamicCache):
         self.retro_mask = mask
         self.retro_positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, self.retro_seen:]
         if self.retrieval:
+            start = time.perf_counter()
             self._fetch()
+            self.retro_wait_s += time.perf_counter() - start
         return self.retro_positions
 
     def end(self, t: int) -> None:

@@ -230,3 +230,19 @@ def test_own_sampler_overlaps_the_same_way(stale: int) -> None:
         used = (len(own.tokens) - 1) // M
         assert fn_own.calls[:used] == [stale_query(own.tokens, u, M, stale) for u in range(used)]
         assert _fetch_threads() == []
+
+
+def test_the_cache_counts_the_time_decoding_spends_on_fetches() -> None:
+    """``retro_wait_s``: what the benchmark reports; a fetch in line counts whole."""
+    model = tiny_retro_hf("native")
+
+    class Slow(FakeNeighbours):
+        def __call__(self, chunk: Sequence[int]) -> np.ndarray:
+            time.sleep(0.02)
+            return super().__call__(chunk)
+
+    fn = Slow(3)
+    out = model.generate(torch.tensor([PROMPTS[0]]), retriever=fn, max_new_tokens=NEW, return_dict_in_generate=True)
+    assert out.past_key_values.retro_wait_s >= 0.02 * len(fn.calls) > 0
+    plain = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=NEW, return_dict_in_generate=True)
+    assert plain.past_key_values.retro_wait_s == 0.0
