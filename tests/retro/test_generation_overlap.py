@@ -246,3 +246,30 @@ def test_the_cache_counts_the_time_decoding_spends_on_fetches() -> None:
     assert out.past_key_values.retro_wait_s >= 0.02 * len(fn.calls) > 0
     plain = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=NEW, return_dict_in_generate=True)
     assert plain.past_key_values.retro_wait_s == 0.0
+
+
+def test_rows_repeat_and_select_with_their_retrieval_state() -> None:
+    """batch_repeat_interleave / batch_select_indices (contrastive search, assisted decoding): the
+    keys/values and every row's tokens, neighbours and encodings move together."""
+    from retro.hf_generation import RetroGenerationCache
+
+    model = tiny_retro_hf("native")
+    ids, mask = left_pad(PROMPTS[:2], 3)
+    out = model.generate(ids, attention_mask=mask, retriever=FakeNeighbours(3), max_new_tokens=2 * M,
+                         return_dict_in_generate=True, stale_tokens=1)
+    cache: RetroGenerationCache = out.past_key_values
+    tokens, nbrs = cache.retro_tokens.clone(), [list(r) for r in cache.retro_neighbours]
+    enc, rmask, issued = [list(r) for r in cache.retro_encoded], cache.retro_mask.clone(), list(cache.retro_issued)
+    keys = cache.layers[0].keys.clone()
+    assert nbrs[0] and nbrs[1] and not torch.equal(nbrs[0][0], nbrs[1][0])
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.retro_tokens, tokens.repeat_interleave(2, 0))
+    assert torch.equal(cache.layers[0].keys, keys.repeat_interleave(2, 0))
+    assert [len(r) for r in cache.retro_neighbours] == [len(nbrs[0])] * 2 + [len(nbrs[1])] * 2
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    assert torch.equal(cache.retro_tokens, tokens[[1, 0]]) and torch.equal(cache.retro_mask, rmask[[1, 0]])
+    assert torch.equal(cache.layers[0].keys, keys[[1, 0]])
+    for j, i in enumerate((1, 0)):
+        assert all(torch.equal(a, b) for a, b in zip(cache.retro_neighbours[j], nbrs[i], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(cache.retro_encoded[j], enc[i], strict=True))
+        assert cache.retro_issued[j] == issued[i]
