@@ -198,6 +198,9 @@ class RetroGenerationCache(DynamicCache):
         self.retro_issued: list[int] = []          # per row, chunks whose fetch is issued
         self.retro_pending: list[dict[int, tuple[Future, int]]] = []  # per row: chunk -> (job, index)
         self.retro_wait_s = 0.0                    # decoding's time in fetches (in line) or waiting for them
+        # each row's latest encoded chunk, stacked ((b, k*r, e), (b, k*r)): what a decoding step attends
+        # to, read without a per-row loop (a row with none yet holds zeros, masked out by ``valid``)
+        self._current: tuple[Tensor, Tensor] | None = None
 
     @property
     def retrieval(self) -> bool:
@@ -298,6 +301,8 @@ class RetroGenerationCache(DynamicCache):
             old = getattr(self, name)
             if old:
                 setattr(self, name, [list(old[i]) for i in idx])
+        if self._current is not None:
+            self._current = tuple(c.index_select(0, rows.to(c.device)) for c in self._current)  # type: ignore[assignment]
         if self.retro_issued:
             self.retro_issued = [self.retro_issued[i] for i in idx]
             self.retro_pending = [dict(self.retro_pending[i]) for i in idx]
@@ -329,20 +334,16 @@ class RetroGenerationCache(DynamicCache):
             self._encode_new(encode)
         pos = self.retro_positions
         new_mask = self.retro_mask[:, self.retro_seen:]
+        if t == 1:  # a decoding step: each real token past chunk 0 attends to its row's latest chunk
+            valid = (pos[:, 0] >= m - 1) & new_mask[:, 0]
+            if self._current is None or not bool(valid.any()):
+                return x
+            offset = (pos[:, 0] - (m - 1)) % m
+            enc, emask = self._current
+            attended = cca._attend(norm(x.to(dtype)), enc, emask, rearrange(offset, "b -> b 1 1"))
+            return x + attended.to(x.dtype) * rearrange(valid, "b -> b 1 1").to(x.dtype)
         out = torch.zeros_like(x)
         xn = norm(x.to(dtype))
-        if t == 1:
-            valid = (pos[:, 0] >= m - 1) & new_mask[:, 0]
-            if not bool(valid.any()):
-                return x
-            u, offset = ((pos[:, 0] - (m - 1)).clamp(min=0)).div(m, rounding_mode="floor"), (pos[:, 0] - (m - 1)) % m
-            enc = torch.stack([self.retro_encoded[i][int(u[i])] if valid[i] else self._blank(0)
-                               for i in range(b)])
-            emask = torch.stack([self.retro_encoded_mask[i][int(u[i])] if valid[i] else self._blank(1)
-                                 for i in range(b)])
-            attended = cca._attend(xn, enc, emask, offset.view(b, 1, 1))
-            out = attended.to(x.dtype) * valid.view(b, 1, 1).to(x.dtype)
-            return x + out
         for i in range(b):
             n = int(new_mask[i].sum())
             if n == 0 or not self.retro_encoded[i]:
@@ -353,12 +354,6 @@ class RetroGenerationCache(DynamicCache):
                                                          emask).to(x.dtype)
         return x + out
 
-    def _blank(self, which: int) -> Tensor:
-        for row in (self.retro_encoded if which == 0 else self.retro_encoded_mask):
-            if row:
-                return torch.zeros_like(row[0])
-        raise AssertionError("no chunk is encoded yet")  # pragma: no cover (valid rows have one)
-
     def _encode_new(self, encode: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         m = self.retro_m
         pairs = [(i, u) for i in range(len(self.retro_neighbours))
@@ -368,9 +363,13 @@ class RetroGenerationCache(DynamicCache):
         nbrs = torch.stack([self.retro_neighbours[i][u] for i, u in pairs])[None]
         hidden = torch.cat([self._real(i, self.retro_hidden)[u * m:(u + 1) * m] for i, u in pairs])[None]
         enc, emask = encode(nbrs, hidden)
+        if self._current is None:
+            b = len(self.retro_neighbours)
+            self._current = (enc.new_zeros((b, *enc.shape[2:])), emask.new_zeros((b, *emask.shape[2:])))
         for j, (i, _) in enumerate(pairs):
             self.retro_encoded[i].append(enc[0, j])
             self.retro_encoded_mask[i].append(emask[0, j])
+            self._current[0][i], self._current[1][i] = enc[0, j], emask[0, j]  # pairs run in chunk order
 
 
 def native_forward(model: nn.Module, tokens: Tensor, cache: RetroGenerationCache, positions: Tensor) -> Tensor:
