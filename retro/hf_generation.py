@@ -201,6 +201,7 @@ class RetroGenerationCache(DynamicCache):
         # each row's latest encoded chunk, stacked ((b, k*r, e), (b, k*r)): what a decoding step attends
         # to, read without a per-row loop (a row with none yet holds zeros, masked out by ``valid``)
         self._current: tuple[Tensor, Tensor] | None = None
+        self._current_kv: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor, Tensor | None]] = {}  # per CCA layer
 
     @property
     def retrieval(self) -> bool:
@@ -301,6 +302,7 @@ class RetroGenerationCache(DynamicCache):
             old = getattr(self, name)
             if old:
                 setattr(self, name, [list(old[i]) for i in idx])
+        self._current_kv.clear()
         if self._current is not None:
             self._current = tuple(c.index_select(0, rows.to(c.device)) for c in self._current)  # type: ignore[assignment]
         if self.retro_issued:
@@ -339,8 +341,11 @@ class RetroGenerationCache(DynamicCache):
             if self._current is None or not bool(valid.any()):
                 return x
             offset = (pos[:, 0] - (m - 1)) % m
-            enc, emask = self._current
-            attended = cca._attend(norm(x.to(dtype)), enc, emask, rearrange(offset, "b -> b 1 1"))
+            q = cca.queries(norm(x.to(dtype)), rearrange(offset, "b -> b 1 1"))
+            key = (id(cca), q.dtype)
+            if key not in self._current_kv:  # once per chunk and layer, not once per token
+                self._current_kv[key] = cca.context_kv(*self._current, q.dtype)
+            attended = cca.attn.attend(q, self._current_kv[key])
             return x + attended.to(x.dtype) * rearrange(valid, "b -> b 1 1").to(x.dtype)
         out = torch.zeros_like(x)
         xn = norm(x.to(dtype))
@@ -363,6 +368,7 @@ class RetroGenerationCache(DynamicCache):
         nbrs = torch.stack([self.retro_neighbours[i][u] for i, u in pairs])[None]
         hidden = torch.cat([self._real(i, self.retro_hidden)[u * m:(u + 1) * m] for i, u in pairs])[None]
         enc, emask = encode(nbrs, hidden)
+        self._current_kv.clear()
         if self._current is None:
             b = len(self.retro_neighbours)
             self._current = (enc.new_zeros((b, *enc.shape[2:])), emask.new_zeros((b, *emask.shape[2:])))
