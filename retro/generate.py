@@ -5,6 +5,10 @@ Tokens are generated one at a time through the decoder's KV cache. When a chunk 
 or any function passed in) and encoded once; CCA uses them from the chunk's last token on,
 exactly as in training (``RETRO.forward_incremental`` equals ``RETRO.forward``).
 
+``stale_tokens`` > 0 (CLI ``--stale-tokens N``) overlaps retrieval with decoding (PipeRAG): each
+chunk's neighbours are fetched in the background from the chunk_size tokens ending N tokens
+before its boundary; 0 (the default) is the exact behaviour above.
+
 CLI: ``python -m retro.generate --run RUN --db DB --prompt "..."``.
 """
 

@@ -8,6 +8,12 @@ each completed chunk and their encoding (once per chunk). A row's positions are 
 positions count its real (unmasked) tokens and its chunk boundaries fall every ``chunk_size``
 real tokens, so each row of a left-padded batch generates exactly as it would alone.
 
+Retrieval can overlap decoding (PipeRAG, ``stale_tokens`` > 0): a chunk's fetch is issued on a
+background thread as soon as its stale query (``stale_query``) is fed and awaited at the boundary;
+0 keeps RETRO's exact query, fetched in line. The rows present at one step share one fetch (one
+batched ``Retriever.search_text``). Rows can be reordered (beam search), selected and repeated:
+each row's retrieval state moves with it.
+
 Portable on purpose (torch, numpy, einops, transformers and this package's model code only): an
 export ships it as remote code, loaded without ``import retro``.
 """
