@@ -5,6 +5,10 @@ Tokens are generated one at a time through the decoder's KV cache. When a chunk 
 or any function passed in) and encoded once; CCA uses them from the chunk's last token on,
 exactly as in training (``RETRO.forward_incremental`` equals ``RETRO.forward``).
 
+``stale_tokens`` > 0 (CLI ``--stale-tokens N``) overlaps retrieval with decoding (PipeRAG): each
+chunk's neighbours are fetched in the background from the chunk_size tokens ending N tokens
+before its boundary; 0 (the default) is the exact behaviour above.
+
 CLI: ``python -m retro.generate --run RUN --db DB --prompt "..."``.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from chunk_store.framework.argtypes import count_int, float_in, positive_int, utf8_text
 from chunk_store.framework.errors import UserError, run_main
-from retro.hf_generation import RetrieverNeighbours  # noqa: F401 (its home since GenerationMixin)
+from retro.hf_generation import RetrieverNeighbours, query_ready, stale_query
 from retro.model import RETRO
 
 # chunk tokens (chunk_size,) -> neighbour tokens (k, 2 * chunk_size): each neighbour chunk
@@ -88,17 +93,23 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int | None = None,
+    stale_tokens: int = 0,
 ) -> GenerationResult:
     """Sample up to ``max_new_tokens`` after ``prompt`` (one sequence).
 
     ``neighbour_fn`` None generates without retrieval (the same weights as a plain decoder).
     Stops after ``eos_id`` (included in the result). bf16 autocast on CUDA.
+    ``stale_tokens`` > 0 overlaps retrieval with decoding (PipeRAG): chunk u's neighbours are
+    fetched on a background thread from ``hf_generation.stale_query`` (the chunk_size tokens
+    ending ``stale_tokens`` before its boundary) as soon as it is known; 0 is the exact query.
     """
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if stale_tokens < 0:
+        raise ValueError(f"stale_tokens must be >= 0, got {stale_tokens}")
     cfg = model.cfg
     if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size})")
@@ -113,15 +124,24 @@ def generate(
     tokens = list(prompt)
     cache = model.new_cache(1, len(prompt) + max_new_tokens, device=device)
     retrieved: list[Tensor] = []
+    pending: dict[int, Future] = {}  # chunk -> its fetch (overlapped mode)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="retro-fetch") if stale_tokens and neighbour_fn else None
 
     def neighbours_for(length: int) -> Tensor | None:
-        """Fetch neighbours of every chunk completed within ``length`` tokens; all so far."""
+        """Fetch neighbours of every chunk completed within ``length`` tokens; all so far.
+        Overlapped: first issue the fetch of every chunk whose stale query is now known."""
         if neighbour_fn is None:
             return None
+        if pool is not None:
+            u = len(retrieved) + len(pending)
+            while query_ready(u, m, stale_tokens) <= length:
+                pending[u] = pool.submit(neighbour_fn, stale_query(tokens, u, m, stale_tokens))
+                u += 1
         while len(retrieved) < length // m:
             u = len(retrieved)
             k = retrieved[0].shape[0] if retrieved else None
-            retrieved.append(_neighbour_tensor(neighbour_fn(tokens[u * m:(u + 1) * m]), k, 2 * m, device))
+            raw = pending.pop(u).result() if pool is not None else neighbour_fn(tokens[u * m:(u + 1) * m])
+            retrieved.append(_neighbour_tensor(raw, k, 2 * m, device))
         if not retrieved:  # no chunk complete yet: an empty (1, 0, k, 2m) tensor
             return torch.zeros(1, 0, cfg.num_neighbours, 2 * m, dtype=torch.long, device=device)
         return torch.stack(retrieved)[None]
@@ -144,6 +164,8 @@ def generate(
                 logits = model.forward_incremental(feed, cache, neighbours_for(len(tokens)))
     finally:
         model.train(was_training)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return GenerationResult(
         tokens=tokens,
         new_tokens=tokens[len(prompt):],
@@ -177,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder) where it moved; checked against the hash the checkpoint records")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-retrieval", action="store_true", help="generate without neighbours (baseline)")
+    p.add_argument("--stale-tokens", type=count_int, default=0, metavar="N",
+                   help="overlap retrieval with decoding (PipeRAG): fetch each chunk's neighbours in the "
+                        "background from the chunk_size tokens ending N tokens before its boundary; "
+                        "0 (default) = the exact query at the boundary")
     p.add_argument("--json", action="store_true", help="print a JSON record (text, tokens, neighbours)")
     return p
 
@@ -212,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
         temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p if args.top_p < 1.0 else None, eos_id=tok.eos_id, seed=args.seed,
+        stale_tokens=args.stale_tokens,
     )
     completion = tok.decode(result.new_tokens)
     record = {

@@ -115,13 +115,12 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
             if not isinstance(cache, RetroGenerationCache):
                 if cache is not None and cache.get_seq_length() > 0:
                     raise ValueError("past_key_values: pass the RetroGenerationCache this model returned")
-                fns = None
+                source = None
                 if retriever is not None:
                     source = retriever if isinstance(retriever, NeighbourSource) else \
                         NeighbourSource(retriever, self.retro.cfg.num_neighbours, self.retro.cfg)
-                    fns = [source.row() for _ in range(input_ids.shape[0])]
                 cfg = self.retro.cfg
-                cache = RetroGenerationCache(cfg.chunk_size, cfg.pad_id, cfg.num_neighbours, fns)
+                cache = RetroGenerationCache(cfg.chunk_size, cfg.pad_id, cfg.num_neighbours, source)
             logits = generation_step(self.retro, input_ids, attention_mask, cache)
         loss = None
         if labels is not None:
@@ -143,7 +142,7 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: Tensor | None = None, *args: Any, retriever: Any = None, k: int | None = None,
-                 seed: int | None = None, **kwargs: Any) -> Any:
+                 seed: int | None = None, stale_tokens: int = 0, **kwargs: Any) -> Any:
         """transformers' ``generate`` (greedy, sampling, top-k/p, temperature, repetition penalty,
         stopping criteria, streamers, ``num_return_sequences``, left-padded batches) with RETRO's
         retrieval at each row's chunk boundaries.
@@ -152,22 +151,27 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
         (``k`` neighbours per chunk, default the model's), or a function ``chunk ids -> (k, 2m)
         neighbour ids``; default ``model.retriever`` if set; None generates as the plain decoder
         (for a RETRO-fit: the untouched base model). ``seed`` seeds torch's RNG (sampling).
-        ``max_new_tokens`` defaults to 64, as before."""
+        ``max_new_tokens`` defaults to 64, as before.
+
+        ``stale_tokens`` > 0 overlaps retrieval with decoding (PipeRAG): each chunk's neighbours
+        are fetched in the background from the ``chunk_size`` tokens ending ``stale_tokens`` before
+        its boundary (``hf_generation.stale_query``), so decoding rarely waits; 0 (default) is
+        RETRO's exact query at the boundary. Beam search works: each beam keeps its own neighbours."""
         cfg = self.retro.cfg
         if retriever is None:
             retriever = getattr(self, "retriever", None)
-        source = NeighbourSource(retriever, k or cfg.num_neighbours, cfg) if retriever is not None else None
-        gen_cfg = kwargs.get("generation_config") or self.generation_config
-        if source is not None and max(kwargs.get("num_beams") or 1, gen_cfg.num_beams or 1) > 1:
-            raise ValueError("beam search with a retriever is not supported: the retrieval state of a row "
-                             "does not follow its beam (use greedy or sampling, or generate without retriever)")
+        source = NeighbourSource(retriever, k or cfg.num_neighbours, cfg, stale_tokens) \
+            if retriever is not None else None
         if seed is not None:
             torch.manual_seed(seed)
         if not {"max_new_tokens", "max_length", "generation_config"} & set(kwargs):
             kwargs["max_new_tokens"] = 64
         if kwargs.get("pad_token_id") is None and self.generation_config.pad_token_id is None:
             kwargs["pad_token_id"] = cfg.pad_id
-        return super().generate(inputs, *args, retriever=source, **kwargs)
+        if source is None:
+            return super().generate(inputs, *args, retriever=None, **kwargs)
+        with source.running():  # the fetch thread lives only as long as this call
+            return super().generate(inputs, *args, retriever=source, **kwargs)
 
 
 AutoConfig.register(MODEL_TYPE, RetroHFConfig, exist_ok=True)

@@ -111,19 +111,34 @@ class CrossAttention(nn.Module):
         q_rotary: tuple[Tensor, Tensor] | None = None,
         k_rotary: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        q = self.queries(x, q_rotary)
+        return self.attend(q, self.context_kv(context, key_mask, k_rotary, q.dtype))
+
+    def queries(self, x: Tensor, q_rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (b, n, dim) -> q (b, h, n, d), rotary applied."""
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        return q if q_rotary is None else apply_rotary(q, *q_rotary)
+
+    def context_kv(self, context: Tensor, key_mask: Tensor | None = None,
+                   k_rotary: tuple[Tensor, Tensor] | None = None, dtype: torch.dtype | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(k, v, attention mask) of a context, null key/value first: split from ``forward`` so
+        generation can reuse them (a decoding step re-reads the same chunk's neighbours m times)."""
         k, v = rearrange(self.to_kv(context), "b j (two h d) -> two b h j d", two=2, h=self.heads)
-        if q_rotary is not None:
-            q = apply_rotary(q, *q_rotary)
         if k_rotary is not None:
             k = apply_rotary(k, *k_rotary)
         attn_mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
         if self.null_kv is not None:
-            batch = q.shape[0]
-            null_k, null_v = (repeat(t, "h d -> b h 1 d", b=batch).to(q.dtype) for t in self.null_kv)
+            batch = k.shape[0]
+            null_k, null_v = (repeat(t, "h d -> b h 1 d", b=batch).to(dtype or k.dtype) for t in self.null_kv)
             k, v = torch.cat((null_k, k), dim=2), torch.cat((null_v, v), dim=2)
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (1, 0), value=True)
+        return k, v, attn_mask
+
+    def attend(self, q: Tensor, kv: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+        """q (b, h, n, d) over ``context_kv``'s keys/values -> (b, n, dim)."""
+        k, v, attn_mask = kv
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
         )
@@ -152,6 +167,17 @@ class ChunkedCrossAttention(nn.Module):
         q_cos, q_sin = self.rotary(q_offset + (m - 1))
         k_cos, k_sin = self.rotary(k_pos)
         return self.attn(q_in, enc, enc_mask, (q_cos, q_sin), (k_cos, k_sin))
+
+    def queries(self, q_in: Tensor, q_offset: Tensor) -> Tensor:
+        """``_attend``'s queries alone: q_in ((b l), t, dim) at in-block offsets -> (b, h, t, d)."""
+        return self.attn.queries(q_in, self.rotary(q_offset + (self.chunk_size - 1)))
+
+    def context_kv(self, enc: Tensor, enc_mask: Tensor, dtype: torch.dtype | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``_attend``'s keys/values alone, for one chunk's encoded neighbours enc ((b l), k*r, e):
+        computed once per chunk in generation, where ``_attend`` would redo them every token."""
+        k_pos = torch.arange(enc.shape[1], device=enc.device) % (2 * self.chunk_size)
+        return self.attn.context_kv(enc, enc_mask, self.rotary(k_pos), dtype)
 
     def forward(self, x: Tensor, enc: Tensor, enc_mask: Tensor) -> Tensor:
         """x (b, n, dim); enc (b, l, k*r, e) with l = n // m; enc_mask (b, l, k*r) -> (b, n, dim)."""

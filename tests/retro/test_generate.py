@@ -208,6 +208,13 @@ def test_cli_generates_with_retrieval_from_a_saved_run(tiny_db, tmp_path, capsys
         assert record["stop_reason"] == "length" and len(new) == n_new and tok.eos_id not in new
     assert len(record["chunks"]) == (n_tokens - 1) // store.chunk_size
     assert all(len(c["neighbours"]) <= 2 for c in record["chunks"])
+    # overlapped retrieval (--stale-tokens): the same record shape, queries from the stale window
+    assert main(["--run", str(run), "--db", str(tiny_db), "--prompt", prompt, "--max-new-tokens", str(n_new),
+                 "--temperature", "0", "--device", "cpu", "--json", "--stale-tokens", "3"]) == 0
+    stale = json.loads(capsys.readouterr().out)
+    assert len(stale["chunks"]) >= (len(stale["tokens"]) - 1) // store.chunk_size
+    m = store.chunk_size
+    assert stale["chunks"][1]["query"] == tok.decode(stale["tokens"][2 * m - 3 - m:2 * m - 3])
     # a model whose chunk size disagrees with the DB is refused with a one-line error
     bad = cfg.to_dict() | {"chunk_size": store.chunk_size * 2}
     (run / "config.yaml").write_text(yaml.safe_dump({"model": bad}))

@@ -119,8 +119,6 @@ def test_eos_ends_a_row_and_right_padding_is_refused() -> None:
     ids, mask = left_pad(PROMPTS[:2], 3)
     with pytest.raises(ValueError, match="left"):
         model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2)
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, num_beams=2, retriever=FakeNeighbours(3))
 
 
 def test_a_retriever_set_on_the_model_is_used_and_neighbours_score_whole_sequences() -> None:

@@ -1,0 +1,292 @@
+"""Generation latency with retrieval, exact vs overlapped (PipeRAG's stale query window), and the
+quality cost of the stale query (issue 23).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation_overlap.py          # CPU, a few minutes
+    python benchmarks/bench_generation_overlap.py --device cuda                         # the same on a GPU
+
+What it builds (cached under --work, reused by a rerun): a real database (the standard library's
+json, wsgiref and http packages cut into 30-line documents, each with a near-duplicate twin, see
+write_twin_corpus; chunk_size 32, seq_len 128, embedded by the real default MiniLM, the index and
+knn stages with their defaults) and a tiny RETRO trained on it by train.py (configs/tiny.yaml
+shape at chunk_size 32, --steps steps).
+
+What it measures:
+* latency: ``RetroForCausalLM.generate`` (greedy) with a real ``Retriever`` over that database,
+  per generated token, against the same model without retrieval, at batch 1 and 8: exact
+  (``stale_tokens=0``, the fetch in line at each boundary) and overlapped (``stale_tokens=S``,
+  the fetch on a background thread, S tokens early). ``wait`` is the decoding thread's time in
+  fetches (exact) or waiting for them (overlapped), per generated token.
+* quality: val bits per byte, teacher-forced, each chunk's neighbours retrieved by the real
+  Retriever with the stale query (``hf_generation.stale_query``) for each window size; 0 = exact.
+RETRO-pytorch has no retrieval-aware incremental generation path to put beside this (its
+``generate`` recomputes the whole sequence and retrieves through its own faiss/autofaiss
+pipeline); where it is not installed the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Plan:
+    """What one benchmark run does (the CLI's options)."""
+
+    work: Path
+    device: str
+    steps: int
+    new_tokens: int
+    prompt_tokens: int
+    batches: tuple[int, ...]
+    stale: tuple[int, ...]
+    windows: tuple[int, ...]
+    val_seqs: int
+    repeats: int
+
+
+def write_twin_corpus(folder: Path, packages: Sequence[str] = ("json", "wsgiref", "http"), lines: int = 30) -> Path:
+    """The standard library's ``packages`` cut into documents of ``lines`` lines, each written twice
+    (the twin with a one-line header, so it is not an exact duplicate and its chunk boundaries
+    differ). Why: a val document's twin is usually in train, so retrieval is worth something even
+    to a model trained for minutes, and what a stale query loses shows in bits per byte."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for pkg in packages:
+        for src in sorted((stdlib / pkg).glob("*.py")):
+            text = src.read_text(encoding="utf-8").splitlines(keepends=True)
+            for j in range(0, len(text), lines):
+                piece = "".join(text[j:j + lines])
+                if len(piece.strip()) < 200:
+                    continue
+                stem = f"{pkg}_{src.stem}_{j:05d}"
+                (folder / f"{stem}.py").write_text(piece, encoding="utf-8")
+                (folder / f"{stem}_twin.py").write_text(f"# twin of {stem}\n{piece}", encoding="utf-8")
+    return folder
+
+
+def build_db(work: Path) -> Path:
+    """The twin corpus chunked, embedded with the real MiniLM, indexed and knn'd (as the tests do)."""
+    from chunk_store.layout import DBLayout
+    from index_builder.embed.embedder import default_embedder
+    from tests.fixtures import build_index_db, build_tiny_db
+
+    db = work / "db"
+    if DBLayout(db).neighbours("train").exists():
+        return db
+    corpus = write_twin_corpus(work / "corpus")
+    build_tiny_db(db, corpus=corpus, vocab_size=1024, chunk_size=32, seq_len=128, val_fraction=0.1)
+    build_index_db(db, default_embedder(), shard_size=4096)
+    return db
+
+
+def train(work: Path, db: Path, steps: int, device: str) -> Path:
+    """A tiny RETRO trained by train.py (retrieval on every step, so it uses its neighbours)."""
+    run = work / f"run{steps}"
+    if (run / "checkpoints" / "latest").exists():
+        return run
+    sets = [f"max_steps={steps}", "seq_len=128", "batch_size=8", "micro_batch_size=8", "warmup_steps=20",
+            f"eval_every={steps}", f"checkpoint_every={steps}", "eval_batches=4", "model.chunk_size=32", f"device={device}"]
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.yaml", "--db", str(db), "--out", str(run)]
+    for s in sets:
+        cmd += ["--set", s]
+    print(f"training {run} ...", file=sys.stderr)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return run
+
+
+def hf_model(model: torch.nn.Module) -> Any:
+    """The trained RETRO as a RetroForCausalLM (the same weights), eval, on the model's device."""
+    from retro.hf_model import RetroForCausalLM, RetroHFConfig
+
+    cfg = model.cfg
+    hf = RetroForCausalLM(RetroHFConfig(retro=cfg.to_dict(), vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id))
+    hf.retro.load_state_dict(model.state_dict())
+    return hf.to(next(model.parameters()).device).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Instant:
+    """A NeighbourFn that costs nothing: the same real neighbours (train chunks 0 and 1) for every
+    query. Its row isolates RETRO's own retrieval compute (CCA, encoding) from the fetch."""
+
+    def __init__(self, store: Any, k: int) -> None:
+        self.out = store.neighbour_tokens(np.arange(k)).astype(np.int64)
+
+    def __call__(self, chunk: Sequence[int]) -> np.ndarray:
+        return self.out
+
+
+Mode = Any  # None (no retrieval), "instant" (Instant neighbours, exact mode) or stale_tokens (int)
+
+
+def generate_once(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, mode: Mode
+                  ) -> tuple[float, float]:
+    """(seconds per generated token, decoding thread's fetch/wait seconds per token) of one greedy
+    ``generate``. Batch rows decode together: per step, not per row."""
+    kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              return_dict_in_generate=True)
+    if mode == "instant":
+        kw.update(retriever=Instant(retriever.store, hf.retro.cfg.num_neighbours))
+    elif mode is not None:
+        kw.update(retriever=retriever, stale_tokens=mode)
+    sync(prompts.device)
+    start = time.perf_counter()
+    out = hf.generate(prompts, **kw)
+    sync(prompts.device)
+    return (time.perf_counter() - start) / new_tokens, getattr(out.past_key_values, "retro_wait_s", 0.0) / new_tokens
+
+
+def latency(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, modes: Sequence[Mode],
+            repeats: int) -> dict[Mode, tuple[float, float]]:
+    """Median (per-token seconds, per-token wait) per mode. The modes run round-robin, after one
+    warm-up each, so a busy machine's load drifts into every mode alike."""
+    runs: dict[Mode, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    for rep in range(repeats + 1):
+        for mode in modes:
+            res = generate_once(hf, retriever, prompts, new_tokens, mode)
+            if rep:
+                runs[mode].append(res)
+    return {mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+            for mode, rs in runs.items()}
+
+
+def stale_bpb(model: torch.nn.Module, retriever: Any, seqs: np.ndarray, window: int | None,
+              batch: int = 16) -> tuple[float, np.ndarray | None]:
+    """Val bits per byte, teacher-forced, and the neighbour tokens used (n, chunks, k, 2m); each
+    chunk's neighbours retrieved by ``retriever`` with ``stale_query(.., window)`` (one batched
+    search per batch of sequences); None = no retrieval."""
+    from retro.hf_generation import retriever_fetch, stale_query
+    from retro.metrics import bits_per_byte, lm_loss, target_bytes
+
+    cfg, store = model.cfg, retriever.store
+    m, k = cfg.chunk_size, cfg.num_neighbours
+    device = next(model.parameters()).device
+    loss_sum, nbytes, used = 0.0, 0, []
+    for lo in range(0, len(seqs), batch):
+        part = seqs[lo:lo + batch]
+        b, n = part.shape
+        nb = None
+        if window is not None:
+            queries = [stale_query(row.tolist(), u, m, window) for row in part for u in range(n // m)]
+            arrs, _ = retriever_fetch(retriever, k, queries)
+            used.append(np.stack(arrs).reshape(b, n // m, k, 2 * m))
+            nb = torch.as_tensor(used[-1], device=device)
+        tokens = torch.as_tensor(part, dtype=torch.long, device=device)
+        with torch.no_grad():
+            logits = model(tokens, nb)
+        loss_sum += float(lm_loss(logits[:, :-1], tokens[:, 1:], cfg.pad_id, reduction="sum"))
+        nbytes += target_bytes(store.tokenizer, part[:, 1:], cfg.pad_id)
+    return bits_per_byte(loss_sum, nbytes), (np.concatenate(used) if used else None)
+
+
+def peer_status() -> str:
+    if importlib.util.find_spec("retro_pytorch") is None:
+        return "RETRO-pytorch is not installed here: no side-by-side generation numbers."
+    return ("RETRO-pytorch is installed, but its generate recomputes the whole sequence per token and "
+            "retrieves through its own faiss/autofaiss pipeline: no like-for-like path; not measured.")
+
+
+def run(plan: Plan) -> str:
+    from chunk_store import ChunkStore
+    from index_builder import Retriever
+    from retro.checkpoint import load_model
+
+    device = torch.device(plan.device)
+    plan.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    import faiss
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    db = build_db(plan.work)
+    run_dir = train(plan.work, db, plan.steps, plan.device)
+    built = time.perf_counter() - t0
+    torch.set_num_threads(threads)  # the in-process DB stages set their own; measure at the caller's
+    faiss.omp_set_num_threads(faiss_threads)
+    model, cfg = load_model(str(run_dir), device=device)
+    model.eval()
+    retriever = Retriever.open(db, device=str(device))
+    val = ChunkStore.open(db, "val")
+    cps = val.chunks_per_seq
+    seqs = np.asarray(val.chunks[: (val.num_seqs * cps)]).astype(np.int64).reshape(val.num_seqs, -1)
+    seqs = seqs[(seqs != cfg.pad_id).all(axis=1)][: plan.val_seqs]
+    hf = hf_model(model)
+    torch.set_grad_enabled(False)
+
+    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token |", "|---|---|---|---|---|"]
+    for b in plan.batches:
+        prompts = torch.as_tensor(seqs[:b, :plan.prompt_tokens], device=device)
+        if prompts.shape[0] < b:
+            continue
+        res = latency(hf, retriever, prompts, plan.new_tokens, (None, "instant", 0, *plan.stale), plan.repeats)
+        base = res[None][0]
+        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - |")
+        t, w = res["instant"]
+        lines.append(f"| {b} | instant neighbours (CCA + encoding only) | {t * 1e3:.2f} | {t / base:.2f} | "
+                     f"{w * 1e3:.2f} |")
+        for stale in (0, *plan.stale):
+            t, w = res[stale]
+            name = "exact (stale_tokens=0)" if stale == 0 else f"overlapped (stale_tokens={stale})"
+            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} |")
+
+    qual = ["| stale window (tokens) | val bits/byte | vs exact | top-1 neighbour = exact's | "
+            "all k neighbours = exact's |", "|---|---|---|---|---|"]
+    exact, ex_nb = stale_bpb(model, retriever, seqs, 0)
+    for w in plan.windows:
+        bpb, nb = (exact, ex_nb) if w == 0 else stale_bpb(model, retriever, seqs, w)
+        top1 = float((nb[:, :, 0] == ex_nb[:, :, 0]).all(-1).mean())
+        allk = float((nb == ex_nb).all(-1).all(-1).mean())
+        qual.append(f"| {w}{' (exact)' if w == 0 else ''} | {bpb:.4f} | {bpb - exact:+.4f} | {top1:.0%} | "
+                    f"{allk:.0%} |")
+    none, _ = stale_bpb(model, retriever, seqs, None)
+    qual.append(f"| no retrieval | {none:.4f} | {none - exact:+.4f} | - | - |")
+
+    head = (f"Model: tiny RETRO (dim {cfg.dim}, depth {cfg.depth}, chunk_size {cfg.chunk_size}, k "
+            f"{cfg.num_neighbours}) trained {plan.steps} steps; DB: {retriever.num_chunks} train chunks "
+            f"(stdlib json+wsgiref+http, 30-line documents with twins, MiniLM, faiss); device {device}; prompt {plan.prompt_tokens} tokens, "
+            f"{plan.new_tokens} new (greedy), median of {plan.repeats}; quality over {len(seqs)} val "
+            f"sequences of {seqs.shape[1]} tokens. (DB + training: {built:.0f} s, cached.)")
+    return "\n".join([head, "", *lines, "", *qual, "", peer_status(),
+                      f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"])
+
+
+def parse(argv: Sequence[str] | None = None) -> Plan:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/bench_generation_overlap_twins", help="DB + run cache folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--stale", default="8,16", help="overlapped stale windows to time")
+    p.add_argument("--windows", default="0,8,16,32", help="stale windows to score (0 = exact)")
+    p.add_argument("--val-seqs", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    return Plan(Path(a.work), a.device, a.steps, a.new_tokens, a.prompt_tokens, ints(a.batches), ints(a.stale),
+                ints(a.windows), a.val_seqs, a.repeats)
+
+
+if __name__ == "__main__":
+    print(run(parse()))
