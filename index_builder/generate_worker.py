@@ -335,9 +335,9 @@ class GenerationService:
             return_dict_in_generate=True, **kwargs)
         took = time.perf_counter() - started
         logs = None
-        if retriever is not None:
-            fns = getattr(out.past_key_values, "retro_fns", None) or []
-            logs = [getattr(fn, "log", None) for fn in fns]
+        if retriever is not None:  # per row, per completed chunk: the query and its hits
+            logs = [[entry for entry in row if entry is not None]
+                    for row in getattr(out.past_key_values, "retro_logs", None) or []]
         at = 0
         for job in jobs:
             results = []

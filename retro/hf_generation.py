@@ -121,20 +121,21 @@ class NeighbourSource:
         elif not callable(retriever):
             raise TypeError("retriever: an index_builder.Retriever or a function chunk tokens -> (k, 2m) ids")
 
-    def fetch(self, queries: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Neighbour tokens per query (in order); may run on the background thread."""
+    def fetch(self, queries: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[dict[str, Any] | None]]:
+        """Neighbour tokens per query (in order) and what was retrieved for each (a Retriever's
+        query text and hits; None from a plain function); may run on the background thread."""
         if hasattr(self.retriever, "search_text"):
             out, log = retriever_fetch(self.retriever, self.k, queries)
             self.log.extend(log)
-            return out
-        return [np.asarray(self.retriever(list(q))) for q in queries]
+            return out, list(log)
+        return [np.asarray(self.retriever(list(q))) for q in queries], [None] * len(queries)
 
-    def submit(self, queries: Sequence[Sequence[int]]) -> "Future[list[np.ndarray]]":
+    def submit(self, queries: Sequence[Sequence[int]]) -> "Future[tuple[list[np.ndarray], list[dict[str, Any] | None]]]":
         """A future of ``fetch(queries)``: on the background thread inside ``running()`` with a
         stale window, else computed now (exact mode: the same calls, in the same order, as before)."""
         if self.pool is not None and self.stale_tokens > 0:
             return self.pool.submit(self.fetch, [list(q) for q in queries])
-        done: Future[list[np.ndarray]] = Future()
+        done: Future[tuple[list[np.ndarray], list[dict[str, Any] | None]]] = Future()
         done.set_result(self.fetch(queries))
         return done
 
@@ -203,6 +204,9 @@ class RetroGenerationCache(DynamicCache):
         self.retro_encoded_mask: list[list[Tensor]] = []
         self.retro_issued: list[int] = []          # per row, chunks whose fetch is issued
         self.retro_pending: list[dict[int, tuple[Future, int]]] = []  # per row: chunk -> (job, index)
+        # per row, per completed chunk: what a Retriever returned for it (query text and hits;
+        # None from a plain function); moves with its row like the neighbours
+        self.retro_logs: list[list[dict[str, Any] | None]] = []
         self.retro_wait_s = 0.0                    # decoding's time in fetches (in line) or waiting for them
         # each row's latest encoded chunk, stacked ((b, k*r, e), (b, k*r)): what a decoding step attends
         # to, read without a per-row loop (a row with none yet holds zeros, masked out by ``valid``)
@@ -268,6 +272,7 @@ class RetroGenerationCache(DynamicCache):
             self.retro_encoded_mask = [[] for _ in range(b)]
             self.retro_issued = [0] * b
             self.retro_pending = [{} for _ in range(b)]
+            self.retro_logs = [[] for _ in range(b)]
         lengths = self.retro_mask.sum(-1).tolist()
         queries: list[list[int]] = []
         keys: list[tuple[int, int]] = []
@@ -288,7 +293,9 @@ class RetroGenerationCache(DynamicCache):
             done = self.retro_neighbours[i]
             while len(done) < n // m:
                 job, j = self.retro_pending[i].pop(len(done))
-                arr = np.asarray(job.result()[j]).astype(np.int64)
+                arrays, logs = job.result()
+                arr = np.asarray(arrays[j]).astype(np.int64)
+                self.retro_logs[i].append(logs[j])
                 if arr.ndim != 2 or arr.shape[1] != 2 * m or arr.shape[0] != self.retro_k:
                     raise ValueError(f"neighbour function must return shape ({self.retro_k}, {2 * m}), "
                                      f"got {tuple(arr.shape)}")
@@ -304,7 +311,7 @@ class RetroGenerationCache(DynamicCache):
         self._hidden.select(rows)
         if self.retro_mask is not None:
             self.retro_mask = self.retro_mask.index_select(0, rows.to(self.retro_mask.device))
-        for name in ("retro_neighbours", "retro_encoded", "retro_encoded_mask"):
+        for name in ("retro_neighbours", "retro_encoded", "retro_encoded_mask", "retro_logs"):
             old = getattr(self, name)
             if old:
                 setattr(self, name, [list(old[i]) for i in idx])

@@ -229,10 +229,15 @@ def test_a_full_queue_answers_503_with_retry_after_and_recovers(setup) -> None:
 
 def test_several_prompts_in_one_request(setup) -> None:
     client, service, retriever, _ = setup
-    r = post(client, prompts=PROMPTS, max_new_tokens=NEW)
+    r = post(client, prompts=PROMPTS, max_new_tokens=NEW, return_neighbours=True)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["tokens"] for x in results] == [alone(service, retriever, p) for p in PROMPTS]
+    # each row's neighbours are its own: every query is a chunk of that row's prompt + output
+    tok = retriever.store.tokenizer
+    for prompt, x in zip(PROMPTS, results):
+        whole = prompt + tok.decode([t for t in x["tokens"] if t != service.eos_id])
+        assert x["neighbours"] and all(c["query"].strip() in whole for c in x["neighbours"])
 
 
 def test_an_export_folder_serves_the_same_answers(setup, tmp_path) -> None:
