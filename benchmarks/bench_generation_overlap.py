@@ -30,6 +30,7 @@ import importlib.util
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -272,7 +273,8 @@ def run(plan: Plan) -> str:
 
 def parse(argv: Sequence[str] | None = None) -> Plan:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default="/tmp/bench_generation_overlap_twins", help="DB + run cache folder")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_generation_overlap_twins"),
+                   help="DB + run cache folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=300, help="training steps of the tiny model")
     p.add_argument("--new-tokens", type=int, default=96)
