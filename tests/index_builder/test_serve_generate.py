@@ -286,7 +286,16 @@ def test_a_stream_client_that_leaves_cancels_its_row(setup, monkeypatch) -> None
     jobs: list[Any] = []
     submit = service.submit
     monkeypatch.setattr(service, "submit", lambda job: jobs.append(job) or submit(job))
-    monkeypatch.setattr(service, "retriever", SlowRetriever(service.retriever))
+
+    class GatedRetriever(SlowRetriever):
+        """Each search waits until the job is cancelled (at most 60 s): the generation cannot end
+        before the server has seen its client leave, however loaded the machine is."""
+
+        def search_text(self, texts: Any, **kwargs: Any) -> Any:
+            jobs[0].cancelled.wait(60)
+            return self.retriever.search_text(texts, **kwargs)
+
+    monkeypatch.setattr(service, "retriever", GatedRetriever(service.retriever))
     with client.stream("POST", "/v1/generate", json={"prompt": PROMPTS[1], "max_new_tokens": 40,
                                                       "stream": True}) as r:
         assert r.status_code == 200
