@@ -270,14 +270,15 @@ def test_a_run_that_does_not_load_is_a_clear_start_up_error(tmp_path_factory, tm
     assert "retro-serve: error:" in capsys.readouterr().err
 
 
-class SlowRetriever:
-    """The Retriever, 0.3 s slower per search: a generation that outlives its client."""
+class GatedRetriever:
+    """The Retriever, each search held until ``gate`` is set (at most 60 s): a generation that
+    cannot end before the server has seen its client leave, however loaded the machine is."""
 
-    def __init__(self, retriever: Any) -> None:
-        self.retriever, self.store = retriever, retriever.store
+    def __init__(self, retriever: Any, gate: Any) -> None:
+        self.retriever, self.store, self.gate = retriever, retriever.store, gate
 
     def search_text(self, texts: Any, **kwargs: Any) -> Any:
-        time.sleep(0.3)
+        self.gate()
         return self.retriever.search_text(texts, **kwargs)
 
 
@@ -287,15 +288,7 @@ def test_a_stream_client_that_leaves_cancels_its_row(setup, monkeypatch) -> None
     submit = service.submit
     monkeypatch.setattr(service, "submit", lambda job: jobs.append(job) or submit(job))
 
-    class GatedRetriever(SlowRetriever):
-        """Each search waits until the job is cancelled (at most 60 s): the generation cannot end
-        before the server has seen its client leave, however loaded the machine is."""
-
-        def search_text(self, texts: Any, **kwargs: Any) -> Any:
-            jobs[0].cancelled.wait(60)
-            return self.retriever.search_text(texts, **kwargs)
-
-    monkeypatch.setattr(service, "retriever", GatedRetriever(service.retriever))
+    monkeypatch.setattr(service, "retriever", GatedRetriever(service.retriever, lambda: jobs[0].cancelled.wait(60)))
     with client.stream("POST", "/v1/generate", json={"prompt": PROMPTS[1], "max_new_tokens": 40,
                                                       "stream": True}) as r:
         assert r.status_code == 200
