@@ -210,6 +210,8 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
                          find_unused_parameters=bool(mcfg.resolved_cca_layers) and tcfg.retrieval_dropout > 0)
     if shard_first:
         materialize.materialize(model, device, tcfg.seed)
+    if tcfg.fsdp_cpu_offload and not info.distributed:
+        log(info, "fsdp_cpu_offload: one process runs without FSDP2, so nothing is offloaded")
     if tcfg.compile and tcfg.fsdp:
         wrapped = torch.compile(wrapped)
     return model, wrapped, build_optimizer(model, tcfg, device), frozen_base
