@@ -11,7 +11,7 @@ median of the timed steps after one warm-up step. Losses are printed too: checkp
 offload change memory and time, never the numbers.
 
     python benchmarks/bench_memory.py                     # CPU, 2 gloo ranks, a few minutes
-    python benchmarks/bench_memory.py --device cuda       # the same on 2 GPUs (NCCL), seq 2048 x 8
+    python benchmarks/bench_memory.py --device cuda       # the same on 2 GPUs (NCCL), seq 2048 x 8 per rank
     python benchmarks/bench_memory.py --variants fsdp,fsdp+ac --steps 5
 """
 
@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="the DB's sequence length (default: 256 on CPU, 2048 on CUDA)")
     ap.add_argument("--micro-batch", type=int, default=None, help="sequences per rank per step (default: 1 on CPU, 8 on CUDA)")
     ap.add_argument("--chunk", type=int, default=64, help="the DB's chunk size (the config's)")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks (torchrun)")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="ranks (torchrun; default 2, on CUDA at most the GPU count: NCCL needs a GPU per rank)")
     ap.add_argument("--keep", default=None, help="a folder to keep the DB and runs in (default: a temp folder)")
     ap.add_argument("--json", default=None, help="also write every rank's row here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank: the variant
@@ -159,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         return worker(args)
     cuda = args.device.startswith("cuda")
+    if args.nproc is None:
+        import torch
+
+        args.nproc = max(1, min(2, torch.cuda.device_count())) if cuda else 2
+        if args.nproc == 1:
+            print("bench_memory: one GPU, one rank: the fsdp variants run without FSDP2 (nothing to shard over)")
     seq = args.seq_len or (2048 if cuda else 256)
     micro = args.micro_batch or (8 if cuda else 1)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
