@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -36,6 +37,7 @@ from chunk_store.framework import runtime
 from chunk_store.framework.errors import UserError, run_main
 from chunk_store.framework.atomic import atomic_write_json
 from retro import RETRO, RetroConfig
+from retro import materialize
 from retro.build import model_from_config
 from retro.checkpoint import checkpoint_dir, init_from, load_checkpoint, save_checkpoint
 from retro.run_layout import is_sharded
@@ -179,7 +181,17 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
         torch.backends.cudnn.allow_tf32 = True
     # RETRO-fitting a pretrained HF decoder: frozen, it is held in bf16 on GPU
     frozen_bf16 = bool(mcfg.hf_decoder) and device.type == "cuda" and tcfg.freeze_decoder
-    model = model_from_config(mcfg, dtype=torch.bfloat16 if frozen_bf16 else None, activation_checkpointing=tcfg.activation_checkpointing)
+    # a native RETRO is built on the meta device (no rank holds weights it does not need) and
+    # materialised with the eager build's exact weights (retro.materialize): under FSDP2 after
+    # fully_shard, each rank its shards only, unless init_from loads full weights into it first;
+    # else once per rank, on its device. A RETRO-fit stays eager: from_pretrained loads its decoder.
+    on_meta = not mcfg.hf_decoder
+    shard_first = on_meta and tcfg.fsdp and info.distributed and not (tcfg.init_from and fresh)
+    build = functools.partial(model_from_config, mcfg, dtype=torch.bfloat16 if frozen_bf16 else None,
+                              activation_checkpointing=tcfg.activation_checkpointing)
+    model = materialize.on_meta(build) if on_meta else build()
+    if on_meta and not shard_first:
+        materialize.materialize(model, device, tcfg.seed)
     if tcfg.init_from and fresh:
         got = init_from(model, tcfg.init_from)
         log(info, f"init_from {tcfg.init_from}: {got['loaded']} tensors loaded, {got['new']} new")
@@ -187,14 +199,19 @@ def build_model(tcfg: TrainConfig, mcfg: RetroConfig, info: DistInfo, *, use_ret
         n = freeze_decoder(model)
         log(info, f"freeze_decoder: training {n:,} encoder/CCA parameters only")
     frozen_base = identify_base(model, tcfg, mcfg) if fresh else None
-    model.to(device)
+    if not shard_first:
+        model.to(device)
     wrapped: torch.nn.Module = model
     if tcfg.compile and not tcfg.fsdp:
         wrapped = torch.compile(model)
     # a step without neighbours leaves encoder/CCA unused (every step when retrieval_dropout=1,
     # the RETRO-fitting recipe's first stage): DDP must be told, or its second step fails
-    wrapped = wrap_model(wrapped, info, fsdp=tcfg.fsdp,
+    wrapped = wrap_model(wrapped, info, fsdp=tcfg.fsdp, cpu_offload=tcfg.fsdp_cpu_offload,
                          find_unused_parameters=bool(mcfg.resolved_cca_layers) and tcfg.retrieval_dropout > 0)
+    if shard_first:
+        materialize.materialize(model, device, tcfg.seed)
+    if tcfg.fsdp_cpu_offload and not info.distributed:
+        log(info, "fsdp_cpu_offload: one process runs without FSDP2, so nothing is offloaded")
     if tcfg.compile and tcfg.fsdp:
         wrapped = torch.compile(wrapped)
     return model, wrapped, build_optimizer(model, tcfg, device), frozen_base

@@ -1,6 +1,6 @@
 """The GPU proof in one command (`make gpu-check`): every GPU claim measured in one bounded run.
 
-    python benchmarks/gpu_check.py                # on a CUDA machine: ~9 minutes on one H100
+    python benchmarks/gpu_check.py                # on a CUDA machine: ~10 minutes on one H100
     python benchmarks/gpu_check.py --cpu-smoke    # every step on CPU at a tiny size (the test)
 
 Why one script: GPU time is rare and short, and the machine is bare (CUDA torch, transformers,
@@ -15,6 +15,10 @@ into a scratch site folder, then runs, each as a subprocess with its own time li
   4. embed          bench_embed: random BERT-base and MiniLM-L6 shapes, ours vs the plain bf16 loop
   5. knn            bench_knn: exact k-NN at 1M x 384 vs the naive torch loop
   6. ddp            train.py under torchrun, 2 ranks (NCCL), if there are 2 GPUs; else skipped
+  7. memory         bench_memory at configs/small.yaml (seq 2048, 8 per rank): peak memory and step
+                    time with activation checkpointing off/on; with 2 GPUs also FSDP2 and FSDP2 CPU
+                    offload (2 ranks); on one GPU one rank, whose FSDP2 (hence offload) is a no-op,
+                    so offload is measured only where there are 2 GPUs
 
 It prints one table (the issue's targets beside the numbers, reported, not asserted), writes each
 benchmark's section of docs/BENCHMARKS.md and its own `gpu_check` section, and exits 1 if any
@@ -46,7 +50,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
 WHEELS = REPO / ".whl"
 TOKENIZER = "minilm-tokenizer"  # the MiniLM tokenizer files (no weights), beside the wheels
-STEPS = ("gpu-tests", "train-eager", "train-compile", "embed", "knn", "ddp")
+STEPS = ("gpu-tests", "train-eager", "train-compile", "embed", "knn", "ddp", "memory")
 
 
 @dataclass
@@ -80,10 +84,12 @@ class CheckConfig:
         return "cpu" if self.smoke else "cuda"
 
     def timeout(self, step: str) -> float:
-        """Seconds per step. On one GPU (ddp skipped) they add up to 525 s, 9 minutes with the
+        """Seconds per step. On one GPU (ddp skipped) they add up to 585 s, 10 minutes with the
         install; compiling (train-compile, embed) is the part nobody has timed yet."""
-        gpu = {"gpu-tests": 100, "train-eager": 60, "train-compile": 170, "embed": 130, "knn": 35, "ddp": 40}
-        smoke = {"gpu-tests": 300, "train-eager": 300, "train-compile": 300, "embed": 300, "knn": 300, "ddp": 300}
+        gpu = {"gpu-tests": 100, "train-eager": 60, "train-compile": 170, "embed": 130, "knn": 35, "ddp": 40,
+               "memory": 60}
+        smoke = {"gpu-tests": 300, "train-eager": 300, "train-compile": 300, "embed": 300, "knn": 300, "ddp": 300,
+                 "memory": 300}
         return (smoke if self.smoke else gpu)[step] * self.timeout_scale
 
 
@@ -248,6 +254,35 @@ def summarise_knn(data: dict, res: StepResult) -> None:
     res.met = verdict(r >= 5)
 
 
+def memory_cmd(cfg: CheckConfig, out: Path) -> list[str]:
+    """bench_memory: 2 ranks on CPU (gloo) or 2 GPUs, every variant; 1 rank on one GPU (NCCL
+    cannot put two ranks on one device), activation checkpointing off/on only."""
+    import torch
+
+    two = cfg.smoke or torch.cuda.device_count() >= 2
+    variants = "ddp,ddp+ac,fsdp,fsdp+ac,fsdp+offload" if two else "ddp,ddp+ac"
+    cmd = [sys.executable, str(BENCH / "bench_memory.py"), "--device", cfg.device, "--nproc", "2" if two else "1",
+           "--variants", variants, "--json", str(out)]
+    if cfg.smoke:
+        return cmd + ["--config", str(REPO / "configs" / "tiny.yaml"), "--seq-len", "128", "--steps", "1"]
+    return cmd + ["--config", str(REPO / "configs" / "small.yaml"), "--steps", "2"]
+
+
+def summarise_memory(data: dict, res: StepResult, smoke: bool) -> None:
+    """Each variant's peak (largest rank) and median step (slowest rank); met: activation
+    checkpointing lowers the peak, and every variant's first-step loss equals the plain run's."""
+    rows = {ranks[0]["variant"]: ranks for ranks in data["rows"]}
+    unit = "MiB RSS" if smoke else "MiB"
+    res.result = "; ".join(f"{v} {max(r['peak_mib'] for r in ranks):,.0f} {unit}, "
+                           f"{max(r['step_s'] for r in ranks):.2f} s/step" for v, ranks in rows.items())
+    first = [ranks[0]["losses"][0] for ranks in rows.values()]
+    same = all(math.isclose(x, first[0], rel_tol=1e-2) for x in first)
+    lower = max(r["peak_mib"] for r in rows["ddp+ac"]) < max(r["peak_mib"] for r in rows["ddp"]) \
+        if {"ddp", "ddp+ac"} <= rows.keys() else None
+    res.target = "activation checkpointing lowers peak memory; the same first-step loss everywhere"
+    res.met = verdict(same and lower is not False)
+
+
 def ddp_prepare(cfg: CheckConfig) -> tuple[list[str], Path] | str:
     """The torchrun command over a tiny DB (tests/fixtures/train_db.py's), or why the step is skipped."""
     import torch
@@ -335,6 +370,9 @@ def run_check(cfg: CheckConfig) -> list[StepResult]:
         elif name == "knn":
             cmd = knn_cmd(cfg, out_json)
             summarise = lambda: summarise_knn(json.loads(out_json.read_text()), res)  # noqa: E731
+        elif name == "memory":
+            cmd = memory_cmd(cfg, out_json)
+            summarise = lambda: summarise_memory(json.loads(out_json.read_text()), res, cfg.smoke)  # noqa: E731
         else:
             try:
                 prepared = ddp_prepare(cfg)

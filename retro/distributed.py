@@ -113,25 +113,29 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, *, fsdp: bool,
-               find_unused_parameters: bool = False) -> torch.nn.Module:
+               find_unused_parameters: bool = False, cpu_offload: bool = False) -> torch.nn.Module:
     """DDP across ranks (or FSDP2 ``fully_shard`` per block, then the root); as is in one process.
 
     FSDP2 shards every sub-module listed by ``model.fsdp_units()`` when the model provides it, else
-    those of :func:`fsdp_units`, then the root module.
+    those of :func:`fsdp_units`, then the root module. ``model`` may still be on the meta device
+    (retro.materialize then allocates each rank's shards only). ``cpu_offload``: FSDP2's
+    ``CPUOffloadPolicy``, parameters, gradients and optimizer state kept in CPU memory between
+    uses (pinned when the device is CUDA), all-gathered to the device for each unit's compute.
     """
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if not info.distributed:
             return model
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if info.device.type == "cuda" else MixedPrecisionPolicy()
+        offload = CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if cpu_offload else OffloadPolicy()
         units = model.fsdp_units() if hasattr(model, "fsdp_units") else fsdp_units(model)
         for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(unit, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
         return model
     if not info.distributed:
         return model

@@ -26,8 +26,17 @@ class Rotary(nn.Module):
 
     def __init__(self, dim_head: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim_head, 2, dtype=torch.float32) / dim_head))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim_head, self.base = dim_head, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | str | None = None) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim_head, 2, dtype=torch.float32, device=device)
+                                    / self.dim_head))
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies in place: a meta-device build leaves them empty."""
+        self.inv_freq.copy_(self._inv_freq(self.inv_freq.device))
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions (..., n) -> cos, sin (..., n, dim_head) in float32."""

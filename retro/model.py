@@ -373,9 +373,11 @@ class RETRO(nn.Module):
 
     # ------------------------------------------------------------------ init
 
-    def reset_parameters(self) -> None:
-        """``init_weights`` over every module; residual branches: 2 per layer + the CCAs."""
-        init_weights(self.named_modules(), self.cfg.init_std, 2 * self.cfg.depth + len(self.cca_layers))
+    def reset_parameters(self, modules: Iterable[tuple[str, nn.Module]] | None = None) -> None:
+        """``init_weights`` over every module (or the (name, module) pairs given: a meta-device
+        build's materialisation, retro.materialize); residual branches: 2 per layer + the CCAs."""
+        init_weights(self.named_modules() if modules is None else modules, self.cfg.init_std,
+                     2 * self.cfg.depth + len(self.cca_layers))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

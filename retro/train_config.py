@@ -54,6 +54,7 @@ class TrainConfig:
     freeze_decoder: bool = False  # RETRO-fitting: train only the neighbour encoder and CCA
     init_from: str | None = None  # RUN dir or checkpoint dir whose weights start this run
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit one GPU)
+    fsdp_cpu_offload: bool = False  # fsdp only: parameters, gradients and optimizer state live in CPU memory (FSDP2 CPUOffloadPolicy)
     activation_checkpointing: bool = False  # recompute each decoder block's and the encoder's activations in backward
     tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
     retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
@@ -100,6 +101,7 @@ class TrainConfig:
              f"checkpoint_format must be full or sharded, not {self.checkpoint_format!r}"),
             (not self.checkpoint_async or self.checkpoint_format == "sharded",
              "checkpoint_async needs checkpoint_format: sharded"),
+            (not self.fsdp_cpu_offload or self.fsdp, "fsdp_cpu_offload needs fsdp: true (it is FSDP2's CPU offload)"),
         ]
         for ok, msg in checks:
             if not ok:

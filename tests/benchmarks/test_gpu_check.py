@@ -157,7 +157,8 @@ def test_every_flag_of_the_gpu_sized_commands_exists(tmp_path):
     cfg = gpu_check.CheckConfig(smoke=False, out=tmp_path)
     cmds = [gpu_check.train_cmd(cfg, False, True, tmp_path / "a.json"),
             gpu_check.train_cmd(cfg, True, True, tmp_path / "b.json"),
-            gpu_check.embed_cmd(cfg, "tok", tmp_path / "c.json"), gpu_check.knn_cmd(cfg, tmp_path / "d.json")]
+            gpu_check.embed_cmd(cfg, "tok", tmp_path / "c.json"), gpu_check.knn_cmd(cfg, tmp_path / "d.json"),
+            gpu_check.memory_cmd(cfg, tmp_path / "e.json")]
     assert "--no-peer" not in cmds[0] and "--no-peer" in cmds[1] and "small.yaml" in " ".join(cmds[0])
     assert cmds[3][cmds[3].index("--n") + 1] == "1000000" and cmds[3][cmds[3].index("--dim") + 1] == "384"
     helps: dict[str, str] = {}
@@ -169,6 +170,21 @@ def test_every_flag_of_the_gpu_sized_commands_exists(tmp_path):
         assert cmd[2:4] == ["--device", "cuda"]
         for flag in (a for a in cmd if a.startswith("--")):
             assert flag in helps[script], (script, flag)
+
+
+def test_cpu_smoke_memory_step_measures_checkpointing_and_offload(tmp_path):
+    """The memory step (bench_memory) on CPU: 2 gloo ranks, activation checkpointing off/on, FSDP2
+    with and without CPU offload; timings and peaks are reported, never asserted."""
+    proc = run_check(["--cpu-smoke", "--steps", "memory"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = summary(tmp_path)["memory"]
+    assert row["status"] == "pass", row
+    for variant in ("ddp ", "ddp+ac ", "fsdp ", "fsdp+ac ", "fsdp+offload "):
+        assert variant in row["result"] + " ", row["result"]
+    data = json.loads((tmp_path / "out" / "memory.json").read_text())
+    first = {ranks[0]["variant"]: ranks[0]["losses"] for ranks in data["rows"]}
+    assert first["fsdp+offload"] == pytest.approx(first["fsdp"], rel=1e-6)  # offload changes no number
+    assert first["ddp+ac"] == pytest.approx(first["ddp"], rel=1e-6)
 
 
 def test_the_ddp_step_builds_its_db_from_the_test_fixtures(tmp_path):
