@@ -339,6 +339,10 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
             manifest["stages"][stage.name]["files"] = {
                 p.relative_to(stage.db).as_posix(): p.stat().st_size for p in stage.outputs(manifest)}
             save_manifest(stage.db, manifest)
+        # every rank returns once the stage is recorded: the next stage of ``all`` (or a caller)
+        # reads the manifest at once, and another rank ahead of rank 0 would find this stage
+        # unfinished ("needs the 'chunk' stage first")
+        runtime.barrier()
         stage.say(stage.report(stats, run))
         return stats
     finally:
