@@ -151,3 +151,36 @@ def test_index_report_on_a_rank_that_only_waited() -> None:
 
     run = RunInfo(seconds=1.0, units_done=0, units_reused=0, rank=1, world_size=2)
     assert IndexStage.report(object.__new__(IndexStage), {}, run) == "index: built by rank 0 (rank 1 of 2 waited)"
+
+
+FAILING_RANK = """
+import sys
+from pathlib import Path
+from chunk_store.framework.errors import run_main
+from chunk_store.framework.stage import run_stage
+from tests.fixtures.toy_stage import ToyConfig, ToyStage
+
+# 7 units over 2 ranks: rank 1 raises at unit 3, rank 0 does 0, 2, 4, 6 and waits for rank 1
+sys.exit(run_main("toy", lambda: run_stage(ToyStage(Path(sys.argv[1]), ToyConfig(fail_at=3)))))
+"""
+
+
+def test_a_rank_failing_on_one_node_stops_the_rank_waiting_on_the_other(tmp_path: Path) -> None:
+    """torchrun stops the ranks of the failed rank's node only; the rank of the other node, in
+    the stage's barrier (which has no deadline), learns of the failure from the store and ends
+    with a one-line error instead of waiting for ever (seen: a two-node ``all`` hung so)."""
+    from chunk_store.manifest import FORMAT_VERSION, save_manifest
+
+    db = tmp_path / "db"
+    db.mkdir()
+    t = "2026-01-01T00:00:00+00:00"
+    save_manifest(db, {"format_version": FORMAT_VERSION, "chunk_size": 4, "seq_len": 8,
+                       "stages": {"chunk": {"params": {}, "started": t, "finished": t, "stats": {}}}})
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    runs = two_nodes([script, db], tmp_path, grace=120, env={"PYTHONPATH": str(REPO)})
+    assert all(r.returncode not in (0, -9) for r in runs), [r.returncode for r in runs]
+    err = "".join(r.stderr for r in runs)
+    assert "RuntimeError: boom" in err
+    assert "toy: error: rank 1 of 2 ended with an error" in err and "rank 0 stops too" in err, err[-3000:]
+    assert not (db / "total").exists()

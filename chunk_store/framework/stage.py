@@ -240,11 +240,15 @@ def run_stage(stage: Stage[Any]) -> dict[str, Any]:
     not an OSError traceback; what was written stays, so the same command resumes once space is
     freed."""
     try:
-        return _run_stage(stage)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise UserError(no_space_message(stage, e)) from None
+        try:
+            return _run_stage(stage)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(no_space_message(stage, e)) from None
+    except BaseException:  # an error, Ctrl-C: ranks on other nodes would wait at a barrier forever
+        runtime.fail()
+        raise
 
 
 def _human(n: float) -> str:
