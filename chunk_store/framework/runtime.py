@@ -90,8 +90,9 @@ def fail() -> None:
         return  # no store yet, and making one would wait for rank 0's, which may be gone
     try:
         store = _rendezvous_store()
-        store.set(f"{FAILED_KEY}/rank", str(rank()))
-        store.add(FAILED_KEY, 1)
+        # only the first is named: a waiting rank that stops on its word comes here too
+        if store.add(FAILED_KEY, 1) == 1:
+            store.set(f"{FAILED_KEY}/rank", str(rank()))
     except Exception:  # the store (rank 0's, without torchrun's agent) may be gone already
         pass
 
@@ -100,7 +101,7 @@ def _wait_count(store: Any, key: str) -> None:
     pause = 0.005
     while store.add(key, 0) < world_size():
         if store.add(FAILED_KEY, 0) > 0:
-            who = store.get(f"{FAILED_KEY}/rank").decode()
+            who = store.get(f"{FAILED_KEY}/rank").decode()  # waits the moment till it is set
             raise UserError(f"rank {who} of {world_size()} ended with an error (its message is in its "
                             f"node's log): rank {rank()} stops too; re-run the same command to resume")
         time.sleep(pause)
