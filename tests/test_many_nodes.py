@@ -3,8 +3,9 @@ this machine (``--nnodes 2``, c10d rendezvous over loopback, one process a node:
 LOCAL_RANK 0 and its own RANK, and its own TMPDIR as a node-local /tmp) give what one process
 (or one node) gives: the same losses, the same database file for file.
 
-Slow (RETRO_SLOW=1): every launch pays torchrun's rendezvous and a torch import per node, and
-the DB cases load BERT in every rank; a minute or two a case on two busy cores.
+The train and DB cases are slow (RETRO_SLOW=1): every launch pays torchrun's rendezvous and a
+torch import per node, and the DB cases load BERT in every rank; up to a minute or two a case on
+two busy cores. A rank failing on one node while the other waits takes seconds and always runs.
 """
 
 from __future__ import annotations
