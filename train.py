@@ -2,8 +2,8 @@
 
     python train.py --config configs/tiny.yaml --db DB --out RUN [--resume] [--set key=value ...]
     torchrun --nproc_per_node 8 train.py --config configs/small.yaml --db DB --out RUN
-    torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
-        --nproc_per_node 8 train.py ...
+    torchrun --nnodes 2 --rdzv_id JOB --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        --nproc_per_node 8 train.py ...        # on every node (SLURM: README, "Many nodes")
 
 Read top to bottom: the pieces, then the loop that calls them in nanoGPT's order. Setup
 (``setup_trainer`` -> ``Trainer``): config, database checks, process group, model, optimizer;

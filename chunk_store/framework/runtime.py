@@ -9,7 +9,9 @@ Why the barrier is not gloo's: a gloo barrier fails once it has waited the proce
 units take (a big input, an unlucky share, rank 0 alone training the tokenizer and planning the
 work), hours on a large corpus. So the barrier counts arrivals in torchrun's key-value store
 (the TCPStore of the ``env://`` rendezvous) and polls it, with no deadline: a rank that dies is
-torchrun's to notice, and it stops the others.
+torchrun's to notice, and it stops the others of its node. Across nodes torchrun does not stop
+the other nodes' ranks, so a rank ending with an error says so in the store (:func:`fail`) and a
+waiting rank stops at once; one killed outright is the scheduler's (``srun --kill-on-bad-exit``).
 """
 
 from __future__ import annotations
@@ -72,9 +74,36 @@ def barrier() -> None:
         _wait_count(store, f"{key}/seen")
 
 
+FAILED_KEY = "retro/failed"  # how many ranks gave up with an error (set by :func:`fail`)
+
+
+def fail() -> None:
+    """Tell the other ranks this one is ending with an error, so that they stop at their next
+    barrier instead of waiting for it for ever (no-op outside torchrun).
+
+    Why: on one node torchrun stops every rank when one dies, but across nodes it does not: the
+    failed node's agent exits, and a rank on another node that waits in :func:`barrier` (which
+    has no deadline, see the module's docstring) would wait forever. A rank killed outright
+    (kill -9, out of memory) cannot say so: ``srun --kill-on-bad-exit=1`` (or the scheduler)
+    ends those jobs."""
+    if world_size() <= 1 or (_store is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        return  # no store yet, and making one would wait for rank 0's, which may be gone
+    try:
+        store = _rendezvous_store()
+        # only the first is named: a waiting rank that stops on its word comes here too
+        if store.add(FAILED_KEY, 1) == 1:
+            store.set(f"{FAILED_KEY}/rank", str(rank()))
+    except Exception:  # the store (rank 0's, without torchrun's agent) may be gone already
+        pass
+
+
 def _wait_count(store: Any, key: str) -> None:
     pause = 0.005
     while store.add(key, 0) < world_size():
+        if store.add(FAILED_KEY, 0) > 0:
+            who = store.get(f"{FAILED_KEY}/rank").decode()  # waits the moment till it is set
+            raise UserError(f"rank {who} of {world_size()} ended with an error (its message is in its "
+                            f"node's log): rank {rank()} stops too; re-run the same command to resume")
         time.sleep(pause)
         pause = min(2 * pause, POLL_MAX_S)
 

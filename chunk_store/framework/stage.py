@@ -240,11 +240,15 @@ def run_stage(stage: Stage[Any]) -> dict[str, Any]:
     not an OSError traceback; what was written stays, so the same command resumes once space is
     freed."""
     try:
-        return _run_stage(stage)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise UserError(no_space_message(stage, e)) from None
+        try:
+            return _run_stage(stage)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(no_space_message(stage, e)) from None
+    except BaseException:  # an error, Ctrl-C: ranks on other nodes would wait at a barrier forever
+        runtime.fail()
+        raise
 
 
 def _human(n: float) -> str:
@@ -339,6 +343,10 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
             manifest["stages"][stage.name]["files"] = {
                 p.relative_to(stage.db).as_posix(): p.stat().st_size for p in stage.outputs(manifest)}
             save_manifest(stage.db, manifest)
+        # every rank returns once the stage is recorded: the next stage of ``all`` (or a caller)
+        # reads the manifest at once, and another rank ahead of rank 0 would find this stage
+        # unfinished ("needs the 'chunk' stage first")
+        runtime.barrier()
         stage.say(stage.report(stats, run))
         return stats
     finally:

@@ -393,6 +393,10 @@ class IndexStage(Stage[IndexConfig]):
         }
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
+        """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and
+        the one unit ran on rank 0), so it says so rather than fail on a missing key."""
+        if run.rank != 0:
+            return f"index: built by rank 0 (rank {run.rank} of {run.world_size} waited)"
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
                 f"{stats['build_seconds']:.1f}s; "
                 + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
