@@ -139,9 +139,8 @@ class CrossAttention(nn.Module):
     def attend(self, q: Tensor, kv: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
         """q (b, h, n, d) over ``context_kv``'s keys/values -> (b, n, dim)."""
         k, v, attn_mask = kv
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
         return self.resid_dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 
+from chunk_store.framework.argtypes import float_in
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import DBLayout
 from chunk_store.manifest import check_params
@@ -198,7 +199,7 @@ class IndexStage(Stage[IndexConfig]):
             "current_memory": cfg.current_memory,
             "metric": METRIC,
             "memory_mappable": bool(cfg.memory_mappable) or cfg.distributed == "pyspark",
-            "max_query_ms": float(cfg.max_query_ms or 2.0),
+            "max_query_ms": float(cfg.max_query_ms),
             "distributed": cfg.distributed,
             "embed_id": f"{embed['params'].get('embedder_id')}@{embed.get('finished')}",
             "dim": embed["params"].get("dim"),
@@ -415,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rebuild", action="store_true", default=d.rebuild,
                    help="train a new index; default after `add`: add the new chunks' vectors to the "
                         "trained index")
-    g.add_argument("--max-query-ms", type=float, default=d.max_query_ms,
+    g.add_argument("--max-query-ms", type=float_in(0.0, 1e6, low_open=True), default=d.max_query_ms,
                    help="autofaiss tunes search parameters (nprobe/efSearch) to this time per query; "
                         "lower = faster knn and lookups, higher = better recall")
     g.add_argument("--memory-mappable", action="store_true", default=d.memory_mappable,

@@ -16,8 +16,7 @@ from chunk_store.framework.errors import UserError
 from retro import RETRO, RetroConfig
 from retro.materialize import materialize, on_meta
 from retro.train_config import TrainConfig
-from tests.fixtures.train_db import PY, REPO, tiny_db, write_train_config
-from tests.retro.test_train import TRAIN_KEYS, losses, torchrun
+from tests.fixtures.train_db import PY, REPO, TRAIN_KEYS, losses, tiny_db, torchrun, write_train_config
 
 TINY = dict(vocab_size=512, pad_id=3, chunk_size=16, num_neighbours=2, dim=32, depth=3, heads=2, dim_head=16,
             enc_dim=48, enc_depth=2, enc_heads=2, enc_dim_head=16, cca_layers=[2, 3])

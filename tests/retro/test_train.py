@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,15 +20,11 @@ from retro import RETRO, RetroConfig
 from retro.checkpoint import checkpoint_dir, checkpoint_weights, load_weights
 from retro.distributed import ShardedBatchSampler
 from retro.train_config import TrainConfig, load_config
-from tests.fixtures.train_db import CHUNK, PY, REPO, SEQ, tiny_db, write_train_config
+from tests.fixtures.train_db import (CHUNK, REPO, SEQ, TRAIN_KEYS, losses, tiny_db, torchrun,
+                                     write_train_config)
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (the script at the repository root)
-
-TRAIN_KEYS = {"batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
-              "max_steps": 6, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0, "log_every": 1,
-              "num_workers": 0, "seed": 5}
-
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
@@ -49,11 +42,6 @@ def run_inprocess(config, db, out, *sets, resume=False) -> dict:
     for s in sets:
         argv += ["--set", s]
     return train.train(train.parse_args(argv))
-
-
-def losses(run) -> list[float]:
-    return [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train_loss" in r]
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -183,18 +171,6 @@ def test_resume_10_plus_10_equals_20(db, config, tmp_path):
     assert full == split  # bit-identical on CPU
     wa, wb = load_weights(checkpoint_dir(tmp_path / "full")), load_weights(checkpoint_dir(tmp_path / "split"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def torchrun(config, db, out, *sets, resume=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = Path(PY).with_name("torchrun")  # the venv's console script; same program as -m
-    cmd = [str(launcher)] if launcher.exists() else [PY, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc_per_node", "2", "train.py", "--db", str(db), "--out", str(out)]
-    cmd += ["--resume"] if resume else ["--config", str(config)]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_torchrun_two_ranks_gloo_ddp_and_fsdp_equal_one_rank_with_accumulation(db, config, tmp_path):
