@@ -3,6 +3,7 @@ quality cost of the stale query (issue 23).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation_overlap.py          # CPU, a few minutes
     python benchmarks/bench_generation_overlap.py --device cuda                         # the same on a GPU
+    python benchmarks/bench_generation_overlap.py --timing-config configs/small.yaml    # latency at the paper's shape
 
 What it builds (cached under --work, reused by a rerun): a real database (the standard library's
 json, wsgiref and http packages cut into 30-line documents, each with a near-duplicate twin, see
@@ -16,6 +17,12 @@ What it measures:
   (``stale_tokens=0``, the fetch in line at each boundary) and overlapped (``stale_tokens=S``,
   the fetch on a background thread, S tokens early). ``wait`` is the decoding thread's time in
   fetches (exact) or waiting for them (overlapped), per generated token.
+  With ``--timing-config`` the latency table is measured instead at that config's shape (random
+  weights: timing does not depend on them) over the same Retriever and prompts; the config's
+  vocab_size, pad_id and chunk_size are replaced by the DB's (as train.py's check demands), and
+  the table says which changed. Why: at the tiny shape RETRO's own CCA + encoder already cost
+  ~1.5x a plain step, so issue 23's 1.1x goal can only be judged at a realistic shape. On CUDA its
+  weights are bf16 (as ``retro-serve --dtype bfloat16``), on CPU float32.
 * quality: val bits per byte, teacher-forced, each chunk's neighbours retrieved by the real
   Retriever with the stale query (``hf_generation.stale_query``) for each window size; 0 = exact.
 RETRO-pytorch has no retrieval-aware incremental generation path to put beside this (its
@@ -58,6 +65,10 @@ class Plan:
     windows: tuple[int, ...]
     val_seqs: int
     repeats: int
+    timing_config: str | None = None        # time latency at this config's shape (random weights)
+    timing_sets: tuple[str, ...] = ()       # --set style overrides of that config (model.dim=256, ..)
+    timing_new_tokens: int | None = None    # None: 64 on CPU, the tiny run's --new-tokens elsewhere
+    timing_repeats: int | None = None       # None: 2 on CPU, --repeats elsewhere
 
 
 def write_twin_corpus(folder: Path, packages: Sequence[str] = ("json", "wsgiref", "http"), lines: int = 30) -> Path:
@@ -172,6 +183,70 @@ def latency(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, mod
             for mode, rs in runs.items()}
 
 
+def latency_rows(hf: Any, retriever: Any, seqs: np.ndarray, batches: Sequence[int], prompt_tokens: int,
+                 new_tokens: int, stale: Sequence[int], repeats: int) -> list[str]:
+    """The latency table (markdown lines): per batch size, every mode (no retrieval, instant
+    neighbours, exact, overlapped at each ``stale`` window) against no retrieval. A batch larger
+    than ``seqs`` is skipped."""
+    device = next(hf.parameters()).device
+    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token |", "|---|---|---|---|---|"]
+    for b in batches:
+        prompts = torch.as_tensor(seqs[:b, :prompt_tokens], device=device)
+        if prompts.shape[0] < b:
+            continue
+        res = latency(hf, retriever, prompts, new_tokens, (None, "instant", 0, *stale), repeats)
+        base = res[None][0]
+        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - |")
+        t, w = res["instant"]
+        lines.append(f"| {b} | instant neighbours (CCA + encoding only) | {t * 1e3:.2f} | {t / base:.2f} | "
+                     f"{w * 1e3:.2f} |")
+        for s in (0, *stale):
+            t, w = res[s]
+            name = "exact (stale_tokens=0)" if s == 0 else f"overlapped (stale_tokens={s})"
+            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} |")
+    return lines
+
+
+def timing_model(config: str | Path, sets: Sequence[str], store: Any, device: torch.device
+                 ) -> tuple[Any, Any, list[str]]:
+    """(RetroForCausalLM with random weights at ``config``'s model shape after ``sets``, its
+    RetroConfig, what was changed to fit the DB). vocab_size, pad_id and chunk_size become the DB's,
+    as ``retro.dataset.check_compatible`` demands of any model over it. Weights are bf16 where the
+    project computes in bf16 (CUDA), else float32: only the shape matters for timing."""
+    from retro.config import RetroConfig
+    from retro.dataset import check_compatible
+    from retro.evaluate import compute_dtype
+    from retro.hf_model import RetroForCausalLM, RetroHFConfig
+    from retro.train_config import load_config
+
+    _, mdict = load_config(config, sets)
+    db = {"vocab_size": int(store.tokenizer.vocab_size), "pad_id": int(store.tokenizer.pad_id),
+          "chunk_size": int(store.chunk_size)}
+    changed = [f"{key} {mdict.get(key)} -> {val} (the DB's)" for key, val in db.items() if mdict.get(key) != val]
+    cfg = RetroConfig.from_dict({**mdict, **db})
+    check_compatible(store, cfg)
+    torch.manual_seed(0)
+    hf = RetroForCausalLM(RetroHFConfig(retro=cfg.to_dict(), vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id))
+    dtype = getattr(torch, compute_dtype(device))
+    return hf.to(device=device, dtype=dtype).eval(), cfg, changed
+
+
+def describe(cfg: Any) -> str:
+    """A RetroConfig's shape in one phrase."""
+    return (f"dim {cfg.dim} x {cfg.depth} layers ({cfg.heads} heads of {cfg.dim_head}), CCA at "
+            f"{cfg.resolved_cca_layers}, encoder {cfg.enc_depth} x {cfg.enc_dim}, vocab {cfg.vocab_size}, "
+            f"chunk_size {cfg.chunk_size}, k {cfg.num_neighbours}")
+
+
+def timing_sizes(plan: Plan) -> tuple[int, int]:
+    """(new tokens, repeats) at the timing config: fewer on CPU, where a ~100M-parameter model at
+    batch 8 takes ~0.1 s a token, so that the run stays within minutes; at least two chunk
+    boundaries either way."""
+    cpu = torch.device(plan.device).type == "cpu"
+    new = plan.timing_new_tokens or (64 if cpu else plan.new_tokens)
+    return new, plan.timing_repeats or (2 if cpu else plan.repeats)
+
+
 def stale_bpb(model: torch.nn.Module, retriever: Any, seqs: np.ndarray, window: int | None,
               batch: int = 16) -> tuple[float, np.ndarray | None]:
     """Val bits per byte, teacher-forced, and the neighbour tokens used (n, chunks, k, 2m); each
@@ -234,21 +309,20 @@ def run(plan: Plan) -> str:
     hf = hf_model(model)
     torch.set_grad_enabled(False)
 
-    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token |", "|---|---|---|---|---|"]
-    for b in plan.batches:
-        prompts = torch.as_tensor(seqs[:b, :plan.prompt_tokens], device=device)
-        if prompts.shape[0] < b:
-            continue
-        res = latency(hf, retriever, prompts, plan.new_tokens, (None, "instant", 0, *plan.stale), plan.repeats)
-        base = res[None][0]
-        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - |")
-        t, w = res["instant"]
-        lines.append(f"| {b} | instant neighbours (CCA + encoding only) | {t * 1e3:.2f} | {t / base:.2f} | "
-                     f"{w * 1e3:.2f} |")
-        for stale in (0, *plan.stale):
-            t, w = res[stale]
-            name = "exact (stale_tokens=0)" if stale == 0 else f"overlapped (stale_tokens={stale})"
-            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} |")
+    if plan.timing_config:
+        t_hf, t_cfg, changed = timing_model(plan.timing_config, plan.timing_sets, retriever.store, device)
+        new_tokens, repeats = timing_sizes(plan)
+        lines = latency_rows(t_hf, retriever, seqs, plan.batches, plan.prompt_tokens, new_tokens, plan.stale, repeats)
+        t_head = (f"Latency at {plan.timing_config}{' ' + ' '.join(plan.timing_sets) if plan.timing_sets else ''}: "
+                  f"{describe(t_cfg)}, {sum(p.numel() for p in t_hf.parameters()) / 1e6:.1f}M parameters, "
+                  f"RANDOM weights (timing only), {next(t_hf.parameters()).dtype}; "
+                  f"{'; '.join(changed) or 'vocab_size, pad_id and chunk_size already the DB`s'}; "
+                  f"{new_tokens} new tokens, median of {repeats}.")
+        del t_hf
+    else:
+        lines = latency_rows(hf, retriever, seqs, plan.batches, plan.prompt_tokens, plan.new_tokens, plan.stale,
+                             plan.repeats)
+        t_head = ""
 
     qual = ["| stale window (tokens) | val bits/byte | vs exact | top-1 neighbour = exact's | "
             "all k neighbours = exact's |", "|---|---|---|---|---|"]
@@ -262,12 +336,15 @@ def run(plan: Plan) -> str:
     none, _ = stale_bpb(model, retriever, seqs, None)
     qual.append(f"| no retrieval | {none:.4f} | {none - exact:+.4f} | - | - |")
 
+    latency_of = "the timing model below" if plan.timing_config else "this model"
     head = (f"Model: tiny RETRO (dim {cfg.dim}, depth {cfg.depth}, chunk_size {cfg.chunk_size}, k "
             f"{cfg.num_neighbours}) trained {plan.steps} steps; DB: {retriever.num_chunks} train chunks "
-            f"(stdlib json+wsgiref+http, 30-line documents with twins, MiniLM, faiss); device {device}; prompt {plan.prompt_tokens} tokens, "
-            f"{plan.new_tokens} new (greedy), median of {plan.repeats}; quality over {len(seqs)} val "
-            f"sequences of {seqs.shape[1]} tokens. (DB + training: {built:.0f} s, cached.)")
-    return "\n".join([head, "", *lines, "", *qual, "", peer_status(),
+            f"(stdlib json+wsgiref+http, 30-line documents with twins, MiniLM, faiss); device {device}; "
+            f"latency of {latency_of}: prompt {plan.prompt_tokens} tokens, greedy"
+            f"{'' if plan.timing_config else f', {plan.new_tokens} new, median of {plan.repeats}'}; "
+            f"quality (tiny model) over {len(seqs)} val sequences of {seqs.shape[1]} tokens. "
+            f"(DB + training: {built:.0f} s, cached; whole run {time.perf_counter() - t0:.0f} s.)")
+    return "\n".join([head, *([""] + [t_head] if t_head else []), "", *lines, "", *qual, "", peer_status(),
                       f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"])
 
 
@@ -284,10 +361,17 @@ def parse(argv: Sequence[str] | None = None) -> Plan:
     p.add_argument("--windows", default="0,8,16,32", help="stale windows to score (0 = exact)")
     p.add_argument("--val-seqs", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timing-config", default=None,
+                   help="time latency at this config's model shape (e.g. configs/small.yaml; random weights)")
+    p.add_argument("--timing-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a --timing-config key, as train.py --set (repeatable)")
+    p.add_argument("--timing-new-tokens", type=int, default=None, help="default: 64 on CPU, else --new-tokens")
+    p.add_argument("--timing-repeats", type=int, default=None, help="default: 2 on CPU, else --repeats")
     a = p.parse_args(argv)
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     return Plan(Path(a.work), a.device, a.steps, a.new_tokens, a.prompt_tokens, ints(a.batches), ints(a.stale),
-                ints(a.windows), a.val_seqs, a.repeats)
+                ints(a.windows), a.val_seqs, a.repeats, a.timing_config, tuple(a.timing_set),
+                a.timing_new_tokens, a.timing_repeats)
 
 
 if __name__ == "__main__":
