@@ -39,10 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class Plan:
     timing_config: str | None = None        # time latency at this config's shape (random weights)
     timing_sets: tuple[str, ...] = ()       # --set style overrides of that config (model.dim=256, ..)
     timing_new_tokens: int | None = None    # None: 64 on CPU, the tiny run's --new-tokens elsewhere
-    timing_repeats: int | None = None       # None: 2 on CPU, --repeats elsewhere
+    timing_repeats: int | None = None       # None: 3 on CPU, --repeats elsewhere
 
 
 def write_twin_corpus(folder: Path, packages: Sequence[str] = ("json", "wsgiref", "http"), lines: int = 30) -> Path:
@@ -152,34 +153,60 @@ class Instant:
 Mode = Any  # None (no retrieval), "instant" (Instant neighbours, exact mode) or stale_tokens (int)
 
 
+@contextmanager
+def timed_encoder(model: torch.nn.Module, device: torch.device) -> Iterator[list[float]]:
+    """Seconds spent in the neighbour encoder (``model._encode``, once per completed chunk),
+    appended to the yielded list. Why: it splits RETRO's own overhead into the encoder and the
+    CCA blocks. On CUDA each call is synchronised (two syncs per chunk, not per token)."""
+    spent: list[float] = []
+    encode = model._encode
+
+    def timed(*args: Any) -> Any:
+        sync(device)
+        start = time.perf_counter()
+        out = encode(*args)
+        sync(device)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    model._encode = timed  # an instance attribute over the method: what the decoder calls
+    try:
+        yield spent
+    finally:
+        del model._encode
+
+
 def generate_once(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, mode: Mode
-                  ) -> tuple[float, float]:
-    """(seconds per generated token, decoding thread's fetch/wait seconds per token) of one greedy
-    ``generate``. Batch rows decode together: per step, not per row."""
+                  ) -> tuple[float, float, float]:
+    """(seconds per generated token, decoding thread's fetch/wait seconds per token, encoder
+    seconds per token) of one greedy ``generate``. Batch rows decode together: per step, not per
+    row."""
     kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               return_dict_in_generate=True)
     if mode == "instant":
         kw.update(retriever=Instant(retriever.store, hf.retro.cfg.num_neighbours))
     elif mode is not None:
         kw.update(retriever=retriever, stale_tokens=mode)
-    sync(prompts.device)
-    start = time.perf_counter()
-    out = hf.generate(prompts, **kw)
-    sync(prompts.device)
-    return (time.perf_counter() - start) / new_tokens, getattr(out.past_key_values, "retro_wait_s", 0.0) / new_tokens
+    with timed_encoder(hf.retro, prompts.device) as enc:
+        sync(prompts.device)
+        start = time.perf_counter()
+        out = hf.generate(prompts, **kw)
+        sync(prompts.device)
+    return ((time.perf_counter() - start) / new_tokens, getattr(out.past_key_values, "retro_wait_s", 0.0) / new_tokens,
+            sum(enc) / new_tokens)
 
 
 def latency(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, modes: Sequence[Mode],
-            repeats: int) -> dict[Mode, tuple[float, float]]:
-    """Median (per-token seconds, per-token wait) per mode. The modes run round-robin, after one
+            repeats: int) -> dict[Mode, tuple[float, float, float]]:
+    """Median (per-token seconds, per-token wait, per-token encoder seconds) per mode. The modes run round-robin, after one
     warm-up each, so a busy machine's load drifts into every mode alike."""
-    runs: dict[Mode, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    runs: dict[Mode, list[tuple[float, float, float]]] = {mode: [] for mode in modes}
     for rep in range(repeats + 1):
         for mode in modes:
             res = generate_once(hf, retriever, prompts, new_tokens, mode)
             if rep:
                 runs[mode].append(res)
-    return {mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+    return {mode: tuple(statistics.median(r[i] for r in rs) for i in range(3))  # type: ignore[misc]
             for mode, rs in runs.items()}
 
 
@@ -189,21 +216,20 @@ def latency_rows(hf: Any, retriever: Any, seqs: np.ndarray, batches: Sequence[in
     neighbours, exact, overlapped at each ``stale`` window) against no retrieval. A batch larger
     than ``seqs`` is skipped."""
     device = next(hf.parameters()).device
-    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token |", "|---|---|---|---|---|"]
+    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token | encoder ms / token |",
+             "|---|---|---|---|---|---|"]
     for b in batches:
         prompts = torch.as_tensor(seqs[:b, :prompt_tokens], device=device)
         if prompts.shape[0] < b:
             continue
         res = latency(hf, retriever, prompts, new_tokens, (None, "instant", 0, *stale), repeats)
         base = res[None][0]
-        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - |")
-        t, w = res["instant"]
-        lines.append(f"| {b} | instant neighbours (CCA + encoding only) | {t * 1e3:.2f} | {t / base:.2f} | "
-                     f"{w * 1e3:.2f} |")
-        for s in (0, *stale):
-            t, w = res[s]
-            name = "exact (stale_tokens=0)" if s == 0 else f"overlapped (stale_tokens={s})"
-            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} |")
+        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - | - |")
+        for mode in ("instant", 0, *stale):
+            t, w, e = res[mode]
+            name = ("instant neighbours (CCA + encoding only)" if mode == "instant" else
+                    "exact (stale_tokens=0)" if mode == 0 else f"overlapped (stale_tokens={mode})")
+            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} | {e * 1e3:.2f} |")
     return lines
 
 
@@ -244,7 +270,7 @@ def timing_sizes(plan: Plan) -> tuple[int, int]:
     boundaries either way."""
     cpu = torch.device(plan.device).type == "cpu"
     new = plan.timing_new_tokens or (64 if cpu else plan.new_tokens)
-    return new, plan.timing_repeats or (2 if cpu else plan.repeats)
+    return new, plan.timing_repeats or (3 if cpu else plan.repeats)
 
 
 def stale_bpb(model: torch.nn.Module, retriever: Any, seqs: np.ndarray, window: int | None,
@@ -366,7 +392,7 @@ def parse(argv: Sequence[str] | None = None) -> Plan:
     p.add_argument("--timing-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a --timing-config key, as train.py --set (repeatable)")
     p.add_argument("--timing-new-tokens", type=int, default=None, help="default: 64 on CPU, else --new-tokens")
-    p.add_argument("--timing-repeats", type=int, default=None, help="default: 2 on CPU, else --repeats")
+    p.add_argument("--timing-repeats", type=int, default=None, help="default: 3 on CPU, else --repeats")
     a = p.parse_args(argv)
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     return Plan(Path(a.work), a.device, a.steps, a.new_tokens, a.prompt_tokens, ints(a.batches), ints(a.stale),

@@ -97,8 +97,10 @@ def test_twin_corpus_and_a_timed_generate(bench, tmp_path: Path) -> None:
         assert t.read_text() == f"# twin of {t.stem[:-5]}\n{original}"
     hf = tiny_retro_hf("native")
     prompts = torch.tensor([[5, 6, 7, 8, 9]])
-    per_tok, wait = bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, None)
-    assert per_tok > 0 and wait == 0.0
+    per_tok, wait, enc = bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, None)
+    assert per_tok > 0 and wait == 0.0 and enc == 0.0
+    assert bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, "instant")[2] > 0  # the encoder ran, timed
+    assert "_encode" not in vars(hf.retro)  # the timer is gone
     res = bench.latency(hf, FakeRetriever(), prompts, 2 * M, (None, "instant"), repeats=1)
     assert set(res) == {None, "instant"}
 
