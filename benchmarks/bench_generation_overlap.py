@@ -198,8 +198,8 @@ def generate_once(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: in
 
 def latency(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, modes: Sequence[Mode],
             repeats: int) -> dict[Mode, tuple[float, float, float]]:
-    """Median (per-token seconds, per-token wait, per-token encoder seconds) per mode. The modes run round-robin, after one
-    warm-up each, so a busy machine's load drifts into every mode alike."""
+    """Median (per-token seconds, per-token wait, per-token encoder seconds) per mode. The modes
+    run round-robin, after one warm-up each, so a busy machine's load drifts into every mode alike."""
     runs: dict[Mode, list[tuple[float, float, float]]] = {mode: [] for mode in modes}
     for rep in range(repeats + 1):
         for mode in modes:
@@ -338,6 +338,8 @@ def run(plan: Plan) -> str:
     if plan.timing_config:
         t_hf, t_cfg, changed = timing_model(plan.timing_config, plan.timing_sets, retriever.store, device)
         new_tokens, repeats = timing_sizes(plan)
+        print(f"timing {plan.timing_config} ({describe(t_cfg)}; random weights): {new_tokens} new tokens, "
+              f"median of {repeats}, batches {plan.batches} ...", file=sys.stderr)
         lines = latency_rows(t_hf, retriever, seqs, plan.batches, plan.prompt_tokens, new_tokens, plan.stale, repeats)
         t_head = (f"Latency at {plan.timing_config}{' ' + ' '.join(plan.timing_sets) if plan.timing_sets else ''}: "
                   f"{describe(t_cfg)}, {sum(p.numel() for p in t_hf.parameters()) / 1e6:.1f}M parameters, "
