@@ -3,6 +3,7 @@ quality cost of the stale query (issue 23).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation_overlap.py          # CPU, a few minutes
     python benchmarks/bench_generation_overlap.py --device cuda                         # the same on a GPU
+    python benchmarks/bench_generation_overlap.py --timing-config configs/small.yaml    # latency at the paper's shape
 
 What it builds (cached under --work, reused by a rerun): a real database (the standard library's
 json, wsgiref and http packages cut into 30-line documents, each with a near-duplicate twin, see
@@ -16,6 +17,12 @@ What it measures:
   (``stale_tokens=0``, the fetch in line at each boundary) and overlapped (``stale_tokens=S``,
   the fetch on a background thread, S tokens early). ``wait`` is the decoding thread's time in
   fetches (exact) or waiting for them (overlapped), per generated token.
+  With ``--timing-config`` the latency table is measured instead at that config's shape (random
+  weights: timing does not depend on them) over the same Retriever and prompts; the config's
+  vocab_size, pad_id and chunk_size are replaced by the DB's (as train.py's check demands), and
+  the table says which changed. Why: at the tiny shape RETRO's own CCA + encoder already cost
+  ~1.5x a plain step, so issue 23's 1.1x goal can only be judged at a realistic shape. On CUDA its
+  weights are bf16 (as ``retro-serve --dtype bfloat16``), on CPU float32.
 * quality: val bits per byte, teacher-forced, each chunk's neighbours retrieved by the real
   Retriever with the stale query (``hf_generation.stale_query``) for each window size; 0 = exact.
 RETRO-pytorch has no retrieval-aware incremental generation path to put beside this (its
@@ -32,10 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +66,10 @@ class Plan:
     windows: tuple[int, ...]
     val_seqs: int
     repeats: int
+    timing_config: str | None = None        # time latency at this config's shape (random weights)
+    timing_sets: tuple[str, ...] = ()       # --set style overrides of that config (model.dim=256, ..)
+    timing_new_tokens: int | None = None    # None: 64 on CPU, the tiny run's --new-tokens elsewhere
+    timing_repeats: int | None = None       # None: 3 on CPU, --repeats elsewhere
 
 
 def write_twin_corpus(folder: Path, packages: Sequence[str] = ("json", "wsgiref", "http"), lines: int = 30) -> Path:
@@ -141,35 +153,124 @@ class Instant:
 Mode = Any  # None (no retrieval), "instant" (Instant neighbours, exact mode) or stale_tokens (int)
 
 
+@contextmanager
+def timed_encoder(model: torch.nn.Module, device: torch.device) -> Iterator[list[float]]:
+    """Seconds spent in the neighbour encoder (``model._encode``, once per completed chunk),
+    appended to the yielded list. Why: it splits RETRO's own overhead into the encoder and the
+    CCA blocks. On CUDA each call is synchronised (two syncs per chunk, not per token)."""
+    spent: list[float] = []
+    encode = model._encode
+
+    def timed(*args: Any) -> Any:
+        sync(device)
+        start = time.perf_counter()
+        out = encode(*args)
+        sync(device)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    model._encode = timed  # an instance attribute over the method: what the decoder calls
+    try:
+        yield spent
+    finally:
+        del model._encode
+
+
 def generate_once(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, mode: Mode
-                  ) -> tuple[float, float]:
-    """(seconds per generated token, decoding thread's fetch/wait seconds per token) of one greedy
-    ``generate``. Batch rows decode together: per step, not per row."""
+                  ) -> tuple[float, float, float]:
+    """(seconds per generated token, decoding thread's fetch/wait seconds per token, encoder
+    seconds per token) of one greedy ``generate``. Batch rows decode together: per step, not per
+    row."""
     kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               return_dict_in_generate=True)
     if mode == "instant":
         kw.update(retriever=Instant(retriever.store, hf.retro.cfg.num_neighbours))
     elif mode is not None:
         kw.update(retriever=retriever, stale_tokens=mode)
-    sync(prompts.device)
-    start = time.perf_counter()
-    out = hf.generate(prompts, **kw)
-    sync(prompts.device)
-    return (time.perf_counter() - start) / new_tokens, getattr(out.past_key_values, "retro_wait_s", 0.0) / new_tokens
+    with timed_encoder(hf.retro, prompts.device) as enc:
+        sync(prompts.device)
+        start = time.perf_counter()
+        out = hf.generate(prompts, **kw)
+        sync(prompts.device)
+    return ((time.perf_counter() - start) / new_tokens, getattr(out.past_key_values, "retro_wait_s", 0.0) / new_tokens,
+            sum(enc) / new_tokens)
 
 
 def latency(hf: Any, retriever: Any, prompts: torch.Tensor, new_tokens: int, modes: Sequence[Mode],
-            repeats: int) -> dict[Mode, tuple[float, float]]:
-    """Median (per-token seconds, per-token wait) per mode. The modes run round-robin, after one
-    warm-up each, so a busy machine's load drifts into every mode alike."""
-    runs: dict[Mode, list[tuple[float, float]]] = {mode: [] for mode in modes}
+            repeats: int) -> dict[Mode, tuple[float, float, float]]:
+    """Median (per-token seconds, per-token wait, per-token encoder seconds) per mode. The modes
+    run round-robin, after one warm-up each, so a busy machine's load drifts into every mode alike."""
+    runs: dict[Mode, list[tuple[float, float, float]]] = {mode: [] for mode in modes}
     for rep in range(repeats + 1):
         for mode in modes:
             res = generate_once(hf, retriever, prompts, new_tokens, mode)
             if rep:
                 runs[mode].append(res)
-    return {mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+    return {mode: tuple(statistics.median(r[i] for r in rs) for i in range(3))  # type: ignore[misc]
             for mode, rs in runs.items()}
+
+
+def latency_rows(hf: Any, retriever: Any, seqs: np.ndarray, batches: Sequence[int], prompt_tokens: int,
+                 new_tokens: int, stale: Sequence[int], repeats: int) -> list[str]:
+    """The latency table (markdown lines): per batch size, every mode (no retrieval, instant
+    neighbours, exact, overlapped at each ``stale`` window) against no retrieval. A batch larger
+    than ``seqs`` is skipped."""
+    device = next(hf.parameters()).device
+    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token | encoder ms / token |",
+             "|---|---|---|---|---|---|"]
+    for b in batches:
+        prompts = torch.as_tensor(seqs[:b, :prompt_tokens], device=device)
+        if prompts.shape[0] < b:
+            continue
+        res = latency(hf, retriever, prompts, new_tokens, (None, "instant", 0, *stale), repeats)
+        base = res[None][0]
+        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - | - |")
+        for mode in ("instant", 0, *stale):
+            t, w, e = res[mode]
+            name = ("instant neighbours (CCA + encoding only)" if mode == "instant" else
+                    "exact (stale_tokens=0)" if mode == 0 else f"overlapped (stale_tokens={mode})")
+            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} | {e * 1e3:.2f} |")
+    return lines
+
+
+def timing_model(config: str | Path, sets: Sequence[str], store: Any, device: torch.device
+                 ) -> tuple[Any, Any, list[str]]:
+    """(RetroForCausalLM with random weights at ``config``'s model shape after ``sets``, its
+    RetroConfig, what was changed to fit the DB). vocab_size, pad_id and chunk_size become the DB's,
+    as ``retro.dataset.check_compatible`` demands of any model over it. Weights are bf16 where the
+    project computes in bf16 (CUDA), else float32: only the shape matters for timing."""
+    from retro.config import RetroConfig
+    from retro.dataset import check_compatible
+    from retro.evaluate import compute_dtype
+    from retro.hf_model import RetroForCausalLM, RetroHFConfig
+    from retro.train_config import load_config
+
+    _, mdict = load_config(config, sets)
+    db = {"vocab_size": int(store.tokenizer.vocab_size), "pad_id": int(store.tokenizer.pad_id),
+          "chunk_size": int(store.chunk_size)}
+    changed = [f"{key} {mdict.get(key)} -> {val} (the DB's)" for key, val in db.items() if mdict.get(key) != val]
+    cfg = RetroConfig.from_dict({**mdict, **db})
+    check_compatible(store, cfg)
+    torch.manual_seed(0)
+    hf = RetroForCausalLM(RetroHFConfig(retro=cfg.to_dict(), vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id))
+    dtype = getattr(torch, compute_dtype(device))
+    return hf.to(device=device, dtype=dtype).eval(), cfg, changed
+
+
+def describe(cfg: Any) -> str:
+    """A RetroConfig's shape in one phrase."""
+    return (f"dim {cfg.dim} x {cfg.depth} layers ({cfg.heads} heads of {cfg.dim_head}), CCA at "
+            f"{cfg.resolved_cca_layers}, encoder {cfg.enc_depth} x {cfg.enc_dim}, vocab {cfg.vocab_size}, "
+            f"chunk_size {cfg.chunk_size}, k {cfg.num_neighbours}")
+
+
+def timing_sizes(plan: Plan) -> tuple[int, int]:
+    """(new tokens, repeats) at the timing config: fewer on CPU, where a ~100M-parameter model at
+    batch 8 takes ~0.1 s a token, so that the run stays within minutes; at least two chunk
+    boundaries either way."""
+    cpu = torch.device(plan.device).type == "cpu"
+    new = plan.timing_new_tokens or (64 if cpu else plan.new_tokens)
+    return new, plan.timing_repeats or (3 if cpu else plan.repeats)
 
 
 def stale_bpb(model: torch.nn.Module, retriever: Any, seqs: np.ndarray, window: int | None,
@@ -234,21 +335,22 @@ def run(plan: Plan) -> str:
     hf = hf_model(model)
     torch.set_grad_enabled(False)
 
-    lines = ["| batch | mode | ms / token | x no retrieval | fetch wait ms / token |", "|---|---|---|---|---|"]
-    for b in plan.batches:
-        prompts = torch.as_tensor(seqs[:b, :plan.prompt_tokens], device=device)
-        if prompts.shape[0] < b:
-            continue
-        res = latency(hf, retriever, prompts, plan.new_tokens, (None, "instant", 0, *plan.stale), plan.repeats)
-        base = res[None][0]
-        lines.append(f"| {b} | no retrieval | {base * 1e3:.2f} | 1.00 | - |")
-        t, w = res["instant"]
-        lines.append(f"| {b} | instant neighbours (CCA + encoding only) | {t * 1e3:.2f} | {t / base:.2f} | "
-                     f"{w * 1e3:.2f} |")
-        for stale in (0, *plan.stale):
-            t, w = res[stale]
-            name = "exact (stale_tokens=0)" if stale == 0 else f"overlapped (stale_tokens={stale})"
-            lines.append(f"| {b} | {name} | {t * 1e3:.2f} | {t / base:.2f} | {w * 1e3:.2f} |")
+    if plan.timing_config:
+        t_hf, t_cfg, changed = timing_model(plan.timing_config, plan.timing_sets, retriever.store, device)
+        new_tokens, repeats = timing_sizes(plan)
+        print(f"timing {plan.timing_config} ({describe(t_cfg)}; random weights): {new_tokens} new tokens, "
+              f"median of {repeats}, batches {plan.batches} ...", file=sys.stderr)
+        lines = latency_rows(t_hf, retriever, seqs, plan.batches, plan.prompt_tokens, new_tokens, plan.stale, repeats)
+        t_head = (f"Latency at {plan.timing_config}{' ' + ' '.join(plan.timing_sets) if plan.timing_sets else ''}: "
+                  f"{describe(t_cfg)}, {sum(p.numel() for p in t_hf.parameters()) / 1e6:.1f}M parameters, "
+                  f"RANDOM weights (timing only), {next(t_hf.parameters()).dtype}; "
+                  f"{'; '.join(changed) or 'vocab_size, pad_id and chunk_size already the DB`s'}; "
+                  f"{new_tokens} new tokens, median of {repeats}.")
+        del t_hf
+    else:
+        lines = latency_rows(hf, retriever, seqs, plan.batches, plan.prompt_tokens, plan.new_tokens, plan.stale,
+                             plan.repeats)
+        t_head = ""
 
     qual = ["| stale window (tokens) | val bits/byte | vs exact | top-1 neighbour = exact's | "
             "all k neighbours = exact's |", "|---|---|---|---|---|"]
@@ -262,12 +364,15 @@ def run(plan: Plan) -> str:
     none, _ = stale_bpb(model, retriever, seqs, None)
     qual.append(f"| no retrieval | {none:.4f} | {none - exact:+.4f} | - | - |")
 
+    latency_of = "the timing model below" if plan.timing_config else "this model"
     head = (f"Model: tiny RETRO (dim {cfg.dim}, depth {cfg.depth}, chunk_size {cfg.chunk_size}, k "
             f"{cfg.num_neighbours}) trained {plan.steps} steps; DB: {retriever.num_chunks} train chunks "
-            f"(stdlib json+wsgiref+http, 30-line documents with twins, MiniLM, faiss); device {device}; prompt {plan.prompt_tokens} tokens, "
-            f"{plan.new_tokens} new (greedy), median of {plan.repeats}; quality over {len(seqs)} val "
-            f"sequences of {seqs.shape[1]} tokens. (DB + training: {built:.0f} s, cached.)")
-    return "\n".join([head, "", *lines, "", *qual, "", peer_status(),
+            f"(stdlib json+wsgiref+http, 30-line documents with twins, MiniLM, faiss); device {device}; "
+            f"latency of {latency_of}: prompt {plan.prompt_tokens} tokens, greedy"
+            f"{'' if plan.timing_config else f', {plan.new_tokens} new, median of {plan.repeats}'}; "
+            f"quality (tiny model) over {len(seqs)} val sequences of {seqs.shape[1]} tokens. "
+            f"(DB + training: {built:.0f} s, cached; whole run {time.perf_counter() - t0:.0f} s.)")
+    return "\n".join([head, *([""] + [t_head] if t_head else []), "", *lines, "", *qual, "", peer_status(),
                       f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"])
 
 
@@ -284,10 +389,17 @@ def parse(argv: Sequence[str] | None = None) -> Plan:
     p.add_argument("--windows", default="0,8,16,32", help="stale windows to score (0 = exact)")
     p.add_argument("--val-seqs", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timing-config", default=None,
+                   help="time latency at this config's model shape (e.g. configs/small.yaml; random weights)")
+    p.add_argument("--timing-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a --timing-config key, as train.py --set (repeatable)")
+    p.add_argument("--timing-new-tokens", type=int, default=None, help="default: 64 on CPU, else --new-tokens")
+    p.add_argument("--timing-repeats", type=int, default=None, help="default: 3 on CPU, else --repeats")
     a = p.parse_args(argv)
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     return Plan(Path(a.work), a.device, a.steps, a.new_tokens, a.prompt_tokens, ints(a.batches), ints(a.stale),
-                ints(a.windows), a.val_seqs, a.repeats)
+                ints(a.windows), a.val_seqs, a.repeats, a.timing_config, tuple(a.timing_set),
+                a.timing_new_tokens, a.timing_repeats)
 
 
 if __name__ == "__main__":

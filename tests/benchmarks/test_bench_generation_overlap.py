@@ -97,7 +97,53 @@ def test_twin_corpus_and_a_timed_generate(bench, tmp_path: Path) -> None:
         assert t.read_text() == f"# twin of {t.stem[:-5]}\n{original}"
     hf = tiny_retro_hf("native")
     prompts = torch.tensor([[5, 6, 7, 8, 9]])
-    per_tok, wait = bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, None)
-    assert per_tok > 0 and wait == 0.0
+    per_tok, wait, enc = bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, None)
+    assert per_tok > 0 and wait == 0.0 and enc == 0.0
+    assert bench.generate_once(hf, FakeRetriever(), prompts, 2 * M, "instant")[2] > 0  # the encoder ran, timed
+    assert "_encode" not in vars(hf.retro)  # the timer is gone
     res = bench.latency(hf, FakeRetriever(), prompts, 2 * M, (None, "instant"), repeats=1)
     assert set(res) == {None, "instant"}
+
+
+class DBTok(Tok):
+    vocab_size = V
+
+
+class DBStore(Store):
+    """The fake store with what ``timing_model`` reads of a real DB."""
+
+    chunk_size = M
+    tokenizer = DBTok()
+
+
+class DBRetriever(FakeRetriever):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = DBStore()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_timing_path_at_a_config_override_has_every_modes_row(bench, dtype: str, monkeypatch) -> None:
+    """--timing-config: a random model at configs/tiny.yaml shrunk by --set overrides, its vocab,
+    pad id and chunk size taken from the DB (and said so), times every mode at batch 1 and 2. bf16
+    (the CUDA path's weights) is forced here on CPU to run that path too. No timing assertions."""
+    import retro.evaluate
+
+    monkeypatch.setattr(retro.evaluate, "compute_dtype", lambda device, d="auto": dtype)
+    sets = ("model.dim=32", "model.depth=6", "model.heads=2", "model.dim_head=16", "model.cca_layers=null",
+            "model.enc_dim=16", "model.enc_heads=2", "model.enc_dim_head=8")
+    retriever = DBRetriever()
+    hf, cfg, changed = bench.timing_model("configs/tiny.yaml", sets, retriever.store, torch.device("cpu"))
+    assert (cfg.dim, cfg.depth, cfg.resolved_cca_layers) == (32, 6, [6])  # the paper's rule
+    assert (cfg.vocab_size, cfg.pad_id, cfg.chunk_size) == (V, 3, M)
+    assert next(hf.parameters()).dtype == getattr(torch, dtype)
+    assert changed == [f"vocab_size 1024 -> {V} (the DB's)", f"chunk_size 64 -> {M} (the DB's)"]
+    seqs = np.random.default_rng(0).integers(4, V, size=(2, 4 * M))
+    lines = bench.latency_rows(hf, retriever, seqs, (1, 2, 3), M + 1, 2 * M, (2,), repeats=1)
+    modes = ["no retrieval", "instant neighbours (CCA + encoding only)", "exact (stale_tokens=0)",
+             "overlapped (stale_tokens=2)"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [(str(b), m) for b in (1, 2) for m in modes]  # batch 3 > 2 seqs: skipped
+    assert retriever.queries  # the real retrieval modes searched
+    plan = bench.parse(["--timing-config", "configs/small.yaml", "--timing-set", "model.dim=64"])
+    assert (plan.timing_config, plan.timing_sets) == ("configs/small.yaml", ("model.dim=64",))
