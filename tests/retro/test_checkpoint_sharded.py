@@ -6,8 +6,6 @@ flight, and a RETRO-fit's sharded checkpoint holds only what trains and checks i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,7 +23,7 @@ from retro import sharded_checkpoint as sc
 from retro.frozen_base import freeze_decoder, trainable_names
 from retro.run_layout import is_sharded, shards_dir
 from tests.fixtures.checkpoints import step, tiny_cfg, trained
-from tests.fixtures.train_db import PY, REPO, tiny_db, write_train_config
+from tests.fixtures.train_db import REPO, losses, tiny_db, torchrun, write_train_config
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (the script at the repository root)
@@ -52,24 +50,6 @@ def run_inprocess(config, db, out, *sets, resume=False) -> dict:
     for s in sets:
         argv += ["--set", s]
     return train.train(train.parse_args(argv))
-
-
-def torchrun(config, db, out, *sets, resume=False) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = Path(PY).with_name("torchrun")
-    cmd = [str(launcher)] if launcher.exists() else [PY, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc_per_node", "2", "train.py", "--db", str(db), "--out", str(out)]
-    cmd += ["--resume"] if resume else ["--config", str(config)]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr
-
-
-def losses(run) -> list[float]:
-    return [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train_loss" in r]
 
 
 def latest(run: Path) -> str:
