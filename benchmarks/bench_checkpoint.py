@@ -68,14 +68,6 @@ def timed(name: str, into: list[float]) -> Iterator[None]:
         setattr(train, name, real)
 
 
-def build_db(root: Path, chunk: int, seq: int) -> Path:
-    from tests.fixtures.train_db import build_chunk_db, write_fake_neighbours
-
-    db = build_chunk_db(root / "db", chunk=chunk, seq=seq, vocab=512)
-    write_fake_neighbours(db)
-    return db
-
-
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -154,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker(args)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     root.mkdir(parents=True, exist_ok=True)
-    db = build_db(root, args.chunk, args.seq_len)
+    from tests.fixtures.train_db import chunk_db_with_neighbours
+
+    db = chunk_db_with_neighbours(root / "db", args.chunk, args.seq_len, 512)
     steps = args.every * args.saves
     sets = ["model.vocab_size=512", "model.pad_id=3", f"model.chunk_size={args.chunk}", f"seq_len={args.seq_len}",
             f"batch_size={args.nproc}", "micro_batch_size=1", f"max_steps={steps}", "warmup_steps=1", "eval_every=0",

@@ -106,14 +106,6 @@ def worker(args: argparse.Namespace) -> int:
     exit_process(body)
 
 
-def build_db(root: Path, chunk: int, seq: int) -> Path:
-    from tests.fixtures.train_db import build_chunk_db, write_fake_neighbours
-
-    db = build_chunk_db(root / "db", chunk=chunk, seq=seq, vocab=512)
-    write_fake_neighbours(db)
-    return db
-
-
 def run_variant(variant: str, nproc: int, config: str, db: Path, out: Path, sets: Sequence[str],
                 steps: int, device: str) -> list[RankResult]:
     """One torchrun launch of ``nproc`` ranks; every rank's row comes back in its own file."""
@@ -180,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"device={args.device}", "dtype=" + ("bfloat16" if cuda else "float32")]
     rows: list[list[RankResult]] = []
     try:
-        db = root / "db" if (root / "db" / "manifest.json").exists() else build_db(root, args.chunk, seq)
+        from tests.fixtures.train_db import chunk_db_with_neighbours
+
+        db = root / "db"
+        if not (db / "manifest.json").exists():
+            chunk_db_with_neighbours(db, args.chunk, seq, 512)
         for variant in variants:
             out = root / f"run-{variant}"
             shutil.rmtree(out, ignore_errors=True)

@@ -291,13 +291,12 @@ def ddp_prepare(cfg: CheckConfig) -> tuple[list[str], Path] | str:
         return f"skipped: {torch.cuda.device_count()} GPU on this machine, the DDP smoke run needs 2"
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tests.fixtures.train_db import build_chunk_db, tiny_model_sets, write_fake_neighbours
+    from tests.fixtures.train_db import chunk_db_with_neighbours, tiny_model_sets
 
     root = cfg.out / "ddp"
     db = root / "db"
     if not (db / "manifest.json").exists():
-        build_chunk_db(db)
-        write_fake_neighbours(db)
+        chunk_db_with_neighbours(db)
     run = root / f"run-{int(time.time())}"
     sets = tiny_model_sets() + ["max_steps=4", "warmup_steps=1", "eval_every=4", "checkpoint_every=4", "eval_batches=2",
                                 "log_every=1", "num_workers=0", "batch_size=8", "micro_batch_size=4",

@@ -80,7 +80,7 @@ def add_generate_routes(app: Any, service: "GenerationService | None", limits: G
     async def generate(req: GenerateRequest) -> Any:
         # async: a waiting request holds no thread, so however many wait, a new one still reaches
         # the queue check (a full queue answers at once; a blocking def would wait for a thread)
-        from starlette.concurrency import run_in_threadpool
+        from fastapi.concurrency import run_in_threadpool
 
         if service is None:
             return JSONResponse(status_code=503, content={"error": NO_MODEL})
