@@ -343,12 +343,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.docs:
         from report import DOCS, machine, write_section
 
-        png = DOCS.parent / "db_scaling.png"
+        section, png_name, title = docs_names(data["plan"])
         if drawn:
-            shutil.copyfile(a.work / "db_scaling.png", png)
-        write_section("db-scaling", f"## Retrieval against database size\n\nMachine: {machine()}\n\n{text}"
-                      + ("\n![val bpb against database tokens](db_scaling.png)\n" if drawn else ""))
+            shutil.copyfile(a.work / "db_scaling.png", DOCS.parent / png_name)
+        write_section(section, f"## {title}\n\nMachine: {machine()}\n\n{text}"
+                      + (f"\n![val bpb against database tokens]({png_name})\n" if drawn else ""), DOCS)
     return 0
+
+
+def docs_names(plan: dict[str, Any]) -> tuple[str, str, str]:
+    """(BENCHMARKS.md section, PNG name, heading) of a plan's report: a sweep whose retrieval-only
+    data comes from another corpus gets its own, named after that corpus, so reporting it never
+    overwrites the sweep over the training corpus's own files."""
+    other = plan.get("retrieval_corpus")
+    if not other:
+        return "db-scaling", "db_scaling.png", "Retrieval against database size"
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", Path(other).name).strip("-") or "other"
+    return (f"db-scaling-{name}", f"db_scaling_{name.replace('.', '_').replace('-', '_')}.png",
+            f"Retrieval against database size, retrieval-only data from {name}")
 
 
 if __name__ == "__main__":

@@ -297,3 +297,30 @@ def test_retrieval_corpus_gives_the_retrieval_only_data(tmp_path, monkeypatch) -
         assert all(os.path.samefile(p, newer / p.relative_to(d)) for p in d.rglob("*.c"))
     text = db_scaling_report.command(dataclasses.asdict(plan))
     assert "--retrieval-corpus CORPORA/v2" in text
+
+
+
+def test_a_sweep_over_another_corpus_reports_into_its_own_section(experiment, tmp_path, monkeypatch) -> None:
+    """--docs for a --retrieval-corpus sweep writes its own BENCHMARKS.md section and PNG: the
+    sweep over the training corpus's own files (section "db-scaling") stays as it was."""
+    import report
+
+    work, _ = experiment
+    docs = tmp_path / "BENCHMARKS.md"
+    first = "<!-- BEGIN db-scaling -->\nthe first sweep\n<!-- END db-scaling -->\n"
+    docs.write_text("# Benchmarks\n\n" + first)
+    monkeypatch.setattr(report, "DOCS", docs)
+    plan = json.loads((work / "plan.json").read_text())
+    assert db_scaling_report.docs_names(plan)[0] == "db-scaling"
+    other = {**plan, "retrieval_corpus": "/x/linux-source-6.12"}
+    assert db_scaling_report.docs_names(other) == (
+        "db-scaling-linux-source-6.12", "db_scaling_linux_source_6_12.png",
+        "Retrieval against database size, retrieval-only data from linux-source-6.12")
+    real_load = db_scaling_report.load
+    monkeypatch.setattr(db_scaling_report, "load", lambda w: {**real_load(w), "plan": other})
+    assert db_scaling_report.main([str(work), "--docs"]) == 0
+    text = docs.read_text()
+    assert first in text  # the first sweep's section, untouched
+    assert "<!-- BEGIN db-scaling-linux-source-6.12 -->" in text and "from linux-source-6.12" in text
+    assert "--retrieval-corpus CORPORA/linux-source-6.12" in text
+    assert (tmp_path / "db_scaling_linux_source_6_12.png").stat().st_size > 1000
