@@ -239,6 +239,61 @@ def knn_sample(db: Path, queries: int, k: int, threads: int, target: float, out:
                                   if refine is not None else {})}))
 
 
+def real_row(db: Path, i: int, args: argparse.Namespace) -> dict[str, Any]:
+    """knn-sample on a DB with real (MiniLM) embeddings, in its own measured process: the knn
+    stage's tuned search against raw faiss on the same index and queries, with the DB's size,
+    index and recall. Every query of the DB's first --knn-queries train chunks (all: 0)."""
+    from chunk_store.manifest import load_manifest
+
+    out = args.work / f"knn-real-{i}.json"
+    wall, cpu, peak, _, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", db,
+                                            "--queries", max(args.knn_queries, 0), "--k", args.k,
+                                            "--threads", args.threads, "--out", out,
+                                            "--target-recall", args.target_recall,
+                                            "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))
+    stages = load_manifest(db)["stages"]
+    return {"db": db.name, "wall": wall, "cpu": cpu, "peak_mb": peak,
+            "chunks": int((stages.get("index", {}).get("stats") or {}).get("ntotal") or 0),
+            "embedder": (stages.get("embed", {}).get("stats") or {}).get("embedder")
+                        or (stages.get("embed", {}).get("params") or {}).get("model"),
+            "index": index_stats(db), **json.loads(out.read_text())}
+
+
+def real_table(real: list[dict[str, Any]], k: int) -> str:
+    """The real-text rows: what the synthetic rows above cannot show (real near-duplicates,
+    which force the exclusion re-searches, and real recall against exact search)."""
+    if not real:
+        return ""
+    out = ["### Real text: the knn stage on MiniLM-embedded databases", "",
+           f"| DB | indexed chunks | index | tuned search | recall@{k} vs exact (same exclusions) | queries | "
+           "ours chunks/s | raw faiss chunks/s | ours / raw time | rows searched a query |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in real:
+        t = r.get("tuning") or {}
+        out.append(f"| {r['db']} | {r['chunks']:,} | {r['index'].get('index_key')} | `{t.get('param')}` | "
+                   f"{t.get('recall')} | {r['queries'] // r['repeat']:,} x{r['repeat']} | {r['ours_rate']:,.0f} | "
+                   f"{r['raw_rate']:,.0f} | {r['ratio']:.2f}x | {r['searched_rows'] / r['queries']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def real_only(args: argparse.Namespace, started: str, load0: float, argv: Sequence[str] | None) -> int:
+    """--real-only: the real-text rows alone, in section bench_scale_real (the synthetic rows'
+    section is left as its own run wrote it)."""
+    if not args.real_db:
+        raise SystemExit("--real-only needs at least one --real-db DB")
+    real = [real_row(db, i, args) for i, db in enumerate(args.real_db)]
+    text = real_table(real, args.k)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"real": real}, default=str, indent=1))
+    if not args.no_write:
+        cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section("bench_scale_real", (
+            f"{text.replace('### ', '## Database at scale, ', 1)}\nCommand: `{cmd.strip()}`  \n"
+            f"Machine: {machine('cpu')}; load average {load0:.1f} at the start  \nDate: {started}\n"))
+    return 0
+
+
 def refine_index(stage: Any, emb: list[np.ndarray], budget: float = 8 * 2 ** 30) -> Any:
     """faiss's own re-rank on the same index and parameters (IndexRefine over a flat float32
     copy of every vector, k_factor = our factor): the raw-faiss reference for a re-ranked
@@ -469,7 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--until", default="knn", choices=STAGES,
                     help="run the stages up to this one (embed: build the DBs now, index them later); "
                          "stages already done are skipped")
-    ap.add_argument("--real-db", type=Path, default=None, help="also: knn vs raw faiss on this DB (real embeddings)")
+    ap.add_argument("--real-db", type=Path, action="append", default=[],
+                    help="also: knn vs raw faiss on this DB (real embeddings); repeat it for a real-text row a size")
+    ap.add_argument("--real-only", action="store_true",
+                    help="only the --real-db rows, into their own section (bench_scale_real) beside the synthetic one")
     ap.add_argument("--real-repeat", type=int, default=10, help="--real-db: its queries searched this many times")
     ap.add_argument("--tiny", action="store_true", help="test size: small corpus and vocabulary")
     ap.add_argument("--no-write", action="store_true")
@@ -488,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
+    if args.real_only:
+        return real_only(args, started, load0, argv)
     base = {} if args.report_only else base_corpus(args)
     rows = []
     for n in [parse_size(s) for s in args.sizes.split(",")]:
@@ -500,31 +560,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         rows.append(run_size(n, args, base))
         print(json.dumps(rows[-1], default=str), flush=True)
-    real = None
-    if args.real_db:
-        out = args.work / "knn-real.json"
-        wall, cpu, peak, _, _, _ = run_measured(py(Path(__file__).resolve(), "knn-sample", "--db", args.real_db,
-                                                "--k", args.k, "--threads", args.threads, "--out", out,
-                                                "--target-recall", args.target_recall,
-                                                "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))
-        real = {"wall": wall, "cpu": cpu, "peak_mb": peak, **json.loads(out.read_text())}
+    real = [real_row(db, i, args) for i, db in enumerate(args.real_db)]
     tab, proj = table(rows), "\n".join(projection(rows))
     print(tab, proj, sep="\n\n")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "real": real}, default=str, indent=1))
     if not args.no_write:
         cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        real_line = "" if real is None else (
-            f"\nReal text (`{args.real_db}`, MiniLM embeddings, {real['queries'] // real['repeat']:,} train chunks, "
-            f"searched {real['repeat']} times over): ours "
-            f"{real['ours_rate']:,.0f} chunks/s vs raw faiss {real['raw_rate']:,.0f}/s on the same index and "
-            f"queries: {real['ratio']:.2f}x its time; {real['searched_rows'] / real['queries']:.2f} rows "
-            f"searched a query; tuned `{(real['tuning'] or {}).get('param')}` recall@{args.k} "
-            f"{(real['tuning'] or {}).get('recall')}.\n")
+        real_line = real_table(real, args.k)
         write_section("bench_scale", (
             f"## Database at scale: chunk, index and knn stages by N\n\nCommand: `{cmd.strip()}`  \n"
             f"Machine: {machine('cpu')}; load average {load0:.1f} at the start  \nDate: {started}\n\n"
-            f"{tab}\n{real_line}\n### Projection to 1T tokens (15.6B chunks)\n\n{proj}\n\n{ASSUMPTIONS}\n"))
+            f"{tab}\n\n{real_line}\n### Projection to 1T tokens (15.6B chunks)\n\n{proj}\n\n{ASSUMPTIONS}\n"))
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.fixtures import bench_scale_module
 
 
-def test_bench_scale_tiny(tmp_path, capsys):
+def test_bench_scale_tiny(tmp_path, capsys, monkeypatch):
     bench = bench_scale_module()
     out = tmp_path / "rows.json"
     corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"  # 5 files, ~100 KB: ~700 chunks a copy
@@ -34,3 +34,18 @@ def test_bench_scale_tiny(tmp_path, capsys):
     assert 0 <= large["knn"]["short_share"] <= 1 and isinstance(large["knn"]["range_first"], bool)
     text = capsys.readouterr().out
     assert "| knn (" in text and "| knn stage (every chunk) |" in text and "### Projection" not in text and "days on 64 machines" in text
+    # --real-only: a knn row for each given DB (here the IVF one just built; on a real run MiniLM-embedded
+    # DBs of several sizes), in its own section: the synthetic section is not rewritten
+    written = {}
+    monkeypatch.setattr(bench, "write_section", lambda section, text: written.update({section: text}))
+    real_json = tmp_path / "real.json"
+    db = tmp_path / "work" / f"db-{large['n_target']}"
+    assert bench.main(["--real-only", "--real-db", str(db), "--real-db", str(db), "--work", str(tmp_path / "work"),
+                       "--threads", "2", "--real-repeat", "2", "--json", str(real_json)]) == 0
+    real = json.loads(real_json.read_text())["real"]
+    assert len(real) == 2 and list(written) == ["bench_scale_real"]
+    for r in real:
+        assert r["chunks"] == large["n"] and r["queries"] == 2 * large["n"] and r["missing"] == 0
+        assert r["tuning"]["reached"] and r["index"]["index_key"].startswith("IVF")
+    table = [line for line in written["bench_scale_real"].splitlines() if line.startswith(f"| {db.name} |")]
+    assert len(table) == 2 and f"| {large['n']:,} |" in table[0]
