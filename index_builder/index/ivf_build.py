@@ -110,9 +110,12 @@ def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: 
 
 
 def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu", faiss_gpu: bool = False,
-              seed: int = 0, progress: bool = True, bf16: bool = False) -> tuple[Any, dict[str, Any]]:
+              seed: int = 0, progress: bool = True, bf16: bool = False,
+              train_only: bool = False) -> tuple[Any, dict[str, Any]]:
     """Train and fill ``plan.key`` over the shards; returns (index, build stats). ``bf16``: the
-    k-means and the lists' assignment compare vectors with centroids in bfloat16 (CPU only)."""
+    k-means and the lists' assignment compare vectors with centroids in bfloat16 (CPU only).
+    ``train_only``: the trained index without vectors (the parts layout fills it part by part:
+    index_builder.index.parts)."""
     import time
 
     import faiss
@@ -148,6 +151,8 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     ivf.train(x[:CODEC_TRAIN_MAX])
     index.is_trained = True
     _phase(stats, "codec", t, progress)
+    if train_only:
+        return index, stats
     del x
     t = time.time()
     if bf16:
@@ -194,9 +199,9 @@ def list_assigner(centroids: np.ndarray, faiss_gpu: bool = False) -> Any:
     return flat
 
 
-def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any) -> None:
-    """Add ``x`` (ids continue from ntotal) with lists from ``assigner``; through the index's
-    pre-transform (OPQ) first, where it has one."""
+def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any, first_id: int | None = None) -> None:
+    """Add ``x`` (ids ``first_id``..., by default continuing from ntotal) with lists from
+    ``assigner``; through the index's pre-transform (OPQ) first, where it has one."""
     import faiss
 
     pre = faiss.downcast_index(index)
@@ -204,7 +209,13 @@ def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any) -> None:
         for i in range(pre.chain.size()):
             x = faiss.downcast_VectorTransform(pre.chain.at(i)).apply(x)
     _, lists = assigner.search(x, 1)
-    ids = np.arange(ivf.ntotal, ivf.ntotal + len(x), dtype=np.int64)
+    first = int(ivf.ntotal) if first_id is None else first_id
+    ids = np.arange(first, first + len(x), dtype=np.int64)
     ivf.add_core(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.swig_ptr(ids),
                  faiss.swig_ptr(np.ascontiguousarray(lists[:, 0])))
     index.ntotal = ivf.ntotal
+
+
+def coarse_centroids(ivf: Any) -> np.ndarray:
+    """The (nlist, d) centroids stored in a trained IVF's quantizer (flat or HNSW storage)."""
+    return np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)

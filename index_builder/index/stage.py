@@ -13,6 +13,11 @@ Past the HNSW range (``--hnsw-max`` vectors, or where HNSW32 exceeds ``--max-ind
 key comes from :func:`index_builder.index.plan.choose_index`, whose training cost is bounded, and
 :mod:`index_builder.index.ivf_build` builds it (a random training sample, k-means on every core or the
 GPU, batched adds); the plan is recorded in ``stages.index.stats.plan``. ``--index-key`` overrides.
+
+That IVF index is kept as parts (:mod:`index_builder.index.parts`): rank 0 trains the empty IVF
+(``trained.index``) in :meth:`IndexStage.begin`, then each part of the train rows is a unit of
+work, so every torchrun rank fills its own parts; after ``add`` the new chunks become a new part
+and the existing parts' files are not touched. :func:`load_index` opens either layout.
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ from typing import Any
 from chunk_store.framework.argtypes import float_in
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import DBLayout
-from chunk_store.manifest import check_params
+from chunk_store.manifest import check_params, load_manifest
+from chunk_store.framework import runtime
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, run_stage
 from index_builder.index.determinism import fixed_search_params, make_deterministic, stable_infos
 from index_builder.embed.stage import num_chunks, open_embeddings
 from index_builder.index.update import add_new_vectors
 from index_builder.index.faiss_params import apply_search_params
+from index_builder.index import parts as index_parts
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
 from index_builder.index.recall import measure_recall
 
@@ -100,19 +107,27 @@ def index_identity(manifest: dict[str, Any]) -> str:
 
 
 def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
-    """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params."""
+    """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params.
+
+    A parts index (index_builder.index.parts) is opened with every part's lists mapped read-only,
+    whatever ``mmap`` says: its memory is the quantizer, not the codes."""
     import faiss
 
-    path, infos_path = DBLayout(db).index, DBLayout(db).index_infos
-    if not path.exists():
+    paths = DBLayout(db)
+    path, infos_path = paths.index, paths.index_infos
+    parts = index_parts.listed_parts(paths)
+    if parts is not None:
+        index = index_parts.open_parts(paths, parts)
+    elif not path.exists():
         raise UserError(f"missing index {path}: run `retro-build-index index --db {db}` first")
-    index = None
-    if mmap:
+    else:
+        index = None
+    if parts is None and mmap:
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:  # e.g. HNSW: not memory-mappable, read it whole
             index = None
-    if index is None:
+    if parts is None and index is None:
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
@@ -229,10 +244,11 @@ class IndexStage(Stage[IndexConfig]):
         ``add`` (the same embedder, more chunks embedded) the trained index takes the new vectors
         (index_builder.index.update); ``--rebuild`` trains a new one."""
         self.update = False
-        if not (recorded.get("finished") and self.paths.index.exists()):
+        if not (recorded.get("finished") and index_parts.has_index(self.paths)):
             return
         if self.cfg.rebuild:
             recorded.clear()  # a new build: nothing of the old one binds it
+            self.rebuild_over = True  # begin() removes the old index's files
             return
         before, now = recorded["params"].get("embed_id"), params["embed_id"]
         # embed_id carries the embed stage's finish time, to the second: an add finishing within
@@ -251,10 +267,21 @@ class IndexStage(Stage[IndexConfig]):
         if getattr(self, "update", False):  # the recorded size: an add rewrites it when it finishes
             ntotal = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("ntotal")
             return ntotal == num_chunks(self.db, manifest, "train")
-        return self.paths.index.exists()
+        return index_parts.has_index(self.paths)
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        parts = index_parts.listed_parts(self.paths)
+        if parts is not None:
+            return index_parts.part_files(self.paths, parts) + [self.paths.index_infos]
         return [self.paths.index, self.paths.index_infos]
+
+    @property
+    def as_parts(self) -> bool:
+        """This run writes parts: a new IVF build, or an add to an index that is already parts
+        (an add to a single-file index keeps its file: index_builder.index.update)."""
+        if getattr(self, "update", False):
+            return index_parts.listed_parts(self.paths) is not None
+        return self.plan is not None and self.plan.builder == "ivf"
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
@@ -262,11 +289,46 @@ class IndexStage(Stage[IndexConfig]):
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         return [(self.paths.index_dir, ("",))]
 
+    def begin(self, manifest: dict[str, Any]) -> None:
+        """A parts build: rank 0 trains the empty IVF (unless a partial run left one of this
+        plan's shape), every rank waits for it; --rebuild first removes the old index."""
+        if runtime.rank() == 0:
+            if getattr(self, "rebuild_over", False):
+                remove_index_files(self.paths)
+            if self.as_parts and not getattr(self, "update", False) and not self._trained_fits():
+                self.setup()
+                remove_index_files(self.paths)  # parts filled with another quantizer
+                self._train_ivf()
+        runtime.barrier()
+
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
-        return [Unit(0, 1)]
+        if not self.as_parts:
+            return [Unit(0, 1)]
+        listed = index_parts.listed_parts(self.paths) if getattr(self, "update", False) else []
+        covered = max((p.stop for p in listed or []), default=0)
+        first = max((p.part for p in listed or []), default=-1) + 1
+        todo = index_parts.plan_parts(covered, num_chunks(self.db, manifest, "train"), first,
+                                      min_parts=runtime.world_size())
+        self.new_parts = todo
+        return [Unit(i, p.count, p) for i, p in enumerate(todo)]
 
     def unit_done(self, unit: Unit) -> bool:
-        return False  # autofaiss starts over: a partial build leaves nothing reusable
+        if unit.payload is None:
+            return False  # autofaiss starts over: a partial build leaves nothing reusable
+        return index_parts.part_done(self.paths, unit.payload)
+
+    def _trained_fits(self) -> bool:
+        """trained.index is there and has the plan's shape (a partial run of the same build)."""
+        import faiss
+
+        if not self.paths.index_trained.exists() or self.plan is None:
+            return False
+        try:
+            have = faiss.extract_index_ivf(faiss.read_index(str(self.paths.index_trained)))
+        except RuntimeError:
+            return False
+        want = faiss.extract_index_ivf(faiss.index_factory(int(self.params_["dim"]), self.plan.key))
+        return (have.nlist, have.code_size, have.d, have.ntotal) == (want.nlist, want.code_size, want.d, 0)
 
     def setup(self) -> None:
         self.threads = self.cfg.threads or os.cpu_count() or 1
@@ -277,6 +339,12 @@ class IndexStage(Stage[IndexConfig]):
         """The chooser's IVF build or autofaiss into a temporary folder, then both files renamed
         into place (or, after ``add``, the new vectors appended to the trained index)."""
         cfg = self.cfg
+        if unit.payload is not None:  # a part of a parts index
+            t0 = time.time()
+            index_parts.fill_part(self.paths, open_embeddings(self.db, "train"), unit.payload,
+                                  bf16=self._ivf_device()[1])
+            self.build_seconds = getattr(self, "build_seconds", 0.0) + time.time() - t0
+            return
         if getattr(self, "update", False):
             t0 = time.time()
             self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
@@ -287,10 +355,7 @@ class IndexStage(Stage[IndexConfig]):
         tmp_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.build_stats: dict[str, Any] = {}
-        if self.plan is not None and self.plan.builder == "ivf":
-            self._build_ivf(tmp_dir)
-        else:
-            self._build_autofaiss(tmp_dir)
+        self._build_autofaiss(tmp_dir)
         if cfg.deterministic:
             make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
         stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
@@ -299,12 +364,9 @@ class IndexStage(Stage[IndexConfig]):
         os.replace(tmp_dir / self.paths.index.name, self.paths.index)
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    def _build_ivf(self, tmp_dir: Path) -> None:
-        """The chooser's IVF key, built here (bounded training), with its infos file."""
+    def _ivf_device(self) -> tuple[str, bool]:
+        """(device, bf16) for the IVF's k-means and assignment; sets the thread counts."""
         import faiss
-
-        from index_builder.index.ivf_build import build_ivf
-
         import torch
 
         from index_builder.embed.embedder import default_dtype
@@ -313,13 +375,19 @@ class IndexStage(Stage[IndexConfig]):
         torch.set_num_threads(1 if self.cfg.deterministic else self.threads)
         device = "cpu" if self.cfg.deterministic else str(resolve_device(self.cfg.device))
         bf16 = not self.cfg.deterministic and device == "cpu" and default_dtype("cpu") == "bf16"
-        index, self.build_stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
-                                            faiss_gpu=self.use_gpu, bf16=bf16)
-        param = fixed_search_params(index)
-        faiss.write_index(index, str(tmp_dir / self.paths.index.name))
-        infos = {"index_key": self.plan.key, "index_param": param, "index_path": self.paths.index.name,
-                 "builder": "retro ivf_build", "size in bytes": (tmp_dir / self.paths.index.name).stat().st_size}
-        (tmp_dir / self.paths.index_infos.name).write_text(json.dumps(infos))
+        return device, bf16
+
+    def _train_ivf(self) -> None:
+        """The chooser's IVF key trained (bounded sample) and written empty: trained.index."""
+        from index_builder.index.ivf_build import build_ivf
+
+        t0 = time.time()
+        device, bf16 = self._ivf_device()
+        index, stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
+                                 faiss_gpu=self.use_gpu, bf16=bf16, train_only=True)
+        index_parts.write_trained(index, self.paths)
+        stats["train_seconds"] = round(time.time() - t0, 2)
+        self.build_stats = stats  # a resumed run that did not train reports none
 
     def _build_autofaiss(self, tmp_dir: Path) -> None:
         """autofaiss's build (its key choice unless --index-key) into ``tmp_dir``."""
@@ -366,7 +434,15 @@ class IndexStage(Stage[IndexConfig]):
         import faiss
         import torch
 
+        if self.as_parts:
+            self._write_parts_list()
+        else:
+            remove_part_files(self.paths)  # a single-file build replaced a parts index
         infos = json.loads(self.paths.index_infos.read_text())
+        self.threads = getattr(self, "threads", None) or self.cfg.threads or os.cpu_count() or 1
+        self.use_gpu = getattr(self, "use_gpu", False)
+        self.shim = getattr(self, "shim", None)
+        self.build_seconds = getattr(self, "build_seconds", 0.0)
         torch.set_num_threads(self.threads)
         faiss.omp_set_num_threads(self.threads)
         loaded = load_index(self.db)
@@ -380,7 +456,8 @@ class IndexStage(Stage[IndexConfig]):
             "index_key": infos.get("index_key"),
             "index_param": infos.get("index_param"),
             "ntotal": int(loaded.ntotal),
-            "size_bytes": self.paths.index.stat().st_size,
+            "size_bytes": int(infos.get("size in bytes") or self.paths.index.stat().st_size),
+            "parts": len(infos.get("parts", [])) or None,
             "build_seconds": round(self.build_seconds, 2),
             "recall": recall,
             "recall_sample": min(sample, int(loaded.ntotal)),
@@ -390,8 +467,30 @@ class IndexStage(Stage[IndexConfig]):
             "added_without_training": getattr(self, "added", None),
             "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
                                                                       "reason": "--index-key or --distributed"},
-            "build": self.build_stats,
+            "build": getattr(self, "build_stats", None) or {},
         }
+
+    def _write_parts_list(self) -> None:
+        """index_infos.json naming the listed parts and this run's new ones (rank 0, every part
+        whole); then the single file an earlier build left is no longer the index."""
+        listed = (index_parts.listed_parts(self.paths) or []) if getattr(self, "update", False) else []
+        new = index_parts.plan_parts(max((p.stop for p in listed), default=0),
+                                     num_chunks(self.db, load_manifest(self.db), "train"),
+                                     max((p.part for p in listed), default=-1) + 1,
+                                     min_parts=runtime.world_size())
+        missing = [p for p in new if not index_parts.part_done(self.paths, p)]
+        if missing:
+            raise UserError(f"index: parts {[p.part for p in missing]} are not whole: re-run index")
+        infos = index_parts.read_infos(self.paths) if listed else {}
+        if not listed:
+            import faiss
+
+            trained = faiss.read_index(str(self.paths.index_trained))
+            infos = {"index_key": self.plan.key if self.plan else None, "index_param": fixed_search_params(trained),
+                     "builder": "retro ivf_build"}
+        index_parts.write_parts_list(self.paths, infos, listed + new)
+        self.paths.index.unlink(missing_ok=True)
+        self.added = sum(p.count for p in new) if listed else None
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and
@@ -401,6 +500,23 @@ class IndexStage(Stage[IndexConfig]):
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
                 f"{stats['build_seconds']:.1f}s; "
                 + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
+
+
+def remove_part_files(paths: DBLayout) -> None:
+    """A parts index's files (trained.index, part-*), when another index replaces it."""
+    if not paths.index_dir.exists():
+        return
+    for f in paths.index_dir.glob(f"{index_parts.PART_GLOB}"):
+        f.unlink(missing_ok=True)
+    paths.index_trained.unlink(missing_ok=True)
+
+
+def remove_index_files(paths: DBLayout) -> None:
+    """Every file of the index (its record first: a crash between leaves no index, not half
+    of one), for --rebuild or a retrain."""
+    paths.index_infos.unlink(missing_ok=True)
+    paths.index.unlink(missing_ok=True)
+    remove_part_files(paths)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -193,7 +193,10 @@ def test_deterministic_ivf_build_is_byte_identical(tmp_path):
     for d in (db, other):
         assert run_cli(["index", "--db", d, "--hnsw-max", 0, "--deterministic", "--recall-sample", 100]) == 0
     assert load_manifest(db)["stages"]["index"]["stats"]["plan"]["builder"] == "ivf"
-    for name in ("knn.index", "index_infos.json"):
+    names = sorted(p.name for p in (db / "index").iterdir())
+    assert "trained.index" in names and "part-00000.ivfdata" in names  # the IVF is kept as parts
+    assert names == sorted(p.name for p in (other / "index").iterdir())
+    for name in names:
         assert (db / "index" / name).read_bytes() == (other / "index" / name).read_bytes()
 
 
