@@ -244,7 +244,16 @@ class IndexStage(Stage[IndexConfig]):
         ``add`` (the same embedder, more chunks embedded) the trained index takes the new vectors
         (index_builder.index.update); ``--rebuild`` trains a new one."""
         self.update = False
-        if not (recorded.get("finished") and index_parts.has_index(self.paths)):
+        if not recorded.get("finished"):
+            # a parts index named in index_infos is whole (its list is written last): a run that
+            # stopped while adding to it resumes the add, not a new build
+            listed = index_parts.listed_parts(self.paths)
+            if listed and not self.cfg.rebuild and index_parts.has_index(self.paths):
+                check_params(recorded.get("params"), params, self.name,
+                             keys=[k for k in self.result_keys if k != "embed_id"])
+                self.update = sum(p.count for p in listed) != num_chunks(self.db, manifest, "train")
+            return
+        if not index_parts.has_index(self.paths):
             return
         if self.cfg.rebuild:
             recorded.clear()  # a new build: nothing of the old one binds it
