@@ -47,7 +47,7 @@ from index_builder.index.update import add_new_vectors
 from index_builder.index.faiss_params import apply_search_params
 from index_builder.index import parts as index_parts
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
-from index_builder.index.recall import measure_recall
+from index_builder.index.recall import measure_recall, query_split
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +459,7 @@ class IndexStage(Stage[IndexConfig]):
         from index_builder.knn.rerank import default_factor
 
         rerank = default_factor(loaded)  # what the knn stage's default will do with this index
+        queries, split = query_split(self.db)
         recall = measure_recall(self.db, loaded, sample=sample, device=str(resolve_device(self.cfg.device)),
                                 rerank=rerank)
         return {
@@ -469,7 +470,8 @@ class IndexStage(Stage[IndexConfig]):
             "parts": len(infos.get("parts", [])) or None,
             "build_seconds": round(self.build_seconds, 2),
             "recall": recall,
-            "recall_sample": min(sample, int(loaded.ntotal)),
+            "recall_sample": min(sample, sum(s.shape[0] for s in queries)),
+            "recall_queries": "val" if split == "val" else "train, own id left out",
             "rerank": rerank,
             "use_gpu": self.use_gpu,
             "opq_shim": self.shim,
