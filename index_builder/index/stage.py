@@ -506,6 +506,9 @@ class IndexStage(Stage[IndexConfig]):
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and
         the one unit ran on rank 0), so it says so rather than fail on a missing key."""
+        if run.rank != 0 and (run.units_done or run.units_reused):
+            return (f"index: rank {run.rank} of {run.world_size} filled {run.units_done} part(s) "
+                    f"({run.units_reused} already whole); rank 0 recorded the index")
         if run.rank != 0:
             return f"index: built by rank 0 (rank {run.rank} of {run.world_size} waited)"
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
