@@ -7,7 +7,8 @@ written as embedding shards; one IVF{nlist},SQ8 is trained on a sample, then fil
 ``--parts`` parts (the index stage's layout) and as one knn.index file (the layout before). Each
 is opened by :func:`index_builder.index.stage.load_index` in a fresh process, which reports the
 seconds to open, its peak RSS (VmHWM) and its private memory (RssAnon) beyond the interpreter's
-after its imports, then searches the same queries (nprobe 16) and the ids are compared.
+after its imports, then searches the same queries (nprobe 16; the memory after it beside) and the
+ids are compared.
 Modes: ``parts``; ``file-mmap`` (load_index's default: faiss maps an IVF file's lists);
 ``file-read`` (load_index(mmap=False): the codes read into RAM, as ``update`` did to add).
 """
@@ -87,7 +88,9 @@ def build(work: Path, n: int, dim: int, nlist: int, parts: int) -> tuple[Path, P
 
 def open_child(db: Path, mode: str, queries: Path) -> dict:
     """(in a fresh process) open the index, measure, search."""
-    import faiss  # noqa: F401 (imported before the baseline)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # (faiss imported before the baseline)
 
     from index_builder.index.stage import load_index
 
@@ -102,6 +105,8 @@ def open_child(db: Path, mode: str, queries: Path) -> dict:
     t0 = time.time()
     _, ids = index.search(q, 10)
     out["search_500q_s"] = round(time.time() - t0, 3)
+    out["peak_rss_after_search_mb"] = round(status_mb("VmHWM"), 1)
+    out["anon_after_search_over_imports_mb"] = round(status_mb("RssAnon") - base_anon, 1)
     np.save(queries.parent / f"ids-{mode}.npy", ids)
     return out
 
@@ -113,6 +118,7 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--parts", type=int, default=4)
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="open the indexes --work already holds")
     ap.add_argument("--open-child", nargs=3, metavar=("DB", "MODE", "QUERIES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_child:
@@ -120,7 +126,10 @@ def main() -> None:
         print(json.dumps(open_child(Path(db), mode, Path(queries))))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_index_parts-"))
-    parts_db, file_db = build(work, args.n, args.dim, args.nlist, args.parts)
+    if args.reuse and (work / "queries.npy").exists():
+        parts_db, file_db = work / "parts", work / "file"
+    else:
+        parts_db, file_db = build(work, args.n, args.dim, args.nlist, args.parts)
     rows = []
     for db, mode in ((parts_db, "parts"), (file_db, "file-mmap"), (file_db, "file-read")):
         p = subprocess.run([sys.executable, __file__, "--open-child", str(db), mode, str(work / "queries.npy")],
