@@ -39,11 +39,10 @@ from tqdm.auto import tqdm
 
 from chunk_store.framework.atomic import atomic_write_json
 from chunk_store.framework.errors import UserError
-from chunk_store.layout import DBLayout, temp_path
+from chunk_store.layout import INDEX_PART_PREFIX, DBLayout, temp_path
 from index_builder.embed.stage import read_rows
 
 LAYOUT = "parts"
-PART_GLOB = "part-*"
 PART_MAX_VECTORS = 1 << 22  # a part's codes are in RAM while it is filled: 1.6 GB at SQ8 x 384
 ADD_BATCH = 65536
 
@@ -74,6 +73,15 @@ def plan_parts(start: int, stop: int, first_part: int, min_parts: int = 1,
 
 
 # ----------------------------------------------------------------------------- the record
+
+
+def next_parts(paths: DBLayout, n: int, min_parts: int, grow: bool) -> tuple[list[PartRecord], list[PartRecord]]:
+    """(the listed parts a run keeps, the new parts it fills): after ``add`` (``grow``) the rows
+    past the listed parts, else every row; a part for each of ``min_parts`` ranks at least."""
+    listed = (listed_parts(paths) or []) if grow else []
+    new = plan_parts(max((p.stop for p in listed), default=0), n,
+                     max((p.part for p in listed), default=-1) + 1, min_parts=min_parts)
+    return listed, new
 
 
 def read_infos(paths: DBLayout) -> dict[str, Any]:
@@ -124,6 +132,47 @@ def write_parts_list(paths: DBLayout, infos: dict[str, Any], parts: Sequence[Par
              "size in bytes": sum(f.stat().st_size for f in part_files(paths, parts))}
     atomic_write_json(paths.index_infos, infos)
     return infos
+
+
+def commit_parts(paths: DBLayout, listed: Sequence[PartRecord], new: Sequence[PartRecord],
+                 infos: dict[str, Any]) -> None:
+    """Name ``listed`` + ``new`` (each whole) as the index; a single file an earlier build left
+    is no longer the index after that."""
+    missing = [p.part for p in new if not part_done(paths, p)]
+    if missing:
+        raise UserError(f"index: parts {missing} are not whole: re-run index")
+    write_parts_list(paths, infos, [*listed, *new])
+    paths.index.unlink(missing_ok=True)
+
+
+def trained_fits(paths: DBLayout, key: str, dim: int) -> bool:
+    """trained.index is there, empty, with ``key``'s shape: a partial run of the same build."""
+    import faiss
+
+    if not paths.index_trained.exists():
+        return False
+    try:
+        have = faiss.extract_index_ivf(faiss.read_index(str(paths.index_trained)))
+    except RuntimeError:
+        return False
+    want = faiss.extract_index_ivf(faiss.index_factory(dim, key))
+    return (have.nlist, have.code_size, have.d, have.ntotal) == (want.nlist, want.code_size, want.d, 0)
+
+
+def remove_parts(paths: DBLayout) -> None:
+    """A parts index's files (trained.index, part-*), when another index replaces it."""
+    if paths.index_dir.exists():
+        for f in paths.index_dir.glob(f"{INDEX_PART_PREFIX}*"):
+            f.unlink(missing_ok=True)
+    paths.index_trained.unlink(missing_ok=True)
+
+
+def remove_index(paths: DBLayout) -> None:
+    """Every file of the index, its record first (a crash between leaves no index, not half of
+    one): for --rebuild or a retrain."""
+    paths.index_infos.unlink(missing_ok=True)
+    paths.index.unlink(missing_ok=True)
+    remove_parts(paths)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -46,6 +46,7 @@ from index_builder.embed.stage import num_chunks, open_embeddings
 from index_builder.index.update import add_new_vectors
 from index_builder.index.faiss_params import apply_search_params
 from index_builder.index import parts as index_parts
+from index_builder.index.faiss_compat import patch_autofaiss_for_faiss_114
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
 from index_builder.index.recall import measure_recall, query_split
 
@@ -55,47 +56,6 @@ METRIC = "l2"
 RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
                "max_query_ms", "deterministic", "hnsw_max", "train_per_centroid")
 
-
-# ----------------------------------------------------------------------------- faiss >= 1.14 shim
-
-
-class _FaissWithOPQKeywords:
-    """A view of the faiss module whose ``OPQMatrix`` accepts keywords again.
-
-    faiss 1.14's SWIG constructors take positional arguments only, and autofaiss builds OPQ
-    (inner-product) indexes with ``faiss.OPQMatrix(d, M=..., d2=...)``. Only autofaiss's
-    index-factory module sees this view; faiss itself is left untouched.
-    """
-
-    def __init__(self, faiss_module: Any) -> None:
-        self._faiss = faiss_module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._faiss, name)
-
-    def OPQMatrix(self, d: int = 0, M: int = 1, d2: int = -1) -> Any:  # noqa: N802 (faiss's name)
-        return self._faiss.OPQMatrix(d, M, d2)
-
-
-def opq_keywords_supported(faiss_module: Any) -> bool:
-    try:
-        faiss_module.OPQMatrix(8, M=2, d2=8)
-        return True
-    except (TypeError, NotImplementedError):
-        return False
-
-
-def patch_autofaiss_for_faiss_114() -> bool:
-    """Install the OPQMatrix shim into autofaiss when this faiss rejects keywords; True if installed."""
-    import faiss
-    from autofaiss.indices import index_factory as af_factory
-
-    if isinstance(af_factory.faiss, _FaissWithOPQKeywords):
-        return True
-    if opq_keywords_supported(faiss):
-        return False
-    af_factory.faiss = _FaissWithOPQKeywords(faiss)
-    return True
 
 # ----------------------------------------------------------------------------- loading
 
@@ -303,41 +263,25 @@ class IndexStage(Stage[IndexConfig]):
         plan's shape), every rank waits for it; --rebuild first removes the old index."""
         if runtime.rank() == 0:
             if getattr(self, "rebuild_over", False):
-                remove_index_files(self.paths)
-            if self.as_parts and not getattr(self, "update", False) and not self._trained_fits():
+                index_parts.remove_index(self.paths)
+            if (self.as_parts and not getattr(self, "update", False)
+                    and not index_parts.trained_fits(self.paths, self.plan.key, int(self.params_["dim"]))):
                 self.setup()
-                remove_index_files(self.paths)  # parts filled with another quantizer
+                index_parts.remove_index(self.paths)  # parts filled with another quantizer
                 self._train_ivf()
         runtime.barrier()
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         if not self.as_parts:
             return [Unit(0, 1)]
-        listed = index_parts.listed_parts(self.paths) if getattr(self, "update", False) else []
-        covered = max((p.stop for p in listed or []), default=0)
-        first = max((p.part for p in listed or []), default=-1) + 1
-        todo = index_parts.plan_parts(covered, num_chunks(self.db, manifest, "train"), first,
-                                      min_parts=runtime.world_size())
-        self.new_parts = todo
+        _, todo = index_parts.next_parts(self.paths, num_chunks(self.db, manifest, "train"),
+                                         runtime.world_size(), grow=getattr(self, "update", False))
         return [Unit(i, p.count, p) for i, p in enumerate(todo)]
 
     def unit_done(self, unit: Unit) -> bool:
         if unit.payload is None:
             return False  # autofaiss starts over: a partial build leaves nothing reusable
         return index_parts.part_done(self.paths, unit.payload)
-
-    def _trained_fits(self) -> bool:
-        """trained.index is there and has the plan's shape (a partial run of the same build)."""
-        import faiss
-
-        if not self.paths.index_trained.exists() or self.plan is None:
-            return False
-        try:
-            have = faiss.extract_index_ivf(faiss.read_index(str(self.paths.index_trained)))
-        except RuntimeError:
-            return False
-        want = faiss.extract_index_ivf(faiss.index_factory(int(self.params_["dim"]), self.plan.key))
-        return (have.nlist, have.code_size, have.d, have.ntotal) == (want.nlist, want.code_size, want.d, 0)
 
     def setup(self) -> None:
         self.threads = self.cfg.threads or os.cpu_count() or 1
@@ -446,11 +390,10 @@ class IndexStage(Stage[IndexConfig]):
         if self.as_parts:
             self._write_parts_list()
         else:
-            remove_part_files(self.paths)  # a single-file build replaced a parts index
+            index_parts.remove_parts(self.paths)  # a single-file build replaced a parts index
         infos = json.loads(self.paths.index_infos.read_text())
-        self.threads = getattr(self, "threads", None) or self.cfg.threads or os.cpu_count() or 1
-        self.use_gpu = getattr(self, "use_gpu", False)
-        self.shim = getattr(self, "shim", None)
+        if not hasattr(self, "threads"):  # rank 0 had no unit to compute (a resumed run)
+            self.setup()
         self.build_seconds = getattr(self, "build_seconds", 0.0)
         torch.set_num_threads(self.threads)
         faiss.omp_set_num_threads(self.threads)
@@ -484,23 +427,14 @@ class IndexStage(Stage[IndexConfig]):
     def _write_parts_list(self) -> None:
         """index_infos.json naming the listed parts and this run's new ones (rank 0, every part
         whole); then the single file an earlier build left is no longer the index."""
-        listed = (index_parts.listed_parts(self.paths) or []) if getattr(self, "update", False) else []
-        new = index_parts.plan_parts(max((p.stop for p in listed), default=0),
-                                     num_chunks(self.db, load_manifest(self.db), "train"),
-                                     max((p.part for p in listed), default=-1) + 1,
-                                     min_parts=runtime.world_size())
-        missing = [p for p in new if not index_parts.part_done(self.paths, p)]
-        if missing:
-            raise UserError(f"index: parts {[p.part for p in missing]} are not whole: re-run index")
-        infos = index_parts.read_infos(self.paths) if listed else {}
-        if not listed:
-            import faiss
+        import faiss
 
-            trained = faiss.read_index(str(self.paths.index_trained))
-            infos = {"index_key": self.plan.key if self.plan else None, "index_param": fixed_search_params(trained),
-                     "builder": "retro ivf_build"}
-        index_parts.write_parts_list(self.paths, infos, listed + new)
-        self.paths.index.unlink(missing_ok=True)
+        listed, new = index_parts.next_parts(self.paths, num_chunks(self.db, load_manifest(self.db), "train"),
+                                             runtime.world_size(), grow=getattr(self, "update", False))
+        infos = index_parts.read_infos(self.paths) if listed else {
+            "index_key": self.plan.key if self.plan else None, "builder": "retro ivf_build",
+            "index_param": fixed_search_params(faiss.read_index(str(self.paths.index_trained)))}
+        index_parts.commit_parts(self.paths, listed, new, infos)
         self.added = sum(p.count for p in new) if listed else None
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
@@ -514,23 +448,6 @@ class IndexStage(Stage[IndexConfig]):
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
                 f"{stats['build_seconds']:.1f}s; "
                 + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
-
-
-def remove_part_files(paths: DBLayout) -> None:
-    """A parts index's files (trained.index, part-*), when another index replaces it."""
-    if not paths.index_dir.exists():
-        return
-    for f in paths.index_dir.glob(f"{index_parts.PART_GLOB}"):
-        f.unlink(missing_ok=True)
-    paths.index_trained.unlink(missing_ok=True)
-
-
-def remove_index_files(paths: DBLayout) -> None:
-    """Every file of the index (its record first: a crash between leaves no index, not half
-    of one), for --rebuild or a retrain."""
-    paths.index_infos.unlink(missing_ok=True)
-    paths.index.unlink(missing_ok=True)
-    remove_part_files(paths)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

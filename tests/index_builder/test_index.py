@@ -12,8 +12,8 @@ import pytest
 
 from chunk_store.manifest import DBError, load_manifest
 from index_builder.index.recall import measure_recall, without_self
-from index_builder.index.stage import (_FaissWithOPQKeywords, load_index,
-                                       patch_autofaiss_for_faiss_114)
+from index_builder.index.faiss_compat import _FaissWithOPQKeywords, patch_autofaiss_for_faiss_114
+from index_builder.index.stage import load_index
 from tests.fixtures import run_cli, shared_db
 
 
