@@ -289,8 +289,8 @@ class IndexStage(Stage[IndexConfig]):
         self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
 
     def compute(self, unit: Unit) -> None:
-        """The chooser's IVF build or autofaiss into a temporary folder, then both files renamed
-        into place (or, after ``add``, the new vectors appended to the trained index)."""
+        """One part of a parts index (index_builder.index.parts); else autofaiss into a temporary
+        folder, both files renamed into place (after ``add``: the new vectors appended to it)."""
         cfg = self.cfg
         if unit.payload is not None:  # a part of a parts index
             t0 = time.time()
