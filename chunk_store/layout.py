@@ -14,6 +14,8 @@
     DB/<split>/neighbours.npy      (num_chunks, k) train chunk ids, -1 where none (knn)
     DB/<split>/neighbour_distances.npy
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
+    DB/index/trained.index, part-NNNNN.{ivfdata,ivflists,json}   an IVF index as parts instead
+                                   (index_infos.json lists the parts: index_builder.index.parts)
     DB/.chunk_work/plan.json, part_NNNNNNNN/         the chunk stage's work folder: one part a
                                    work unit (PartLayout: part.json, <split>.chunks.bin,
                                    <split>.doc_info.bin, <split>.documents.jsonl); scan_NNNNNNNN.json:
@@ -51,6 +53,8 @@ KNN_SHARDS_DIR = "knn_shards"
 INDEX_DIR = "index"
 INDEX_FILE = "knn.index"
 INDEX_INFOS = "index_infos.json"
+INDEX_TRAINED = "trained.index"
+INDEX_PART_PREFIX = "part-"
 CHUNK_WORK_DIR = ".chunk_work"
 CHUNK_PLAN = "plan.json"
 CHUNK_PART_PREFIX = "part_"
@@ -199,6 +203,26 @@ class DBLayout:
     def chunk_part(self, unit: int) -> Path:
         """The folder of one work unit's part (:class:`PartLayout`), renamed into place when whole."""
         return self.root / CHUNK_WORK_DIR / f"{CHUNK_PART_PREFIX}{unit:08d}"
+
+    # ---- the index as parts (index_builder.index.parts): one trained, empty IVF and the parts'
+    # on-disk inverted lists, each part a range of global train chunk ids
+
+    @property
+    def index_trained(self) -> Path:
+        """The trained IVF without vectors (quantizer, codec, OPQ), shared by every part."""
+        return self.root / INDEX_DIR / INDEX_TRAINED
+
+    def index_part_data(self, part: int) -> Path:
+        """A part's codes and ids (faiss OnDiskInvertedLists data), memory-mapped for search."""
+        return self.root / INDEX_DIR / f"{INDEX_PART_PREFIX}{part:05d}.ivfdata"
+
+    def index_part_lists(self, part: int) -> Path:
+        """A part's list sizes and offsets into its data (faiss write_InvertedLists)."""
+        return self.root / INDEX_DIR / f"{INDEX_PART_PREFIX}{part:05d}.ivflists"
+
+    def index_part_record(self, part: int) -> Path:
+        """A part's record (the chunk-id range it holds), written last: a part with it is whole."""
+        return self.root / INDEX_DIR / f"{INDEX_PART_PREFIX}{part:05d}.json"
 
 
 @dataclass(frozen=True)

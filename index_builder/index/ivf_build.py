@@ -66,6 +66,7 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0
     from index_builder.index.centroid_assign import augment
 
     dev = torch.device(device)
+    block = min(block, max(256, (1 << 28) // k))  # the (block, k) distances within 1 GB at 2^18 lists
     g = torch.Generator(device="cpu").manual_seed(seed)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     n = xt.shape[0]
@@ -94,13 +95,21 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITERS, seed: int = 0
 
 
 def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: int = 0,
-                 bf16: bool = False) -> tuple[np.ndarray, str]:
+                 bf16: bool = False, two_level: bool = False) -> tuple[np.ndarray, str]:
     """The IVF centroids and which k-means made them: faiss-gpu, torch on CUDA, torch in bf16 on
-    a CPU with native bf16 (``bf16``), or faiss on the CPU."""
+    a CPU with native bf16 (``bf16``), or faiss on the CPU; ``two_level`` (the plan's choice past
+    2^16 lists) on the CPU: faiss's two-level k-means, sqrt(nlist) groups and then each group's
+    share of the lists over its own vectors, nlist / sqrt(nlist) times cheaper than the flat one."""
     import faiss
 
     if device.startswith("cuda") and not faiss_gpu:
         return torch_kmeans(x, nlist, seed=seed, device=device), "torch-kmeans-" + device
+    if two_level and not faiss_gpu:
+        from faiss.contrib.clustering import two_level_clustering
+
+        groups = max(1, int(round(nlist ** 0.5)))
+        centroids, _ = two_level_clustering(x, groups, nlist, clustering_niter=KMEANS_ITERS, seed=seed + 1234)
+        return np.ascontiguousarray(centroids, dtype=np.float32), "faiss-kmeans-two-level-cpu"
     if bf16 and not faiss_gpu:
         return torch_kmeans(x, nlist, seed=seed, bf16=True), "torch-kmeans-cpu-bf16"
     km = faiss.Kmeans(x.shape[1], nlist, niter=KMEANS_ITERS, seed=seed + 1234, gpu=bool(faiss_gpu),
@@ -110,9 +119,12 @@ def train_coarse(x: np.ndarray, nlist: int, device: str, faiss_gpu: bool, seed: 
 
 
 def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu", faiss_gpu: bool = False,
-              seed: int = 0, progress: bool = True, bf16: bool = False) -> tuple[Any, dict[str, Any]]:
+              seed: int = 0, progress: bool = True, bf16: bool = False,
+              train_only: bool = False) -> tuple[Any, dict[str, Any]]:
     """Train and fill ``plan.key`` over the shards; returns (index, build stats). ``bf16``: the
-    k-means and the lists' assignment compare vectors with centroids in bfloat16 (CPU only)."""
+    k-means and the lists' assignment compare vectors with centroids in bfloat16 (CPU only).
+    ``train_only``: the trained index without vectors (the parts layout fills it part by part:
+    index_builder.index.parts)."""
     import time
 
     import faiss
@@ -136,7 +148,8 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
         _phase(stats, "opq", t, progress)
     t = time.time()
     bf16 = bf16 and device == "cpu" and not faiss_gpu
-    centroids, stats["kmeans"] = train_coarse(x, ivf.nlist, device, faiss_gpu, seed, bf16=bf16)
+    centroids, stats["kmeans"] = train_coarse(x, ivf.nlist, device, faiss_gpu, seed, bf16=bf16,
+                                              two_level=plan.kmeans == "two-level")
     _phase(stats, "kmeans", t, progress)
     quantizer = faiss.downcast_index(ivf.quantizer)
     quantizer.add(centroids)
@@ -148,6 +161,8 @@ def build_ivf(shards: Sequence[np.ndarray], plan: IndexPlan, device: str = "cpu"
     ivf.train(x[:CODEC_TRAIN_MAX])
     index.is_trained = True
     _phase(stats, "codec", t, progress)
+    if train_only:
+        return index, stats
     del x
     t = time.time()
     if bf16:
@@ -194,9 +209,9 @@ def list_assigner(centroids: np.ndarray, faiss_gpu: bool = False) -> Any:
     return flat
 
 
-def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any) -> None:
-    """Add ``x`` (ids continue from ntotal) with lists from ``assigner``; through the index's
-    pre-transform (OPQ) first, where it has one."""
+def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any, first_id: int | None = None) -> None:
+    """Add ``x`` (ids ``first_id``..., by default continuing from ntotal) with lists from
+    ``assigner``; through the index's pre-transform (OPQ) first, where it has one."""
     import faiss
 
     pre = faiss.downcast_index(index)
@@ -204,7 +219,13 @@ def add_assigned(index: Any, ivf: Any, x: np.ndarray, assigner: Any) -> None:
         for i in range(pre.chain.size()):
             x = faiss.downcast_VectorTransform(pre.chain.at(i)).apply(x)
     _, lists = assigner.search(x, 1)
-    ids = np.arange(ivf.ntotal, ivf.ntotal + len(x), dtype=np.int64)
+    first = int(ivf.ntotal) if first_id is None else first_id
+    ids = np.arange(first, first + len(x), dtype=np.int64)
     ivf.add_core(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.swig_ptr(ids),
                  faiss.swig_ptr(np.ascontiguousarray(lists[:, 0])))
     index.ntotal = ivf.ntotal
+
+
+def coarse_centroids(ivf: Any) -> np.ndarray:
+    """The (nlist, d) centroids stored in a trained IVF's quantizer (flat or HNSW storage)."""
+    return np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)

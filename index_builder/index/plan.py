@@ -7,10 +7,14 @@ index took too long to finish (docs/BENCHMARKS.md). The rule here bounds every t
 
 - up to ``hnsw_max`` vectors (and while HNSW32 fits ``--max-index-memory``) autofaiss keeps its
   choice (HNSW32 on this range): no training, insertion O(N log N) (docs/BENCHMARKS.md);
-- past that, ``IVF{nlist}_HNSW32`` with nlist ~ 2 sqrt(N) (a power of two, within
-  [nlist_min, nlist_max]): the coarse k-means sees ``per_centroid`` sampled vectors per centroid
-  (a random sample of the whole DB, not its first rows), so it costs
-  O(nlist^2 * per_centroid * dim * iterations) whatever N is, and assignment is an HNSW search;
+- past that, ``IVF{nlist}_HNSW32`` with nlist ~ 2 sqrt(N) up to 2^30 vectors (2^16 lists) and
+  ~ 4 sqrt(N) beyond (a power of two, within [nlist_min, nlist_max = 2^20]): :func:`ivf_nlist`
+  says why. The coarse k-means sees ``per_centroid`` sampled vectors per centroid (a random
+  sample of the whole DB, not its first rows), at most ``KMEANS_SAMPLE_MAX`` in all (fewer a
+  centroid as nlist grows past 2^18), so it costs O(nlist * sample * dim * iterations) whatever
+  N is; past 2^16 lists it is faiss's two-level k-means (sqrt(nlist) groups, then each group's
+  share of the lists within it: index_builder.index.ivf_build.train_coarse) unless a GPU runs
+  the flat one; assignment is an HNSW search;
 - the codes: SQ8 (dim bytes a vector, recall close to exact, trained by a min/max pass) when it
   fits the memory budget, else PQ with the most sub-quantizers that fit;
 - OPQ only where it pays: before a PQ whose sub-quantizers span >= ``opq_min_dsub`` dimensions
@@ -31,6 +35,11 @@ from chunk_store.framework.errors import UserError
 ID_BYTES = 8  # an IVF list stores an int64 id beside each code
 HNSW_M = 32
 OPQ_TRAIN_MAX = 65536  # vectors the OPQ rotation trains on (faiss's PQ trains on 256 per centroid)
+NLIST_MAX = 1 << 20
+WIDE_LISTS_FROM = 1 << 30  # vectors past which lists are ~4 sqrt(N) rather than ~2 sqrt(N)
+KMEANS_SAMPLE_MAX = 1 << 24  # the coarse k-means' sample, whatever nlist and N (25 GB fp32 at 384 d)
+TWO_LEVEL_FROM = 1 << 16  # lists from which a CPU k-means is faiss's two-level one
+FAISS_MIN_PER_LIST = 39  # faiss warns below 39 training vectors a centroid
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class IndexPlan:
     train_size: int = 0  # vectors sampled for the coarse k-means (and the codec)
     codec: str = ""
     opq: bool = False
+    kmeans: str = ""  # "flat" or "two-level" (the CPU's k-means past TWO_LEVEL_FROM lists)
     bytes_per_vector: float = 0.0
     reason: str = ""
 
@@ -55,11 +65,25 @@ def hnsw_bytes(n: int, dim: int, m: int = HNSW_M) -> float:
     return n * (4 * dim + 2 * m * 4 * 1.07)
 
 
-def ivf_nlist(n: int, nlist_min: int = 1024, nlist_max: int = 65536) -> int:
-    """~2 sqrt(N) lists, a power of two: the k-means costs nlist^2 (faiss suggests 4-16 sqrt(N),
-    which quadruples that for a search scanning fewer vectors; the recall tuner's nprobe makes up)."""
-    target = 2 * math.sqrt(max(n, 1))
+def ivf_nlist(n: int, nlist_min: int = 1024, nlist_max: int = NLIST_MAX) -> int:
+    """The number of lists for ``n`` vectors, a power of two.
+
+    Up to 2^30 vectors ~2 sqrt(N) (2^16 lists at most): the flat k-means costs nlist x sample,
+    the sample grows with nlist, so nlist^2, and faiss's 4-16 sqrt(N) would quadruple it for a
+    search that scans fewer vectors a list, which the recall tuner's nprobe makes up at this size.
+    Beyond, ~4 sqrt(N) (faiss's lower end: 2^18 lists at 5e9): the sample is capped
+    (KMEANS_SAMPLE_MAX), so more lists cost the k-means linearly, while a query's scan (nprobe x
+    N / nlist codes) would otherwise grow with sqrt(N): at 5e9 vectors and 2 sqrt(N), 35k codes a
+    list, 2.2M for nprobe 64."""
+    target = (2 if n <= WIDE_LISTS_FROM else 4) * math.sqrt(max(n, 1))
     return int(min(nlist_max, max(nlist_min, 2 ** round(math.log2(target)))))
+
+
+def kmeans_sample(n: int, nlist: int, per_centroid: int, memory_cap: int) -> int:
+    """Vectors the coarse k-means trains on: ``per_centroid`` a list, within a quarter of
+    --current-memory (``memory_cap`` vectors) unless that leaves fewer than faiss's 39 a list,
+    and never more than KMEANS_SAMPLE_MAX (past 2^18 lists: fewer than 64 a list, 16 at 2^20)."""
+    return int(min(n, nlist * per_centroid, max(memory_cap, nlist * FAISS_MIN_PER_LIST), KMEANS_SAMPLE_MAX))
 
 
 def pq_m(dim: int, budget_bytes: float) -> int:
@@ -72,7 +96,7 @@ def pq_m(dim: int, budget_bytes: float) -> int:
 
 def choose_index(n: int, dim: int, max_index_memory: float, current_memory: float,
                  hnsw_max: int = 1_000_000, per_centroid: int = 64, opq_min_dsub: int = 8,
-                 nlist_min: int = 1024, nlist_max: int = 65536) -> IndexPlan:
+                 nlist_min: int = 1024, nlist_max: int = NLIST_MAX) -> IndexPlan:
     """The plan for ``n`` vectors of ``dim`` within the two memory budgets (bytes).
 
     ``current_memory`` bounds the training sample (fp32, with room for the k-means' work) as well.
@@ -80,21 +104,26 @@ def choose_index(n: int, dim: int, max_index_memory: float, current_memory: floa
     if n <= hnsw_max and hnsw_bytes(n, dim) <= max_index_memory:
         return IndexPlan("autofaiss", None, bytes_per_vector=4 * dim + 2 * HNSW_M * 4,
                          reason=f"{n} <= hnsw_max {hnsw_max} and HNSW32 fits: autofaiss's choice")
-    nlist = min(ivf_nlist(n, nlist_min, nlist_max), max(1, n // 39))  # faiss wants >= 39 a list
+    nlist = min(ivf_nlist(n, nlist_min, nlist_max), max(1, n // FAISS_MIN_PER_LIST))
     sample_cap = int(current_memory * 0.25 // (4 * dim))  # a quarter of the budget for the sample
-    train_size = int(min(n, nlist * per_centroid, max(sample_cap, nlist * 39)))
+    train_size = kmeans_sample(n, nlist, per_centroid, sample_cap)
+    kmeans = "two-level" if nlist >= TWO_LEVEL_FROM else "flat"
+    why_lists = (f"nlist {nlist} ~ {2 if n <= WIDE_LISTS_FROM else 4} sqrt(N) "
+                 f"({'<=' if n <= WIDE_LISTS_FROM else '>'} 2^30 vectors), {kmeans} k-means on "
+                 f"{train_size} sampled vectors ({train_size / nlist:.0f} a list"
+                 + (f", capped at {KMEANS_SAMPLE_MAX}" if train_size == KMEANS_SAMPLE_MAX else "") + "); ")
     coarse_bytes = nlist * (4 * dim + 2 * HNSW_M * 4)
     per_vector = (max_index_memory - coarse_bytes) / n - ID_BYTES
     quantizer = f"IVF{nlist}_HNSW{HNSW_M}"
     if per_vector >= dim:
-        return IndexPlan("ivf", f"{quantizer},SQ8", nlist, train_size, "SQ8", False, dim + ID_BYTES,
-                         reason=f"{n} > hnsw_max or HNSW over budget; SQ8 fits "
+        return IndexPlan("ivf", f"{quantizer},SQ8", nlist, train_size, "SQ8", False, kmeans, dim + ID_BYTES,
+                         reason=why_lists + f"{n} > hnsw_max or HNSW over budget; SQ8 fits "
                                 f"({per_vector:.0f} B a vector available)")
     m = pq_m(dim, per_vector)
     opq = dim // m >= opq_min_dsub
     key = (f"OPQ{m}_{dim}," if opq else "") + f"{quantizer},PQ{m}x8np"
-    return IndexPlan("ivf", key, nlist, train_size, f"PQ{m}x8", opq, m + ID_BYTES,
-                     reason=f"{per_vector:.0f} B a vector available: PQ{m}"
+    return IndexPlan("ivf", key, nlist, train_size, f"PQ{m}x8", opq, kmeans, m + ID_BYTES,
+                     reason=why_lists + f"{per_vector:.0f} B a vector available: PQ{m}"
                             + (f", OPQ as {dim // m} dims a sub-quantizer" if opq else ""))
 
 

@@ -1,5 +1,10 @@
-"""The index stage's recall check: recall@k of an index against exact search, on a sample of
-train chunks as queries that do not count themselves."""
+"""The index stage's recall check: recall@k of an index against exact search, with queries that
+are not in the index: the val split's chunks where they are embedded, else a sample of train
+chunks whose own ids are left out of both searches.
+
+Why held-out queries: an index answers a vector it stores better than a new one (its own list is
+the nearest to it, its code is its own, a graph index reaches it by its own links); the knn stage
+asks for train and val chunks alike, and the Retriever for text it has never seen."""
 
 from __future__ import annotations
 
@@ -8,18 +13,40 @@ from typing import Any
 
 import numpy as np
 
+from chunk_store.framework.errors import UserError
 from index_builder.embed.stage import open_embeddings
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 
 RECALL_KS = (1, 2, 10)
 
 
+def query_split(db: str | os.PathLike) -> tuple[list[np.ndarray], str]:
+    """(shards, split) the recall queries come from: val where it is embedded, else train."""
+    try:
+        val = open_embeddings(db, "val")
+    except UserError:
+        val = []
+    return (val, "val") if sum(s.shape[0] for s in val) else (open_embeddings(db, "train"), "train")
+
+
+def recall_queries(db: str | os.PathLike, sample: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(queries, their train ids or None, "val" | "train"): ``sample`` random val chunks where the
+    val split is embedded (not in the index), else train chunks (their ids, to leave them out)."""
+    from index_builder.knn.rerank import pick_rows
+
+    shards, split = query_split(db)
+    n = sum(s.shape[0] for s in shards)
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    return pick_rows(shards, ids), (ids if split == "train" else None), split
+
+
 def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tuple[int, ...] = RECALL_KS,
                    seed: int = 0, device: str = "cpu", rerank: int = 1) -> dict[str, float]:
-    """recall@k of ``index`` vs exact search, on ``sample`` random train chunks as queries, each
-    query's own row left out of both (a chunk that finds itself at distance 0 is not a neighbour
-    knn would use, and counting it inflates recall@1 towards 1 for any index that stores exact
-    vectors, e.g. HNSW).
+    """recall@k of ``index`` vs exact search over the train chunks, on ``sample`` held-out
+    queries (:func:`recall_queries`): val chunks, else train chunks with each query's own row left
+    out of both (a chunk that finds itself at distance 0 is not a neighbour knn would use, and
+    counting it inflates recall@1 towards 1 for any index that stores exact vectors, e.g. HNSW).
 
     A returned id counts as a hit when its true distance is within the exact k-th distance
     (ties between duplicate chunks are common in real corpora and are not misses). With
@@ -27,22 +54,24 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     distance as the knn stage does (index_builder.knn.rerank), and the raw index's recall is
     reported beside it as ``raw_recall@k``.
     """
-    from index_builder.knn.rerank import pick_rows, take_rows
+    from index_builder.knn.rerank import take_rows
     from index_builder.knn.rerank import rerank as rerank_rows
     from index_builder.knn.rerank import true_distances
 
     shards = open_embeddings(db, "train")
     n = sum(s.shape[0] for s in shards)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-    queries = pick_rows(shards, ids)
-    kmax = min(max(ks), n - 1)
-    if kmax < 1:
+    queries, ids, _ = recall_queries(db, sample, seed)
+    own = 0 if ids is None else 1  # a train query's own row, searched for and dropped
+    kmax = min(max(ks), n - own)
+    if kmax < 1 or not len(queries):
         return {}
-    exact_i, exact_d = exact_search(queries, shards, kmax + 1, ExactSearchConfig(device=device))
-    exact_d = np.sort(np.where(exact_i == ids[:, None], np.inf, exact_d), axis=1)[:, :kmax]
-    _, got_i = index.search(queries, min(kmax * max(rerank, 1) + 1, n))
-    got_i = without_self(got_i, ids)
+    exact_i, exact_d = exact_search(queries, shards, kmax + own, ExactSearchConfig(device=device))
+    if ids is not None:
+        exact_d = np.where(exact_i == ids[:, None], np.inf, exact_d)
+    exact_d = np.sort(exact_d, axis=1)[:, :kmax]
+    _, got_i = index.search(queries, min(kmax * max(rerank, 1) + own, n))
+    if ids is not None:
+        got_i = without_self(got_i, ids)
     read = lambda u: take_rows(shards, u)  # noqa: E731
     # the index's own top kmax, in its order; re-ranked: the nearest kmax of its candidates
     results = {"": true_distances(queries, got_i[:, :kmax], read)}

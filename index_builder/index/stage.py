@@ -13,6 +13,11 @@ Past the HNSW range (``--hnsw-max`` vectors, or where HNSW32 exceeds ``--max-ind
 key comes from :func:`index_builder.index.plan.choose_index`, whose training cost is bounded, and
 :mod:`index_builder.index.ivf_build` builds it (a random training sample, k-means on every core or the
 GPU, batched adds); the plan is recorded in ``stages.index.stats.plan``. ``--index-key`` overrides.
+
+That IVF index is kept as parts (:mod:`index_builder.index.parts`): rank 0 trains the empty IVF
+(``trained.index``) in :meth:`IndexStage.begin`, then each part of the train rows is a unit of
+work, so every torchrun rank fills its own parts; after ``add`` the new chunks become a new part
+and the existing parts' files are not touched. :func:`load_index` opens either layout.
 """
 
 from __future__ import annotations
@@ -32,15 +37,18 @@ from typing import Any
 from chunk_store.framework.argtypes import float_in
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import DBLayout
-from chunk_store.manifest import check_params
+from chunk_store.manifest import check_params, load_manifest
+from chunk_store.framework import runtime
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, run_stage
 from index_builder.index.determinism import fixed_search_params, make_deterministic, stable_infos
 from index_builder.embed.stage import num_chunks, open_embeddings
 from index_builder.index.update import add_new_vectors
 from index_builder.index.faiss_params import apply_search_params
+from index_builder.index import parts as index_parts
+from index_builder.index.faiss_compat import patch_autofaiss_for_faiss_114
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
-from index_builder.index.recall import measure_recall
+from index_builder.index.recall import measure_recall, query_split
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +56,6 @@ METRIC = "l2"
 RESULT_KEYS = ("index_key", "max_index_memory", "metric", "embed_id", "memory_mappable",
                "max_query_ms", "deterministic", "hnsw_max", "train_per_centroid")
 
-
-# ----------------------------------------------------------------------------- faiss >= 1.14 shim
-
-
-class _FaissWithOPQKeywords:
-    """A view of the faiss module whose ``OPQMatrix`` accepts keywords again.
-
-    faiss 1.14's SWIG constructors take positional arguments only, and autofaiss builds OPQ
-    (inner-product) indexes with ``faiss.OPQMatrix(d, M=..., d2=...)``. Only autofaiss's
-    index-factory module sees this view; faiss itself is left untouched.
-    """
-
-    def __init__(self, faiss_module: Any) -> None:
-        self._faiss = faiss_module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._faiss, name)
-
-    def OPQMatrix(self, d: int = 0, M: int = 1, d2: int = -1) -> Any:  # noqa: N802 (faiss's name)
-        return self._faiss.OPQMatrix(d, M, d2)
-
-
-def opq_keywords_supported(faiss_module: Any) -> bool:
-    try:
-        faiss_module.OPQMatrix(8, M=2, d2=8)
-        return True
-    except (TypeError, NotImplementedError):
-        return False
-
-
-def patch_autofaiss_for_faiss_114() -> bool:
-    """Install the OPQMatrix shim into autofaiss when this faiss rejects keywords; True if installed."""
-    import faiss
-    from autofaiss.indices import index_factory as af_factory
-
-    if isinstance(af_factory.faiss, _FaissWithOPQKeywords):
-        return True
-    if opq_keywords_supported(faiss):
-        return False
-    af_factory.faiss = _FaissWithOPQKeywords(faiss)
-    return True
 
 # ----------------------------------------------------------------------------- loading
 
@@ -100,19 +67,27 @@ def index_identity(manifest: dict[str, Any]) -> str:
 
 
 def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
-    """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params."""
+    """Read the index (memory-mapped where its type allows) and apply autofaiss's tuned params.
+
+    A parts index (index_builder.index.parts) is opened with every part's lists mapped read-only,
+    whatever ``mmap`` says: its memory is the quantizer, not the codes."""
     import faiss
 
-    path, infos_path = DBLayout(db).index, DBLayout(db).index_infos
-    if not path.exists():
+    paths = DBLayout(db)
+    path, infos_path = paths.index, paths.index_infos
+    parts = index_parts.listed_parts(paths)
+    if parts is not None:
+        index = index_parts.open_parts(paths, parts)
+    elif not path.exists():
         raise UserError(f"missing index {path}: run `retro-build-index index --db {db}` first")
-    index = None
-    if mmap:
+    else:
+        index = None
+    if parts is None and mmap:
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:  # e.g. HNSW: not memory-mappable, read it whole
             index = None
-    if index is None:
+    if parts is None and index is None:
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
@@ -229,10 +204,20 @@ class IndexStage(Stage[IndexConfig]):
         ``add`` (the same embedder, more chunks embedded) the trained index takes the new vectors
         (index_builder.index.update); ``--rebuild`` trains a new one."""
         self.update = False
-        if not (recorded.get("finished") and self.paths.index.exists()):
+        if not recorded.get("finished"):
+            # a parts index named in index_infos is whole (its list is written last): a run that
+            # stopped while adding to it resumes the add, not a new build
+            listed = index_parts.listed_parts(self.paths)
+            if listed and not self.cfg.rebuild and index_parts.has_index(self.paths):
+                check_params(recorded.get("params"), params, self.name,
+                             keys=[k for k in self.result_keys if k != "embed_id"])
+                self.update = sum(p.count for p in listed) != num_chunks(self.db, manifest, "train")
+            return
+        if not index_parts.has_index(self.paths):
             return
         if self.cfg.rebuild:
             recorded.clear()  # a new build: nothing of the old one binds it
+            self.rebuild_over = True  # begin() removes the old index's files
             return
         before, now = recorded["params"].get("embed_id"), params["embed_id"]
         # embed_id carries the embed stage's finish time, to the second: an add finishing within
@@ -251,10 +236,21 @@ class IndexStage(Stage[IndexConfig]):
         if getattr(self, "update", False):  # the recorded size: an add rewrites it when it finishes
             ntotal = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("ntotal")
             return ntotal == num_chunks(self.db, manifest, "train")
-        return self.paths.index.exists()
+        return index_parts.has_index(self.paths)
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
+        parts = index_parts.listed_parts(self.paths)
+        if parts is not None:
+            return index_parts.part_files(self.paths, parts) + [self.paths.index_infos]
         return [self.paths.index, self.paths.index_infos]
+
+    @property
+    def as_parts(self) -> bool:
+        """This run writes parts: a new IVF build, or an add to an index that is already parts
+        (an add to a single-file index keeps its file: index_builder.index.update)."""
+        if getattr(self, "update", False):
+            return index_parts.listed_parts(self.paths) is not None
+        return self.plan is not None and self.plan.builder == "ivf"
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
@@ -262,11 +258,30 @@ class IndexStage(Stage[IndexConfig]):
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         return [(self.paths.index_dir, ("",))]
 
+    def begin(self, manifest: dict[str, Any]) -> None:
+        """A parts build: rank 0 trains the empty IVF (unless a partial run left one of this
+        plan's shape), every rank waits for it; --rebuild first removes the old index."""
+        if runtime.rank() == 0:
+            if getattr(self, "rebuild_over", False):
+                index_parts.remove_index(self.paths)
+            if (self.as_parts and not getattr(self, "update", False)
+                    and not index_parts.trained_fits(self.paths, self.plan.key, int(self.params_["dim"]))):
+                self.setup()
+                index_parts.remove_index(self.paths)  # parts filled with another quantizer
+                self._train_ivf()
+        runtime.barrier()
+
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
-        return [Unit(0, 1)]
+        if not self.as_parts:
+            return [Unit(0, 1)]
+        _, todo = index_parts.next_parts(self.paths, num_chunks(self.db, manifest, "train"),
+                                         runtime.world_size(), grow=getattr(self, "update", False))
+        return [Unit(i, p.count, p) for i, p in enumerate(todo)]
 
     def unit_done(self, unit: Unit) -> bool:
-        return False  # autofaiss starts over: a partial build leaves nothing reusable
+        if unit.payload is None:
+            return False  # autofaiss starts over: a partial build leaves nothing reusable
+        return index_parts.part_done(self.paths, unit.payload)
 
     def setup(self) -> None:
         self.threads = self.cfg.threads or os.cpu_count() or 1
@@ -274,9 +289,15 @@ class IndexStage(Stage[IndexConfig]):
         self.use_gpu = self.cfg.device != "cpu" and faiss_gpu_available() and not self.cfg.deterministic
 
     def compute(self, unit: Unit) -> None:
-        """The chooser's IVF build or autofaiss into a temporary folder, then both files renamed
-        into place (or, after ``add``, the new vectors appended to the trained index)."""
+        """One part of a parts index (index_builder.index.parts); else autofaiss into a temporary
+        folder, both files renamed into place (after ``add``: the new vectors appended to it)."""
         cfg = self.cfg
+        if unit.payload is not None:  # a part of a parts index
+            t0 = time.time()
+            index_parts.fill_part(self.paths, open_embeddings(self.db, "train"), unit.payload,
+                                  bf16=self._ivf_device()[1])
+            self.build_seconds = getattr(self, "build_seconds", 0.0) + time.time() - t0
+            return
         if getattr(self, "update", False):
             t0 = time.time()
             self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
@@ -287,10 +308,7 @@ class IndexStage(Stage[IndexConfig]):
         tmp_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.build_stats: dict[str, Any] = {}
-        if self.plan is not None and self.plan.builder == "ivf":
-            self._build_ivf(tmp_dir)
-        else:
-            self._build_autofaiss(tmp_dir)
+        self._build_autofaiss(tmp_dir)
         if cfg.deterministic:
             make_deterministic(tmp_dir / self.paths.index.name, tmp_dir / self.paths.index_infos.name)
         stable_infos(tmp_dir / self.paths.index_infos.name, self.paths.index)
@@ -299,12 +317,9 @@ class IndexStage(Stage[IndexConfig]):
         os.replace(tmp_dir / self.paths.index.name, self.paths.index)
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    def _build_ivf(self, tmp_dir: Path) -> None:
-        """The chooser's IVF key, built here (bounded training), with its infos file."""
+    def _ivf_device(self) -> tuple[str, bool]:
+        """(device, bf16) for the IVF's k-means and assignment; sets the thread counts."""
         import faiss
-
-        from index_builder.index.ivf_build import build_ivf
-
         import torch
 
         from index_builder.embed.embedder import default_dtype
@@ -313,13 +328,19 @@ class IndexStage(Stage[IndexConfig]):
         torch.set_num_threads(1 if self.cfg.deterministic else self.threads)
         device = "cpu" if self.cfg.deterministic else str(resolve_device(self.cfg.device))
         bf16 = not self.cfg.deterministic and device == "cpu" and default_dtype("cpu") == "bf16"
-        index, self.build_stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
-                                            faiss_gpu=self.use_gpu, bf16=bf16)
-        param = fixed_search_params(index)
-        faiss.write_index(index, str(tmp_dir / self.paths.index.name))
-        infos = {"index_key": self.plan.key, "index_param": param, "index_path": self.paths.index.name,
-                 "builder": "retro ivf_build", "size in bytes": (tmp_dir / self.paths.index.name).stat().st_size}
-        (tmp_dir / self.paths.index_infos.name).write_text(json.dumps(infos))
+        return device, bf16
+
+    def _train_ivf(self) -> None:
+        """The chooser's IVF key trained (bounded sample) and written empty: trained.index."""
+        from index_builder.index.ivf_build import build_ivf
+
+        t0 = time.time()
+        device, bf16 = self._ivf_device()
+        index, stats = build_ivf(open_embeddings(self.db, "train"), self.plan, device=device,
+                                 faiss_gpu=self.use_gpu, bf16=bf16, train_only=True)
+        index_parts.write_trained(index, self.paths)
+        stats["train_seconds"] = round(time.time() - t0, 2)
+        self.build_stats = stats  # a resumed run that did not train reports none
 
     def _build_autofaiss(self, tmp_dir: Path) -> None:
         """autofaiss's build (its key choice unless --index-key) into ``tmp_dir``."""
@@ -366,7 +387,14 @@ class IndexStage(Stage[IndexConfig]):
         import faiss
         import torch
 
+        if self.as_parts:
+            self._write_parts_list()
+        else:
+            index_parts.remove_parts(self.paths)  # a single-file build replaced a parts index
         infos = json.loads(self.paths.index_infos.read_text())
+        if not hasattr(self, "threads"):  # rank 0 had no unit to compute (a resumed run)
+            self.setup()
+        self.build_seconds = getattr(self, "build_seconds", 0.0)
         torch.set_num_threads(self.threads)
         faiss.omp_set_num_threads(self.threads)
         loaded = load_index(self.db)
@@ -374,28 +402,47 @@ class IndexStage(Stage[IndexConfig]):
         from index_builder.knn.rerank import default_factor
 
         rerank = default_factor(loaded)  # what the knn stage's default will do with this index
+        queries, split = query_split(self.db)
         recall = measure_recall(self.db, loaded, sample=sample, device=str(resolve_device(self.cfg.device)),
                                 rerank=rerank)
         return {
             "index_key": infos.get("index_key"),
             "index_param": infos.get("index_param"),
             "ntotal": int(loaded.ntotal),
-            "size_bytes": self.paths.index.stat().st_size,
+            "size_bytes": int(infos.get("size in bytes") or self.paths.index.stat().st_size),
+            "parts": len(infos.get("parts", [])) or None,
             "build_seconds": round(self.build_seconds, 2),
             "recall": recall,
-            "recall_sample": min(sample, int(loaded.ntotal)),
+            "recall_sample": min(sample, sum(s.shape[0] for s in queries)),
+            "recall_queries": "val" if split == "val" else "train, own id left out",
             "rerank": rerank,
             "use_gpu": self.use_gpu,
             "opq_shim": self.shim,
             "added_without_training": getattr(self, "added", None),
             "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
                                                                       "reason": "--index-key or --distributed"},
-            "build": self.build_stats,
+            "build": getattr(self, "build_stats", None) or {},
         }
+
+    def _write_parts_list(self) -> None:
+        """index_infos.json naming the listed parts and this run's new ones (rank 0, every part
+        whole); then the single file an earlier build left is no longer the index."""
+        import faiss
+
+        listed, new = index_parts.next_parts(self.paths, num_chunks(self.db, load_manifest(self.db), "train"),
+                                             runtime.world_size(), grow=getattr(self, "update", False))
+        infos = index_parts.read_infos(self.paths) if listed else {
+            "index_key": self.plan.key if self.plan else None, "builder": "retro ivf_build",
+            "index_param": fixed_search_params(faiss.read_index(str(self.paths.index_trained)))}
+        index_parts.commit_parts(self.paths, listed, new, infos)
+        self.added = sum(p.count for p in new) if listed else None
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and
         the one unit ran on rank 0), so it says so rather than fail on a missing key."""
+        if run.rank != 0 and (run.units_done or run.units_reused):
+            return (f"index: rank {run.rank} of {run.world_size} filled {run.units_done} part(s) "
+                    f"({run.units_reused} already whole); rank 0 recorded the index")
         if run.rank != 0:
             return f"index: built by rank 0 (rank {run.rank} of {run.world_size} waited)"
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "

@@ -3,7 +3,9 @@
 Why: training an index (k-means, PQ codebooks, OPQ) is the expensive part and depends on the
 distribution of the vectors, not on every vector; a database that grows by a few shards keeps
 its trained index and appends the new train chunks' vectors (``index.add``, ids continuing the
-global chunk ids). ``retro-build-index index --rebuild`` trains a new index instead, e.g. once the
+global chunk ids). This module grows a single-file index (autofaiss's, or an IVF from before the
+parts layout); a parts index gets a new part instead (index_builder.index.parts), its existing
+files untouched. ``retro-build-index index --rebuild`` trains a new index instead, e.g. once the
 database has grown several-fold. The index file is replaced atomically, so a crash leaves the
 old index whole and the re-run adds again.
 """

@@ -12,8 +12,8 @@ import pytest
 
 from chunk_store.manifest import DBError, load_manifest
 from index_builder.index.recall import measure_recall, without_self
-from index_builder.index.stage import (_FaissWithOPQKeywords, load_index,
-                                       patch_autofaiss_for_faiss_114)
+from index_builder.index.faiss_compat import _FaissWithOPQKeywords, patch_autofaiss_for_faiss_114
+from index_builder.index.stage import load_index
 from tests.fixtures import run_cli, shared_db
 
 
@@ -174,3 +174,36 @@ def test_distributed_pyspark_local_mode(tmp_path, tmp_path_factory, monkeypatch)
         assert run_cli(["knn", "--db", db, "--device", "cpu"]) == 0
     finally:
         spark.stop()
+
+
+def test_recall_queries_are_held_out_val_chunks(tmp_path):
+    """An index that recognises its own vectors (exact neighbours for a stored vector, junk for
+    any other) scored recall 1 when the queries were train chunks; with the val split embedded
+    the queries are val chunks, not in the index, and it scores what it is worth on new text."""
+    from index_builder.index.recall import recall_queries
+
+    db = tmp_path / "db"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 500), ("val", 80)):
+        (db / split / "embeddings").mkdir(parents=True)
+        np.save(db / split / "embeddings" / "000000.npy", rng.standard_normal((n, 16)).astype(np.float16))
+    xb = np.load(db / "train" / "embeddings" / "000000.npy").astype(np.float32)
+    flat = faiss.IndexFlatL2(16)
+    flat.add(xb)
+    stored = {row.tobytes(): i for i, row in enumerate(xb)}
+
+    class Memorising:
+        ntotal = flat.ntotal
+
+        def search(self, q, k):
+            d, i = flat.search(q, k)
+            junk = rng.integers(0, len(xb), i.shape)
+            known = np.array([row.tobytes() in stored for row in q])[:, None]
+            return d, np.where(known, i, junk)
+
+    assert recall_queries(db, 50)[2] == "val" and recall_queries(db, 50)[1] is None
+    assert measure_recall(db, Memorising(), sample=80)["recall@10"] < 0.2
+    assert measure_recall(db, flat, sample=80)["recall@10"] == 1.0
+    shutil.rmtree(db / "val")  # no val split: train queries, their own ids left out
+    queries, ids, split = recall_queries(db, 50)
+    assert split == "train" and len(ids) == 50 and np.array_equal(queries, xb[ids])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from chunk_store.framework.errors import UserError
 from chunk_store.manifest import load_manifest
 from index_builder.embed.stage import open_embeddings
-from index_builder.index.plan import choose_index, hnsw_bytes, parse_memory
+from index_builder.index.plan import KMEANS_SAMPLE_MAX, NLIST_MAX, choose_index, hnsw_bytes, parse_memory
 from index_builder.index.ivf_build import build_ivf, gather_rows, sample_ids, torch_kmeans
 from index_builder.knn.tuning import neighbour_recall, tune_search
 from tests.fixtures import clustered_db, float16_shards, run_cli
@@ -36,8 +36,11 @@ def test_chooser_rule(n, dim, mem, cur, hnsw_max, per_centroid):
     assert plan.builder == "ivf" and f"IVF{plan.nlist}_HNSW32," in plan.key
     # bounded training: the k-means sample never exceeds per_centroid a list, whatever n is, and
     # faiss's 39 a list is met where the DB has them
-    assert plan.nlist <= 65536 and plan.train_size <= plan.nlist * per_centroid
-    assert plan.train_size == min(n, plan.train_size) and plan.train_size >= min(n, 39 * plan.nlist)
+    assert plan.nlist <= NLIST_MAX and plan.train_size <= min(plan.nlist * per_centroid, KMEANS_SAMPLE_MAX)
+    assert plan.train_size == min(n, plan.train_size)
+    assert plan.train_size >= min(n, 39 * plan.nlist, KMEANS_SAMPLE_MAX)
+    assert plan.kmeans == ("two-level" if plan.nlist >= 65536 else "flat")
+    assert f"nlist {plan.nlist}" in plan.reason and f"on {plan.train_size} sampled vectors" in plan.reason
     if plan.codec == "SQ8":
         assert not plan.opq and plan.key.endswith(",SQ8")
     else:
@@ -49,6 +52,41 @@ def test_chooser_rule(n, dim, mem, cur, hnsw_max, per_centroid):
         # the codes fit the memory budget whenever any code >= 4 bytes could
         if n * (4 + 8) + plan.nlist * (4 * dim + 256) <= mem * GB:
             assert n * plan.bytes_per_vector + plan.nlist * (4 * dim + 256) <= mem * GB * 1.0001
+
+
+@pytest.mark.parametrize("n, nlist, train_size, kmeans", [
+    (10 ** 6, 2048, 2048 * 64, "flat"),  # ~2 sqrt(N): 2000
+    (10 ** 8, 16384, 16384 * 64, "flat"),  # 20000
+    (10 ** 9, 65536, 65536 * 64, "two-level"),  # 63246: the most a flat CPU k-means is given
+    (5 * 10 ** 9, 1 << 18, (64 << 30) // 4 // (4 * 384), "two-level"),  # ~4 sqrt(N): 282843
+    (2 * 10 ** 10, 1 << 19, KMEANS_SAMPLE_MAX, "two-level"),  # 565685; the sample's cap binds
+])
+def test_nlist_follows_n_past_65536_with_a_bounded_sample(n, nlist, train_size, kmeans):
+    """The rule at the issue's sizes (arithmetic only): lists grow with N beyond the old 65,536
+    cap, the k-means sample does not grow past KMEANS_SAMPLE_MAX (nor past a quarter of
+    --current-memory while that leaves 39 a list), and the plan says why."""
+    plan = choose_index(n, 384, parse_memory("512G"), parse_memory("64G"), hnsw_max=0)
+    assert (plan.nlist, plan.train_size, plan.kmeans) == (nlist, train_size, kmeans)
+    assert plan.key.split(",")[-2 if plan.opq else 0].startswith(f"IVF{nlist}_HNSW32")
+    assert f"nlist {nlist} ~ {2 if n <= 2 ** 30 else 4} sqrt(N)" in plan.reason
+    assert f"{kmeans} k-means on {train_size} sampled vectors" in plan.reason
+    assert plan.train_size >= 39 * nlist or plan.train_size == KMEANS_SAMPLE_MAX
+
+
+def test_two_level_kmeans_trains_the_coarse_centroids():
+    """The CPU's k-means past 2^16 lists (faiss's two-level one), run tiny: nlist centroids that
+    quantize the sample about as well as the flat k-means'."""
+    from index_builder.index.ivf_build import train_coarse
+
+    x = np.random.default_rng(0).standard_normal((6400, 16)).astype(np.float32)
+    flat, _ = train_coarse(x, 64, "cpu", False)
+    two, how = train_coarse(x, 64, "cpu", False, two_level=True)
+    assert how == "faiss-kmeans-two-level-cpu" and two.shape == (64, 16)
+
+    def err(c: np.ndarray) -> float:
+        return float(faiss.knn(x, c, 1)[0].mean())
+
+    assert err(two) < 1.15 * err(flat)
 
 
 def test_chooser_on_the_issues_sizes():
@@ -193,7 +231,10 @@ def test_deterministic_ivf_build_is_byte_identical(tmp_path):
     for d in (db, other):
         assert run_cli(["index", "--db", d, "--hnsw-max", 0, "--deterministic", "--recall-sample", 100]) == 0
     assert load_manifest(db)["stages"]["index"]["stats"]["plan"]["builder"] == "ivf"
-    for name in ("knn.index", "index_infos.json"):
+    names = sorted(p.name for p in (db / "index").iterdir())
+    assert "trained.index" in names and "part-00000.ivfdata" in names  # the IVF is kept as parts
+    assert names == sorted(p.name for p in (other / "index").iterdir())
+    for name in names:
         assert (db / "index" / name).read_bytes() == (other / "index" / name).read_bytes()
 
 

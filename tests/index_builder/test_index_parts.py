@@ -1,0 +1,206 @@
+"""The IVF index as parts on disk (index_builder.index.parts): a parts index answers as the same
+index built in one piece, ``add`` writes a new part and leaves the existing ones' bytes alone,
+a crash mid-add leaves the DB whole, and the opened lists are memory-mapped, not in RAM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from chunk_store.framework.errors import UserError
+from chunk_store.framework.stage import CRASH_ENV
+from chunk_store.layout import DBLayout
+from chunk_store.manifest import load_manifest, now_iso, record_stage
+from index_builder.embed.stage import open_embeddings, read_rows
+from index_builder.index import parts as index_parts
+from index_builder.index.ivf_build import add_assigned, build_ivf, coarse_centroids, list_assigner
+from index_builder.index.parts import PartRecord, fill_part, open_parts, plan_parts, write_trained
+from index_builder.index.plan import IndexPlan
+from index_builder.index.stage import load_index
+from tests.fixtures import bench_scale_module, clustered_db, random_text, run_cli, write_corpus
+
+DIM = 16
+NPROBE = 3
+
+
+def clustered_shards(folder: Path, sizes: list[int], seed: int = 0) -> list[np.ndarray]:
+    """float16 shards of clustered vectors (64 centres + noise), memory-mapped as embed leaves them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, DIM)).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i, n in enumerate(sizes):
+        x = centres[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+        np.save(folder / f"{i:06d}.npy", x.astype(np.float16))
+        shards.append(np.load(folder / f"{i:06d}.npy", mmap_mode="r"))
+    return shards
+
+
+def trained(tmp_path: Path, shards: list[np.ndarray]) -> DBLayout:
+    """A DB folder holding only trained.index: IVF32 with SQ8 codes (exact ids comparable)."""
+    paths = DBLayout(tmp_path / "db")
+    plan = IndexPlan("ivf", "IVF32,SQ8", nlist=32, train_size=2000, codec="SQ8")
+    index, _ = build_ivf(shards, plan, progress=False, train_only=True)
+    assert index.ntotal == 0
+    write_trained(index, paths)
+    return paths
+
+
+def one_piece(paths: DBLayout, shards: list[np.ndarray], n: int) -> faiss.Index:
+    """The same trained index with rows [0, n) added in memory, as a single-file build holds it."""
+    index = faiss.read_index(str(paths.index_trained))
+    ivf = faiss.extract_index_ivf(index)
+    add_assigned(index, ivf, read_rows(shards, 0, n), list_assigner(coarse_centroids(ivf)))
+    return index
+
+
+def search(index: faiss.Index, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    faiss.extract_index_ivf(index).nprobe = NPROBE
+    return index.search(q, k)
+
+
+def test_parts_answer_as_one_piece_and_are_mapped_read_only(tmp_path):
+    shards = clustered_shards(tmp_path / "emb", [1300, 1700])
+    paths = trained(tmp_path, shards)
+    parts = [PartRecord(0, 0, 1100), PartRecord(1, 1100, 1900)]  # not on shard boundaries
+    for p in parts:
+        fill_part(paths, shards, p, progress=False)
+    opened = open_parts(paths, parts)
+    q = read_rows(shards, 0, 3000)[::7] + 0.01
+    d_ref, i_ref = search(one_piece(paths, shards, 3000), q)
+    d, i = search(opened, q)
+    assert opened.ntotal == 3000
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
+    # the lists are the parts' files mapped read-only, stacked: nothing of the codes copied in
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(opened).invlists)
+    assert isinstance(lists, faiss.HStackInvertedLists)
+    on_disk = opened.referenced_objects[0]
+    assert all(isinstance(o, faiss.OnDiskInvertedLists) and o.read_only for o in on_disk)
+    assert [o.filename for o in on_disk] == [str(paths.index_part_data(p.part)) for p in parts]
+
+
+def test_two_parts_then_an_added_third_equal_one_build_and_leave_the_first_untouched(tmp_path):
+    shards = clustered_shards(tmp_path / "emb", [1000, 1000, 1000], seed=1)
+    paths = trained(tmp_path, shards)
+    first = plan_parts(0, 2000, 0, min_parts=2)
+    assert first == [PartRecord(0, 0, 1000), PartRecord(1, 1000, 1000)]
+    for p in first:
+        fill_part(paths, shards, p, progress=False)
+    files = index_parts.part_files(paths, first)
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    added = plan_parts(2000, 3000, 2)
+    assert added == [PartRecord(2, 2000, 1000)]
+    fill_part(paths, shards, added[0], progress=False)
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
+    q = read_rows(shards, 0, 3000)[::5] + 0.01
+    np.testing.assert_array_equal(search(open_parts(paths, first + added), q)[1],
+                                  search(one_piece(paths, shards, 3000), q)[1])
+
+
+def test_plan_parts_covers_the_range_in_bounded_parts():
+    for start, stop, min_parts, cap in [(0, 10, 1, 4), (5, 1000, 3, 100), (0, 7, 16, 1 << 22), (9, 9, 2, 5)]:
+        got = plan_parts(start, stop, 4, min_parts=min_parts, max_vectors=cap)
+        assert [p.part for p in got] == list(range(4, 4 + len(got)))
+        assert sum(p.count for p in got) == stop - start and all(0 < p.count <= cap for p in got)
+        assert all(a.stop == b.first for a, b in zip(got, got[1:]))
+        assert not got or (got[0].first, got[-1].stop) == (start, stop)
+        assert len(got) >= min(min_parts, stop - start)
+
+
+def test_a_missing_part_file_is_a_clear_error(tmp_path):
+    shards = clustered_shards(tmp_path / "emb", [600])
+    paths = trained(tmp_path, shards)
+    fill_part(paths, shards, PartRecord(0, 0, 600), progress=False)
+    paths.index_part_data(0).unlink()
+    with pytest.raises(UserError, match="part-00000"):
+        open_parts(paths, [PartRecord(0, 0, 600)])
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def grow(db: Path, n_docs: int, seed: int) -> int:
+    """``add`` n_docs documents and write their train embeddings as a new shard (the old shards
+    untouched), recorded as the same embedder finishing again; the new train size."""
+    rng = random.Random(seed)
+    write_corpus(db.parent / f"more-{seed}", [random_text(rng) for _ in range(n_docs)])
+    assert run_cli(["add", "--db", db, "--input", db.parent / f"more-{seed}"]) == 0
+    from chunk_store import ChunkStore
+
+    paths, manifest = DBLayout(db), load_manifest(db)
+    docs = np.asarray(ChunkStore.open(db, "train").doc_ids)
+    old = sum(a.shape[0] for a in open_embeddings(db, "train"))
+    shard = len(list(paths.embeddings_dir("train").glob("*.npy")))
+    emb = bench_scale_module().synthetic_embeddings(docs[old:], DIM, 0, shard)  # type: ignore[attr-defined]
+    np.save(paths.embedding_shard("train", shard), emb)
+    embed = manifest["stages"]["embed"]
+    record_stage(db, "embed", params=embed["params"], started=embed["started"], finished=now_iso(),
+                 stats=embed.get("stats", {}), manifest=manifest)
+    return len(docs)
+
+
+def index_argv(db: Path) -> list[str]:
+    """--deterministic: fp32 assignment to lists, as :func:`one_piece` does (no bf16 on the CPU)."""
+    return ["index", "--db", str(db), "--hnsw-max", "0", "--recall-sample", "50", "--deterministic"]
+
+
+def test_stage_add_writes_a_new_part_and_a_crash_mid_add_leaves_the_db_whole(tmp_path):
+    db = clustered_db(tmp_path / "db", n_docs=40, dim=DIM)
+    paths = DBLayout(db)
+    assert run_cli(index_argv(db)) == 0
+    first = index_parts.listed_parts(paths)
+    n_old = sum(p.count for p in first)
+    assert first and not paths.index.exists()  # the IVF plan is kept as parts, no knn.index
+    files = index_parts.part_files(paths, first)
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    n_new = grow(db, 8, seed=3)
+    assert n_new > n_old
+    # killed after the new part is written, before the parts list names it: the DB is whole
+    cmd = [sys.executable, "-m", "index_builder", *index_argv(db)]
+    p = subprocess.run(cmd, env=dict(os.environ, **{CRASH_ENV: "index:1"}), capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert index_parts.listed_parts(paths) == first and load_index(db).ntotal == n_old
+    assert paths.index_part_record(len(first)).exists()
+    assert run_cli(index_argv(db)) == 0
+    grown = index_parts.listed_parts(paths)
+    assert grown[:len(first)] == first and len(grown) == len(first) + 1
+    assert (grown[-1].first, grown[-1].stop) == (n_old, n_new)
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
+    stats = load_manifest(db)["stages"]["index"]["stats"]
+    assert stats["ntotal"] == n_new and stats["added_without_training"] == n_new - n_old
+    assert stats["parts"] == len(grown)
+    # the grown index answers as the trained index filled in one piece over every row
+    shards = open_embeddings(db, "train")
+    q = read_rows(shards, 0, n_new)[::3]
+    loaded = load_index(db)
+    assert json.loads(paths.index_infos.read_text())["layout"] == "parts"
+    np.testing.assert_array_equal(search(loaded, q)[1], search(one_piece(paths, shards, n_new), q)[1])
+
+
+@pytest.mark.slow
+def test_two_ranks_fill_a_part_each(tmp_path):
+    """Under torchrun with 2 ranks rank 0 trains, each rank fills one part, and the index equals
+    the trained index filled in one piece (more than 20 s: two interpreters start on 2 cores)."""
+    from tests.fixtures.ranks import torchrun
+
+    db = clustered_db(tmp_path / "db", n_docs=30, dim=DIM)
+    p = torchrun(2, index_argv(db))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 1 of 2 filled 1 part(s)" in p.stdout + p.stderr
+    paths = DBLayout(db)
+    parts = index_parts.listed_parts(paths)
+    assert [q.part for q in parts] == [0, 1]
+    shards = open_embeddings(db, "train")
+    n = sum(s.shape[0] for s in shards)
+    assert parts[-1].stop == n
+    q = read_rows(shards, 0, n)[::3]
+    np.testing.assert_array_equal(search(load_index(db), q)[1], search(one_piece(paths, shards, n), q)[1])
