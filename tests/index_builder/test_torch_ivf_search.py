@@ -1,0 +1,193 @@
+"""The torch IVF search (index_builder.index.torch_ivf_search) and the knn stage's choice of search
+(index_builder.knn.search_choice): reference tests against exact search and faiss's own IVF search,
+the CUDA default as a pure function, and the knn stage end to end with the torch search forced.
+Same code as on CUDA (device passed through): tests/gpu/test_index_gpu.py runs it there."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from chunk_store.framework.errors import UserError
+from index_builder.index.exact_search import ExactSearchConfig, exact_search
+from index_builder.index.torch_ivf_search import TorchIVFConfig, TorchIVFSearch, list_blocks, plan_groups
+from index_builder.knn.search_choice import EXACT_MAX_NND, choose_search, exact_is_small
+
+DEVICE = "cpu"
+
+
+def ivf_flat(x: np.ndarray, nlist: int, seed: int = 0) -> faiss.Index:
+    """An IVFFlat index over ``x`` (float32 rows): the lists the torch search reads."""
+    index = faiss.index_factory(x.shape[1], f"IVF{nlist},Flat")
+    faiss.ParameterSpace().set_index_parameters(index, "nprobe=1")
+    index.cp.seed = seed
+    index.train(x)
+    index.add(x)
+    return index
+
+
+def data(seed: int, n: int = 3000, d: int = 24, nq: int = 200) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """float16 shards (as the embed stage stores them), their float32 copy, float32 queries."""
+    rng = np.random.default_rng(seed)
+    # clustered, so lists differ in size (the padded batches group unequal lists)
+    centres = rng.standard_normal((12, d)) * 3
+    x = (centres[rng.integers(0, 12, n)] + rng.standard_normal((n, d))).astype(np.float16)
+    cut = n // 3
+    q = (centres[rng.integers(0, 12, nq)] + rng.standard_normal((nq, d))).astype(np.float32)
+    return [x[:cut], x[cut:]], x.astype(np.float32), q
+
+
+# small blocks and batches: several list blocks (streamed, not resident), many padded batches
+SMALL = dict(device=DEVICE, block_rows=700, batch_elems=1 << 15, query_block=64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cfg", [SMALL, dict(device=DEVICE)])
+def test_all_lists_probed_equals_exact_search_with_exclusions(seed, cfg):
+    """nprobe = nlist: every row is a candidate, so the result is exact search's, exclusions
+    (a chunk range per query, blank rows) applied inside both."""
+    shards, xf, q = data(seed)
+    index = ivf_flat(xf, 16, seed)
+    index.nprobe = 16
+    rng = np.random.default_rng(seed + 10)
+    a = rng.integers(0, len(xf), len(q))
+    exclude = np.stack([a, a + rng.integers(0, 400, len(q))], axis=1)
+    valid = rng.random(len(xf)) > 0.1
+    k = 7
+    got_i, got_d = TorchIVFSearch(index, shards, TorchIVFConfig(**cfg)).search(q, k, exclude=exclude, valid=valid)
+    ref_i, ref_d = exact_search(q, shards, k, ExactSearchConfig(device=DEVICE), exclude=exclude, valid=valid)
+    np.testing.assert_allclose(got_d, ref_d, rtol=1e-5, atol=1e-4)
+    differ = got_i != ref_i  # ids equal except between rows at the same distance
+    np.testing.assert_allclose(got_d[differ], ref_d[differ], rtol=1e-5, atol=1e-4)
+    assert differ.mean() < 0.01
+    assert not ((got_i >= exclude[:, :1]) & (got_i < exclude[:, 1:])).any()
+    assert valid[got_i[got_i >= 0]].all()
+
+
+@pytest.mark.parametrize("nprobe", [1, 2, 5])
+@pytest.mark.parametrize("cfg", [SMALL, dict(device=DEVICE)])
+def test_same_nprobe_gives_faiss_ivf_flat_results(nprobe, cfg):
+    """A reference test: the same lists, the same nprobe => the same candidates as faiss's own IVF
+    search (read from the index at each call, as the recall tuner sets it), the same neighbours."""
+    shards, xf, q = data(7)
+    index = ivf_flat(xf, 16)
+    search = TorchIVFSearch(index, shards, TorchIVFConfig(**cfg))
+    faiss.ParameterSpace().set_index_parameters(index, f"nprobe={nprobe}")
+    got_i, got_d = search.search(q, 10)
+    ref_d, ref_i = index.search(q, 10)
+    ref_i = np.where(np.isfinite(ref_d) & (ref_i >= 0), ref_i, -1)
+    ref_d = np.where(ref_i >= 0, ref_d, np.inf)
+    np.testing.assert_allclose(got_d, ref_d, rtol=1e-5, atol=1e-4)
+    assert (got_i == ref_i).mean() > 0.99
+
+
+def test_half_precision_gemm_keeps_fp32_distances():
+    """bf16 GEMM ranks the candidates; the distances returned are re-scored in fp32 (true ones)."""
+    shards, xf, q = data(3)
+    index = ivf_flat(xf, 8)
+    index.nprobe = 8
+    got_i, got_d = TorchIVFSearch(index, shards, TorchIVFConfig(device=DEVICE, dtype="bf16")).search(q, 5)
+    true = ((xf[got_i] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(got_d, true, rtol=1e-4, atol=1e-3)
+    _, ref_d = exact_search(q, shards, 5, ExactSearchConfig(device=DEVICE))
+    assert (got_d[:, 0] <= ref_d[:, 0] * 1.05 + 1e-3).mean() > 0.95
+
+
+def test_more_candidates_than_the_lists_hold_pads():
+    shards, xf, q = data(4, n=300)
+    index = ivf_flat(xf, 8)
+    index.nprobe = 1
+    got_i, got_d = TorchIVFSearch(index, shards, TorchIVFConfig(device=DEVICE)).search(q[:5], 200)
+    ref_d, ref_i = index.search(q[:5], 200)
+    assert ((got_i < 0) == (ref_i < 0)).all() and (got_i < 0).any()
+    assert np.isinf(got_d[got_i < 0]).all()
+
+
+def test_list_blocks_and_groups_cover_every_row_and_pair_once():
+    offsets = np.array([0, 5, 5, 40, 41, 100, 100])
+    blocks = list_blocks(offsets, 30)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 6
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(offsets[b] - offsets[a] <= 30 or b == a + 1 for a, b in blocks)
+    sizes, counts = np.array([5, 0, 35, 1, 59]), np.array([3, 4, 100, 0, 9])
+    pair_starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    groups = plan_groups(sizes, counts, offsets[:-2], pair_starts, dim=8, batch_elems=2000)
+    covered = sorted(p for g in groups for it in g for p in range(it.p0, it.p1))
+    expect = sorted(p for l in (0, 2, 4) for p in range(pair_starts[l], pair_starts[l] + counts[l]))
+    assert covered == expect  # every pair of a non-empty list once; none of an empty list
+    for g in groups:
+        m, n = max(it.p1 - it.p0 for it in g), max(it.rows for it in g)
+        assert len(g) == 1 or len(g) * (m * n + (m + n) * 8) <= 2000
+
+
+@pytest.mark.parametrize("faiss_gpu", [False, True])
+@pytest.mark.parametrize("has_ivf", [False, True])
+@pytest.mark.parametrize("n", [10**5, 10**7, 10**9])
+def test_cuda_default_never_runs_an_exact_pass_at_large_n(n, has_ivf, faiss_gpu):
+    """The rule on CUDA: faiss-gpu with an IVF index; else exact only while N*N*dim is small;
+    else the torch IVF search; else faiss on the CPU. Never exact at 1e7 or 1e9 by default."""
+    got = choose_search(n, 384, "cuda", faiss_gpu, has_ivf)
+    small = n == 10**5
+    assert exact_is_small(n, 384) == small
+    if faiss_gpu and has_ivf:
+        assert got.method == "faiss-gpu"
+    elif small:
+        assert got.method == "exact"
+    else:
+        assert got.method == ("torch-ivf" if has_ivf else "index")
+    assert (got.method == "exact") == (small and not (faiss_gpu and has_ivf))
+    assert got.why
+    # the CPU default is unchanged: the faiss index, whatever N
+    assert choose_search(n, 384, "cpu", faiss_gpu, has_ivf).method == "index"
+    # asked for: --exact always wins; --no-exact never runs the exact pass
+    assert choose_search(n, 384, "cuda", faiss_gpu, has_ivf, exact=True).method == "exact"
+    assert choose_search(n, 384, "cuda", faiss_gpu, has_ivf, exact=False).method != "exact"
+
+
+def test_the_exact_bound_is_about_a_minute_of_an_h100():
+    assert 1e15 <= EXACT_MAX_NND <= 4e15  # 2 N^2 d flops at ~60 TFLOP/s fp32: about a minute
+    assert exact_is_small(2_000_000, 384) and not exact_is_small(3_000_000, 384)
+
+
+def test_forced_search_is_checked():
+    assert choose_search(10, 8, "cpu", False, True, forced="torch-ivf").method == "torch-ivf"
+    with pytest.raises(UserError, match="IVF"):
+        choose_search(10, 8, "cpu", False, False, forced="torch-ivf")
+    with pytest.raises(UserError, match="faiss-gpu"):
+        choose_search(10, 8, "cpu", False, True, forced="faiss-gpu")
+    with pytest.raises(UserError, match="--search"):
+        choose_search(10, 8, "cpu", False, True, forced="magic")
+
+
+def run_knn_torch_ivf(tmp_path, tmp_path_factory, device: str) -> None:
+    """The knn stage with the torch IVF search forced on a tiny DB with an IVF index: its tuned
+    recall (final neighbours vs exact search, exclusions applied) reaches the target, the rule
+    is kept, and the summary records the search and why. Shared with tests/gpu."""
+    from chunk_store.layout import DBLayout
+    from chunk_store.manifest import load_manifest
+    from tests.fixtures import build_index_db, run_cli, shared_tiny_bert
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "db", bert, n_docs=24, shard_size=128, index_key="IVF8,Flat",
+                        stages=("embed", "index"))
+    assert run_cli(["knn", "--db", db, "--device", device, "--k", 3, "--shard-size", 128,
+                    "--search", "torch-ivf", "--target-recall", 0.95, "--tune-sample", 200]) == 0
+    knn = load_manifest(db)["stages"]["knn"]
+    assert knn["params"]["method"] == "torch-ivf"
+    assert knn["stats"]["search"] == {"method": "torch-ivf", "why": "asked (--search torch-ivf)"}
+    rec = knn["stats"]["recall"]
+    assert rec["reached"] and rec["recall@3"] >= 0.95
+    assert knn["stats"]["search_params"].startswith("nprobe=")
+    docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
+    nb = np.load(db / "train" / "neighbours.npy")
+    ok = nb >= 0
+    assert ok.mean() > 0.99
+    assert not (nb == np.arange(len(nb))[:, None]).any()
+    assert not (docs[np.where(ok, nb, 0)] == docs[:, None])[ok].any()
+    nd = np.load(db / "train" / "neighbour_distances.npy")
+    assert (np.diff(nd, axis=1) >= -1e-5).all()
+
+
+def test_knn_stage_with_the_torch_ivf_search_reaches_the_target_recall(tmp_path, tmp_path_factory):
+    run_knn_torch_ivf(tmp_path, tmp_path_factory, DEVICE)
