@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("fp32", "fp16", "bf16")
+MAX_WASTE = 1.5  # a padded batch computes at most this many times the distances its pairs need
+ITEM_QUERIES = 256  # queries of one list a work item: a crowded list's pairs are cut into even pieces
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,11 @@ class WorkItem:
 
 
 def plan_groups(sizes: np.ndarray, counts: np.ndarray, row_starts: np.ndarray, pair_starts: np.ndarray,
-                dim: int, batch_elems: int, rescore: int = 0) -> list[list[WorkItem]]:
-    """Work items (a list's queries, cut so one item fits ``batch_elems``) grouped into padded
-    batches: items sorted by list size, so a batch's lists have similar sizes and its padding
-    stays small, each batch at most ``batch_elems`` padded elements
+                dim: int, batch_elems: int, rescore: int = 0, max_waste: float = MAX_WASTE) -> list[list[WorkItem]]:
+    """Work items (a list's queries, cut so one item fits ``batch_elems`` and holds at most
+    :data:`ITEM_QUERIES`) grouped into padded batches: items sorted by list size then query
+    count, a batch growing while its padded distance block (G x M x N) stays within
+    ``max_waste`` x the distances it needs and its padded elements within ``batch_elems``
     (G x (M x N + (M + N) x dim + M x min(rescore, N) x dim): distances, gathered queries and
     rows, and the ``rescore`` candidates a pair re-scored in fp32)."""
     def cost(m: int, n: int) -> int:
@@ -144,21 +147,21 @@ def plan_groups(sizes: np.ndarray, counts: np.ndarray, row_starts: np.ndarray, p
     items: list[WorkItem] = []
     for l in np.flatnonzero((counts > 0) & (sizes > 0)):
         n, m = int(sizes[l]), int(counts[l])
-        per = max(1, (batch_elems - n * dim) // max(1, cost(1, n) - n * dim))  # queries one item holds
+        per = max(1, min(ITEM_QUERIES, (batch_elems - n * dim) // max(1, cost(1, n) - n * dim)))
         for a in range(0, m, per):
             items.append(WorkItem(int(row_starts[l]), n, int(pair_starts[l]) + a, int(pair_starts[l]) + min(m, a + per)))
-    items.sort(key=lambda it: -it.rows)
+    items.sort(key=lambda it: (-it.rows, -(it.p1 - it.p0)))
     groups: list[list[WorkItem]] = []
-    m_max = n_max = 0
+    m_max = n_max = need = 0
     for it in items:
         m, n = it.p1 - it.p0, it.rows
-        grown_m, grown_n = max(m_max, m), max(n_max, n)
-        if groups and (len(groups[-1]) + 1) * cost(grown_m, grown_n) <= batch_elems:
+        grown_m, grown_n, g = max(m_max, m), max(n_max, n), len(groups[-1]) + 1 if groups else 1
+        if groups and g * cost(grown_m, grown_n) <= batch_elems and g * grown_m * grown_n <= max_waste * (need + m * n):
             groups[-1].append(it)
-            m_max, n_max = grown_m, grown_n
+            m_max, n_max, need = grown_m, grown_n, need + m * n
         else:
             groups.append([it])
-            m_max, n_max = m, n
+            m_max, n_max, need = m, n, m * n
     return groups
 
 
