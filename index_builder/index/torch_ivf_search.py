@@ -15,8 +15,9 @@ nprobe is read from the faiss index at every call: the knn stage's recall tuner
 assignment is exact over the centroids (faiss's HNSW quantizer is approximate: never worse).
 
 Memory: at most ``block_rows`` database rows on the device at a time (list-ordered; kept there
-between calls when the whole database fits in one block, else gathered again each call: one pass
-over the embeddings a call, so callers pass large query batches), and one padded batch of about
+between calls when the whole database fits in one block, by default while it fits in half the
+GPU's free memory: ~60M rows of 384-d fp16 on an H100; else gathered again each call, one pass over
+the embeddings a call, so callers then pass large query batches), and one padded batch of about
 ``batch_elems`` distance and vector elements.
 """
 
@@ -41,7 +42,7 @@ class TorchIVFConfig:
 
     device: str = "cpu"
     dtype: str | None = None  # GEMM dtype: None = fp16 on CUDA (fp32 accumulate), fp32 on the CPU
-    block_rows: int = 1 << 25  # database rows on the device at once (25.8 GB at 384-d fp16)
+    block_rows: int | None = None  # database rows on the device at once; None: :func:`default_block_rows`
     batch_elems: int = 1 << 26  # elements of one padded batch (distances + gathered vectors)
     query_block: int = 16384  # queries whose candidate buffer (query_block x nprobe x c) is held at once
 
@@ -50,6 +51,22 @@ class TorchIVFConfig:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
         return dtype
+
+
+CPU_BLOCK_ROWS = 1 << 22  # rows a block on the CPU (6 GB of fp32 at 384-d)
+GPU_MEMORY_SHARE = 0.5  # of the free GPU memory, for the database block
+
+
+def default_block_rows(device: str, dim: int, row_bytes: int) -> int:
+    """Rows a block: on CUDA, as many as fit in :data:`GPU_MEMORY_SHARE` of the free memory at
+    ``row_bytes`` a row (the GEMM copy, the stored copy where it differs, norm and id); on the CPU,
+    :data:`CPU_BLOCK_ROWS`."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return CPU_BLOCK_ROWS
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return max(1, int(free * GPU_MEMORY_SHARE) // max(1, row_bytes))
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,12 @@ class TorchIVFSearch:
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.compute_dtype()]
         self.centroids = torch.from_numpy(self.lists.centroids).to(self.device)
         self.c_norm = (self.centroids * self.centroids).sum(1)
-        self.blocks = list_blocks(self.lists.offsets, cfg.block_rows)
+        dim = int(self.shards[0].shape[1]) if self.shards else 0
+        stored = self.shards[0].dtype.itemsize if self.shards else 4
+        gemm = self.dtype.itemsize
+        row_bytes = dim * (gemm + (0 if gemm == stored or gemm == 4 else stored)) + 12  # + fp32 norm, int64 id
+        self.block_rows = cfg.block_rows or default_block_rows(cfg.device, dim, row_bytes)
+        self.blocks = list_blocks(self.lists.offsets, self.block_rows)
         self._resident: tuple[torch.Tensor, ...] | None = None
 
     @property
