@@ -54,14 +54,16 @@ class Row:
         return self.queries / self.seconds
 
 
-def make_data(n: int, dim: int, clusters: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(n, dim) float16 clustered rows, as stored; (nq, dim) float32 queries: rows of them."""
+def make_data(n: int, dim: int, clusters: int, nq: int, spread: float = 1.0,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float16 clustered rows (unit-variance centres, ``spread`` the noise's standard
+    deviation), as stored; (nq, dim) float32 queries: rows of them."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     db = np.empty((n, dim), dtype=np.float16)
     for a in range(0, n, 65536):  # in blocks: the float32 draft of 1M x 384 would be 1.5 GB
         b = min(n, a + 65536)
-        db[a:b] = centres[rng.integers(0, clusters, b - a)] + 0.5 * rng.standard_normal((b - a, dim), dtype=np.float32)
+        db[a:b] = centres[rng.integers(0, clusters, b - a)] + spread * rng.standard_normal((b - a, dim), dtype=np.float32)
     q = db[np.sort(rng.choice(n, nq, replace=False))].astype(np.float32)
     return db, q
 
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     import faiss
 
     device = torch.device(args.device)
-    db, q = make_data(args.n, args.dim, args.clusters, args.queries)
+    db, q = make_data(args.n, args.dim, args.clusters, args.queries, args.spread)
     t0 = time.perf_counter()
     index = build_ivf_flat(db, args.nlist)
     print(f"index IVF{args.nlist},Flat built in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -138,10 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--n", type=int, default=200_000, help="database rows")
     ap.add_argument("--dim", type=int, default=384, help="embedding width (MiniLM: 384)")
-    ap.add_argument("--clusters", type=int, default=2000, help="Gaussian centres of the synthetic rows")
+    ap.add_argument("--clusters", type=int, default=100, help="Gaussian centres of the synthetic rows")
+    ap.add_argument("--spread", type=float, default=3.0, help="the rows' noise around their centre (std)")
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--nlist", type=int, default=1024, help="IVF lists (the index chooser: ~2 sqrt N)")
-    ap.add_argument("--nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32],
+    ap.add_argument("--nprobe", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16, 64],
                     help="comma-separated nprobe values")
     ap.add_argument("--k", type=int, default=12, help="candidates a query (knn: k + extra)")
     ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
