@@ -191,3 +191,38 @@ def run_knn_torch_ivf(tmp_path, tmp_path_factory, device: str) -> None:
 
 def test_knn_stage_with_the_torch_ivf_search_reaches_the_target_recall(tmp_path, tmp_path_factory):
     run_knn_torch_ivf(tmp_path, tmp_path_factory, DEVICE)
+
+
+def test_knn_stage_torch_ivf_equals_the_faiss_ivf_path(tmp_path, tmp_path_factory):
+    """A reference test at the stage: with the index's own nprobe (3 of 16 lists, no tuning), the
+    torch search (exclusions inside) and faiss's IVF search (exclusions after, short rows
+    re-searched) keep the same final neighbours: each row's k nearest allowed chunks in the same
+    probed lists."""
+    import json
+    import shutil
+
+    from chunk_store.layout import DBLayout
+    from chunk_store.manifest import load_manifest
+    from tests.fixtures import build_index_db, run_cli, shared_tiny_bert
+
+    bert = shared_tiny_bert(tmp_path_factory)
+    db = build_index_db(tmp_path / "faiss", bert, n_docs=24, shard_size=128, index_key="IVF16,Flat",
+                        stages=("embed", "index"))
+    infos = DBLayout(db).index_infos  # the search parameter knn applies: a few of the lists
+    infos.write_text(json.dumps({**json.loads(infos.read_text()), "index_param": "nprobe=3"}))
+    ours = tmp_path / "torch"
+    shutil.copytree(db, ours)
+    common = ["--device", DEVICE, "--k", 3, "--shard-size", 128, "--target-recall", 0]
+    assert run_cli(["knn", "--db", db, *common]) == 0
+    assert run_cli(["knn", "--db", ours, *common, "--search", "torch-ivf"]) == 0
+    assert load_manifest(db)["stages"]["knn"]["stats"]["search"]["method"] == "index"
+    exact = tmp_path / "exact"  # and the lists matter: the exact pass finds nearer neighbours
+    shutil.copytree(ours, exact, ignore=shutil.ignore_patterns("neighbour*"))
+    assert run_cli(["knn", "--db", exact, *common, "--exact", "--refresh", "full"]) == 0
+    assert (np.load(exact / "train" / "neighbour_distances.npy")
+            < np.load(ours / "train" / "neighbour_distances.npy") - 1e-4).any()
+    for split in ("train", "val"):
+        a_i, b_i = (np.load(p / split / "neighbours.npy") for p in (db, ours))
+        a_d, b_d = (np.load(p / split / "neighbour_distances.npy") for p in (db, ours))
+        np.testing.assert_allclose(a_d, b_d, rtol=1e-4, atol=1e-4)
+        assert ((a_i == b_i) | np.isclose(a_d, b_d, rtol=1e-4, atol=1e-4)).all()
