@@ -106,9 +106,9 @@ def device_search(method: str, index: Any, shards: Sequence[np.ndarray], device:
         gpu = _faiss_gpu_search(index, say)
         if gpu is not None:
             return DeviceSearch(gpu, None, "faiss-gpu")
-    tivf = TorchIVFSearch(index, shards, TorchIVFConfig(device=device))
     if ivf_of(index) is None:
-        raise UserError("knn: the torch IVF search needs an IVF index")
+        raise UserError("knn: the torch IVF search needs an IVF index; this DB's index has no inverted lists")
+    tivf = TorchIVFSearch(index, shards, TorchIVFConfig(device=device))
 
     def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
         return tivf.search(q, c)
