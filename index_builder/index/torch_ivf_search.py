@@ -55,6 +55,7 @@ class TorchIVFConfig:
 
 CPU_BLOCK_ROWS = 1 << 22  # rows a block on the CPU (6 GB of fp32 at 384-d)
 GPU_MEMORY_SHARE = 0.5  # of the free GPU memory, for the database block
+UPLOAD_ROWS = 1 << 20  # rows gathered on the host and moved to the device at a time
 
 
 def default_block_rows(device: str, dim: int, row_bytes: int) -> int:
@@ -222,11 +223,20 @@ class TorchIVFSearch:
         if self._resident is not None:
             return self._resident
         ids = self.lists.ids[self.lists.offsets[l0]:self.lists.offsets[l1]]
-        rows = torch.from_numpy(np.ascontiguousarray(take_rows(self.shards, ids))).to(self.device)
-        rows32 = rows.float()
-        vecs = rows32.to(self.dtype)
-        stored = vecs if self.dtype in (torch.float32, rows.dtype) else rows
-        block = (vecs, (rows32 * rows32).sum(1), torch.from_numpy(ids).to(self.device), stored)
+        dim, dev = int(self.shards[0].shape[1]), self.device
+        stored_dtype = torch.from_numpy(self.shards[0][:0]).dtype
+        keep_stored = self.dtype not in (torch.float32, stored_dtype)  # bf16 GEMM: re-score from fp16
+        vecs = torch.empty((len(ids), dim), dtype=self.dtype, device=dev)
+        stored = torch.empty((len(ids), dim), dtype=stored_dtype, device=dev) if keep_stored else vecs
+        norms = torch.empty(len(ids), dtype=torch.float32, device=dev)
+        for a in range(0, len(ids), UPLOAD_ROWS):  # host and device copies bounded by a piece
+            b = min(len(ids), a + UPLOAD_ROWS)
+            piece = torch.from_numpy(np.ascontiguousarray(take_rows(self.shards, ids[a:b]))).to(dev)
+            p32 = piece.float()
+            vecs[a:b], norms[a:b] = p32.to(self.dtype), (p32 * p32).sum(1)
+            if keep_stored:
+                stored[a:b] = piece
+        block = (vecs, norms, torch.from_numpy(ids).to(dev), stored)
         if len(self.blocks) == 1:
             self._resident = block
         return block

@@ -94,6 +94,20 @@ def test_half_precision_gemm_keeps_fp32_distances():
     assert (got_d[:, 0] <= ref_d[:, 0] * 1.05 + 1e-3).mean() > 0.95
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rows_uploaded_in_pieces_give_the_same_result(monkeypatch, dtype):
+    import index_builder.index.torch_ivf_search as mod
+
+    shards, xf, q = data(6)
+    index = ivf_flat(xf, 16)
+    index.nprobe = 4
+    whole = TorchIVFSearch(index, shards, TorchIVFConfig(device=DEVICE, dtype=dtype)).search(q, 9)
+    monkeypatch.setattr(mod, "UPLOAD_ROWS", 333)
+    pieces = TorchIVFSearch(index, shards, TorchIVFConfig(device=DEVICE, dtype=dtype)).search(q, 9)
+    np.testing.assert_array_equal(whole[0], pieces[0])
+    np.testing.assert_array_equal(whole[1], pieces[1])
+
+
 def test_more_candidates_than_the_lists_hold_pads():
     shards, xf, q = data(4, n=300)
     index = ivf_flat(xf, 8)
