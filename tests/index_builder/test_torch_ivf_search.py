@@ -240,3 +240,27 @@ def test_knn_stage_torch_ivf_equals_the_faiss_ivf_path(tmp_path, tmp_path_factor
         a_d, b_d = (np.load(p / split / "neighbour_distances.npy") for p in (db, ours))
         np.testing.assert_allclose(a_d, b_d, rtol=1e-4, atol=1e-4)
         assert ((a_i == b_i) | np.isclose(a_d, b_d, rtol=1e-4, atol=1e-4)).all()
+
+
+def test_faiss_gpu_search_follows_the_cpu_index_nprobe_or_falls_back(monkeypatch):
+    """faiss-gpu: the GPU copy's nprobe follows the CPU index (where the tuner sets it); where
+    faiss cannot copy the index (faiss-cpu here: no GPU resources), the torch IVF search runs."""
+    from index_builder.knn.search_choice import device_search
+
+    shards, xf, q = data(8)
+    index = ivf_flat(xf, 16)
+    said: list[str] = []
+    fallback = device_search("faiss-gpu", index, shards, DEVICE, None, said.append)
+    assert fallback.method == "torch-ivf" and "torch IVF search instead" in said[0]
+    # a stand-in for faiss-gpu: the "GPU copy" is a CPU clone, set through the same calls
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, idx: faiss.clone_index(idx), raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    gpu = device_search("faiss-gpu", index, shards, DEVICE, None, said.append)
+    assert gpu.method == "faiss-gpu" and gpu.range_search is None
+    for nprobe in (1, 5):
+        index.nprobe = nprobe
+        ref_d, ref_i = index.search(q, 6)
+        got_i, got_d = gpu.search(q, 6)
+        np.testing.assert_array_equal(got_i, ref_i)
+        np.testing.assert_allclose(got_d, ref_d)
