@@ -16,7 +16,7 @@ assignment is exact over the centroids (faiss's HNSW quantizer is approximate: n
 
 Memory: at most ``block_rows`` database rows on the device at a time (list-ordered; kept there
 between calls when the whole database fits in one block, by default while it fits in half the
-GPU's free memory: ~60M rows of 384-d fp16 on an H100; else gathered again each call, one pass over
+GPU's free memory: ~50M rows of 384-d fp16 on an H100; else gathered again each call, one pass over
 the embeddings a call, so callers then pass large query batches), and one padded batch of about
 ``batch_elems`` distance and vector elements.
 """
