@@ -8,7 +8,9 @@ by default only while N x N x dim is under :data:`EXACT_MAX_NND` (the pass costs
 flops: 4e15 at the bound, about a minute of an H100's fp32 arithmetic, TF32 off); past it the
 search keeps the IVF's bounded cost: faiss-gpu where installed, else the torch IVF search
 (index_builder.index.torch_ivf_search) where the DB has an IVF index, else the faiss index on the
-CPU. The CPU default is unchanged (the faiss index). ``--exact`` forces the exact pass.
+CPU (also where the DB is larger than the GPU holds for the torch search: it would read the
+embeddings again on every call). The CPU default is unchanged (the faiss index). ``--exact``
+forces the exact pass.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ def exact_is_small(n: int, dim: int) -> bool:
 
 
 def choose_search(n: int, dim: int, device: str, faiss_gpu: bool, has_ivf: bool,
-                  exact: bool | None = None, forced: str | None = None) -> SearchChoice:
+                  exact: bool | None = None, forced: str | None = None,
+                  device_rows: int | None = None) -> SearchChoice:
     """The search for ``n`` train chunks of ``dim`` dimensions on ``device`` (module doc).
 
-    ``exact``: --exact / --no-exact (None: the rule decides); ``forced``: the hidden --search."""
+    ``exact``: --exact / --no-exact (None: the rule decides); ``forced``: the hidden --search;
+    ``device_rows``: the rows the GPU holds for the torch IVF search (:func:`gpu_rows`; None: no
+    limit). Past it the torch search would gather the embeddings again on every call, slower
+    than faiss on the CPU, so the CPU index is taken."""
     if forced is not None:
         if forced not in METHODS:
             raise UserError(f"--search must be one of {', '.join(METHODS)}, not {forced!r}")
@@ -67,12 +73,24 @@ def choose_search(n: int, dim: int, device: str, faiss_gpu: bool, has_ivf: bool,
     if exact is None and exact_is_small(n, dim):
         return SearchChoice("exact", f"CUDA, {n} chunks x {dim} dims: an exact pass is within "
                                      f"N*N*dim <= {EXACT_MAX_NND:.0e}")
+    if has_ivf and device_rows is not None and n > device_rows:
+        return SearchChoice("index", f"CUDA without faiss-gpu, {n} chunks past the {device_rows} the GPU holds "
+                                     "for the torch IVF search: the faiss index on the CPU (install faiss-gpu)")
     if has_ivf:
         return SearchChoice("torch-ivf", "CUDA without faiss-gpu: the IVF index's lists searched with torch"
                                          + ("" if exact is False else f" (N*N*dim > {EXACT_MAX_NND:.0e}: "
                                                                        "no exact pass)"))
     return SearchChoice("index", "CUDA without faiss-gpu and no IVF index: the faiss index on the CPU"
                                  + ("" if exact is False else f" (N*N*dim > {EXACT_MAX_NND:.0e}: no exact pass)"))
+
+
+def gpu_rows(device: str, dim: int) -> int | None:
+    """Rows of ``dim`` float16 dimensions the torch IVF search keeps on ``device`` (None off CUDA)."""
+    if not device.startswith("cuda") or dim <= 0:
+        return None
+    from index_builder.index.torch_ivf_search import default_block_rows
+
+    return default_block_rows(device, dim, 2 * dim + 12)  # fp16 row, fp32 norm, int64 id
 
 
 def index_has_ivf(manifest: dict[str, Any]) -> bool:
@@ -145,4 +163,4 @@ def _faiss_gpu_search(index: Any, say: Callable[[str], None]) -> SearchFn | None
 
 
 __all__ = ["DeviceSearch", "EXACT_MAX_NND", "METHODS", "SearchChoice", "choose_search", "device_search",
-           "exact_is_small", "index_has_ivf"]
+           "exact_is_small", "gpu_rows", "index_has_ivf"]

@@ -60,7 +60,7 @@ from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_e
                                         sequence_doc_ranges)
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
-from index_builder.knn.search_choice import choose_search, device_search, index_has_ivf
+from index_builder.knn.search_choice import choose_search, device_search, gpu_rows, index_has_ivf
 
 __all__ = ["KnnConfig", "KnnStage", "add_arguments", "run", "search_with_exclusion", "select_neighbours",
            "sequence_doc_ranges"]  # the CLI's entry points and the exclusion rule, re-exported
@@ -100,7 +100,7 @@ class KnnStage(Stage[KnnConfig]):
         dim = int(manifest.get("stages", {}).get("embed", {}).get("params", {}).get("dim") or 0)
         self.choice = choose_search(num_chunks(self.db, manifest, "train"), dim, self.device,
                                     self.device.startswith("cuda") and faiss_gpu_available(),
-                                    index_has_ivf(manifest), cfg.exact, cfg.search)
+                                    index_has_ivf(manifest), cfg.exact, cfg.search, gpu_rows(self.device, dim))
         self.exact = self.choice.method == "exact"
         self.chunks_per_seq = int(manifest["seq_len"]) // int(manifest["chunk_size"])
         return {"k": cfg.k, "extra": cfg.extra, "method": self.choice.recorded_method,

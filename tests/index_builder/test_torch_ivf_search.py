@@ -159,6 +159,15 @@ def test_cuda_default_never_runs_an_exact_pass_at_large_n(n, has_ivf, faiss_gpu)
     assert choose_search(n, 384, "cuda", faiss_gpu, has_ivf, exact=False).method != "exact"
 
 
+def test_cuda_without_faiss_gpu_past_the_gpu_memory_takes_the_cpu_index():
+    """The torch search would gather the embeddings again on every call past what the GPU holds."""
+    assert choose_search(10**7, 384, "cuda", False, True, device_rows=5 * 10**7).method == "torch-ivf"
+    got = choose_search(10**9, 384, "cuda", False, True, device_rows=5 * 10**7)
+    assert got.method == "index" and "faiss-gpu" in got.why
+    assert choose_search(10**9, 384, "cuda", True, True, device_rows=5 * 10**7).method == "faiss-gpu"
+    assert choose_search(10**9, 384, "cuda", False, True, forced="torch-ivf", device_rows=5).method == "torch-ivf"
+
+
 def test_the_exact_bound_is_about_a_minute_of_an_h100():
     assert 1e15 <= EXACT_MAX_NND <= 4e15  # 2 N^2 d flops at ~60 TFLOP/s fp32: about a minute
     assert exact_is_small(2_000_000, 384) and not exact_is_small(3_000_000, 384)
