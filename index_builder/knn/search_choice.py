@@ -84,6 +84,18 @@ def choose_search(n: int, dim: int, device: str, faiss_gpu: bool, has_ivf: bool,
                                  + ("" if exact is False else f" (N*N*dim > {EXACT_MAX_NND:.0e}: no exact pass)"))
 
 
+def choose_for_db(db: Any, manifest: dict[str, Any], device: str, exact: bool | None = None,
+                  forced: str | None = None) -> SearchChoice:
+    """:func:`choose_search` for a database: its train chunks, embedding width, index and this machine."""
+    from index_builder.embed.stage import num_chunks
+    from index_builder.index.stage import faiss_gpu_available
+
+    dim = int(manifest.get("stages", {}).get("embed", {}).get("params", {}).get("dim") or 0)
+    return choose_search(num_chunks(db, manifest, "train"), dim, device,
+                         device.startswith("cuda") and faiss_gpu_available(), index_has_ivf(manifest),
+                         exact, forced, gpu_rows(device, dim))
+
+
 def gpu_rows(device: str, dim: int) -> int | None:
     """Rows of ``dim`` float16 dimensions the torch IVF search keeps on ``device`` (None off CUDA)."""
     if not device.startswith("cuda") or dim <= 0:
@@ -162,5 +174,5 @@ def _faiss_gpu_search(index: Any, say: Callable[[str], None]) -> SearchFn | None
     return search
 
 
-__all__ = ["DeviceSearch", "EXACT_MAX_NND", "METHODS", "SearchChoice", "choose_search", "device_search",
+__all__ = ["DeviceSearch", "EXACT_MAX_NND", "METHODS", "SearchChoice", "choose_for_db", "choose_search", "device_search",
            "exact_is_small", "gpu_rows", "index_has_ivf"]

@@ -11,10 +11,8 @@ full sequence exclude their own document only. Val chunks search the same train 
 documents are not in it), no exclusion. Rows of retrieval-only shards (``add --retrieval-only``)
 are not searched and stay -1: no sequence reads them, so knn's cost follows the data that trains.
 
-``--exact`` replaces the index by an exact search: torch matmul + top-k over tiles of the
-embedding matrix, memory bounded. On CUDA the default is faiss-gpu where installed, else an exact
-pass while N*N*dim is small, else the torch IVF search over the index's own lists (never an exact
-O(N^2) pass at large N; index_builder.knn.search_choice). Same exclusions, same output.
+``--exact``: exact torch search over tiles of the embeddings. On CUDA the default is faiss-gpu, else exact
+while N*N*dim is small, else a torch IVF search over the index's lists (index_builder.knn.search_choice).
 
 After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
 and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
@@ -50,7 +48,7 @@ from index_builder.embed.stage import (npy_header_ok, num_chunks, open_embedding
                                  shard_ranges)
 from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
-from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
+from index_builder.index.stage import index_identity, load_index
 from index_builder.knn.added_search import AddedChunks
 from index_builder.knn.incremental import (MODES, coverage_after, decide, index_trained_id,
                                           merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
@@ -60,7 +58,7 @@ from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_e
                                         sequence_doc_ranges)
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
-from index_builder.knn.search_choice import choose_search, device_search, gpu_rows, index_has_ivf
+from index_builder.knn.search_choice import choose_for_db, device_search
 
 __all__ = ["KnnConfig", "KnnStage", "add_arguments", "run", "search_with_exclusion", "select_neighbours",
            "sequence_doc_ranges"]  # the CLI's entry points and the exclusion rule, re-exported
@@ -97,11 +95,8 @@ class KnnStage(Stage[KnnConfig]):
         if cfg.refresh not in (None, *MODES):
             raise UserError(f"--refresh must be one of {', '.join(MODES)}, not {cfg.refresh!r}")
         self.device = str(resolve_device(cfg.device))
-        dim = int(manifest.get("stages", {}).get("embed", {}).get("params", {}).get("dim") or 0)
-        self.choice = choose_search(num_chunks(self.db, manifest, "train"), dim, self.device,
-                                    self.device.startswith("cuda") and faiss_gpu_available(),
-                                    index_has_ivf(manifest), cfg.exact, cfg.search, gpu_rows(self.device, dim))
-        self.exact = self.choice.method == "exact"
+        self.choice = choose_for_db(self.db, manifest, self.device, cfg.exact, cfg.search)
+        self.exact, self.search_method = self.choice.method == "exact", self.choice.method  # faiss-gpu may fall back
         self.chunks_per_seq = int(manifest["seq_len"]) // int(manifest["chunk_size"])
         return {"k": cfg.k, "extra": cfg.extra, "method": self.choice.recorded_method,
                 "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
@@ -217,7 +212,6 @@ class KnnStage(Stage[KnnConfig]):
         self.range_search: Any = None  # faiss search skipping each row's excluded chunks
         self.range_first, self.short_share = False, None  # every row through it at once
         self.say(f"knn: {self.choice.method} search: {self.choice.why}")
-        self.search_method = self.choice.method  # what runs (faiss-gpu may fall back to torch-ivf)
         if self.exact:
             cfg = ExactSearchConfig(device=self.device)
 
@@ -240,17 +234,15 @@ class KnnStage(Stage[KnnConfig]):
             search = index_search if dev is None else dev.search  # dev: nprobe read from `index`
             self.search_method = self.search_method if dev is None else dev.method
             self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
-            # the torch IVF search's distances are already the stored vectors' own
-            self.rerank = 1 if self.search_method == "torch-ivf" else self.cfg.rerank or default_factor(index)
+            torch_ivf = self.search_method == "torch-ivf"  # true distances; excluded ranges skipped at no cost
+            self.rerank = 1 if torch_ivf else self.cfg.rerank or default_factor(index)
             read = lambda ids: take_rows(train_emb, ids)  # noqa: E731
             if self.rerank > 1:
                 search = reranked(search, self.rerank, read, ntotal)
             self.short_share = self._short_share(search, train_emb)
-            # torch skips a row's excluded range at no extra cost: every row through it at once
-            self.range_first = self.search_method == "torch-ivf" or prefer_range_first(index, self.short_share)
+            self.range_first = torch_ivf or prefer_range_first(index, self.short_share)
             if self.range_first or selector_pays(index):
-                self.range_search = (dev.range_search if dev is not None and dev.range_search is not None
-                                     else faiss_range_search(index, threads))
+                self.range_search = getattr(dev, "range_search", None) or faiss_range_search(index, threads)
                 if self.rerank > 1:
                     self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
                 self.doc_starts = doc_starts(self.train_docs)
@@ -432,8 +424,7 @@ class KnnStage(Stage[KnnConfig]):
         if not hasattr(self, "search"):  # rank 0 had no shard left (done before a crash, or by the
             self.setup()  # other ranks): the search parameters recorded are still this index's
         summary: dict[str, Any] = {"k": self.cfg.k, "method": self.choice.recorded_method,
-                                   "search": {"method": self.search_method, "why": self.choice.why},
-                                   "rerank": self.rerank,
+                                   "search": {"method": self.search_method, "why": self.choice.why}, "rerank": self.rerank,
                                    "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
                                    "world_size": run.world_size}
         if self.tuning is not None:

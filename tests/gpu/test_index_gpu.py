@@ -65,7 +65,7 @@ def test_torch_ivf_search_cuda_equals_cpu():
     """The same lists and nprobe on CUDA (fp32, then the default fp16 GEMM re-scored in fp32)
     give the CPU's neighbours, exclusions applied inside."""
     from index_builder.index.torch_ivf_search import TorchIVFConfig, TorchIVFSearch
-    from tests.index_builder.test_torch_ivf_search import data, ivf_flat
+    from tests.fixtures.ivf_search import data, ivf_flat
 
     shards, xf, q = data(5, n=20000, d=48, nq=700)
     index = ivf_flat(xf, 32)
@@ -84,6 +84,6 @@ def test_torch_ivf_search_cuda_equals_cpu():
 
 
 def test_knn_stage_torch_ivf_search_on_cuda(tmp_path, tmp_path_factory):
-    from tests.index_builder.test_torch_ivf_search import run_knn_torch_ivf
+    from tests.fixtures.ivf_search import run_knn_torch_ivf
 
     run_knn_torch_ivf(tmp_path, tmp_path_factory, "cuda")

@@ -1,7 +1,8 @@
 """The torch IVF search (index_builder.index.torch_ivf_search) and the knn stage's choice of search
 (index_builder.knn.search_choice): reference tests against exact search and faiss's own IVF search,
 the CUDA default as a pure function, and the knn stage end to end with the torch search forced.
-Same code as on CUDA (device passed through): tests/gpu/test_index_gpu.py runs it there."""
+Same code as on CUDA (device passed through): tests/gpu/test_index_gpu.py runs it there, with the
+helpers of tests/fixtures/ivf_search.py."""
 
 from __future__ import annotations
 
@@ -13,29 +14,9 @@ from chunk_store.framework.errors import UserError
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.torch_ivf_search import TorchIVFConfig, TorchIVFSearch, list_blocks, plan_groups
 from index_builder.knn.search_choice import EXACT_MAX_NND, choose_search, exact_is_small
+from tests.fixtures.ivf_search import data, ivf_flat, run_knn_torch_ivf
 
 DEVICE = "cpu"
-
-
-def ivf_flat(x: np.ndarray, nlist: int, seed: int = 0) -> faiss.Index:
-    """An IVFFlat index over ``x`` (float32 rows): the lists the torch search reads."""
-    index = faiss.index_factory(x.shape[1], f"IVF{nlist},Flat")
-    faiss.ParameterSpace().set_index_parameters(index, "nprobe=1")
-    index.cp.seed = seed
-    index.train(x)
-    index.add(x)
-    return index
-
-
-def data(seed: int, n: int = 3000, d: int = 24, nq: int = 200) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """float16 shards (as the embed stage stores them), their float32 copy, float32 queries."""
-    rng = np.random.default_rng(seed)
-    # clustered, so lists differ in size (the padded batches group unequal lists)
-    centres = rng.standard_normal((12, d)) * 3
-    x = (centres[rng.integers(0, 12, n)] + rng.standard_normal((n, d))).astype(np.float16)
-    cut = n // 3
-    q = (centres[rng.integers(0, 12, nq)] + rng.standard_normal((nq, d))).astype(np.float32)
-    return [x[:cut], x[cut:]], x.astype(np.float32), q
 
 
 # small blocks and batches: several list blocks (streamed, not resident), many padded batches
@@ -181,35 +162,6 @@ def test_forced_search_is_checked():
         choose_search(10, 8, "cpu", False, True, forced="faiss-gpu")
     with pytest.raises(UserError, match="--search"):
         choose_search(10, 8, "cpu", False, True, forced="magic")
-
-
-def run_knn_torch_ivf(tmp_path, tmp_path_factory, device: str) -> None:
-    """The knn stage with the torch IVF search forced on a tiny DB with an IVF index: its tuned
-    recall (final neighbours vs exact search, exclusions applied) reaches the target, the rule
-    is kept, and the summary records the search and why. Shared with tests/gpu."""
-    from chunk_store.layout import DBLayout
-    from chunk_store.manifest import load_manifest
-    from tests.fixtures import build_index_db, run_cli, shared_tiny_bert
-
-    bert = shared_tiny_bert(tmp_path_factory)
-    db = build_index_db(tmp_path / "db", bert, n_docs=24, shard_size=128, index_key="IVF8,Flat",
-                        stages=("embed", "index"))
-    assert run_cli(["knn", "--db", db, "--device", device, "--k", 3, "--shard-size", 128,
-                    "--search", "torch-ivf", "--target-recall", 0.95, "--tune-sample", 200]) == 0
-    knn = load_manifest(db)["stages"]["knn"]
-    assert knn["params"]["method"] == "torch-ivf"
-    assert knn["stats"]["search"] == {"method": "torch-ivf", "why": "asked (--search torch-ivf)"}
-    rec = knn["stats"]["recall"]
-    assert rec["reached"] and rec["recall@3"] >= 0.95
-    assert knn["stats"]["search_params"].startswith("nprobe=")
-    docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
-    nb = np.load(db / "train" / "neighbours.npy")
-    ok = nb >= 0
-    assert ok.mean() > 0.99
-    assert not (nb == np.arange(len(nb))[:, None]).any()
-    assert not (docs[np.where(ok, nb, 0)] == docs[:, None])[ok].any()
-    nd = np.load(db / "train" / "neighbour_distances.npy")
-    assert (np.diff(nd, axis=1) >= -1e-5).all()
 
 
 def test_knn_stage_with_the_torch_ivf_search_reaches_the_target_recall(tmp_path, tmp_path_factory):
