@@ -225,3 +225,25 @@ def test_faiss_gpu_search_follows_the_cpu_index_nprobe_or_falls_back(monkeypatch
         got_i, got_d = gpu.search(q, 6)
         np.testing.assert_array_equal(got_i, ref_i)
         np.testing.assert_allclose(got_d, ref_d)
+
+
+def test_a_pre_transformed_index_probes_the_rotated_queries_lists():
+    """OPQ + IVF-PQ: the lists come from the rotated queries (faiss's own quantizer), the
+    distances from the raw stored vectors: exact search within the probed lists."""
+    from index_builder.index.torch_ivf_search import ivf_of
+
+    shards, xf, q = data(9)
+    index = faiss.index_factory(xf.shape[1], "OPQ4,IVF16,PQ4x4")
+    index.train(xf)
+    index.add(xf)
+    ivf = ivf_of(index)
+    ivf.nprobe = 3
+    got_i, got_d = TorchIVFSearch(index, shards, TorchIVFConfig(device=DEVICE)).search(q, 5)
+    opq = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    _, probed = ivf.quantizer.search(opq.apply(q), 3)
+    invlists = ivf.invlists
+    members = [faiss.rev_swig_ptr(invlists.get_ids(l), invlists.list_size(l)).copy() for l in range(16)]
+    for row in range(len(q)):
+        rows = np.concatenate([members[l] for l in probed[row]])
+        d = ((xf[rows] - q[row]) ** 2).sum(1)
+        np.testing.assert_allclose(got_d[row], np.sort(d)[:5], rtol=1e-4, atol=1e-3)
