@@ -84,7 +84,7 @@ def decide(request: str | None, recorded: dict[str, Any], params: dict[str, Any]
         why = "an interrupted full refresh is resumed"
     elif before is None or any(s is None or t is None for segs in before["coverage"].values() for s, t in segs):
         why = "the database records no coverage of its neighbour rows (built before incremental refresh)"
-    elif prev.get("method") == "index" and before.get("index_trained") != trained:
+    elif prev.get("method") in ("index", "torch-ivf") and before.get("index_trained") != trained:
         why = "the index was rebuilt since the neighbours were found"
     else:
         try:

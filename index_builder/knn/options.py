@@ -16,7 +16,7 @@ class KnnConfig:
 
     k: int = 2
     extra: int = 10  # extra candidates searched to survive the self/same-document exclusion
-    exact: bool | None = None  # exact torch search; None = on with CUDA and no faiss-gpu
+    exact: bool | None = None  # exact torch search; None = the rule (index_builder.knn.search_choice)
     device: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
     threads: int | None = None  # faiss / torch CPU threads; None = all cores
@@ -27,6 +27,7 @@ class KnnConfig:
     target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
     tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
     rerank: int | None = None  # candidates a neighbour, re-ranked by true distance; None = by the codes
+    search: str | None = None  # hidden: force exact / index / faiss-gpu / torch-ivf (None: the rule)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--extra", type=int, default=d.extra,
                    help="extra candidates searched to survive the self/same-document exclusion")
     g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=d.exact,
-                   help="exact torch search instead of the index (default: on with CUDA and no faiss-gpu)")
+                   help="exact torch search instead of the index (default: on CUDA without faiss-gpu, "
+                        "only while N*N*dim is small; else the torch IVF search over the index's lists)")
+    g.add_argument("--search", default=d.search, choices=("exact", "index", "faiss-gpu", "torch-ivf"),
+                   help=argparse.SUPPRESS)  # tests and benchmarks: force one search
     g.add_argument("--exact-pass-rows", type=int, default=d.exact_pass_rows,
                    help="--exact: queries sharing one pass over the embeddings "
                         "(default 262144 on CUDA, one shard on CPU)")

@@ -11,9 +11,8 @@ full sequence exclude their own document only. Val chunks search the same train 
 documents are not in it), no exclusion. Rows of retrieval-only shards (``add --retrieval-only``)
 are not searched and stay -1: no sequence reads them, so knn's cost follows the data that trains.
 
-``--exact`` (the default on CUDA when faiss has no GPU support) replaces the index by an exact
-search: torch matmul + top-k over tiles of the embedding matrix, memory bounded, so a GPU user
-without faiss-gpu still precomputes fast. Same exclusions, same output.
+``--exact``: exact torch search over tiles of the embeddings. On CUDA the default is faiss-gpu, else exact
+while N*N*dim is small, else a torch IVF search over the index's lists (index_builder.knn.search_choice).
 
 After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
 and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
@@ -49,7 +48,7 @@ from index_builder.embed.stage import (npy_header_ok, num_chunks, open_embedding
                                  shard_ranges)
 from index_builder.knn.exact_passes import first_pass, group_units, replay
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
-from index_builder.index.stage import faiss_gpu_available, index_identity, load_index
+from index_builder.index.stage import index_identity, load_index
 from index_builder.knn.added_search import AddedChunks
 from index_builder.knn.incremental import (MODES, coverage_after, decide, index_trained_id,
                                           merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
@@ -59,6 +58,7 @@ from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_e
                                         sequence_doc_ranges)
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
+from index_builder.knn.search_choice import choose_for_db, device_search
 
 __all__ = ["KnnConfig", "KnnStage", "add_arguments", "run", "search_with_exclusion", "select_neighbours",
            "sequence_doc_ranges"]  # the CLI's entry points and the exclusion rule, re-exported
@@ -95,10 +95,10 @@ class KnnStage(Stage[KnnConfig]):
         if cfg.refresh not in (None, *MODES):
             raise UserError(f"--refresh must be one of {', '.join(MODES)}, not {cfg.refresh!r}")
         self.device = str(resolve_device(cfg.device))
-        self.exact = cfg.exact if cfg.exact is not None else (
-            self.device.startswith("cuda") and not faiss_gpu_available())
+        self.choice = choose_for_db(self.db, manifest, self.device, cfg.exact, cfg.search)
+        self.exact, self.search_method = self.choice.method == "exact", self.choice.method  # faiss-gpu may fall back
         self.chunks_per_seq = int(manifest["seq_len"]) // int(manifest["chunk_size"])
-        return {"k": cfg.k, "extra": cfg.extra, "method": "exact" if self.exact else "index",
+        return {"k": cfg.k, "extra": cfg.extra, "method": self.choice.recorded_method,
                 "index_id": index_identity(manifest), "shard_size": cfg.shard_size,
                 "content_only": True,  # chunks of only EOS and padding are never neighbours
                 "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
@@ -211,6 +211,7 @@ class KnnStage(Stage[KnnConfig]):
         self.rerank = 1  # candidates a neighbour re-ranked by true distance (index_builder.knn.rerank)
         self.range_search: Any = None  # faiss search skipping each row's excluded chunks
         self.range_first, self.short_share = False, None  # every row through it at once
+        self.say(f"knn: {self.choice.method} search: {self.choice.why}")
         if self.exact:
             cfg = ExactSearchConfig(device=self.device)
 
@@ -222,22 +223,26 @@ class KnnStage(Stage[KnnConfig]):
                 raise UserError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
                                 "chunks: re-run index")
 
-            def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+            def index_search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
             from index_builder.knn.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
                                                        selector_pays)
             from index_builder.knn.rerank import default_factor, reranked, reranked_ranges, take_rows
 
+            dev = device_search(self.choice.method, index, train_emb, self.device, self.content, self.say)
+            search = index_search if dev is None else dev.search  # dev: nprobe read from `index`
+            self.search_method = self.search_method if dev is None else dev.method
             self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
-            self.rerank = self.cfg.rerank or default_factor(index)
+            torch_ivf = self.search_method == "torch-ivf"  # true distances; excluded ranges skipped at no cost
+            self.rerank = 1 if torch_ivf else self.cfg.rerank or default_factor(index)
             read = lambda ids: take_rows(train_emb, ids)  # noqa: E731
             if self.rerank > 1:
                 search = reranked(search, self.rerank, read, ntotal)
             self.short_share = self._short_share(search, train_emb)
-            self.range_first = prefer_range_first(index, self.short_share)
+            self.range_first = torch_ivf or prefer_range_first(index, self.short_share)
             if self.range_first or selector_pays(index):
-                self.range_search = faiss_range_search(index, threads)
+                self.range_search = getattr(dev, "range_search", None) or faiss_range_search(index, threads)
                 if self.rerank > 1:
                     self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
                 self.doc_starts = doc_starts(self.train_docs)
@@ -418,8 +423,8 @@ class KnnStage(Stage[KnnConfig]):
             self.decision = decide(self.cfg.refresh and "full", {}, {}, (), "")
         if not hasattr(self, "search"):  # rank 0 had no shard left (done before a crash, or by the
             self.setup()  # other ranks): the search parameters recorded are still this index's
-        summary: dict[str, Any] = {"k": self.cfg.k, "method": "exact" if self.exact else "index",
-                                   "rerank": self.rerank,
+        summary: dict[str, Any] = {"k": self.cfg.k, "method": self.choice.recorded_method,
+                                   "search": {"method": self.search_method, "why": self.choice.why}, "rerank": self.rerank,
                                    "seconds": round(run.seconds, 2), "shards_reused": run.units_reused,
                                    "world_size": run.world_size}
         if self.tuning is not None:
@@ -454,7 +459,7 @@ class KnnStage(Stage[KnnConfig]):
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         mode = stats.get("refresh", {}).get("mode")
-        return (f"knn: {'exact' if self.exact else 'index'} search, k={self.cfg.k}"
+        return (f"knn: {getattr(self, 'search_method', self.choice.method)} search, k={self.cfg.k}"
                 + (f", {mode} refresh" if mode in ("incremental", "full") else "") + ", done in "
                 f"{run.seconds:.1f}s ({run.units_reused} shards reused, "
                 f"{getattr(self, 'short_rows', 0)} rows with fewer than k neighbours)"
