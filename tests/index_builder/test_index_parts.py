@@ -204,3 +204,22 @@ def test_two_ranks_fill_a_part_each(tmp_path):
     assert parts[-1].stop == n
     q = read_rows(shards, 0, n)[::3]
     np.testing.assert_array_equal(search(load_index(db), q)[1], search(one_piece(paths, shards, n), q)[1])
+
+
+def test_the_torch_ivf_search_reads_a_parts_index_as_one_piece(tmp_path):
+    """CUDA's bounded search (index_builder.index.torch_ivf_search) takes each list's ids from the
+    stacked parts: the same candidates, so the same neighbours, as from the one-piece index."""
+    from index_builder.index.torch_ivf_search import TorchIVFSearch
+
+    shards = clustered_shards(tmp_path / "emb", [900, 1100], seed=3)
+    paths = trained(tmp_path, shards)
+    parts = [PartRecord(0, 0, 700), PartRecord(1, 700, 1300)]
+    for p in parts:
+        fill_part(paths, shards, p, progress=False)
+    q = read_rows(shards, 0, 2000)[::9] + 0.01
+    results = []
+    for index in (open_parts(paths, parts), one_piece(paths, shards, 2000)):
+        faiss.extract_index_ivf(index).nprobe = NPROBE
+        results.append(TorchIVFSearch(index, shards).search(q, 5))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
