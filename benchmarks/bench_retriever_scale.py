@@ -221,6 +221,35 @@ def measure_load(db: Path, threads: Sequence[int], queries: int, k: int) -> list
     return rows
 
 
+def serve_start(db: Path, patience_s: float = 600.0) -> dict[str, Any]:
+    """retro-serve from spawn to its first 200 on /healthz (imports included), then stopped."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "index_builder.server", "--db", str(db), "--port", str(port),
+                             "--threads", "1", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - t0 < patience_s and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    health = json.loads(r.read())
+                ready = time.perf_counter() - t0
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+                return {"serve_ready_s": ready, "serve_cpu_s": cpu, "chunks": health["chunks"]}
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"retro-serve did not answer /healthz (exit code {proc.poll()})")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def sub(args: list[Any]) -> Any:
     """This script's subcommand in a fresh process: its JSON answer."""
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *map(str, args)], check=True,
@@ -233,8 +262,8 @@ def sub(args: list[Any]) -> Any:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| N train chunks | index | open wall s (first, again) (CPU s again; of which loading BERT, wall) | RSS MB after open (private) | "
-           "old start-up's extra: s, RSS MB (private) | first search ms |",
-           "|---:|---|---:|---:|---:|---:|"]
+           "old start-up's extra: s, RSS MB (private) | first search ms | retro-serve to /healthz s (imports included) |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["open"]
         old = b.get("old_extra_s")
@@ -242,7 +271,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"{', re-rank x' + str(a['rerank']) if a['rerank'] > 1 else ''} | {a['open_s']:.2f}, {b['open_s']:.2f} ({b['open_cpu_s']:.2f} CPU s; BERT {b['embedder_s']:.2f}) | "
                    f"{b['rss']['VmRSS']:,.0f} ({b['rss']['RssAnon']:,.0f}) | "
                    + (f"+{old:.2f} s, {b['old_rss']['VmRSS']:,.0f} ({b['old_rss']['RssAnon']:,.0f})" if old is not None
-                      else "") + f" | {b['first_search_ms']:.1f} |")
+                      else "") + f" | {b['first_search_ms']:.1f} | {r['serve']['serve_ready_s']:.1f} ({r['serve']['serve_cpu_s']:.1f} CPU s) |")
     out += ["", "| N train chunks | threads | lock | p50 ms | p99 ms | queries/s |", "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         for x in r.get("load") or []:
@@ -303,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in sizes:
         db, built = build_db(n, scale_args, base)
         row = {"n_target": n, "n": built["n"], "index_stats": built["index_stats"],
-               "open": [sub(["open", "--db", db]), sub(["open", "--db", db, "--old"])]}
+               "open": [sub(["open", "--db", db]), sub(["open", "--db", db, "--old"])], "serve": serve_start(db)}
         if n in load_sizes:
             row["load"] = sub(["load", "--db", db, "--threads", args.threads, "--queries", args.queries, "--k", args.k])
         rows.append(row)

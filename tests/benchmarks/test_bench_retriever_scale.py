@@ -25,6 +25,7 @@ def test_bench_retriever_scale_tiny(tmp_path, capsys):
     first, again = row["open"]
     assert first["n"] == again["n"] == row["n"] and again["old_extra_s"] >= 0
     assert again["rss"]["RssAnon"] <= again["rss"]["VmRSS"]
+    assert row["serve"]["chunks"] == row["n"] and row["serve"]["serve_ready_s"] > 0  # retro-serve answered
     assert [(x["threads"], x["lock"]) for x in row["load"]] == [(1, True), (1, False), (4, True), (4, False)]
     assert all(x["qps"] > 0 and x["p50_ms"] <= x["p99_ms"] for x in row["load"])
     assert "| none (new) |" in capsys.readouterr().out and "## Retriever at scale" in md.read_text()
