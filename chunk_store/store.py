@@ -111,13 +111,36 @@ class ChunkStore:
         text and must never be anyone's neighbour (knn and the Retriever filter candidates with
         this mask). A per-token table, read in blocks: memory stays flat."""
         if getattr(self, "_content", None) is None:
-            blank = self.tokenizer.blank_ids()
             out = np.empty(self.num_chunks, dtype=bool)
             for a in range(0, self.num_chunks, block):
-                rows = np.asarray(self.chunks[a:a + block]).astype(np.int64)
-                out[a:a + block] = ~blank[np.clip(rows, 0, len(blank) - 1)].all(axis=1)
+                out[a:a + block] = self._visible(np.asarray(self.chunks[a:a + block]))
             self._content = out
         return self._content
+
+    def blank_table(self) -> np.ndarray:
+        """(vocab_size,) bool: the tokenizer's blank_ids, computed once (a decode of every token:
+        O(vocabulary), not O(chunks))."""
+        if getattr(self, "_blank", None) is None:
+            self._blank = self.tokenizer.blank_ids()  # a race computes it twice, the same
+        return self._blank
+
+    def _visible(self, rows: np.ndarray) -> np.ndarray:
+        """Token rows (..., chunk_size) -> (...) bool: the row holds a token with visible text."""
+        blank = self.blank_table()
+        return ~blank[np.clip(rows.astype(np.int64), 0, len(blank) - 1)].all(axis=-1)
+
+    def content_of(self, ids: np.ndarray) -> np.ndarray:
+        """:meth:`content_mask` at ``ids`` only (any shape, valid chunk ids), reading just those
+        rows: a lookup that must not scan the whole split first (the Retriever)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not ids.size:
+            return np.zeros(ids.shape, dtype=bool)
+        rows = np.asarray(self.chunks[ids.reshape(-1)])
+        return self._visible(rows).reshape(ids.shape)
+
+    def content_lookup(self) -> "ContentLookup":
+        """``content_mask()``'s interface (``lookup[ids]``) read per lookup: see ContentLookup."""
+        return ContentLookup(self)
 
     def text(self, chunk_id: int) -> str:
         """The decoded text of one chunk (pad dropped; EOS decodes to nothing)."""
@@ -270,3 +293,21 @@ class ChunkStore:
     def __repr__(self) -> str:
         return (f"ChunkStore({str(self.db)!r}, split={self.split!r}, docs={self.num_docs}, "
                 f"chunks={self.num_chunks}, seqs={self.num_seqs}, chunk_size={self.chunk_size})")
+
+
+class ContentLookup:
+    """``store.content_mask()[ids]`` without the mask: each lookup reads its ids' rows.
+
+    Why: the mask scans every chunk (minutes and N bytes of RAM at billions of chunks); a
+    query-time reader (the Retriever) asks about a few dozen candidates a query, and must start
+    in seconds whatever N (issue 24). Stateless: safe to share between threads."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        return self.store.content_of(ids)
+
+    def __len__(self) -> int:
+        return self.store.num_chunks
+

@@ -3,6 +3,20 @@
 ``Retriever.open(DB)`` loads the database's own embedder (the one recorded by the embed stage,
 verified by its weight hash) and its faiss index (memory-mapped where the index type allows),
 so a query is embedded by exactly the function that embedded the database.
+
+Start-up reads no per-chunk array (issue 24): the chunk arrays, doc ids and embeddings stay
+memory-mapped and a query reads only the rows of its own candidates (their doc ids where
+documents are excluded, their tokens for the blank-chunk filter, the texts it returns), so
+``open`` costs the same at 1k or 16M chunks (docs/BENCHMARKS.md, "Retriever at scale").
+
+Threads: searches run in parallel, without a global lock. faiss's ``Index.search`` only reads the
+index; the search parameters (autofaiss's and the knn stage's nprobe / efSearch) are set once,
+in ``open``, before any other thread can see the index, and never changed afterwards (a per-call
+``SearchParameters`` would only matter if they changed per call). The embedder keeps a lock of its
+own: its Hugging Face fast tokenizer is called with truncation settings, which transformers
+re-applies to the shared Rust tokenizer on each call, and concurrent calls fail with
+"RuntimeError: Already borrowed" (huggingface/tokenizers#537); BERT's forward already uses every
+core through torch's intra-op threads, so embedding in parallel would gain nothing on a CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ class Neighbour:
 
 
 class Retriever:
-    """Nearest train chunks of texts or embeddings. Thread-safe (searches are serialised)."""
+    """Nearest train chunks of texts or embeddings. Thread-safe: searches run in parallel,
+    embeddings one at a time (see the module docstring)."""
 
     def __init__(self, db: str | os.PathLike, device: str = "cpu", embedder: str | None = None,
                  mmap: bool = True, threads: int | None = None, rerank: int | None = None) -> None:
@@ -53,8 +68,9 @@ class Retriever:
         require_stage(self.manifest, "index", "the Retriever")
         self.store: ChunkStore = ChunkStore.open(self.db, "train")
         embed = self.manifest["stages"]["embed"]["params"]
+        self.threads = threads
         if threads:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # torch's setting is global; faiss's per thread (_index_search)
             faiss.omp_set_num_threads(threads)
         self.index = load_index(self.db, mmap=mmap)
         if self.index.ntotal != self.store.num_chunks:
@@ -71,11 +87,11 @@ class Retriever:
         self.dim = int(embed["dim"])
         if self.index.d != self.dim:
             raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
-        self._doc_ids = np.asarray(self.store.doc_ids)  # small (8 bytes a chunk); random access
-        self._apply_knn_tuning()
+        self._apply_knn_tuning()  # the last change to the index's parameters (module docstring)
         self.rerank, self._train_emb = self._rerank_setup(rerank)
-        self._content = self.store.content_mask()  # chunks of only EOS and padding: never returned
-        self._lock = threading.Lock()
+        self.store.blank_table()  # O(vocabulary), here rather than in the first query
+        self._content = self.store.content_lookup()  # chunks of only EOS and padding: never returned
+        self._embed_lock = threading.Lock()  # the embedder's tokenizer is not thread-safe
 
     def _apply_knn_tuning(self) -> None:
         """The knn stage's recall-tuned nprobe / efSearch (stages.knn.stats.search_params), where
@@ -109,8 +125,14 @@ class Retriever:
         return factor, shards
 
     def _index_search(self, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            d, i = self.index.search(q, c)
+        """The index's c nearest; no lock (faiss searches only read the index). ``threads`` is
+        applied on the calling thread: OpenMP's thread count is per thread, so the value set in
+        ``open`` would not reach retro-serve's request threads."""
+        if self.threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
+        d, i = self.index.search(q, c)
         return i.astype(np.int64), d.astype(np.float32)
 
     def _search(self, q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +172,8 @@ class Retriever:
         return int(self.index.ntotal)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """The database's embedding function: (n, dim) float32."""
-        with self._lock:
+        """The database's embedding function: (n, dim) float32 (one call at a time)."""
+        with self._embed_lock:
             return self.embedder.embed(list(texts))
 
     def search_embeddings(self, emb: np.ndarray, k: int = 2,
@@ -160,7 +182,11 @@ class Retriever:
         """(n, dim) embeddings -> (ids (n, k) int64, squared L2 distances (n, k) float32).
 
         ``exclude_doc_ids``: doc ids to skip, one collection for all queries or one per query;
-        rows that find fewer than k chunks are padded with -1 / inf.
+        rows that find fewer than k chunks are padded with -1 / inf. Blank chunks (only EOS and
+        padding) are never returned: k + ``extra`` candidates are searched and filtered, reading
+        only their rows. (The plain k-search shortcut for a DB without blank chunks is gone: knowing
+        there are none took a scan of every chunk at start-up, and a real DB almost always has one,
+        a document whose length is a multiple of the chunk size.)
         """
         from index_builder.knn.stage import search_with_exclusion
 
@@ -174,17 +200,8 @@ class Retriever:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         excl = _per_query_sets(exclude_doc_ids, emb.shape[0])
-
-        search = self._search
-        if excl is None and self._content.all():
-            ids, dists = search(emb, min(k, self.num_chunks))
-            if ids.shape[1] < k:
-                ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
-                dists = np.pad(dists, ((0, 0), (0, k - dists.shape[1])), constant_values=np.inf)
-            dists[ids < 0] = np.inf
-            return ids, dists
-        return search_with_exclusion(search, emb, k, extra, self.num_chunks,
-                                     db_docs=self._doc_ids, exclude_docs=excl, content=self._content)
+        return search_with_exclusion(self._search, emb, k, extra, self.num_chunks,
+                                     db_docs=self.store.doc_ids, exclude_docs=excl, content=self._content)
 
     def search_text(self, texts: Sequence[str] | str, k: int = 2,
                     exclude_doc_ids: Iterable[int] | Sequence[Iterable[int]] | None = None,
@@ -200,11 +217,13 @@ class Retriever:
     def neighbours_of(self, ids: np.ndarray, dists: np.ndarray) -> list[Neighbour]:
         """Chunk ids (+ distances) -> Neighbour records with text and continuation; -1 skipped."""
         out = []
-        conts = self.store.continuation_ids(np.asarray(ids))
-        for cid, d, cont in zip(ids.tolist(), dists.tolist(), conts.tolist()):
+        ids = np.asarray(ids, dtype=np.int64)
+        conts = self.store.continuation_ids(ids)
+        docs = self.store.doc_ids[np.clip(ids, 0, None)]  # these rows only
+        for cid, d, cont, doc in zip(ids.tolist(), dists.tolist(), conts.tolist(), docs.tolist()):
             if cid < 0:
                 continue
-            out.append(Neighbour(chunk_id=cid, doc_id=int(self._doc_ids[cid]), distance=float(d),
+            out.append(Neighbour(chunk_id=cid, doc_id=int(doc), distance=float(d),
                                  text=self.store.text(cid),
                                  continuation=self.store.text(cont) if cont >= 0 else ""))
         return out

@@ -137,6 +137,17 @@ def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
     true = ((emb[ids] - q[:, None, :]) ** 2).sum(-1)
     np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-5)
     assert (np.diff(dist, axis=1) >= 0).all()
+    # no lock around the index: re-ranked searches from 8 threads at once (one thread letting the
+    # mapped rows go while another reads them) give the serial results
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [q[i:i + 1] for i in range(len(q))]
+    serial = [r.search_embeddings(x, k=3) for x in rows]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda x: r.search_embeddings(x, k=3), rows))
+    for (s_ids, s_d), (p_ids_, p_d) in zip(serial, parallel):
+        np.testing.assert_array_equal(s_ids, p_ids_)
+        np.testing.assert_array_equal(s_d, p_d)
     plain = Retriever.open(db, rerank=1)
     assert plain.rerank == 1
     p_ids, _ = plain.search_embeddings(q, k=3)
