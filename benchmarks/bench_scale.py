@@ -252,7 +252,7 @@ def real_row(db: Path, i: int, args: argparse.Namespace) -> dict[str, Any]:
                                             "--target-recall", args.target_recall,
                                             "--tune-sample", args.tune_sample, "--repeat", args.real_repeat))
     stages = load_manifest(db)["stages"]
-    return {"db": db.name, "wall": wall, "cpu": cpu, "peak_mb": peak,
+    return {"db": f"{db.parent.name}/{db.name}", "wall": wall, "cpu": cpu, "peak_mb": peak,
             "chunks": int((stages.get("index", {}).get("stats") or {}).get("ntotal") or 0),
             "embedder": (stages.get("embed", {}).get("stats") or {}).get("embedder")
                         or (stages.get("embed", {}).get("params") or {}).get("model"),
@@ -288,8 +288,12 @@ def real_only(args: argparse.Namespace, started: str, load0: float, argv: Sequen
         args.json.write_text(json.dumps({"real": real}, default=str, indent=1))
     if not args.no_write:
         cmd = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        for path, name in [(args.work, "WORK"), *((db, f"WORK/{db.parent.name}/{db.name}") for db in args.real_db)]:
+            cmd = cmd.replace(str(path), name)  # the docs name no machine's paths
+        if args.json:
+            cmd = cmd.replace(f" --json {args.json}", "")
         write_section("bench_scale_real", (
-            f"{text.replace('### ', '## Database at scale, ', 1)}\nCommand: `{cmd.strip()}`  \n"
+            f"{text.replace('### Real text: ', '## Database at scale on real text: ', 1)}\nCommand: `{cmd.strip()}`  \n"
             f"Machine: {machine('cpu')}; load average {load0:.1f} at the start  \nDate: {started}\n"))
     return 0
 

@@ -47,5 +47,6 @@ def test_bench_scale_tiny(tmp_path, capsys, monkeypatch):
     for r in real:
         assert r["chunks"] == large["n"] and r["queries"] == 2 * large["n"] and r["missing"] == 0
         assert r["tuning"]["reached"] and r["index"]["index_key"].startswith("IVF")
-    table = [line for line in written["bench_scale_real"].splitlines() if line.startswith(f"| {db.name} |")]
+    table = [line for line in written["bench_scale_real"].splitlines() if line.startswith(f"| work/{db.name} |")]
     assert len(table) == 2 and f"| {large['n']:,} |" in table[0]
+    assert str(tmp_path) not in written["bench_scale_real"]  # no machine's path in the docs
