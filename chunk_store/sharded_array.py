@@ -84,6 +84,17 @@ class ShardedArray:
             out[sel] = self._part(int(p), flat[sel] - self.offsets[p])
         return out.reshape(*idx.shape, *self.shape[1:])
 
+    def searchsorted(self, values: Any, side: str = "left") -> np.ndarray:
+        """``np.searchsorted`` of a 1-D array sorted across its parts (doc ids, sequence starts):
+        per part a binary search of its memmap (O(log n) rows read, nothing materialised); the
+        global position is the sum of the parts' positions."""
+        values = np.asarray(values)
+        out = np.zeros(values.shape, dtype=np.int64)
+        for i, part in enumerate(self.parts):
+            shift = self.add[i] if self.add else 0
+            out += np.searchsorted(part, values - shift if shift else values, side=side)  # type: ignore[call-overload]
+        return out
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The whole array, materialised (a reader that needs every row at once)."""
         out = self._slice(0, self.shape[0], 1)
