@@ -50,11 +50,14 @@ class ShardedArray:
             p = int(np.searchsorted(self.offsets, i, side="right")) - 1
             row = self._part(p, i - int(self.offsets[p]))
             return row[rest] if rest else row
+        lead = 1  # result axes the row key makes (an integer array of any shape: its ndim)
         if isinstance(key, slice):
             out = self._slice(*key.indices(self.shape[0]))
         else:
-            out = self._take(np.asarray(key))
-        return out[(slice(None), *rest)] if rest else out
+            key = np.asarray(key)
+            lead = max(key.ndim, 1) if key.dtype != bool else 1
+            out = self._take(key)
+        return out[(*(slice(None),) * lead, *rest)] if rest else out
 
     def _slice(self, start: int, stop: int, step: int) -> np.ndarray:
         if step != 1:
