@@ -5,7 +5,8 @@ only the new chunks (``--refresh``: also merges the added chunks into old rows).
 neighbours are one pair of files a shard of rows (chunk_store.neighbour_shards); :func:`assemble`
 rewrites only the shards holding a row this run changed, each from three sources (merged old
 rows, kept old rows, newly searched rows), one shard in memory at a time, and leaves every other
-shard's files untouched. The new index is written last (atomic): a crash before it leaves the
+shard's files untouched: a shard of old rows whose merge (``--refresh``) listed the same ids in
+every row is one of them (its rows keep the distances first stored). The new index is written last (atomic): a crash before it leaves the
 old neighbours whole, and the re-run rewrites the same shards.
 """
 
@@ -45,28 +46,33 @@ def assemble(db: Path, split: str, n: int, k: int, shard_size: int, old_rows: in
     """Write the shards of rows [0, n) that this run changed, then the index, then drop the work
     shards. Rows [0, merged_rows) come from the merged work shards (``merged(i)``: shard i's
     paths; knn --refresh), [merged_rows, old_rows) from the neighbours being replaced, and
-    [old_rows, n) from the searched work shards. A shard of only kept rows whose range the old
-    index already holds keeps its files (not read, not written). The index's generation grows by
-    one: a resumed run sees that this split's files are already its own (KnnStage.begin)."""
+    [old_rows, n) from the searched work shards. A shard of only old rows whose range the old
+    index already holds keeps its files (not written) where no row's ids changed. The index's
+    generation grows by one: a resumed run sees that this split's files are already its own
+    (KnnStage.begin)."""
     paths = DBLayout(db)
     try:
         old_index = read_index(db, split)
     except UserError:
         old_index = None
-    old = open_neighbours(db, split) if old_rows > merged_rows else None
+    old = open_neighbours(db, split) if old_rows else None
     reusable = {(s.start, s.stop): s for s in old_index.shards} if old_index and old_index.k == k else {}
     generation = (old_index.generation if old_index else 0) + 1
     shards: list[NeighbourShard] = []
     written = 0
     for i, (a, b) in enumerate(shard_ranges(n, shard_size)):
-        same = reusable.get((a, b))
-        if same is not None and a >= merged_rows and b <= old_rows:
+        same = reusable.get((a, b)) if b <= old_rows else None  # a shard of old rows only, as before
+        merged_part = None
+        if a < merged_rows:  # old rows merged with the added chunks: shard i of the same grid
+            merged_part = _load_shard(merged(i), min(b, merged_rows) - a, k)  # type: ignore[misc]
+            if same is not None and not np.array_equal(merged_part[0], old[0][a:a + len(merged_part[0])]):  # type: ignore[index]
+                same = None  # an added chunk entered a row: the shard changes
+        if same is not None:  # no row changed: its files stay (merged rows keep their first distances)
             shards.append(same)
             continue
         ids, dists = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
-        if a < merged_rows:  # old rows merged with the added chunks: shard i of the same grid
-            hi = min(b, merged_rows)
-            ids[:hi - a], dists[:hi - a] = _load_shard(merged(i), hi - a, k)  # type: ignore[misc]
+        if merged_part is not None:
+            ids[:len(merged_part[0])], dists[:len(merged_part[0])] = merged_part
         lo, hi = max(a, merged_rows), min(b, old_rows)
         if lo < hi:  # kept old rows of a shard that changes
             ids[lo - a:hi - a], dists[lo - a:hi - a] = old[0][lo:hi], old[1][lo:hi]  # type: ignore[index]
