@@ -70,6 +70,33 @@ def test_after_add_only_the_shards_with_new_rows_are_written(grown, tmp_path) ->
         assert not DBLayout(inc).knn_shards_dir(s).exists()
 
 
+def test_a_refresh_rewrites_only_the_shards_where_an_added_chunk_entered_a_row(grown, tmp_path) -> None:
+    """--refresh merges every old row with the added chunks; a shard none of whose rows took one
+    keeps its files, every other shard is written anew."""
+    db, _ = grown
+    inc = _copy(db, tmp_path / "inc")
+    before, old_index = _files(inc), {s: read_index(inc, s) for s in SPLITS}
+    old = {s: load_neighbours(inc, s)[0] for s in SPLITS}
+    assert run_cli(_knn(inc, "--refresh")) == 0
+    assert load_manifest(inc)["stages"]["knn"]["params"]["refresh"] == "incremental"
+    after, kept, rewritten = _files(inc), 0, 0
+    for s in SPLITS:
+        ids = load_neighbours(inc, s)[0]
+        new_shards = {(sh.start, sh.stop): sh for sh in read_index(inc, s).shards}
+        for sh in old_index[s].shards:
+            same_rows = np.array_equal(ids[sh.start:sh.stop], old[s][sh.start:sh.stop])
+            if new_shards.get((sh.start, sh.stop)) == sh:  # kept: bytes and mtime as they were
+                assert same_rows
+                kept += 1
+                for name in (sh.ids, sh.dist):
+                    assert after[f"{s}/{name}"] == before[f"{s}/{name}"]
+            else:
+                assert not same_rows or (sh.start, sh.stop) not in new_shards  # a changed row, or grown rows
+                rewritten += 1
+    assert rewritten >= 1
+    print(f"refresh: {kept} old shards kept, {rewritten} rewritten")
+
+
 def test_a_db_from_before_shards_is_kept_and_converted(grown, tmp_path) -> None:
     """One neighbours.npy per split (every DB before shards): a knn run after add keeps its
     rows, writes shards, and leaves the same neighbours as a per-shard DB."""
