@@ -97,6 +97,48 @@ def test_a_refresh_rewrites_only_the_shards_where_an_added_chunk_entered_a_row(g
     print(f"refresh: {kept} old shards kept, {rewritten} rewritten")
 
 
+def test_assemble_writes_exactly_the_shards_with_a_changed_row(tmp_path) -> None:
+    """Old rows [0, 20) in shards of 5; a refresh merged rows [0, 20): shard 1's ids changed,
+    the others' did not (their distances did: a re-scored merge); rows [20, 23) are new. Shards
+    0, 2, 3 keep their files; shard 1 and the new shard 4 are written; the result is the merge."""
+    from chunk_store.neighbour_shards import write_neighbours
+    from index_builder.knn.neighbour_files import assemble
+
+    rng = np.random.default_rng(0)
+    old_ids, old_d = rng.integers(0, 50, (20, 2)), rng.random((20, 2)).astype(np.float32)
+    write_neighbours(tmp_path, "train", old_ids, old_d, 5)
+    before = _files_of(tmp_path, "train")
+    merged_ids, merged_d = old_ids.copy(), old_d + 1
+    merged_ids[7, 1] = 99  # an added chunk entered row 7 (shard 1)
+    paths = DBLayout(tmp_path)
+    for i in range(4):
+        p_ids, p_dist = paths.knn_merged_shard("train", i)
+        atomic_save_npy(p_ids, merged_ids[5 * i:5 * i + 5])
+        atomic_save_npy(p_dist, merged_d[5 * i:5 * i + 5])
+    new_ids, new_d = rng.integers(0, 50, (3, 2)), rng.random((3, 2)).astype(np.float32)
+    atomic_save_npy(paths.knn_shard("train", 4)[0], new_ids)
+    atomic_save_npy(paths.knn_shard("train", 4)[1], new_d)
+    stats = assemble(tmp_path, "train", 23, 2, 5, old_rows=20, merged_rows=20,
+                     merged=lambda i: paths.knn_merged_shard("train", i))
+    assert stats["shards_written"] == 2 and stats["shards_kept"] == 3
+    after = _files_of(tmp_path, "train")
+    index = read_index(tmp_path, "train")
+    for i, sh in enumerate(index.shards):
+        assert (sh.ids in before and after[sh.ids] == before[sh.ids]) == (i in (0, 2, 3))
+    ids, dists = load_neighbours(tmp_path, "train")
+    np.testing.assert_array_equal(ids, np.concatenate([merged_ids, new_ids]))
+    np.testing.assert_array_equal(dists[5:10], merged_d[5:10])  # the written shard: the merge's distances
+    np.testing.assert_array_equal(dists[:5], old_d[:5])  # a kept shard: its first distances
+    assert not paths.knn_shards_dir("train").exists()
+    assert sorted(p.name for p in paths.neighbours_dir("train").glob("*.npy")) == \
+        sorted(n for sh in index.shards for n in (sh.ids, sh.dist))
+
+
+def _files_of(db: Path, split: str) -> dict[str, tuple[bytes, int]]:
+    folder = DBLayout(db).neighbours_dir(split)
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.glob("*.npy")}
+
+
 def test_a_db_from_before_shards_is_kept_and_converted(grown, tmp_path) -> None:
     """One neighbours.npy per split (every DB before shards): a knn run after add keeps its
     rows, writes shards, and leaves the same neighbours as a per-shard DB."""
