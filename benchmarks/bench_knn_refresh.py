@@ -143,8 +143,20 @@ def agreement(a: Path, b: Path) -> float:
     return eq / max(n, 1)
 
 
+def changed_share(before: dict[str, np.ndarray], db: Path) -> float:
+    """The share of the old rows (both splits) whose neighbour ids the run changed."""
+    from chunk_store.neighbour_shards import load_neighbours
+
+    changed = total = 0
+    for split, old in before.items():
+        new = load_neighbours(db, split)[0][:len(old)]
+        changed, total = changed + int((new != old).any(axis=1).sum()), total + len(old)
+    return changed / max(total, 1)
+
+
 def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from chunk_store.manifest import load_manifest
+    from chunk_store.neighbour_shards import load_neighbours
 
     base = work / "base"
     cli("chunk", "--input", corpus(work / "a", args.docs, 0), "--out", base, "--vocab-size", 400,
@@ -164,7 +176,9 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         full, plain = work / f"full{added}", work / f"plain{added}"
         shutil.copytree(grown, full)
         shutil.copytree(grown, plain)
+        before = {s: load_neighbours(grown, s)[0] for s in ("train", "val")}
         inc = timed_knn(grown, args, "--refresh", "incremental")
+        inc["old_rows_changed"] = changed_share(before, grown)
         ful = timed_knn(full, args, "--refresh", "full")
         new = timed_knn(plain, args)
         n = load_manifest(grown)["counts"]["train"]["chunks"]
@@ -177,12 +191,14 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
 def bytes_table(rows: Sequence[dict[str, Any]]) -> str:
     """Neighbour bytes each run wrote: per-shard files vs the single-file assembly."""
-    out = ["| train chunks old + added | knn run | shards written / all | bytes written (per shard) "
-           "| bytes written (single file) | ratio |", "|---|---|---|---|---|---|"]
+    out = ["| train chunks old + added | knn run | old rows changed | shards written / all | bytes written (per shard) "
+           "| bytes written (single file) | ratio |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode in ("new rows", "incremental", "full"):
             m = r[mode]
-            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m['shards_written']} / {m['shards']} "
+            changed = f"{m['old_rows_changed']:.3f}" if "old_rows_changed" in m else "-"
+            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {changed} "
+                       f"| {m['shards_written']} / {m['shards']} "
                        f"| {m['bytes_written']:,} | {m['bytes_single_file']:,} "
                        f"| {m['bytes_written'] / max(m['bytes_single_file'], 1):.3f} |")
     return "\n".join(out)
