@@ -73,7 +73,13 @@ class ContentLookup:
             return out
         if isinstance(key, (int, np.integer)):
             return bool(self._visible(self.chunks[int(key)]))
-        return self._visible(self.chunks[np.asarray(key)])
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        # each distinct chunk read once, in row order (a batch's candidates repeat: neighbours of
+        # neighbouring chunks overlap), then spread back to the key's shape
+        rows, where = np.unique(key.reshape(-1).astype(np.int64), return_inverse=True)
+        return self._visible(self.chunks[rows])[where.reshape(-1)].reshape(key.shape)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         raise TypeError("ContentLookup is read per batch of chunks; index it, do not materialise it")
