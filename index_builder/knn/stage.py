@@ -222,7 +222,7 @@ class KnnStage(Stage[KnnConfig]):
         train_store = ChunkStore.open(self.db, "train")  # every shard, global ids
         self.train_docs = train_store.doc_ids
         self.ntotal = ntotal = int(self.train_docs.shape[0])
-        self.train_seq_starts = train_store.seq_starts  # memmapped: read per range (seq_window)
+        self.train_seq_starts = train_store.seq_starts  # memmapped: a binary search a row (sequence_doc_ranges)
         train_emb = open_embeddings(self.db, "train")
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
