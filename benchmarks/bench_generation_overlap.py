@@ -101,7 +101,7 @@ def build_db(work: Path) -> Path:
     from tests.fixtures import build_index_db, build_tiny_db
 
     db = work / "db"
-    if DBLayout(db).neighbours("train").exists():
+    if DBLayout(db).neighbour_index("train").exists():
         return db
     corpus = write_twin_corpus(work / "corpus")
     build_tiny_db(db, corpus=corpus, vocab_size=1024, chunk_size=32, seq_len=128, val_fraction=0.1)

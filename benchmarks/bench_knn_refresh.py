@@ -12,7 +12,10 @@ the stage's own seconds (setup, index load and recall tuning included) and its u
 old rows; searching rows through the whole index), and the work it records (queries searched
 through the whole index, old rows merged, added vectors scanned: exact, all of them a query; IVF,
 nprobe / nlist of them). The merged neighbours are compared with the full
-refresh's (the share of ids equal; with an exact index the rest are ties).
+refresh's (the share of ids equal; with an exact index the rest are ties). A third copy runs a
+plain ``knn`` (the new rows only). Each run's neighbour bytes written: the per-shard files it wrote
+(chunk_store.neighbour_shards: only shards with a changed row) beside what the single-file assembly
+before them wrote (every split's whole neighbours.npy + neighbour_distances.npy, after every run).
 
 Prints a markdown table; ``--write`` replaces the ``bench_knn_refresh`` section of docs/BENCHMARKS.md.
 """
@@ -93,34 +96,75 @@ def timed_knn(db: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--k", str(args.k),
-                        "--device", "cpu", "--threads", str(args.threads), *extra], capture_output=True, text=True)
+                        "--device", "cpu", "--threads", str(args.threads), "--shard-size", str(args.shard_size),
+                        *extra], capture_output=True, text=True)
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-3000:])
     stats = load_manifest(db)["stages"]["knn"]["stats"]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall": wall, "cpu": cpu, "stage_s": stats["seconds"], **stats["refresh"]}
+    written, whole = neighbour_bytes(db)
+    return {"wall": wall, "cpu": cpu, "stage_s": stats["seconds"], **stats["refresh"],
+            "bytes_written": written, "bytes_single_file": whole,
+            "shards_written": sum(stats[s]["shards_written"] for s in ("train", "val")),
+            "shards": sum(stats[s]["shards_written"] + stats[s]["shards_kept"] for s in ("train", "val"))}
+
+
+NPY_HEADER = 128  # bytes: np.save's header of a 2-D array (format 1.0)
+
+
+def neighbour_bytes(db: Path) -> tuple[int, int]:
+    """(bytes of the neighbour shard files the last knn run wrote: those of the index's newest
+    generation, bytes the single-file assembly wrote: both splits' whole (n, k) pair of files)."""
+    from chunk_store.layout import DBLayout
+    from chunk_store.neighbour_shards import read_index
+
+    written = whole = 0
+    for split in ("train", "val"):
+        index = read_index(db, split)
+        if index is None:
+            continue
+        folder, mark = DBLayout(db).neighbours_dir(split), f".g{index.generation}.npy"
+        written += sum((folder / name).stat().st_size for sh in index.shards for name in (sh.ids, sh.dist)
+                       if name.endswith(mark))
+        whole += 2 * NPY_HEADER + index.rows * index.k * (8 + 4)  # int64 ids + float32 distances
+    return written, whole
 
 
 def agreement(a: Path, b: Path) -> float:
     """The share of neighbour ids equal between two databases' train and val rows."""
     eq = n = 0
+    from chunk_store.neighbour_shards import load_neighbours
+
     for split in ("train", "val"):
-        x, y = np.load(a / split / "neighbours.npy"), np.load(b / split / "neighbours.npy")
+        x, y = load_neighbours(a, split)[0], load_neighbours(b, split)[0]
         eq, n = eq + int((x == y).sum()), n + x.size
     return eq / max(n, 1)
 
 
+def changed_share(before: dict[str, np.ndarray], db: Path) -> float:
+    """The share of the old rows (both splits) whose neighbour ids the run changed."""
+    from chunk_store.neighbour_shards import load_neighbours
+
+    changed = total = 0
+    for split, old in before.items():
+        new = load_neighbours(db, split)[0][:len(old)]
+        changed, total = changed + int((new != old).any(axis=1).sum()), total + len(old)
+    return changed / max(total, 1)
+
+
 def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from chunk_store.manifest import load_manifest
+    from chunk_store.neighbour_shards import load_neighbours
 
     base = work / "base"
     cli("chunk", "--input", corpus(work / "a", args.docs, 0), "--out", base, "--vocab-size", 400,
         "--chunk-size", 64, "--seq-len", 256, "--val-fraction", 0.1)
     write_embeddings(base, DIM, seed=0)
     cli("index", "--db", base, "--index-key", args.index_key, "--recall-sample", 200)
-    cli("knn", "--db", base, "--k", args.k, "--device", "cpu", "--threads", args.threads)
+    cli("knn", "--db", base, "--k", args.k, "--device", "cpu", "--threads", args.threads,
+        "--shard-size", args.shard_size)
     n_old = load_manifest(base)["counts"]["train"]["chunks"]
     rows = []
     for added in args.added:
@@ -129,16 +173,35 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         cli("add", "--db", grown, "--input", corpus(work / f"b{added}", added, added))
         append_embeddings(grown, seed=0)
         cli("index", "--db", grown, "--index-key", args.index_key, "--recall-sample", 200)
-        full = work / f"full{added}"
+        full, plain = work / f"full{added}", work / f"plain{added}"
         shutil.copytree(grown, full)
+        shutil.copytree(grown, plain)
+        before = {s: load_neighbours(grown, s)[0] for s in ("train", "val")}
         inc = timed_knn(grown, args, "--refresh", "incremental")
+        inc["old_rows_changed"] = changed_share(before, grown)
         ful = timed_knn(full, args, "--refresh", "full")
+        new = timed_knn(plain, args)
         n = load_manifest(grown)["counts"]["train"]["chunks"]
         rows.append({"old_train": n_old, "added_train": n - n_old, "incremental": inc, "full": ful,
-                     "same_ids": agreement(grown, full)})
-        shutil.rmtree(full)
-        shutil.rmtree(grown)
+                     "new rows": new, "same_ids": agreement(grown, full)})
+        for db in (full, grown, plain):
+            shutil.rmtree(db)
     return rows
+
+
+def bytes_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Neighbour bytes each run wrote: per-shard files vs the single-file assembly."""
+    out = ["| train chunks old + added | knn run | old rows changed | shards written / all | bytes written (per shard) "
+           "| bytes written (single file) | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for mode in ("new rows", "incremental", "full"):
+            m = r[mode]
+            changed = f"{m['old_rows_changed']:.3f}" if "old_rows_changed" in m else "-"
+            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {changed} "
+                       f"| {m['shards_written']} / {m['shards']} "
+                       f"| {m['bytes_written']:,} | {m['bytes_single_file']:,} "
+                       f"| {m['bytes_written'] / max(m['bytes_single_file'], 1):.3f} |")
+    return "\n".join(out)
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -164,18 +227,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--index-key", default="Flat")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shard-size", type=int, default=16384, help="knn's rows a shard (the default of the CLI)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--write", action="store_true", help="replace the section of docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-knn-refresh-") as tmp:
         rows = run(args, Path(tmp))
-    text = table(rows)
+    text = table(rows) + "\n\n" + bytes_table(rows)
     print(text)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     if args.write:
         write_section("bench_knn_refresh", f"{machine()}, index {args.index_key}, k={args.k}, "
-                                           f"--threads {args.threads}\n\n{text}")
+                                           f"--threads {args.threads}, --shard-size {args.shard_size}\n\n{text}")
     return 0
 
 

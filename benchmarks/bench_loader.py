@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from chunk_store import ChunkStore  # noqa: E402
 from chunk_store.framework.atomic import atomic_save_npy, atomic_write_json  # noqa: E402
+from chunk_store.neighbour_shards import write_neighbours  # noqa: E402
 from chunk_store.layout import DBLayout  # noqa: E402
 from chunk_store.manifest import load_manifest, now_iso, record_stage  # noqa: E402
 from chunk_store.sharded_array import ShardedArray  # noqa: E402
@@ -226,8 +227,8 @@ def synthetic_db(out: Path, *, shards: int, chunks_per_shard: int, train_seqs: i
     for split in ("train", "val"):
         ids = rng.integers(0, n_train, size=(totals[split]["chunks"], k))
         ids[rng.random(ids.shape) < 0.05] = -1
-        DBLayout(out).neighbours(split).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(DBLayout(out).neighbours(split), ids.astype(np.int64))
+        write_neighbours(out, split, ids.astype(np.int64), np.where(ids >= 0, 0.0, np.inf).astype(np.float32),
+                         shard_rows=chunks_per_shard)
     t = now_iso()
     record_stage(out, "knn", params={"k": k, "synthetic": True}, started=t, finished=t, manifest=load_manifest(out))
     return out

@@ -80,7 +80,7 @@ def build_stand_in(work: Path, dim: int, depth: int) -> tuple[Path, Path]:
     from tests.fixtures import make_tiny_bert, run_cli  # the suite's tiny BERT: cheap real embeddings
 
     db, run = work / "db", work / "run"
-    if not (db / "train" / "neighbours.npy").exists():
+    if not (db / "train" / "neighbours" / "index.json").exists():  # knn done (DBLayout.neighbour_index)
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         assert run_cli(["chunk", "--out", db, "--glob", "*.py", "--input", stdlib / "json",
                         "--input", stdlib / "email", "--vocab-size", 512, "--chunk-size", 16,

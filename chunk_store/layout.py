@@ -224,6 +224,22 @@ class DBLayout:
         """A part's record (the chunk-id range it holds), written last: a part with it is whole."""
         return self.root / INDEX_DIR / f"{INDEX_PART_PREFIX}{part:05d}.json"
 
+    # ---- knn's finished neighbours, one pair of files a shard of rows (chunk_store.neighbour_shards)
+
+    def neighbours_dir(self, split: str) -> Path:
+        """DB/<split>/neighbours/: the per-shard neighbour files and their index."""
+        return self.root / split / "neighbours"
+
+    def neighbour_index(self, split: str) -> Path:
+        """DB/<split>/neighbours/index.json: shards -> row ranges, k, generation."""
+        return self.neighbours_dir(split) / "index.json"
+
+    def neighbour_shard(self, split: str, index: int, generation: int) -> tuple[Path, Path]:
+        """(ids, distances) of one shard of rows as written by knn run ``generation`` (a rewritten
+        shard gets new names: the index switches to it atomically)."""
+        folder = self.neighbours_dir(split)
+        return folder / f"ids_{index:06d}.g{generation}.npy", folder / f"dist_{index:06d}.g{generation}.npy"
+
 
 @dataclass(frozen=True)
 class PartLayout:

@@ -50,11 +50,14 @@ class ShardedArray:
             p = int(np.searchsorted(self.offsets, i, side="right")) - 1
             row = self._part(p, i - int(self.offsets[p]))
             return row[rest] if rest else row
+        lead = 1  # result axes the row key makes (an integer array of any shape: its ndim)
         if isinstance(key, slice):
             out = self._slice(*key.indices(self.shape[0]))
         else:
-            out = self._take(np.asarray(key))
-        return out[(slice(None), *rest)] if rest else out
+            key = np.asarray(key)
+            lead = max(key.ndim, 1) if key.dtype != bool else 1
+            out = self._take(key)
+        return out[(*(slice(None),) * lead, *rest)] if rest else out
 
     def _slice(self, start: int, stop: int, step: int) -> np.ndarray:
         if step != 1:
@@ -83,6 +86,17 @@ class ShardedArray:
             sel = which == p
             out[sel] = self._part(int(p), flat[sel] - self.offsets[p])
         return out.reshape(*idx.shape, *self.shape[1:])
+
+    def searchsorted(self, values: Any, side: str = "left") -> np.ndarray:
+        """``np.searchsorted`` of a 1-D array sorted across its parts (doc ids, sequence starts):
+        per part a binary search of its memmap (O(log n) rows read, nothing materialised); the
+        global position is the sum of the parts' positions."""
+        values = np.asarray(values)
+        out = np.zeros(values.shape, dtype=np.int64)
+        for i, part in enumerate(self.parts):
+            shift = self.add[i] if self.add else 0
+            out += np.searchsorted(part, values - shift if shift else values, side=side)  # type: ignore[call-overload]
+        return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The whole array, materialised (a reader that needs every row at once)."""

@@ -230,17 +230,21 @@ class ChunkStore:
     def _load_neighbours(self) -> None:
         if self._neighbours is not None or not stage_done(self.manifest, "knn"):
             return
-        path = self.paths.neighbours(self.split)
-        self._neighbours = open_npy(path)
-        dist = self.paths.neighbour_distances(self.split)
-        self._neighbour_distances = open_npy(dist) if dist.exists() else None
+        from chunk_store.neighbour_shards import open_neighbours
+
+        opened = open_neighbours(self.db, self.split)
+        where = self.paths.neighbours_dir(self.split)
+        if opened is None:
+            raise UserError(f"missing {where}: knn is recorded as done; re-run `retro-build-index knn --db {self.db}`")
+        self._neighbours, self._neighbour_distances = opened
         if self._neighbours.ndim != 2 or self._neighbours.shape[0] != self.num_chunks:
-            raise UserError(f"corrupt {path}: shape {self._neighbours.shape}, expected "
+            raise UserError(f"corrupt {where}: shape {self._neighbours.shape}, expected "
                           f"({self.num_chunks}, k)")
 
     @property
     def neighbours(self) -> np.ndarray | None:
-        """(num_chunks, k) train chunk ids, -1 where none; None until the knn stage has run."""
+        """(num_chunks, k) train chunk ids, -1 where none; None until the knn stage has run.
+        Per-shard files read as one array (chunk_store.neighbour_shards.open_neighbours)."""
         self._load_neighbours()
         return self._neighbours
 

@@ -129,17 +129,21 @@ def sequence_doc_ranges(doc_ids: np.ndarray, seq_starts: np.ndarray, chunks_per_
     min and max doc id of that sequence's chunks; doc ids are consecutive along the stream, so
     that range is exactly the sequence's documents. A chunk in no sequence (past the last full
     one) gets its own document only. Vectorised and bounded by len(rows) x chunks_per_seq, so a
-    knn shard reads only its own sequences.
+    knn shard reads only its own sequences (``seq_starts`` may be a memmap: a binary search a row).
     """
+    from index_builder.knn.ranged_reads import sorted_search
+
     n = len(doc_ids)
     rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     own = np.asarray(doc_ids[rows], dtype=np.int64)
     ranges = np.stack([own, own], axis=1)
-    starts = np.asarray(seq_starts, dtype=np.int64)
-    if not len(starts) or not len(rows):
+    if not hasattr(seq_starts, "shape"):  # a list
+        seq_starts = np.asarray(seq_starts, dtype=np.int64)
+    if not len(seq_starts) or not len(rows):
         return ranges
-    seq = np.searchsorted(starts, rows, side="right") - 1
-    first = starts[np.clip(seq, 0, None)]
+    # a binary search a row: only these rows' sequence starts are read (seq_starts may be a DB-wide memmap)
+    seq = sorted_search(seq_starts, rows, "right") - 1
+    first = np.asarray(seq_starts[np.clip(seq, 0, None)], dtype=np.int64)
     inside = (seq >= 0) & (rows < first + chunks_per_seq) & (first + chunks_per_seq <= n)
     if inside.any():
         members = first[inside][:, None] + np.arange(chunks_per_seq)  # (rows inside, l) chunk ids

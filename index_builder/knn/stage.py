@@ -22,8 +22,9 @@ under the same rule by the same trained index, else it re-searches every row; ``
 always re-searches every row.
 
 Work is cut into shards of queries (``DB/<split>/knn_shards/``), spread over torchrun ranks,
-each written atomically: a re-run redoes only the missing shards; rank 0 then assembles
-``neighbours.npy`` and ``neighbour_distances.npy`` (see docs/DB_FORMAT.md).
+each written atomically: a re-run redoes only the missing shards; rank 0 then writes the
+finished neighbours per shard (``DB/<split>/neighbours/``, chunk_store.neighbour_shards): only
+the shards whose rows this run changed, then their index (see docs/DB_FORMAT.md).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
 from chunk_store.manifest import check_params
+from chunk_store.neighbour_shards import open_neighbours, read_index, shard_files, whole_rows
 from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
@@ -56,6 +58,7 @@ from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
 from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_exclusion, select_neighbours,
                                         sequence_doc_ranges)
+from index_builder.knn.ranged_reads import ContentLookup, chunk_ranges_of
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
 from index_builder.knn.search_choice import choose_for_db, device_search
@@ -104,7 +107,10 @@ class KnnStage(Stage[KnnConfig]):
                 "exclusion": EXCLUSION, "target_recall": float(cfg.target_recall),
                 "rerank": "auto" if cfg.rerank is None else int(cfg.rerank),
                 "tune_sample": int(cfg.tune_sample),
-                "refresh": "full" if cfg.refresh else "new_rows", "rows_before": None}
+                "refresh": "full" if cfg.refresh else "new_rows", "rows_before": None,
+                # each split's neighbour-index generation when this run started (kept by a resumed
+                # run): a higher one on disk was written by this run (begin())
+                "generations_before": {s: _generation(self.db, s) for s in SPLITS}}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """After ``add`` the index grew (another index_id): the neighbours already found under
@@ -113,6 +119,9 @@ class KnnStage(Stage[KnnConfig]):
         the rows it starts from go into the recorded params: a resumed run plans the same."""
         dec = decide(self.cfg.refresh, recorded, params, self.result_keys, index_trained_id(manifest))
         self.decision = dec
+        prev = recorded.get("params", {})
+        if recorded.get("finished") is None and prev.get("generations_before") and prev.get("refresh") == dec.mode:
+            params["generations_before"] = prev["generations_before"]  # the same plan, interrupted: resumed
         params["refresh"], params["rows_before"] = dec.mode, dec.before
         self.keep_old = dec.mode == "incremental" or (
             dec.mode == "new_rows" and recorded.get("params", {}).get("exclusion") == EXCLUSION)
@@ -143,6 +152,10 @@ class KnnStage(Stage[KnnConfig]):
             # rows the coverage does not describe (a damaged file) are searched again, not merged
             self.old_rows = {s: r if self.merge[s][0] or not cov.get(s) or cov[s][-1][0] == r else 0
                              for s, r in self.old_rows.items()}
+        # a split whose neighbour index this very run wrote before a crash: its rows are done
+        # (merging the added chunks into them again would list those chunks twice)
+        before = manifest.get("stages", {}).get(self.name, {}).get("params", {}).get("generations_before") or {}
+        self.written_splits = {s for s in SPLITS if s in before and _generation(self.db, s) > int(before[s])}
         self.counts = {"searched_queries": 0, "merged_queries": 0, "added_vectors_scanned": 0,
                        "merge_seconds": 0.0, "search_seconds": 0.0}
 
@@ -155,27 +168,35 @@ class KnnStage(Stage[KnnConfig]):
             train = num_chunks(self.db, manifest, "train")
             if any(t < train for segs in dec.before["coverage"].values() for _, t in segs):
                 return False
-        return all(npy_header_ok(self.paths.neighbours(s), (n, self.cfg.k)) for s in SPLITS
+        return all(whole_rows(self.db, s, self.cfg.k) == n for s in SPLITS
                    if (n := num_chunks(self.db, manifest, s)))
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
-        return [f(s) for s in SPLITS if num_chunks(self.db, manifest, s)
-                for f in (self.paths.neighbours, self.paths.neighbour_distances)]
+        """Each split's neighbour index and the shard files it names."""
+        out: list[Path] = []
+        for s in SPLITS:
+            index = read_index(self.db, s) if num_chunks(self.db, manifest, s) else None
+            if index is not None:
+                out += [self.paths.neighbour_index(s), *shard_files(self.db, s, index)]
+        return out
 
     def temp_folders(self) -> list[tuple[Path, tuple[str, ...]]]:
         return [*((self.paths.knn_shards_dir(s), ("",)) for s in SPLITS),
+                *((self.paths.neighbours_dir(s), ("",)) for s in SPLITS),
                 *((self.paths.split(s), (NEIGHBOURS, NEIGHBOUR_DISTANCES)) for s in SPLITS)]
 
     def units(self, manifest: dict[str, Any]) -> list[Unit]:
         """Shards of query rows; after ``add``, only rows past those already searched."""
         out: list[Unit] = []
         old = getattr(self, "old_rows", {})
+        done = getattr(self, "written_splits", set())
         for split in SPLITS:  # old rows merging the added chunks (--refresh, incremental)
-            end = getattr(self, "merge", {}).get(split, (0, []))[0]
+            end = 0 if split in done else getattr(self, "merge", {}).get(split, (0, []))[0]
             for i, (a, b) in enumerate(shard_ranges(end, self.cfg.shard_size)):
                 out.append(Unit(len(out), b - a, (split, i, a, b, "merge")))
         for split in SPLITS:
             rows, start = num_chunks(self.db, manifest, split), old.get(split, 0)
+            start = rows if split in done else start
             for i, (a, b) in enumerate(shard_ranges(rows, self.cfg.shard_size)):
                 if b > start:
                     out.append(Unit(len(out), b - max(a, start), (split, i, max(a, start), b)))
@@ -187,7 +208,10 @@ class KnnStage(Stage[KnnConfig]):
         return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in files)
 
     def setup(self) -> None:
-        """The search (the index, or exact search over the embeddings) and the doc ids."""
+        """The search (the index, or exact search over the embeddings) and the rule's tables.
+
+        No DB-wide array is loaded: doc ids and sequence starts stay memmaps read per range or
+        candidate batch, the content mask is computed per lookup (index_builder.knn.ranged_reads)."""
         import faiss
         import torch
 
@@ -198,12 +222,12 @@ class KnnStage(Stage[KnnConfig]):
         train_store = ChunkStore.open(self.db, "train")  # every shard, global ids
         self.train_docs = train_store.doc_ids
         self.ntotal = ntotal = int(self.train_docs.shape[0])
-        self.train_seq_starts = np.asarray(train_store.seq_starts, dtype=np.int64)
+        self.train_seq_starts = train_store.seq_starts  # memmapped: a binary search a row (sequence_doc_ranges)
         train_emb = open_embeddings(self.db, "train")
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
                             f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
-        self.content = train_store.content_mask()  # EOS/padding-only: never a neighbour
+        self.content = ContentLookup.of(train_store)  # EOS/padding-only: never a neighbour
         self.emb = {"train": train_emb}
         self.docs = {"train": self.train_docs}
         self.short_rows = 0
@@ -226,8 +250,7 @@ class KnnStage(Stage[KnnConfig]):
             def index_search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
                 d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
                 return i.astype(np.int64), d.astype(np.float32)
-            from index_builder.knn.range_exclusion import (doc_starts, faiss_range_search, prefer_range_first,
-                                                       selector_pays)
+            from index_builder.knn.range_exclusion import faiss_range_search, prefer_range_first, selector_pays
             from index_builder.knn.rerank import default_factor, reranked, reranked_ranges, take_rows
 
             dev = device_search(self.choice.method, index, train_emb, self.device, self.content, self.say)
@@ -245,7 +268,6 @@ class KnnStage(Stage[KnnConfig]):
                 self.range_search = getattr(dev, "range_search", None) or faiss_range_search(index, threads)
                 if self.rerank > 1:
                     self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
-                self.doc_starts = doc_starts(self.train_docs)
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
@@ -258,9 +280,7 @@ class KnnStage(Stage[KnnConfig]):
         ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
         chunk_r = None
         if range_search is not None:
-            from index_builder.knn.range_exclusion import chunk_ranges
-
-            chunk_r = chunk_ranges(ranges, self.doc_starts)
+            chunk_r = chunk_ranges_of(ranges, self.train_docs)
         return search_with_exclusion(search, queries, self.cfg.k, self.cfg.extra, self.ntotal, query_ids=rows,
                                      db_docs=self.train_docs, doc_ranges=ranges, content=self.content,
                                      row_search=None if chunk_r is None else
@@ -301,11 +321,9 @@ class KnnStage(Stage[KnnConfig]):
         rows = self._sample_rows(seed=0)
         queries, exact_cfg = pick_rows(train_emb, rows), ExactSearchConfig(device=self.device)
         # the exact final neighbours in one pass: the exclusions applied inside the exact search
-        from index_builder.knn.range_exclusion import chunk_ranges, doc_starts
-
         ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
         _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
-                                  exclude=chunk_ranges(ranges, doc_starts(self.train_docs)), valid=self.content)
+                                  exclude=chunk_ranges_of(ranges, self.train_docs), valid=self.content)
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
                             exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall)
         if not tuning.reached:
@@ -362,9 +380,8 @@ class KnnStage(Stage[KnnConfig]):
         the k best kept by (distance, chunk id)."""
         k, (emb, docs) = self.cfg.k, self._split_arrays(split)
         queries = read_rows(emb, a, b)
-        if split not in self.old_files:  # the files being replaced: read until assemble swaps them
-            self.old_files[split] = (np.load(self.paths.neighbours(split), mmap_mode="r"),
-                                     np.load(self.paths.neighbour_distances(split), mmap_mode="r"))
+        if split not in self.old_files:  # the rows being replaced: read until assemble swaps the index
+            self.old_files[split] = open_neighbours(self.db, split)  # type: ignore[assignment]
         old_i = np.array(self.old_files[split][0][a:b], dtype=np.int64)
         old_d = np.array(self.old_files[split][1][a:b], dtype=np.float32)
         new_i, new_d = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
@@ -440,13 +457,19 @@ class KnnStage(Stage[KnnConfig]):
             summary["rows_not_searched"] = {s: n for s, n in unread.items() if n}  # retrieval-only: never read
         for split in SPLITS:
             n = num_chunks(self.db, manifest, split)
-            if n:
+            if n:  # a split this run already wrote (before a crash) keeps its shards as they are
+                written = split in getattr(self, "written_splits", set())
                 summary[split] = assemble(self.db, split, n, self.cfg.k, self.cfg.shard_size,
-                                           getattr(self, "old_rows", {}).get(split, 0),
-                                           self.merge[split][0], lambda i, s=split: merge_shard(self.db, s, i))
+                                           n if written else getattr(self, "old_rows", {}).get(split, 0),
+                                           0 if written else self.merge[split][0],
+                                           lambda i, s=split: merge_shard(self.db, s, i))
         dec, train = self.decision, num_chunks(self.db, manifest, "train")
         before = (dec.before or {}).get("coverage") if dec.mode == "new_rows" else None
-        summary["coverage"] = {s: coverage_after(dec.mode, before, s, self.old_rows[s],
+        kept = dict(self.old_rows)
+        for s in getattr(self, "written_splits", set()) & set((before or {}).keys()):
+            if before[s] and before[s][-1][0] is not None:  # type: ignore[index]
+                kept[s] = min(kept[s], int(before[s][-1][0]))  # type: ignore[index]  # the rows kept as planned
+        summary["coverage"] = {s: coverage_after(dec.mode, before, s, kept[s],
                                                  num_chunks(self.db, manifest, s), train) for s in SPLITS}
         summary["index_trained"] = index_trained_id(manifest)
         self.counts["added_vectors_scanned"] = self.added.vectors_scanned
@@ -473,6 +496,15 @@ SHARED_OPTIONS = ("device", "shard_size", "threads")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI entry: ``retro-build-index knn``."""
     return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
+
+
+def _generation(db: Path, split: str) -> int:
+    """The generation of ``split``'s neighbour index (0 where none or unreadable)."""
+    try:
+        index = read_index(db, split)
+    except UserError:
+        return 0
+    return index.generation if index is not None else 0
 
 
 def searched_runs(a: int, b: int, unread: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest, save_manifest
 from chunk_store.sharded_array import ShardedArray
 from chunk_store.framework.stage import CRASH_ENV
+from chunk_store.neighbour_shards import load_neighbours
 from tests.fixtures import full_manifest, random_text, write_corpus
 from index_builder.cli import main as cli
 
@@ -233,7 +234,7 @@ def test_add_then_update_every_stage(corpora, tmp_path: Path, tmp_path_factory, 
     grown, union = tmp_path / "grown", tmp_path / "union"
     assert cli(["chunk", "--input", str(a), "--out", str(grown), "--tokenizer", str(tok), *ARGS]) == 0
     _update(grown, bert)
-    old = {s: np.load(DBLayout(grown).neighbours(s)) for s in SPLITS}
+    old = {s: load_neighbours(grown, s)[0] for s in SPLITS}
     old_emb = np.load(DBLayout(grown).embedding_shard("train", 0))
     capsys.readouterr()
     assert cli(["add", "--db", str(grown), "--input", str(b)]) == 0
@@ -244,7 +245,7 @@ def test_add_then_update_every_stage(corpora, tmp_path: Path, tmp_path_factory, 
     assert m["stages"]["index"]["stats"]["added_without_training"] == m["counts"]["train"]["chunks"] - len(old["train"])
     assert np.array_equal(np.load(DBLayout(grown).embedding_shard("train", 0))[: len(old_emb)], old_emb)
     for s in SPLITS:  # the rows found before the add are kept as they were
-        new = np.load(DBLayout(grown).neighbours(s))
+        new = load_neighbours(grown, s)[0]
         assert new.shape == (m["counts"][s]["chunks"], 2) and np.array_equal(new[: len(old[s])], old[s])
     assert cli(["chunk", "--input", str(a), "--input", str(b), "--out", str(union), "--tokenizer", str(tok),
                 *ARGS]) == 0

@@ -13,6 +13,7 @@ import pytest
 from chunk_store import ChunkStore
 from chunk_store.layout import SPLITS
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import load_neighbours
 from index_builder.cli import main as cli
 from tests.fixtures import build_tiny_db, random_text, shared_tiny_bert, write_corpus
 
@@ -122,7 +123,7 @@ def test_knn_leaves_retrieval_only_rows_unsearched_and_every_other_row_as_a_full
     nb, nb_ref = np.asarray(got.neighbours), np.asarray(ref.neighbours)
     assert np.array_equal(nb[:n_old], nb_ref[:n_old])
     assert (nb[n_old:] == -1).all() and (nb_ref[n_old:] >= 0).any()
-    dist = np.load(db / "train" / "neighbour_distances.npy")
+    dist = load_neighbours(db, "train")[1]
     assert np.isinf(dist[n_old:]).all()
     assert np.array_equal(np.asarray(ChunkStore.open(db, "val").neighbours),
                           np.asarray(ChunkStore.open(full, "val").neighbours))

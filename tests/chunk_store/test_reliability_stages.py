@@ -12,6 +12,7 @@ import pytest
 
 from chunk_store.layout import DBLayout
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import read_index
 from tests.fixtures import run_cli, shared_db, shared_tiny_bert
 from index_builder.cli import main as cli
 from tests.fixtures import chunk_argv, outputs
@@ -52,25 +53,30 @@ def test_a_damaged_output_is_rebuilt_not_already_done(tmp_path, tmp_path_factory
     db = tmp_path / "db"
     shutil.copytree(shared_db(tmp_path_factory), db)
     paths = DBLayout(db)
-    good = {p: p.read_bytes() for p in (paths.neighbours("train"), paths.embedding_shard("train", 0))}
+
+    def first_shard() -> Path:  # knn's first neighbour shard (a rebuilt one gets the next generation's name)
+        return paths.neighbours_dir("train") / read_index(db, "train").shards[0].ids
+
     argv_knn = ["knn", "--db", db, "--k", 2, "--shard-size", 256, "--device", "cpu"]
     argv_embed = ["embed", "--db", db, "--embedder", shared_tiny_bert(tmp_path_factory), "--shard-size", 256,
                   "--tokenize-workers", 0, "--device", "cpu"]
-    for path, argv in ((paths.neighbours("train"), argv_knn), (paths.embedding_shard("train", 0), argv_embed)):
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) - 40])  # truncated
+    for path, argv, now in ((first_shard(), argv_knn, first_shard),
+                            (paths.embedding_shard("train", 0), argv_embed, lambda: paths.embedding_shard("train", 0))):
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) - 40])  # truncated
         capsys.readouterr()
         assert run_cli(argv) == 0
         assert "already done" not in capsys.readouterr().out
-        assert path.read_bytes() == good[path]
+        assert now().read_bytes() == good
     # the same size but a header that lies: rebuilt too
-    path = paths.neighbours("train")
-    data = bytearray(path.read_bytes())
+    path = first_shard()
+    good = path.read_bytes()
+    data = bytearray(good)
     data[8:20] = b"{'descr': 'x"
     path.write_bytes(bytes(data))
     assert run_cli(argv_knn) == 0
-    assert path.read_bytes() == good[path]
-    assert load_manifest(db)["stages"]["knn"]["files"]["train/neighbours.npy"] == len(good[path])
+    assert first_shard().read_bytes() == good
+    assert load_manifest(db)["stages"]["knn"]["files"][f"train/neighbours/{first_shard().name}"] == len(good)
 
 
 def test_embed_resumed_with_another_dtype_is_refused(tmp_path, tmp_path_factory, capsys):

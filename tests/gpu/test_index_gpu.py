@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chunk_store.layout import DBLayout
+from chunk_store.neighbour_shards import load_neighbours
 import numpy as np
 import pytest
 
@@ -54,7 +55,7 @@ def test_pipeline_on_cuda_uses_exact_knn_without_faiss_gpu(tmp_path, tmp_path_fa
     assert m["stages"]["knn"]["params"]["method"] == (
         "index" if faiss_gpu_available() and index_has_ivf(m) else "exact")
     docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
-    nb = np.load(db / "train" / "neighbours.npy")
+    nb = load_neighbours(db, "train")[0]
     ok = nb >= 0
     assert not (docs[np.where(ok, nb, 0)] == docs[:, None])[ok].any()
     r = Retriever.open(db, device="cuda")

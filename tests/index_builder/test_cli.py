@@ -6,9 +6,8 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import load_neighbours
 from tests.fixtures import shared_tiny_bert, stdlib_corpus
 
 
@@ -29,7 +28,7 @@ def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys)
     assert summary["index"]["recall"]["recall@2"] >= 0.9
     m = load_manifest(db)
     assert all(m["stages"][s]["finished"] for s in ("chunk", "embed", "index", "knn"))
-    nb = np.load(db / "train" / "neighbours.npy")
+    nb = load_neighbours(db, "train")[0]
     assert nb.shape == (m["counts"]["train"]["chunks"], 3)
 
     assert main(["info", "--db", str(db)]) == 0
@@ -52,9 +51,9 @@ def test_all_then_info_then_rerun_is_a_no_op(tmp_path, tmp_path_factory, capsys)
     assert found[0]["neighbours"][0]["chunk_id"] == 5 and len(found[0]["neighbours"]) == 2
     assert main(["search", "--db", str(db), "--k", "0", query]) == 2
 
-    mtime = (db / "train" / "neighbours.npy").stat().st_mtime_ns
+    mtime = (db / "train" / "neighbours" / "index.json").stat().st_mtime_ns
     assert main(argv) == 0  # everything already done: resumes to a no-op
-    assert (db / "train" / "neighbours.npy").stat().st_mtime_ns == mtime
+    assert (db / "train" / "neighbours" / "index.json").stat().st_mtime_ns == mtime
     # another k on the same DB is refused, naming both values
     p = subprocess.run([sys.executable, "-m", "index_builder", "knn", "--db", str(db), "--k", "2"],
                        capture_output=True, text=True)

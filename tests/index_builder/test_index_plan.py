@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from chunk_store.framework.errors import UserError
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import load_neighbours
 from index_builder.embed.stage import open_embeddings
 from index_builder.index.plan import KMEANS_SAMPLE_MAX, NLIST_MAX, choose_index, hnsw_bytes, parse_memory
 from index_builder.index.ivf_build import build_ivf, gather_rows, sample_ids, torch_kmeans
@@ -205,9 +206,9 @@ def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
     assert run_cli(["knn", "--db", exact_db, "--k", 2, "--device", "cpu", "--exact"]) == 0
     # the index's distances are SQ8 approximations: judge its neighbours by their true distances
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
-    ids = np.load(db / "train" / "neighbours.npy")
+    ids = load_neighbours(db, "train")[0]
     got = np.where(ids >= 0, ((emb[np.clip(ids, 0, None)] - emb[:, None, :]) ** 2).sum(-1), np.inf)
-    ref = np.load(exact_db / "train" / "neighbour_distances.npy")
+    ref = load_neighbours(exact_db, "train")[1]
     assert neighbour_recall(got, ref) >= 0.95
     capsys.readouterr()
     assert run_cli(["info", "--db", db, "--brief"]) == 0

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from chunk_store.layout import DBLayout
 from chunk_store.manifest import load_manifest
 from chunk_store.framework.stage import CRASH_ENV
+from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.knn.stage import _search_block, search_with_exclusion, select_neighbours, sequence_doc_ranges
 from tests.fixtures import build_index_db, run_cli, shared_db, shared_tiny_bert
@@ -191,8 +192,7 @@ def db(tmp_path_factory):
 
 def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
     train_docs = np.load(DBLayout(db).shard(0).doc_ids("train"))
-    nb = np.load(db / "train" / "neighbours.npy")
-    nd = np.load(db / "train" / "neighbour_distances.npy")
+    nb, nd = load_neighbours(db, "train")
     n = len(train_docs)
     assert nb.shape == (n, 2) and nb.dtype == np.int64 and nd.dtype == np.float32
     valid = nb >= 0
@@ -207,7 +207,7 @@ def test_no_neighbour_shares_its_chunks_document_and_val_points_into_train(db):
         got = nb[s:s + cps][valid[s:s + cps]]
         assert not seq_docs.intersection(train_docs[got].tolist())
     assert (np.diff(nd, axis=1) >= -1e-5).all()
-    vb = np.load(db / "val" / "neighbours.npy")
+    vb = load_neighbours(db, "val")[0]
     assert vb.shape[0] == len(np.load(DBLayout(db).shard(0).doc_ids("val")))
     assert ((vb >= 0) & (vb < n)).all()
     m = load_manifest(db)
@@ -241,10 +241,8 @@ def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_f
                     "--exact", "--exact-pass-rows", 400]) == 0
     assert load_manifest(exact_db)["stages"]["knn"]["params"]["method"] == "exact"
     for split in ("train", "val"):
-        a_i = np.load(db / split / "neighbours.npy")
-        b_i = np.load(exact_db / split / "neighbours.npy")
-        a_d = np.load(db / split / "neighbour_distances.npy")
-        b_d = np.load(exact_db / split / "neighbour_distances.npy")
+        a_i, a_d = load_neighbours(db, split)
+        b_i, b_d = load_neighbours(exact_db, split)
         np.testing.assert_allclose(a_d, b_d, rtol=1e-4, atol=1e-5)
         # identical ids except where distances tie
         differ = a_i != b_i
@@ -260,8 +258,8 @@ def test_exact_path_agrees_with_flat_index_and_kill9_resume(tmp_path, tmp_path_f
     save_manifest(again, m)
     assert run_cli(["knn", "--db", again, "--shard-size", 128, "--device", "cpu", "--k", 3]) == 0
     for split in ("train", "val"):
-        for name in ("neighbours.npy", "neighbour_distances.npy"):
-            assert (db / split / name).read_bytes() == (again / split / name).read_bytes()
+        for got, want in zip(load_neighbours(again, split), load_neighbours(db, split)):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.slow
@@ -287,8 +285,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tmp_path_factory):
     for split in ("train", "val"):
         for f in sorted((one / split / "embeddings").glob("*.npy")):
             assert f.read_bytes() == (two / split / "embeddings" / f.name).read_bytes()
-        for name in ("neighbours.npy", "neighbour_distances.npy"):
-            assert (one / split / name).read_bytes() == (two / split / name).read_bytes()
+        for got, want in zip(load_neighbours(two, split), load_neighbours(one, split)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_db_built_under_the_own_document_rule_redoes_knn(db, tmp_path):
@@ -301,8 +299,9 @@ def test_a_db_built_under_the_own_document_rule_redoes_knn(db, tmp_path):
     m = load_manifest(old)
     m["stages"]["knn"]["params"].pop("exclusion")
     save_manifest(old, m)
-    np.save(old / "train" / "neighbours.npy", np.zeros_like(np.load(old / "train" / "neighbours.npy")))
+    ids, dists = load_neighbours(old, "train")
+    write_neighbours(old, "train", np.zeros_like(ids), dists, shard_rows=len(ids))
     shard = load_manifest(old)["stages"]["knn"]["params"]["shard_size"]
     assert run_cli(["knn", "--db", old, "--device", "cpu", "--shard-size", shard]) == 0
     assert load_manifest(old)["stages"]["knn"]["params"]["exclusion"] == "sequence"
-    np.testing.assert_array_equal(np.load(old / "train" / "neighbours.npy"), np.load(db / "train" / "neighbours.npy"))
+    np.testing.assert_array_equal(load_neighbours(old, "train")[0], load_neighbours(db, "train")[0])

@@ -20,6 +20,7 @@ import pytest
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.knn.exclusion import exclusion_args, select_neighbours
 from index_builder.knn.incremental import coverage_after, merge_prefix, sort_candidates
 from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
@@ -43,7 +44,7 @@ def _grow(db: Path, bert: Path, n_docs: int, seed: int, *add_flags: str) -> None
 
 
 def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {s: (np.load(DBLayout(db).neighbours(s)), np.load(DBLayout(db).neighbour_distances(s))) for s in SPLITS}
+    return {s: load_neighbours(db, s) for s in SPLITS}
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +120,20 @@ def test_exclusions_hold_after_the_merge(grown, tmp_path) -> None:
     inc, full = _copy(db, tmp_path / "inc"), _copy(db, tmp_path / "full")
     # an old row whose stored list breaks the rule (itself, then a chunk of its own document):
     # the merge must not keep it, and searches that row again in full
-    path = DBLayout(inc).neighbours("train")
-    old = np.load(path)
+    old, old_d = load_neighbours(inc, "train")
     docs0 = np.asarray(ChunkStore.open(inc, "train").doc_ids)
     old[5, 0], old[5, 1] = 5, np.flatnonzero(docs0 == docs0[5])[0]
-    np.save(path, old)
+    write_neighbours(inc, "train", old, old_d, SHARD)
     assert run_cli(_knn(inc, "--refresh", "incremental")) == 0
     assert load_manifest(inc)["stages"]["knn"]["stats"]["refresh"]["stale_rows"] == 1
     assert run_cli(_knn(full, "--refresh", "full")) == 0
-    got, want = np.load(path)[5], np.load(DBLayout(full).neighbours("train"))[5]
-    np.testing.assert_allclose(np.load(DBLayout(inc).neighbour_distances("train"))[5],
-                               np.load(DBLayout(full).neighbour_distances("train"))[5], rtol=1e-4, atol=1e-5)
+    got, want = load_neighbours(inc, "train")[0][5], load_neighbours(full, "train")[0][5]
+    np.testing.assert_allclose(load_neighbours(inc, "train")[1][5], load_neighbours(full, "train")[1][5],
+                               rtol=1e-4, atol=1e-5)
     assert got[0] == want[0]
     store = ChunkStore.open(inc, "train")
     docs, starts = np.asarray(store.doc_ids), np.asarray(store.seq_starts)
-    nb = np.load(DBLayout(inc).neighbours("train"))
+    nb = load_neighbours(inc, "train")[0]
     content = store.content_mask()
     n = len(docs)
     valid = nb >= 0
@@ -217,8 +217,8 @@ def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path, point
     assert "incremental refresh" in p.stdout
     assert load_manifest(crashed)["stages"]["knn"]["params"]["refresh"] == "incremental"
     for s in SPLITS:
-        for name in ("neighbours.npy", "neighbour_distances.npy"):
-            assert (ref / s / name).read_bytes() == (crashed / s / name).read_bytes()
+        for got, want in zip(load_neighbours(crashed, s), load_neighbours(ref, s)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_plain_knn_after_add_then_refresh_merges_only_the_old_rows(grown, tmp_path) -> None:

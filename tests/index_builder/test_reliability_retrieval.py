@@ -38,7 +38,7 @@ def test_knn_and_the_retriever_skip_eos_and_padding_chunks(db):
     content = store.content_mask()
     empty = np.flatnonzero(~content)
     assert len(empty), "the fixture corpus has documents ending on a chunk boundary"
-    nb = np.load(store.paths.neighbours("train"))
+    nb = np.asarray(store.neighbours)
     assert content[nb[nb >= 0]].all()
     retriever = Retriever.open(db)
     queries = read_rows(open_embeddings(db, "train"), int(empty[0]), int(empty[0]) + 1)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunk_store.manifest import load_manifest
+from chunk_store.neighbour_shards import load_neighbours
 from index_builder.embed.stage import open_embeddings
 from index_builder.knn.rerank import (LOSSY_FACTOR, code_bytes, default_factor, pick_rows, release_pages, rerank,
                                   reranked, take_rows)
@@ -102,7 +103,7 @@ def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
     knn = load_manifest(db)["stages"]["knn"]["stats"]
     assert knn["rerank"] == LOSSY_FACTOR and knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
-    ids, dist = np.load(db / "train" / "neighbours.npy"), np.load(db / "train" / "neighbour_distances.npy")
+    ids, dist = load_neighbours(db, "train")
     true = np.where(ids >= 0, ((emb[np.clip(ids, 0, None)] - emb[:, None, :]) ** 2).sum(-1), np.inf)
     np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-5)
     assert run_cli(["knn", "--db", codes_only, "--k", 2, "--device", "cpu", "--threads", 2, "--rerank", 1]) == 0
@@ -115,7 +116,7 @@ def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
     assert run_cli(["knn", "--db", db, "--k", 3, "--device", "cpu", "--rerank", 2, "--refresh"]) == 0
     redone = load_manifest(db)["stages"]["knn"]
     assert redone["params"]["rerank"] == 2 and redone["stats"]["rerank"] == 2
-    assert np.load(db / "train" / "neighbours.npy").shape == (len(emb), 3)
+    assert load_neighbours(db, "train")[0].shape == (len(emb), 3)
 
 
 def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
