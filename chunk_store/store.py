@@ -126,21 +126,16 @@ class ChunkStore:
 
     def _visible(self, rows: np.ndarray) -> np.ndarray:
         """Token rows (..., chunk_size) -> (...) bool: the row holds a token with visible text."""
-        blank = self.blank_table()
-        return ~blank[np.clip(rows.astype(np.int64), 0, len(blank) - 1)].all(axis=-1)
+        return visible_rows(rows, self.blank_table())
 
     def content_of(self, ids: np.ndarray) -> np.ndarray:
         """:meth:`content_mask` at ``ids`` only (any shape, valid chunk ids), reading just those
         rows: a lookup that must not scan the whole split first (the Retriever)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not ids.size:
-            return np.zeros(ids.shape, dtype=bool)
-        rows = np.asarray(self.chunks[ids.reshape(-1)])
-        return self._visible(rows).reshape(ids.shape)
+        return self.content_lookup()[np.asarray(ids, dtype=np.int64)]
 
     def content_lookup(self) -> "ContentLookup":
         """``content_mask()``'s interface (``lookup[ids]``) read per lookup: see ContentLookup."""
-        return ContentLookup(self)
+        return ContentLookup.of(self)
 
     def text(self, chunk_id: int) -> str:
         """The decoded text of one chunk (pad dropped; EOS decodes to nothing)."""
@@ -299,19 +294,62 @@ class ChunkStore:
                 f"chunks={self.num_chunks}, seqs={self.num_seqs}, chunk_size={self.chunk_size})")
 
 
+def visible_rows(tokens: Any, blank: np.ndarray) -> np.ndarray:
+    """Token rows (..., chunk_size) -> (...) bool: the row holds a token with visible text
+    (``blank``: the tokenizer's (vocab,) table of tokens that decode to nothing visible)."""
+    rows = np.clip(np.asarray(tokens).astype(np.int64), 0, len(blank) - 1)
+    return ~blank[rows].all(axis=-1)
+
+
+BLOCK_ROWS = 1 << 16  # rows of chunk tokens read at a time for a slice of a ContentLookup
+
+
 class ContentLookup:
-    """``store.content_mask()[ids]`` without the mask: each lookup reads its ids' rows.
+    """Whether each chunk asked for holds visible text (ChunkStore.content_mask's rule), computed
+    from those chunks' tokens at each lookup: indexes like the (num_chunks,) bool mask it stands
+    for (an int, a slice, an integer array of any shape) without ever building it.
 
-    Why: the mask scans every chunk (minutes and N bytes of RAM at billions of chunks); a
-    query-time reader (the Retriever) asks about a few dozen candidates a query, and must start
-    in seconds whatever N (issue 24). Stateless: safe to share between threads."""
+    Why: the mask scans every chunk (minutes and N bytes of RAM at billions of chunks), while knn
+    asks about one batch's candidates and the Retriever about a few dozen a query, and both must
+    not hold O(database) arrays (issue 24). Stateless: safe to share between threads."""
 
-    def __init__(self, store: ChunkStore) -> None:
-        self.store = store
+    def __init__(self, chunks: Any, blank_ids: np.ndarray) -> None:
+        self.chunks = chunks
+        self.blank = np.asarray(blank_ids, dtype=bool)
+        self.shape = (int(chunks.shape[0]),)
+        self.dtype = np.dtype(bool)
+        self.ndim = 1
 
-    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
-        return self.store.content_of(ids)
+    @classmethod
+    def of(cls, store: "ChunkStore") -> "ContentLookup":
+        """The lookup of a ChunkStore split (its tokenizer's blank table computed once)."""
+        return cls(store.chunks, store.blank_table())
 
     def __len__(self) -> int:
-        return self.store.num_chunks
+        return self.shape[0]
 
+    def _visible(self, tokens: np.ndarray) -> np.ndarray:
+        return visible_rows(tokens, self.blank)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step, dtype=np.int64)]
+            out = np.empty(max(stop - start, 0), dtype=bool)
+            for a in range(start, stop, BLOCK_ROWS):  # blocks: memory flat in the slice
+                b = min(a + BLOCK_ROWS, stop)
+                out[a - start:b - start] = self._visible(self.chunks[a:b])
+            return out
+        if isinstance(key, (int, np.integer)):
+            return bool(self._visible(self.chunks[int(key)]))
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        # each distinct chunk read once, in row order (a batch's candidates repeat: neighbours of
+        # neighbouring chunks overlap), then spread back to the key's shape
+        rows, where = np.unique(key.reshape(-1).astype(np.int64), return_inverse=True)
+        return self._visible(self.chunks[rows])[where.reshape(-1)].reshape(key.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError("ContentLookup is read per batch of chunks; index it, do not materialise it")

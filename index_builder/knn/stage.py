@@ -58,7 +58,7 @@ from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
 from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_exclusion, select_neighbours,
                                         sequence_doc_ranges)
-from index_builder.knn.ranged_reads import ContentLookup, chunk_ranges_of
+from index_builder.knn.ranged_reads import chunk_ranges_of
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
 from index_builder.knn.search_choice import choose_for_db, device_search
@@ -227,7 +227,7 @@ class KnnStage(Stage[KnnConfig]):
         if sum(a.shape[0] for a in train_emb) != ntotal:
             raise UserError(f"knn: train has {ntotal} chunks but its embeddings have "
                             f"{sum(a.shape[0] for a in train_emb)} rows: re-run embed")
-        self.content = ContentLookup.of(train_store)  # EOS/padding-only: never a neighbour
+        self.content = train_store.content_lookup()  # EOS/padding-only: never a neighbour
         self.emb = {"train": train_emb}
         self.docs = {"train": self.train_docs}
         self.short_rows = 0

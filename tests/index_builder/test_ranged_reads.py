@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from chunk_store.sharded_array import ShardedArray
 from index_builder.knn.range_exclusion import chunk_ranges, doc_starts
-from index_builder.knn.ranged_reads import ContentLookup, chunk_ranges_of, sorted_search
+from chunk_store.store import ContentLookup
+from index_builder.knn.ranged_reads import chunk_ranges_of, sorted_search
 
 
 @settings(max_examples=60, deadline=None)
