@@ -201,3 +201,12 @@ def load_neighbours(db: str | os.PathLike, split: str) -> tuple[np.ndarray, np.n
 
 __all__ = ["INDEX_VERSION", "NeighbourIndex", "NeighbourShard", "load_neighbours", "open_neighbours",
            "read_index", "remove_unlisted", "shard_files", "whole_rows", "write_index", "write_neighbours"]
+
+
+def generation_of(db: Path, split: str) -> int:
+    """The generation of ``split``'s neighbour index (0 where none or unreadable)."""
+    try:
+        index = read_index(db, split)
+    except UserError:
+        return 0
+    return index.generation if index is not None else 0

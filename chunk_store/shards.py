@@ -283,3 +283,17 @@ def check_shard_dirs(db: Path, records: Sequence[dict[str, Any]]) -> None:
     for rec in records:
         if not (Path(db) / rec["dir"]).is_dir():
             raise UserError(f"corrupt {db}: shard {rec['dir']} is missing")
+
+
+def searched_runs(a: int, b: int, unread: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of rows [a, b) outside the ``unread`` ranges (sorted, disjoint): those knn searches."""
+    runs, pos = [], a
+    for lo, hi in unread:
+        if hi <= pos or lo >= b:
+            continue
+        if lo > pos:
+            runs.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < b:
+        runs.append((pos, b))
+    return runs

@@ -19,7 +19,7 @@ nprobe x N / nlist plus the quantizer for every row: linear in the added data, n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

@@ -164,3 +164,13 @@ def exclusion_args(is_train: bool, a: int, b: int, docs: np.ndarray, train_docs:
     ranges = sequence_doc_ranges(docs, np.zeros(0, np.int64) if seq_starts is None else seq_starts,
                                  chunks_per_seq, rows)
     return {"query_ids": rows, "db_docs": train_docs, "doc_ranges": ranges, "content": content}
+
+
+def search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,
+                  a: int, b: int, is_train: bool, docs: np.ndarray,
+                  train_docs: np.ndarray, seq_starts: np.ndarray | None = None,
+                  chunks_per_seq: int = 1, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
+    chunk of only EOS and padding."""
+    return search_with_exclusion(search, queries, k, extra, ntotal, **exclusion_args(
+        is_train, a, b, docs, train_docs, seq_starts, chunks_per_seq, content))

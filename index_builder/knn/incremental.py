@@ -17,7 +17,7 @@ exclusion, method, re-rank and recall target, and (index method) the same traine
 ``add`` (not retrained by ``index --rebuild``); else, or for a database without a coverage record,
 ``--refresh`` (auto) re-searches every row and says why (:func:`decide`).
 
-Exclusions: the new candidates go through the stage's own rule (``_search_block``:
+Exclusions: the new candidates go through the stage's own rule (``search_block``:
 index_builder.knn.exclusion), and the merged list goes through it once more, so no row keeps a
 chunk of its own training sequence's documents, itself, or a blank chunk. Distances: the stored
 ones may be a lossy index's code approximations (SQ/PQ without re-rank) or faiss's flat

@@ -40,11 +40,11 @@ import numpy as np
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
 from chunk_store.manifest import check_params
-from chunk_store.neighbour_shards import open_neighbours, read_index, shard_files, whole_rows
+from chunk_store.neighbour_shards import generation_of, open_neighbours, read_index, shard_files, whole_rows
 from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
-from chunk_store.shards import retrieval_only_ranges
+from chunk_store.shards import retrieval_only_ranges, searched_runs
 from chunk_store.store import ChunkStore
 from index_builder.embed.stage import (npy_header_ok, num_chunks, open_embeddings, read_rows,
                                  shard_ranges)
@@ -56,8 +56,8 @@ from index_builder.knn.incremental import (MODES, coverage_after, decide, index_
                                           merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
-from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_with_exclusion, select_neighbours,
-                                        sequence_doc_ranges)
+from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_block, search_with_exclusion,
+                                        select_neighbours, sequence_doc_ranges)
 from index_builder.knn.ranged_reads import chunk_ranges_of
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
@@ -110,7 +110,7 @@ class KnnStage(Stage[KnnConfig]):
                 "refresh": "full" if cfg.refresh else "new_rows", "rows_before": None,
                 # each split's neighbour-index generation when this run started (kept by a resumed
                 # run): a higher one on disk was written by this run (begin())
-                "generations_before": {s: _generation(self.db, s) for s in SPLITS}}
+                "generations_before": {s: generation_of(self.db, s) for s in SPLITS}}
 
     def check(self, recorded: dict[str, Any], params: dict[str, Any], manifest: dict[str, Any]) -> None:
         """After ``add`` the index grew (another index_id): the neighbours already found under
@@ -155,7 +155,7 @@ class KnnStage(Stage[KnnConfig]):
         # a split whose neighbour index this very run wrote before a crash: its rows are done
         # (merging the added chunks into them again would list those chunks twice)
         before = manifest.get("stages", {}).get(self.name, {}).get("params", {}).get("generations_before") or {}
-        self.written_splits = {s for s in SPLITS if s in before and _generation(self.db, s) > int(before[s])}
+        self.written_splits = {s for s in SPLITS if s in before and generation_of(self.db, s) > int(before[s])}
         self.counts = {"searched_queries": 0, "merged_queries": 0, "added_vectors_scanned": 0,
                        "merge_seconds": 0.0, "search_seconds": 0.0}
 
@@ -348,7 +348,7 @@ class KnnStage(Stage[KnnConfig]):
             if split == "train" and self.range_search is not None and search in (None, self.search):
                 got = self._final_train(self.search, q, np.arange(ra, rb, dtype=np.int64), self.range_search)
             else:
-                got = _search_block(search or self.search, q, self.cfg.k, self.cfg.extra,
+                got = search_block(search or self.search, q, self.cfg.k, self.cfg.extra,
                                     self.ntotal, ra, rb, split == "train", docs, self.train_docs,
                                     self.train_seq_starts, self.chunks_per_seq, self.content)
             ids[ra - a:rb - a], dists[ra - a:rb - a] = got
@@ -387,7 +387,7 @@ class KnnStage(Stage[KnnConfig]):
         new_i, new_d = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
         for r0, r1, t in row_starts(self.merge[split][1], a, b):
             rows = slice(r0 - a, r1 - a)
-            new_i[rows], new_d[rows] = _search_block(
+            new_i[rows], new_d[rows] = search_block(
                 self.added.search(t), queries[rows], k, self.cfg.extra, self.ntotal - t, r0, r1,
                 split == "train", docs, self.train_docs, self.train_seq_starts, self.chunks_per_seq, self.content)
         rule = exclusion_args(split == "train", a, b, docs, self.train_docs, self.train_seq_starts,
@@ -496,37 +496,3 @@ SHARED_OPTIONS = ("device", "shard_size", "threads")
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The CLI entry: ``retro-build-index knn``."""
     return run_stage(KnnStage(args.db, config_from_args(KnnConfig, args)))
-
-
-def _generation(db: Path, split: str) -> int:
-    """The generation of ``split``'s neighbour index (0 where none or unreadable)."""
-    try:
-        index = read_index(db, split)
-    except UserError:
-        return 0
-    return index.generation if index is not None else 0
-
-
-def searched_runs(a: int, b: int, unread: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The runs of rows [a, b) outside the ``unread`` ranges (sorted, disjoint): those knn searches."""
-    runs, pos = [], a
-    for lo, hi in unread:
-        if hi <= pos or lo >= b:
-            continue
-        if lo > pos:
-            runs.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < b:
-        runs.append((pos, b))
-    return runs
-
-
-def _search_block(search: SearchFn, queries: np.ndarray, k: int, extra: int, ntotal: int,
-                  a: int, b: int, is_train: bool, docs: np.ndarray,
-                  train_docs: np.ndarray, seq_starts: np.ndarray | None = None,
-                  chunks_per_seq: int = 1, content: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Train rows: no self, nothing from a document of the row's training sequence; no row gets a
-    chunk of only EOS and padding."""
-    return search_with_exclusion(search, queries, k, extra, ntotal, **exclusion_args(
-        is_train, a, b, docs, train_docs, seq_starts, chunks_per_seq, content))
-

@@ -132,7 +132,7 @@ def test_knn_leaves_retrieval_only_rows_unsearched_and_every_other_row_as_a_full
 
 
 def test_searched_runs_is_the_complement_of_the_unread_ranges() -> None:
-    from index_builder.knn.stage import searched_runs
+    from chunk_store.shards import searched_runs
 
     rng = np.random.default_rng(0)
     for _ in range(300):

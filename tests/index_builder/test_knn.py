@@ -19,7 +19,7 @@ from chunk_store.manifest import load_manifest
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
-from index_builder.knn.stage import _search_block, search_with_exclusion, select_neighbours, sequence_doc_ranges
+from index_builder.knn.stage import search_block, search_with_exclusion, select_neighbours, sequence_doc_ranges
 from tests.fixtures import build_index_db, run_cli, shared_db, shared_tiny_bert
 
 
@@ -91,7 +91,7 @@ def test_sequence_exclusion_matches_a_brute_force_reference(seed, k, extra, doc_
 
     a = int(rng.integers(0, n))
     b = int(rng.integers(a + 1, n + 1))
-    ids, dist = _search_block(search, xb[a:b], k, extra, n, a, b, True, docs, docs, starts, cps)
+    ids, dist = search_block(search, xb[a:b], k, extra, n, a, b, True, docs, docs, starts, cps)
     full_i, _ = search(xb[a:b], n)
     for row, chunk in enumerate(range(a, b)):
         banned = {int(docs[chunk])}

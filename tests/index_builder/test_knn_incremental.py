@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,24 +23,7 @@ from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.knn.exclusion import exclusion_args, select_neighbours
 from index_builder.knn.incremental import coverage_after, merge_prefix, sort_candidates
 from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
-
-SHARD = 64
-
-
-def _knn(db: Path, *extra: object) -> list[object]:
-    return ["knn", "--db", db, "--k", 3, "--shard-size", SHARD, "--device", "cpu", *extra]
-
-
-def _grow(db: Path, bert: Path, n_docs: int, seed: int, *add_flags: str) -> None:
-    """add n_docs new documents, embed them, add them to the index (no knn)."""
-    rng = random.Random(seed)
-    corpus = db.parent / f"more-{seed}"
-    write_corpus(corpus, [random_text(rng) for _ in range(n_docs)])
-    assert run_cli(["add", "--db", db, "--input", corpus, *add_flags]) == 0
-    assert run_cli(["embed", "--db", db, "--embedder", bert, "--shard-size", SHARD, "--tokenize-workers", 0,
-                    "--device", "cpu"]) == 0
-    assert run_cli(["index", "--db", db, "--recall-sample", 50, "--index-key", "Flat"]) == 0
-
+from tests.fixtures.knn_grown import SHARD, copy_db as _copy, grow as _grow, grown_db, knn_argv as _knn
 
 def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: load_neighbours(db, s) for s in SPLITS}
@@ -49,20 +31,7 @@ def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory) -> tuple[Path, int]:
-    """DB A (Flat index, knn k=3), then B added, embedded and indexed; the old train size."""
-    root = tmp_path_factory.mktemp("incr")
-    bert = shared_tiny_bert(tmp_path_factory)
-    db = build_index_db(root / "db", bert, n_docs=10, shard_size=SHARD, index_key="Flat",
-                        stages=("embed", "index"))
-    assert run_cli(_knn(db)) == 0
-    n_old = load_manifest(db)["counts"]["train"]["chunks"]
-    _grow(db, bert, 4, seed=5)
-    return db, n_old
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
+    return grown_db(tmp_path_factory)
 
 
 def test_incremental_equals_full_refresh_and_counts_the_added_data(grown, tmp_path) -> None:

@@ -19,10 +19,12 @@ from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest
 from chunk_store.neighbour_shards import load_neighbours, read_index
 from tests.fixtures import run_cli
-from tests.index_builder import test_knn_incremental as incremental
-from tests.index_builder.test_knn_incremental import SHARD, _copy, _knn
+from tests.fixtures.knn_grown import SHARD, copy_db as _copy, grown_db, knn_argv as _knn
 
-grown = incremental.grown  # the fixture: a knn'd DB, then data added, embedded and indexed
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> tuple[Path, int]:
+    """A knn'd DB, then data added, embedded and indexed; the old train size."""
+    return grown_db(tmp_path_factory)
 
 
 def _files(db: Path) -> dict[str, tuple[bytes, int]]:
