@@ -11,8 +11,9 @@
     DB/<split>/embeddings/NNNNNN.npy       float16 embedding shards (embed)
     DB/<split>/knn_shards/ids_NNNNNN.npy   neighbour shards before assembly (knn's work folder)
                                    (merged_ids_NNNNNN.npy: old rows merged by knn --refresh)
-    DB/<split>/neighbours.npy      (num_chunks, k) train chunk ids, -1 where none (knn)
-    DB/<split>/neighbour_distances.npy
+    DB/<split>/neighbours/index.json, ids_NNNNNN.gG.npy, dist_NNNNNN.gG.npy   knn's neighbours,
+                                   a pair of files a shard of rows (chunk_store.neighbour_shards);
+                                   DB/<split>/neighbours.npy + neighbour_distances.npy in older DBs
     DB/index/knn.index, DB/index/index_infos.json   the faiss index and autofaiss's report
     DB/index/trained.index, part-NNNNN.{ivfdata,ivflists,json}   an IVF index as parts instead
                                    (index_infos.json lists the parts: index_builder.index.parts)
