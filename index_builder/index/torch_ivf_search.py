@@ -186,10 +186,14 @@ def plan_groups(sizes: np.ndarray, counts: np.ndarray, row_starts: np.ndarray, p
 class TorchIVFSearch:
     """k-NN of queries in the IVF's lists, computed with torch on ``cfg.device`` (module doc)."""
 
-    def __init__(self, index: Any, shards: Sequence[np.ndarray], cfg: TorchIVFConfig = TorchIVFConfig()) -> None:
+    def __init__(self, index: Any, shards: Sequence[np.ndarray], cfg: TorchIVFConfig = TorchIVFConfig(),
+                 valid: Any = None) -> None:
+        """``valid``: which rows any query may return, indexed by row ids (a (n,) bool array, or
+        chunk_store.store.ContentLookup, read for each block's rows as the block is loaded: no
+        DB-wide mask is built); applied when a search passes ``valid=True``."""
         import torch
 
-        self.index, self.ivf, self.cfg = index, ivf_of(index), cfg
+        self.index, self.ivf, self.cfg, self.valid = index, ivf_of(index), cfg, valid
         self.lists = read_ivf_lists(index)
         self.shards = list(shards)
         ntotal = sum(int(s.shape[0]) for s in self.shards)
@@ -214,7 +218,7 @@ class TorchIVFSearch:
 
     def _block(self, l0: int, l1: int) -> tuple[torch.Tensor, ...]:
         """Rows of lists [l0, l1) on the device: (vectors in the GEMM dtype, fp32 squared norms,
-        global ids, vectors as stored: what the fp32 re-score reads); cached when one block holds
+        global ids, vectors as stored: what the fp32 re-score reads, the rows' validity or None); cached when one block holds
         the whole database."""
         import torch
 
@@ -236,13 +240,14 @@ class TorchIVFSearch:
             vecs[a:b], norms[a:b] = p32.to(self.dtype), (p32 * p32).sum(1)
             if keep_stored:
                 stored[a:b] = piece
-        block = (vecs, norms, torch.from_numpy(ids).to(dev), stored)
+        ok = None if self.valid is None else torch.as_tensor(np.asarray(self.valid[ids], dtype=bool)).to(dev)
+        block = (vecs, norms, torch.from_numpy(ids).to(dev), stored, ok)
         if len(self.blocks) == 1:
             self._resident = block
         return block
 
     def search(self, queries: np.ndarray, c: int, exclude: np.ndarray | None = None,
-               valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               valid: np.ndarray | bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (q, c), squared L2 float32 (q, c)) of each query's c nearest rows in its
         nprobe nearest lists; -1 / inf where fewer. Ties keep the lower row id.
 
@@ -262,7 +267,11 @@ class TorchIVFSearch:
             qt = torch.from_numpy(q).to(dev)
             q_norm = (qt * qt).sum(1)
             ex = None if exclude is None else torch.as_tensor(np.asarray(exclude, dtype=np.int64)).to(dev)
-            ok = None if valid is None else torch.as_tensor(np.asarray(valid, dtype=bool)).to(dev)
+            if valid is True and self.valid is None:
+                raise ValueError("valid=True needs the validity given at construction")
+            # valid=True: each block's own rows' validity (read with the block); an array: all rows'
+            ok = None if valid is None or valid is True else torch.as_tensor(np.asarray(valid, dtype=bool)).to(dev)
+            per_block = valid is True
             best_d = torch.full((nq, c), float("inf"), device=dev)
             best_i = torch.full((nq, c), -1, dtype=torch.long, device=dev)
             qb = max(1, min(self.cfg.query_block, self.cfg.batch_elems // (nprobe * c)))
@@ -271,7 +280,7 @@ class TorchIVFSearch:
                 for b0 in range(0, nq, qb):
                     b1 = min(nq, b0 + qb)
                     d, i = self._search_lists(l0, l1, block, qt[b0:b1], q_norm[b0:b1], probe[b0:b1], c,
-                                              None if ex is None else ex[b0:b1], ok)
+                                              None if ex is None else ex[b0:b1], ok, per_block)
                     best_d[b0:b1], best_i[b0:b1] = _merge(best_d[b0:b1], best_i[b0:b1], d, i, c)
             best_i[torch.isinf(best_d)] = -1
             return best_i.cpu().numpy(), best_d.cpu().numpy()
@@ -286,11 +295,13 @@ class TorchIVFSearch:
 
     def _search_lists(self, l0: int, l1: int, block: tuple[torch.Tensor, ...],
                       qt: torch.Tensor, q_norm: torch.Tensor, probe: torch.Tensor, c: int,
-                      ex: torch.Tensor | None, ok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates (q, nprobe x c) of queries ``qt`` among the lists [l0, l1) they probe."""
+                      ex: torch.Tensor | None, ok: torch.Tensor | None,
+                      per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates (q, nprobe x c) of queries ``qt`` among the lists [l0, l1) they probe; rows
+        masked by ``ok`` (indexed by global id) or, with ``per_block``, by the block's own mask."""
         import torch
 
-        vecs, v_norm, gids, stored = block
+        vecs, v_norm, gids, stored, block_ok = block
         nq, nprobe = probe.shape
         dev = qt.device
         cand_d = torch.full((nq, nprobe, c), float("inf"), device=dev)
@@ -324,7 +335,9 @@ class TorchIVFSearch:
             dist = q_norm[pq][:, :, None] + v_norm[rows][:, None, :] - 2.0 * dots
             g_ids = gids[rows]  # (G, N) global row ids
             bad = ~row_ok[:, None, :] | ~pair_ok[:, :, None]
-            if ok is not None:
+            if per_block:
+                bad = bad | ~block_ok[rows][:, None, :]
+            elif ok is not None:
                 bad = bad | ~ok[g_ids][:, None, :]
             if ex is not None:
                 rng = ex[pq]  # (G, M, 2)

@@ -121,7 +121,7 @@ class DeviceSearch:
 
 
 def device_search(method: str, index: Any, shards: Sequence[np.ndarray], device: str,
-                  content: np.ndarray | None, say: Callable[[str], None] = print) -> DeviceSearch | None:
+                  content: Any, say: Callable[[str], None] = print) -> DeviceSearch | None:
     """The search functions for ``method`` over the loaded CPU ``index`` (None for "index"/"exact").
 
     Both read nprobe from the CPU index at each call, so the stage's recall tuner, which sets it
@@ -138,13 +138,13 @@ def device_search(method: str, index: Any, shards: Sequence[np.ndarray], device:
             return DeviceSearch(gpu, None, "faiss-gpu")
     if ivf_of(index) is None:
         raise UserError("knn: the torch IVF search needs an IVF index; this DB's index has no inverted lists")
-    tivf = TorchIVFSearch(index, shards, TorchIVFConfig(device=device))
+    tivf = TorchIVFSearch(index, shards, TorchIVFConfig(device=device), valid=content)
 
     def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
         return tivf.search(q, c)
 
     def range_search(q: np.ndarray, ranges: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-        return tivf.search(q, c, exclude=ranges, valid=content)
+        return tivf.search(q, c, exclude=ranges, valid=None if content is None else True)
 
     return DeviceSearch(search, range_search, "torch-ivf")
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from chunk_store.framework.errors import UserError
+from chunk_store.neighbour_shards import load_neighbours
 from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.torch_ivf_search import TorchIVFConfig, TorchIVFSearch, list_blocks, plan_groups
 from index_builder.knn.search_choice import EXACT_MAX_NND, choose_search, exact_is_small
@@ -194,11 +195,9 @@ def test_knn_stage_torch_ivf_equals_the_faiss_ivf_path(tmp_path, tmp_path_factor
     exact = tmp_path / "exact"  # and the lists matter: the exact pass finds nearer neighbours
     shutil.copytree(ours, exact, ignore=shutil.ignore_patterns("neighbour*"))
     assert run_cli(["knn", "--db", exact, *common, "--exact", "--refresh", "full"]) == 0
-    assert (np.load(exact / "train" / "neighbour_distances.npy")
-            < np.load(ours / "train" / "neighbour_distances.npy") - 1e-4).any()
+    assert (load_neighbours(exact, "train")[1] < load_neighbours(ours, "train")[1] - 1e-4).any()
     for split in ("train", "val"):
-        a_i, b_i = (np.load(p / split / "neighbours.npy") for p in (db, ours))
-        a_d, b_d = (np.load(p / split / "neighbour_distances.npy") for p in (db, ours))
+        (a_i, a_d), (b_i, b_d) = (load_neighbours(p, split) for p in (db, ours))
         np.testing.assert_allclose(a_d, b_d, rtol=1e-4, atol=1e-4)
         assert ((a_i == b_i) | np.isclose(a_d, b_d, rtol=1e-4, atol=1e-4)).all()
 
