@@ -7,23 +7,20 @@ work recorded is the added data's (old rows x added chunks), not the database's.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.layout import SPLITS, DBLayout
 from chunk_store.manifest import load_manifest
 from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.knn.exclusion import exclusion_args, select_neighbours
 from index_builder.knn.incremental import coverage_after, merge_prefix, sort_candidates
 from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
-from tests.fixtures.knn_grown import SHARD, copy_db as _copy, grow as _grow, grown_db, knn_argv as _knn
+from tests.fixtures.knn_grown import SHARD, copy_db as _copy, grow as _grow, grown_db, kill_at, knn_argv as _knn
 
 def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: load_neighbours(db, s) for s in SPLITS}
@@ -175,9 +172,7 @@ def test_kill9_mid_merge_then_resume_gives_the_same_bytes(grown, tmp_path, point
     db, _ = grown
     ref, crashed = _copy(db, tmp_path / "ref"), _copy(db, tmp_path / "crashed")
     assert run_cli(_knn(ref, "--refresh")) == 0
-    cmd = [sys.executable, "-m", "index_builder", *map(str, _knn(crashed, "--refresh"))]
-    p = subprocess.run(cmd, env=dict(os.environ, **{CRASH_ENV: f"knn:{point}"}), capture_output=True, text=True)
-    assert p.returncode == -9, p.stderr[-2000:]
+    cmd = kill_at(_knn(crashed, "--refresh"), f"knn:{point}")
     merged = len(list((crashed / "train" / "knn_shards").glob("merged_ids_*.npy")))
     assert merged == 1 if point == "1" else merged > 1
     p = subprocess.run(cmd, capture_output=True, text=True)
