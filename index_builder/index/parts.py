@@ -290,3 +290,45 @@ def open_part(paths: DBLayout, part: PartRecord, ivf: Any) -> Any:
         raise UserError(f"index part {lists_path} does not fit {paths.index_trained} or its record "
                         "(delete DB/index and re-run index)")
     return lists
+
+
+# ----------------------------------------------------------------------------- codes of added rows
+
+CODEC_SAMPLE = 2048  # rows a side the codec check encodes
+CODEC_WARN_RATIO = 10.0  # added rows' error over the old rows': past this, `index --rebuild` pays
+
+
+def codec_error(index: Any, x: np.ndarray) -> float:
+    """Mean squared error of ``x`` (n, dim) encoded and decoded by the trained ``index`` (its
+    quantizer, codec and transforms: faiss's standalone codec, ``sa_encode`` / ``sa_decode``)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return float(((index.sa_decode(index.sa_encode(x)) - x) ** 2).sum(1).mean())
+
+
+def added_codec_check(paths: DBLayout, shards: Sequence[np.ndarray], new: Sequence[PartRecord],
+                      seed: int = 0) -> dict[str, Any] | None:
+    """How well the codes trained before an ``add`` hold the added rows (the ``new`` parts): the
+    codec's error on a sample of the added rows against one of the rows before them (None: no add).
+
+    Why: ``add`` never retrains. An SQ8 codec by residual learns its ranges from the training
+    sample's residuals; rows from another distribution (a new corpus, new topics) fall outside
+    them and are clipped, and a search ranks them by distances off by that error. Measured on a
+    16-d test DB: the added rows' error 1,400x the old rows', knn's recall@2 0.99 -> 0.77."""
+    import faiss
+
+    n_old, n_new = (new[0].first, new[-1].stop) if new else (0, 0)
+    if n_old <= 0 or n_new <= n_old:
+        return None
+    index = faiss.read_index(str(paths.index_trained))
+    rng = np.random.default_rng(seed)
+    errors = []
+    for a, b in ((0, n_old), (n_old, n_new)):
+        rows = np.sort(rng.choice(np.arange(a, b), min(CODEC_SAMPLE, b - a), replace=False))
+        errors.append(codec_error(index, np.stack([read_rows(shards, int(i), int(i) + 1)[0] for i in rows])))
+    ratio = errors[1] / max(errors[0], 1e-12)
+    check = {"old_rows_error": errors[0], "added_rows_error": errors[1], "ratio": round(ratio, 2),
+             "rebuild_advised": ratio > CODEC_WARN_RATIO}
+    if check["rebuild_advised"]:
+        print(f"index: the added rows' codes are {ratio:.0f}x less accurate than the old rows' (codec trained "
+              "before the add; search recall suffers): run `retro-build-index index --rebuild`", file=sys.stderr)
+    return check

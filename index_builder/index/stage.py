@@ -205,8 +205,7 @@ class IndexStage(Stage[IndexConfig]):
         (index_builder.index.update); ``--rebuild`` trains a new one."""
         self.update = False
         if not recorded.get("finished"):
-            # a parts index named in index_infos is whole (its list is written last): a run that
-            # stopped while adding to it resumes the add, not a new build
+            # a listed parts index is whole (its list is written last): a stopped add resumes as an add
             listed = index_parts.listed_parts(self.paths)
             if listed and not self.cfg.rebuild and index_parts.has_index(self.paths):
                 check_params(recorded.get("params"), params, self.name,
@@ -395,8 +394,7 @@ class IndexStage(Stage[IndexConfig]):
         if not hasattr(self, "threads"):  # rank 0 had no unit to compute (a resumed run)
             self.setup()
         self.build_seconds = getattr(self, "build_seconds", 0.0)
-        torch.set_num_threads(self.threads)
-        faiss.omp_set_num_threads(self.threads)
+        torch.set_num_threads(self.threads), faiss.omp_set_num_threads(self.threads)
         loaded = load_index(self.db)
         sample = int(self.cfg.recall_sample or 1000)
         from index_builder.knn.rerank import default_factor
@@ -419,14 +417,14 @@ class IndexStage(Stage[IndexConfig]):
             "use_gpu": self.use_gpu,
             "opq_shim": self.shim,
             "added_without_training": getattr(self, "added", None),
+            "added_codec_check": getattr(self, "codec_check", None),
             "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
                                                                       "reason": "--index-key or --distributed"},
             "build": getattr(self, "build_stats", None) or {},
         }
 
     def _write_parts_list(self) -> None:
-        """index_infos.json naming the listed parts and this run's new ones (rank 0, every part
-        whole); then the single file an earlier build left is no longer the index."""
+        """index_infos.json naming the listed parts and this run's new ones (rank 0, all whole)."""
         import faiss
 
         listed, new = index_parts.next_parts(self.paths, num_chunks(self.db, load_manifest(self.db), "train"),
@@ -436,6 +434,8 @@ class IndexStage(Stage[IndexConfig]):
             "index_param": fixed_search_params(faiss.read_index(str(self.paths.index_trained)))}
         index_parts.commit_parts(self.paths, listed, new, infos)
         self.added = sum(p.count for p in new) if listed else None
+        train = open_embeddings(self.db, "train")
+        self.codec_check = index_parts.added_codec_check(self.paths, train, new if listed else [])
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and

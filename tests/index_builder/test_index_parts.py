@@ -177,6 +177,7 @@ def test_stage_add_writes_a_new_part_and_a_crash_mid_add_leaves_the_db_whole(tmp
     assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
     stats = load_manifest(db)["stages"]["index"]["stats"]
     assert stats["ntotal"] == n_new and stats["added_without_training"] == n_new - n_old
+    assert set(stats["added_codec_check"]) == {"old_rows_error", "added_rows_error", "ratio", "rebuild_advised"}
     assert stats["parts"] == len(grown)
     # the grown index answers as the trained index filled in one piece over every row
     shards = open_embeddings(db, "train")
@@ -246,6 +247,9 @@ def test_knn_refresh_after_a_new_part_merges_the_added_chunks_only(tmp_path):
     assert run_cli([*knn, "--refresh", "incremental"]) == 0
     assert run_cli([*knn[:2], full, *knn[3:], "--refresh", "full"]) == 0
     assert run_cli([*knn[:2], exact, *knn[3:], "--refresh", "full", "--exact"]) == 0
+    # the codes trained before the add hold the added rows far worse (their residuals clip): said
+    check = load_manifest(db)["stages"]["index"]["stats"]["added_codec_check"]
+    assert check["added_rows_error"] > 10 * check["old_rows_error"] and check["rebuild_advised"]
     refresh = load_manifest(db)["stages"]["knn"]["stats"]["refresh"]
     assert refresh["mode"] == "incremental" and refresh["added_chunks"]["train"] == n_new - n_old
     (inc, inc_d), (ful, ful_d), (ref, ref_d) = (load_neighbours(x, "train") for x in (db, full, exact))
@@ -257,3 +261,22 @@ def test_knn_refresh_after_a_new_part_merges_the_added_chunks_only(tmp_path):
     # as good as the full re-search (this tiny grown DB's SQ8 codes, trained before the add,
     # cap both: about 0.84 here)
     assert recall(inc_d) >= recall(ful_d) - 0.03 and recall(inc_d) > 0.5
+
+
+def test_the_codec_check_tells_rows_the_codes_hold_from_rows_they_clip(tmp_path):
+    """added_codec_check: rows from the training distribution score about the old rows' error;
+    rows far outside the ranges the SQ8 codec learnt score far worse and advise a rebuild."""
+    shards = clustered_shards(tmp_path / "emb", [2000])
+    paths = trained(tmp_path, shards)
+    rng = np.random.default_rng(5)
+    x = read_rows(shards, 0, 2000)
+    same = x[rng.permutation(2000)[:500]] + 0.01 * rng.standard_normal((500, DIM)).astype(np.float32)
+    far = 4.0 * x[:500]  # residuals several times any the codec trained on
+    for name, extra, advised in (("same", same, False), ("far", far, True)):
+        path = tmp_path / f"grown-{name}.npy"  # the old rows, then the added ones, as embed stores them
+        np.save(path, np.concatenate([x, extra]).astype(np.float16))
+        grown = [np.load(path, mmap_mode="r")]
+        check = index_parts.added_codec_check(paths, grown, [PartRecord(1, 2000, 500)])
+        assert check["rebuild_advised"] == advised, check
+    assert index_parts.added_codec_check(paths, shards, []) is None
+
