@@ -54,18 +54,26 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from retro import RETRO, RetroConfig
 from retro.distributed import setup, wrap_model
 from retro.materialize import materialize, on_meta
-cfg = RetroConfig(**%r)
-info = setup("cpu")
-model = on_meta(lambda: RETRO(cfg))
-wrap_model(model, info, fsdp=True, cpu_offload=sys.argv[1] == "offload")
-materialize(model, info.device, seed=11)
-local = sum(p.to_local().numel() for p in model.parameters())
-full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-torch.manual_seed(11)
-eager = RETRO(cfg).state_dict()
-ok = full.keys() == eager.keys() and all(torch.equal(full[k], eager[k]) for k in eager)
-print(f"rank={info.rank} equal={ok} local={local} total={sum(p.numel() for p in model.parameters())}", flush=True)
-dist.destroy_process_group()
+from retro.distributed import exit_process, teardown
+
+
+def main() -> int:  # ended by exit_process: a rank never aborts in interpreter finalization (issue 22)
+    cfg = RetroConfig(**%r)
+    info = setup("cpu")
+    model = on_meta(lambda: RETRO(cfg))
+    wrap_model(model, info, fsdp=True, cpu_offload=sys.argv[1] == "offload")
+    materialize(model, info.device, seed=11)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    torch.manual_seed(11)
+    eager = RETRO(cfg).state_dict()
+    ok = full.keys() == eager.keys() and all(torch.equal(full[k], eager[k]) for k in eager)
+    print(f"rank={info.rank} equal={ok} local={local} total={sum(p.numel() for p in model.parameters())}", flush=True)
+    teardown()
+    return 0
+
+
+exit_process(main)
 '''
 
 
