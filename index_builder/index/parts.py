@@ -319,12 +319,14 @@ def added_codec_check(paths: DBLayout, shards: Sequence[np.ndarray], new: Sequen
     n_old, n_new = (new[0].first, new[-1].stop) if new else (0, 0)
     if n_old <= 0 or n_new <= n_old:
         return None
+    from index_builder.index.ivf_build import gather_rows  # the sampled-rows reader the k-means uses
+
     index = faiss.read_index(str(paths.index_trained))
     rng = np.random.default_rng(seed)
     errors = []
     for a, b in ((0, n_old), (n_old, n_new)):
         rows = np.sort(rng.choice(np.arange(a, b), min(CODEC_SAMPLE, b - a), replace=False))
-        errors.append(codec_error(index, np.stack([read_rows(shards, int(i), int(i) + 1)[0] for i in rows])))
+        errors.append(codec_error(index, gather_rows(shards, rows)))
     ratio = errors[1] / max(errors[0], 1e-12)
     check = {"old_rows_error": errors[0], "added_rows_error": errors[1], "ratio": round(ratio, 2),
              "rebuild_advised": ratio > CODEC_WARN_RATIO}
