@@ -33,4 +33,22 @@ def apply_search_params(index: Any, param: str | None, *, strict: bool = True, w
     return True
 
 
-__all__ = ["apply_search_params"]
+def drop_pq_table(index: Any) -> None:
+    """Free an IVF-PQ index's precomputed distance table and search without it.
+
+    faiss's reader rebuilds the table on load even for an ``np`` key (the flag is not stored):
+    nlist x M x 256 floats, 805 MB at 8,192 lists x PQ96 (16M chunks), 6.4 GB at the chooser's
+    65,536 lists: the knn stage's private memory then grew with N, past ``--max-index-memory``.
+    Searching without the table costs no measurable time (docs/BENCHMARKS.md)."""
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.precomputed_table.size() > 0:
+        ivf.use_precomputed_table = -1
+        ivf.precomputed_table.resize(0)
+
+
+__all__ = ["apply_search_params", "drop_pq_table"]

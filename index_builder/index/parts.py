@@ -61,9 +61,10 @@ class PartRecord:
 
 
 def plan_parts(start: int, stop: int, first_part: int, min_parts: int = 1,
-               max_vectors: int = PART_MAX_VECTORS) -> list[PartRecord]:
+               max_vectors: int | None = None) -> list[PartRecord]:
     """Rows [start, stop) cut into equal parts, at least ``min_parts`` (a part for every rank)
-    and each of at most ``max_vectors`` rows, numbered from ``first_part``."""
+    and each of at most ``max_vectors`` rows (default PART_MAX_VECTORS), numbered from ``first_part``."""
+    max_vectors = max_vectors or PART_MAX_VECTORS
     n = stop - start
     if n <= 0:
         return []
@@ -167,6 +168,26 @@ def remove_parts(paths: DBLayout) -> None:
     paths.index_trained.unlink(missing_ok=True)
 
 
+def part_number(name: str) -> int | None:
+    """NNNNN of a part file's name (``part-NNNNN.*``), else None."""
+    stem = name[len(INDEX_PART_PREFIX):].split(".", 1)[0] if name.startswith(INDEX_PART_PREFIX) else ""
+    return int(stem) if stem.isdigit() else None
+
+
+def remove_unlisted(paths: DBLayout) -> int:
+    """Delete every part file the list does not name (the list is the truth: parts a crashed run
+    with another world size left, or parts merged into one); records first, so a crash midway
+    leaves no record of a part whose data is gone. The number of files removed."""
+    listed = {p.part for p in listed_parts(paths) or []}
+    if not paths.index_dir.exists():
+        return 0
+    stray = [f for f in paths.index_dir.glob(f"{INDEX_PART_PREFIX}*")
+             if part_number(f.name) is not None and part_number(f.name) not in listed]
+    for f in sorted(stray, key=lambda f: f.suffix != ".json"):
+        f.unlink(missing_ok=True)
+    return len(stray)
+
+
 def remove_index(paths: DBLayout) -> None:
     """Every file of the index, its record first (a crash between leaves no index, not half of
     one): for --rebuild or a retrain."""
@@ -225,16 +246,35 @@ def fill_part(paths: DBLayout, shards: Sequence[np.ndarray], part: PartRecord, b
             b = min(a + ADD_BATCH, part.stop)
             add_assigned(index, ivf, read_rows(shards, a, b), assigner, first_id=a)
             bar.update(b - a)
+    write_part(paths, part, [ivf.invlists], ivf.nlist, ivf.code_size)
+
+
+def write_part(paths: DBLayout, part: PartRecord, sources: Sequence[Any], nlist: int, code_size: int,
+               sync: bool = False) -> None:
+    """Part ``part``'s files from the inverted lists ``sources`` (their lists concatenated by faiss's
+    ``OnDiskInvertedLists.merge_from_multiple``, as faiss.contrib.ondisk.merge_ondisk does): data
+    and lists renamed in when whole, then the record. ``sync``: fsynced before the renames (a
+    merge deletes the parts it read once its part is listed)."""
+    import faiss
+
     data, lists = paths.index_part_data(part.part), paths.index_part_lists(part.part)
     tmp_data, tmp_lists = temp_path(data), temp_path(lists)
+    held = faiss.InvertedListsPtrVector()
+    for src in sources:
+        held.push_back(src)
     with _stdout_to_stderr():
-        ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp_data))
-        held = faiss.InvertedListsPtrVector()
-        held.push_back(ivf.invlists)
+        ondisk = faiss.OnDiskInvertedLists(nlist, code_size, str(tmp_data))
         ondisk.merge_from_multiple(held.data(), held.size(), False)
     ondisk.filename = data.name  # the opener maps the file beside the lists, wherever the DB is
     faiss.write_InvertedLists(ondisk, faiss.FileIOWriter(str(tmp_lists)))
-    del ondisk, held, index  # unmapped: the data file is whole
+    del ondisk, held  # unmapped: the data file is whole
+    if sync:
+        for tmp in (tmp_data, tmp_lists):
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     os.replace(tmp_data, data)
     os.replace(tmp_lists, lists)
     atomic_write_json(paths.index_part_record(part.part), asdict(part))
@@ -294,43 +334,16 @@ def open_part(paths: DBLayout, part: PartRecord, ivf: Any) -> Any:
 
 # ----------------------------------------------------------------------------- codes of added rows
 
-CODEC_SAMPLE = 2048  # rows a side the codec check encodes
-CODEC_WARN_RATIO = 10.0  # added rows' error over the old rows': past this, `index --rebuild` pays
-
-
-def codec_error(index: Any, x: np.ndarray) -> float:
-    """Mean squared error of ``x`` (n, dim) encoded and decoded by the trained ``index`` (its
-    quantizer, codec and transforms: faiss's standalone codec, ``sa_encode`` / ``sa_decode``)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return float(((index.sa_decode(index.sa_encode(x)) - x) ** 2).sum(1).mean())
-
 
 def added_codec_check(paths: DBLayout, shards: Sequence[np.ndarray], new: Sequence[PartRecord],
                       seed: int = 0) -> dict[str, Any] | None:
-    """How well the codes trained before an ``add`` hold the added rows (the ``new`` parts): the
-    codec's error on a sample of the added rows against one of the rows before them (None: no add).
-
-    Why: ``add`` never retrains. An SQ8 codec by residual learns its ranges from the training
-    sample's residuals; rows from another distribution (a new corpus, new topics) fall outside
-    them and are clipped, and a search ranks them by distances off by that error. Measured on a
-    16-d test DB: the added rows' error 1,400x the old rows', knn's recall@2 0.99 -> 0.77."""
+    """How well the codes trained before an ``add`` hold the added rows (the ``new`` parts):
+    index_builder.index.codec_check on the trained index (None: no add)."""
     import faiss
+
+    from index_builder.index.codec_check import added_rows_check
 
     n_old, n_new = (new[0].first, new[-1].stop) if new else (0, 0)
     if n_old <= 0 or n_new <= n_old:
         return None
-    from index_builder.index.ivf_build import gather_rows  # the sampled-rows reader the k-means uses
-
-    index = faiss.read_index(str(paths.index_trained))
-    rng = np.random.default_rng(seed)
-    errors = []
-    for a, b in ((0, n_old), (n_old, n_new)):
-        rows = np.sort(rng.choice(np.arange(a, b), min(CODEC_SAMPLE, b - a), replace=False))
-        errors.append(codec_error(index, gather_rows(shards, rows)))
-    ratio = errors[1] / max(errors[0], 1e-12)
-    check = {"old_rows_error": errors[0], "added_rows_error": errors[1], "ratio": round(ratio, 2),
-             "rebuild_advised": ratio > CODEC_WARN_RATIO}
-    if check["rebuild_advised"]:
-        print(f"index: the added rows' codes are {ratio:.0f}x less accurate than the old rows' (codec trained "
-              "before the add; search recall suffers): run `retro-build-index index --rebuild`", file=sys.stderr)
-    return check
+    return added_rows_check(faiss.read_index(str(paths.index_trained)), shards, n_old, n_new, seed)

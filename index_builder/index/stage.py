@@ -44,7 +44,8 @@ from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, 
 from index_builder.index.determinism import fixed_search_params, make_deterministic, stable_infos
 from index_builder.embed.stage import num_chunks, open_embeddings
 from index_builder.index.update import add_new_vectors
-from index_builder.index.faiss_params import apply_search_params
+from index_builder.index.faiss_params import apply_search_params, drop_pq_table
+from index_builder.index.merge_parts import MERGE_MODES, MergeConfig, commit_and_merge, merge_summary
 from index_builder.index import parts as index_parts
 from index_builder.index.faiss_compat import patch_autofaiss_for_faiss_114
 from index_builder.index.plan import IndexPlan, choose_index, parse_memory
@@ -102,23 +103,6 @@ def load_index(db: str | os.PathLike, mmap: bool = True) -> Any:
     apply_search_params(index, param, strict=False)
     return index
 
-def drop_pq_table(index: Any) -> None:
-    """Free an IVF-PQ index's precomputed distance table and search without it.
-
-    faiss's reader rebuilds the table on load even for an ``np`` key (the flag is not stored):
-    nlist x M x 256 floats, 805 MB at 8,192 lists x PQ96 (16M chunks), 6.4 GB at the chooser's
-    65,536 lists: the knn stage's private memory then grew with N, past ``--max-index-memory``.
-    Searching without the table costs no measurable time (docs/BENCHMARKS.md)."""
-    import faiss
-
-    try:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    except RuntimeError:
-        return
-    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.precomputed_table.size() > 0:
-        ivf.use_precomputed_table = -1
-        ivf.precomputed_table.resize(0)
-
 
 # ----------------------------------------------------------------------------- the stage
 
@@ -151,6 +135,7 @@ class IndexConfig:
     rebuild: bool = False  # train a new index even where the trained one could take the new vectors
     hnsw_max: int = 1_000_000  # past this many vectors: a bounded-training IVF key (index_plan)
     train_per_centroid: int = 64  # IVF k-means sample: vectors a centroid
+    merge_parts: str = "auto"  # merge a parts index into one part: auto | never | always (merge_parts)
 
 
 class IndexStage(Stage[IndexConfig]):
@@ -235,7 +220,8 @@ class IndexStage(Stage[IndexConfig]):
         if getattr(self, "update", False):  # the recorded size: an add rewrites it when it finishes
             ntotal = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("ntotal")
             return ntotal == num_chunks(self.db, manifest, "train")
-        return index_parts.has_index(self.paths)
+        listed = index_parts.listed_parts(self.paths) or []  # --merge-parts always: 2+ parts are work
+        return index_parts.has_index(self.paths) and not (self.cfg.merge_parts == "always" and len(listed) > 1)
 
     def outputs(self, manifest: dict[str, Any]) -> list[Path]:
         parts = index_parts.listed_parts(self.paths)
@@ -250,6 +236,13 @@ class IndexStage(Stage[IndexConfig]):
         if getattr(self, "update", False):
             return index_parts.listed_parts(self.paths) is not None
         return self.plan is not None and self.plan.builder == "ivf"
+
+    @property
+    def keeps_listed(self) -> bool:
+        """The listed parts stay and only rows past them become parts: an add, or a re-run of a
+        build whose list was written (its parts, a merged one too, are not planned again)."""
+        return getattr(self, "update", False) or (not self.cfg.rebuild and bool(index_parts.listed_parts(self.paths))
+                                                  and index_parts.has_index(self.paths))
 
     def skip_message(self, stats: dict[str, Any]) -> str:
         return f"index: already done ({stats.get('index_key')}, {stats.get('recall')})"
@@ -274,7 +267,7 @@ class IndexStage(Stage[IndexConfig]):
         if not self.as_parts:
             return [Unit(0, 1)]
         _, todo = index_parts.next_parts(self.paths, num_chunks(self.db, manifest, "train"),
-                                         runtime.world_size(), grow=getattr(self, "update", False))
+                                         runtime.world_size(), grow=self.keeps_listed)
         return [Unit(i, p.count, p) for i, p in enumerate(todo)]
 
     def unit_done(self, unit: Unit) -> bool:
@@ -299,7 +292,8 @@ class IndexStage(Stage[IndexConfig]):
             return
         if getattr(self, "update", False):
             t0 = time.time()
-            self.added = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)["added"]
+            grown = add_new_vectors(self.db, 1 if cfg.deterministic else self.threads)
+            self.added, self.codec_check = grown["added"], grown["codec_check"]
             self.build_seconds = time.time() - t0
             self.build_stats = {}
             return
@@ -418,6 +412,7 @@ class IndexStage(Stage[IndexConfig]):
             "opq_shim": self.shim,
             "added_without_training": getattr(self, "added", None),
             "added_codec_check": getattr(self, "codec_check", None),
+            "merge": getattr(self, "merge", None),
             "plan": self.plan.as_dict() if self.plan is not None else {"builder": "autofaiss", "key": None,
                                                                       "reason": "--index-key or --distributed"},
             "build": getattr(self, "build_stats", None) or {},
@@ -428,14 +423,15 @@ class IndexStage(Stage[IndexConfig]):
         import faiss
 
         listed, new = index_parts.next_parts(self.paths, num_chunks(self.db, load_manifest(self.db), "train"),
-                                             runtime.world_size(), grow=getattr(self, "update", False))
+                                             runtime.world_size(), grow=self.keeps_listed)
         infos = index_parts.read_infos(self.paths) if listed else {
             "index_key": self.plan.key if self.plan else None, "builder": "retro ivf_build",
             "index_param": fixed_search_params(faiss.read_index(str(self.paths.index_trained)))}
-        index_parts.commit_parts(self.paths, listed, new, infos)
-        self.added = sum(p.count for p in new) if listed else None
-        train = open_embeddings(self.db, "train")
-        self.codec_check = index_parts.added_codec_check(self.paths, train, new if listed else [])
+        update = getattr(self, "update", False)
+        self.added = sum(p.count for p in new) if update else None
+        self.codec_check = index_parts.added_codec_check(self.paths, open_embeddings(self.db, "train"),
+                                                         new if update else [])
+        self.merge = commit_and_merge(self.paths, listed, new, infos, MergeConfig(self.cfg.merge_parts))
 
     def report(self, stats: dict[str, Any], run: RunInfo) -> str:
         """Rank 0's figures; another rank only waited for it (its stats are empty: finalize and
@@ -447,7 +443,8 @@ class IndexStage(Stage[IndexConfig]):
             return f"index: built by rank 0 (rank {run.rank} of {run.world_size} waited)"
         return (f"index: {stats['index_key']} over {stats['ntotal']} chunks in "
                 f"{stats['build_seconds']:.1f}s; "
-                + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)")
+                + ", ".join(f"{k}={v:.3f}" for k, v in stats["recall"].items()) + " (vs exact search)"
+                + merge_summary(stats.get("merge")))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -478,6 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(IVF_HNSW32 + SQ8 or PQ, OPQ where it pays) instead of autofaiss's choice")
     g.add_argument("--train-per-centroid", type=int, default=d.train_per_centroid,
                    help="IVF: training vectors sampled per centroid (bounds the k-means' time)")
+    g.add_argument("--merge-parts", default=d.merge_parts, choices=MERGE_MODES,
+                   help="merge an IVF index's parts into one on-disk part: auto (after ranks filled "
+                        "parts from scratch, or past 16 parts after add), always, never")
     g.add_argument("--distributed", default=d.distributed, choices=["pyspark"],
                    help="build with autofaiss's Spark mode (needs pip install '.[spark]')")
     g.add_argument("--temporary-indices-folder", default=d.temporary_indices_folder,

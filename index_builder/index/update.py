@@ -7,7 +7,8 @@ global chunk ids). This module grows a single-file index (autofaiss's, or an IVF
 parts layout); a parts index gets a new part instead (index_builder.index.parts), its existing
 files untouched. ``retro-build-index index --rebuild`` trains a new index instead, e.g. once the
 database has grown several-fold. The index file is replaced atomically, so a crash leaves the
-old index whole and the re-run adds again.
+old index whole and the re-run adds again. After the add, the codes' error on the added rows is
+checked against the old rows' (index_builder.index.codec_check, as for a new part).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from tqdm.auto import tqdm
 
 from chunk_store.layout import DBLayout, temp_path
 from index_builder.embed.stage import open_embeddings, read_rows
+from index_builder.index.codec_check import added_rows_check
 
 ADD_BLOCK = 1 << 16  # vectors added per call
 
 
 def add_new_vectors(db: str | os.PathLike, threads: int = 1) -> dict[str, Any]:
-    """Append train embeddings ``[index.ntotal, num_train_chunks)`` to the index; the counts."""
+    """Append train embeddings ``[index.ntotal, num_train_chunks)`` to the index; the counts and
+    the codec check of the added rows (``codec_check``)."""
     import faiss
 
     paths = DBLayout(db)
@@ -48,4 +51,4 @@ def add_new_vectors(db: str | os.PathLike, threads: int = 1) -> dict[str, Any]:
     tmp = temp_path(paths.index)
     faiss.write_index(index, str(tmp))
     os.replace(tmp, paths.index)
-    return {"added": n - start, "ntotal": n}
+    return {"added": n - start, "ntotal": n, "codec_check": added_rows_check(index, emb, start, n)}
