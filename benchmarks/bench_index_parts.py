@@ -8,8 +8,9 @@ written as embedding shards; one IVF{nlist},SQ8 is trained on a sample, then fil
 is opened by :func:`index_builder.index.stage.load_index` in a fresh process, which reports the
 seconds to open, its peak RSS (VmHWM) and its private memory (RssAnon) beyond the interpreter's
 after its imports, then searches the same queries (nprobe 16; the memory after it beside) and the
-ids are compared.
-Modes: ``parts``; ``file-mmap`` (load_index's default: faiss maps an IVF file's lists);
+ids are compared. A copy of the parts is merged into one part
+(index_builder.index.merge_parts, timed: ``merge_s``) and opened the same way.
+Modes: ``parts``; ``merged``; ``file-mmap`` (load_index's default: faiss maps an IVF file's lists);
 ``file-read`` (load_index(mmap=False): the codes read into RAM, as ``update`` did to add).
 """
 
@@ -86,6 +87,23 @@ def build(work: Path, n: int, dim: int, nlist: int, parts: int) -> tuple[Path, P
     return parts_db, file_db
 
 
+def merge_copy(parts_db: Path, work: Path) -> tuple[Path, float]:
+    """(a DB whose index is a copy of ``parts_db``'s parts merged into one, the merge's seconds)."""
+    import shutil
+
+    from chunk_store.layout import DBLayout
+    from index_builder.index.merge_parts import merge_parts
+    from index_builder.index.parts import listed_parts
+
+    merged_db = work / "merged"
+    shutil.rmtree(merged_db, ignore_errors=True)
+    shutil.copytree(DBLayout(parts_db).index_dir, DBLayout(merged_db).index_dir)
+    paths = DBLayout(merged_db)
+    t0 = time.time()
+    merge_parts(paths, listed_parts(paths) or [], progress=False)
+    return merged_db, time.time() - t0
+
+
 def open_child(db: Path, mode: str, queries: Path) -> dict:
     """(in a fresh process) open the index, measure, search."""
     import faiss
@@ -130,16 +148,17 @@ def main() -> None:
         parts_db, file_db = work / "parts", work / "file"
     else:
         parts_db, file_db = build(work, args.n, args.dim, args.nlist, args.parts)
+    merged_db, merge_s = merge_copy(parts_db, work)
     rows = []
-    for db, mode in ((parts_db, "parts"), (file_db, "file-mmap"), (file_db, "file-read")):
+    for db, mode in ((parts_db, "parts"), (merged_db, "merged"), (file_db, "file-mmap"), (file_db, "file-read")):
         p = subprocess.run([sys.executable, __file__, "--open-child", str(db), mode, str(work / "queries.npy")],
                            capture_output=True, text=True, check=True)
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     same = all(np.array_equal(np.load(work / "ids-parts.npy"), np.load(work / f"ids-{m}.npy"))
-               for m in ("file-mmap", "file-read"))
+               for m in ("merged", "file-mmap", "file-read"))
     codes_mb = sum(f.stat().st_size for f in (parts_db / "index").glob("part-*.ivfdata")) / 2 ** 20
     print(json.dumps({"n": args.n, "dim": args.dim, "nlist": args.nlist, "parts": args.parts,
-                      "codes_mb": round(codes_mb, 1), "same_ids": same, "rows": rows}, indent=1))
+                      "codes_mb": round(codes_mb, 1), "merge_s": round(merge_s, 2), "same_ids": same, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

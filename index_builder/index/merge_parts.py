@@ -49,7 +49,7 @@ class MergeConfig:
     """What to merge when: ``mode`` one of MERGE_MODES."""
 
     mode: str = "auto"
-    auto_max_parts: int = AUTO_MAX_PARTS
+    auto_max_parts: int | None = None  # None: AUTO_MAX_PARTS
 
 
 def plan_merge(cfg: MergeConfig, listed: Sequence[PartRecord], new: Sequence[PartRecord],
@@ -72,9 +72,10 @@ def plan_merge(cfg: MergeConfig, listed: Sequence[PartRecord], new: Sequence[Par
         return every, None
     if not listed:
         return every, None  # auto: parts filled side by side from scratch
-    if len(every) > cfg.auto_max_parts:
+    limit = cfg.auto_max_parts or AUTO_MAX_PARTS
+    if len(every) > limit:
         return every, None
-    return [], f"auto: an add keeps its part separate ({len(every)} parts, merged past {cfg.auto_max_parts})"
+    return [], f"auto: an add keeps its part separate ({len(every)} parts, merged past {limit})"
 
 
 def with_pending(infos: dict[str, Any], parts: Sequence[PartRecord]) -> dict[str, Any]:

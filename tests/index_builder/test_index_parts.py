@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -18,53 +16,13 @@ import pytest
 from chunk_store.framework.errors import UserError
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.layout import DBLayout
-from chunk_store.manifest import load_manifest, now_iso, record_stage
+from chunk_store.manifest import load_manifest
 from index_builder.embed.stage import open_embeddings, read_rows
 from index_builder.index import parts as index_parts
-from index_builder.index.ivf_build import add_assigned, build_ivf, coarse_centroids, list_assigner
-from index_builder.index.parts import PartRecord, fill_part, open_parts, plan_parts, write_trained
-from index_builder.index.plan import IndexPlan
+from index_builder.index.parts import PartRecord, fill_part, open_parts, plan_parts
 from index_builder.index.stage import load_index
-from tests.fixtures import bench_scale_module, clustered_db, random_text, run_cli, write_corpus
-
-DIM = 16
-NPROBE = 3
-
-
-def clustered_shards(folder: Path, sizes: list[int], seed: int = 0) -> list[np.ndarray]:
-    """float16 shards of clustered vectors (64 centres + noise), memory-mapped as embed leaves them."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((64, DIM)).astype(np.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for i, n in enumerate(sizes):
-        x = centres[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
-        np.save(folder / f"{i:06d}.npy", x.astype(np.float16))
-        shards.append(np.load(folder / f"{i:06d}.npy", mmap_mode="r"))
-    return shards
-
-
-def trained(tmp_path: Path, shards: list[np.ndarray]) -> DBLayout:
-    """A DB folder holding only trained.index: IVF32 with SQ8 codes (exact ids comparable)."""
-    paths = DBLayout(tmp_path / "db")
-    plan = IndexPlan("ivf", "IVF32,SQ8", nlist=32, train_size=2000, codec="SQ8")
-    index, _ = build_ivf(shards, plan, progress=False, train_only=True)
-    assert index.ntotal == 0
-    write_trained(index, paths)
-    return paths
-
-
-def one_piece(paths: DBLayout, shards: list[np.ndarray], n: int) -> faiss.Index:
-    """The same trained index with rows [0, n) added in memory, as a single-file build holds it."""
-    index = faiss.read_index(str(paths.index_trained))
-    ivf = faiss.extract_index_ivf(index)
-    add_assigned(index, ivf, read_rows(shards, 0, n), list_assigner(coarse_centroids(ivf)))
-    return index
-
-
-def search(index: faiss.Index, q: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    faiss.extract_index_ivf(index).nprobe = NPROBE
-    return index.search(q, k)
+from tests.fixtures import clustered_db, run_cli
+from tests.fixtures.ivf_parts import DIM, NPROBE, clustered_shards, grow, index_argv, one_piece, search, trained
 
 
 def test_parts_answer_as_one_piece_and_are_mapped_read_only(tmp_path):
@@ -126,31 +84,6 @@ def test_a_missing_part_file_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-def grow(db: Path, n_docs: int, seed: int) -> int:
-    """``add`` n_docs documents and write their train embeddings as a new shard (the old shards
-    untouched), recorded as the same embedder finishing again; the new train size."""
-    rng = random.Random(seed)
-    write_corpus(db.parent / f"more-{seed}", [random_text(rng) for _ in range(n_docs)])
-    assert run_cli(["add", "--db", db, "--input", db.parent / f"more-{seed}"]) == 0
-    from chunk_store import ChunkStore
-
-    paths, manifest = DBLayout(db), load_manifest(db)
-    docs = np.asarray(ChunkStore.open(db, "train").doc_ids)
-    old = sum(a.shape[0] for a in open_embeddings(db, "train"))
-    shard = len(list(paths.embeddings_dir("train").glob("*.npy")))
-    emb = bench_scale_module().synthetic_embeddings(docs[old:], DIM, 0, shard)  # type: ignore[attr-defined]
-    np.save(paths.embedding_shard("train", shard), emb)
-    embed = manifest["stages"]["embed"]
-    record_stage(db, "embed", params=embed["params"], started=embed["started"], finished=now_iso(),
-                 stats=embed.get("stats", {}), manifest=manifest)
-    return len(docs)
-
-
-def index_argv(db: Path) -> list[str]:
-    """--deterministic: fp32 assignment to lists, as :func:`one_piece` does (no bf16 on the CPU)."""
-    return ["index", "--db", str(db), "--hnsw-max", "0", "--recall-sample", "50", "--deterministic"]
 
 
 def test_stage_add_writes_a_new_part_and_a_crash_mid_add_leaves_the_db_whole(tmp_path):
