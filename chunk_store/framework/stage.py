@@ -39,7 +39,8 @@ log = logging.getLogger("chunk_store.framework.stage")
 
 # The test hook, documented here and nowhere else: RETRO_TEST_CRASH="STAGE:POINT[:sigint][@RANK]".
 # POINT is a number N (after this process has written its N-th unit) or a name a stage passes
-# to crash_point() (chunk: "merge", after the first split's arrays of a shard; every stage:
+# to crash_point() (chunk: "merge", after the first split's arrays of a shard; index:
+# "merge-written" / "merge-listed", a parts merge before its list switch / its deletions; every stage:
 # "finalize", on rank 0 once every rank is done, before the stage is assembled and recorded). At
 # that point the process kills itself and its worker processes with SIGKILL (a real kill -9), or
 # with ":sigint" sends SIGINT to its process group, exactly what Ctrl-C in a terminal does.

@@ -15,14 +15,22 @@ quantizer and codec (the codes of one part in RAM, never the whole index), and `
 grew) writes a new part for the new chunks without reading or rewriting the existing ones.
 
 Why the parts are stacked at open time (faiss ``HStackInvertedLists`` over each part's
-``OnDiskInvertedLists`` mapped read-only) rather than merged into one file (faiss.contrib.ondisk's
-``merge_ondisk``): a merge copies every code into a new file, which is the rewrite ``add`` must not
-do, and needs disk for a second copy of the index. The stacked lists cost one list lookup per part
-and probed list, which a few dozen parts do not notice; the opener's memory is the quantizer plus
-each part's list table (24 bytes a list), the codes stay in the page cache.
+``OnDiskInvertedLists`` mapped read-only): ``add`` must not rewrite the existing parts, and a
+merge needs disk for a second copy of what it merges. The stacked lists cost one list lookup per
+part and probed list, and copy each probed list's codes from every part per query; the opener's
+memory is the quantizer plus each part's list table (24 bytes a list), the codes stay in the
+page cache.
 
-The parts list in ``index_infos.json`` is the truth: a part file not listed there (left by a run
-that crashed before the list was written) is not searched, and the next run rewrites it.
+When they are merged (index_builder.index.merge_parts, ``index --merge-parts``, default auto):
+parts that ranks filled side by side in one build are merged into one new part once all are
+whole (faiss ``OnDiskInvertedLists.merge_from_multiple``, as faiss.contrib.ondisk's
+``merge_ondisk`` does), so a search of a fresh index reads one part; a part ``add`` writes stays
+separate until more than 16 parts are listed, then all are merged. A merged part is a part like
+any other: numbered after the highest listed one, its record the union of their chunk ranges.
+
+The parts list in ``index_infos.json`` is the truth: once it is written, every part file it does
+not name (a crashed run's parts under another world size, parts merged into one) is deleted, and
+until then a part file not listed is not searched and the next run rewrites it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ GPU, batched adds); the plan is recorded in ``stages.index.stats.plan``. ``--ind
 That IVF index is kept as parts (:mod:`index_builder.index.parts`): rank 0 trains the empty IVF
 (``trained.index``) in :meth:`IndexStage.begin`, then each part of the train rows is a unit of
 work, so every torchrun rank fills its own parts; after ``add`` the new chunks become a new part
-and the existing parts' files are not touched. :func:`load_index` opens either layout.
+and the existing parts' files are not touched. Rank 0 then lists the parts and merges them where
+``--merge-parts`` says (:mod:`index_builder.index.merge_parts`). :func:`load_index` opens either layout.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 from chunk_store.framework.argtypes import float_in
 from chunk_store.framework.errors import UserError

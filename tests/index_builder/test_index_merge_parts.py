@@ -235,27 +235,55 @@ def test_a_build_resumed_with_another_part_count_leaves_no_unlisted_part_file(tm
     np.testing.assert_array_equal(d, d_ref)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed_world", [1, 3])
+def test_a_two_rank_build_killed_and_resumed_with_another_world_size(tmp_path, resumed_world):
+    """torchrun 2 killed before the list (rank 1 dies after its part), resumed with 1 process or
+    3 ranks: no part file the list does not name, one part, and a clean build's answers (more
+    than 20 s: torchrun starts its ranks twice on 2 cores)."""
+    from tests.fixtures.ranks import torchrun
+
+    clean = clustered_db(tmp_path / "clean", n_docs=40, dim=DIM)
+    db = shutil.copytree(clean, tmp_path / "db")
+    assert run_cli(index_argv(clean)) == 0
+    p = torchrun(2, index_argv(db), crash="index:finalize", monitor_interval=1)
+    assert p.returncode != 0
+    paths = DBLayout(db)
+    assert index_parts.listed_parts(paths) is None and paths.index_part_record(1).exists()
+    if resumed_world == 1:
+        assert run_cli(index_argv(db)) == 0
+    else:
+        p = torchrun(resumed_world, index_argv(db))
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert len(index_parts.listed_parts(paths)) == 1
+    assert index_files(paths) == expected_files(paths)
+    q, _ = queries(db)
+    d, i = search(load_index(db), q)
+    d_ref, i_ref = search(load_index(clean), q)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_array_equal(d, d_ref)
+
+
 def test_retriever_and_knn_read_a_merged_db_as_the_stacked_one(tmp_path_factory, tmp_path, monkeypatch):
+    """The same DB's index as 2 stacked parts (never), then merged by ``--merge-parts always``:
+    knn's neighbours and the Retriever's answers do not change."""
     from chunk_store.neighbour_shards import load_neighbours
     from index_builder import Retriever
 
-    src = shared_db(tmp_path_factory)
-    dbs = {}
-    for mode in ("never", "auto"):
-        db = shutil.copytree(src, tmp_path / mode)
-        few_rows_a_part(monkeypatch, db, 2)
-        assert run_cli(["index", "--db", db, "--rebuild", "--hnsw-max", "0", "--recall-sample", "50",
-                        "--deterministic", "--merge-parts", mode]) == 0
+    db = shutil.copytree(shared_db(tmp_path_factory), tmp_path / "db")
+    few_rows_a_part(monkeypatch, db, 2)
+    emb = read_rows(open_embeddings(db, "train"), 0, 40)
+    found = []
+    for argv in (["--rebuild", "--merge-parts", "never"], ["--merge-parts", "always"]):
+        assert run_cli(["index", "--db", db, "--hnsw-max", "0", "--recall-sample", "50", "--deterministic",
+                        *argv]) == 0
         assert run_cli(["knn", "--db", db, "--k", 2, "--device", "cpu", "--refresh", "full"]) == 0
-        dbs[mode] = db
-    assert [p.part for p in index_parts.listed_parts(DBLayout(dbs["never"]))] == [0, 1]
-    assert [p.part for p in index_parts.listed_parts(DBLayout(dbs["auto"]))] == [2]
-    for a, b in zip(load_neighbours(dbs["never"], "train"), load_neighbours(dbs["auto"], "train")):
+        found.append((load_neighbours(db, "train"), Retriever(db, device="cpu").search_embeddings(emb, k=3),
+                      [p.part for p in index_parts.listed_parts(DBLayout(db))]))
+    (stacked_knn, stacked, stacked_parts), (merged_knn, merged, merged_parts) = found
+    assert (stacked_parts, merged_parts) == ([0, 1], [2])
+    for a, b in (*zip(stacked_knn, merged_knn), *zip(stacked, merged)):
         np.testing.assert_array_equal(a, b)
-    emb = read_rows(open_embeddings(dbs["auto"], "train"), 0, 40)
-    found = [Retriever(db, device="cpu").search_embeddings(emb, k=3) for db in dbs.values()]
-    np.testing.assert_array_equal(found[0][0], found[1][0])
-    np.testing.assert_array_equal(found[0][1], found[1][1])
 
 
 # ----------------------------------------------------------------------------- the single file's add

@@ -122,8 +122,9 @@ def test_stage_add_writes_a_new_part_and_a_crash_mid_add_leaves_the_db_whole(tmp
 
 @pytest.mark.slow
 def test_two_ranks_fill_a_part_each(tmp_path):
-    """Under torchrun with 2 ranks rank 0 trains, each rank fills one part, and the index equals
-    the trained index filled in one piece (more than 20 s: two interpreters start on 2 cores)."""
+    """Under torchrun with 2 ranks rank 0 trains, each rank fills one part, rank 0 merges them
+    into one (--merge-parts auto) once both are whole, and the index equals the trained index
+    filled in one piece (more than 20 s: two interpreters start on 2 cores)."""
     from tests.fixtures.ranks import torchrun
 
     db = clustered_db(tmp_path / "db", n_docs=30, dim=DIM)
@@ -131,11 +132,11 @@ def test_two_ranks_fill_a_part_each(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "rank 1 of 2 filled 1 part(s)" in p.stdout + p.stderr
     paths = DBLayout(db)
-    parts = index_parts.listed_parts(paths)
-    assert [q.part for q in parts] == [0, 1]
     shards = open_embeddings(db, "train")
     n = sum(s.shape[0] for s in shards)
-    assert parts[-1].stop == n
+    assert index_parts.listed_parts(paths) == [PartRecord(2, 0, n)]
+    assert load_manifest(db)["stages"]["index"]["stats"]["merge"]["parts"] == [0, 1]
+    assert {f.name for f in paths.index_dir.glob("part-*")} == {f"part-00002.{x}" for x in ("ivfdata", "ivflists", "json")}
     q = read_rows(shards, 0, n)[::3]
     np.testing.assert_array_equal(search(load_index(db), q)[1], search(one_piece(paths, shards, n), q)[1])
 
