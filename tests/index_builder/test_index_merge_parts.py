@@ -124,7 +124,8 @@ def test_plan_merge_auto_never_always():
 # ----------------------------------------------------------------------------- the stage
 
 
-def test_auto_merges_parts_filled_from_scratch_and_an_add_then_writes_a_part_beside_it(tmp_path, monkeypatch):
+def test_auto_merges_parts_filled_from_scratch_and_an_add_then_writes_a_part_beside_it(tmp_path, monkeypatch,
+                                                                                       capsys):
     db = clustered_db(tmp_path / "db", n_docs=40, dim=DIM)
     paths = DBLayout(db)
     few_rows_a_part(monkeypatch, db, 3)
@@ -134,6 +135,8 @@ def test_auto_merges_parts_filled_from_scratch_and_an_add_then_writes_a_part_bes
     assert index_files(paths) == expected_files(paths)
     merge = load_manifest(db)["stages"]["index"]["stats"]["merge"]
     assert merge["parts"] == [0, 1, 2] and merge["into"] == 3 and merge["bytes_written"] > 0
+    said = capsys.readouterr()
+    assert "merged parts 0-2 into part 3" in said.out + said.err  # the stage's summary line
     d_one, i_one = search(one_piece(paths, open_embeddings(db, "train"), n), q)
     d, i = search(load_index(db), q)
     np.testing.assert_array_equal(i, i_one)
@@ -307,3 +310,15 @@ def test_a_single_file_add_checks_the_added_rows_codes_as_a_new_part_does(tmp_pa
         grown = add_new_vectors(paths.root)
         assert grown["added"] == 500 and grown["codec_check"]["rebuild_advised"] == advised, grown
         assert ("--rebuild" in capsys.readouterr().err) == advised
+
+
+def test_the_stage_records_the_single_file_adds_codec_check(tmp_path):
+    db = clustered_db(tmp_path / "db", n_docs=40, dim=DIM)
+    argv = ["index", "--db", db, "--index-key", "IVF16,Flat", "--recall-sample", "50", "--deterministic"]
+    assert run_cli(argv) == 0
+    assert DBLayout(db).index.exists()  # a single file: grown in place by update.add_new_vectors
+    grow(db, 8, seed=3)
+    assert run_cli(argv) == 0
+    stats = load_manifest(db)["stages"]["index"]["stats"]
+    assert stats["added_without_training"] > 0
+    assert set(stats["added_codec_check"]) == {"old_rows_error", "added_rows_error", "ratio", "rebuild_advised"}
