@@ -254,7 +254,7 @@ def run_ranks(n: int, ranks: int, args: argparse.Namespace, base: dict[str, Any]
     db = link_copy(src, args.work / f"db-{n}-r{ranks}", fresh=True)
     threads = max(1, args.threads // ranks)
     cache.step(key + "/index", lambda: {**measured(under_ranks(ranks, index_argv(db, args, threads)), threads),
-                                        **index_figures(db)})
+                                        **index_figures(db), "threads_per_rank": threads})
 
     def knn_stage() -> dict[str, Any]:
         from chunk_store.manifest import load_manifest
@@ -557,8 +557,9 @@ def load_results(args: argparse.Namespace, cache: Cache) -> tuple[list[dict[str,
         key = f"ranks-{args.size}-{r}"
         if cache.get(key + "/index") and cache.get(key + "/knn"):
             db = args.work / f"db-{args.size}-r{r}"
-            ranks.append({"n": int(cache.get(key + "/index").get("ntotal") or args.size), "ranks": r,
-                          "threads_per_rank": max(1, args.threads // r), "index": cache.get(key + "/index"),
+            index = cache.get(key + "/index")
+            ranks.append({"n": int(index.get("ntotal") or args.size), "ranks": r,
+                          "threads_per_rank": index.get("threads_per_rank") or max(1, args.threads // r), "index": index,
                           "knn": cache.get(key + "/knn"), "db": str(db)})
     add = cache.get(f"add-{args.add_to}-{args.added}/result") if args.add_to else None
     return ranks, add
