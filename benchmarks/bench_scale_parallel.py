@@ -162,7 +162,7 @@ def has_index_option(flag: str) -> bool:
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return flag in p._option_string_actions
+    return flag in p.format_help().split()
 
 
 def under_ranks(ranks: int, argv: Sequence[Any]) -> list[str]:
@@ -412,6 +412,16 @@ def projection_table(rows: Sequence[dict[str, Any]], machines: Sequence[int] = (
     return "\n".join(out)
 
 
+def merge_seconds(merge: Any) -> float:
+    """Seconds of the on-disk merge of the parts (the index stage's stats["merge"], recorded where
+    `index --merge-parts` merged): its "seconds", else the sum of its *_seconds; 0 where none."""
+    if not isinstance(merge, dict):
+        return 0.0
+    if isinstance(merge.get("seconds"), (int, float)):
+        return float(merge["seconds"])
+    return float(sum(v for k, v in merge.items() if k.endswith("_seconds") and isinstance(v, (int, float))))
+
+
 def nlist_of(key: str | None) -> int:
     import re
 
@@ -465,7 +475,7 @@ def projection_inputs(ranks: Sequence[dict[str, Any]], add: dict[str, Any] | Non
     build = index.get("build") or {}
     train_wall = sum(build.get(f"{p}_seconds") or 0.0 for p in ("sample", "kmeans", "codec"))
     threads = (one or {}).get("threads_per_rank") or cores
-    merge = index.get("merge") or {}
+    merge_wall = max([merge_seconds(r["index"].get("merge")) for r in ranks if r["n"] == n] + [0.0])
     ratio = None
     if add is not None:
         ratio = add_ratio(add["steps"])
@@ -475,7 +485,7 @@ def projection_inputs(ranks: Sequence[dict[str, Any]], add: dict[str, Any] | Non
         index_exponent=e_index if measured_both else DOCUMENTED_EXPONENTS["index"],
         knn_cpu_query=knn_cpu_query(knn),
         knn_query_exponent=e_query if measured_both else DOCUMENTED_EXPONENTS["knn_query"],
-        cores=cores, merge_wall=float(merge.get("seconds") or 0.0), add_ratio=ratio,
+        cores=cores, merge_wall=merge_wall, add_ratio=ratio,
         exponents_from=(f"measured {points[0][0]:,} -> {n:,}" if measured_both
                         else "bench_scale's, docs/BENCHMARKS.md 2026-12-02"))
 
@@ -498,7 +508,9 @@ def ranks_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         i, k = r["index"], r["knn"]
         merge = i.get("merge")
-        merged = "" if not merge else (" merged" if merge.get("merged", True) else " not merged")
+        merged = "" if not isinstance(merge, dict) else (
+            f" (not merged: {merge['skipped']})" if "skipped" in merge else
+            f" merged into {merge.get('into', 1)} in {merge_seconds(merge):.0f} s")
         knn = f"whole stage ({k['queries']:,} queries)" if k["mode"] == "stage" else \
             f"sample ({k['queries']:,} queries, one process)"
         out.append(f"| {r['n']:,} | {r['ranks']} x {r['threads_per_rank']} | `{i.get('index_key')}` | "

@@ -70,7 +70,8 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
         "ranks-16000-1/index": figures(100, 180, {"0": 700}, parts=1, threads_per_rank=2, **index),
         "ranks-16000-1/knn": figures(200, 320, {"0": 400}, **knn),
         "ranks-16000-2/index": figures(70, 190, {"0": 400, "1": 380, "launcher": 290}, parts=2,
-                                       threads_per_rank=1, **index),
+                                       threads_per_rank=1, **{**index, "merge": {"parts": 2, "into": 1, "seconds": 3.0,
+                                                                                 "bytes_written": 100}}),
         "ranks-16000-2/knn": figures(120, 330, {"0": 400, "1": 390, "launcher": 290}, **knn),
         "add-4000-1000/result": {"n_base": 4000, "n_added": 1000, "steps": add_steps,
                                  "index_base": {"index_key": "IVF1024_HNSW32,SQ8"},
@@ -90,6 +91,7 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| 16,000 |")]
     assert len(rows) == 2
     assert "| 1 x 2 |" in rows[0] and "r0 700" in rows[0] and "r1" not in rows[0]
+    assert "| 2 merged into 1 in 3 s |" in rows[1] and "| 1 |" in rows[0]
     assert "| 2 x 1 |" in rows[1] and "r0 400, r1 380 (launcher 290)" in rows[1] and "| 0.97 |" in rows[1]
     # add + refresh: index add + refresh 40 CPU s vs rebuild 160: ratio 0.25; bytes 7,000 vs 17,000
     assert "40 CPU s, 7,000 bytes written" in text and "160 CPU s, 17,000 bytes written" in text
@@ -98,7 +100,7 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
     # the exponents between the add base (4,000: 80 CPU s; 64 / 4000 a query) and 16,000 (180; 320 / 16000)
     inputs = json.loads(out.read_text())["sections"]["bench_scale_parallel_projection"]
     assert '"index_exponent": 0.584963' in inputs and '"knn_query_exponent": 0.160964' in inputs
-    assert '"add_ratio": 0.25' in inputs and "measured 4,000 -> 16,000" in inputs
+    assert '"add_ratio": 0.25' in inputs and '"merge_wall": 3.0' in inputs and "measured 4,000 -> 16,000" in inputs
 
 
 def test_two_ranks_end_with_the_neighbours_of_one(tmp_path):
