@@ -355,7 +355,8 @@ class ProjectionInputs:
     knn_query_exponent: float  # its log-log slope
     cores: int  # of one CPU machine
     merge_wall: float = 0.0  # the on-disk merge of the parts (serial), at n
-    add_ratio: float | None = None  # CPU of add + index add + refresh / CPU of the full rebuild
+    add_ratio: float | None = None  # CPU of index add + refresh / CPU of the full rebuild (index + knn)
+    add_share: float = 0.25  # the added chunks over the base's, where add_ratio was measured
     exponents_from: str = "measured"
 
 
@@ -384,7 +385,7 @@ def projection(p: ProjectionInputs, machines: Sequence[int] = (1, 64, 1024)) -> 
     add("knn: every chunk", "CPU", f"measured at {p.n:,}; CPU a query x N, exponent "
         f"{1 + p.knn_query_exponent:.2f} ({p.exponents_from})", knn, p.cores, False)
     if p.add_ratio is not None:
-        add("add 25% + knn --refresh", "CPU", f"measured ratio {p.add_ratio:.2f} x the full rebuild above",
+        add(f"add {p.add_share:.0%} + knn --refresh", "CPU", f"measured ratio {p.add_ratio:.2f} x the full rebuild above",
             p.add_ratio * (kmeans + fill + knn), p.cores, False)
     rate = ANCHOR_KMEANS["macs"] / ANCHOR_KMEANS["seconds"]  # multiply-adds a GPU-second
     g_kmeans = TRAIN_PER_LIST * NLIST_1T * NLIST_1T * DIM_1T * KMEANS_ITERS / rate
@@ -397,7 +398,7 @@ def projection(p: ProjectionInputs, machines: Sequence[int] = (1, 64, 1024)) -> 
     add("knn: every chunk", "GPU", f"anchor [k-NN graph] x (N/1e9)^{1 + p.knn_query_exponent:.2f} "
         f"x {DIM_1T}/{a['dim']} dims", g_knn, GPUS_PER_MACHINE, False)
     if p.add_ratio is not None:
-        add("add 25% + knn --refresh", "GPU", f"measured ratio {p.add_ratio:.2f} x the GPU rebuild above",
+        add(f"add {p.add_share:.0%} + knn --refresh", "GPU", f"measured ratio {p.add_ratio:.2f} x the GPU rebuild above",
             p.add_ratio * (g_kmeans + g_fill + g_knn), GPUS_PER_MACHINE, False)
     return rows
 
@@ -476,16 +477,15 @@ def projection_inputs(ranks: Sequence[dict[str, Any]], add: dict[str, Any] | Non
     train_wall = sum(build.get(f"{p}_seconds") or 0.0 for p in ("sample", "kmeans", "codec"))
     threads = (one or {}).get("threads_per_rank") or cores
     merge_wall = max([merge_seconds(r["index"].get("merge")) for r in ranks if r["n"] == n] + [0.0])
-    ratio = None
-    if add is not None:
-        ratio = add_ratio(add["steps"])
+    ratio = add_ratio(add["steps"]) if add is not None else None
+    share = add["n_added"] / add["n_base"] if add is not None and add["n_base"] else 0.25
     return ProjectionInputs(
         n=n, index_cpu=index["cpu"], train_cpu=min(train_wall * threads, index["cpu"]),
         nlist=nlist_of(index.get("index_key")),
         index_exponent=e_index if measured_both else DOCUMENTED_EXPONENTS["index"],
         knn_cpu_query=knn_cpu_query(knn),
         knn_query_exponent=e_query if measured_both else DOCUMENTED_EXPONENTS["knn_query"],
-        cores=cores, merge_wall=merge_wall, add_ratio=ratio,
+        cores=cores, merge_wall=merge_wall, add_ratio=ratio, add_share=share,
         exponents_from=(f"measured {points[0][0]:,} -> {n:,}" if measured_both
                         else "bench_scale's, docs/BENCHMARKS.md 2026-12-02"))
 
