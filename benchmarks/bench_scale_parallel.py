@@ -510,7 +510,7 @@ def ranks_table(rows: Sequence[dict[str, Any]]) -> str:
         merge = i.get("merge")
         merged = "" if not isinstance(merge, dict) else (
             f" (not merged: {merge['skipped']})" if "skipped" in merge else
-            f" merged into {merge.get('into', 1)} in {merge_seconds(merge):.0f} s")
+            f" ({len(merge.get('parts') or [])} merged in {merge_seconds(merge):.0f} s)")
         knn = f"whole stage ({k['queries']:,} queries)" if k["mode"] == "stage" else \
             f"sample ({k['queries']:,} queries, one process)"
         out.append(f"| {r['n']:,} | {r['ranks']} x {r['threads_per_rank']} | `{i.get('index_key')}` | "

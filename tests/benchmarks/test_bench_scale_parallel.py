@@ -69,9 +69,9 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
     cache = {
         "ranks-16000-1/index": figures(100, 180, {"0": 700}, parts=1, threads_per_rank=2, **index),
         "ranks-16000-1/knn": figures(200, 320, {"0": 400}, **knn),
-        "ranks-16000-2/index": figures(70, 190, {"0": 400, "1": 380, "launcher": 290}, parts=2,
-                                       threads_per_rank=1, **{**index, "merge": {"parts": 2, "into": 1, "seconds": 3.0,
-                                                                                 "bytes_written": 100}}),
+        "ranks-16000-2/index": figures(70, 190, {"0": 400, "1": 380, "launcher": 290}, parts=1,  # merged
+                                       threads_per_rank=1, **{**index, "merge": {"parts": [0, 1], "into": 2,
+                                                                                 "seconds": 3.0, "bytes_written": 100}}),
         "ranks-16000-2/knn": figures(120, 330, {"0": 400, "1": 390, "launcher": 290}, **knn),
         "add-4000-1000/result": {"n_base": 4000, "n_added": 1000, "steps": add_steps,
                                  "index_base": {"index_key": "IVF1024_HNSW32,SQ8"},
@@ -91,7 +91,7 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| 16,000 |")]
     assert len(rows) == 2
     assert "| 1 x 2 |" in rows[0] and "r0 700" in rows[0] and "r1" not in rows[0]
-    assert "| 2 merged into 1 in 3 s |" in rows[1] and "| 1 |" in rows[0]
+    assert "| 1 (2 merged in 3 s) |" in rows[1] and "| 1 |" in rows[0]
     assert "| 2 x 1 |" in rows[1] and "r0 400, r1 380 (launcher 290)" in rows[1] and "| 0.97 |" in rows[1]
     # add + refresh: index add + refresh 40 CPU s vs rebuild 160: ratio 0.25; bytes 7,000 vs 17,000
     assert "40 CPU s, 7,000 bytes written" in text and "160 CPU s, 17,000 bytes written" in text
@@ -118,7 +118,12 @@ def test_two_ranks_end_with_the_neighbours_of_one(tmp_path):
     one, two = json.loads(out.read_text())["ranks"]
     assert (one["ranks"], two["ranks"]) == (1, 2)
     assert one["index"]["index_key"].startswith("IVF") and one["index"]["index_key"] == two["index"]["index_key"]
-    assert (one["index"]["parts"], two["index"]["parts"]) == (1, 2)
+    assert one["index"]["parts"] == 1 and one["index"].get("merge") is None
+    merge = two["index"].get("merge")
+    if merge:  # `index --merge-parts auto`, where the CLI has it: the ranks' parts merged into one
+        assert len(merge["parts"]) == 2 and two["index"]["parts"] == 1
+    else:
+        assert two["index"]["parts"] == 2
     assert set(one["index"]["rank_anon_mb"]) == {"0"} and {"0", "1"} <= set(two["index"]["rank_anon_mb"])
     assert set(two["knn"]["rank_anon_mb"]) >= {"0", "1"}
     for r in (one, two):
