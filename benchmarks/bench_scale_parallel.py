@@ -104,8 +104,16 @@ class Cache:
         return value
 
     def step(self, key: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``'s figures, run once: a re-run after a crash redoes only the unfinished steps."""
-        return self.data[key] if key in self.data else self.put(key, fn())
+        """``fn()``'s figures, run once: a re-run after a crash redoes only the unfinished steps.
+        Each step says when it starts and ends (a full-size run takes hours; the stages' own
+        progress bars go to their captured stderr)."""
+        if key in self.data:
+            return self.data[key]
+        t0 = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {key} ...", file=sys.stderr, flush=True)
+        value = self.put(key, fn())
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        return value
 
 
 # ----------------------------------------------------------------------------- databases and commands
