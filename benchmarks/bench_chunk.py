@@ -98,9 +98,14 @@ def _tree_stats(pid: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str, float]:
+def run_measured(cmd: list[str], env: dict[str, str] | None = None,
+                 rank_anon_mb: dict[str, float] | None = None) -> tuple[float, float, float, float, str, float]:
     """Run ``cmd``; return (wall s, CPU s, peak tree RSS MB, peak single-process RSS MB, stderr,
     peak tree anonymous RSS MB).
+
+    ``rank_anon_mb``: filled with the peak private memory (RssAnon, MB) of each torchrun rank's
+    processes, keyed by the RANK in their environment ("launcher" for processes without one:
+    torchrun's agent, or the whole command when it is not run under torchrun).
 
     Everything is sampled from /proc every 20 ms over the whole process tree (``ru_maxrss``
     would count the pre-exec copy of this process made by fork; forkserver workers are not our
@@ -109,9 +114,10 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str, float
     """
     errf = tempfile.TemporaryFile()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, env=env)
     peak = peak_one = peak_anon = 0
     cpu_ticks: dict[int, int] = {}
+    labels: dict[int, str] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -121,6 +127,15 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str, float
             peak = max(peak, sum(r for _, r, _, _ in stats))
             peak_one = max([peak_one] + [r for _, r, _, _ in stats])
             peak_anon = max(peak_anon, sum(a for _, _, _, a in stats))
+            if rank_anon_mb is not None:
+                now: dict[str, float] = {}
+                for p, _, _, a in stats:
+                    label = labels.get(p) or _rank_of(p)
+                    if label != "launcher":  # (a process forked but not yet exec'd shows its parent's)
+                        labels[p] = label
+                    now[label] = now.get(label, 0.0) + a / 2**20
+                for label, mb in now.items():
+                    rank_anon_mb[label] = max(rank_anon_mb.get(label, 0.0), mb)
             for p, _, ticks, _ in stats:
                 cpu_ticks[p] = max(cpu_ticks.get(p, 0), ticks)
             time.sleep(0.02)
@@ -140,6 +155,17 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float, float, str, float
     # it reaped a second time); a process's last <= 20 ms may be missed
     cpu = sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
     return seconds, cpu, peak / 2**20, peak_one / 2**20, err, peak_anon / 2**20
+
+
+def _rank_of(pid: int) -> str:
+    """The torchrun RANK in ``pid``'s environment, "launcher" where it has none (or is gone)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return "launcher"
+    rank = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+    return rank if rank is not None else "launcher"
 
 
 # ----------------------------------------------------------------------------- the naive baseline

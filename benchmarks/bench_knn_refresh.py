@@ -65,7 +65,7 @@ def cli(*argv: object) -> None:
         raise SystemExit(f"failed: {argv}")
 
 
-def append_embeddings(db: Path, seed: int) -> None:
+def append_embeddings(db: Path, seed: int, dim: int = DIM) -> None:
     """The new chunks' synthetic embeddings as a new shard file per split, the embed stage
     recorded again (same embedder id, a new finish time: the index adds the new vectors)."""
     from chunk_store import ChunkStore
@@ -82,7 +82,7 @@ def append_embeddings(db: Path, seed: int) -> None:
             offset = 10 ** 9 if split == "val" else 0
             files = len(list(paths.embeddings_dir(split).glob("*.npy")))
             atomic_save_npy(paths.embedding_shard(split, files),
-                            synthetic_embeddings(docs[have:] + offset, DIM, seed, files))
+                            synthetic_embeddings(docs[have:] + offset, dim, seed, files))
     embed = manifest["stages"]["embed"]
     time.sleep(1.1)  # the index sees a new embed record by its finish time, to the second
     record_stage(db, "embed", params=embed["params"], started=embed["started"], finished=now_iso(),
