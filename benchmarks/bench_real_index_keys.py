@@ -51,11 +51,13 @@ from index_builder.index.exact_search import ExactSearchConfig, exact_search, re
 from index_builder.index.ivf_build import (ADD_BATCH, CODEC_TRAIN_MAX, OPQ_ITERS, add_assigned,  # noqa: E402
                                            gather_rows, sample_ids, train_coarse)
 from index_builder.index.faiss_params import apply_search_params  # noqa: E402
+from index_builder.index.fast_scan import fast_scan_view  # noqa: E402
 from index_builder.index.plan import OPQ_TRAIN_MAX  # noqa: E402
 from index_builder.knn.exclusion import search_with_exclusion, sequence_doc_ranges  # noqa: E402
 from index_builder.knn.range_exclusion import faiss_range_search, prefer_range_first, selector_pays  # noqa: E402
 from index_builder.knn.ranged_reads import chunk_ranges_of  # noqa: E402
-from index_builder.knn.rerank import pick_rows, reranked, reranked_ranges, take_rows, true_distances  # noqa: E402
+from index_builder.knn.rerank import (default_factor, pick_rows, reranked, reranked_ranges, take_rows,  # noqa: E402
+                                     true_distances)
 from index_builder.knn.tuning import candidate_params, neighbour_recall  # noqa: E402
 
 
@@ -286,8 +288,16 @@ def index_bytes(index: Any) -> int:
 
 def measure(db: Db, index: Any, key: str, factor: int, build: dict[str, Any], args: argparse.Namespace,
             rows: np.ndarray, queries: np.ndarray, exact_d: np.ndarray, start: str) -> Result:
+    """Walk ``index``'s parameter ladder from ``start`` until the target; a plain 4-bit IVF-PQ
+    (the key chooser's) is searched through its fast-scan copy, as knn does; ``factor`` 0: knn's
+    default re-rank for these codes."""
+    size = index_bytes(index)
+    view = fast_scan_view(index)
+    if view is not None:
+        index, build = view, {**build, "searched": "fast-scan copy (index_builder.index.fast_scan)"}
+    factor = factor or default_factor(index)
     final, short, range_first = pipeline(db, index, factor, args.k, args.extra, rows, queries)
-    res = Result(key, factor, build, round(index_bytes(index) / db.ntotal, 1), round(short, 4), range_first)
+    res = Result(key, factor, build, round(size / db.ntotal, 1), round(short, 4), range_first)
     read = lambda ids: take_rows(db.shards, ids)  # noqa: E731
     for param in params_ladder(index, start):
         apply_search_params(index, param)
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", type=Path, required=True, help="a DB with embeddings (opened read-only)")
     ap.add_argument("--work", type=Path, required=True, help="cache of ground truth, centroids and built indexes")
     ap.add_argument("--keys", default="current", help="keys separated by ';' (factory keys contain commas)")
-    ap.add_argument("--rerank", default="1", help="re-rank factors for the keys, ';'-separated, one a key or one for all")
+    ap.add_argument("--rerank", default="0", help="re-rank factors for the keys, ';'-separated, one a key or one "
+                    "for all (0: knn's default for the key's codes)")
     ap.add_argument("--start", default="", help="first ladder step, ';'-separated a key (e.g. nprobe=16)")
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=0, help="the DB's first ROWS vectors only (0: all)")
