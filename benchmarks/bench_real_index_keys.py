@@ -1,7 +1,7 @@
 """Index keys on real text: which one reaches knn's recall target fastest (issue 24).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_real_index_keys.py --db DB --work WORK --threads 1 \
-        --keys current,IVF2048_HNSW32,PQ48x4fs,IVF8192_HNSW32,SQ8
+        --keys "current;OPQ48_384,IVF2048_HNSW32,PQ48x4np;IVF8192_HNSW32,SQ8" --rerank "1;0;1"
 
 Why: on real MiniLM embeddings (docs/BENCHMARKS.md, "bench_scale_real") the index stage's
 ``IVF2048_HNSW32,SQ8`` needs nprobe 64 of 2,048 lists for recall@2 0.95 where the synthetic 1.1M
@@ -23,7 +23,9 @@ Keys: ``current`` (the DB's own index file, read into memory), any faiss factory
 CPU; the centroids of a given nlist are cached in WORK and shared by every codec; an OPQ key
 rotates them, which leaves every nearest centroid unchanged), ``...x4fs`` (4-bit PQ fast scan:
 built as the plain 4-bit IVF-PQ, then converted, since faiss's add_core crashes on fast-scan
-lists) and ``HNSW32`` (flat HNSW over every vector). Built indexes are cached in WORK.
+lists), ``...x4np`` (the key chooser's plain 4-bit IVF-PQ: searched through its fast-scan copy
+as knn does, unless --plain) and ``HNSW32`` (flat HNSW over every vector). Built indexes are
+cached in WORK; the DB is only read.
 """
 
 from __future__ import annotations
@@ -292,9 +294,11 @@ def measure(db: Db, index: Any, key: str, factor: int, build: dict[str, Any], ar
     (the key chooser's) is searched through its fast-scan copy, as knn does; ``factor`` 0: knn's
     default re-rank for these codes."""
     size = index_bytes(index)
-    view = fast_scan_view(index)
+    t = time.perf_counter()
+    view = None if args.plain else fast_scan_view(index)
     if view is not None:
-        index, build = view, {**build, "searched": "fast-scan copy (index_builder.index.fast_scan)"}
+        index, build = view, {**build, "searched": "fast-scan copy (index_builder.index.fast_scan)",
+                              "view_s": round(time.perf_counter() - t, 2)}
     factor = factor or default_factor(index)
     final, short, range_first = pipeline(db, index, factor, args.k, args.extra, rows, queries)
     res = Result(key, factor, build, round(size / db.ntotal, 1), round(short, 4), range_first)
@@ -351,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--per-list", type=int, default=64, help="k-means sample a list")
     ap.add_argument("--train-max", type=int, default=262144, help="k-means sample at most")
+    ap.add_argument("--plain", action="store_true", help="search 4-bit IVF-PQ codes as stored (no fast-scan copy)")
     ap.add_argument("--json", type=Path, help="append the results here (one JSON line a key)")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
