@@ -162,6 +162,30 @@ def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
         Retriever.open(db, rerank=0)
 
 
+def test_retriever_searches_four_bit_codes_by_fast_scan(tmp_path, tmp_path_factory):
+    """The key chooser's 4-bit codes (past --hnsw-max): the Retriever searches their fast-scan
+    copy (index_builder.index.fast_scan), re-ranks 16x the candidates, and returns true, sorted
+    distances."""
+    import faiss
+
+    from index_builder import Retriever
+    from tests.fixtures import shared_db
+
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db)
+    assert run_cli(["index", "--db", db, "--rebuild", "--hnsw-max", 0, "--recall-sample", 100]) == 0
+    assert "x4np" in load_manifest(db)["stages"]["index"]["stats"]["index_key"]
+    emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
+    q = emb[::7][:60]
+    r = Retriever.open(db)
+    assert r.rerank == FOUR_BIT_FACTOR
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(r.index)), faiss.IndexIVFPQFastScan)
+    ids, dist = r.search_embeddings(q, k=3)
+    true = ((emb[ids] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
 def _rss_file_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("RssFile:")) / 1024
