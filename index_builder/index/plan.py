@@ -19,7 +19,7 @@ index took too long to finish (docs/BENCHMARKS.md). The rule here bounds every t
   rotation, wherever they fit the budget (``fast_scan``): knn and the Retriever search them with
   faiss's SIMD fast scan (index_builder.index.fast_scan) and re-rank 16x the candidates by true
   distance; on real text (1.46M MiniLM chunks) that met recall@2 0.95 at the same nprobe as SQ8
-  at 5x SQ8's queries/s, in a tenth of the memory (docs/BENCHMARKS.md, "Index keys on real
+  at 4-5x SQ8's queries/s, in a tenth of the memory (docs/BENCHMARKS.md, "Index keys on real
   text"). Otherwise (``fast_scan=False``, or a budget under dim / 16 bytes) SQ8 (dim bytes a
   vector, recall close to exact, trained by a min/max pass) when it fits, else PQ with the most
   8-bit sub-quantizers that fit;
@@ -131,11 +131,13 @@ def choose_index(n: int, dim: int, max_index_memory: float, current_memory: floa
     quantizer = f"IVF{nlist}_HNSW{HNSW_M}"
     m4 = fast_scan_m(dim) if fast_scan else 0
     if m4 and per_vector >= m4 / 2:
-        return IndexPlan("ivf", f"OPQ{m4}_{dim},{quantizer},PQ{m4}x4np", nlist, train_size, f"PQ{m4}x4", True,
-                         kmeans, m4 / 2 + ID_BYTES,
-                         reason=why_lists + f"{n} > hnsw_max or HNSW over budget; 4-bit PQ{m4} after OPQ "
-                                f"({m4 // 2} B a vector of {per_vector:.0f} available), searched by fast scan "
-                                "and re-ranked: on real text 5x SQ8's queries/s at the same recall")
+        opq4 = dim // m4 >= opq_min_dsub  # 8 dims a sub-quantizer: OPQ at the default (measured: needed)
+        key = (f"OPQ{m4}_{dim}," if opq4 else "") + f"{quantizer},PQ{m4}x4np"
+        return IndexPlan("ivf", key, nlist, train_size, f"PQ{m4}x4", opq4, kmeans, m4 / 2 + ID_BYTES,
+                         reason=why_lists + f"{n} > hnsw_max or HNSW over budget; 4-bit PQ{m4}"
+                                + (" after OPQ" if opq4 else "") + f" ({m4 // 2} B a vector of "
+                                f"{per_vector:.0f} available), searched by fast scan and re-ranked: on "
+                                "real text 4-5x SQ8's queries/s at the same recall")
     if per_vector >= dim:
         return IndexPlan("ivf", f"{quantizer},SQ8", nlist, train_size, "SQ8", False, kmeans, dim + ID_BYTES,
                          reason=why_lists + f"{n} > hnsw_max or HNSW over budget; SQ8 fits "
