@@ -310,7 +310,8 @@ def measure(db: Db, index: Any, key: str, factor: int, build: dict[str, Any], ar
         ids = final()
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         rec = round(neighbour_recall(true_distances(queries, ids, read), exact_d), 4)
-        step = Step(param, rec, round(cpu, 3), round(wall, 3), round(len(queries) / cpu, 1), round(len(queries) / wall, 1))
+        step = Step(param, rec, round(cpu, 3), round(wall, 3), round(len(queries) / cpu, 1),
+                    round(len(queries) / wall, 1))
         res.steps.append(step)
         print(f"{key} x{factor} {param}: recall@{args.k} {rec} {step.qps_cpu:.0f} q/s (CPU) "
               f"{step.qps_wall:.0f} (wall)", file=sys.stderr, flush=True)

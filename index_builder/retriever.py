@@ -112,7 +112,8 @@ class Retriever:
 
     def _rerank_setup(self, rerank: int | None) -> tuple[int, list[np.ndarray] | None]:
         """Candidates a result re-ranked by true distance (index_builder.knn.rerank): as the knn stage,
-        default 4 where the index's codes are 8-bit PQ, 16 for 4-bit; 1 where the embeddings are not on this machine."""
+        default 4 where the index's codes are 8-bit PQ, 16 for 4-bit; 1 where the embeddings are not
+        on this machine."""
         from index_builder.knn.rerank import default_factor
 
         factor = default_factor(self.index) if rerank is None else int(rerank)
