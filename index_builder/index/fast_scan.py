@@ -52,28 +52,44 @@ def is_four_bit_pq(index: Any) -> bool:
 
 
 def fast_scan_view(index: Any, param: str = "") -> Any | None:
-    """A fast-scan copy of a 4-bit IVF-PQ ``index`` (its OPQ transform kept in front), owning
-    everything it holds; None where ``index`` is anything else. The lists, ids and codes are the
-    same, so its candidates are ``index``'s up to fast scan's 8-bit lookup tables (re-ranked by
-    true distance anyway). ``param``: search parameters applied to the copy (the quantizer is
-    copied, so parameters set on ``index`` later do not reach it: apply them to both)."""
+    """A fast-scan copy of a 4-bit IVF-PQ ``index`` (its OPQ transform kept in front, copied),
+    independent of ``index``; None where ``index`` is anything else. The lists, ids and codes are
+    the same, so its candidates are ``index``'s up to fast scan's 8-bit lookup tables (re-ranked by
+    true distance anyway). ``param``: search parameters applied to the copy (default: those set on
+    ``index`` now; later changes to ``index`` do not reach the copy: apply them to both).
+
+    Memory: the lists are copied once (:func:`in_memory_copy`) and packed once, then the unpacked
+    copy is emptied: at most twice the packed lists (m / 2 bytes and an 8-byte id a vector)."""
     import faiss
 
     ivfpq = four_bit_ivfpq(index)
     if ivfpq is None:
         return None
     plain = in_memory_copy(ivfpq)  # faiss's converter crashes on mapped / stacked lists (parts)
-    fast = faiss.IndexIVFPQFastScan(plain)  # shares plain's quantizer: serialised below into its own
+    fast = faiss.IndexIVFPQFastScan(plain)  # copies the codes, packed; shares plain's quantizer
+    plain.invlists.reset()  # the unpacked codes are not needed any more
+    fast.referenced_objects = [plain]  # the quantizer's owner lives as long as the copy
     pre = faiss.downcast_index(index)
-    chain = [faiss.downcast_VectorTransform(pre.chain.at(i)) for i in range(pre.chain.size())] \
-        if isinstance(pre, faiss.IndexPreTransform) else []
-    whole = fast
-    for vt in reversed(chain):
-        whole = faiss.IndexPreTransform(vt, whole)
-    view = faiss.deserialize_index(faiss.serialize_index(whole))  # one object owning its parts
-    del whole, fast
+    view = fast
+    if isinstance(pre, faiss.IndexPreTransform):
+        for i in reversed(range(pre.chain.size())):
+            vt = _copy_transform(pre.chain.at(i))
+            inner = view
+            view = faiss.IndexPreTransform(vt, inner)
+            view.referenced_objects = [vt, inner]
     apply_search_params(view, param or _current_params(index))
     return view
+
+
+def _copy_transform(vt: Any) -> Any:
+    """A copy of a faiss VectorTransform (the OPQ rotation), through faiss's own serialisation."""
+    import faiss
+
+    writer = faiss.VectorIOWriter()
+    faiss.write_VectorTransform(vt, writer)
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(faiss.vector_to_array(writer.data), reader.data)
+    return faiss.read_VectorTransform(reader)
 
 
 def in_memory_copy(ivf: Any) -> Any:
