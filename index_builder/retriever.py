@@ -88,6 +88,12 @@ class Retriever:
         if self.index.d != self.dim:
             raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
         self._apply_knn_tuning()  # the last change to the index's parameters (module docstring)
+        from index_builder.index.fast_scan import fast_scan_view
+
+        # 4-bit PQ codes (the key chooser's past its HNSW range): searched by fast scan, as knn does,
+        # from a copy in memory (m / 2 bytes and an id a vector) with the tuned parameters
+        fast = fast_scan_view(self.index)
+        self.index = self.index if fast is None else fast
         self.rerank, self._train_emb = self._rerank_setup(rerank)
         self.store.blank_table()  # O(vocabulary), here rather than in the first query
         self._content = self.store.content_lookup()  # chunks of only EOS and padding: never returned
@@ -106,7 +112,8 @@ class Retriever:
 
     def _rerank_setup(self, rerank: int | None) -> tuple[int, list[np.ndarray] | None]:
         """Candidates a result re-ranked by true distance (index_builder.knn.rerank): as the knn stage,
-        default 4 where the index's codes are PQ; 1 where the embeddings are not on this machine."""
+        default 4 where the index's codes are 8-bit PQ, 16 for 4-bit; 1 where the embeddings are not
+        on this machine."""
         from index_builder.knn.rerank import default_factor
 
         factor = default_factor(self.index) if rerank is None else int(rerank)

@@ -25,6 +25,7 @@ from index_builder.knn.exclusion import SearchFn
 from index_builder.knn.range_exclusion import RangeSearch
 
 LOSSY_FACTOR = 4  # candidates a final one, where the codes are lossier than SQ8
+FOUR_BIT_FACTOR = 16  # 4-bit PQ (fast scan): x8 needed twice the nprobe on real text (docs/BENCHMARKS.md)
 BLOCK = 64  # query rows re-ranked at a time: the gathered block stays in cache
 
 
@@ -46,8 +47,14 @@ def code_bytes(index: Any) -> int:
 
 
 def default_factor(index: Any) -> int:
-    """:data:`LOSSY_FACTOR` where the codes take under a byte a dimension (PQ, OPQ + PQ, SQ4),
-    else 1 (SQ8, SQfp16, flat: their own distances rank well enough, as the recall check shows)."""
+    """:data:`FOUR_BIT_FACTOR` for 4-bit PQ codes (the key chooser's fast-scan codes: 16
+    dimensions a byte), :data:`LOSSY_FACTOR` where the codes take under a byte a dimension (PQ,
+    OPQ + PQ, SQ4), else 1 (SQ8, SQfp16, flat: their own distances rank well enough, as the
+    recall check shows)."""
+    from index_builder.index.fast_scan import is_four_bit_pq
+
+    if is_four_bit_pq(index):
+        return FOUR_BIT_FACTOR
     return LOSSY_FACTOR if code_bytes(index) < index.d else 1
 
 

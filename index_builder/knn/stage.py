@@ -247,15 +247,23 @@ class KnnStage(Stage[KnnConfig]):
                 raise UserError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
                                 "chunks: re-run index")
 
-            def index_search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-                d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
-                return i.astype(np.int64), d.astype(np.float32)
+            from index_builder.index.fast_scan import fast_scan_view
             from index_builder.knn.range_exclusion import faiss_range_search, prefer_range_first, selector_pays
             from index_builder.knn.rerank import default_factor, reranked, reranked_ranges, take_rows
 
             dev = device_search(self.choice.method, index, train_emb, self.device, self.content, self.say)
+            # 4-bit PQ codes (the key chooser's): faiss searches a fast-scan copy; `index` keeps the
+            # same parameters (AddedChunks reads its nprobe), so the tuner sets both
+            self.fast_view = fast_scan_view(index) if dev is None else None
+            searched = index if self.fast_view is None else self.fast_view
+
+            def index_search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+                d, i = searched.search(np.ascontiguousarray(q, dtype=np.float32), c)
+                return i.astype(np.int64), d.astype(np.float32)
             search = index_search if dev is None else dev.search  # dev: nprobe read from `index`
             self.search_method = self.search_method if dev is None else dev.method
+            if self.fast_view is not None:
+                self.search_method += " (fast scan)"
             self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
             torch_ivf = self.search_method == "torch-ivf"  # true distances; excluded ranges skipped at no cost
             self.rerank = 1 if torch_ivf else self.cfg.rerank or default_factor(index)
@@ -265,7 +273,7 @@ class KnnStage(Stage[KnnConfig]):
             self.short_share = self._short_share(search, train_emb)
             self.range_first = torch_ivf or prefer_range_first(index, self.short_share)
             if self.range_first or selector_pays(index):
-                self.range_search = getattr(dev, "range_search", None) or faiss_range_search(index, threads)
+                self.range_search = getattr(dev, "range_search", None) or faiss_range_search(searched, threads)
                 if self.rerank > 1:
                     self.range_search = reranked_ranges(self.range_search, self.rerank, read, ntotal)
             if self.cfg.target_recall > 0:
@@ -325,7 +333,8 @@ class KnnStage(Stage[KnnConfig]):
         _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
                                   exclude=chunk_ranges_of(ranges, self.train_docs), valid=self.content)
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
-                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall)
+                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall,
+                            also=[v for v in [getattr(self, "fast_view", None)] if v is not None])
         if not tuning.reached:
             self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
                      f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "

@@ -17,7 +17,7 @@ the index and the callables: issue 9's shards tune each shard the same way.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -102,18 +102,21 @@ def tune_search(candidates: list[str], final: Callable[[str], np.ndarray], exact
 
 
 def tune_index(index: Any, final_ids: Callable[[], np.ndarray], exact_d: np.ndarray, queries: np.ndarray,
-               read: Callable[[np.ndarray], np.ndarray], target: float) -> Tuning:
+               read: Callable[[np.ndarray], np.ndarray], target: float, also: Sequence[Any] = ()) -> Tuning:
     """:func:`tune_search` over the index's candidates, leaving the chosen setting applied.
 
     ``final_ids()`` -> the sample's final neighbour ids with the index as currently set;
-    ``read(sorted ids)`` -> their stored vectors."""
+    ``read(sorted ids)`` -> their stored vectors; ``also``: copies of the index that take the
+    same parameters (the fast-scan copy knn searches: index_builder.index.fast_scan)."""
     def final(param: str) -> np.ndarray:
-        apply_search_params(index, param)
+        for each in (index, *also):
+            apply_search_params(each, param)
         return final_ids()
 
     from index_builder.knn.rerank import true_distances
 
     tuning = tune_search(candidate_params(index), final, exact_d,
                          lambda ids: true_distances(queries, ids, read), target)
-    apply_search_params(index, tuning.param)
+    for each in (index, *also):
+        apply_search_params(each, tuning.param)
     return tuning

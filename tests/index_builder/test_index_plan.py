@@ -28,9 +28,10 @@ GB = 2 ** 30
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 2 * 10 ** 10), dim=st.sampled_from([32, 128, 384, 768, 1024]),
        mem=st.floats(0.25, 512), cur=st.floats(1, 256), hnsw_max=st.integers(0, 4 * 10 ** 6),
-       per_centroid=st.integers(39, 256))
-def test_chooser_rule(n, dim, mem, cur, hnsw_max, per_centroid):
-    plan = choose_index(n, dim, mem * GB, cur * GB, hnsw_max=hnsw_max, per_centroid=per_centroid)
+       per_centroid=st.integers(39, 256), fast_scan=st.booleans())
+def test_chooser_rule(n, dim, mem, cur, hnsw_max, per_centroid, fast_scan):
+    plan = choose_index(n, dim, mem * GB, cur * GB, hnsw_max=hnsw_max, per_centroid=per_centroid,
+                        fast_scan=fast_scan)
     if n <= hnsw_max and hnsw_bytes(n, dim) <= mem * GB:
         assert plan.builder == "autofaiss" and plan.key is None  # HNSW range: no training at all
         return
@@ -42,7 +43,13 @@ def test_chooser_rule(n, dim, mem, cur, hnsw_max, per_centroid):
     assert plan.train_size >= min(n, 39 * plan.nlist, KMEANS_SAMPLE_MAX)
     assert plan.kmeans == ("two-level" if plan.nlist >= 65536 else "flat")
     assert f"nlist {plan.nlist}" in plan.reason and f"on {plan.train_size} sampled vectors" in plan.reason
-    if plan.codec == "SQ8":
+    fast_fits = n * (dim / 16 + 8) + plan.nlist * (4 * dim + 256) <= mem * GB
+    # 4-bit fast-scan codes wherever they fit (dim / 8 sub-quantizers after OPQ), unless turned off
+    assert (plan.codec == f"PQ{dim // 8}x4") == (fast_scan and fast_fits)
+    if plan.codec.endswith("x4"):
+        assert plan.opq and plan.key == f"OPQ{dim // 8}_{dim},IVF{plan.nlist}_HNSW32,PQ{dim // 8}x4np"
+        assert plan.bytes_per_vector == dim / 16 + 8 and "fast scan" in plan.reason
+    elif plan.codec == "SQ8":
         assert not plan.opq and plan.key.endswith(",SQ8")
     else:
         m = int(plan.codec.removeprefix("PQ").removesuffix("x8"))
@@ -92,13 +99,34 @@ def test_two_level_kmeans_trains_the_coarse_centroids():
 
 def test_chooser_on_the_issues_sizes():
     """4M and 16M chunks of 384 dims with --max-index-memory 2G: no OPQ256_512, no HNSW."""
-    four = choose_index(4_000_000, 384, parse_memory("2G"), parse_memory("8G"))
+    four = choose_index(4_000_000, 384, parse_memory("2G"), parse_memory("8G"), fast_scan=False)
     assert four.key == "IVF4096_HNSW32,SQ8" and four.train_size == 4096 * 64
-    sixteen = choose_index(16_000_000, 384, parse_memory("2G"), parse_memory("8G"))
+    sixteen = choose_index(16_000_000, 384, parse_memory("2G"), parse_memory("8G"), fast_scan=False)
     assert sixteen.key.startswith("IVF8192_HNSW32,PQ") and not sixteen.opq
+    # the default: 4-bit codes searched by fast scan (index_builder.index.fast_scan), 32 B a vector
+    assert choose_index(4_000_000, 384, parse_memory("2G"), parse_memory("8G")).key == \
+        "OPQ48_384,IVF4096_HNSW32,PQ48x4np"
+    assert choose_index(16_000_000, 384, parse_memory("2G"), parse_memory("8G")).key == \
+        "OPQ48_384,IVF8192_HNSW32,PQ48x4np"
     assert choose_index(1_000_000, 384, parse_memory("2G"), parse_memory("8G")).builder == "autofaiss"
     with pytest.raises(UserError, match="not a memory size"):
         parse_memory("lots")
+
+
+def test_chooser_picks_fast_scan_codes_on_the_real_text_db_and_falls_back():
+    """The Linux sweep's largest DB (1,458,375 MiniLM chunks, --max-index-memory 4G) built
+    IVF2048_HNSW32,SQ8 and knn ran at a fifth of the speed 4-bit fast-scan codes reach at the same
+    recall (docs/BENCHMARKS.md, "Index keys on real text"): the chooser now picks those; SQ8 stays
+    where fast scan cannot pack the codes (dim not a multiple of 16), 8-bit PQ where even 4-bit
+    codes over dim / 8 sub-quantizers exceed the budget."""
+    real = choose_index(1_458_375, 384, parse_memory("4G"), parse_memory("16G"))
+    assert real.key == "OPQ48_384,IVF2048_HNSW32,PQ48x4np" and real.codec == "PQ48x4" and real.opq
+    assert "fast scan" in real.reason and real.bytes_per_vector == 32
+    assert choose_index(1_458_375, 100, parse_memory("4G"), parse_memory("16G")).key == "IVF2048_HNSW32,SQ8"
+    tight = choose_index(1_458_375, 384, 1_458_375 * 30 + 2048 * (4 * 384 + 256), parse_memory("16G"))
+    assert tight.codec.endswith("x8") and tight.key.endswith("x8np")  # 24 + 8 B do not fit: 8-bit PQ
+    assert choose_index(1_458_375, 384, parse_memory("4G"), parse_memory("16G"), fast_scan=False).key == \
+        "IVF2048_HNSW32,SQ8"
 
 
 def planted(n: int = 3000, k: int = 12, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +222,7 @@ def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
     assert run_cli(["index", "--db", db, "--hnsw-max", 0, "--recall-sample", 200, "--threads", 2]) == 0
     stats = load_manifest(db)["stages"]["index"]["stats"]
     assert stats["plan"]["builder"] == "ivf" and stats["index_key"] == stats["plan"]["key"]
-    assert stats["index_key"].startswith(f"IVF{stats['plan']['nlist']}_HNSW32,SQ8")
+    assert stats["index_key"] == f"OPQ4_32,IVF{stats['plan']['nlist']}_HNSW32,PQ4x4np"  # 4-bit: fast scan
     exact_db = tmp_path / "exact"
     shutil.copytree(db, exact_db)
     assert run_cli(["knn", "--db", db, "--k", 2, "--device", "cpu", "--target-recall", 0.95]) == 0
@@ -202,9 +230,10 @@ def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
     assert knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
     assert knn["tuning"][0][1] < 0.95  # the cheapest setting misses: the tuning did something
     assert knn["search_params"] == knn["tuning"][-1][0]
+    assert knn["search"]["method"].endswith("(fast scan)") and knn["rerank"] == 16  # 4-bit codes
     assert 0 <= knn["exclusion_search"]["short_share"] <= 1  # decides range-first (range_exclusion)
     assert run_cli(["knn", "--db", exact_db, "--k", 2, "--device", "cpu", "--exact"]) == 0
-    # the index's distances are SQ8 approximations: judge its neighbours by their true distances
+    # the index's distances are the codes' approximations: judge its neighbours by their true distances
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
     ids = load_neighbours(db, "train")[0]
     got = np.where(ids >= 0, ((emb[np.clip(ids, 0, None)] - emb[:, None, :]) ** 2).sum(-1), np.inf)

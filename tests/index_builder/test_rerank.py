@@ -15,14 +15,16 @@ from hypothesis import strategies as st
 from chunk_store.manifest import load_manifest
 from chunk_store.neighbour_shards import load_neighbours
 from index_builder.embed.stage import open_embeddings
-from index_builder.knn.rerank import (LOSSY_FACTOR, code_bytes, default_factor, pick_rows, release_pages, rerank,
-                                  reranked, take_rows)
+from index_builder.knn.rerank import (FOUR_BIT_FACTOR, LOSSY_FACTOR, code_bytes, default_factor, pick_rows,
+                                  release_pages, rerank, reranked, take_rows)
 from tests.fixtures import clustered_db, float16_shards, run_cli
 
 
 @pytest.mark.parametrize("key,factor", [("Flat", 1), ("HNSW16", 1), ("IVF8,SQ8", 1), ("IVF8_HNSW32,SQ8", 1),
                                         ("IVF8,SQfp16", 1), ("IVF8,PQ8x8np", LOSSY_FACTOR), ("PQ4", LOSSY_FACTOR),
-                                        ("OPQ4_32,IVF8_HNSW32,PQ4x8np", LOSSY_FACTOR), ("IVF8,SQ4", LOSSY_FACTOR)])
+                                        ("OPQ4_32,IVF8_HNSW32,PQ4x8np", LOSSY_FACTOR), ("IVF8,SQ4", LOSSY_FACTOR),
+                                        ("OPQ4_32,IVF8_HNSW32,PQ4x4np", FOUR_BIT_FACTOR),
+                                        ("IVF8,PQ8x4fs", FOUR_BIT_FACTOR)])
 def test_default_factor_by_bytes_a_dimension(key, factor):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 32)).astype(np.float32)
@@ -86,7 +88,8 @@ def test_pick_rows_across_shards_and_release_pages(tmp_path):
 
 
 def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
-    """A memory budget that leaves PQ codes (4 bytes for 32 dims): the index stage reports the
+    """A memory budget that leaves PQ codes (4-bit fast-scan codes, 2 bytes for 32 dims: the
+    chooser's past its HNSW range): the index stage reports the
     recall the knn stage will see (re-ranked) beside the raw codes'; knn re-ranks by default
     and reaches recall@2 0.95 of its final neighbours, and its distances are the true ones;
     the same DB with --rerank 1 stays far below at every nprobe (the codes cannot order a
@@ -95,13 +98,14 @@ def test_knn_on_pq_codes_reaches_the_target_by_reranking(tmp_path):
     assert run_cli(["index", "--db", db, "--hnsw-max", 0, "--max-index-memory", "60K",
                     "--recall-sample", 200, "--threads", 2]) == 0
     stats = load_manifest(db)["stages"]["index"]["stats"]
-    assert "PQ4x8" in stats["index_key"] and stats["rerank"] == LOSSY_FACTOR
+    assert "PQ4x4" in stats["index_key"] and stats["rerank"] == FOUR_BIT_FACTOR
     assert stats["recall"]["recall@2"] >= 0.95 > stats["recall"]["raw_recall@2"]
     codes_only = tmp_path / "codes_only"
     shutil.copytree(db, codes_only)
     assert run_cli(["knn", "--db", db, "--k", 2, "--device", "cpu", "--threads", 2]) == 0
     knn = load_manifest(db)["stages"]["knn"]["stats"]
-    assert knn["rerank"] == LOSSY_FACTOR and knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
+    assert knn["rerank"] == FOUR_BIT_FACTOR and knn["recall"]["reached"] and knn["recall"]["recall@2"] >= 0.95
+    assert knn["search"]["method"].endswith("(fast scan)")
     emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
     ids, dist = load_neighbours(db, "train")
     true = np.where(ids >= 0, ((emb[np.clip(ids, 0, None)] - emb[:, None, :]) ** 2).sum(-1), np.inf)
@@ -156,6 +160,30 @@ def test_retriever_reranks_pq_codes_as_knn_does(tmp_path, tmp_path_factory):
     assert true.sum() <= p_true.sum() + 1e-5
     with pytest.raises(ValueError, match="rerank"):
         Retriever.open(db, rerank=0)
+
+
+def test_retriever_searches_four_bit_codes_by_fast_scan(tmp_path, tmp_path_factory):
+    """The key chooser's 4-bit codes (past --hnsw-max): the Retriever searches their fast-scan
+    copy (index_builder.index.fast_scan), re-ranks 16x the candidates, and returns true, sorted
+    distances."""
+    import faiss
+
+    from index_builder import Retriever
+    from tests.fixtures import shared_db
+
+    db = tmp_path / "db"
+    shutil.copytree(shared_db(tmp_path_factory), db)
+    assert run_cli(["index", "--db", db, "--rebuild", "--hnsw-max", 0, "--recall-sample", 100]) == 0
+    assert "x4np" in load_manifest(db)["stages"]["index"]["stats"]["index_key"]
+    emb = np.concatenate(open_embeddings(db, "train")).astype(np.float32)
+    q = emb[::7][:60]
+    r = Retriever.open(db)
+    assert r.rerank == FOUR_BIT_FACTOR
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(r.index)), faiss.IndexIVFPQFastScan)
+    ids, dist = r.search_embeddings(q, k=3)
+    true = ((emb[ids] - q[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
 
 
 def _rss_file_mb() -> float:

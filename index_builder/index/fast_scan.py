@@ -1,0 +1,134 @@
+"""4-bit IVF-PQ codes searched with faiss's SIMD fast scan: the stored index stays a plain IVF-PQ.
+
+Why: on real text (MiniLM embeddings of kernel C, 1.46M chunks) knn's recall target needs nprobe
+64 of 2,048 lists, ~45k codes scanned a query; scanning SQ8 codes (384 bytes) made knn run 249
+queries/s on one core, where 4-bit PQ codes (dim / 16 bytes after an OPQ rotation) scanned by
+``IndexIVFPQFastScan`` and re-ranked by true distance reach the same recall 5x faster
+(docs/BENCHMARKS.md, "Index keys on real text").
+
+Why a view built at load time rather than a fast-scan key on disk: faiss 1.13's fast-scan lists
+are packed 32 vectors a block, and its ``add_core`` / ``add_sa_codes`` with preassigned lists
+corrupt the heap on them (the index build assigns lists itself: index_builder.index.ivf_build),
+the parts layout's on-disk lists (index_builder.index.parts) copy ``n x code_size`` bytes a list,
+and autofaiss cannot tune a fast-scan key. A plain ``PQ{m}x4`` IVF has none of these problems;
+``IndexIVFPQFastScan(ivfpq)`` packs its codes into a fast-scan copy in memory (m / 2 bytes a
+vector plus its id: 32 bytes at 384 dims) in about a second a million vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from index_builder.index.faiss_params import apply_search_params
+
+
+def four_bit_ivfpq(index: Any) -> Any | None:
+    """The IndexIVFPQ inside ``index`` (bare or under an OPQ pre-transform) when its codes are
+    4-bit, which fast scan can search; else None (SQ8, 8-bit PQ, flat, HNSW, fast scan already)."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ) and int(ivf.pq.nbits) == 4:
+        return ivf
+    return None
+
+
+def is_four_bit_pq(index: Any) -> bool:
+    """Whether ``index``'s IVF codes are 4-bit PQ (plain or fast scan): the re-rank needs more
+    candidates than for 8-bit codes (index_builder.knn.rerank.default_factor)."""
+    import faiss
+
+    if four_bit_ivfpq(index) is not None:
+        return True
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return False
+    return isinstance(ivf, faiss.IndexIVFPQFastScan) and int(ivf.pq.nbits) == 4
+
+
+def fast_scan_view(index: Any, param: str = "") -> Any | None:
+    """A fast-scan copy of a 4-bit IVF-PQ ``index`` (its OPQ transform kept in front, copied),
+    independent of ``index``; None where ``index`` is anything else. The lists, ids and codes are
+    the same, so its candidates are ``index``'s up to fast scan's 8-bit lookup tables (re-ranked by
+    true distance anyway). ``param``: search parameters applied to the copy (default: those set on
+    ``index`` now; later changes to ``index`` do not reach the copy: apply them to both).
+
+    Memory: the lists are copied once (:func:`in_memory_copy`) and packed once, then the unpacked
+    copy is emptied: at most twice the packed lists (m / 2 bytes and an 8-byte id a vector)."""
+    import faiss
+
+    ivfpq = four_bit_ivfpq(index)
+    if ivfpq is None:
+        return None
+    plain = in_memory_copy(ivfpq)  # faiss's converter crashes on mapped / stacked lists (parts)
+    fast = faiss.IndexIVFPQFastScan(plain)  # copies the codes, packed; shares plain's quantizer
+    plain.invlists.reset()  # the unpacked codes are not needed any more
+    fast.referenced_objects = [plain]  # the quantizer's owner lives as long as the copy
+    pre = faiss.downcast_index(index)
+    view = fast
+    if isinstance(pre, faiss.IndexPreTransform):
+        for i in reversed(range(pre.chain.size())):
+            vt = _copy_transform(pre.chain.at(i))
+            inner = view
+            view = faiss.IndexPreTransform(vt, inner)
+            view.referenced_objects = [vt, inner]
+    apply_search_params(view, param or _current_params(index))
+    return view
+
+
+def _copy_transform(vt: Any) -> Any:
+    """A copy of a faiss VectorTransform (the OPQ rotation), through faiss's own serialisation."""
+    import faiss
+
+    writer = faiss.VectorIOWriter()
+    faiss.write_VectorTransform(vt, writer)
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(faiss.vector_to_array(writer.data), reader.data)
+    return faiss.read_VectorTransform(reader)
+
+
+def in_memory_copy(ivf: Any) -> Any:
+    """A copy of the IVF ``ivf`` whose lists are plain in-memory arrays, whatever ``ivf``'s are
+    (a parts index: on-disk lists, memory-mapped, stacked); ``ivf`` is left as it was. Its lists
+    are swapped out for empty ones while it is cloned (faiss's clone cannot copy mapped lists),
+    then every list's ids and codes are copied, one list at a time."""
+    import faiss
+
+    own, lists = ivf.own_invlists, ivf.invlists
+    ivf.own_invlists = False  # replace_invlists deletes the lists it replaces when it owns them
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)  # held here: ivf does not own it
+    ivf.replace_invlists(empty, False)
+    try:
+        copy = faiss.clone_index(ivf)  # faiss downcasts it (a downcast proxy would not own it)
+    finally:
+        ivf.replace_invlists(lists, own)
+    target = copy.invlists
+    for l in range(ivf.nlist):
+        n = lists.list_size(l)
+        if not n:
+            continue
+        ids, codes = lists.get_ids(l), lists.get_codes(l)
+        try:
+            target.add_entries(l, n, ids, codes)
+        finally:
+            lists.release_ids(l, ids)
+            lists.release_codes(l, codes)
+    copy.ntotal = ivf.ntotal
+    return copy
+
+
+def _current_params(index: Any) -> str:
+    """``index``'s nprobe (and its HNSW quantizer's efSearch) as a ParameterSpace string."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    out = f"nprobe={int(ivf.nprobe)}"
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        out += f",quantizer_efSearch={int(quantizer.hnsw.efSearch)}"
+    return out
