@@ -17,9 +17,37 @@ vector plus its id: 32 bytes at 384 dims) in about a second a million vectors.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from index_builder.index.faiss_params import apply_search_params
+
+log = logging.getLogger(__name__)
+
+# The copy lives in RAM, where the stored lists are memory-mapped: past this many bytes (the peak
+# of packing: the unpacked and the packed lists, about 2 x (m / 2 + 8) bytes a vector) the stored
+# codes are searched as they are, slower but in bounded memory. 16 GiB is ~250M vectors at 384
+# dims; RETRO_FAST_SCAN_MAX_GB overrides it (0: never build the copy).
+FAST_SCAN_MAX_BYTES = 16 << 30
+
+
+def fast_scan_budget() -> int:
+    """The copy's byte budget: RETRO_FAST_SCAN_MAX_GB (GiB) where set, else FAST_SCAN_MAX_BYTES."""
+    raw = os.environ.get("RETRO_FAST_SCAN_MAX_GB")
+    if raw is None:
+        return FAST_SCAN_MAX_BYTES
+    try:
+        return int(float(raw) * (1 << 30))
+    except ValueError:
+        from chunk_store.framework.errors import UserError
+
+        raise UserError(f"RETRO_FAST_SCAN_MAX_GB must be a number of GiB, not {raw!r}") from None
+
+
+def fast_scan_bytes(ivfpq: Any) -> int:
+    """The peak bytes of building the copy of the 4-bit IVF-PQ ``ivfpq`` (see FAST_SCAN_MAX_BYTES)."""
+    return 2 * int(ivfpq.ntotal) * (int(ivfpq.code_size) + 8)
 
 
 def four_bit_ivfpq(index: Any) -> Any | None:
@@ -51,7 +79,7 @@ def is_four_bit_pq(index: Any) -> bool:
     return isinstance(ivf, faiss.IndexIVFPQFastScan) and int(ivf.pq.nbits) == 4
 
 
-def fast_scan_view(index: Any, param: str = "") -> Any | None:
+def fast_scan_view(index: Any, param: str = "", max_bytes: int | None = None) -> Any | None:
     """A fast-scan copy of a 4-bit IVF-PQ ``index`` (its OPQ transform kept in front, copied),
     independent of ``index``; None where ``index`` is anything else. The lists, ids and codes are
     the same, so its candidates are ``index``'s up to fast scan's 8-bit lookup tables (re-ranked by
@@ -59,11 +87,20 @@ def fast_scan_view(index: Any, param: str = "") -> Any | None:
     ``index`` now; later changes to ``index`` do not reach the copy: apply them to both).
 
     Memory: the lists are copied once (:func:`in_memory_copy`) and packed once, then the unpacked
-    copy is emptied: at most twice the packed lists (m / 2 bytes and an 8-byte id a vector)."""
+    copy is emptied: at most twice the packed lists (m / 2 bytes and an 8-byte id a vector).
+    Past ``max_bytes`` (default :func:`fast_scan_budget`) no copy is made (None, one log line):
+    the caller searches ``index``'s memory-mapped codes."""
     import faiss
 
     ivfpq = four_bit_ivfpq(index)
     if ivfpq is None:
+        return None
+    budget = fast_scan_budget() if max_bytes is None else max_bytes
+    need = fast_scan_bytes(ivfpq)
+    if need > budget:
+        log.warning("fast scan: the in-memory copy of %d vectors would take %.1f GiB, over the %.1f GiB "
+                    "budget (RETRO_FAST_SCAN_MAX_GB): searching the stored 4-bit codes as they are "
+                    "(slower, in bounded memory)", ivfpq.ntotal, need / (1 << 30), budget / (1 << 30))
         return None
     plain = in_memory_copy(ivfpq)  # faiss's converter crashes on mapped / stacked lists (parts)
     fast = faiss.IndexIVFPQFastScan(plain)  # copies the codes, packed; shares plain's quantizer

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from chunk_store.framework.errors import UserError
 from index_builder.index.faiss_params import apply_search_params
 from index_builder.index.fast_scan import fast_scan_view, in_memory_copy, is_four_bit_pq
 from index_builder.knn.range_exclusion import faiss_range_search, supports_selector
@@ -94,3 +95,22 @@ def test_tuning_sets_the_copy_too():
     tuning = tune_index(index, final, exact_d, x[:20], lambda u: x[u], 0.5, also=[view])
     assert all(a == b for a, b in seen) and len(seen) == len(tuning.tried)
     assert faiss.extract_index_ivf(index).nprobe == faiss.extract_index_ivf(view).nprobe
+
+
+def test_no_copy_past_the_memory_budget(monkeypatch, caplog):
+    """The copy is RAM where the stored lists are mapped: past its budget none is made (the
+    caller searches the stored codes), and RETRO_FAST_SCAN_MAX_GB sets the budget."""
+    from index_builder.index.fast_scan import fast_scan_budget, fast_scan_bytes, four_bit_ivfpq
+
+    index, _ = filled("IVF16,PQ8x4", n=2000)
+    need = fast_scan_bytes(four_bit_ivfpq(index))
+    assert need == 2 * 2000 * (4 + 8)
+    assert fast_scan_view(index, max_bytes=need) is not None
+    with caplog.at_level("WARNING"):
+        assert fast_scan_view(index, max_bytes=need - 1) is None
+    assert "budget" in caplog.text
+    monkeypatch.setenv("RETRO_FAST_SCAN_MAX_GB", "0")
+    assert fast_scan_budget() == 0 and fast_scan_view(index) is None
+    monkeypatch.setenv("RETRO_FAST_SCAN_MAX_GB", "lots")
+    with pytest.raises(UserError, match="RETRO_FAST_SCAN_MAX_GB"):
+        fast_scan_budget()
