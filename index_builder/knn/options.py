@@ -61,5 +61,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train chunks the recall is measured on")
     g.add_argument("--rerank", type=int, default=d.rerank,
                    help="ask the index for this many times the candidates and keep the nearest by true "
-                        "distance, read from the stored embeddings (default: 4 where the index's codes "
+                        "distance, read from the stored embeddings (default: 16 for 4-bit PQ codes, 4 where the index's codes "
                         "take under a byte a dimension, e.g. PQ; 1 = the codes' own order)")
