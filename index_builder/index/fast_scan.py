@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from index_builder.index.faiss_params import apply_search_params
 
@@ -63,6 +65,15 @@ def four_bit_ivfpq(index: Any) -> Any | None:
     if isinstance(ivf, faiss.IndexIVFPQ) and int(ivf.pq.nbits) == 4:
         return ivf
     return None
+
+
+def index_search(index: Any) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """``index.search`` as knn's searches take it: (queries, c) -> (int64 ids, float32 distances)."""
+
+    def search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+        d, i = index.search(np.ascontiguousarray(q, dtype=np.float32), c)
+        return i.astype(np.int64), d.astype(np.float32)
+    return search
 
 
 def is_four_bit_pq(index: Any) -> bool:

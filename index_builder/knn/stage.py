@@ -17,9 +17,8 @@ while N*N*dim is small, else a torch IVF search over the index's lists (index_bu
 After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
 and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
 searching only the added chunks and merging them into each old row's list (the same exclusions;
-index_builder.knn.incremental, index_builder.knn.added_search), when the old rows were found
-under the same rule by the same trained index, else it re-searches every row; ``--refresh full``
-always re-searches every row.
+index_builder.knn.incremental, index_builder.knn.added_search), when the old rows were found under
+the same rule by the same trained index, else it re-searches every row (as ``--refresh full``).
 
 Work is cut into shards of queries (``DB/<split>/knn_shards/``), spread over torchrun ranks,
 each written atomically: a re-run redoes only the missing shards; rank 0 then writes the
@@ -247,23 +246,17 @@ class KnnStage(Stage[KnnConfig]):
                 raise UserError(f"knn: the index holds {index.ntotal} vectors but train has {ntotal} "
                                 "chunks: re-run index")
 
-            from index_builder.index.fast_scan import fast_scan_view
+            from index_builder.index.fast_scan import fast_scan_view, index_search
             from index_builder.knn.range_exclusion import faiss_range_search, prefer_range_first, selector_pays
             from index_builder.knn.rerank import default_factor, reranked, reranked_ranges, take_rows
 
             dev = device_search(self.choice.method, index, train_emb, self.device, self.content, self.say)
-            # 4-bit PQ codes (the key chooser's): faiss searches a fast-scan copy; `index` keeps the
-            # same parameters (AddedChunks reads its nprobe), so the tuner sets both
+            # 4-bit PQ codes: a fast-scan copy searched; the tuner sets both (AddedChunks reads index's nprobe)
             self.fast_view = fast_scan_view(index) if dev is None else None
             searched = index if self.fast_view is None else self.fast_view
-
-            def index_search(q: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-                d, i = searched.search(np.ascontiguousarray(q, dtype=np.float32), c)
-                return i.astype(np.int64), d.astype(np.float32)
-            search = index_search if dev is None else dev.search  # dev: nprobe read from `index`
-            self.search_method = self.search_method if dev is None else dev.method
-            if self.fast_view is not None:
-                self.search_method += " (fast scan)"
+            search = index_search(searched) if dev is None else dev.search  # dev: nprobe read from `index`
+            self.search_method = (dev.method if dev is not None else
+                                  self.search_method + (" (fast scan)" if self.fast_view is not None else ""))
             self.index, self.raw_search = index, search  # the index alone (benchmarks compare with it)
             torch_ivf = self.search_method == "torch-ivf"  # true distances; excluded ranges skipped at no cost
             self.rerank = 1 if torch_ivf else self.cfg.rerank or default_factor(index)
@@ -332,9 +325,9 @@ class KnnStage(Stage[KnnConfig]):
         ranges = sequence_doc_ranges(self.train_docs, self.train_seq_starts, self.chunks_per_seq, rows)
         _, exact_d = exact_search(queries, train_emb, self.cfg.k, exact_cfg,
                                   exclude=chunk_ranges_of(ranges, self.train_docs), valid=self.content)
+        also = [v for v in [getattr(self, "fast_view", None)] if v is not None]  # set on the copy too
         tuning = tune_index(index, lambda: self._final_train(search, queries, rows, self.range_search)[0],
-                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall,
-                            also=[v for v in [getattr(self, "fast_view", None)] if v is not None])
+                            exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall, also=also)
         if not tuning.reached:
             self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
                      f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "

@@ -117,7 +117,7 @@ def test_two_ranks_end_with_the_neighbours_of_one(tmp_path):
                    "--add-to", "", "--hnsw-max", "500", "--threads", "2", "--no-write", "--json", str(out)]) == 0
     one, two = json.loads(out.read_text())["ranks"]
     assert (one["ranks"], two["ranks"]) == (1, 2)
-    assert one["index"]["index_key"].startswith("IVF") and one["index"]["index_key"] == two["index"]["index_key"]
+    assert "IVF" in one["index"]["index_key"] and one["index"]["index_key"] == two["index"]["index_key"]
     assert one["index"]["parts"] == 1 and one["index"].get("merge") is None
     merge = two["index"].get("merge")
     if merge:  # `index --merge-parts auto`, where the CLI has it: the ranks' parts merged into one
