@@ -59,7 +59,7 @@ def four_bit_ivfpq(index: Any) -> Any | None:
 
     try:
         ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # not an IVF; not a faiss index (a test's stand-in)
         return None
     ivf = faiss.downcast_index(ivf)
     if isinstance(ivf, faiss.IndexIVFPQ) and int(ivf.pq.nbits) == 4:
@@ -85,7 +85,7 @@ def is_four_bit_pq(index: Any) -> bool:
         return True
     try:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         return False
     return isinstance(ivf, faiss.IndexIVFPQFastScan) and int(ivf.pq.nbits) == 4
 

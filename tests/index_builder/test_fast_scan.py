@@ -114,3 +114,30 @@ def test_no_copy_past_the_memory_budget(monkeypatch, caplog):
     monkeypatch.setenv("RETRO_FAST_SCAN_MAX_GB", "lots")
     with pytest.raises(UserError, match="RETRO_FAST_SCAN_MAX_GB"):
         fast_scan_budget()
+
+
+def test_the_index_stage_recall_check_searches_the_fast_scan_copy(tmp_path, monkeypatch):
+    """The index stage's recall check measures the 4-bit codes as knn searches them (the
+    fast-scan copy), not the plain codes' slower path."""
+    from index_builder.embed.stage import open_embeddings
+    from index_builder.index import fast_scan
+    from index_builder.index.recall import measure_recall
+    from tests.fixtures import clustered_db
+
+    db = clustered_db(tmp_path / "db", n_docs=40, dim=32)
+    x = np.concatenate([np.asarray(s, np.float32) for s in open_embeddings(db, "train")])
+    index = faiss.index_factory(32, "OPQ4_32,IVF16_HNSW32,PQ4x4np")
+    index.train(x)
+    index.add(x)
+    apply_search_params(index, "nprobe=16")
+    searched = []
+    real_view = fast_scan.fast_scan_view
+
+    def spy(ix, *a, **kw):
+        view = real_view(ix, *a, **kw)
+        searched.append(view)
+        return view
+    monkeypatch.setattr(fast_scan, "fast_scan_view", spy)
+    recall = measure_recall(db, index, sample=100, rerank=16)
+    assert len(searched) == 1 and searched[0] is not None
+    assert recall["recall@2"] >= 0.9 and recall["raw_recall@2"] <= recall["recall@2"]

@@ -409,6 +409,23 @@ def test_paper_rule_for_cca_layers():
     assert small_cfg(depth=5, cca_layers=None).resolved_cca_layers == []
 
 
+def trained_per_position_loss(model: RETRO, batch, steps: int) -> torch.Tensor:
+    """Train ``model`` on ``batch()`` (tokens, neighbours) for ``steps`` AdamW steps at lr 3e-3,
+    then its mean loss at each position on a fresh batch of 64."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        tok, nbrs = batch()
+        loss = F.cross_entropy(model(tok[:, :-1], nbrs).flatten(0, 1), tok[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tok, nbrs = batch(64)
+    with torch.no_grad():
+        return F.cross_entropy(model(tok[:, :-1], nbrs).transpose(1, 2), tok[:, 1:], reduction="none").mean(0)
+
+
 @pytest.mark.slow
 def test_learns_to_copy_the_continuation_from_its_neighbour():
     """End to end: random tokens are unpredictable, but chunk u's neighbour carries chunk u + 1 as
@@ -423,7 +440,6 @@ def test_learns_to_copy_the_continuation_from_its_neighbour():
                       enc_dim=48, enc_depth=1, enc_heads=4, enc_dim_head=12, chunk_size=m, num_neighbours=1)
     torch.manual_seed(0)
     model = RETRO(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     n = 8 * m
 
     def batch(b: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,15 +448,7 @@ def test_learns_to_copy_the_continuation_from_its_neighbour():
         following = F.pad(tok[:, m:], (0, m - 1), value=0).reshape(b, n // m, m)  # true next chunk
         return tok, torch.cat([chunks, following], dim=-1)[:, :, None]
 
-    for _ in range(200):
-        tok, nbrs = batch()
-        loss = F.cross_entropy(model(tok[:, :-1], nbrs).flatten(0, 1), tok[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    tok, nbrs = batch(64)
-    with torch.no_grad():
-        per_pos = F.cross_entropy(model(tok[:, :-1], nbrs).transpose(1, 2), tok[:, 1:], reduction="none").mean(0)
+    per_pos = trained_per_position_loss(model, batch, steps=200)
     assert per_pos[: m - 1].min() > 0.8 * math.log(v - 1)   # before chunk 0 ends: chance
     assert per_pos[m - 1:].mean() < 1.0                       # copied from the continuation
 
@@ -454,14 +462,11 @@ def test_learns_to_copy_a_shifted_continuation():
     far": on real text it does not, at 1,200 steps)."""
     import math
 
-    import torch.nn.functional as F
-
     m, v, n = 16, 64, 128
     cfg = RetroConfig(vocab_size=v, pad_id=0, dim=64, depth=4, heads=4, dim_head=16, cca_layers=[2, 4],
                       enc_dim=64, enc_depth=2, enc_heads=2, enc_dim_head=32, chunk_size=m, num_neighbours=1)
     torch.manual_seed(0)
     model = RETRO(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     chunks = n // m
 
     def batch(b: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,14 +477,6 @@ def test_learns_to_copy_a_shifted_continuation():
         nbrs = torch.gather(tok[:, None, :].expand(b, chunks, -1), 2, idx)  # chunk u shifted + continuation
         return tok[:, :n + 1], nbrs[:, :, None]
 
-    for _ in range(500):
-        tok, nbrs = batch()
-        loss = F.cross_entropy(model(tok[:, :-1], nbrs).flatten(0, 1), tok[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    tok, nbrs = batch(64)
-    with torch.no_grad():
-        per_pos = F.cross_entropy(model(tok[:, :-1], nbrs).transpose(1, 2), tok[:, 1:], reduction="none").mean(0)
+    per_pos = trained_per_position_loss(model, batch, steps=500)
     assert per_pos[: m - 1].min() > 0.8 * math.log(v - 1)   # chunk 0: nothing to copy from
     assert per_pos[m:].mean() < 1.5                            # chance is log(63) = 4.14
