@@ -88,12 +88,11 @@ class Retriever:
         if self.index.d != self.dim:
             raise UserError(f"the index has dimension {self.index.d}, the embeddings {self.dim}")
         self._apply_knn_tuning()  # the last change to the index's parameters (module docstring)
-        from index_builder.index.fast_scan import fast_scan_view
+        from index_builder.index.fast_scan import fast_scan_or_index
 
         # 4-bit PQ codes (the key chooser's past its HNSW range): searched by fast scan, as knn does,
         # from a copy in memory (m / 2 bytes and an id a vector) with the tuned parameters
-        fast = fast_scan_view(self.index)
-        self.index = self.index if fast is None else fast
+        self.index = fast_scan_or_index(self.index)
         self.rerank, self._train_emb = self._rerank_setup(rerank)
         self.store.blank_table()  # O(vocabulary), here rather than in the first query
         self._content = self.store.content_lookup()  # chunks of only EOS and padding: never returned

@@ -129,6 +129,13 @@ def fast_scan_view(index: Any, param: str = "", max_bytes: int | None = None) ->
     return view
 
 
+def fast_scan_or_index(index: Any) -> Any:
+    """What a search of ``index`` goes through: its fast-scan copy where :func:`fast_scan_view`
+    makes one (4-bit PQ codes within the budget), else ``index`` itself."""
+    view = fast_scan_view(index)
+    return index if view is None else view
+
+
 def _copy_transform(vt: Any) -> Any:
     """A copy of a faiss VectorTransform (the OPQ rotation), through faiss's own serialisation."""
     import faiss

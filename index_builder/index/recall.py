@@ -54,7 +54,7 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     distance as the knn stage does (index_builder.knn.rerank), and the raw index's recall is
     reported beside it as ``raw_recall@k``.
     """
-    from index_builder.index.fast_scan import fast_scan_view
+    from index_builder.index.fast_scan import fast_scan_or_index
     from index_builder.knn.rerank import take_rows
     from index_builder.knn.rerank import rerank as rerank_rows
     from index_builder.knn.rerank import true_distances
@@ -70,8 +70,8 @@ def measure_recall(db: str | os.PathLike, index: Any, sample: int = 1000, ks: tu
     if ids is not None:
         exact_d = np.where(exact_i == ids[:, None], np.inf, exact_d)
     exact_d = np.sort(exact_d, axis=1)[:, :kmax]
-    fast = fast_scan_view(index)  # 4-bit PQ codes: searched as knn and the Retriever search them
-    _, got_i = (index if fast is None else fast).search(queries, min(kmax * max(rerank, 1) + own, n))
+    searched = fast_scan_or_index(index)  # 4-bit PQ codes: searched as knn and the Retriever search them
+    _, got_i = searched.search(queries, min(kmax * max(rerank, 1) + own, n))
     if ids is not None:
         got_i = without_self(got_i, ids)
     read = lambda u: take_rows(shards, u)  # noqa: E731
