@@ -197,8 +197,9 @@ class Runner:
     """The experiment's steps, each skipped when its result is on disk."""
 
     def __init__(self, work: Path, plan: Plan, *, python: str = sys.executable, log: Any = sys.stderr,
-                 jobs: int = 1) -> None:
+                 jobs: int = 1, train_at: Sequence[int] | None = None, record: Path | None = None) -> None:
         self.work, self.plan, self.py, self.log, self.jobs = work, plan, python, log, max(1, jobs)
+        self.train_at, self.record = (None if train_at is None else set(train_at)), record
         self.db = work / "db"
         self.results = work / "results"
         self.runs = work / "runs"
@@ -357,10 +358,35 @@ class Runner:
                 link_files(part, root, slice_dir)
             records.append(self.grow_to(i, multiple, slice_dir))
             self.neighbour_distances(records)
+            self.save_record()
+            todo = [(kind, seed) for seed in p.seeds for kind in ("retro", "retrofit")[:1 + p.retrofit]
+                    if not (self.results / f"{kind}-x{multiple}-seed{seed}.json").exists()]
+            if not todo or (self.train_at is not None and multiple not in self.train_at):
+                continue  # measured (here or in a recorded session), or not this session's size
             self.parallel([lambda seed=seed: self.train(self.runs / f"baseline-seed{seed}", seed, "model.cca_layers=[]")
-                           for seed in p.seeds])
+                           for seed in sorted({s for _, s in todo})])
             self.parallel([lambda seed=seed, kind=kind: self.train_and_evaluate(kind, multiple, seed)
-                           for seed in p.seeds for kind in ("retro", "retrofit")[:1 + p.retrofit]])
+                           for kind, seed in todo])
+
+    def restore_record(self) -> None:
+        """The runs a recorded session measured (--record DIR: their result files), so they are not
+        trained again; the database is rebuilt whole (its records are this machine's)."""
+        if self.record is None or not self.record.is_dir():
+            return
+        self.results.mkdir(parents=True, exist_ok=True)
+        for f in self.record.glob("retro*-x*-seed*.json"):
+            if not (self.results / f.name).exists():
+                shutil.copyfile(f, self.results / f.name)
+
+    def save_record(self) -> None:
+        """Every result file into --record DIR (e.g. a folder of the repository), which outlives the
+        machine: the next session restores the runs from it (:meth:`restore_record`)."""
+        if self.record is None:
+            return
+        for f in self.results.rglob("*.json"):
+            out = self.record / f.relative_to(self.results)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, out)
 
     def longer(self, steps: int, seeds: Sequence[int]) -> None:
         """Baseline and RETRO at the largest database trained ``steps`` steps (see the docstring)."""
@@ -389,6 +415,7 @@ class Runner:
         run = self.runs / f"{kind}-x{multiple}-seed{seed}"
         self.train(run, seed, *([f"init_from={base}", "freeze_decoder=true"] if kind == "retrofit" else []))
         self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
+        self.save_record()
 
     def parallel(self, steps: Sequence[Any]) -> None:
         """Run independent steps, ``jobs`` at a time (each runs subprocesses); the first failure
@@ -451,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training runs (with their evaluations) at a time, each with cores/jobs threads "
                         "unless OMP_NUM_THREADS is set; not part of the plan (a tiny model's step gains "
                         "little from a second thread, a second run gains all of it)")
+    p.add_argument("--train-at", default=None, metavar="MULTIPLES",
+                   help="train and evaluate only at these sizes this time (the database still grows through "
+                        "every size); not part of the plan: a session does what fits, a later one the rest")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="copy every result into DIR as it lands, and take runs already recorded there "
+                        "as done (a fresh machine rebuilds the database, not the measured runs)")
     p.add_argument("--longer", type=int, default=0, metavar="STEPS",
                    help="after the sweep: baseline and RETRO at the largest database trained STEPS steps "
                         "(is the gain limited by training length?); not part of the plan")
@@ -477,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = ordered_files(corpus, plan.glob)
     if not files:
         raise SystemExit(f"db_scaling: no {plan.glob} files under {corpus}")
-    runner = Runner(work, plan, jobs=a.jobs)
+    runner = Runner(work, plan, jobs=a.jobs, record=a.record,
+                    train_at=None if a.train_at is None else [int(x) for x in a.train_at.split(",")])
+    runner.restore_record()
     runner.experiment(files, corpus)
     if a.longer:
         runner.longer(a.longer, plan.seeds[: max(1, a.longer_seeds)])

@@ -1,7 +1,8 @@
 """benchmarks/db_scaling.py at a tiny size: the plan fixed and refused when changed, the database
 grown with retrieval-only data while the val data stay the same, the baseline trained once per
 seed, RETRO and RETRO-fit (its decoder the baseline's, frozen) trained and evaluated at every size,
-a re-run doing nothing, and the report's table and PNG."""
+a re-run doing nothing, a new machine taking the runs recorded by an earlier session, and the
+report's table and PNG."""
 
 from __future__ import annotations
 
@@ -324,3 +325,30 @@ def test_a_sweep_over_another_corpus_reports_into_its_own_section(experiment, tm
     assert "<!-- BEGIN db-scaling-linux-source-6.12 -->" in text and "from linux-source-6.12" in text
     assert "--retrieval-corpus CORPORA/linux-source-6.12" in text
     assert (tmp_path / "db_scaling_linux_source_6_12.png").stat().st_size > 1000
+
+
+def test_a_new_machine_rebuilds_the_database_and_takes_the_recorded_runs(experiment, tmp_path, monkeypatch) -> None:
+    """--record DIR holds a session's results; a fresh work folder (a new machine) with the same
+    plan rebuilds the database, restores the recorded runs instead of training them again, and
+    --train-at leaves the other sizes untrained."""
+    work, argv = experiment
+    record = tmp_path / "record"
+    shutil.copytree(work / "results", record)
+    (record / "retro-x3-seed0.json").unlink()  # a run the earlier session did not finish
+    (record / "retrofit-x3-seed0.json").unlink()
+    ran: list[list[str]] = []
+    real = subprocess.run
+
+    def spy(cmd, *a, **k):
+        ran.append([str(c) for c in cmd])
+        return real(cmd, *a, **k)
+
+    monkeypatch.setattr(db_scaling.subprocess, "run", spy)
+    fresh = [*argv[:argv.index("--work") + 1], str(tmp_path / "work"), *argv[argv.index("--work") + 2:]]
+    assert db_scaling.main([*fresh, "--record", str(record), "--train-at", "1"]) == 0
+    assert not [c for c in ran if "train.py" in c or "retro.evaluate" in c]  # x1 recorded, x3 not this time
+    assert {c[c.index("index_builder") + 1] for c in ran if "index_builder" in c} >= {"chunk", "embed", "index", "knn", "add"}
+    got = tmp_path / "work" / "results"
+    assert (got / "retro-x1-seed0.json").read_bytes() == (work / "results" / "retro-x1-seed0.json").read_bytes()
+    assert not (got / "retro-x3-seed0.json").exists()
+    assert (record / "db-x3.json").exists() and (record / "steps" / "db-x3.json").exists()
