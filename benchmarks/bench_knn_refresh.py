@@ -173,18 +173,21 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         cli("add", "--db", grown, "--input", corpus(work / f"b{added}", added, added))
         append_embeddings(grown, seed=0)
         cli("index", "--db", grown, "--index-key", args.index_key, "--recall-sample", 200)
-        full, plain = work / f"full{added}", work / f"plain{added}"
-        shutil.copytree(grown, full)
-        shutil.copytree(grown, plain)
+        full, plain, fwd = work / f"full{added}", work / f"plain{added}", work / f"forward{added}"
+        for copy in (full, plain, fwd):
+            shutil.copytree(grown, copy)
         before = {s: load_neighbours(grown, s)[0] for s in ("train", "val")}
-        inc = timed_knn(grown, args, "--refresh", "incremental")
+        inc = timed_knn(grown, args, "--refresh", "incremental")  # the reverse pass where it pays
         inc["old_rows_changed"] = changed_share(before, grown)
+        forward = timed_knn(fwd, args, "--refresh", "incremental", "--reverse-depth", "0")
+        forward["old_rows_changed"] = changed_share(before, fwd)
         ful = timed_knn(full, args, "--refresh", "full")
         new = timed_knn(plain, args)
         n = load_manifest(grown)["counts"]["train"]["chunks"]
-        rows.append({"old_train": n_old, "added_train": n - n_old, "incremental": inc, "full": ful,
-                     "new rows": new, "same_ids": agreement(grown, full)})
-        for db in (full, grown, plain):
+        rows.append({"old_train": n_old, "added_train": n - n_old, "incremental": inc, "forward": forward,
+                     "full": ful, "new rows": new, "same_ids": agreement(grown, full),
+                     "same_ids_forward": agreement(fwd, full)})
+        for db in (full, grown, plain, fwd):
             shutil.rmtree(db)
     return rows
 
@@ -205,17 +208,22 @@ def bytes_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    out = ["| train chunks old + added | refresh | wall s | CPU s | stage s | merge s | search s | queries searched "
-           "| old rows merged | added vectors scanned | ids equal to full |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """incremental: what --refresh chooses (the reverse pass where it pays); forward: every old row
+    searches the added chunks (--reverse-depth 0); full: every row through the whole index."""
+    out = ["| train chunks old + added | refresh | added chunks found by | wall s | CPU s | stage s | merge s "
+           "| search s | queries searched | old rows merged | reverse queries | added vectors scanned "
+           "| ids equal to full |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for mode in ("incremental", "full"):
+        for mode in ("incremental", "forward", "full"):
+            if mode not in r:
+                continue
             m = r[mode]
-            same = f"{r['same_ids']:.4f}" if mode == "incremental" else "-"
-            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m['wall']:.1f} | {m['cpu']:.1f} "
+            same = {"incremental": r["same_ids"], "forward": r.get("same_ids_forward")}.get(mode)
+            out.append(f"| {r['old_train']:,} + {r['added_train']:,} | {mode} | {m.get('added_search') or '-'} "
+                       f"| {m['wall']:.1f} | {m['cpu']:.1f} "
                        f"| {m['stage_s']:.2f} | {m['merge_seconds']:.2f} | {m['search_seconds']:.2f} | {m['searched_queries']:,} "
-                       f"| {m['merged_queries']:,} "
-                       f"| {m['added_vectors_scanned']:,} | {same} |")
+                       f"| {m['merged_queries']:,} | {m.get('reverse_queries', 0):,} "
+                       f"| {m['added_vectors_scanned']:,} | {'-' if same is None else f'{same:.4f}'} |")
     return "\n".join(out)
 
 

@@ -325,22 +325,38 @@ def run_add(n_base: int, n_added: int, args: argparse.Namespace, base: dict[str,
     cache.step(f"{key}/embeddings", embeddings)
     full = link_copy(grown, folder / "full")  # the grown DB before its index knows the new chunks
     step("index add", grown, index_argv(grown, args, threads))
+    # the forward merge on a copy (every old row searches the added chunks), beside the refresh
+    # that --refresh chooses (the reverse pass, where the index is an IVF: index_builder.knn.reverse_refresh)
+    forward = link_copy(grown, folder / "forward")
     step("knn refresh", grown, knn_argv(grown, args, threads, "--refresh", "incremental"))
+    step("knn refresh forward", forward, knn_argv(forward, args, threads, "--refresh", "incremental",
+                                                  "--reverse-depth", 0))
     step("index rebuild", full, index_argv(full, args, threads, "--rebuild"))
     step("knn full", full, knn_argv(full, args, threads, "--refresh", "full"))
     recall = cache.step(f"{key}/recall", lambda: {
         "incremental": final_recall(grown, args.k, args.recall_sample),
+        "forward": final_recall(forward, args.k, args.recall_sample),
         "full": final_recall(full, args.k, args.recall_sample)})
     from chunk_store.manifest import load_manifest
 
     grown_n = int(load_manifest(grown)["counts"]["train"]["chunks"])
     return {"n_base": int(row["n"]), "n_added": grown_n - int(row["n"]),
-            "steps": {s: cache.get(f"{key}/{s}") for s in ADD_STEPS + FULL_STEPS + BASE_STEPS},
+            "steps": {s: cache.get(f"{key}/{s}") for s in ADD_STEPS + FULL_STEPS + BASE_STEPS + FORWARD_STEPS},
+            "added_search": {name: knn_refresh_how(db) for name, db in (("knn refresh", grown),
+                                                                        ("knn refresh forward", forward))},
             "index_base": index_figures(base_db), "index_grown": index_figures(grown),
             "index_full": index_figures(full), "recall": recall}
 
 
+def knn_refresh_how(db: Path) -> str | None:
+    """How the refresh found the added chunks (stages.knn.stats.refresh.added_search)."""
+    from chunk_store.manifest import load_manifest
+
+    return load_manifest(db)["stages"].get("knn", {}).get("stats", {}).get("refresh", {}).get("added_search")
+
+
 BASE_STEPS = ("base index", "base knn")
+FORWARD_STEPS = ("knn refresh forward",)
 ADD_STEPS = ("add", "embeddings", "index add", "knn refresh")
 FULL_STEPS = ("index rebuild", "knn full")
 # like for like: both paths start from the same grown chunks and embeddings
@@ -530,7 +546,8 @@ def ranks_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def add_table(a: dict[str, Any]) -> str:
     out = ["| path | step | wall s | CPU s | peak RSS MB (private) | bytes written |", "|---|---|---:|---:|---:|---:|"]
-    groups = (("base (before the add)", BASE_STEPS), ("add + refresh", ADD_STEPS), ("full rebuild", FULL_STEPS))
+    groups = (("base (before the add)", BASE_STEPS), ("add + refresh", ADD_STEPS),
+              ("the forward merge instead (--reverse-depth 0)", FORWARD_STEPS), ("full rebuild", FULL_STEPS))
     for path, steps in groups:
         for s in steps:
             f = a["steps"].get(s)
@@ -550,7 +567,10 @@ def add_table(a: dict[str, Any]) -> str:
              f"{total(full, 'bytes_written'):,} bytes written"
              + (f"; CPU ratio {ratio:.2f}" if ratio is not None else "") + ".",
              f"recall@2 of the final neighbours vs exact search (same exclusions, one sample): add + refresh "
-             f"{a['recall']['incremental']}, full rebuild {a['recall']['full']}. Index after the add: "
+             f"{a['recall']['incremental']}"
+             + (f" (added chunks found by: {a['added_search']['knn refresh']}; the forward merge "
+                f"{a['recall']['forward']})" if a.get("added_search") and "forward" in a["recall"] else "")
+             + f", full rebuild {a['recall']['full']}. Index after the add: "
              f"`{a['index_grown'].get('index_key')}`, {a['index_grown'].get('parts')} parts; rebuilt: "
              f"`{a['index_full'].get('index_key')}`, {a['index_full'].get('parts')} parts."]
     return "\n".join(out) + "\n\n" + "\n\n".join(lines)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from index_builder.embed.stage import DEFAULT_SHARD_SIZE
 from index_builder.knn.incremental import MODES
+from index_builder.knn.reverse_refresh import DEPTH
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class KnnConfig:
     target_recall: float = 0.95  # nprobe/efSearch: the cheapest whose final neighbours reach it (0: off)
     tune_sample: int = 1000  # train chunks the recall is measured on (against exact search)
     rerank: int | None = None  # candidates a neighbour, re-ranked by true distance; None = by the codes
+    # after add, --refresh incremental: old rows an added chunk reaches in the reverse pass
+    # (index_builder.knn.reverse_refresh; 0: every old row searches the added chunks instead)
+    reverse_depth: int = DEPTH
     search: str | None = None  # hidden: force exact / index / faiss-gpu / torch-ivf (None: the rule)
 
 
@@ -54,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "IVF over them alone) and merge them "
                         "into their lists, exclusions kept (refused where unsound); full: every chunk "
                         "searched again against the grown index (after `index --rebuild`, another --k, ...)")
+    g.add_argument("--reverse-depth", type=int, default=d.reverse_depth,
+                   help="--refresh incremental on an IVF index with fewer added chunks than old rows: each "
+                        "added chunk searches the old rows for this many, and enters the lists of those it "
+                        "is nearer than their k-th neighbour (cost grows with the added data); 0: each old "
+                        "row searches the added chunks instead (cost grows with the old rows)")
     g.add_argument("--target-recall", type=float, default=d.target_recall,
                    help="search parameters (nprobe/efSearch): the cheapest whose final neighbours, "
                         "exclusions applied, reach this recall@k against exact search (0: the index's own)")

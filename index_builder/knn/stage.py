@@ -17,7 +17,9 @@ while N*N*dim is small, else a torch IVF search over the index's lists (index_bu
 After ``add`` (more train chunks, the index grown), a plain ``knn`` searches the new chunks' rows
 and keeps the old rows as they were; ``--refresh`` (auto) lets the old rows see the new data by
 searching only the added chunks and merging them into each old row's list (the same exclusions;
-index_builder.knn.incremental, index_builder.knn.added_search), when the old rows were found under
+index_builder.knn.incremental, index_builder.knn.added_search; or, on an IVF with fewer added chunks
+than old rows, each added chunk finding the old rows it enters: index_builder.knn.reverse_refresh,
+index_builder.knn.refresh_units), when the old rows were found under
 the same rule by the same trained index, else it re-searches every row (as ``--refresh full``).
 
 Work is cut into shards of queries (``DB/<split>/knn_shards/``), spread over torchrun ranks,
@@ -39,7 +41,7 @@ import numpy as np
 from chunk_store.framework.errors import UserError
 from chunk_store.layout import NEIGHBOUR_DISTANCES, NEIGHBOURS, SPLITS
 from chunk_store.manifest import check_params
-from chunk_store.neighbour_shards import generation_of, open_neighbours, read_index, shard_files, whole_rows
+from chunk_store.neighbour_shards import generation_of, read_index, shard_files, whole_rows
 from chunk_store.framework.atomic import atomic_save_npy
 from chunk_store.framework.runtime import resolve_device
 from chunk_store.framework.stage import RunInfo, Stage, Unit, config_from_args, positive, run_stage
@@ -52,14 +54,16 @@ from index_builder.index.exact_search import ExactSearchConfig, exact_search
 from index_builder.index.stage import index_identity, load_index
 from index_builder.knn.added_search import AddedChunks
 from index_builder.knn.incremental import (MODES, coverage_after, decide, index_trained_id,
-                                          merge_prefix, merge_shard, rescored, row_starts, sort_candidates)
+                                          merge_prefix, merge_shard)
 from index_builder.knn.neighbour_files import assemble, kept_rows
 # the exclusion rule and its widening search live in neighbour_exclusion (re-exported here)
-from index_builder.knn.exclusion import (SearchFn, exclusion_args, search_block, search_with_exclusion,
+from index_builder.knn.exclusion import (SearchFn, search_block, search_with_exclusion,
                                         select_neighbours, sequence_doc_ranges)
 from index_builder.knn.ranged_reads import chunk_ranges_of
 from index_builder.knn.rerank import release_pages
 from index_builder.knn.options import KnnConfig, add_arguments
+from index_builder.knn.refresh_units import RefreshUnits
+from index_builder.knn.reverse_refresh import pairs_done, pairs_path
 from index_builder.knn.search_choice import choose_for_db, device_search
 
 __all__ = ["KnnConfig", "KnnStage", "add_arguments", "run", "search_with_exclusion", "select_neighbours",
@@ -74,7 +78,7 @@ EXCLUSION = "sequence"
 # ----------------------------------------------------------------------------- the stage
 
 
-class KnnStage(Stage[KnnConfig]):
+class KnnStage(RefreshUnits, Stage[KnnConfig]):
     """Embeddings + index -> neighbours; one unit a shard of ``shard_size`` query chunks."""
 
     name = "knn"
@@ -94,6 +98,8 @@ class KnnStage(Stage[KnnConfig]):
         if cfg.rerank is not None:
             positive(cfg.rerank, "--rerank")
         positive(cfg.shard_size, "--shard-size")
+        if cfg.reverse_depth < 0:
+            raise UserError(f"--reverse-depth must be >= 0 (0: the forward merge), not {cfg.reverse_depth}")
         if cfg.refresh not in (None, *MODES):
             raise UserError(f"--refresh must be one of {', '.join(MODES)}, not {cfg.refresh!r}")
         self.device = str(resolve_device(cfg.device))
@@ -157,6 +163,7 @@ class KnnStage(Stage[KnnConfig]):
         self.written_splits = {s for s in SPLITS if s in before and generation_of(self.db, s) > int(before[s])}
         self.counts = {"searched_queries": 0, "merged_queries": 0, "added_vectors_scanned": 0,
                        "merge_seconds": 0.0, "search_seconds": 0.0}
+        self.plan_reverse(manifest)  # train's old rows: the reverse pass where it pays
 
     def complete(self, manifest: dict[str, Any]) -> bool:
         recorded = manifest.get("stages", {}).get(self.name, {}).get("params", {})
@@ -189,6 +196,7 @@ class KnnStage(Stage[KnnConfig]):
         out: list[Unit] = []
         old = getattr(self, "old_rows", {})
         done = getattr(self, "written_splits", set())
+        out += self.reverse_units(0) if hasattr(self, "reverse_from") else []
         for split in SPLITS:  # old rows merging the added chunks (--refresh, incremental)
             end = 0 if split in done else getattr(self, "merge", {}).get(split, (0, []))[0]
             for i, (a, b) in enumerate(shard_ranges(end, self.cfg.shard_size)):
@@ -203,6 +211,8 @@ class KnnStage(Stage[KnnConfig]):
 
     def unit_done(self, unit: Unit) -> bool:
         split, i, a, b = unit.payload[:4]
+        if unit.payload[4:] == ("reverse",):
+            return pairs_done(pairs_path(self.db, split, i))
         files = merge_shard(self.db, split, i) if len(unit.payload) > 4 else self.paths.knn_shard(split, i)
         return all(npy_header_ok(p, (b - a, self.cfg.k)) for p in files)
 
@@ -362,60 +372,13 @@ class KnnStage(Stage[KnnConfig]):
         for shards in self.emb.values():  # the rows read stay in the page cache, not in our RSS
             release_pages(shards)
 
-    def compute_merge(self, unit: Unit) -> None:
-        """Old rows [a, b) (--refresh, incremental): each searched run merged by :meth:`_merge_rows`;
-        retrieval-only rows (no sequence reads them) are neither read nor searched and stay -1."""
-        split, i, a, b, _ = unit.payload
-        k = self.cfg.k
-        ids, dists = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
-        for ra, rb in searched_runs(a, b, getattr(self, "unread", {}).get(split, [])):
-            ids[ra - a:rb - a], dists[ra - a:rb - a] = self._merge_rows(split, ra, rb)
-        p_ids, p_dist = merge_shard(self.db, split, i)
-        p_ids.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(p_dist, dists)
-        atomic_save_npy(p_ids, ids)
-        for shards in self.emb.values():
-            release_pages(shards)
-
-    def _merge_rows(self, split: str, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows [a, b): each one's old list merged with its k nearest allowed added train chunks,
-        the k best kept by (distance, chunk id)."""
-        k, (emb, docs) = self.cfg.k, self._split_arrays(split)
-        queries = read_rows(emb, a, b)
-        if split not in self.old_files:  # the rows being replaced: read until assemble swaps the index
-            self.old_files[split] = open_neighbours(self.db, split)  # type: ignore[assignment]
-        old_i = np.array(self.old_files[split][0][a:b], dtype=np.int64)
-        old_d = np.array(self.old_files[split][1][a:b], dtype=np.float32)
-        new_i, new_d = np.full((b - a, k), -1, np.int64), np.full((b - a, k), np.inf, np.float32)
-        for r0, r1, t in row_starts(self.merge[split][1], a, b):
-            rows = slice(r0 - a, r1 - a)
-            new_i[rows], new_d[rows] = search_block(
-                self.added.search(t), queries[rows], k, self.cfg.extra, self.ntotal - t, r0, r1,
-                split == "train", docs, self.train_docs, self.train_seq_starts, self.chunks_per_seq, self.content)
-        rule = exclusion_args(split == "train", a, b, docs, self.train_docs, self.train_seq_starts,
-                              self.chunks_per_seq, self.content)
-        cand = rescored(queries, np.concatenate([old_i, new_i], axis=1), self.emb["train"])
-        ids, dists, _ = select_neighbours(*sort_candidates(*cand), k, **rule)
-        # an old neighbour the rule refuses now (not after `add`: new chunks get new documents
-        # and sequences; a guard against a changed rule): that row is searched again in full,
-        # through the index (its distances are then the index's)
-        stale = (select_neighbours(old_i, old_d, k, **rule)[0] >= 0).sum(1) < (old_i >= 0).sum(1)
-        if stale.any():
-            sub = {key: v[stale] if key in ("query_ids", "doc_ranges") else v for key, v in rule.items()}
-            ids[stale], dists[stale] = search_with_exclusion(self.search, queries[stale], k, self.cfg.extra,
-                                                             self.ntotal, **sub)
-            self.counts["stale_rows"] = self.counts.get("stale_rows", 0) + int(stale.sum())
-        self.counts["merged_queries"] += b - a
-        self.short_rows += int((ids < 0).any(axis=1).sum())
-        return ids, dists
-
     def run_units(self, todo: list[Unit], done: Callable[[Unit], None]) -> None:
         """With --exact, consecutive shards share one pass over the embeddings (a GPU's gain)."""
         pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
         c = min(self.cfg.k + self.cfg.extra, self.ntotal)
         t0 = time.perf_counter()
-        for unit in [u for u in todo if len(u.payload) > 4]:
-            self.compute_merge(unit)
+        for unit in [u for u in todo if len(u.payload) > 4]:  # the reverse pass's units come first
+            (self.compute_reverse if unit.payload[4] == "reverse" else self.compute_merge)(unit)
             done(unit)
         t1 = time.perf_counter()
         todo = [u for u in todo if len(u.payload) == 4]
@@ -476,6 +439,10 @@ class KnnStage(Stage[KnnConfig]):
         summary["index_trained"] = index_trained_id(manifest)
         self.counts["added_vectors_scanned"] = self.added.vectors_scanned
         self.counts["added_search"] = self.added.how
+        if getattr(self, "reverse_from", None) is not None:  # rank 0's share of the reverse pass
+            rp = getattr(self, "reverse_pass", None)
+            self.counts.update(added_search=f"reverse depth={self.cfg.reverse_depth}",
+                               reverse_queries=getattr(rp, "queries", 0), reverse_pairs=getattr(rp, "pairs_found", 0))
         summary["refresh"] = {"mode": dec.mode, "why": dec.reason, **self.counts,
                               "merged_rows": {s: self.merge[s][0] for s in SPLITS},
                               "added_chunks": {s: train - self.merge[s][1][0][1] if self.merge[s][1] else 0

@@ -155,3 +155,7 @@ def test_add_path_at_a_tiny_size(tmp_path):
     written = {s: add["steps"][s]["bytes_written"] for s in b.ADD_STEPS + b.FULL_STEPS}
     assert written["index add"] < written["index rebuild"]
     assert 0 <= add["recall"]["incremental"] <= 1 and add["recall"]["full"] >= 0.9
+    # the refresh's own choice (the reverse pass on this IVF) beside the forward merge
+    assert add["added_search"]["knn refresh"].startswith("reverse"), add["added_search"]
+    assert not add["added_search"]["knn refresh forward"].startswith("reverse")
+    assert add["steps"]["knn refresh forward"]["wall"] > 0 and 0 <= add["recall"]["forward"] <= 1

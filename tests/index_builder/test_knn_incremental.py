@@ -6,21 +6,20 @@ work recorded is the added data's (old rows x added chunks), not the database's.
 
 from __future__ import annotations
 
-import json
-import random
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from chunk_store.layout import SPLITS, DBLayout
+from chunk_store.layout import SPLITS
 from chunk_store.manifest import load_manifest
 from chunk_store.neighbour_shards import load_neighbours, write_neighbours
 from index_builder.knn.exclusion import exclusion_args, select_neighbours
 from index_builder.knn.incremental import coverage_after, merge_prefix, sort_candidates
-from tests.fixtures import build_index_db, random_text, run_cli, shared_tiny_bert, write_corpus
-from tests.fixtures.knn_grown import SHARD, copy_db as _copy, grow as _grow, grown_db, kill_at, knn_argv as _knn
+from tests.fixtures import build_index_db, run_cli, shared_tiny_bert
+from tests.fixtures.knn_grown import (SHARD, copy_db as _copy, grow as _grow, grown_db, grown_ivf_db, kill_at,
+                                      knn_argv as _knn)
 
 def _arrays(db: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: load_neighbours(db, s) for s in SPLITS}
@@ -237,34 +236,24 @@ def test_an_ivf_over_the_added_vectors_returns_the_grown_index_s_own_candidates(
     assert added.vectors_scanned == 50 * -(-300 * 3 // 16)
 
 
-def _nprobe_1(db: Path) -> None:
-    """The index's own search parameter (what --target-recall 0 keeps): one list of four."""
-    infos = DBLayout(db).index_infos
-    infos.write_text(json.dumps({**json.loads(infos.read_text()), "index_param": "nprobe=1"}))
-
-
-def test_ivf_index_incremental_equals_full_refresh(tmp_path, tmp_path_factory) -> None:
+@pytest.mark.parametrize("depth", [0, 100000])
+def test_ivf_index_incremental_equals_full_refresh(tmp_path, tmp_path_factory, depth) -> None:
     """With an IVF (nprobe fixed), the old rows' lists and the added chunks' IVF are searched in
-    the same lists as the grown index: the merged rows equal a full refresh's (up to ties)."""
-    bert = shared_tiny_bert(tmp_path_factory)
-    db = build_index_db(tmp_path / "db", bert, n_docs=12, shard_size=SHARD, index_key="IVF4,Flat",
-                        stages=("embed", "index"))
+    the same lists as the grown index: the merged rows equal a full refresh's (up to ties).
+    Forward (--reverse-depth 0): each old row searches the added chunks' IVF. Reverse, deep enough
+    to reach every old row of a list: with nprobe 1 chunk j finds row i exactly when both fall in
+    one list, as row i finds chunk j forward: the same rows, the same merge."""
+    db, n_old = grown_ivf_db(tmp_path, shared_tiny_bert(tmp_path_factory))
     ivf = ["--target-recall", 0]
-    _nprobe_1(db)
-    assert run_cli(_knn(db, *ivf)) == 0
-    n_old = load_manifest(db)["counts"]["train"]["chunks"]
-    rng = random.Random(9)
-    write_corpus(tmp_path / "more", [random_text(rng) for _ in range(6)])
-    assert run_cli(["add", "--db", db, "--input", tmp_path / "more"]) == 0
-    assert run_cli(["embed", "--db", db, "--embedder", bert, "--shard-size", SHARD, "--tokenize-workers", 0,
-                    "--device", "cpu"]) == 0
-    assert run_cli(["index", "--db", db, "--recall-sample", 50, "--index-key", "IVF4,Flat"]) == 0
-    _nprobe_1(db)
     full = _copy(db, tmp_path / "full")
-    assert run_cli(_knn(db, *ivf, "--refresh")) == 0
+    assert run_cli(_knn(db, *ivf, "--refresh", "--reverse-depth", depth)) == 0
     assert run_cli(_knn(full, *ivf, "--refresh", "full")) == 0
     r = load_manifest(db)["stages"]["knn"]["stats"]["refresh"]
-    assert r["mode"] == "incremental" and r["added_search"].startswith("ivf"), r
+    assert r["mode"] == "incremental" and r["added_search"].startswith("reverse" if depth else "ivf"), r
+    added = load_manifest(db)["counts"]["train"]["chunks"] - n_old
+    if depth:  # the queries are the added chunks (their blank ones apart), not the old rows
+        assert 0 < r["reverse_queries"] <= added and r["reverse_pairs"] > 0, r
+        assert r["merged_rows_rescored"] < r["merged_queries"], r  # rows no pair names: untouched
     a, b = _arrays(db), _arrays(full)
     for s in SPLITS:
         (ai, ad), (bi, bd) = a[s], b[s]
