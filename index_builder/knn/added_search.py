@@ -10,7 +10,8 @@ searched, and nothing else. Two ways, the one that scans fewer vectors a query i
   added vectors alone; searched with the grown index's nprobe (the recall-tuned one), a query
   scans about nprobe / nlist of the M added codes, and gets exactly the candidates that the grown
   index itself returns among the added ids (same lists, same codes; tested), re-ranked by true
-  distance where the stage re-ranks.
+  distance where the stage re-ranks. 4-bit PQ codes are searched through a fast-scan copy, as the
+  stage searches the grown index (index_builder.index.fast_scan).
 
 So a query costs min(M, nprobe x M / nlist) plus the quantizer, where a full refresh costs
 nprobe x N / nlist plus the quantizer for every row: linear in the added data, not the database.
@@ -66,7 +67,11 @@ def ivf_over_added(index: Any, shards: Sequence[np.ndarray], start: int, stop: i
     for part in slice_rows(shards, start, stop):
         for a in range(0, part.shape[0], ADD_BLOCK):
             sub.add(np.ascontiguousarray(read_block(part, a, min(a + ADD_BLOCK, part.shape[0]))))
-    return sub
+    # 4-bit PQ codes: searched through faiss's fast scan, as knn searches the grown index
+    # (index_builder.index.fast_scan; the same lists and codes, re-ranked by true distance anyway)
+    from index_builder.index.fast_scan import fast_scan_view
+
+    return fast_scan_view(sub) or sub
 
 
 @dataclass

@@ -236,6 +236,31 @@ def test_an_ivf_over_the_added_vectors_returns_the_grown_index_s_own_candidates(
     assert added.vectors_scanned == 50 * -(-300 * 3 // 16)
 
 
+def test_the_ivf_over_added_4_bit_codes_is_a_fast_scan_copy_with_the_same_lists(tmp_path) -> None:
+    """4-bit PQ: the added chunks' IVF is searched by fast scan (as knn searches the grown index);
+    its candidates are the plain codes' up to fast scan's 8-bit lookup tables."""
+    import faiss
+
+    from index_builder.knn.added_search import ivf_over_added
+    from index_builder.knn.range_exclusion import search_params
+    from tests.fixtures import float16_shards
+
+    shards, x = float16_shards(tmp_path, [1500, 1500], 32, seed=4)
+    index = faiss.index_factory(32, "OPQ8_32,IVF16,PQ8x4np")
+    index.train(x)
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = 4
+    start, q = 2000, x[:100]
+    sub = ivf_over_added(index, shards, start, len(x))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(sub)), faiss.IndexIVFPQFastScan)
+    assert sub.ntotal == len(x) - start and faiss.extract_index_ivf(sub).nprobe == 4
+    _, i = sub.search(q, 10)
+    _, i_ref = index.search(q, 10, params=search_params(index, faiss.IDSelectorRange(start, len(x))))
+    got = np.where(i >= 0, i + start, -1)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, i_ref)])
+    assert overlap > 0.8, overlap
+
+
 @pytest.mark.parametrize("depth", [0, 100000])
 def test_ivf_index_incremental_equals_full_refresh(tmp_path, tmp_path_factory, depth) -> None:
     """With an IVF (nprobe fixed), the old rows' lists and the added chunks' IVF are searched in
