@@ -20,7 +20,11 @@ run in hours:
 4. ``python benchmarks/db_scaling_report.py WORK`` writes the table and the PNG.
 
 Every step is skipped when its result is on disk and every stage it calls resumes, so the same
-command continues after a crash or in a later session:
+command continues after a crash or in a later session. A later session on a fresh machine (nothing
+of WORK left) rebuilds the database (the same chunks; embeddings and neighbours equal on the same kind of
+CPU) and takes the runs already measured from ``--record DIR`` (results copied there as they
+land, e.g. into the repository: benchmarks/results/); ``--train-at`` limits this session's
+trainings to the sizes it has time for:
 
     bash benchmarks/fetch_corpora.sh CORPORA
     python benchmarks/db_scaling.py --work WORK --corpus CORPORA/linux-source --glob '*.c' \

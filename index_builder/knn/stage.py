@@ -282,7 +282,8 @@ class KnnStage(RefreshUnits, Stage[KnnConfig]):
             if self.cfg.target_recall > 0:
                 self.tuning = self._tune(index, search, train_emb)
         self.search: SearchFn = search
-        self.added = AddedChunks(train_emb, ntotal, self.device, getattr(self, "index", None), self.rerank)
+        self.added = AddedChunks(train_emb, ntotal, self.device, getattr(self, "index", None), self.rerank,
+                                 want=self.cfg.k + self.cfg.extra)
         self.old_files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _final_train(self, search: SearchFn, queries: np.ndarray, rows: np.ndarray,

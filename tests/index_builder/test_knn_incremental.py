@@ -325,3 +325,21 @@ def test_the_merge_leaves_retrieval_only_old_rows_unread_and_merges_the_others_a
     # and none of them was searched against the added chunks, in mixed units too
     added = len(got[0]) - n_old
     assert r_ref["added_vectors_scanned"] - r_got["added_vectors_scanned"] >= unread_old * added
+
+
+def test_a_few_added_chunks_over_many_lists_are_searched_exactly(tmp_path) -> None:
+    """Fewer added chunks in the probed lists than twice a query's candidates: exact, not the IVF."""
+    import faiss
+
+    from index_builder.knn.added_search import AddedChunks
+    from tests.fixtures import float16_shards
+
+    shards, x = float16_shards(tmp_path, [700, 500], 16, seed=3)
+    index = faiss.index_factory(16, "IVF64,Flat")
+    index.train(x)
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = 4
+    few, many = AddedChunks(shards, len(x), index=index, want=12), AddedChunks(shards, len(x), index=index, want=2)
+    few.search(1100)
+    many.search(1100)
+    assert few.how == "exact" and many.how == "ivf nprobe=4/nlist=64"  # 100 x 4 / 64 = 6.25 a query

@@ -154,3 +154,38 @@ def test_kill9_mid_reverse_pass_then_resume_gives_the_same_bytes(grown_ivf, tmp_
         for got, want in zip(load_neighbours(crashed, s), load_neighbours(ref, s)):
             np.testing.assert_array_equal(got, want)
     assert not list(shards.glob("reverse_*.npy")) if shards.exists() else True  # temp files gone
+
+
+def test_a_merge_waits_for_the_pairs_other_ranks_write(tmp_path) -> None:
+    """wait_for returns once every pairs file is whole (written by another rank meanwhile)."""
+    import threading
+
+    paths = [tmp_path / "reverse_000000.npy", tmp_path / "reverse_000001.npy"]
+    rev.write_pairs(paths[0], np.zeros(2, rev.PAIR_DTYPE))
+    paths[1].write_bytes(b"not yet")  # a damaged or foreign file is not taken as whole
+    said: list[str] = []
+    later = threading.Timer(0.3, lambda: rev.write_pairs(paths[1], np.zeros(1, rev.PAIR_DTYPE)))
+    later.start()
+    rev.wait_for(paths, said.append, poll=0.05)
+    later.join()
+    assert len(rev.load_pairs(paths)) == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_reverse_refresh_equals_one_process(grown_ivf, tmp_path) -> None:
+    """The reverse pass's units spread over 2 ranks (each merge unit waits for the other rank's
+    pairs): the same bytes as one process."""
+    import sys
+
+    db, _ = grown_ivf
+    one, two = copy_db(db, tmp_path / "one"), copy_db(db, tmp_path / "two")
+    argv = [str(a) for a in knn_argv(two, "--target-recall", 0, "--refresh", "--shard-size", 128)][1:]
+    assert run_cli(knn_argv(one, "--target-recall", 0, "--refresh", "--shard-size", 128)) == 0
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                        "index_builder", "knn", *argv], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    stats = load_manifest(two)["stages"]["knn"]["stats"]
+    assert stats["world_size"] == 2 and stats["refresh"]["added_search"].startswith("reverse")
+    for s in SPLITS:
+        for got, want in zip(load_neighbours(two, s), load_neighbours(one, s)):
+            np.testing.assert_array_equal(got, want)
