@@ -367,6 +367,10 @@ class Runner:
                     if not (self.results / f"{kind}-x{multiple}-seed{seed}.json").exists()]
             if not todo or (self.train_at is not None and multiple not in self.train_at):
                 continue  # measured (here or in a recorded session), or not this session's size
+            if self.manifest()["counts"]["train"]["chunks"] != records[-1]["train_chunks"]:
+                raise SystemExit(f"db_scaling: x{multiple} has runs to train but WORK's database has grown past "
+                                 f"x{multiple}: train them in a fresh WORK with --record (the database "
+                                 "is rebuilt size by size)")
             self.parallel([lambda seed=seed: self.train(self.runs / f"baseline-seed{seed}", seed, "model.cca_layers=[]")
                            for seed in sorted({s for _, s in todo})])
             self.parallel([lambda seed=seed, kind=kind: self.train_and_evaluate(kind, multiple, seed)

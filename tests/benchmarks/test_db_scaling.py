@@ -352,3 +352,14 @@ def test_a_new_machine_rebuilds_the_database_and_takes_the_recorded_runs(experim
     assert (got / "retro-x1-seed0.json").read_bytes() == (work / "results" / "retro-x1-seed0.json").read_bytes()
     assert not (got / "retro-x3-seed0.json").exists()
     assert (record / "db-x3.json").exists() and (record / "steps" / "db-x3.json").exists()
+
+
+def test_a_size_left_untrained_cannot_be_trained_once_the_database_has_grown(experiment, tmp_path) -> None:
+    """x1's runs missing in a WORK whose database is at x3: refused, not trained against x3's neighbours."""
+    work, argv = experiment
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, symlinks=True)
+    (copy / "results" / "retro-x1-seed0.json").unlink()
+    moved = [*argv[:argv.index("--work") + 1], str(copy), *argv[argv.index("--work") + 2:]]
+    with pytest.raises(SystemExit, match="has grown past x1"):
+        db_scaling.main(moved)

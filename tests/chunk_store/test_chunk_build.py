@@ -21,7 +21,7 @@ from chunk_store.chunk.packing import is_val, sequence_starts
 from chunk_store.chunk.part_files import pack_documents
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.manifest import load_manifest
-from tests.fixtures import chunk_argv, full_manifest, outputs, random_text, write_corpus
+from tests.fixtures import chunk_argv, full_manifest, outputs, random_text, sigint_default, write_corpus
 from chunk_store.chunk.input_formats import TextStream
 from chunk_store.chunk.text_files import decode_bytes, split_jsonl
 from index_builder.cli import main as cli
@@ -180,7 +180,8 @@ def test_workers_and_units_do_not_change_the_result(reference_db: Path, corpus: 
 def run_cli(argv: list[str], **env: str) -> subprocess.CompletedProcess:
     # a session of its own: the Ctrl-C hook signals the whole process group, as a terminal does
     return subprocess.run([sys.executable, "-m", "index_builder", *argv], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=120, start_new_session=True)
+                          text=True, env={**os.environ, **env}, timeout=120, start_new_session=True,
+                          preexec_fn=sigint_default)
 
 
 @pytest.mark.parametrize("hook", ["chunk:3", "chunk:merge"])
