@@ -179,13 +179,13 @@ def test_torchrun_two_ranks_reverse_refresh_equals_one_process(grown_ivf, tmp_pa
 
     db, _ = grown_ivf
     one, two = copy_db(db, tmp_path / "one"), copy_db(db, tmp_path / "two")
-    argv = [str(a) for a in knn_argv(two, "--target-recall", 0, "--refresh", "--shard-size", 128)][1:]
-    assert run_cli(knn_argv(one, "--target-recall", 0, "--refresh", "--shard-size", 128)) == 0
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+    argv = [str(a) for a in knn_argv(two, "--target-recall", 0, "--refresh")][1:]
+    assert run_cli(knn_argv(one, "--target-recall", 0, "--refresh")) == 0
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                         "index_builder", "knn", *argv], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     stats = load_manifest(two)["stages"]["knn"]["stats"]
-    assert stats["world_size"] == 2 and stats["refresh"]["added_search"].startswith("reverse")
+    assert stats["world_size"] == 2 and stats["refresh"]["added_search"].startswith("reverse"), stats["refresh"]
     for s in SPLITS:
         for got, want in zip(load_neighbours(two, s), load_neighbours(one, s)):
             np.testing.assert_array_equal(got, want)
