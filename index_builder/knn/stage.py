@@ -378,7 +378,8 @@ class KnnStage(RefreshUnits, Stage[KnnConfig]):
         pass_rows = self.cfg.exact_pass_rows or (262144 if self.device.startswith("cuda") else 0)
         c = min(self.cfg.k + self.cfg.extra, self.ntotal)
         t0 = time.perf_counter()
-        for unit in [u for u in todo if len(u.payload) > 4]:  # the reverse pass's units come first
+        # the reverse pass's units first: a merge unit waits for every pair file (its rank's too)
+        for unit in sorted([u for u in todo if len(u.payload) > 4], key=lambda u: u.payload[4] != "reverse"):
             (self.compute_reverse if unit.payload[4] == "reverse" else self.compute_merge)(unit)
             done(unit)
         t1 = time.perf_counter()
