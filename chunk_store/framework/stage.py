@@ -295,6 +295,10 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
     stage.preflight(manifest)
     rank, world = runtime.rank(), runtime.world_size()
     started = (recorded or {}).get("started") or now_iso()
+    # every rank has read the manifest and planned from it before rank 0 records this run in it:
+    # a rank that read it after would plan from this run's record (knn --refresh: another
+    # decision, other work units, shards that no rank writes)
+    runtime.barrier()
     if rank == 0:
         stage.db.mkdir(parents=True, exist_ok=True)
         manifest = record_stage(stage.db, stage.name, params=params, started=started, finished=None,
@@ -303,6 +307,8 @@ def _run_stage(stage: Stage[Any]) -> dict[str, Any]:
         for folder, prefixes in stage.temp_folders():
             clean_stale_tmp([folder], prefixes)
     runtime.barrier()
+    if rank != 0:  # plan the units from this run's record, as rank 0 does (its generations_before)
+        manifest = load_manifest(stage.db)
     try:
         stage.begin(manifest)
         mine = stage.rank_units(stage.units(manifest), rank, world)

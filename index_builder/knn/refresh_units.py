@@ -46,10 +46,7 @@ class RefreshUnits:
         first = min(t for _, t in segs)
         runs = searched_runs(0, end, self.unread.get("train", []))
         key = manifest.get("stages", {}).get("index", {}).get("stats", {}).get("index_key")
-        from chunk_store.framework import runtime
-
-        # one process only for now: under pytest a 2-rank run hung (by hand it matched one process)
-        if runtime.world_size() == 1 and self.choice.method == "index" and rev.worth_it(
+        if self.choice.method == "index" and rev.worth_it(
                 self.train_total - first, sum(b - a for a, b in runs), self.cfg.reverse_depth, key):
             self.reverse_from, self.reverse_runs = first, runs
 
