@@ -25,6 +25,7 @@ from chunk_store.sharded_array import ShardedArray
 from chunk_store.framework.stage import CRASH_ENV
 from chunk_store.neighbour_shards import load_neighbours
 from tests.fixtures import full_manifest, random_text, write_corpus
+from tests.fixtures.neighbour_ties import neighbour_vectors_by_text
 from index_builder.cli import main as cli
 
 ARGS = ["--chunk-size", "16", "--seq-len", "64", "--val-fraction", "0.25"]
@@ -216,13 +217,6 @@ def _update(db: Path, bert: Path, *knn_extra: str) -> None:
     assert cli(["knn", *common, "--k", "2", "--shard-size", "200", "--device", "cpu", *knn_extra]) == 0
 
 
-def _neighbour_texts(db: Path, split: str) -> dict[str, list[str]]:
-    """Each chunk's text -> its neighbours' texts (ids differ between databases, texts do not)."""
-    store = ChunkStore.open(db, split)
-    train = store.train_store
-    return {store.text(i): [train.text(j) for j in row if j >= 0] for i, row in enumerate(store.neighbours)}
-
-
 def test_add_then_update_every_stage(corpora, tmp_path: Path, tmp_path_factory, capsys) -> None:
     """embed embeds only the new chunks, index adds their vectors without training, knn searches
     only the new chunks (--refresh: all); val neighbours (no exclusion) then equal a build of the
@@ -251,7 +245,7 @@ def test_add_then_update_every_stage(corpora, tmp_path: Path, tmp_path_factory, 
                 *ARGS]) == 0
     _update(union, bert)
     _update(grown, bert, "--refresh")
-    assert _neighbour_texts(grown, "val") == _neighbour_texts(union, "val")
+    assert neighbour_vectors_by_text(grown, "val") == neighbour_vectors_by_text(union, "val")  # up to twins
 
 
 def test_all_on_a_built_database_adds_what_is_new(corpora, tmp_path: Path, tmp_path_factory) -> None:
