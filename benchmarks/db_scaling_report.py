@@ -207,7 +207,7 @@ def utc(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def markdown(data: dict[str, Any], work: Path) -> str:
+def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
     plan, rows = data["plan"], summary(data)
     out = [f"Plan: {len(plan['seeds'])} seeds {plan['seeds']}, config {plan['config']} "
            f"{' '.join('--set ' + s for s in plan['sets'])}, corpus `{Path(plan['corpus']).name}` ({plan['glob']}), "
@@ -270,7 +270,7 @@ def markdown(data: dict[str, Any], work: Path) -> str:
                 "```bash", "bash benchmarks/fetch_corpora.sh CORPORA", command(plan),
                 *sorted({f"{command(plan)} --longer {steps} --longer-seeds {len({s for s, t in data['longer'] if t == steps})}"
                          for _, steps in data.get("longer", {})}),
-                "python benchmarks/db_scaling_report.py WORK --docs", "```"]
+                "python benchmarks/db_scaling_report.py WORK --docs" + (f" --tag {tag}" if tag else ""), "```"]
     return "\n".join(out) + "\n"
 
 
@@ -334,16 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path)
     p.add_argument("--docs", action="store_true", help="also write docs/BENCHMARKS.md's section and docs/db_scaling.png")
+    p.add_argument("--tag", help="name the docs section and PNG after this too (a sweep with --set overrides)")
     a = p.parse_args(argv)
     data = load(a.work)
-    text = markdown(data, a.work)
+    text = markdown(data, a.work, a.tag)
     (a.work / "report.md").write_text(text)
     drawn = plot(data, a.work / "db_scaling.png")
     print(text)
     if a.docs:
         from report import DOCS, machine, write_section
 
-        section, png_name, title = docs_names(data["plan"])
+        section, png_name, title = docs_names(data["plan"], a.tag)
         if drawn:
             shutil.copyfile(a.work / "db_scaling.png", DOCS.parent / png_name)
         write_section(section, f"## {title}\n\nMachine: {machine()}\n\n{text}"
@@ -351,17 +352,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def docs_names(plan: dict[str, Any]) -> tuple[str, str, str]:
+def docs_names(plan: dict[str, Any], tag: str | None = None) -> tuple[str, str, str]:
     """(BENCHMARKS.md section, PNG name, heading) of a plan's report: a sweep whose retrieval-only
-    data comes from another corpus gets its own, named after that corpus, so reporting it never
-    overwrites the sweep over the training corpus's own files."""
+    data comes from another corpus, or one given a ``tag`` (``--tag``: e.g. a sweep with ``--set``
+    overrides), gets its own, named after them, so reporting it never overwrites another sweep's."""
     other = plan.get("retrieval_corpus")
-    if not other:
+    parts = [re.sub(r"[^A-Za-z0-9.]+", "-", Path(other).name).strip("-") or "other"] if other else []
+    parts += [re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-")] if tag else []
+    if not parts:
         return "db-scaling", "db_scaling.png", "Retrieval against database size"
-    name = re.sub(r"[^A-Za-z0-9.]+", "-", Path(other).name).strip("-") or "other"
-    return (f"db-scaling-{name}", f"db_scaling_{name.replace('.', '_').replace('-', '_')}.png",
-            f"Retrieval against database size, retrieval-only data from {name}")
-
+    name = "-".join(parts)
+    title = "Retrieval against database size" + (f", retrieval-only data from {parts[0]}" if other else "")
+    if tag and plan.get("sets"):
+        title += f", with {', '.join(plan['sets'])}"
+    return f"db-scaling-{name}", f"db_scaling_{name.replace('.', '_').replace('-', '_')}.png", title
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -234,6 +234,14 @@ class Retriever:
                                  continuation=self.store.text(cont) if cont >= 0 else ""))
         return out
 
+    def aligned_neighbour_tokens(self, ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """Chunk ids (n, k) and the query chunks' tokens (n, m) -> (n, k, 2m): each neighbour's
+        window moved within its document to line up with its query, as a model trained with
+        ``neighbour_alignment: content`` reads it (retro.neighbour_alignment)."""
+        from retro.neighbour_alignment import aligned_neighbour_tokens
+
+        return aligned_neighbour_tokens(self.store.train_store, ids, queries, int(self.store.tokenizer.pad_id))
+
     def neighbour_tokens(self, texts: Sequence[str], k: int = 2) -> np.ndarray:
         """(n, k, 2 * chunk_size) tokens of each text's neighbours + continuations, pad where
         missing: the model's retrieval input at generation time."""

@@ -69,6 +69,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
+NEIGHBOUR_ALIGNMENTS = ("chunk", "content")  # retro.neighbour_alignment
+
+
 @dataclass
 class RetroConfig:
     """Decoder + neighbour-encoder hyper-parameters (Borgeaud et al. 2022, section 2)."""
@@ -93,6 +96,10 @@ class RetroConfig:
     # retrieval
     chunk_size: int = 64
     num_neighbours: int = 2
+    # "chunk": each neighbour is its database chunk and the next (the paper); "content": the
+    # neighbour's 2m-token window moved within its document to line up with the query chunk's
+    # tokens (retro.neighbour_alignment: a small model then learns to copy near-duplicates)
+    neighbour_alignment: str = "chunk"
     # misc
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -150,6 +157,9 @@ class RetroConfig:
                 raise UserError(f"model.{name} must be a positive finite number, got {value!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.neighbour_alignment not in NEIGHBOUR_ALIGNMENTS:
+            raise UserError(f"model.neighbour_alignment must be one of {NEIGHBOUR_ALIGNMENTS}, "
+                            f"got {self.neighbour_alignment!r}")
         if self.dim_head % 2 or self.enc_dim_head % 2:
             raise UserError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
         if self.cca_layers is not None:

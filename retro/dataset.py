@@ -28,6 +28,7 @@ from einops import rearrange
 from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
+from retro.neighbour_alignment import ALIGNMENTS, aligned_neighbour_tokens
 from retro.neighbour_reads import neighbour_tokens, take_sorted
 
 BLOCK_ROWS = 1 << 16  # rows compared at a time between two databases' arrays
@@ -44,11 +45,13 @@ class RetroDataset(torch.utils.data.Dataset):
 
     ``store`` is an open ChunkStore (its db and split are used) or a DB path. ``k`` defaults to
     every precomputed neighbour; ``retrieval=False`` yields tokens only (decoder-only training
-    or evaluation on a DB without neighbours).
+    or evaluation on a DB without neighbours). ``alignment`` is the model's
+    ``neighbour_alignment`` (retro.neighbour_alignment); ``content`` reads its windows batched.
     """
 
     def __init__(self, store: ChunkStore | str | os.PathLike, split: str | None = None, *,
-                 k: int | None = None, retrieval: bool = True, reads: str = "batched") -> None:
+                 k: int | None = None, retrieval: bool = True, reads: str = "batched",
+                 alignment: str = "chunk") -> None:
         if isinstance(store, (str, os.PathLike)):
             if split is None:
                 raise UserError("RetroDataset(db_path, split): the split is required with a path")
@@ -57,7 +60,9 @@ class RetroDataset(torch.utils.data.Dataset):
             raise UserError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
         if reads not in ("random", "batched"):
             raise UserError(f"RetroDataset: reads must be 'random' or 'batched', not {reads!r}")
-        self.reads = reads
+        if alignment not in ALIGNMENTS:
+            raise UserError(f"RetroDataset: alignment must be one of {ALIGNMENTS}, not {alignment!r}")
+        self.reads, self.alignment = reads, alignment
         self.db = Path(store.db)
         self.split = store.split
         self.retrieval = retrieval
@@ -128,7 +133,10 @@ class RetroDataset(torch.utils.data.Dataset):
             own = ids[:, : self.chunks_per_seq]
             nbr_ids = take(store.neighbours, np.where(own >= 0, own, 0))[..., : self.k].astype(np.int64)
             nbr_ids[own < 0] = -1
-            if batched:
+            if self.alignment == "content":  # each window moved to line up with its own chunk
+                out["neighbours"] = aligned_neighbour_tokens(store.train_store, nbr_ids,
+                                                             toks[:, : self.chunks_per_seq], self.pad_id)
+            elif batched:
                 out["neighbours"] = neighbour_tokens(store.train_store, nbr_ids, self.pad_id)
             else:
                 out["neighbours"] = np.asarray(store.neighbour_tokens(nbr_ids), dtype=np.int64)

@@ -317,6 +317,13 @@ def test_a_sweep_over_another_corpus_reports_into_its_own_section(experiment, tm
     assert db_scaling_report.docs_names(other) == (
         "db-scaling-linux-source-6.12", "db_scaling_linux_source_6_12.png",
         "Retrieval against database size, retrieval-only data from linux-source-6.12")
+    aligned = {**other, "sets": ["model.neighbour_alignment=content"]}
+    assert db_scaling_report.docs_names(aligned)[0] == "db-scaling-linux-source-6.12"
+    assert db_scaling_report.docs_names(aligned, "neighbour-alignment-content") == (
+        "db-scaling-linux-source-6.12-neighbour-alignment-content",
+        "db_scaling_linux_source_6_12_neighbour_alignment_content.png",
+        "Retrieval against database size, retrieval-only data from linux-source-6.12, "
+        "with model.neighbour_alignment=content")
     real_load = db_scaling_report.load
     monkeypatch.setattr(db_scaling_report, "load", lambda w: {**real_load(w), "plan": other})
     assert db_scaling_report.main([str(work), "--docs"]) == 0

@@ -177,6 +177,24 @@ def test_retriever_neighbours_reads_chunk_and_continuation(tiny_db):
     assert (empty == store.tokenizer.pad_id).all()
 
 
+def test_content_alignment_reads_the_windows_the_dataset_reads(tiny_db):
+    """neighbour_alignment=content at generation: the same hits, each window realigned to the
+    query chunk exactly as training reads it (retro.neighbour_alignment)."""
+    from index_builder import Retriever
+    from retro.neighbour_alignment import aligned_neighbour_tokens
+
+    retriever = Retriever.open(tiny_db, device="cpu")
+    store = retriever.store
+    fetch = RetrieverNeighbours(retriever, k=3, alignment="content")
+    for c in (5, 11):
+        chunk = store.chunks[c].astype(np.int64)
+        out = fetch(chunk.tolist())
+        hits = retriever.search_text([store.tokenizer.decode(chunk.tolist())], k=3)[0]
+        ids = np.array([[h.chunk_id for h in hits] + [-1] * (3 - len(hits))])
+        want = aligned_neighbour_tokens(store.train_store, ids, chunk[None], store.tokenizer.pad_id)[0]
+        np.testing.assert_array_equal(out, want)
+
+
 def test_cli_generates_with_retrieval_from_a_saved_run(tiny_db, tmp_path, capsys):
     from chunk_store import ChunkStore
     from retro.checkpoint import save_checkpoint
