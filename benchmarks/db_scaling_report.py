@@ -356,9 +356,11 @@ def docs_names(plan: dict[str, Any], tag: str | None = None) -> tuple[str, str, 
     """(BENCHMARKS.md section, PNG name, heading) of a plan's report: a sweep whose retrieval-only
     data comes from another corpus, or one given a ``tag`` (``--tag``: e.g. a sweep with ``--set``
     overrides), gets its own, named after them, so reporting it never overwrites another sweep's."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
     other = plan.get("retrieval_corpus")
-    parts = [re.sub(r"[^A-Za-z0-9.]+", "-", Path(other).name).strip("-") or "other"] if other else []
-    parts += [re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-")] if tag else []
+    parts = ([slug(Path(other).name) or "other"] if other else []) + ([slug(tag)] if tag else [])
     if not parts:
         return "db-scaling", "db_scaling.png", "Retrieval against database size"
     name = "-".join(parts)

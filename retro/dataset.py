@@ -27,8 +27,8 @@ from einops import rearrange
 
 from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
-from retro.config import RetroConfig
-from retro.neighbour_alignment import ALIGNMENTS, aligned_neighbour_tokens
+from retro.config import NEIGHBOUR_ALIGNMENTS, RetroConfig
+from retro.neighbour_alignment import aligned_neighbour_tokens
 from retro.neighbour_reads import neighbour_tokens, take_sorted
 
 BLOCK_ROWS = 1 << 16  # rows compared at a time between two databases' arrays
@@ -60,8 +60,8 @@ class RetroDataset(torch.utils.data.Dataset):
             raise UserError(f"RetroDataset: store is the {store.split!r} split, asked for {split!r}")
         if reads not in ("random", "batched"):
             raise UserError(f"RetroDataset: reads must be 'random' or 'batched', not {reads!r}")
-        if alignment not in ALIGNMENTS:
-            raise UserError(f"RetroDataset: alignment must be one of {ALIGNMENTS}, not {alignment!r}")
+        if alignment not in NEIGHBOUR_ALIGNMENTS:
+            raise UserError(f"RetroDataset: alignment must be one of {NEIGHBOUR_ALIGNMENTS}, not {alignment!r}")
         self.reads, self.alignment = reads, alignment
         self.db = Path(store.db)
         self.split = store.split

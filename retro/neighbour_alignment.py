@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 from einops import rearrange, repeat
 
-from retro.config import NEIGHBOUR_ALIGNMENTS as ALIGNMENTS  # noqa: F401  (re-exported)
-from retro.neighbour_reads import take_unique
+from retro.neighbour_reads import check_neighbour_ids, take_unique
 
 WINDOW_CHUNKS = (-1, 0, 1, 2)  # the rows read around each neighbour chunk j: j-1 .. j+2
 
@@ -67,9 +66,7 @@ def aligned_neighbour_tokens(train: Any, nbr_ids: np.ndarray, queries: np.ndarra
     m = int(train.chunk_size)
     n = int(train.num_chunks)
     flat = ids.reshape(-1)
-    if flat.size and (flat.max() >= n or flat.min() < -1):
-        bad = flat[(flat >= n) | (flat < -1)][0]
-        raise IndexError(f"neighbour id {bad} out of range for the train split of {n} chunks")
+    check_neighbour_ids(flat, n)
     q = np.asarray(queries, dtype=np.int64)
     if q.shape[:-1] != ids.shape[:-1] or q.shape[-1] != m:
         raise ValueError(f"queries {q.shape} do not match neighbour ids {ids.shape} and chunk size {m}")

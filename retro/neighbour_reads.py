@@ -54,6 +54,13 @@ def take_sorted(arr: Any, ids: np.ndarray) -> np.ndarray:
     return rows[inverse.reshape(-1)].reshape(*ids.shape, *rows.shape[1:])
 
 
+def check_neighbour_ids(flat: np.ndarray, n: int) -> None:
+    """Refuse a neighbour id outside the train split of ``n`` chunks (-1, none, is allowed)."""
+    if flat.size and (flat.max() >= n or flat.min() < -1):
+        bad = flat[(flat >= n) | (flat < -1)][0]
+        raise IndexError(f"neighbour id {bad} out of range for the train split of {n} chunks")
+
+
 def neighbour_tokens(train: Any, nbr_ids: np.ndarray, pad_id: int) -> np.ndarray:
     """Train chunk ids (..., k), -1 for none -> (..., k, 2 * chunk_size) int64 tokens: the chunk and
     its continuation (the next chunk when in the same document, else pad); as
@@ -61,9 +68,7 @@ def neighbour_tokens(train: Any, nbr_ids: np.ndarray, pad_id: int) -> np.ndarray
     ids = np.asarray(nbr_ids, dtype=np.int64)
     flat = ids.reshape(-1)
     n, m = int(train.num_chunks), int(train.chunk_size)
-    if flat.size and (flat.max() >= n or flat.min() < -1):
-        bad = flat[(flat >= n) | (flat < -1)][0]
-        raise IndexError(f"neighbour id {bad} out of range for the train split of {n} chunks")
+    check_neighbour_ids(flat, n)
     out = np.full((flat.size, 2, m), pad_id, dtype=np.int64)
     valid = np.flatnonzero(flat >= 0)
     if valid.size:
