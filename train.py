@@ -131,7 +131,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, RetroConfig, 
             raise UserError(f"--resume: {run} has no {saved.name} and checkpoint to resume from")
         base = load_yaml(saved)
         if args.config:
-            requested = RetroConfig.from_dict(load_yaml(args.config)).to_dict()
+            # the command that started the run, repeated: its --set model.* overrides count too
+            requested = RetroConfig.from_dict(load_config(args.config, args.set)[1]).to_dict()
             saved_model = RetroConfig.from_dict(base.get("model") or {}).to_dict()  # new keys at defaults
             if requested != saved_model:
                 diff = sorted(k for k in requested if requested[k] != saved_model[k])

@@ -157,7 +157,7 @@ def test_decoder_only_db_needs_no_neighbours(tmp_path, config):
 
 
 def test_resume_10_plus_10_equals_20(db, config, tmp_path):
-    sets = ["max_steps=20", "checkpoint_every=5", "retrieval_dropout=0.3"]
+    sets = ["max_steps=20", "checkpoint_every=5", "retrieval_dropout=0.3", "model.mlp_ratio=2.0"]
     run_inprocess(config, db, tmp_path / "full", *sets)
     run_inprocess(config, db, tmp_path / "split", *sets, "stop_at=10")
     assert len(losses(tmp_path / "split")) == 10
@@ -165,7 +165,10 @@ def test_resume_10_plus_10_equals_20(db, config, tmp_path):
         run_inprocess(config, db, tmp_path / "split", *sets)
     with pytest.raises(DBError, match="cannot change model"):
         run_inprocess(None, db, tmp_path / "split", "model.dim=64", resume=True)
-    run_inprocess(None, db, tmp_path / "split", "stop_at=null", resume=True)
+    with pytest.raises(DBError, match="other model settings"):  # the config without the run's model.* --set
+        run_inprocess(config, db, tmp_path / "split", "stop_at=null", resume=True)
+    # the command that started it, repeated with --resume (its --set model.* included), continues it
+    run_inprocess(config, db, tmp_path / "split", *sets, "stop_at=null", resume=True)
     full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert len(full) == len(split) == 20
     assert full == split  # bit-identical on CPU
