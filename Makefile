@@ -57,7 +57,7 @@ demo: install
 		echo "  database size'."; exit $$status
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # everything, slow tests included (GPU tests still need CUDA)
 test-all: install

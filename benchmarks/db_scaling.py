@@ -60,6 +60,7 @@ from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN_VERSION = 1
+RETRIEVAL_ORDERS = (None, "random")  # Plan.retrieval_order (None: the corpus order, "--retrieval-order corpus")
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,33 @@ class Plan:
     # retrieval-only data from this folder (same --glob, the same fixed order) instead of the
     # corpus's files past the pool: e.g. the code base's next version (linux-source-6.12)
     retrieval_corpus: str | None = None
+    # None: the sizes take the retrieval-only files in the fixed order above, so the first size
+    # takes the first files; "random": the largest size's files in a seeded random order, so every
+    # size is a random subset of the next (the paper's smaller databases are subsets of its largest).
+    # Why it matters: the fixed order is the same path hash for both kernel versions, so x10 took
+    # the 6.12 versions of 125 of the pool's 131 files and x30, x100 only files with no twin.
+    retrieval_order: str | None = None
 
     def validate(self) -> None:
         if list(self.multiples) != sorted(set(self.multiples)) or self.multiples[0] < 1:
             raise SystemExit("db_scaling: --multiples must rise and start at 1 or more (1: the training data alone)")
         if not self.seeds:
             raise SystemExit("db_scaling: give at least one seed")
+        if self.retrieval_order not in RETRIEVAL_ORDERS:
+            raise SystemExit(f"db_scaling: --retrieval-order must be one of corpus, random, not {self.retrieval_order!r}")
 
 
 def ordered_files(corpus: Path, glob: str) -> list[Path]:
     """The corpus's files in a fixed order that does not depend on where the corpus lies."""
     files = [p for p in corpus.rglob(glob) if p.is_file()]
     return sorted(files, key=lambda p: hashlib.sha256(p.relative_to(corpus).as_posix().encode()).digest())
+
+
+def nested_random(files: Sequence[Path], root: Path) -> list[Path]:
+    """``files`` in a random order fixed by their relative paths (a salted sha256, unlike
+    :func:`ordered_files`'s): consecutive slices of it are nested random subsets."""
+    salt = b"db_scaling.retrieval_order=random:"
+    return sorted(files, key=lambda p: hashlib.sha256(salt + p.relative_to(root).as_posix().encode()).digest())
 
 
 def link_files(files: Sequence[Path], corpus: Path, dest: Path) -> None:
@@ -353,6 +369,8 @@ class Runner:
         if not (self.db / "manifest.json").exists() or "chunk" not in self.manifest()["stages"]:
             self.build_database(self.work / "corpus" / "pool")
         need = [self.retrieval_bytes(m) for m in p.multiples]
+        if p.retrieval_order == "random":  # the largest size's files, then shuffled among the sizes
+            rest = nested_random(slices(rest, need[-1:])[0], root)
         parts = slices(rest, need)
         records: list[dict[str, Any]] = []
         for i, (multiple, part) in enumerate(zip(p.multiples, parts)):
@@ -470,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--glob", default=d.glob)
     p.add_argument("--retrieval-corpus", default=None,
                    help="take the retrieval-only data from this folder instead of the corpus past the pool")
+    p.add_argument("--retrieval-order", choices=("corpus", "random"), default="corpus",
+                   help="corpus: each size takes the next retrieval-only files in the fixed order; random: the "
+                        "largest size's files shuffled (seeded), so each size is a random subset of the next")
     p.add_argument("--pool-mb", type=float, default=d.pool_mb, help="training + validation documents")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--multiples", default=",".join(map(str, d.multiples)),
@@ -510,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 embed_args=tuple(a.embed_args.split()), index_args=tuple(a.index_args.split()),
                 knn_args=tuple(a.knn_args.split()), eval_args=tuple(a.eval_args.split()),
                 retrofit=not a.no_retrofit,
-                retrieval_corpus=str(Path(a.retrieval_corpus).resolve()) if a.retrieval_corpus else None)
+                retrieval_corpus=str(Path(a.retrieval_corpus).resolve()) if a.retrieval_corpus else None,
+                retrieval_order=None if a.retrieval_order == "corpus" else a.retrieval_order)
     plan.validate()
     work = a.work.resolve()
     fixed_plan(work, plan)

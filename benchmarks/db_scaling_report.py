@@ -296,7 +296,8 @@ def command(plan: dict[str, Any]) -> str:
             f"--chunk-size {plan['chunk_size']}", f"--seq-len {plan['seq_len']}",
             *(f"--{k}-args '{' '.join(plan[f'{k}_args'])}'" for k in ("embed", "index", "knn", "eval") if plan[f"{k}_args"]),
             *([] if plan.get("retrofit", True) else ["--no-retrofit"]),
-            *([f"--retrieval-corpus CORPORA/{Path(plan['retrieval_corpus']).name}"] if plan.get("retrieval_corpus") else [])]
+            *([f"--retrieval-corpus CORPORA/{Path(plan['retrieval_corpus']).name}"] if plan.get("retrieval_corpus") else []),
+            *([f"--retrieval-order {plan['retrieval_order']}"] if plan.get("retrieval_order") else [])]
     return "python benchmarks/db_scaling.py --work WORK " + " ".join(args)
 
 

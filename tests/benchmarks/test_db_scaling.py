@@ -297,7 +297,27 @@ def test_retrieval_corpus_gives_the_retrieval_only_data(tmp_path, monkeypatch) -
     for d in slices[1:]:
         assert all(os.path.samefile(p, newer / p.relative_to(d)) for p in d.rglob("*.c"))
     text = db_scaling_report.command(dataclasses.asdict(plan))
-    assert "--retrieval-corpus CORPORA/v2" in text
+    assert "--retrieval-corpus CORPORA/v2" in text and "--retrieval-order" not in text
+
+    # --retrieval-order random: the same files at the largest size, each size a random subset of the next
+    shuffled = dataclasses.replace(plan, retrieval_order="random")
+    runner = db_scaling.Runner(tmp_path / "work-random", shuffled)
+    slices.clear()
+    monkeypatch.setattr(runner, "build_database", lambda pool: None)
+    monkeypatch.setattr(runner, "retrieval_bytes", lambda m: (m - 1) * 3000)
+    monkeypatch.setattr(runner, "grow_to", lambda i, m, d: slices.append(d) or {})
+    monkeypatch.setattr(runner, "neighbour_distances", lambda records: None)
+    monkeypatch.setattr(runner, "parallel", lambda steps: None)
+    runner.experiment(db_scaling.ordered_files(corpus, "*.c"), corpus)
+    rand = [sorted(p.relative_to(d) for p in d.rglob("*.c")) for d in slices[1:]]
+    assert [len(g) for g in rand] == [6, 6]
+    assert sorted(rand[0] + rand[1]) == sorted(got[0] + got[1])  # the largest database: the same files
+    assert rand[0] != got[0]                                       # the first size: not the first files
+    want = db_scaling.nested_random([newer / p for p in order[:12]], newer)[:6]  # nested: a seeded shuffle
+    assert rand[0] == sorted(p.relative_to(newer) for p in want)
+    assert "--retrieval-order random" in db_scaling_report.command(dataclasses.asdict(shuffled))
+    with pytest.raises(SystemExit, match="--retrieval-order"):
+        dataclasses.replace(plan, retrieval_order="sorted").validate()
 
 
 
