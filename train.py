@@ -164,9 +164,9 @@ def open_datasets(db: str, tcfg: TrainConfig, mcfg: RetroConfig) -> tuple[RetroD
     use_retrieval = tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers)
     k = mcfg.num_neighbours
     reads = "random" if tcfg.neighbour_reads == "random" else "batched"  # the file itself is written batched
-    align = mcfg.neighbour_alignment
-    train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval, reads=reads, alignment=align)
-    val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval, reads=reads, alignment=align) if len(val_store.seq_starts) else None
+    align = {"alignment": mcfg.neighbour_alignment, "min_match": mcfg.neighbour_min_match}
+    train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval, reads=reads, **align)
+    val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval, reads=reads, **align) if len(val_store.seq_starts) else None
     return train_ds, val_ds, use_retrieval
 
 

@@ -234,13 +234,15 @@ class Retriever:
                                  continuation=self.store.text(cont) if cont >= 0 else ""))
         return out
 
-    def aligned_neighbour_tokens(self, ids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    def aligned_neighbour_tokens(self, ids: np.ndarray, queries: np.ndarray, min_match: float = 0.0) -> np.ndarray:
         """Chunk ids (n, k) and the query chunks' tokens (n, m) -> (n, k, 2m): each neighbour's
         window moved within its document to line up with its query, as a model trained with
-        ``neighbour_alignment: content`` reads it (retro.neighbour_alignment)."""
+        ``neighbour_alignment: content`` reads it (retro.neighbour_alignment); ``min_match`` drops
+        weak ones as its ``neighbour_min_match`` does."""
         from retro.neighbour_alignment import aligned_neighbour_tokens
 
-        return aligned_neighbour_tokens(self.store.train_store, ids, queries, int(self.store.tokenizer.pad_id))
+        return aligned_neighbour_tokens(self.store.train_store, ids, queries, int(self.store.tokenizer.pad_id),
+                                        min_match)
 
     def neighbour_tokens(self, texts: Sequence[str], k: int = 2) -> np.ndarray:
         """(n, k, 2 * chunk_size) tokens of each text's neighbours + continuations, pad where

@@ -100,6 +100,9 @@ class RetroConfig:
     # neighbour's 2m-token window moved within its document to line up with the query chunk's
     # tokens (retro.neighbour_alignment: a small model then learns to copy near-duplicates)
     neighbour_alignment: str = "chunk"
+    # with "content": drop a neighbour whose window matches its query chunk by less than this share
+    # of the weighted maximum (0: keep every neighbour, the paper); retro.neighbour_alignment says why
+    neighbour_min_match: float = 0.0
     # misc
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -160,6 +163,12 @@ class RetroConfig:
         if self.neighbour_alignment not in NEIGHBOUR_ALIGNMENTS:
             raise UserError(f"model.neighbour_alignment must be one of {NEIGHBOUR_ALIGNMENTS}, "
                             f"got {self.neighbour_alignment!r}")
+        m = self.neighbour_min_match
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m <= 1.0:
+            raise UserError(f"model.neighbour_min_match must be in [0, 1], got {m!r}")
+        if m > 0 and self.neighbour_alignment != "content":
+            raise UserError("model.neighbour_min_match needs model.neighbour_alignment: content "
+                            "(the match is measured on the realigned window)")
         if self.dim_head % 2 or self.enc_dim_head % 2:
             raise UserError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
         if self.cca_layers is not None:

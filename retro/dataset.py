@@ -46,12 +46,13 @@ class RetroDataset(torch.utils.data.Dataset):
     ``store`` is an open ChunkStore (its db and split are used) or a DB path. ``k`` defaults to
     every precomputed neighbour; ``retrieval=False`` yields tokens only (decoder-only training
     or evaluation on a DB without neighbours). ``alignment`` is the model's
-    ``neighbour_alignment`` (retro.neighbour_alignment); ``content`` reads its windows batched.
+    ``neighbour_alignment`` (retro.neighbour_alignment); ``content`` reads its windows batched;
+    ``min_match`` is the model's ``neighbour_min_match`` (weak neighbours dropped).
     """
 
     def __init__(self, store: ChunkStore | str | os.PathLike, split: str | None = None, *,
                  k: int | None = None, retrieval: bool = True, reads: str = "batched",
-                 alignment: str = "chunk") -> None:
+                 alignment: str = "chunk", min_match: float = 0.0) -> None:
         if isinstance(store, (str, os.PathLike)):
             if split is None:
                 raise UserError("RetroDataset(db_path, split): the split is required with a path")
@@ -62,7 +63,9 @@ class RetroDataset(torch.utils.data.Dataset):
             raise UserError(f"RetroDataset: reads must be 'random' or 'batched', not {reads!r}")
         if alignment not in NEIGHBOUR_ALIGNMENTS:
             raise UserError(f"RetroDataset: alignment must be one of {NEIGHBOUR_ALIGNMENTS}, not {alignment!r}")
-        self.reads, self.alignment = reads, alignment
+        if min_match and alignment != "content":
+            raise UserError("RetroDataset: min_match needs alignment 'content'")
+        self.reads, self.alignment, self.min_match = reads, alignment, float(min_match)
         self.db = Path(store.db)
         self.split = store.split
         self.retrieval = retrieval
@@ -135,7 +138,8 @@ class RetroDataset(torch.utils.data.Dataset):
             nbr_ids[own < 0] = -1
             if self.alignment == "content":  # each window moved to line up with its own chunk
                 out["neighbours"] = aligned_neighbour_tokens(store.train_store, nbr_ids,
-                                                             toks[:, : self.chunks_per_seq], self.pad_id)
+                                                             toks[:, : self.chunks_per_seq], self.pad_id,
+                                                             self.min_match)
             elif batched:
                 out["neighbours"] = neighbour_tokens(store.train_store, nbr_ids, self.pad_id)
             else:

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"per chunk; ask for at most that many")
         if k > retriever.num_chunks:
             raise UserError(f"--k {k}: the database has only {retriever.num_chunks} train chunks")
-        fetcher = RetrieverNeighbours(retriever, k, cfg.neighbour_alignment)
+        fetcher = RetrieverNeighbours(retriever, k, cfg.neighbour_alignment, cfg.neighbour_min_match)
     result = generate(
         model, prompt, max_new_tokens=args.max_new_tokens, neighbour_fn=fetcher,
         temperature=args.temperature, top_k=args.top_k or None,

@@ -55,8 +55,8 @@ def query_ready(chunk: int, chunk_size: int, stale_tokens: int) -> int:
     return end if stale_tokens > 0 and end > 0 else (chunk + 1) * chunk_size
 
 
-def retriever_fetch(retriever: Any, k: int, queries: Sequence[Sequence[int]], alignment: str = "chunk"
-                    ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+def retriever_fetch(retriever: Any, k: int, queries: Sequence[Sequence[int]], alignment: str = "chunk",
+                    min_match: float = 0.0) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """Neighbour tokens (k, 2m) per query from an ``index_builder.Retriever``, with ONE
     ``search_text`` for all of them (one embedding batch, one index search: a batch's rows share a
     boundary), and a log entry per query. A query with no text (padding) retrieves nothing."""
@@ -79,7 +79,7 @@ def retriever_fetch(retriever: Any, k: int, queries: Sequence[Sequence[int]], al
         for i, row in enumerate(queries):
             row = [int(t) for t in row][:m]
             q[i, :len(row)] = row
-        return list(retriever.aligned_neighbour_tokens(ids, q)), log
+        return list(retriever.aligned_neighbour_tokens(ids, q, min_match)), log
     return list(store.neighbour_tokens(ids).astype(np.int64)), log
 
 
@@ -88,14 +88,14 @@ class RetrieverNeighbours:
     (the database's own embedding function), and read each hit's chunk + continuation tokens from
     the train ChunkStore. ``log`` keeps what was retrieved, for display."""
 
-    def __init__(self, retriever: Any, k: int, alignment: str = "chunk") -> None:
+    def __init__(self, retriever: Any, k: int, alignment: str = "chunk", min_match: float = 0.0) -> None:
         self.retriever = retriever
         self.store = retriever.store
-        self.k, self.alignment = k, alignment
+        self.k, self.alignment, self.min_match = k, alignment, min_match
         self.log: list[dict[str, Any]] = []
 
     def __call__(self, chunk_tokens: Sequence[int]) -> np.ndarray:
-        (out,), log = retriever_fetch(self.retriever, self.k, [chunk_tokens], self.alignment)
+        (out,), log = retriever_fetch(self.retriever, self.k, [chunk_tokens], self.alignment, self.min_match)
         self.log.extend(log)
         return out
 
@@ -117,6 +117,7 @@ class NeighbourSource:
             raise ValueError(f"stale_tokens must be >= 0, got {stale_tokens}")
         self.retriever, self.k, self.stale_tokens = retriever, k, int(stale_tokens)
         self.alignment = getattr(cfg, "neighbour_alignment", "chunk")
+        self.min_match = float(getattr(cfg, "neighbour_min_match", 0.0))
         self.pool: ThreadPoolExecutor | None = None
         self.log: list[dict[str, Any]] = []
         if hasattr(retriever, "search_text"):
@@ -133,7 +134,7 @@ class NeighbourSource:
         """Neighbour tokens per query (in order) and what was retrieved for each (a Retriever's
         query text and hits; None from a plain function); may run on the background thread."""
         if hasattr(self.retriever, "search_text"):
-            out, log = retriever_fetch(self.retriever, self.k, queries, self.alignment)
+            out, log = retriever_fetch(self.retriever, self.k, queries, self.alignment, self.min_match)
             self.log.extend(log)
             return out, list(log)
         return [np.asarray(self.retriever(list(q))) for q in queries], [None] * len(queries)

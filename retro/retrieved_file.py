@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = RetroConfig.from_dict(mdict)
     ds = RetroDataset(args.db, "train", k=mcfg.num_neighbours,
                       retrieval=tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers),
-                      alignment=mcfg.neighbour_alignment)
+                      alignment=mcfg.neighbour_alignment, min_match=mcfg.neighbour_min_match)
     for epoch in (int(e) for e in args.epochs.split(",")):
         for rank in ([int(r) for r in args.ranks.split(",")] if args.ranks else range(args.world_size)):
             sampler = ShardedBatchSampler(len(ds), tcfg.micro_batch_size, rank, args.world_size, seed=tcfg.seed)

@@ -185,14 +185,16 @@ def test_content_alignment_reads_the_windows_the_dataset_reads(tiny_db):
 
     retriever = Retriever.open(tiny_db, device="cpu")
     store = retriever.store
-    fetch = RetrieverNeighbours(retriever, k=3, alignment="content")
-    for c in (5, 11):
-        chunk = store.chunks[c].astype(np.int64)
-        out = fetch(chunk.tolist())
-        hits = retriever.search_text([store.tokenizer.decode(chunk.tolist())], k=3)[0]
-        ids = np.array([[h.chunk_id for h in hits] + [-1] * (3 - len(hits))])
-        want = aligned_neighbour_tokens(store.train_store, ids, chunk[None], store.tokenizer.pad_id)[0]
-        np.testing.assert_array_equal(out, want)
+    for min_match in (0.0, 0.3):  # and model.neighbour_min_match drops the same weak neighbours
+        fetch = RetrieverNeighbours(retriever, k=3, alignment="content", min_match=min_match)
+        for c in (5, 11):
+            chunk = store.chunks[c].astype(np.int64)
+            out = fetch(chunk.tolist())
+            hits = retriever.search_text([store.tokenizer.decode(chunk.tolist())], k=3)[0]
+            ids = np.array([[h.chunk_id for h in hits] + [-1] * (3 - len(hits))])
+            want = aligned_neighbour_tokens(store.train_store, ids, chunk[None], store.tokenizer.pad_id,
+                                            min_match)[0]
+            np.testing.assert_array_equal(out, want)
 
 
 def test_cli_generates_with_retrieval_from_a_saved_run(tiny_db, tmp_path, capsys):

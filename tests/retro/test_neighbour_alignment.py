@@ -1,7 +1,9 @@
 """model.neighbour_alignment=content: each neighbour's window moved within its document to line up
 with the chunk that retrieved it. Reference tests against a loop over every offset, properties
 (a planted copy is found wherever it sits, the window never leaves its document, an unrelated
-neighbour keeps its stored window), and the dataset and training paths end to end."""
+neighbour keeps its stored window), and the dataset and training paths end to end; with
+model.neighbour_min_match, exactly the windows that match their query by less than the share are
+dropped."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from chunk_store import ChunkStore
 from chunk_store.framework.errors import UserError
 from retro.config import RetroConfig
 from retro.dataset import RetroDataset
-from retro.neighbour_alignment import aligned_neighbour_tokens, best_offsets, document_windows
+from retro.neighbour_alignment import aligned_neighbour_tokens, best_offsets, document_windows, match_scores
 from retro.neighbour_reads import neighbour_tokens
 from tests.fixtures.train_db import K, tiny_db
 
@@ -103,6 +105,35 @@ def test_bad_input_is_named():
         RetroConfig(neighbour_alignment="tokens")
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), min_match=st.floats(0.0, 1.0), vocab=st.sampled_from([3, 8, 1000]))
+def test_min_match_drops_exactly_the_windows_below_it(seed, min_match, vocab):
+    m = 8
+    train = fake_train([4, 7, 3], m, vocab=vocab, seed=seed)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(-1, train.num_chunks, size=(5, 3))
+    queries = rng.integers(0, vocab, size=(5, m))
+    queries[0] = train.chunks[ids[0, 0]] if ids[0, 0] >= 0 else queries[0]  # one exact copy
+    kept = aligned_neighbour_tokens(train, ids, queries, PAD)
+    got = aligned_neighbour_tokens(train, ids, queries, PAD, min_match)
+    score = match_scores(kept[..., :m], queries[:, None, :], PAD)            # (5, 3)
+    weak = score < min_match * m * (m + 1) / 2
+    np.testing.assert_array_equal(got[~weak], kept[~weak])
+    assert (got[weak] == PAD).all()
+    if ids[0, 0] >= 0 and (queries[0] != PAD).all():
+        assert not weak[0, 0]                              # a copy matches fully: never dropped
+    np.testing.assert_array_equal(aligned_neighbour_tokens(train, ids, queries, PAD, 0.0), kept)
+
+
+def test_min_match_needs_content_alignment_and_a_share():
+    assert RetroConfig(neighbour_alignment="content", neighbour_min_match=0.5).neighbour_min_match == 0.5
+    with pytest.raises(UserError, match="needs model.neighbour_alignment: content"):
+        RetroConfig(neighbour_min_match=0.5)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(UserError, match="neighbour_min_match must be in"):
+            RetroConfig(neighbour_alignment="content", neighbour_min_match=bad)
+
+
 @pytest.fixture(scope="module")
 def db(tmp_path_factory):
     return tiny_db(tmp_path_factory.mktemp("align"))
@@ -137,6 +168,15 @@ def test_dataset_windows_are_slices_of_the_neighbour_s_document_at_least_as_clos
                 assert score[0] >= score[1]
                 moved += o != 0
     assert moved  # the tiny DB's near-duplicate texts do move some windows
+    # min_match: each window is the aligned one or, where it matches by less, all pad
+    strict = RetroDataset(store, split, k=K, alignment="content", min_match=0.4).get_batch(idx)["neighbours"]
+    score = match_scores(a["neighbours"][..., :m], queries[:, :, None, :], pad)
+    weak = score < 0.4 * m * (m + 1) / 2
+    assert weak.any() and (~weak).any()
+    np.testing.assert_array_equal(strict[~weak], a["neighbours"][~weak])
+    assert (strict[weak] == pad).all()
+    with pytest.raises(UserError, match="min_match needs alignment"):
+        RetroDataset(store, split, k=K, min_match=0.4)
 
 
 def test_a_run_trained_with_content_alignment_evaluates_with_it(db, tmp_path, capsys):
@@ -156,8 +196,10 @@ def test_a_run_trained_with_content_alignment_evaluates_with_it(db, tmp_path, ca
     config = write_train_config(tmp_path / "cfg.yaml", TRAIN_KEYS)
     run = tmp_path / "run"
     train.train(train.parse_args(["--config", str(config), "--db", str(db), "--out", str(run),
-                                  "--set", "model.neighbour_alignment=content"]))
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["neighbour_alignment"] == "content"
+                                  "--set", "model.neighbour_alignment=content",
+                                  "--set", "model.neighbour_min_match=0.2"]))
+    model_cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert model_cfg["neighbour_alignment"] == "content" and model_cfg["neighbour_min_match"] == 0.2
     capsys.readouterr()
     assert evaluate.main(["--run", str(run), "--db", str(db), "--split", "val", "--no-progress"]) == 0
     got = json.loads(capsys.readouterr().out)
