@@ -162,11 +162,10 @@ def open_datasets(db: str, tcfg: TrainConfig, mcfg: RetroConfig) -> tuple[RetroD
     for store in (train_store, val_store):
         check_compatible(store, mcfg, tcfg.seq_len)
     use_retrieval = tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers)
-    k = mcfg.num_neighbours
     reads = "random" if tcfg.neighbour_reads == "random" else "batched"  # the file itself is written batched
-    align = {"alignment": mcfg.neighbour_alignment, "min_match": mcfg.neighbour_min_match}
-    train_ds = RetroDataset(train_store, "train", k=k, retrieval=use_retrieval, reads=reads, **align)
-    val_ds = RetroDataset(val_store, "val", k=k, retrieval=use_retrieval, reads=reads, **align) if len(val_store.seq_starts) else None
+    train_ds = RetroDataset.for_model(train_store, "train", mcfg, retrieval=use_retrieval, reads=reads)
+    val_ds = RetroDataset.for_model(val_store, "val", mcfg, retrieval=use_retrieval, reads=reads) \
+        if len(val_store.seq_starts) else None
     return train_ds, val_ds, use_retrieval
 
 

@@ -440,7 +440,10 @@ class Runner:
         """RETRO, or RETRO-fit on the seed's baseline decoder, at one size; then its evaluation."""
         base = self.runs / f"baseline-seed{seed}"
         run = self.runs / f"{kind}-x{multiple}-seed{seed}"
-        self.train(run, seed, *([f"init_from={base}", "freeze_decoder=true"] if kind == "retrofit" else []))
+        # RETRO-fit: the frozen decoder has nothing to learn from a step without neighbours, so a plan's
+        # retrieval_dropout (for RETRO's decoder) does not apply (train.py refuses the two together)
+        self.train(run, seed, *([f"init_from={base}", "freeze_decoder=true", "retrieval_dropout=0.0"]
+                                if kind == "retrofit" else []))
         self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
         self.save_record()
 

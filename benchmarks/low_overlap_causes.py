@@ -111,7 +111,7 @@ def analyse(run: str, baseline_run: str, db: str, *, batch_size: int = 8, max_se
     baseline, _ = load_model(baseline_run)
     store = ChunkStore.open(db, "val")
     check_compatible(store, cfg)
-    dataset = RetroDataset(store, "val", k=cfg.num_neighbours, alignment=cfg.neighbour_alignment)
+    dataset = RetroDataset.for_model(store, "val", cfg)
     m, pad_id = dataset.chunk_size, dataset.pad_id
     source_bytes = SourceBytes(store)
     sums = CauseSums()

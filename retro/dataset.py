@@ -107,6 +107,15 @@ class RetroDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._len
 
+    @classmethod
+    def for_model(cls, store: ChunkStore | str | os.PathLike, split: str | None, cfg: RetroConfig, *,
+                  k: int | None = None, retrieval: bool = True, reads: str = "batched") -> RetroDataset:
+        """The split as ``cfg``'s model reads it: its neighbours per chunk (``k`` at most), its
+        alignment and weak-neighbour rule. Every caller that scores or trains a model builds its
+        dataset here, so none can read neighbours the model was not trained on."""
+        return cls(store, split, k=k or cfg.num_neighbours, retrieval=retrieval, reads=reads,
+                   alignment=cfg.neighbour_alignment, min_match=cfg.neighbour_min_match)
+
     def chunk_ids(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """(b, chunks_per_seq + 1) chunk ids of each sequence and the chunk after it (-1 past the end)."""
         idx = np.asarray(indices, dtype=np.int64)

@@ -261,8 +261,7 @@ def run(args: argparse.Namespace) -> int:
         check_same_split(store, trained)  # another database: the same split's sequences, byte for byte
         db_info = {"trained_db": str(trained)}
     k = args.k or cfg.num_neighbours
-    dataset = RetroDataset(store, args.split, k=k, alignment=cfg.neighbour_alignment,
-                           min_match=cfg.neighbour_min_match)
+    dataset = RetroDataset.for_model(store, args.split, cfg, k=k)
     step = read_state(checkpoint_dir(args.run, args.step)).get("step")
     baseline, base_info = None, {}
     if args.baseline:

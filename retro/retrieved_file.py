@@ -247,9 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tcfg, mdict = load_config(args.config, args.set)
     mcfg = RetroConfig.from_dict(mdict)
-    ds = RetroDataset(args.db, "train", k=mcfg.num_neighbours,
-                      retrieval=tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers),
-                      alignment=mcfg.neighbour_alignment, min_match=mcfg.neighbour_min_match)
+    ds = RetroDataset.for_model(args.db, "train", mcfg,
+                                retrieval=tcfg.retrieval_dropout < 1.0 and bool(mcfg.resolved_cca_layers))
     for epoch in (int(e) for e in args.epochs.split(",")):
         for rank in ([int(r) for r in args.ranks.split(",")] if args.ranks else range(args.world_size)):
             sampler = ShardedBatchSampler(len(ds), tcfg.micro_batch_size, rank, args.world_size, seed=tcfg.seed)

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 from retro.checkpoint import checkpoint_dir, checkpoint_weights
 
@@ -38,7 +39,8 @@ def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
         shutil.copytree(stdlib / pkg, corpus / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     bert = shared_tiny_bert(tmp_path_factory)
     sets = [a for s in [*tiny_model_sets(), "max_steps=3", "warmup_steps=1", "batch_size=2", "micro_batch_size=2",
-                        "eval_every=0", "checkpoint_every=0", "log_every=1", "num_workers=0"] for a in ("--set", s)]
+                        "eval_every=0", "checkpoint_every=0", "log_every=1", "num_workers=0",
+                        "retrieval_dropout=0.5"] for a in ("--set", s)]  # RETRO's; RETRO-fit drops it
     argv = ["--work", str(root / "work"), "--corpus", str(corpus), "--glob", "*.py", "--pool-mb", "0.2",
             "--multiples", "1,3", "--seeds", "0", "--vocab-size", "512", "--chunk-size", "16", "--seq-len", "64",
             "--embed-args", f"--embedder {bert} --tokenize-workers 0 --device cpu --shard-size 256",
@@ -88,6 +90,10 @@ def test_retrofit_keeps_the_baseline_decoder_frozen(experiment) -> None:
     saved = load_file(str(checkpoint_dir(work / "runs" / "retrofit-x3-seed0") / "model.safetensors"))
     assert set(saved) == set(fit) - set(shared)  # only what trains is saved
     assert any(not (base[k] == retro[k]).all() for k in shared)  # RETRO trains its decoder
+    configs = {run: yaml.safe_load((work / "runs" / run / "config.yaml").read_text())
+               for run in ("retro-x3-seed0", "retrofit-x3-seed0")}
+    assert configs["retro-x3-seed0"]["retrieval_dropout"] == 0.5  # the plan's, for RETRO's decoder
+    assert configs["retrofit-x3-seed0"]["retrieval_dropout"] == 0.0  # a frozen decoder: not applied
 
 
 def test_a_rerun_does_nothing_and_another_plan_is_refused(experiment, monkeypatch) -> None:
