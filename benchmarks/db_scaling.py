@@ -8,7 +8,9 @@ run in hours:
 1. The plan is fixed before any run and written to WORK/plan.json (a re-run with another plan is
    refused): the corpus's files in the order of a sha256 of their relative path; the first
    ``--pool-mb`` of them are the training and validation documents (split by the chunk stage's
-   text hash, ``--val-fraction``); the following files are the retrieval-only data.
+   text hash, ``--val-fraction``); the following files are the retrieval-only data, taken by the
+   sizes in that order, or (``--retrieval-order random``) the largest size's files shuffled, so
+   each size is a random subset of the next, as the paper's smaller databases are of its largest.
 2. One database grows through the sizes (``--multiples``: database tokens as multiples of the
    training tokens; 1 is the training data alone). At each size: ``add --retrieval-only`` the next
    files, embed (new chunks only), index (rebuilt), knn (refreshed: every row sees the grown
