@@ -7,9 +7,12 @@ import json
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures import bench_scale_module
 
 
+@pytest.mark.slow  # 45 s on a 2-core CPU; bench_scale's stages under 2 ranks: test_bench_scale_parallel.py
 def test_bench_scale_tiny(tmp_path, capsys, monkeypatch):
     bench = bench_scale_module()
     out = tmp_path / "rows.json"

@@ -22,6 +22,7 @@ def test_row_percentiles(bench) -> None:
     assert bench.Point(bench.LoadConfig(1, 1, 1, 4), [0.25], 4, 1.0, [1], 0).row().startswith("| off (1) | 1 | 1 | 250 | 250 |")
 
 
+@pytest.mark.slow  # 19 s on a 2-core CPU; /v1/generate itself is tested in the default run
 def test_end_to_end_prints_the_table(bench, tmp_path, tmp_path_factory, capsys) -> None:
     db = shared_db(tmp_path_factory)
     run = make_run(tmp_path / "run", db)

@@ -172,6 +172,7 @@ def test_every_flag_of_the_gpu_sized_commands_exists(tmp_path):
             assert flag in helps[script], (script, flag)
 
 
+@pytest.mark.slow  # 53 s on a 2-core CPU; the mechanisms themselves: tests/retro/test_memory.py (default run)
 def test_cpu_smoke_memory_step_measures_checkpointing_and_offload(tmp_path):
     """The memory step (bench_memory) on CPU: 2 gloo ranks, activation checkpointing off/on, FSDP2
     with and without CPU offload; timings and peaks are reported, never asserted."""
