@@ -284,14 +284,18 @@ def test_retrieval_corpus_gives_the_retrieval_only_data(tmp_path, monkeypatch) -
     newer = write(tmp_path / "v2", [f"a/{i}.c" for i in range(6)] + [f"b/{i}.c" for i in range(30)])
     plan = db_scaling.Plan(corpus=str(corpus), pool_mb=3000 / (1 << 20), multiples=(1, 3, 5),
                            retrieval_corpus=str(newer))
-    runner = db_scaling.Runner(tmp_path / "work", plan)
-    slices: list[Path | None] = []
-    monkeypatch.setattr(runner, "build_database", lambda pool: None)
-    monkeypatch.setattr(runner, "retrieval_bytes", lambda m: (m - 1) * 3000)
-    monkeypatch.setattr(runner, "grow_to", lambda i, m, d: slices.append(d) or {})
-    monkeypatch.setattr(runner, "neighbour_distances", lambda records: None)
-    monkeypatch.setattr(runner, "parallel", lambda steps: None)
-    runner.experiment(db_scaling.ordered_files(corpus, "*.c"), corpus)
+    def slice_dirs(plan: db_scaling.Plan, work: Path) -> list[Path | None]:
+        """The folders each size adds, with every stage stubbed out (3,000 bytes a multiple)."""
+        runner, slices = db_scaling.Runner(work, plan), []
+        monkeypatch.setattr(runner, "build_database", lambda pool: None)
+        monkeypatch.setattr(runner, "retrieval_bytes", lambda m: (m - 1) * 3000)
+        monkeypatch.setattr(runner, "grow_to", lambda i, m, d: slices.append(d) or {})
+        monkeypatch.setattr(runner, "neighbour_distances", lambda records: None)
+        monkeypatch.setattr(runner, "parallel", lambda steps: None)
+        runner.experiment(db_scaling.ordered_files(corpus, "*.c"), corpus)
+        return slices
+
+    slices = slice_dirs(plan, tmp_path / "work")
     pool = sorted(p.relative_to(tmp_path / "work" / "corpus" / "pool").as_posix()
                   for p in (tmp_path / "work" / "corpus" / "pool").rglob("*.c"))
     assert len(pool) == 3 and all((corpus / p).exists() for p in pool)
@@ -307,15 +311,7 @@ def test_retrieval_corpus_gives_the_retrieval_only_data(tmp_path, monkeypatch) -
 
     # --retrieval-order random: the same files at the largest size, each size a random subset of the next
     shuffled = dataclasses.replace(plan, retrieval_order="random")
-    runner = db_scaling.Runner(tmp_path / "work-random", shuffled)
-    slices.clear()
-    monkeypatch.setattr(runner, "build_database", lambda pool: None)
-    monkeypatch.setattr(runner, "retrieval_bytes", lambda m: (m - 1) * 3000)
-    monkeypatch.setattr(runner, "grow_to", lambda i, m, d: slices.append(d) or {})
-    monkeypatch.setattr(runner, "neighbour_distances", lambda records: None)
-    monkeypatch.setattr(runner, "parallel", lambda steps: None)
-    runner.experiment(db_scaling.ordered_files(corpus, "*.c"), corpus)
-    rand = [sorted(p.relative_to(d) for p in d.rglob("*.c")) for d in slices[1:]]
+    rand = [sorted(p.relative_to(d) for p in d.rglob("*.c")) for d in slice_dirs(shuffled, tmp_path / "work-random")[1:]]
     assert [len(g) for g in rand] == [6, 6]
     assert sorted(rand[0] + rand[1]) == sorted(got[0] + got[1])  # the largest database: the same files
     assert rand[0] != got[0]                                       # the first size: not the first files

@@ -11,20 +11,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import low_overlap_causes as causes  # noqa: E402
+from tests.fixtures.token_runs import longest_common_run  # noqa: E402
 
 PAD = 3
-
-
-def _longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
-    """Reference: the longest common substring of a and b by brute force (pad matches nothing)."""
-    best = 0
-    for i in range(len(a)):
-        for j in range(len(b)):
-            n = 0
-            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n] and a[i + n] != PAD:
-                n += 1
-            best = max(best, n)
-    return best
 
 
 def test_query_match_is_the_previous_chunks_run_with_its_own_neighbours() -> None:
@@ -40,7 +29,7 @@ def test_query_match_is_the_previous_chunks_run_with_its_own_neighbours() -> Non
     for r in range(3):
         for c in range(1, chunks + 1):
             query = tokens[r, (c - 1) * m:c * m]
-            want = max(_longest_common_run(query, nbrs[r, c - 1, j]) for j in range(k)) / m
+            want = max(longest_common_run(query.tolist(), nbrs[r, c - 1, j].tolist(), PAD) for j in range(k)) / m
             assert got[r, c] == want, (r, c)
 
 

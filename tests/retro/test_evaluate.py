@@ -19,6 +19,7 @@ from retro.evaluate import eval_indices, evaluate, gain_failure, main
 from retro.metrics import bits_per_byte, target_bytes
 from retro.train_config import TrainConfig, save_resolved
 from tests.fixtures.train_db import CHUNK, K, VOCAB, tiny_db
+from tests.fixtures.token_runs import longest_common_run
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +176,6 @@ def test_cli_prints_json_with_and_without_retrieval(db, tmp_path, capsys):
 # ----------------------------------------------------------------------------- baseline, leakage
 
 
-def lcs_reference(a: list[int], b: list[int], pad: int) -> int:
-    """Longest common run of tokens by brute force over every start pair (pad matches nothing)."""
-    best = 0
-    for i in range(len(a)):
-        for j in range(len(b)):
-            n = 0
-            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n] and a[i + n] != pad:
-                n += 1
-            best = max(best, n)
-    return best
-
-
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), m=st.integers(1, 9), k=st.integers(1, 3), r=st.integers(1, 12),
        vocab=st.integers(2, 5))
@@ -197,7 +186,7 @@ def test_longest_shared_run_matches_brute_force(seed, m, k, r, vocab):
     chunks = rng.integers(0, vocab, (4, m))
     nbrs = rng.integers(0, vocab, (4, k, r))
     got = longest_shared_run(chunks, nbrs, pad_id=0)
-    want = [max(lcs_reference(chunks[i].tolist(), nbrs[i, j].tolist(), 0) for j in range(k)) for i in range(4)]
+    want = [max(longest_common_run(chunks[i].tolist(), nbrs[i, j].tolist(), 0) for j in range(k)) for i in range(4)]
     assert got.tolist() == want
 
 
