@@ -48,19 +48,20 @@ def record_dtype(ds: RetroDataset) -> np.dtype:
     return np.dtype(fields)
 
 
-def db_fingerprint(ds: RetroDataset) -> str:
-    """8 hex digits of what the records come from: the DB's path, its shards' counts and when its
-    chunk and knn stages finished (a rebuilt DB or re-run knn gets new files, not stale ones)."""
+def records_fingerprint(ds: RetroDataset) -> str:
+    """8 hex digits of what the records come from: the DB's path, its shards' counts, when its
+    chunk and knn stages finished (a rebuilt DB or re-run knn gets new files, not stale ones), and
+    how neighbour windows are cut (the model's alignment and weak-neighbour threshold)."""
     m = ds.store.manifest
     stages = {name: (m.get("stages", {}).get(name) or {}).get("finished") for name in ("chunk", "knn")}
-    key = json.dumps([str(Path(ds.db).resolve()), m.get("counts"), len(m.get("shards") or []), stages],
-                     sort_keys=True, default=str)
+    key = json.dumps([str(Path(ds.db).resolve()), m.get("counts"), len(m.get("shards") or []), stages,
+                      ds.alignment, ds.min_match], sort_keys=True, default=str)
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
 def epoch_file(directory: str | os.PathLike, ds: RetroDataset, sampler: ShardedBatchSampler, epoch: int) -> Path:
     """The file of one epoch of one rank: its name holds everything that decides its content."""
-    return Path(directory) / (f"{ds.split}-{db_fingerprint(ds)}-seed{sampler.seed}-epoch{epoch:05d}"
+    return Path(directory) / (f"{ds.split}-{records_fingerprint(ds)}-seed{sampler.seed}-epoch{epoch:05d}"
                               f"-rank{sampler.rank}of{sampler.world_size}-mb{sampler.micro_batch_size}"
                               f"-k{ds.k}-seqs{len(ds)}.npy")
 

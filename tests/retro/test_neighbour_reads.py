@@ -184,6 +184,9 @@ def test_file_name_changes_with_the_neighbours(tmp_path):
     sampler = ShardedBatchSampler(len(ds), MB, 0, 1, seed=3)
     before = epoch_file(tmp_path, ds, sampler, 0)
     assert epoch_file(tmp_path, RetroDataset(db, "train"), sampler, 0) == before
+    cut = {epoch_file(tmp_path, RetroDataset(db, "train", alignment=a, min_match=mm), sampler, 0)
+           for a, mm in (("chunk", 0.0), ("content", 0.0), ("content", 0.5))}
+    assert len(cut) == 3 and before in cut  # the windows' cut is in the name: no stale file is read
     t = "2000-01-01T00:00:00+00:00"
     record_stage(db, "knn", params={"k": 2}, started=t, finished=t, manifest=load_manifest(db))  # knn re-run
     assert epoch_file(tmp_path, RetroDataset(db, "train"), sampler, 0) != before
