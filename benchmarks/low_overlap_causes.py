@@ -31,31 +31,12 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retro.leakage import chunk_bytes, chunk_overlaps, longest_shared_run, per_chunk  # noqa: E402
+from retro.leakage import chunk_bytes, chunk_overlaps, per_chunk, query_overlaps  # noqa: E402
 from retro.metrics import SourceBytes, bits_per_byte  # noqa: E402
 
 TARGET_EDGES = (0.125, 1.0)          # target overlap: <= 12.5% (the paper's lowest alpha), above
 QUERY_EDGES = (0.125, 0.5, 1.0)      # query match: unrelated, partial, a near-duplicate of the query
 VARIANTS = ("retrieval", "no_retrieval", "baseline")
-
-
-def query_matches(tokens: np.ndarray, neighbours: np.ndarray, chunk_size: int, pad_id: int) -> np.ndarray:
-    """(b, n + 1) tokens, (b, l, k, 2m) neighbours -> (b, l + 1): for target chunk c, the longest run
-    the query chunk C_{c-1} (tokens (c-1)m .. cm - 1, whose neighbours predict C_c) shares with
-    those neighbours, as a fraction of m; chunk 0 (no neighbours): 0."""
-    m = chunk_size
-    tokens, neighbours = np.asarray(tokens), np.asarray(neighbours)
-    b, total = tokens.shape
-    l1 = -(-total // m)
-    padded = np.full((b, l1 * m), pad_id, dtype=tokens.dtype)
-    padded[:, :total] = tokens
-    chunks = padded.reshape(b, l1, m)
-    out = np.zeros((b, l1), dtype=np.float64)
-    l_ = min(neighbours.shape[1], l1 - 1)
-    runs = longest_shared_run(chunks[:, :l_].reshape(b * l_, m),
-                              neighbours[:, :l_].reshape(b * l_, *neighbours.shape[2:]), pad_id)
-    out[:, 1:l_ + 1] = runs.reshape(b, l_) / m
-    return out
 
 
 def bucket(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
@@ -128,7 +109,7 @@ def analyse(run: str, baseline_run: str, db: str, *, batch_size: int = 8, max_se
         nbytes = source_bytes.scale_chunks(chunk_bytes(store.tokenizer, batch["tokens"][:, 1:], m, pad_id),
                                            dataset.chunk_ids(rows), batch["tokens"][:, 1:], m)
         sums.add(chunk_overlaps(batch["tokens"], batch["neighbours"], m, pad_id),
-                 query_matches(batch["tokens"], batch["neighbours"], m, pad_id),
+                 query_overlaps(batch["tokens"], batch["neighbours"], m, pad_id),
                  {k: per_chunk(v, m) for k, v in losses.items()}, per_chunk(y != pad_id, m), nbytes)
     return sums.report()
 

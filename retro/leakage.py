@@ -61,27 +61,44 @@ def chunk_overlaps(tokens: np.ndarray, neighbours: np.ndarray | None, chunk_size
                    pad_id: int) -> np.ndarray:
     """(b, n + 1) tokens, (b, l, k, 2m) neighbours -> (b, l + 1) overlap in [0, 1] of each target
     chunk with the neighbours it is predicted from (chunk c with Ret(C_{c-1}); chunk 0: 0)."""
-    b, m = tokens.shape[0], chunk_size
-    chunks = _target_chunks(np.asarray(tokens), m, pad_id)  # (b, l + 1, m)
-    out = np.zeros(chunks.shape[:2], dtype=np.float64)
+    chunks = padded_chunks(np.asarray(tokens), chunk_size, pad_id)
+    chunks[:, 0, 0] = pad_id  # token 0 is never a target
+    return _runs_with_neighbours(chunks, neighbours, target=True, pad_id=pad_id)
+
+
+def query_overlaps(tokens: np.ndarray, neighbours: np.ndarray | None, chunk_size: int,
+                   pad_id: int) -> np.ndarray:
+    """(b, n + 1) tokens, (b, l, k, 2m) neighbours -> (b, l + 1): for target chunk c, the longest run
+    the query chunk C_{c-1} (whose neighbours predict C_c) shares with those neighbours, as a
+    fraction of m (chunk 0: 0). High query and low target overlap: a near-duplicate that diverges."""
+    return _runs_with_neighbours(padded_chunks(np.asarray(tokens), chunk_size, pad_id), neighbours,
+                                 target=False, pad_id=pad_id)
+
+
+def _runs_with_neighbours(chunks: np.ndarray, neighbours: np.ndarray | None, *, target: bool,
+                          pad_id: int) -> np.ndarray:
+    """chunks (b, l + 1, m) -> (b, l + 1): Ret(C_{c-1})'s longest shared run with chunk c (target)
+    or with chunk c - 1 (its query), over m, stored at c."""
+    b, l1, m = chunks.shape
+    out = np.zeros((b, l1), dtype=np.float64)
     if neighbours is None:
         return out
     nbrs = np.asarray(neighbours)
-    l_ = min(nbrs.shape[1], chunks.shape[1] - 1)
-    runs = longest_shared_run(rearrange(chunks[:, 1:l_ + 1], "b l m -> (b l) m"),
+    l_ = min(nbrs.shape[1], l1 - 1)
+    compared = chunks[:, 1:l_ + 1] if target else chunks[:, :l_]
+    runs = longest_shared_run(rearrange(compared, "b l m -> (b l) m"),
                               rearrange(nbrs[:, :l_], "b l k r -> (b l) k r"), pad_id)
     out[:, 1:l_ + 1] = rearrange(runs, "(b l) -> b l", b=b) / m
     return out
 
 
-def _target_chunks(tokens: np.ndarray, m: int, pad_id: int) -> np.ndarray:
-    """(b, n + 1) tokens -> (b, l + 1, m): chunk c holds tokens c*m .. (c+1)*m - 1, pad-filled past
-    the end; token 0 is never a target, so it is blanked."""
+def padded_chunks(tokens: np.ndarray, m: int, pad_id: int) -> np.ndarray:
+    """(b, n + 1) tokens -> (b, l + 1, m), a new array: chunk c holds tokens c*m .. (c+1)*m - 1,
+    pad-filled past the end."""
     b, total = tokens.shape
     l1 = -(-total // m)
     padded = np.full((b, l1 * m), pad_id, dtype=tokens.dtype)
     padded[:, :total] = tokens
-    padded[:, 0] = pad_id
     return rearrange(padded, "b (l m) -> b l m", m=m)
 
 

@@ -204,6 +204,27 @@ def test_chunk_overlaps_pair_chunk_c_with_the_neighbours_of_chunk_c_minus_1():
     assert ov.shape == (1, 4) and ov[0].tolist() == [0.0, 0.5, 1.0, 0.0]
 
 
+def test_query_overlap_is_the_previous_chunks_run_with_its_own_neighbours():
+    """Against a brute-force longest common run: target chunk c's query overlap is chunk c - 1's
+    run with Ret(C_{c-1}), token 0 included (it is a query token, though never a target)."""
+    from retro.leakage import query_overlaps
+
+    rng = np.random.default_rng(0)
+    m, chunks, k, pad = 8, 4, 2, 3
+    tokens = rng.integers(4, 12, size=(3, chunks * m + 1))  # a small vocabulary: chance runs exist
+    nbrs = rng.integers(4, 12, size=(3, chunks, k, 2 * m))
+    nbrs[0, 1, 1, 3:3 + m] = tokens[0, m:2 * m]              # chunk 1's whole text, shifted by 3
+    nbrs[1, 0, 0, :m] = tokens[1, :m]                        # chunk 0, token 0 included
+    got = query_overlaps(tokens, nbrs, m, pad)
+    assert got.shape == (3, chunks + 1) and (got[:, 0] == 0).all()  # chunk 0 has no neighbours
+    assert got[0, 2] == 1.0 and got[1, 1] == 1.0
+    for r in range(3):
+        for c in range(1, chunks + 1):
+            query = tokens[r, (c - 1) * m:c * m]
+            want = max(longest_common_run(query.tolist(), nbrs[r, c - 1, j].tolist(), pad) for j in range(k)) / m
+            assert got[r, c] == want, (r, c)
+
+
 @torch.no_grad()
 def test_baseline_and_overlap_buckets_add_up(db):
     """The baseline is scored on the same tokens (itself as baseline: equal to no retrieval); the
