@@ -70,6 +70,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 NEIGHBOUR_ALIGNMENTS = ("chunk", "content")  # retro.neighbour_alignment
+CCA_NULL_VALUES = ("learned", "zero")  # RetroConfig.cca_null_value
 
 
 @dataclass
@@ -103,6 +104,12 @@ class RetroConfig:
     # with "content": drop a neighbour whose window matches its query chunk by less than this share
     # of the weighted maximum (0: keep every neighbour, the paper); retro.neighbour_alignment says why
     neighbour_min_match: float = 0.0
+    # CCA's null slot, which every query may attend to (the only key left when all of a chunk's
+    # neighbours are padding: none retrieved, or dropped by neighbour_min_match). "learned": a
+    # learned key and value. "zero": a learned key and a zero value, so such a chunk gets exactly
+    # nothing from CCA (a RETRO-fit is then exactly its base decoder there) and the null key
+    # works as a learned gate on the neighbours' share
+    cca_null_value: str = "learned"
     # misc
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -169,6 +176,8 @@ class RetroConfig:
         if m > 0 and self.neighbour_alignment != "content":
             raise UserError("model.neighbour_min_match needs model.neighbour_alignment: content "
                             "(the match is measured on the realigned window)")
+        if self.cca_null_value not in CCA_NULL_VALUES:
+            raise UserError(f"model.cca_null_value must be one of {CCA_NULL_VALUES}, got {self.cca_null_value!r}")
         if self.dim_head % 2 or self.enc_dim_head % 2:
             raise UserError("model.dim_head and model.enc_dim_head must be even (rotary embeddings)")
         if self.cca_layers is not None:

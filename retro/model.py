@@ -93,24 +93,20 @@ class CrossAttention(nn.Module):
     query may attend to, so a query whose whole context is padding still gets a defined output."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int, dropout: float,
-                 null_kv: bool) -> None:
+                 null_kv: bool, zero_null_value: bool = False) -> None:
         super().__init__()
         self.heads, self.dropout_p = heads, dropout
         inner = heads * dim_head
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.null_kv = nn.Parameter(torch.zeros(2, heads, dim_head)) if null_kv else None
+        # the null key, then its value unless that is fixed at zero (RetroConfig.cca_null_value)
+        self.null_kv = nn.Parameter(torch.zeros(1 if zero_null_value else 2, heads, dim_head)) if null_kv else None
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor,
-        key_mask: Tensor | None = None,
-        q_rotary: tuple[Tensor, Tensor] | None = None,
-        k_rotary: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None,
+                q_rotary: tuple[Tensor, Tensor] | None = None, k_rotary: tuple[Tensor, Tensor] | None = None
+                ) -> Tensor:
         q = self.queries(x, q_rotary)
         return self.attend(q, self.context_kv(context, key_mask, k_rotary, q.dtype))
 
@@ -130,7 +126,8 @@ class CrossAttention(nn.Module):
         attn_mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
         if self.null_kv is not None:
             batch = k.shape[0]
-            null_k, null_v = (repeat(t, "h d -> b h 1 d", b=batch).to(dtype or k.dtype) for t in self.null_kv)
+            nulls = [repeat(t, "h d -> b h 1 d", b=batch).to(dtype or k.dtype) for t in self.null_kv]
+            null_k, null_v = nulls if len(nulls) == 2 else (nulls[0], torch.zeros_like(nulls[0]))
             k, v = torch.cat((null_k, k), dim=2), torch.cat((null_v, v), dim=2)
             if attn_mask is not None:
                 attn_mask = F.pad(attn_mask, (1, 0), value=True)
@@ -151,7 +148,8 @@ class ChunkedCrossAttention(nn.Module):
         super().__init__()
         self.chunk_size = cfg.chunk_size
         self.rotary = rotary
-        self.attn = CrossAttention(cfg.dim, cfg.enc_dim, cfg.heads, cfg.dim_head, cfg.dropout, null_kv=True)
+        self.attn = CrossAttention(cfg.dim, cfg.enc_dim, cfg.heads, cfg.dim_head, cfg.dropout, null_kv=True,
+                                   zero_null_value=cfg.cca_null_value == "zero")
 
     def _attend(self, q_in: Tensor, enc: Tensor, enc_mask: Tensor, q_offset: Tensor) -> Tensor:
         """q_in ((b l), t, dim) queries at in-block offsets q_offset (t,); enc ((b l), k*r, e).

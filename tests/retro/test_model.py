@@ -135,13 +135,31 @@ def test_all_padding_neighbours_give_finite_logits_and_gradients():
         assert torch.isfinite(p.grad).all(), name
 
 
+@HYP
+@given(seed=st.integers(0, 10**6), chunks=st.integers(2, 4))
+def test_zero_null_value_leaves_a_chunk_without_neighbours_exactly_to_the_decoder(seed, chunks):
+    """cca_null_value "zero": where every neighbour of a chunk is padding, CCA adds exactly zero,
+    so the logits are bit for bit those without retrieval (a RETRO-fit is its base model there).
+    A learned null value adds a constant there instead."""
+    tokens, nbrs = rand_inputs(2, chunks * M + 1, seed)
+    nbrs[0] = PAD        # sequence 0: no neighbours at all
+    nbrs[1, 0] = PAD     # sequence 1: none for chunk 0 (read at positions M - 1 .. 2M - 2)
+    zero, learned = model_for("zero-null", cca_null_value="zero"), model_for()
+    with torch.no_grad():
+        got, plain = zero(tokens, nbrs), zero(tokens, None)
+        assert not torch.allclose(learned(tokens, nbrs)[0], learned(tokens, None)[0])
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1, :2 * M - 1], plain[1, :2 * M - 1])
+    assert not torch.allclose(got[1, 2 * M - 1:], plain[1, 2 * M - 1:])  # chunk 1's neighbours are read
+    assert zero.layers[1].cca.attn.null_kv.shape[0] == 1  # the null key alone is a parameter
+
+
 # ----------------------------------------------------------------------------- gradients, shapes
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_gradients_reach_every_parameter(tie):
+@pytest.mark.parametrize("tie,null", [(True, "learned"), (False, "learned"), (True, "zero")])
+def test_gradients_reach_every_parameter(tie, null):
     torch.manual_seed(0)
-    model = RETRO(small_cfg(tie_embeddings=tie, enc_dim=32 if tie else 24))
+    model = RETRO(small_cfg(tie_embeddings=tie, enc_dim=32 if tie else 24, cca_null_value=null))
     tokens, nbrs = rand_inputs(2, 3 * M, 0)
     logits = model(tokens, nbrs)
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1)).backward()
@@ -396,6 +414,8 @@ def test_config_errors_are_one_line_dberrors(tmp_path):
         small_cfg(pad_id=V)
     with pytest.raises(DBError, match="positive integer"):
         small_cfg(dim=0)
+    with pytest.raises(DBError, match="cca_null_value must be one of"):
+        small_cfg(cca_null_value="none")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(DBError, match="invalid YAML"):
