@@ -82,9 +82,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def drops_retrieval(step: int, cfg: TrainConfig) -> bool:
     """Whether optimizer step ``step`` trains without neighbours: a pure function of (seed, step),
     so every rank and every micro-step agree and a resumed run makes the same choices."""
-    if cfg.retrieval_dropout <= 0.0:
+    if cfg.retrieval_dropout <= 0.0 or cfg.retrieval_dropout_unit != "step":
         return False
     return bool(np.random.default_rng([cfg.seed, step]).random() < cfg.retrieval_dropout)
+
+
+def drop_chunk_neighbours(neighbours: torch.Tensor, cfg: TrainConfig, pad_id: int, step: int, rank: int,
+                          micro: int) -> torch.Tensor:
+    """``retrieval_dropout_unit: chunk``: each chunk's neighbours (b, l, k, r) become padding with
+    probability retrieval_dropout, so CCA gives that chunk only its null slot and the decoder learns
+    to predict it unaided, while the sequence's other chunks still train copying. A pure function
+    of (seed, step, rank, micro-step): a resumed run drops the same chunks."""
+    if cfg.retrieval_dropout <= 0.0 or cfg.retrieval_dropout_unit != "chunk":
+        return neighbours
+    rng = np.random.default_rng([cfg.seed, step, rank, micro])
+    drop = torch.from_numpy(rng.random(neighbours.shape[:2]) < cfg.retrieval_dropout)
+    return neighbours.masked_fill(drop[:, :, None, None].to(neighbours.device), pad_id)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -415,6 +428,9 @@ def train_step(t: Trainer, state: TrainState, batches: Iterator[dict[str, torch.
     state.position += t.grad_accum
     scale = loss_scale(t, micro_batches)
     for micro, batch in enumerate(micro_batches):
+        if with_nbrs:
+            batch = {**batch, "neighbours": drop_chunk_neighbours(batch["neighbours"], t.tcfg, t.mcfg.pad_id,
+                                                                  state.step, t.info.rank, micro)}
         step_loss += forward_backward(t, batch, with_nbrs, sync=micro == t.grad_accum - 1, scale=scale)
     if t.tcfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(t.trainable, t.tcfg.grad_clip)

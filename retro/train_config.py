@@ -57,7 +57,8 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # fsdp only: parameters, gradients and optimizer state live in CPU memory (FSDP2 CPUOffloadPolicy)
     activation_checkpointing: bool = False  # recompute each decoder block's and the encoder's activations in backward
     tensorboard: bool = False  # also write RUN/tensorboard/ (needs the tensorboard package)
-    retrieval_dropout: float = 0.0  # probability that a whole optimizer step trains without neighbours
+    retrieval_dropout: float = 0.0  # probability that a whole optimizer step (or a chunk) trains without neighbours
+    retrieval_dropout_unit: str = "step"  # step: whole optimizer steps; chunk: each chunk of each sequence on its own
     stop_at: int | None = None  # stop (with a checkpoint) after this step; the schedule still ends at max_steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)
 
@@ -93,6 +94,8 @@ class TrainConfig:
              f"neighbour_reads must be random, batched or sequential_file, not {self.neighbour_reads!r}"),
             (self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}"),
             (0.0 <= self.retrieval_dropout <= 1.0, "retrieval_dropout must be in [0, 1]"),
+            (self.retrieval_dropout_unit in ("step", "chunk"),
+             f"retrieval_dropout_unit must be step or chunk, not {self.retrieval_dropout_unit!r}"),
             (not (self.freeze_decoder and self.retrieval_dropout > 0),
              "retrieval_dropout needs a decoder that trains: with freeze_decoder a step without neighbours "
              "has nothing to train (set retrieval_dropout: 0)"),

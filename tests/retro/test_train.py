@@ -103,6 +103,24 @@ def test_retrieval_dropout_is_a_function_of_seed_and_step():
     assert not any(train.drops_retrieval(s, TrainConfig()) for s in range(100))
 
 
+def test_chunk_retrieval_dropout_pads_whole_chunks_as_a_function_of_seed_step_rank_micro():
+    cfg = TrainConfig(retrieval_dropout=0.3, retrieval_dropout_unit="chunk", seed=9)
+    nbrs = torch.randint(4, 50, (64, 8, 2, 6))
+    out = train.drop_chunk_neighbours(nbrs, cfg, 3, step=5, rank=0, micro=1)
+    dropped = (out == 3).all(-1).all(-1)                              # (b, l) chunks made padding
+    assert torch.equal(out[~dropped], nbrs[~dropped])                 # the others untouched
+    assert not (out == 3).any(-1).any(-1)[~dropped].any()             # no chunk half-dropped
+    assert 0.2 < dropped.float().mean() < 0.4
+    assert torch.equal(out, train.drop_chunk_neighbours(nbrs, cfg, 3, step=5, rank=0, micro=1))
+    assert not torch.equal(out, train.drop_chunk_neighbours(nbrs, cfg, 3, step=5, rank=1, micro=1))
+    assert not torch.equal(out, train.drop_chunk_neighbours(nbrs, cfg, 3, step=6, rank=0, micro=1))
+    assert not any(train.drops_retrieval(s, cfg) for s in range(100))  # never a whole step
+    step_cfg = TrainConfig(retrieval_dropout=0.3, seed=9)
+    assert train.drop_chunk_neighbours(nbrs, step_cfg, 3, step=5, rank=0, micro=1) is nbrs
+    with pytest.raises(UserError, match="retrieval_dropout_unit must be step or chunk"):
+        TrainConfig(retrieval_dropout_unit="token")
+
+
 def test_retrieval_dropout_with_a_frozen_decoder_is_refused():
     """A step without neighbours would train nothing (and autograd fails on it): one-line error."""
     with pytest.raises(UserError, match="retrieval_dropout needs a decoder that trains"):
@@ -174,6 +192,16 @@ def test_resume_10_plus_10_equals_20(db, config, tmp_path):
     assert full == split  # bit-identical on CPU
     wa, wb = load_weights(checkpoint_dir(tmp_path / "full")), load_weights(checkpoint_dir(tmp_path / "split"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_chunk_retrieval_dropout_changes_training_and_resumes_bit_for_bit(db, config, tmp_path):
+    sets = ["max_steps=4", "checkpoint_every=2", "eval_every=0", "retrieval_dropout=0.5", "retrieval_dropout_unit=chunk"]
+    run_inprocess(config, db, tmp_path / "full", *sets)
+    run_inprocess(config, db, tmp_path / "split", *sets, "stop_at=2")
+    run_inprocess(config, db, tmp_path / "split", *sets, "stop_at=null", resume=True)
+    run_inprocess(config, db, tmp_path / "kept", "max_steps=2", "eval_every=0")
+    assert losses(tmp_path / "full") == losses(tmp_path / "split") and len(losses(tmp_path / "full")) == 4
+    assert losses(tmp_path / "full")[0] != losses(tmp_path / "kept")[0]  # step 0 already reads padding
 
 
 def test_torchrun_two_ranks_gloo_ddp_and_fsdp_equal_one_rank_with_accumulation(db, config, tmp_path):
