@@ -163,10 +163,11 @@ def summary(data: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"{kind}_vs_none"] = [e["bits_per_byte_no_retrieval"] - e["bits_per_byte"] for e in got]
             row[f"{kind}_vs_control"] = [e["bits_per_byte_other_neighbours"] - e["bits_per_byte"] for e in got
                                          if e.get("bits_per_byte_other_neighbours") is not None]
+            row[f"{kind}_overlap"] = {a: [next(o for o in e["overlap"] if o["alpha"] == a) for e in got
+                                          if e.get("overlap")] for a in ALPHAS}
             if kind == "retro":
                 row["baseline"] = [e["bits_per_byte_baseline"] for e in got]
-                row["overlap"] = {a: [next(o for o in e["overlap"] if o["alpha"] == a) for e in got if e.get("overlap")]
-                                  for a in ALPHAS}
+                row["overlap"] = row["retro_overlap"]
         rows.append(row)
     return rows
 
@@ -196,10 +197,12 @@ def goal(rows: list[dict[str, Any]]) -> list[str]:
                    + (f"{ratio:.1f}x" if ratio is not None else "-") + f" ({'met' if ratio and ratio >= 3 else 'not met'}: >= 3x); "
                    f"mean gain by size {', '.join(f'{m:+.4f}' for m in means)} "
                    + ("(one size so far)" if len(means) < 2 else f"({'rising' if rising else 'not rising'} with each size)"))
-    low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in last["overlap"][ALPHAS[0]]]
-    if low:
-        out.append(f"- RETRO at overlap <= 12.5%: gain {spread(low)} ({'met' if min(low) > 0 else 'not met'}: "
-                   "above zero with every seed)")
+    for kind, name in (("retro", "RETRO"), ("retrofit", "RETRO-fit")):
+        buckets = last.get(f"{kind}_overlap", last["overlap"] if kind == "retro" else {})
+        low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in buckets.get(ALPHAS[0], [])]
+        if low:
+            out.append(f"- {name} at overlap <= 12.5%: gain {spread(low)} ({'met' if min(low) > 0 else 'not met'}: "
+                       "above zero with every seed)")
     return out
 
 
@@ -220,15 +223,17 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
         out.append(f"| {tokens} | {mult} | {spread(r['baseline'])} | {spread(r['retro'])} | {spread(r['retro_gain'])} | "
                    f"{spread(r['retrofit'])} | {spread(r['retrofit_gain'])} | {r['retro_seeds']} / {r['retrofit_seeds']} |")
     out += ["", "Gain: baseline bpb minus the model's, per seed (the same seed's baseline); positive = better.", "",
-            "Overlap buckets (paper section 4.4): RETRO's gain over the baseline on the val chunks whose overlap "
-            "with their neighbours is <= alpha, seed mean [min, max].", "",
-            "| DB tokens | " + " | ".join(f"alpha {a:.1%}" for a in ALPHAS) + " |",
-            "|---:|" + "---|" * len(ALPHAS)]
+            "Overlap buckets (paper section 4.4): the gain over the baseline on the val chunks whose overlap "
+            "with their neighbours (those the model attends to) is <= alpha, seed mean [min, max].", "",
+            "| DB tokens | model | " + " | ".join(f"alpha {a:.1%}" for a in ALPHAS) + " |",
+            "|---:|---|" + "---|" * len(ALPHAS)]
     for r in rows:
-        cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in r["overlap"][a]])
-                 for a in ALPHAS]
-        out.append(f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ")
-        out[-1] += " | ".join(cells) + " |"
+        for kind, name in (("retro", "RETRO"), ("retrofit", "RETRO-fit")):
+            buckets = r.get(f"{kind}_overlap", r["overlap"] if kind == "retro" else {})
+            cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in buckets.get(a, [])])
+                     for a in ALPHAS]
+            out.append((f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ") + f"{name} | "
+                       + " | ".join(cells) + " |")
     out += ["", "What the retrieved text itself buys (seed mean [min, max], bpb): RETRO's own neighbours against "
             "the same weights without retrieval and against other sequences' neighbours (the control); how "
             "close the val chunks' nearest database chunks are (exact search: mean squared L2 of rank 1 "

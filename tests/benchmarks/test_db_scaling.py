@@ -154,6 +154,11 @@ def test_goal_verdict() -> None:
     assert "RETRO: gain +5.88% to +10.00%" in lines and ">= 3% with every seed" in lines
     assert "(met: >= 3% with every seed)" in lines and "(met: >= 3x)" in lines and "(rising with each size)" in lines
     assert "RETRO-fit: not measured" in lines and "(met: above zero with every seed)" in lines
+    assert "RETRO-fit at overlap" not in lines
+    rows[1]["retrofit_overlap"] = {a: [dict(o, bits_per_byte_retrieval=o["bits_per_byte_baseline"] + 0.01)
+                                       for o in rows[1]["overlap"][a]] for a in db_scaling_report.ALPHAS}
+    lines = "\n".join(db_scaling_report.goal(rows))
+    assert "- RETRO-fit at overlap <= 12.5%: gain -0.0100 [-0.0100, -0.0100] (not met" in lines
     rows[1]["retro_gain"] = [0.005, 0.005, 0.005]
     lines = "\n".join(db_scaling_report.goal(rows))
     assert "(not met: >= 3% with every seed)" in lines and "(not rising with each size)" in lines
