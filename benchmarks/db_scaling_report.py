@@ -167,7 +167,6 @@ def summary(data: dict[str, Any]) -> list[dict[str, Any]]:
                                           if e.get("overlap")] for a in ALPHAS}
             if kind == "retro":
                 row["baseline"] = [e["bits_per_byte_baseline"] for e in got]
-                row["overlap"] = row["retro_overlap"]
         rows.append(row)
     return rows
 
@@ -198,8 +197,8 @@ def goal(rows: list[dict[str, Any]]) -> list[str]:
                    f"mean gain by size {', '.join(f'{m:+.4f}' for m in means)} "
                    + ("(one size so far)" if len(means) < 2 else f"({'rising' if rising else 'not rising'} with each size)"))
     for kind, name in (("retro", "RETRO"), ("retrofit", "RETRO-fit")):
-        buckets = last.get(f"{kind}_overlap", last["overlap"] if kind == "retro" else {})
-        low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in buckets.get(ALPHAS[0], [])]
+        low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"]
+               for o in last.get(f"{kind}_overlap", {}).get(ALPHAS[0], [])]
         if low:
             out.append(f"- {name} at overlap <= 12.5%: gain {spread(low)} ({'met' if min(low) > 0 else 'not met'}: "
                        "above zero with every seed)")
@@ -229,8 +228,7 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
             "|---:|---|" + "---|" * len(ALPHAS)]
     for r in rows:
         for kind, name in (("retro", "RETRO"), ("retrofit", "RETRO-fit")):
-            buckets = r.get(f"{kind}_overlap", r["overlap"] if kind == "retro" else {})
-            cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in buckets.get(a, [])])
+            cells = [spread([o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for o in r[f"{kind}_overlap"][a]])
                      for a in ALPHAS]
             out.append((f"| {r['db_tokens']:,} | " if r["db_tokens"] else "| (not built) | ") + f"{name} | "
                        + " | ".join(cells) + " |")
@@ -250,7 +248,7 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
         nq = db.get("neighbours")
         dist = " / ".join(f"{d:.3f}" for d in nq["mean_distance_by_rank"]) if nq else "-"
         share = f"{nq['share_from_retrieval_only']:.1%}" if nq else "-"
-        over = [1 - o["tokens"] / full["tokens"] for o, full in zip(r["overlap"][ALPHAS[0]], r["overlap"][1.0])]
+        over = [1 - o["tokens"] / full["tokens"] for o, full in zip(r["retro_overlap"][ALPHAS[0]], r["retro_overlap"][1.0])]
         out.append(f"| {db['train_tokens']:,} | {spread(r['retro_vs_none'])} | {spread(r['retro_vs_control'])} | "
                    f"{spread(r['retrofit_vs_none'])} | {spread(r['retrofit_vs_control'])} | {dist} | {share} | "
                    f"{(f'{mean(over):.1%}') if over else '-'} |")

@@ -146,7 +146,7 @@ def test_goal_verdict() -> None:
         over = {a: [{"bits_per_byte_baseline": b, "bits_per_byte_retrieval": b - g, "tokens": 10}
                     for b, g in zip(base, low)] for a in db_scaling_report.ALPHAS}
         return {"db_tokens": db, "baseline": base, "retro_seeds": len(base),
-                "retro_gain": [b - x for b, x in zip(base, retro)], "retrofit_gain": [], "overlap": over}
+                "retro_gain": [b - x for b, x in zip(base, retro)], "retrofit_gain": [], "retro_overlap": over}
 
     rows = [row(100, [1.0, 1.01, 1.02], [0.99, 1.0, 1.01], [0.01] * 3),
             row(1000, [1.0, 1.01, 1.02], [0.9, 0.95, 0.96], [0.02, 0.01, 0.03])]
@@ -156,7 +156,7 @@ def test_goal_verdict() -> None:
     assert "RETRO-fit: not measured" in lines and "(met: above zero with every seed)" in lines
     assert "RETRO-fit at overlap" not in lines
     rows[1]["retrofit_overlap"] = {a: [dict(o, bits_per_byte_retrieval=o["bits_per_byte_baseline"] + 0.01)
-                                       for o in rows[1]["overlap"][a]] for a in db_scaling_report.ALPHAS}
+                                       for o in rows[1]["retro_overlap"][a]] for a in db_scaling_report.ALPHAS}
     lines = "\n".join(db_scaling_report.goal(rows))
     assert "- RETRO-fit at overlap <= 12.5%: gain -0.0100 [-0.0100, -0.0100] (not met" in lines
     rows[1]["retro_gain"] = [0.005, 0.005, 0.005]
