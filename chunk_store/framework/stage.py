@@ -45,7 +45,11 @@ log = logging.getLogger("chunk_store.framework.stage")
 # that point the process kills itself and its worker processes with SIGKILL (a real kill -9), or
 # with ":sigint" sends SIGINT to its process group, exactly what Ctrl-C in a terminal does.
 # "@RANK" limits the crash to that torchrun rank (one machine of many dies, the others do not).
+# RETRO_TEST_CRASH_AFTER=PATH makes the crashing process first wait (up to 300 s) until PATH exists:
+# a test that wants another rank's work whole before this one dies says so, rather than hoping
+# torchrun's monitor is slower than that rank (on a loaded 2-core CI machine it was not).
 CRASH_ENV = "RETRO_TEST_CRASH"
+CRASH_AFTER_ENV = "RETRO_TEST_CRASH_AFTER"
 
 
 def crash_point(stage: str, point: int | str) -> None:
@@ -58,6 +62,10 @@ def crash_point(stage: str, point: int | str) -> None:
     where, _, how = rest.partition(":")
     if name != stage or where != str(point) or (only and int(only) != runtime.rank()):
         return
+    after = os.environ.get(CRASH_AFTER_ENV)
+    deadline = time.monotonic() + 300
+    while after and not Path(after).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     if how == "sigint":
         os.killpg(os.getpgid(0), signal.SIGINT)
         return

@@ -54,7 +54,9 @@ def test_a_killed_two_rank_chunk_resumed_with_one_or_three_ranks_is_the_clean_bu
         clean, crash: str, tmp_path: Path) -> None:
     argv, ref = clean
     killed = tmp_path / "killed"
-    out = torchrun(2, [*argv, "--out", killed], crash=crash, monitor_interval=3)
+    # rank 1 dies in its merge only once rank 0's shard is whole (waiting on it, not on timing)
+    after = DBLayout(killed).shard(0).shard_meta if crash == "chunk:merge@1" else None
+    out = torchrun(2, [*argv, "--out", killed], crash=crash, crash_after=after, monitor_interval=3)
     assert out.returncode != 0, out.stderr[-3000:]
     if crash != "chunk:2@1":  # the state the user met: shard 0 whole, the run unfinished
         assert (DBLayout(killed).shard(0).shard_meta).exists()
