@@ -48,6 +48,22 @@ def load(work: Path) -> dict[str, Any]:
     return {"plan": plan, "dbs": dbs, "evals": evals, "longer": longer}
 
 
+def same_path_shares(work: Path, multiples: Sequence[int]) -> dict[int, float]:
+    """Per size: the share of the pool's bytes (training + val files) whose relative path is also
+    a retrieval-only file of the database at that size. With --retrieval-corpus another release
+    of the corpus, such a file is the same source file in another version: the pool's
+    near-duplicates, which is what retrieval can copy from. From the slice folders db_scaling
+    links (WORK/corpus/retrieval-xM), so sizes measured in an earlier session count too."""
+    pool = work / "corpus" / "pool"
+    sizes = {p.relative_to(pool).as_posix(): p.stat().st_size for p in pool.rglob("*") if p.is_file()}
+    total, seen, out = max(1, sum(sizes.values())), set(), {}
+    for m in sorted(multiples):
+        part = work / "corpus" / f"retrieval-x{m}"
+        seen |= {p.relative_to(part).as_posix() for p in part.rglob("*") if p.is_file()} if part.is_dir() else set()
+        out[m] = sum(b for rel, b in sizes.items() if rel in seen) / total
+    return out
+
+
 def training_length(data: dict[str, Any], work: Path) -> list[str]:
     """The --longer table: at the largest database, the sweep's runs beside the longer ones of the
     same seeds (baseline, RETRO, and what RETRO's own neighbours add over none and the control)."""
@@ -237,10 +253,14 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
             "close the val chunks' nearest database chunks are (exact search: mean squared L2 of rank 1 "
             "and 2 in the embedder's space, lower is closer; the share of rank-1 neighbours from "
             "retrieval-only data); the share of val tokens in chunks that overlap their "
-            "neighbours by more than 12.5%.", "",
+            "neighbours by more than 12.5%; the share of the pool's bytes (training + val files) whose "
+            "file has a same-path file in the retrieval-only data (with another release of the corpus as "
+            "retrieval corpus: its near-duplicates).", "",
             "| DB tokens | RETRO vs no retrieval | RETRO vs control | RETRO-fit vs no retrieval | "
-            "RETRO-fit vs control | neighbour distance r1 / r2 | from retrieval-only | val tokens overlap > 12.5% |",
-            "|---:|---|---|---|---|---|---|---|"]
+            "RETRO-fit vs control | neighbour distance r1 / r2 | from retrieval-only | val tokens overlap > 12.5% "
+            "| pool bytes with a same-path file |",
+            "|---:|---|---|---|---|---|---|---|---|"]
+    twins = same_path_shares(work, plan["multiples"])
     for r in rows:
         db = data["dbs"].get(r["multiple"])
         if not db:
@@ -251,7 +271,7 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
         over = [1 - o["tokens"] / full["tokens"] for o, full in zip(r["retro_overlap"][ALPHAS[0]], r["retro_overlap"][1.0])]
         out.append(f"| {db['train_tokens']:,} | {spread(r['retro_vs_none'])} | {spread(r['retro_vs_control'])} | "
                    f"{spread(r['retrofit_vs_none'])} | {spread(r['retrofit_vs_control'])} | {dist} | {share} | "
-                   f"{(f'{mean(over):.1%}') if over else '-'} |")
+                   f"{(f'{mean(over):.1%}') if over else '-'} | {twins[r['multiple']]:.1%} |")
     out += ["", "| DB tokens | knn recall | wall time per stage (s) | RETRO tokens/s |", "|---:|---|---|---|"]
     for r in rows:
         db = data["dbs"].get(r["multiple"])
