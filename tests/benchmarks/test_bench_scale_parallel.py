@@ -103,6 +103,8 @@ def test_report_only_tabulates_the_cached_steps(tmp_path):
     assert '"add_ratio": 0.25' in inputs and '"merge_wall": 3.0' in inputs and "measured 4,000 -> 16,000" in inputs
 
 
+# slow: tests/index_builder/test_knn.py and test_index_parts.py check two ranks against one by default
+@pytest.mark.slow
 def test_two_ranks_end_with_the_neighbours_of_one(tmp_path):
     """`--ranks 1,2` at a tiny size: the real index stage (1 rank: one part; 2 ranks under
     torchrun: a part each) and the whole knn stage under the same ranks end with the same final

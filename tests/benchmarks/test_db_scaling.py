@@ -370,6 +370,7 @@ def test_a_sweep_over_another_corpus_reports_into_its_own_section(experiment, tm
     assert (tmp_path / "db_scaling_linux_source_6_12.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # rebuilds the whole tiny database: 30-45 s
 def test_a_new_machine_rebuilds_the_database_and_takes_the_recorded_runs(experiment, tmp_path, monkeypatch) -> None:
     """--record DIR holds a session's results; a fresh work folder (a new machine) with the same
     plan rebuilds the database, restores the recorded runs instead of training them again, and

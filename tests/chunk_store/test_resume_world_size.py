@@ -49,7 +49,9 @@ def _arrays(db: Path) -> dict[str, np.ndarray]:
 
 # rank 1 dies after its 2nd part (rank 0 is stopped by torchrun); rank 1 dies in its merge after
 # rank 0 wrote its shard; rank 0 dies once every shard is written, before the manifest lists them
-@pytest.mark.parametrize("crash", ["chunk:2@1", "chunk:merge@1", "chunk:finalize@0"])
+# chunk:2@1 runs with -m slow: test_chunk_build.py resumes a crash between parts by default
+@pytest.mark.parametrize("crash", [pytest.param("chunk:2@1", marks=pytest.mark.slow), "chunk:merge@1",
+                                   "chunk:finalize@0"])
 def test_a_killed_two_rank_chunk_resumed_with_one_or_three_ranks_is_the_clean_build(
         clean, crash: str, tmp_path: Path) -> None:
     argv, ref = clean
