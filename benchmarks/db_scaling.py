@@ -39,6 +39,11 @@ how long the model trains? The baseline and RETRO at the largest database, ``--l
 the seeds, trained STEPS steps instead of the plan's (same data, the learning-rate schedule
 stretched to STEPS), evaluated as the sweep's runs are: WORK/results/longer/.
 
+Variants (``--variant KIND:NAME:KEY=VALUE``, repeatable, outside the plan as ``--longer`` is): a
+RETRO or RETRO-fit with other settings at the largest database, for every seed, on the seeds' own
+baselines, evaluated as the plan's runs are (WORK/results/variants/), so the report and its goal
+check set it beside the plan's run of the same kind; e.g. ``retrofit:zero-null:model.cca_null_value=zero``.
+
 That plan (the run of record) gives 867,913 training tokens (1,699 sequences of 512) and 370,711
 val tokens in 53 held-out kernel source files; the largest database holds about 100x the training
 tokens (~87M tokens, ~1.36M chunks of 64).
@@ -51,6 +56,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +67,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+KINDS = ("retro", "retrofit")
 PLAN_VERSION = 1
 RETRIEVAL_ORDERS = (None, "random")  # Plan.retrieval_order (None: the corpus order, "--retrieval-order corpus")
 
@@ -103,6 +110,34 @@ class Plan:
             raise SystemExit("db_scaling: give at least one seed")
         if self.retrieval_order not in RETRIEVAL_ORDERS:
             raise SystemExit(f"db_scaling: --retrieval-order must be one of corpus, random, not {self.retrieval_order!r}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A run beside the plan's at the largest database (``--variant KIND:NAME:KEY=VALUE``): the
+    plan's run of KIND with these ``--set`` overrides on top, named NAME in its files."""
+
+    kind: str
+    name: str
+    sets: tuple[str, ...]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "sets": list(self.sets)}
+
+
+def parse_variants(texts: Sequence[str]) -> list[Variant]:
+    """``KIND:NAME:KEY=VALUE`` arguments as variants; the settings of one KIND:NAME are merged in
+    order (a value may hold commas, so each setting is its own argument)."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for text in texts:
+        kind, _, rest = text.partition(":")
+        name, _, setting = rest.partition(":")
+        if kind not in KINDS or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name) or "=" not in setting:
+            raise SystemExit(f"db_scaling: --variant wants KIND:NAME:KEY=VALUE (KIND retro or retrofit, NAME of "
+                             f"a-z, 0-9, '.' and '-'), not {text!r}")
+        merged.setdefault((kind, name), []).append(setting)
+    return [Variant(kind, name, tuple(sets)) for (kind, name), sets in merged.items()]
 
 
 def ordered_files(corpus: Path, glob: str) -> list[Path]:
@@ -383,7 +418,7 @@ class Runner:
             records.append(self.grow_to(i, multiple, slice_dir))
             self.neighbour_distances(records)
             self.save_record()
-            todo = [(kind, seed) for seed in p.seeds for kind in ("retro", "retrofit")[:1 + p.retrofit]
+            todo = [(kind, seed) for seed in p.seeds for kind in KINDS[:1 + p.retrofit]
                     if not (self.results / f"{kind}-x{multiple}-seed{seed}.json").exists()]
             if not todo or (self.train_at is not None and multiple not in self.train_at):
                 continue  # measured (here or in a recorded session), or not this session's size
@@ -403,9 +438,11 @@ class Runner:
         if self.record is None or not self.record.is_dir():
             return
         self.results.mkdir(parents=True, exist_ok=True)
-        for f in self.record.glob("retro*-x*-seed*.json"):
-            if not (self.results / f.name).exists():
-                shutil.copyfile(f, self.results / f.name)
+        for f in [*self.record.glob("retro*-x*-seed*.json"), *self.record.glob("variants/*.json")]:
+            out = self.results / f.relative_to(self.record)
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out)
 
     def save_record(self) -> None:
         """Every result file into --record DIR (e.g. a folder of the repository), which outlives the
@@ -438,15 +475,38 @@ class Runner:
                           self.runs / f"baseline-seed{seed}-steps{steps}",
                           out / f"retro-x{largest}-seed{seed}-steps{steps}.json")
 
-    def train_and_evaluate(self, kind: str, multiple: int, seed: int) -> None:
-        """RETRO, or RETRO-fit on the seed's baseline decoder, at one size; then its evaluation."""
+    def variants(self, variants: Sequence[Variant]) -> None:
+        """Each variant at the largest database, for every seed (see the module docstring); a
+        variant's settings are recorded (WORK/results/variants/KIND-NAME.json) and may not change."""
+        largest = max(self.plan.multiples)
+        if not (self.results / f"db-x{largest}.json").exists():
+            raise SystemExit(f"db_scaling: --variant needs the database at its largest size (x{largest}) built first")
+        out = self.results / "variants"
+        out.mkdir(parents=True, exist_ok=True)
+        for v in variants:
+            spec = out / f"{v.kind}-{v.name}.json"
+            if spec.exists() and json.loads(spec.read_text()) != v.spec:
+                raise SystemExit(f"db_scaling: variant {v.kind}:{v.name} was run with "
+                                 f"{json.loads(spec.read_text())['sets']}, not {list(v.sets)}: give it another name")
+            atomic_json(spec, v.spec)
+        self.save_record()
+        seeds = self.plan.seeds
+        self.parallel([lambda seed=seed: self.train(self.runs / f"baseline-seed{seed}", seed, "model.cca_layers=[]")
+                       for seed in seeds])
+        self.parallel([lambda v=v, seed=seed: self.train_and_evaluate(v.kind, largest, seed, v)
+                       for v in variants for seed in seeds])
+
+    def train_and_evaluate(self, kind: str, multiple: int, seed: int, variant: Variant | None = None) -> None:
+        """RETRO, or RETRO-fit on the seed's baseline decoder, at one size (a variant's settings on
+        top); then its evaluation."""
         base = self.runs / f"baseline-seed{seed}"
-        run = self.runs / f"{kind}-x{multiple}-seed{seed}"
+        name = f"{kind}-x{multiple}-seed{seed}" if variant is None else f"{kind}-{variant.name}-x{multiple}-seed{seed}"
         # RETRO-fit: the frozen decoder has nothing to learn from a step without neighbours, so a plan's
         # retrieval_dropout (for RETRO's decoder) does not apply (train.py refuses the two together)
-        self.train(run, seed, *([f"init_from={base}", "freeze_decoder=true", "retrieval_dropout=0.0"]
-                                if kind == "retrofit" else []))
-        self.evaluate(run, base, self.results / f"{kind}-x{multiple}-seed{seed}.json")
+        self.train(self.runs / name, seed, *([f"init_from={base}", "freeze_decoder=true", "retrieval_dropout=0.0"]
+                                             if kind == "retrofit" else []), *(variant.sets if variant else ()))
+        self.evaluate(self.runs / name, base,
+                      self.results / (f"{name}.json" if variant is None else f"variants/{name}.json"))
         self.save_record()
 
     def parallel(self, steps: Sequence[Any]) -> None:
@@ -523,11 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the sweep: baseline and RETRO at the largest database trained STEPS steps "
                         "(is the gain limited by training length?); not part of the plan")
     p.add_argument("--longer-seeds", type=int, default=1, help="how many of the seeds --longer trains")
+    p.add_argument("--variant", action="append", default=[], dest="variants", metavar="KIND:NAME:KEY=VALUE",
+                   help="after the sweep: a RETRO or RETRO-fit with this --set on top, at the largest database, "
+                        "every seed (repeat to add settings or variants); not part of the plan")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    variants = parse_variants(a.variants)
     corpus = Path(a.corpus).resolve()
     plan = Plan(corpus=str(corpus), glob=a.glob, pool_mb=a.pool_mb, val_fraction=a.val_fraction,
                 multiples=tuple(int(x) for x in a.multiples.split(",")),
@@ -552,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.experiment(files, corpus)
     if a.longer:
         runner.longer(a.longer, plan.seeds[: max(1, a.longer_seeds)])
+    if variants:
+        runner.variants(variants)
     print(f"db_scaling: done; the report: python benchmarks/db_scaling_report.py {work}", file=sys.stderr)
     return 0
 

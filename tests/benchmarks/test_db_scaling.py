@@ -407,3 +407,49 @@ def test_a_size_left_untrained_cannot_be_trained_once_the_database_has_grown(exp
     moved = [*argv[:argv.index("--work") + 1], str(copy), *argv[argv.index("--work") + 2:]]
     with pytest.raises(SystemExit, match="has grown past x1"):
         db_scaling.main(moved)
+
+
+def test_variants_are_parsed_merged_and_refused_when_malformed() -> None:
+    got = db_scaling.parse_variants(["retrofit:zero-null:model.cca_null_value=zero", "retro:drop.3:retrieval_dropout=0.3",
+                                     "retrofit:zero-null:model.cca_layers=[2,4]"])
+    assert got == [db_scaling.Variant("retrofit", "zero-null", ("model.cca_null_value=zero", "model.cca_layers=[2,4]")),
+                   db_scaling.Variant("retro", "drop.3", ("retrieval_dropout=0.3",))]
+    for bad in ("baseline:x:seed=1", "retrofit:Zero:a=1", "retrofit:zero", "retrofit:zero:novalue", "retrofit::a=1"):
+        with pytest.raises(SystemExit, match="--variant wants KIND:NAME:KEY=VALUE"):
+            db_scaling.parse_variants([bad])
+
+
+def test_a_variant_at_the_largest_database_beside_the_plans_run(experiment) -> None:
+    """--variant KIND:NAME:KEY=VALUE (outside the plan): the plan's RETRO-fit with a setting on top,
+    at the largest size on the seed's own baseline, evaluated as the plan's runs are; its settings
+    may not change under the same name; the report's variant table and goal lines show it."""
+    work, argv = experiment
+    assert db_scaling.main([*argv, "--variant", "retrofit:zero-null:model.cca_null_value=zero"]) == 0
+    ev = json.loads((work / "results" / "variants" / "retrofit-zero-null-x3-seed0.json").read_text())
+    plan_run = json.loads((work / "results" / "retrofit-x3-seed0.json").read_text())
+    assert ev["tokens"] == plan_run["tokens"] and ev["bits_per_byte_baseline"] == plan_run["bits_per_byte_baseline"]
+    cfg = yaml.safe_load((work / "runs" / "retrofit-zero-null-x3-seed0" / "config.yaml").read_text())
+    assert cfg["model"]["cca_null_value"] == "zero" and cfg["freeze_decoder"] is True
+    assert cfg["init_from"] == str(work / "runs" / "baseline-seed0") and cfg["retrieval_dropout"] == 0.0
+    with pytest.raises(SystemExit, match="was run with \\['model.cca_null_value=zero'\\]"):
+        db_scaling.main([*argv, "--variant", "retrofit:zero-null:model.cca_null_value=learned"])
+    assert db_scaling_report.main([str(work)]) == 0
+    text = (work / "report.md").read_text()
+    table = text[text.index("| run | settings on top of the plan's"):].split("\n\n")[0].splitlines()[2:]
+    assert [r.split(" | ")[0] for r in table] == ["| RETRO-fit (the plan's)", "| RETRO-fit zero-null"]
+    assert f"{ev['bits_per_byte']:.4f}" in table[1] and f"{plan_run['bits_per_byte']:.4f}" in table[0]
+    low = next(o for o in ev["overlap"] if o["alpha"] == 0.125)
+    assert f"{low['bits_per_byte_baseline'] - low['bits_per_byte_retrieval']:.4f}" in table[1]
+    assert "- RETRO-fit zero-null (variant, 1 seeds): gain " in text
+    assert "--variant retrofit:zero-null:model.cca_null_value=zero" in text
+
+
+def test_a_recorded_variant_is_restored_on_a_new_machine(tmp_path) -> None:
+    record = tmp_path / "record"
+    (record / "variants").mkdir(parents=True)
+    for name in ("retrofit-x3-seed0.json", "variants/retrofit-zero-null.json", "variants/retrofit-zero-null-x3-seed0.json"):
+        (record / name).write_text("{}")
+    runner = db_scaling.Runner(tmp_path / "work", db_scaling.Plan(corpus=str(tmp_path)), record=record)
+    runner.restore_record()
+    got = sorted(p.relative_to(runner.results).as_posix() for p in runner.results.rglob("*.json"))
+    assert got == ["retrofit-x3-seed0.json", "variants/retrofit-zero-null-x3-seed0.json", "variants/retrofit-zero-null.json"]
