@@ -114,6 +114,9 @@ def _embed_cmd(db, bert, *extra):
             "--shard-size", "300", "--device", "cpu", "--tokenize-workers", "1", *extra]
 
 
+# slow: tests/index_builder/test_resume_world_size.py kills embed mid-stage (embed:1@1) and checks the
+# resumed DB against a clean build by default
+@pytest.mark.slow
 def test_embed_kill9_and_resume_is_identical(tmp_path, tiny_bert):
     src = _chunk_db(tmp_path)
     ref = tmp_path / "ref"

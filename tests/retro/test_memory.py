@@ -99,6 +99,9 @@ def db(tmp_path_factory):
     return tiny_db(tmp_path_factory.mktemp("memory"))
 
 
+# slow: test_fsdp2_shards_the_meta_model_and_each_rank_materialises_its_shards[offload] checks the
+# offloaded shards by default
+@pytest.mark.slow
 def test_torchrun_fsdp2_cpu_offload_trains_the_same_as_without(db, tmp_path):
     config = write_train_config(tmp_path / "cfg.yaml", TRAIN_KEYS)
     sets = ("fsdp=true", "max_steps=4")
