@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-KINDS = ("retro", "retrofit")
+from db_scaling import KINDS  # noqa: E402
+
 KIND_NAMES = {"retro": "RETRO", "retrofit": "RETRO-fit"}
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
 
@@ -111,6 +112,12 @@ def training_length(data: dict[str, Any], work: Path) -> list[str]:
     return out
 
 
+def low_overlap_gains(evals: Sequence[dict[str, Any]]) -> list[float]:
+    """Each evaluation's gain over its baseline on the val chunks at overlap <= 12.5% (ALPHAS[0])."""
+    return [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for e in evals
+            for o in e.get("overlap") or [] if o["alpha"] == ALPHAS[0]]
+
+
 def variant_table(data: dict[str, Any]) -> list[str]:
     """The --variant runs at the largest database, each kind's plan run first, seed mean [min, max]."""
     variants = data.get("variants") or {}
@@ -128,8 +135,7 @@ def variant_table(data: dict[str, Any]) -> list[str]:
         else:
             label, sets = f"{KIND_NAMES[kind]} (the plan's)", "-"
             evs = [e for (k, m, _), e in sorted(data["evals"].items()) if k == kind and m == largest]
-        low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for e in evs
-               for o in e.get("overlap") or [] if o["alpha"] == ALPHAS[0]]
+        low = low_overlap_gains(evs)
         out.append(f"| {label} | {sets} | {len(evs)} | {spread([e['bits_per_byte'] for e in evs])} | "
                    f"{spread([e['bits_per_byte_baseline'] - e['bits_per_byte'] for e in evs])} | {spread(low)} | "
                    f"{spread([e['bits_per_byte_no_retrieval'] - e['bits_per_byte'] for e in evs])} | "
@@ -274,8 +280,7 @@ def goal(rows: list[dict[str, Any]], variants: dict[tuple[str, str], dict[str, A
             evs = list(v["evals"].values())
             if not evs:
                 continue
-            low = [o["bits_per_byte_baseline"] - o["bits_per_byte_retrieval"] for e in evs
-                   for o in e.get("overlap") or [] if o["alpha"] == ALPHAS[0]]
+            low = low_overlap_gains(evs)
             out.append(f"- {KIND_NAMES[kind]} {name} (variant, {len(evs)} seeds): "
                        f"{share_checks([e['bits_per_byte_baseline'] - e['bits_per_byte'] for e in evs], [e['bits_per_byte_baseline'] for e in evs], spread_base)}"
                        + (f"; at overlap <= 12.5%: {low_check(low)}" if low else ""))
