@@ -64,7 +64,9 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = RetroHFConfig
     base_model_prefix = "retro"
     main_input_name = "input_ids"
-    _no_split_modules: list[str] = []
+    # device_map="auto" places whole blocks on a device, never part of one (a RETRO-fit's base
+    # decoder adds its own layers' names: transformers gathers them from every submodel)
+    _no_split_modules: list[str] = ["DecoderBlock", "EncoderLayer"]
 
     def __init__(self, config: RetroHFConfig) -> None:
         cfg = config.retro_config()
@@ -78,6 +80,10 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
 
             decoder_cfg = dict(config.decoder)
             self.retro: nn.Module = from_decoder_config(cfg, AutoConfig.for_model(**decoder_cfg))
+            # post_init gathers no-split names from direct children only; the base model is a grandchild
+            self._no_split_modules = [*type(self)._no_split_modules, *{
+                name for m in self.retro.modules() if isinstance(m, PreTrainedModel)
+                for name in (m._no_split_modules or [])}]
         else:
             self.retro = RETRO(cfg)
         self.post_init()

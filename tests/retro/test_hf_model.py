@@ -80,13 +80,25 @@ def test_sharded_weights_load_as_one_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.glob("model*.safetensors")) == [WEIGHTS]
 
 
-def test_device_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["native", "llama"])
+def test_device_map(tmp_path: Path, family: str) -> None:
+    """accelerate is in the test extra, so this runs wherever `make test` does."""
     pytest.importorskip("accelerate")
-    model, folder = _saved(tmp_path, "native")
-    loaded = RetroForCausalLM.from_pretrained(folder, device_map="cpu")
-    x, nbrs = _inputs(3)
-    with torch.no_grad():
-        assert torch.equal(loaded(x, neighbours=nbrs).logits, model(x, neighbours=nbrs).logits)
+    model, folder = _saved(tmp_path, family)
+    x, nbrs = _inputs(model.config.pad_token_id)
+    for device_map in ("cpu", "auto"):
+        loaded = RetroForCausalLM.from_pretrained(folder, device_map=device_map)
+        assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+        with torch.no_grad():
+            for n in (nbrs, None):
+                assert torch.equal(loaded(x, neighbours=n).logits, model(x, neighbours=n).logits)
+        assert torch.equal(loaded.generate(x[:1, :5], max_new_tokens=4, do_sample=False),
+                           model.generate(x[:1, :5], max_new_tokens=4, do_sample=False))
+    # "auto" never splits a block over devices; a RETRO-fit's base decoder keeps its own layers whole
+    unsplit = set(loaded._no_split_modules)
+    assert {"DecoderBlock", "EncoderLayer"} <= unsplit
+    if family == "llama":
+        assert "LlamaDecoderLayer" in unsplit
 
 
 def test_bad_shard_size_is_one_line(tmp_path: Path, capsys) -> None:
