@@ -28,7 +28,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{reads:7.1f} reads/batch ({n} samples; {cached} pages cached at start)", flush=True)
     need = needed_samples_per_s()  # configs/small.yaml, seq 2048, one H100 at 40% MFU
     need_tok = need * 2048
-    cmd = "python benchmarks/bench_loader.py" + (f" --db DB" if args.db else "") + \
+    cmd = "python benchmarks/bench_loader.py" + (" --db DB" if args.db else "") + \
         "".join(f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                 if k not in ("db", "no_write") and v != ap.get_default(k))
     lines = [

@@ -7,7 +7,6 @@ import errno
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from chunk_store.layout import DBLayout

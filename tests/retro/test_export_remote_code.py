@@ -12,9 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-
 from retro.export import AUTO_MAP, remote_code, write_model_folder
 from tests.fixtures.retro_hf import FakeNeighbours, left_pad, tiny_retro_hf
 
