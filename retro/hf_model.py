@@ -64,8 +64,8 @@ class RetroForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = RetroHFConfig
     base_model_prefix = "retro"
     main_input_name = "input_ids"
-    # device_map="auto" places whole blocks on a device, never part of one (a RETRO-fit's base
-    # decoder adds its own layers' names: transformers gathers them from every submodel)
+    # device_map="auto" places whole blocks on a device, never part of one (a RETRO-fit adds its
+    # base decoder's layer names in __init__)
     _no_split_modules: list[str] = ["DecoderBlock", "EncoderLayer"]
 
     def __init__(self, config: RetroHFConfig) -> None:
