@@ -41,7 +41,7 @@ def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
     sets = [a for s in [*tiny_model_sets(), "max_steps=3", "warmup_steps=1", "batch_size=2", "micro_batch_size=2",
                         "eval_every=0", "checkpoint_every=0", "log_every=1", "num_workers=0",
                         "retrieval_dropout=0.5"] for a in ("--set", s)]  # RETRO's; RETRO-fit drops it
-    argv = ["--work", str(root / "work"), "--corpus", str(corpus), "--glob", "*.py", "--pool-mb", "0.2",
+    argv = ["--work", str(root / "work"), "--corpus", str(corpus), "--glob", "*.py", "--pool-mb", "0.1",
             "--multiples", "1,3", "--seeds", "0", "--vocab-size", "512", "--chunk-size", "16", "--seq-len", "64",
             "--embed-args", f"--embedder {bert} --tokenize-workers 0 --device cpu --shard-size 256",
             "--index-args", "--index-key Flat --recall-sample 100", "--knn-args", "--k 2 --shard-size 256 --device cpu",

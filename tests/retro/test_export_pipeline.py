@@ -1,4 +1,4 @@
-"""A trained run, exported with ``python -m retro.export``, generates through
+"""A trained run, exported by retro.export's command (its ``main``), generates through
 ``transformers.pipeline("text-generation", model=DIR, trust_remote_code=True)`` in a fresh
 process, with a real Retriever passed through the pipeline and without one, and the tokens equal
 ``RetroForCausalLM.from_pretrained(DIR).generate`` here (test_export_remote_code covers an
@@ -70,13 +70,13 @@ def train_tiny_run(db: Path, out: Path) -> Path:
 
 def test_trained_export_generates_through_a_pipeline_in_a_fresh_process(tmp_path: Path, tmp_path_factory) -> None:
     from index_builder import Retriever
+    from retro.export import main as export_main
     from retro.hf_model import RetroForCausalLM
 
     db = shared_db(tmp_path_factory)
     run = train_tiny_run(db, tmp_path / "run")
     folder = tmp_path / "hf"
-    subprocess.run([sys.executable, "-m", "retro.export", "--run", str(run), "--out", str(folder)],
-                   check=True, cwd=REPO, capture_output=True, text=True)
+    assert export_main(["--run", str(run), "--out", str(folder)]) == 0  # in process: one fresh process is enough
     proc = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(db), PROMPT, str(NEW)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -82,8 +82,7 @@ def test_sharded_weights_load_as_one_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", ["native", "llama"])
 def test_device_map(tmp_path: Path, family: str) -> None:
-    """accelerate is in the test extra, so this runs wherever `make test` does."""
-    pytest.importorskip("accelerate")
+    """accelerate comes with the test extra (through retro[hf]): this runs wherever `make test` does."""
     model, folder = _saved(tmp_path, family)
     x, nbrs = _inputs(model.config.pad_token_id)
     for device_map in ("cpu", "auto"):

@@ -205,24 +205,25 @@ def test_chunk_retrieval_dropout_changes_training_and_resumes_bit_for_bit(db, co
 
 
 def test_torchrun_two_ranks_gloo_ddp_and_fsdp_equal_one_rank_with_accumulation(db, config, tmp_path):
-    """2 ranks x micro-batch 2 see the same 4 sequences per step as 1 rank x 2 micro-steps; FSDP2
-    (fully_shard on gloo) stopped at step 2 and resumed gives the same losses too."""
-    sets = ["max_steps=4", "eval_every=4", "checkpoint_every=2", "num_workers=1"]
-    torchrun(config, db, tmp_path / "ddp", *sets)
-    torchrun(config, db, tmp_path / "fsdp", *sets, "fsdp=true", "stop_at=2", "num_workers=0")
-    torchrun(config, db, tmp_path / "fsdp", "stop_at=null", resume=True)
-    run_inprocess(config, db, tmp_path / "one", *sets)
+    """2 ranks x micro-batch 2 see the same 4 sequences per step as 1 rank x 2 micro-steps: DDP
+    stopped at step 2, then FSDP2 (fully_shard on gloo) resumed from DDP's full checkpoint, gives
+    the losses, the evaluation and the full weights of 1 rank never stopped (test_checkpoint_sharded
+    covers DDP and FSDP2 through sharded checkpoints)."""
+    sets = ["max_steps=4", "eval_every=4", "checkpoint_every=2"]
+    torchrun(config, db, tmp_path / "run", *sets, "stop_at=2", "num_workers=1")
+    ddp = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "state.json").read_text())
+    torchrun(config, db, tmp_path / "run", "fsdp=true", "stop_at=null", "num_workers=0", resume=True)
+    run_inprocess(config, db, tmp_path / "one", *sets, "num_workers=1")
     one = losses(tmp_path / "one")
     assert len(one) == 4
-    np.testing.assert_allclose(losses(tmp_path / "ddp"), one, rtol=1e-5)
-    np.testing.assert_allclose(losses(tmp_path / "fsdp"), one, rtol=1e-5)
-    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses(tmp_path / "run"), one, rtol=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ev = [r for r in records if "val_bpb" in r]
     assert ev and ev[-1]["step"] == 4 and ev[-1]["val_bpb"] > 0 and ev[-1]["val_bpb_no_retrieval"] > 0
-    for run in ("ddp", "fsdp"):
-        state = json.loads((tmp_path / run / "checkpoints" / "step_00000004" / "state.json").read_text())
-        assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["data"]["position"] == 4
-    a, b = load_weights(checkpoint_dir(tmp_path / "fsdp")), load_weights(checkpoint_dir(tmp_path / "one"))
+    fsdp = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    for state, step in ((ddp, 2), (fsdp, 4)):
+        assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["data"]["position"] == step
+    a, b = load_weights(checkpoint_dir(tmp_path / "run")), load_weights(checkpoint_dir(tmp_path / "one"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
