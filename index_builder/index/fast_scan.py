@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 # dims; RETRO_FAST_SCAN_MAX_GB overrides it (0: never build the copy).
 FAST_SCAN_MAX_BYTES = 16 << 30
 
+# faiss 1.13's fast-scan search builds the lookup tables of every query of a call at once when it
+# runs on one OpenMP thread (knn --threads 1, and each worker of a threaded search): n x nprobe x
+# M2 x 16 bytes of uint8 (4x that in float while they are computed), then packs them with 32-bit
+# int offsets (pq4_fast_scan.cpp, pack_LUT_1_q_map): past 2 GiB an offset wraps and the search
+# reads out of bounds (a 150k-chunk knn at nprobe 1,024 died of SIGSEGV: 2,731 queries a call
+# are enough at 48 sub-quantizers). Its multi-threaded path slices the queries by table size; a
+# search of a fast-scan copy here goes through at most this many table bytes a faiss call.
+LUT_BYTES_PER_CALL = 64 << 20
+
 
 def fast_scan_budget() -> int:
     """The copy's byte budget: RETRO_FAST_SCAN_MAX_GB (GiB) where set, else FAST_SCAN_MAX_BYTES."""
@@ -126,7 +135,52 @@ def fast_scan_view(index: Any, param: str = "", max_bytes: int | None = None) ->
             view = faiss.IndexPreTransform(vt, inner)
             view.referenced_objects = [vt, inner]
     apply_search_params(view, param or _current_params(index))
+    _bound_searches(view)
     return view
+
+
+def queries_per_call(ivf: Any, nprobe: int | None = None) -> int | None:
+    """How many queries one faiss search of the fast-scan IVF ``ivf`` may take (LUT_BYTES_PER_CALL
+    of lookup tables at ``nprobe``, default ivf's own); None where ``ivf`` is no fast-scan IVF."""
+    import faiss
+
+    ivf = faiss.downcast_index(ivf)
+    if not isinstance(ivf, faiss.IndexIVFFastScan):
+        return None
+    probes = max(1, min(int(ivf.nprobe if nprobe is None else nprobe), int(ivf.nlist)))
+    return max(1, LUT_BYTES_PER_CALL // (probes * int(ivf.M2) * int(ivf.ksub)))
+
+
+def in_slices(n: int, per: int | None, search: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``search(start, stop)`` -> (distances, ids) over rows [0, n), ``per`` rows a call at most
+    (None: one call), the results stacked."""
+    if per is None or n <= per:
+        return search(0, n)
+    parts = [search(a, min(a + per, n)) for a in range(0, n, per)]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+_BOUNDED: dict[type, type] = {}
+
+
+def _bound_searches(view: Any) -> None:
+    """Make ``view.search`` (what every caller here uses) split its queries into calls that stay
+    within LUT_BYTES_PER_CALL at the nprobe of that search (its params', else the index's now).
+    The view becomes an instance of a subclass of its faiss class whose ``search`` does that: a
+    method on the class, so nothing holds the view but its callers (an instance attribute would
+    close over it in a reference cycle, keeping the copy's memory until a garbage collection)."""
+    cls = type(view)
+    if cls not in _BOUNDED:
+        import faiss
+
+        def search(self: Any, x: np.ndarray, k: int, *, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            per = queries_per_call(faiss.extract_index_ivf(self), getattr(params, "nprobe", None))
+            return in_slices(len(x), per, lambda a, b: cls.search(self, x[a:b], k, params=params))
+
+        _BOUNDED[cls] = type(f"LutBounded{cls.__name__}", (cls,), {"search": search, "__module__": __name__})
+    view.__class__ = _BOUNDED[cls]
 
 
 def fast_scan_or_index(index: Any) -> Any:

@@ -144,17 +144,23 @@ def _pool(threads: int) -> Any:
 
 def _preassigned(ivf: Any, q: np.ndarray, c: int, lists: np.ndarray, coarse_d: np.ndarray,
                  sel: Any) -> tuple[np.ndarray, np.ndarray]:
-    """IndexIVF.search_preassigned with a selector (faiss's Python wrapper refuses parameters)."""
+    """IndexIVF.search_preassigned with a selector (faiss's Python wrapper refuses parameters);
+    a fast-scan IVF takes its queries in calls of bounded lookup-table size (fast_scan.LUT_BYTES_PER_CALL)."""
     import faiss
 
-    n = len(q)
-    d = np.empty((n, c), dtype=np.float32)
-    i = np.empty((n, c), dtype=np.int64)
+    from index_builder.index.fast_scan import in_slices, queries_per_call
+
     q, lists, coarse_d = (np.ascontiguousarray(a) for a in (q, lists.astype(np.int64), coarse_d.astype(np.float32)))
     params = faiss.SearchParametersIVF(sel=sel, nprobe=int(ivf.nprobe))
-    ivf.search_preassigned_c(n, faiss.swig_ptr(q), c, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_d),
-                             faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
-    return d, i
+
+    def call(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        d = np.empty((b - a, c), dtype=np.float32)
+        i = np.empty((b - a, c), dtype=np.int64)
+        ivf.search_preassigned_c(b - a, faiss.swig_ptr(q[a:b]), c, faiss.swig_ptr(lists[a:b]),
+                                 faiss.swig_ptr(coarse_d[a:b]), faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
+        return d, i
+
+    return in_slices(len(q), queries_per_call(ivf), call)
 
 
 def index_kind(index: Any) -> str:

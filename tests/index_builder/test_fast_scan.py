@@ -141,3 +141,76 @@ def test_the_index_stage_recall_check_searches_the_fast_scan_copy(tmp_path, monk
     recall = measure_recall(db, index, sample=100, rerank=16)
     assert len(searched) == 1 and searched[0] is not None
     assert recall["recall@2"] >= 0.9 and recall["raw_recall@2"] <= recall["recall@2"]
+
+
+@pytest.mark.parametrize("key", ["OPQ4_32,IVF16_HNSW32,PQ4x4np", "IVF16,PQ8x4"])
+def test_searches_are_split_to_bound_the_lookup_tables(key, monkeypatch):
+    """faiss 1.13's single-thread fast scan packs every query's lookup tables of a call with 32-bit
+    offsets and reads out of bounds past 2 GiB (fast_scan.LUT_BYTES_PER_CALL says where it
+    crashed): a search of the copy takes at most queries_per_call queries a faiss call, at the
+    nprobe of that search, and returns what one call returns; so does knn's range exclusion
+    (a bare IVF's preassigned path, an OPQ view's selector search)."""
+    from index_builder.index import fast_scan
+
+    index, x = filled(key)
+    apply_search_params(index, "nprobe=8")
+    q, ranges = x[:333], np.array([[0, 3000], [3000, 6000], [1000, 1500]])[np.arange(333) % 3]
+    view = fast_scan_view(index)
+    whole = view.search(q, 10)
+    excluded = faiss_range_search(view)(q, ranges, 7)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(view))
+    per_probe = int(ivf.M2) * int(ivf.ksub)
+    monkeypatch.setattr(fast_scan, "LUT_BYTES_PER_CALL", 4 * per_probe * 8 + 5)  # 4 queries at nprobe 8
+    assert fast_scan.queries_per_call(ivf) == 4 and fast_scan.queries_per_call(ivf, nprobe=2) == 16
+    assert fast_scan.queries_per_call(ivf, nprobe=10_000) == 2  # nprobe counts at most nlist (16)
+    calls = []
+    real = faiss.IndexIVFPQFastScan.search_preassigned_c
+
+    def spy_preassigned(self, n, *a):
+        calls.append(n)
+        return real(self, n, *a)
+    monkeypatch.setattr(faiss.IndexIVFPQFastScan, "search_preassigned_c", spy_preassigned)
+    sliced = view.search(q, 10)
+    assert np.array_equal(sliced[1], whole[1]) and np.allclose(sliced[0], whole[0])
+    p = faiss.SearchParametersIVF(nprobe=2)
+    assert np.array_equal(view.search(q, 10, params=p)[1], fast_scan_view(index).search(q, 10, params=p)[1])
+    got = faiss_range_search(view)(q, ranges, 7)
+    assert np.array_equal(got[0], excluded[0]) and np.allclose(got[1], excluded[1])  # ids, distances
+    if "OPQ" not in key:  # the bare IVF: range exclusion's preassigned calls
+        assert calls and max(calls) <= 4
+    for (a, b), row in zip(ranges, got[0]):
+        assert not ((row >= a) & (row < b)).any()
+    assert fast_scan.queries_per_call(faiss.extract_index_ivf(index)) is None  # the plain codes: no bound
+
+
+LUT_OVERFLOW = """
+import numpy as np, faiss
+from index_builder.index import fast_scan
+from index_builder.index.faiss_params import apply_search_params
+faiss.omp_set_num_threads(1)
+x = np.random.default_rng(0).standard_normal((40_000, 64)).astype(np.float32)
+index = faiss.index_factory(64, "IVF1024,PQ32x4np")
+index.train(x)
+index.add(x)
+apply_search_params(index, "nprobe=1024")
+_, ids = fast_scan.fast_scan_view(index).search(x[:4200], 10)
+print((ids[:, 0] == np.arange(4200)).mean())
+"""
+
+
+@pytest.mark.slow
+def test_a_search_past_two_gib_of_lookup_tables_runs_in_bounded_calls():
+    """The size that crashed: 4,200 queries at nprobe 1,024 and 32 sub-quantizers are 2.2 GB of
+    tables in one single-thread faiss call, which died of SIGSEGV at 10.9 GB peak (measured with
+    LUT_BYTES_PER_CALL lifted); in calls of 128 queries the search ends and every query finds
+    itself. The default run checks the slicing itself (test_searches_are_split_to_bound_the_lookup_tables)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", LUT_OVERFLOW], cwd=repo, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) == 1.0
