@@ -170,10 +170,20 @@ def test_searches_are_split_to_bound_the_lookup_tables(key, monkeypatch):
         calls.append(n)
         return real(self, n, *a)
     monkeypatch.setattr(faiss.IndexIVFPQFastScan, "search_preassigned_c", spy_preassigned)
+    base = type(view).__mro__[1]  # the faiss class whose search the bounded one calls
+    sizes, real_search = [], base.search
+
+    def spy_search(self, x, k, **kw):
+        sizes.append(len(x))
+        return real_search(self, x, k, **kw)
+    monkeypatch.setattr(base, "search", spy_search)
     sliced = view.search(q, 10)
+    assert sizes == [4] * 83 + [1]  # 333 queries, 4 a call
     assert np.array_equal(sliced[1], whole[1]) and np.allclose(sliced[0], whole[0])
     p = faiss.SearchParametersIVF(nprobe=2)
+    sizes.clear()
     assert np.array_equal(view.search(q, 10, params=p)[1], fast_scan_view(index).search(q, 10, params=p)[1])
+    assert max(sizes) == 16  # the params' nprobe sets the bound
     got = faiss_range_search(view)(q, ranges, 7)
     assert np.array_equal(got[0], excluded[0]) and np.allclose(got[1], excluded[1])  # ids, distances
     if "OPQ" not in key:  # the bare IVF: range exclusion's preassigned calls
