@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     p.add_argument("--max-sequences", type=count_int, default=0, help="evaluate at most this many (0: all)")
     p.add_argument("--k", type=positive_int, default=None, help="neighbours per chunk (default: the model's)")
+    p.add_argument("--neighbour-min-match", type=float, default=None, metavar="SHARE",
+                   help="score with this model.neighbour_min_match instead of the run's (needs "
+                        "neighbour_alignment: content): weak neighbours dropped at evaluation only, "
+                        "the same weights")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--control", action="store_true",
                    help="also score with the neighbours of other sequences: what the retrieved text "
@@ -253,6 +257,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, cfg = load_model(args.run, device=device, step=args.step, base=args.base)
+    trained_min_match = cfg.neighbour_min_match
+    if args.neighbour_min_match is not None:  # the dataset reads it; the weights do not depend on it
+        try:
+            cfg = replace(cfg, neighbour_min_match=args.neighbour_min_match)  # validated again
+        except UserError as e:
+            raise UserError(f"--neighbour-min-match {args.neighbour_min_match}: {e}") from None
     store = ChunkStore.open(args.db, args.split)
     check_compatible(store, cfg)
     db_info = {}
@@ -275,7 +285,11 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(model, dataset, device=device, micro_batch_size=args.batch_size,
                    max_sequences=args.max_sequences or None, progress=not args.no_progress,
                    control=args.control, baseline=baseline, overlap=args.overlap)
+    min_match = {"neighbour_min_match": cfg.neighbour_min_match}
+    if cfg.neighbour_min_match != trained_min_match:
+        min_match["trained_neighbour_min_match"] = trained_min_match
     out = {"run": str(args.run), "db": str(args.db), **db_info, "split": args.split, "step": step, "k": k,
+           **min_match,
            **base_info, **res.to_dict()}
     print(json.dumps(out, indent=2))
     gain = res.bits_per_byte_no_retrieval - res.bits_per_byte

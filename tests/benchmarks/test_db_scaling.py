@@ -30,6 +30,23 @@ import db_scaling_report  # noqa: E402
 PACKAGES = ("json", "email", "http", "wsgiref", "xmlrpc", "urllib", "logging", "concurrent")
 
 
+def db_stages_in_process(run=subprocess.run):
+    """``subprocess.run`` with the script's DB stages (``python -m index_builder ...``) run by the
+    same CLI in this process: the same commands and arguments, without a process start-up
+    (torch and transformers imports) for each of them. Training and evaluation runs stay
+    subprocesses (they run two at a time, and their JSON goes to stdout)."""
+
+    def dispatch(cmd, *args, **kwargs):
+        cmd = [str(c) for c in cmd]
+        if cmd[1:3] == ["-m", "index_builder"]:
+            from index_builder.cli import main as cli
+
+            return subprocess.CompletedProcess(cmd, cli(cmd[3:]))
+        return run(cmd, *args, **kwargs)
+
+    return dispatch
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("db-scaling")
@@ -46,7 +63,9 @@ def experiment(tmp_path_factory) -> tuple[Path, list[str]]:
             "--embed-args", f"--embedder {bert} --tokenize-workers 0 --device cpu --shard-size 256",
             "--index-args", "--index-key Flat --recall-sample 100", "--knn-args", "--k 2 --shard-size 256 --device cpu",
             "--eval-args", "--max-sequences 4", "--jobs", "2", *sets]
-    assert db_scaling.main(argv) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(db_scaling.subprocess, "run", db_stages_in_process())
+        assert db_scaling.main(argv) == 0
     return root / "work", argv
 
 
@@ -383,7 +402,7 @@ def test_a_new_machine_rebuilds_the_database_and_takes_the_recorded_runs(experim
     (record / "retro-x3-seed0.json").unlink()  # a run the earlier session did not finish
     (record / "retrofit-x3-seed0.json").unlink()
     ran: list[list[str]] = []
-    real = subprocess.run
+    real = db_stages_in_process()
 
     def spy(cmd, *a, **k):
         ran.append([str(c) for c in cmd])

@@ -117,15 +117,18 @@ def test_ctrl_c_during_embed_is_one_line_and_resumes(tmp_path, tmp_path_factory)
     from chunk_store.framework.stage import CRASH_ENV
     from tests.fixtures import build_tiny_db, sigint_default
 
-    db = build_tiny_db(tmp_path / "db", n_docs=30, chunk_size=16, seq_len=64, val_fraction=0.2)
-    cmd = [sys.executable, "-m", "index_builder", "embed", "--db", str(db), "--embedder",
-           str(shared_tiny_bert(tmp_path_factory)), "--shard-size", "300", "--device", "cpu",
-           "--tokenize-workers", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True,
+    db = build_tiny_db(tmp_path / "db", n_docs=12, chunk_size=16, seq_len=64, val_fraction=0.2)
+    args = ["embed", "--db", str(db), "--embedder", str(shared_tiny_bert(tmp_path_factory)),
+            "--shard-size", "100", "--device", "cpu"]
+    # Ctrl-C with a tokenizer worker process running: the process group gets SIGINT
+    p = subprocess.run([sys.executable, "-m", "index_builder", *args, "--tokenize-workers", "1"],
+                       capture_output=True, text=True, timeout=300, start_new_session=True,
                        env={**os.environ, CRASH_ENV: "embed:1:sigint"}, preexec_fn=sigint_default)
     assert p.returncode == 130, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr, p.stderr[-3000:]
-    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    assert not load_manifest(db)["stages"]["embed"]["finished"]
+    assert run_cli([*args, "--tokenize-workers", "0"]) == 0  # the resume, in this process
+    assert load_manifest(db)["stages"]["embed"]["finished"]
 
 
 def test_a_killed_index_build_leaves_no_folder_behind(tmp_path, tmp_path_factory):

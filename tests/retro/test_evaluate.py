@@ -173,6 +173,40 @@ def test_cli_prints_json_with_and_without_retrieval(db, tmp_path, capsys):
     assert "vocab_size=512 but the config has model.vocab_size=600" in capsys.readouterr().err
 
 
+def test_cli_neighbour_min_match_scores_as_a_run_trained_with_it(db, tmp_path, capsys):
+    """--neighbour-min-match S scores the same weights exactly as a run whose config says S
+    (only the dataset reads it); a run without content alignment, or S outside [0, 1], is refused."""
+    torch.manual_seed(1)
+    model = RETRO(model_cfg(neighbour_alignment="content"))
+    runs = {}
+    for share in (0.0, 0.95):
+        runs[share] = tmp_path / f"mm{share}"
+        cfg = model_cfg(neighbour_alignment="content", neighbour_min_match=share)
+        save_resolved(runs[share] / "config.yaml", TrainConfig(seq_len=64), cfg.to_dict())
+        save_checkpoint(runs[share], 4, model, None, {})
+    args = ["--db", str(db), "--max-sequences", "6", "--no-progress", "--control"]
+
+    def scored(*extra: str) -> dict:
+        assert main([*args, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    trained, stricter = scored("--run", str(runs[0.0])), scored("--run", str(runs[0.95]))
+    assert trained["neighbour_min_match"] == 0.0 and "trained_neighbour_min_match" not in trained
+    # the share changes what the model sees here, so equality below is not a coincidence
+    assert trained["bits_per_byte"] != pytest.approx(stricter["bits_per_byte"], rel=1e-9)
+    override = scored("--run", str(runs[0.0]), "--neighbour-min-match", "0.95")
+    assert override["neighbour_min_match"] == 0.95 and override["trained_neighbour_min_match"] == 0.0
+    for key in ("bits_per_byte", "bits_per_byte_no_retrieval", "bits_per_byte_other_neighbours", "tokens"):
+        assert override[key] == pytest.approx(stricter[key], rel=1e-12), key
+    assert main([*args, "--run", str(runs[0.0]), "--neighbour-min-match", "1.5"]) == 2
+    assert "--neighbour-min-match 1.5: model.neighbour_min_match must be in [0, 1]" in capsys.readouterr().err
+    chunk_run = tmp_path / "chunk"
+    save_resolved(chunk_run / "config.yaml", TrainConfig(seq_len=64), model_cfg().to_dict())
+    save_checkpoint(chunk_run, 4, RETRO(model_cfg()), None, {})
+    assert main([*args, "--run", str(chunk_run), "--neighbour-min-match", "0.5"]) == 2
+    assert "needs model.neighbour_alignment: content" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- baseline, leakage
 
 
