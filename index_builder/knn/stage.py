@@ -326,7 +326,7 @@ class KnnStage(RefreshUnits, Stage[KnnConfig]):
         """Set the index's nprobe/efSearch to the cheapest whose final neighbours (exclusions
         applied) reach --target-recall on a sample, against the same pipeline over exact search."""
         from index_builder.knn.rerank import pick_rows, take_rows
-        from index_builder.knn.tuning import candidate_params, tune_index
+        from index_builder.knn.tuning import PLATEAU, candidate_params, tune_index
 
         if not candidate_params(index):
             return None
@@ -341,8 +341,9 @@ class KnnStage(RefreshUnits, Stage[KnnConfig]):
                             exact_d, queries, lambda u: take_rows(train_emb, u), self.cfg.target_recall, also=also)
         if not tuning.reached:
             self.say(f"knn: recall@{self.cfg.k} {tuning.recall:.3f} < target {tuning.target} at every setting "
-                     f"(best {tuning.param}, candidates re-ranked x{self.rerank}): the index's codes are too "
-                     "coarse (raise --rerank or --max-index-memory)")
+                     f"tried ({len(tuning.tried)}; kept {tuning.param}, the cheapest within {PLATEAU} of the "
+                     f"best, candidates re-ranked x{self.rerank}): the index's codes are too coarse (raise "
+                     "--rerank or --max-index-memory)")
         return tuning
 
     def _split_arrays(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:

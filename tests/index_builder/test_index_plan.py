@@ -19,7 +19,7 @@ from chunk_store.neighbour_shards import load_neighbours
 from index_builder.embed.stage import open_embeddings
 from index_builder.index.plan import KMEANS_SAMPLE_MAX, NLIST_MAX, choose_index, hnsw_bytes, parse_memory
 from index_builder.index.ivf_build import build_ivf, gather_rows, sample_ids, torch_kmeans
-from index_builder.knn.tuning import neighbour_recall, tune_search
+from index_builder.knn.tuning import PLATEAU, PLATEAU_AFTER, neighbour_recall, tune_search
 from tests.fixtures import clustered_db, float16_shards, run_cli
 
 GB = 2 ** 30
@@ -211,6 +211,31 @@ def test_neighbour_recall_and_tuner_by_hand():
     assert t.param == "b" and t.reached and [p for p, _ in t.tried] == ["a", "b"]
     t = tune_search(["a", "b"], lambda p: got[p], exact_d, lambda d: d, target=0.9)
     assert t.param == "b" and not t.reached  # the best when none reaches it
+
+
+@pytest.mark.parametrize("curve, tried, kept", [
+    # the codes cap recall near 0.72: two doublings gain < PLATEAU, the search stops, and the
+    # cheapest setting within PLATEAU of the best is kept (not the dearest, 0.0015 higher)
+    ([0.30, 0.55, 0.70, 0.716, 0.718, 0.7195, 0.72, 0.72], 6, 3),
+    # still rising by more than PLATEAU every two doublings: every setting is tried, the best kept
+    ([0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.85, 0.90], 8, 7),
+    # flat from the start: the first PLATEAU_AFTER settings are tried before giving up
+    ([0.50] * 8, PLATEAU_AFTER, 0),
+])
+def test_tuner_stops_at_a_plateau_and_keeps_the_cheapest_near_the_best(curve, tried, kept):
+    """Recall is a fraction of the 1,000 rows of one column below; setting i finds curve[i] of them."""
+    rows = 1000
+    exact_d = np.ones((rows, 1), dtype=np.float32)
+    names = [f"nprobe={2 ** i}" for i in range(len(curve))]
+
+    def final(param: str) -> np.ndarray:
+        hits = round(curve[names.index(param)] * rows)
+        return np.where(np.arange(rows) < hits, 1.0, 9.0)[:, None]
+
+    t = tune_search(names, final, exact_d, lambda d: d, target=0.95)
+    assert not t.reached and len(t.tried) == tried
+    assert t.param == names[kept] and t.recall == pytest.approx(curve[kept])
+    assert t.recall >= max(r for _, r in t.tried) - PLATEAU
 
 
 def test_index_stage_chooser_and_recall_tuned_knn(tmp_path, capsys):
