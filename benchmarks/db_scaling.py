@@ -44,6 +44,11 @@ RETRO or RETRO-fit with other settings at the largest database, for every seed, 
 baselines, evaluated as the plan's runs are (WORK/results/variants/), so the report and its goal
 check set it beside the plan's run of the same kind; e.g. ``retrofit:zero-null:model.cca_null_value=zero``.
 
+A stricter neighbour filter at evaluation only (``--eval-min-match S[,S...]``, outside the plan):
+the plan's runs at the largest database, and the runs of the ``--variant``s given with it, scored
+again with ``retro.evaluate --neighbour-min-match S`` (the same weights; runs trained with
+``model.neighbour_alignment=content``): WORK/results/min-match/NAME-mmS.json, a table in the report.
+
 That plan (the run of record) gives 867,913 training tokens (1,699 sequences of 512) and 370,711
 val tokens in 53 held-out kernel source files; the largest database holds about 100x the training
 tokens (~87M tokens, ~1.36M chunks of 64).
@@ -69,6 +74,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("retro", "retrofit")
 PLAN_VERSION = 1
+MIN_MATCH_DIR = "min-match"  # WORK/results/min-match/: --eval-min-match's evaluations
 RETRIEVAL_ORDERS = (None, "random")  # Plan.retrieval_order (None: the corpus order, "--retrieval-order corpus")
 
 
@@ -388,11 +394,14 @@ class Runner:
         state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
         return int(state["step"]) >= int(cfg["max_steps"])
 
-    def evaluate(self, run: Path, base: Path, result: Path) -> None:
+    def evaluate(self, run: Path, base: Path, result: Path, *, min_match: float | None = None) -> None:
+        """Score ``run`` against the database and ``base``; with ``min_match``, the same weights with
+        that neighbour_min_match (no control: the question is the gain and its overlap buckets)."""
         if result.exists():
             return
+        extra = ["--control"] if min_match is None else ["--neighbour-min-match", str(min_match)]
         self.run([self.py, "-m", "retro.evaluate", "--run", str(run), "--db", str(self.db), "--split", "val",
-                  "--baseline", str(base), "--control", "--overlap", "--no-progress", *self.plan.eval_args],
+                  "--baseline", str(base), *extra, "--overlap", "--no-progress", *self.plan.eval_args],
                  stdout=result)
 
     def experiment(self, files: Sequence[Path], corpus: Path) -> None:
@@ -438,7 +447,8 @@ class Runner:
         if self.record is None or not self.record.is_dir():
             return
         self.results.mkdir(parents=True, exist_ok=True)
-        for f in [*self.record.glob("retro*-x*-seed*.json"), *self.record.glob("variants/*.json")]:
+        for f in [*self.record.glob("retro*-x*-seed*.json"), *self.record.glob("variants/*.json"),
+                  *self.record.glob(f"{MIN_MATCH_DIR}/*.json")]:
             out = self.results / f.relative_to(self.record)
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -495,6 +505,29 @@ class Runner:
                        for seed in seeds])
         self.parallel([lambda v=v, seed=seed: self.train_and_evaluate(v.kind, largest, seed, v)
                        for v in variants for seed in seeds])
+
+    def eval_min_match(self, shares: Sequence[float], variants: Sequence[Variant]) -> None:
+        """The plan's runs at the largest database, and ``variants``' runs, scored again with each
+        neighbour_min_match in ``shares`` (the same weights; see the module docstring)."""
+        largest = max(self.plan.multiples)
+        out = self.results / MIN_MATCH_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        names = [f"{kind}-x{largest}-seed{seed}" for kind in KINDS[:1 + self.plan.retrofit] for seed in self.plan.seeds]
+        names += [f"{v.kind}-{v.name}-x{largest}-seed{seed}" for v in variants for seed in self.plan.seeds]
+        steps = []
+        for share in shares:
+            for name in names:
+                result = out / f"{name}-mm{share:g}.json"
+                if result.exists():
+                    continue
+                if not (self.runs / name / "checkpoints" / "latest").exists():
+                    raise SystemExit(f"db_scaling: --eval-min-match needs the trained run {self.runs / name} "
+                                     "(train it first: the sweep, or its --variant)")
+                base = self.runs / f"baseline-seed{name.rsplit('-seed', 1)[1]}"
+                steps.append(lambda name=name, base=base, result=result, share=share:
+                             self.evaluate(self.runs / name, base, result, min_match=share))
+        self.parallel(steps)
+        self.save_record()
 
     def train_and_evaluate(self, kind: str, multiple: int, seed: int, variant: Variant | None = None) -> None:
         """RETRO, or RETRO-fit on the seed's baseline decoder, at one size (a variant's settings on
@@ -586,12 +619,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], dest="variants", metavar="KIND:NAME:KEY=VALUE",
                    help="after the sweep: a RETRO or RETRO-fit with this --set on top, at the largest database, "
                         "every seed (repeat to add settings or variants); not part of the plan")
+    p.add_argument("--eval-min-match", default="", metavar="SHARES",
+                   help="after the sweep: the plan's runs at the largest database (and the --variant runs "
+                        "given with it) evaluated again with each model.neighbour_min_match in SHARES "
+                        "(comma-separated, in [0, 1]), the same weights; not part of the plan")
     return p
+
+
+def parse_shares(text: str) -> list[float]:
+    """--eval-min-match's shares: comma-separated numbers in [0, 1]."""
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        shares = [-1.0]
+    if any(not 0.0 <= x <= 1.0 for x in shares):
+        raise SystemExit(f"db_scaling: --eval-min-match wants shares in [0, 1] separated by commas, not {text!r}")
+    return shares
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     variants = parse_variants(a.variants)
+    shares = parse_shares(a.eval_min_match)
     corpus = Path(a.corpus).resolve()
     plan = Plan(corpus=str(corpus), glob=a.glob, pool_mb=a.pool_mb, val_fraction=a.val_fraction,
                 multiples=tuple(int(x) for x in a.multiples.split(",")),
@@ -618,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner.longer(a.longer, plan.seeds[: max(1, a.longer_seeds)])
     if variants:
         runner.variants(variants)
+    if shares:
+        runner.eval_min_match(shares, variants)
     print(f"db_scaling: done; the report: python benchmarks/db_scaling_report.py {work}", file=sys.stderr)
     return 0
 

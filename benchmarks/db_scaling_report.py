@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from db_scaling import KINDS  # noqa: E402
+from db_scaling import KINDS, MIN_MATCH_DIR  # noqa: E402
 
 KIND_NAMES = {"retro": "RETRO", "retrofit": "RETRO-fit"}
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -59,7 +59,12 @@ def load(work: Path) -> dict[str, Any]:
             if m:
                 evs[int(m.group(1))] = json.loads(path.read_text())
         variants[(s["kind"], s["name"])] = {"sets": s["sets"], "evals": evs}
-    return {"plan": plan, "dbs": dbs, "evals": evals, "longer": longer, "variants": variants}
+    min_match: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}  # (run, share) -> seed -> evaluation
+    for path in (res / MIN_MATCH_DIR).glob("*-mm*.json"):
+        m = re.fullmatch(r"(.+)-x(\d+)-seed(\d+)-mm([\d.]+)\.json", path.name)
+        if m and int(m.group(2)) == max(plan["multiples"]):
+            min_match.setdefault((m.group(1), float(m.group(4))), {})[int(m.group(3))] = json.loads(path.read_text())
+    return {"plan": plan, "dbs": dbs, "evals": evals, "longer": longer, "variants": variants, "min_match": min_match}
 
 
 def same_path_shares(work: Path, multiples: Sequence[int]) -> dict[int, float]:
@@ -140,6 +145,46 @@ def variant_table(data: dict[str, Any]) -> list[str]:
                    f"{spread([e['bits_per_byte_baseline'] - e['bits_per_byte'] for e in evs])} | {spread(low)} | "
                    f"{spread([e['bits_per_byte_no_retrieval'] - e['bits_per_byte'] for e in evs])} | "
                    f"{spread([e['bits_per_byte_other_neighbours'] - e['bits_per_byte'] for e in evs if e.get('bits_per_byte_other_neighbours') is not None])} |")
+    return out
+
+
+def trained_share(sets: Sequence[str]) -> float:
+    """The model.neighbour_min_match a run trained with: the last --set of it, else the default 0."""
+    values = [x.split("=", 1)[1] for x in sets if x.startswith("model.neighbour_min_match=")]
+    return float(values[-1]) if values else 0.0
+
+
+def min_match_table(data: dict[str, Any]) -> list[str]:
+    """--eval-min-match: each run at the largest database as trained, then scored with each
+    stricter neighbour_min_match (the same weights), seed mean [min, max] of the gains in bpb."""
+    found = data.get("min_match") or {}
+    if not found:
+        return []
+    largest, plan_sets = max(data["plan"]["multiples"]), data["plan"].get("sets") or []
+    out = ["", f"A stricter neighbour filter at evaluation only (x{largest}; `--eval-min-match`, outside the plan): "
+           "each run as trained, then its same weights scored with another `model.neighbour_min_match` "
+           "(retro.evaluate --neighbour-min-match); gains in bpb, positive = better", "",
+           "| run | neighbour_min_match | seeds | gain over the baseline | gain at overlap <= 12.5% | "
+           "val tokens at overlap <= 12.5% | there, vs its weights without retrieval |",
+           "|---|---:|---:|---|---|---:|---|"]
+    for run in sorted({r for r, _ in found}, key=lambda r: (r.split("-")[0], r)):
+        kind, _, name = run.partition("-")
+        if name:
+            variant = (data.get("variants") or {}).get((kind, name), {})
+            trained, sets = list(variant.get("evals", {}).values()), variant.get("sets", [])
+        else:
+            trained, sets = [e for (k, m, _), e in sorted(data["evals"].items()) if k == kind and m == largest], []
+        label = KIND_NAMES.get(kind, kind) + (f" {name}" if name else "")
+        rows = [(f"{trained_share([*plan_sets, *sets]):g} (trained)", trained)]
+        rows += [(f"{share:g}", [e for _, e in sorted(found[(r, share)].items())])
+                 for r, share in sorted(found) if r == run]
+        for share, evs in rows:
+            low = [o for e in evs for o in e.get("overlap") or [] if o["alpha"] == ALPHAS[0]]
+            tokens = f"{round(mean(o['tokens'] for o in low)):,}" if low else "-"
+            out.append(f"| {label} | {share} | {len(evs)} | "
+                       f"{spread([e['bits_per_byte_baseline'] - e['bits_per_byte'] for e in evs])} | "
+                       f"{spread(low_overlap_gains(evs))} | {tokens} | "
+                       f"{spread([o['bits_per_byte_no_retrieval'] - o['bits_per_byte_retrieval'] for o in low])} |")
     return out
 
 
@@ -351,6 +396,7 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
                    f"{mean(rates):,.0f} |" if rates else f"| {db['train_tokens']:,} | {recall} | {stages} | - |")
     out += training_length(data, work)
     out += variant_table(data)
+    out += min_match_table(data)
     out += copying(data)
     out += ["", *goal(rows, data.get("variants"), max(plan["multiples"]))]
     stamps = [f.stat().st_mtime for f in (work / "results").glob("*.json")]
@@ -362,8 +408,21 @@ def markdown(data: dict[str, Any], work: Path, tag: str | None = None) -> str:
                          for _, steps in data.get("longer", {})}),
                 *[f"{command(plan)} " + " ".join(f"--variant {shlex.quote(f'{kind}:{name}:{s}')}" for s in v["sets"])
                   for (kind, name), v in sorted((data.get("variants") or {}).items())],
+                *min_match_commands(data, command(plan)),
                 "python benchmarks/db_scaling_report.py WORK --docs" + (f" --tag {tag}" if tag else ""), "```"]
     return "\n".join(out) + "\n"
+
+
+def min_match_commands(data: dict[str, Any], sweep: str) -> list[str]:
+    """The --eval-min-match command that gives the table's rows (with the variants it scored)."""
+    found = data.get("min_match") or {}
+    if not found:
+        return []
+    shares = ",".join(f"{x:g}" for x in sorted({x for _, x in found}))
+    named = sorted({tuple(r.partition("-")[::2]) for r, _ in found if "-" in r})
+    flags = " ".join(f"--variant {shlex.quote(f'{kind}:{name}:{s}')}" for kind, name in named
+                     for s in (data.get("variants") or {}).get((kind, name), {}).get("sets", []))
+    return [f"{sweep} --eval-min-match {shares}" + (f" {flags}" if flags else "")]
 
 
 def stage_seconds(db: dict[str, Any]) -> str:

@@ -465,6 +465,37 @@ def test_a_variant_at_the_largest_database_beside_the_plans_run(experiment) -> N
     assert "--variant retrofit:zero-null:model.cca_null_value=zero" in text
 
 
+def test_eval_min_match_scores_the_same_weights_again_and_reports_them(experiment) -> None:
+    """--eval-min-match S (outside the plan): the plan's runs at the largest size, and the variant
+    runs given with it, scored again with retro.evaluate --neighbour-min-match S. At the share the
+    runs trained with (0 here) the scores are the plan's own, to the bit; the report's table puts
+    each run as trained beside it, and its command is listed."""
+    work, argv = experiment
+    variant = ["--variant", "retrofit:zero-null:model.cca_null_value=zero"]
+    assert db_scaling.main([*argv, *variant, "--eval-min-match", "0"]) == 0
+    got = work / "results" / db_scaling.MIN_MATCH_DIR
+    assert sorted(f.name for f in got.glob("*.json")) == [
+        "retro-x3-seed0-mm0.json", "retrofit-x3-seed0-mm0.json", "retrofit-zero-null-x3-seed0-mm0.json"]
+    for name, trained in (("retro-x3-seed0", work / "results" / "retro-x3-seed0.json"),
+                          ("retrofit-zero-null-x3-seed0", work / "results" / "variants" / "retrofit-zero-null-x3-seed0.json")):
+        ev, plan_ev = json.loads((got / f"{name}-mm0.json").read_text()), json.loads(trained.read_text())
+        assert ev["neighbour_min_match"] == 0.0 and "trained_neighbour_min_match" not in ev
+        for key in ("bits_per_byte", "bits_per_byte_no_retrieval", "bits_per_byte_baseline", "tokens"):
+            assert ev[key] == plan_ev[key], (name, key)
+        assert ev["overlap"] == plan_ev["overlap"] and "bits_per_byte_other_neighbours" not in ev
+    assert db_scaling_report.main([str(work)]) == 0
+    text = (work / "report.md").read_text()
+    table = text[text.index("| run | neighbour_min_match |"):].split("\n\n")[0].splitlines()[2:]
+    assert [r.split(" | ")[:2] for r in table] == [
+        ["| RETRO", "0 (trained)"], ["| RETRO", "0"], ["| RETRO-fit", "0 (trained)"], ["| RETRO-fit", "0"],
+        ["| RETRO-fit zero-null", "0 (trained)"], ["| RETRO-fit zero-null", "0"]]
+    assert table[0].split(" | ")[3:] == table[1].split(" | ")[3:]  # the same weights, the same filter
+    assert "--eval-min-match 0 --variant retrofit:zero-null:model.cca_null_value=zero" in text
+    for bad in ("1.5", "x", "0.5,-1"):
+        with pytest.raises(SystemExit, match="--eval-min-match wants shares in"):
+            db_scaling.parse_shares(bad)
+
+
 def test_a_recorded_variant_is_restored_on_a_new_machine(tmp_path) -> None:
     record = tmp_path / "record"
     (record / "variants").mkdir(parents=True)
